@@ -1,0 +1,159 @@
+"""Stage 7, emit: the artifact directory, written so that it is complete or absent.
+
+A build is staged in `ecosystems/<name>/.staging-<pid>-<random>/` on the same
+filesystem, every file and folder is fsynced, and one `rename` makes it
+`ecosystems/<name>/<version>/`. An existing version is never overwritten or changed;
+a build killed at any moment leaves at most a hidden staging folder, removed by the
+next run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import BuildFailed
+
+VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+STAGING_PREFIX = ".staging-"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(data: object) -> str:
+    """Sorted keys, fixed indentation, final newline: the same data gives the same bytes."""
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def versions(ecosystem_dir: Path) -> list[str]:
+    """The archived versions of an ecosystem, oldest first (semver order)."""
+    if not ecosystem_dir.is_dir():
+        return []
+    found = [p.name for p in ecosystem_dir.iterdir() if p.is_dir() and VERSION.match(p.name)]
+    return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def latest_manifest(ecosystem_dir: Path) -> dict | None:
+    found = versions(ecosystem_dir)
+    if not found:
+        return None
+    path = ecosystem_dir / found[-1] / "manifest.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BuildFailed(f"{path}: the latest archived manifest cannot be read: {exc}")
+
+
+def next_version(previous: str | None) -> str:
+    """1.0.0 for the first build; otherwise the next patch (semantic bumps come with diffs)."""
+    if previous is None:
+        return "1.0.0"
+    major, minor, patch = (int(x) for x in previous.split("."))
+    return f"{major}.{minor}.{patch + 1}"
+
+
+def remove_stale_staging(ecosystem_dir: Path) -> list[Path]:
+    """Remove staging folders left by builds that died; a live build's folder is kept."""
+    removed = []
+    if not ecosystem_dir.is_dir():
+        return removed
+    for path in ecosystem_dir.glob(STAGING_PREFIX + "*"):
+        pid = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staging(ecosystem_dir: Path) -> Iterator[Path]:
+    """A fresh staging folder; removed if the build fails, left to `publish` if it succeeds."""
+    ecosystem_dir.mkdir(parents=True, exist_ok=True)
+    path = ecosystem_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_tree(root: Path, files: dict[str, str | bytes], executable: frozenset[str] = frozenset()) -> None:
+    """Write `files` (relative posix paths) under `root`; nothing may land outside it."""
+    real_root = os.path.realpath(root)
+    for rel, content in sorted(files.items()):
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.commonpath([real_root, os.path.realpath(target.parent)]) != real_root:
+            raise BuildFailed(f"{rel}: resolves outside the output tree; refusing to write it")
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(target, 0o755 if rel in executable else 0o644)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative posix path, sorted."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(stage: Path, ecosystem_dir: Path, version: str) -> Path:
+    """fsync the staged build and rename it into place; refuses to touch an existing version."""
+    _fsync_tree(stage)
+    final = ecosystem_dir / version
+    with open(ecosystem_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists():
+            raise BuildFailed(f"{final} already exists; archived versions are never overwritten")
+        os.rename(stage, final)
+        fd = os.open(ecosystem_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return final

@@ -1,0 +1,40 @@
+"""The one jinja2 set-up shared by prompts and the offline reference templates."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+HERE = Path(__file__).parent
+
+
+def python_string(text: str) -> str:
+    """A Python literal for `text`: triple-quoted when that reads better and is safe."""
+    if "\n" in text and '"""' not in text and "\\" not in text and not text.endswith('"'):
+        return '"""' + text + '"""'
+    return repr(text)
+
+
+def python_literal(value: object) -> str:
+    """repr() for the JSON-like values specs hold (str, int, float, bool, None, list, dict)."""
+    return repr(value)
+
+
+@cache
+def environment(folder: str) -> jinja2.Environment:
+    """A strict environment over a template folder of this package (e.g. "prompts")."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / folder),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = python_literal
+    env.filters["pystr"] = python_string
+    env.filters["tojson_sorted"] = lambda v: json.dumps(v, sort_keys=True, indent=2)
+    return env

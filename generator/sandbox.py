@@ -1,0 +1,214 @@
+"""Stage 4, sandbox test: the generated ecosystem's own tests, fenced off from the network.
+
+The ecosystem gets a fresh venv made by uv from its own `uv.lock` (outside the fence:
+packages come from uv's cache or the index), then its tests run inside bubblewrap with
+a private network namespace (only its own loopback), a read-only view of the system,
+a scrubbed environment, a time limit and a memory limit. Where bubblewrap cannot run,
+`unshare -n` is the fallback, then no fence at all with a loud warning; the level
+reached is part of the result and of the manifest, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import SandboxLevel, SandboxSettings
+from .errors import BuildFailed
+
+LEVELS: tuple[SandboxLevel, ...] = ("bubblewrap", "unshare", "none")
+Outcome = Literal["passed", "failed", "error", "skipped"]
+
+
+class TestOutcome(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    __test__ = False  # not a pytest class
+
+    id: str
+    outcome: Outcome
+    message: str = ""
+
+
+class SandboxResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: SandboxLevel
+    passed: int
+    failed: int
+    errors: int
+    skipped: int
+    tests: tuple[TestOutcome, ...]
+    exit_code: int
+    output_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.failed == 0 and self.errors == 0 and self.passed > 0
+
+
+def uv_binary() -> str:
+    from uv import find_uv_bin
+
+    return find_uv_bin()
+
+
+def _runs(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def available_level() -> SandboxLevel:
+    """The strongest isolation this machine allows, found by trying it."""
+    if shutil.which("bwrap") and _runs(["bwrap", "--ro-bind", "/", "/", "--unshare-net", "true"]):
+        return "bubblewrap"
+    if shutil.which("unshare") and _runs(_unshare_prefix() + ["true"]):
+        return "unshare"
+    return "none"
+
+
+def _unshare_prefix() -> list[str]:
+    return ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+
+
+def fence(level: SandboxLevel, work: Path, python: Path, cwd: Path | None = None) -> list[str]:
+    """The command prefix that runs a program inside the sandbox at `level`.
+
+    bubblewrap: a read-only system, `work` writable, nothing else (no home, no /root),
+    private network, PID, IPC and UTS namespaces, all capabilities dropped.
+    unshare: only a private network namespace, its loopback brought up.
+    """
+    if level == "bubblewrap":
+        argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
+        for folder in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc"]:
+            if os.path.exists(folder):
+                argv += ["--ro-bind", folder, folder]
+        # The interpreter may live outside /usr (pyenv, uv-managed pythons): bind its prefix.
+        prefixes = {sys.base_prefix, str(Path(os.path.realpath(python)).parent.parent)}
+        for folder in sorted(prefixes):
+            if not folder.startswith("/usr"):
+                argv += ["--ro-bind", folder, folder]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(work), str(work)]
+        return argv + ["--chdir", str(cwd or work), "--"]
+    if level == "unshare":
+        return _unshare_prefix() + ["sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh"]
+    return []
+
+
+def _limits(memory_mb: int) -> Callable[[], None]:
+    def apply() -> None:
+        os.setsid()
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _scrubbed_env(work: Path, venv: Path) -> dict[str, str]:
+    return {
+        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work / "home"),
+        "TMPDIR": str(work / "tmp"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "VIRTUAL_ENV": str(venv),
+    }
+
+
+def make_venv(src: Path, venv: Path, timeout: int) -> None:
+    """`uv sync --frozen` into `venv`: exactly the artifact's lock, dev group included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT"))}
+    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
+    argv = [uv_binary(), "sync", "--frozen", "--project", str(src), "--python", sys.executable, "--quiet"]
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BuildFailed(f"uv sync took longer than {timeout}s while making the sandbox venv")
+    if done.returncode != 0:
+        raise BuildFailed(f"uv sync failed while making the sandbox venv:\n{done.stderr.strip()}")
+
+
+def run_tests(
+    src: Path,
+    settings: SandboxSettings,
+    work: Path,
+    level: SandboxLevel | None = None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> SandboxResult:
+    """Copy `src` to `work`, make its venv, run its tests fenced; never writes into `src`."""
+    level = level or available_level()
+    if LEVELS.index(level) > LEVELS.index(settings.require):
+        raise BuildFailed(
+            f"the sandbox reached only '{level}' but the pipeline requires '{settings.require}': "
+            "install bubblewrap (apt-get install -y bubblewrap) or lower [sandbox] require"
+        )
+    if level == "none":
+        warn("NO SANDBOX: bubblewrap and `unshare -n` are unavailable; the tests run with full network access")
+    work = work.resolve()
+    project = work / "src"
+    venv = work / "venv"
+    shutil.copytree(src, project)
+    for folder in ("home", "tmp"):
+        (work / folder).mkdir()
+    make_venv(project, venv, settings.timeout_seconds)
+    junit = work / "junit.xml"
+    pytest = [
+        str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        f"--junitxml={junit}", "tests",
+    ]
+    proc = subprocess.Popen(
+        fence(level, work, venv / "bin" / "python", cwd=project) + pytest,
+        cwd=project,
+        env=_scrubbed_env(work, venv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_limits(settings.memory_mb),
+    )
+    try:
+        output, _ = proc.communicate(timeout=settings.timeout_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise BuildFailed(f"the ecosystem's tests ran over the {settings.timeout_seconds}s sandbox time limit")
+    tests = _read_junit(junit) if junit.exists() else ()
+    count = {o: sum(1 for t in tests if t.outcome == o) for o in ("passed", "failed", "error", "skipped")}
+    return SandboxResult(
+        level=level,
+        passed=count["passed"],
+        failed=count["failed"],
+        errors=count["error"],
+        skipped=count["skipped"],
+        tests=tests,
+        exit_code=proc.returncode,
+        output_tail="\n".join(output.splitlines()[-60:]),
+    )
+
+
+def _read_junit(path: Path) -> tuple[TestOutcome, ...]:
+    outcomes = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome: Outcome = "passed"
+        message = ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (child.get("message") or "")[:500]
+        outcomes.append(TestOutcome(id=test_id, outcome=outcome, message=message))
+    return tuple(sorted(outcomes, key=lambda t: t.id))

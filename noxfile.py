@@ -1,0 +1,32 @@
+"""Sessions: `nox -s regenerate` builds spec/ into ecosystems/; `nox -s tests` runs the suite.
+
+Every session installs the project from `uv.lock` exactly (`uv sync --frozen`), so what
+runs here is what was locked.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["regenerate"]
+nox.options.reuse_venv = "yes"
+
+
+def _sync(session: nox.Session, *groups: str) -> None:
+    args = ["uv", "sync", "--frozen", "--no-default-groups"]
+    for group in groups:
+        args += ["--group", group]
+    session.run_install(*args, env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location})
+
+
+@nox.session
+def regenerate(session: nox.Session) -> None:
+    """Compile spec/ into ecosystems/<name>/<version>/ (offline default; pass a pipeline after --)."""
+    _sync(session)
+    session.run("regen", "regenerate", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The compiler's test suite, including a full offline build in the sandbox."""
+    _sync(session, "dev")
+    session.run("pytest", *session.posargs)

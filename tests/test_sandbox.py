@@ -1,0 +1,74 @@
+"""The sandbox fence, proven without sending traffic anywhere but 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from generator.sandbox import available_level, fence
+
+# The real interpreter, not the venv's symlink: the fence binds the interpreter's prefix.
+PYTHON = Path(os.path.realpath(sys.executable))
+
+PROBE = textwrap.dedent(
+    """
+    import socket, sys
+    port = int(sys.argv[1])
+    names = sorted(name for _, name in socket.if_nameindex())
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        reached = "reached"
+    except OSError:
+        reached = "refused"
+    print(",".join(names), reached)
+    """
+)
+
+
+@pytest.fixture
+def host_listener():
+    """A TCP listener on the host's loopback, which the sandbox must not reach."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def _probe(level, tmp_path, port):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    argv = fence(level, tmp_path, PYTHON) + [str(PYTHON), str(script), str(port)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_without_a_fence_the_listener_is_reachable(tmp_path, host_listener):
+    """Control: the probe itself works, so the fenced results below mean something."""
+    interfaces, reached = _probe("none", tmp_path, host_listener)
+    assert reached == "reached"
+
+
+@pytest.mark.parametrize("level", ["bubblewrap", "unshare"])
+def test_fenced_code_sees_only_its_own_loopback(level, tmp_path, host_listener):
+    if level == "bubblewrap" and available_level() != "bubblewrap":
+        pytest.skip("bubblewrap cannot run here (apt-get install -y bubblewrap)")
+    if level == "unshare" and available_level() == "none":
+        pytest.skip("unshare -n cannot run here")
+    interfaces, reached = _probe(level, tmp_path, host_listener)
+    assert interfaces == "lo"
+    assert reached == "refused"
+
+
+def test_bubblewrap_hides_the_home_folder(tmp_path):
+    if available_level() != "bubblewrap":
+        pytest.skip("bubblewrap cannot run here (apt-get install -y bubblewrap)")
+    argv = fence("bubblewrap", tmp_path, PYTHON) + ["ls", "/home", "/root/.ssh"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "No such file" in done.stderr
