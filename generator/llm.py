@@ -18,7 +18,11 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SeniorModel
-from .errors import BuildFailed
+from .errors import BuildFailed, UserError
+
+# The test suite turns this off (tests/conftest.py) so that no test can reach a paid
+# endpoint by accident; the offline provider and injected fakes still work.
+ALLOW_MODEL_REQUESTS = True
 
 
 class Frozen(BaseModel):
@@ -96,6 +100,8 @@ class LiteLLMClient:
         return self._litellm
 
     def complete(self, request: ModelRequest) -> ModelReply:
+        if not ALLOW_MODEL_REQUESTS and not request.model.startswith("offline/"):
+            raise UserError(f"model requests are disabled here; refusing to call {request.model}")
         litellm = self._load()
         kwargs = {
             "model": request.model,

@@ -14,7 +14,7 @@ from rich.table import Table
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
 
     @contextmanager
     def stage(self, name: str, doing: str) -> Iterator[dict]:

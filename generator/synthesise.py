@@ -43,12 +43,13 @@ class Synthesis(BaseModel):
 
 
 def _tool_json(tool: Tool) -> dict:
+    # Parameters as a list: their order is the signature's, and JSON objects get sorted.
     # A parameter carries "default" only when it has one: absence means required.
     data = tool.model_dump(mode="json", exclude={"params"})
-    data["params"] = {
-        name: p.model_dump(mode="json", exclude=set() if p.optional else {"default"})
+    data["params"] = [
+        {"name": name} | p.model_dump(mode="json", exclude=set() if p.optional else {"default"})
         for name, p in tool.params.items()
-    }
+    ]
     return data
 
 

@@ -1,0 +1,195 @@
+"""The compiler end to end on the offline default: spec/ in, an archived, tested artifact out."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from generator.config import RunOptions
+from generator.emit import sha256_file, versions
+from generator.errors import BuildFailed
+from generator.llm import ModelReply
+from generator.pipeline import regenerate
+from generator.progress import Reporter
+
+pytestmark = pytest.mark.slow
+
+REGEN = [sys.executable, "-m", "generator.cli"]
+
+
+def _options(out: Path, spec: Path = REPO / "spec") -> RunOptions:
+    return RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One full offline build of the repo's own spec, shared by the checks below."""
+    out = tmp_path_factory.mktemp("ecosystems")
+    result = regenerate(_options(out), report=Reporter(quiet=True))
+    return out, result
+
+
+def test_the_build_is_archived_under_name_and_version(built):
+    out, result = built
+    assert not result.up_to_date
+    assert result.path == out / "madgroup" / "1.0.0"
+    assert versions(out / "madgroup") == ["1.0.0"]
+    names = {p.name for p in result.path.iterdir()}
+    assert {"manifest.json", "transcript.jsonl", "tests.json", "src"} <= names
+    assert not [p for p in (out / "madgroup").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_the_manifest_lists_every_file_with_a_matching_sha256(built):
+    _, result = built
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    on_disk = {
+        p.relative_to(result.path).as_posix()
+        for p in result.path.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert set(manifest["outputs"]) == on_disk
+    assert any(path.startswith("src/madgroup/kernel/") for path in on_disk)
+    for path, digest in manifest["outputs"].items():
+        assert sha256_file(result.path / path) == digest, path
+    assert manifest["offline"] is True and manifest["parent"] is None
+    assert {"spec/ecosystem.yaml", "spec/mads/turing.yaml", "pipelines/offline.toml"} <= set(manifest["inputs"])
+
+
+def test_the_artifact_tests_passed_in_the_sandbox_and_say_where(built):
+    _, result = built
+    tests = json.loads((result.path / "tests.json").read_text())
+    assert tests["failed"] == 0 and tests["errors"] == 0 and tests["passed"] >= 15
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["sandbox"]["level"] == tests["level"]
+    if shutil.which("bwrap"):
+        assert tests["level"] == "bubblewrap"
+
+
+def test_every_exchange_is_in_the_transcript(built):
+    _, result = built
+    lines = [json.loads(line) for line in (result.path / "transcript.jsonl").read_text().splitlines()]
+    assert [line["unit"] for line in lines] == ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert [u["request_hash"] for u in manifest["units"]] == [line["request_hash"] for line in lines]
+    assert all(line["model"] == "offline/reference" for line in lines)
+
+
+def test_the_artifact_carries_what_a_user_needs_to_run_it(built):
+    _, result = built
+    src = result.path / "src"
+    for path in ["pyproject.toml", "uv.lock", "README.md", "RUNBOOK.md", "deploy/run.sh", "deploy/Dockerfile",
+                 "deploy/madgroup.service", "madgroup/__main__.py", "tests/test_ecosystem.py"]:
+        assert (src / path).is_file(), path
+    assert os.access(src / "deploy" / "run.sh", os.X_OK)
+    assert not list(src.rglob("__pycache__")), "the sandbox must not write into the artifact"
+
+
+def test_a_rerun_with_nothing_changed_writes_nothing(built, capsys):
+    out, result = built
+    before = sorted(p.as_posix() for p in out.rglob("*"))
+    again = regenerate(_options(out), report=Reporter())
+    assert again.up_to_date and again.version == "1.0.0"
+    assert sorted(p.as_posix() for p in out.rglob("*") if p.name != ".lock") == [
+        p for p in before if not p.endswith("/.lock")
+    ]
+    assert "Up to date" in capsys.readouterr().err
+
+
+def test_a_changed_spec_makes_a_new_version_and_leaves_the_old_one_alone(built, tmp_path):
+    out, result = built
+    spec = tmp_path / "spec"
+    shutil.copytree(REPO / "spec", spec)
+    old_manifest = (result.path / "manifest.json").read_bytes()
+    text = (spec / "mads" / "grace.yaml").read_text()
+    (spec / "mads" / "grace.yaml").write_text(text.replace("Health of the ecosystem", "Health of all"))
+    scratch = tmp_path / "out"
+    shutil.copytree(out, scratch)
+    second = regenerate(_options(scratch, spec), report=Reporter(quiet=True))
+    assert second.version == "1.0.1" and second.manifest["parent"] == "1.0.0"
+    assert (scratch / "madgroup" / "1.0.0" / "manifest.json").read_bytes() == old_manifest
+
+
+class ScriptedModel:
+    """A fake senior that answers every unit with the same canned content."""
+
+    def __init__(self, content: str):
+        self.content = content
+
+    def complete(self, request):
+        return ModelReply(content=self.content, finish_reason="stop")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"files": [{"path": "../../escape.py", "content": "x = 1"}]}', "must stay inside the tree"),
+        ('{"files": [{"path": "madgroup/mads/turing.py", "content": "def (:"}]}', "does not parse"),
+        ("Sure! Here is the code you asked for.", 'not {"files"'),
+    ],
+)
+def test_a_bad_answer_stops_the_build_and_leaves_no_version(tmp_path, content, expected):
+    with pytest.raises(BuildFailed) as err:
+        regenerate(_options(tmp_path), client=ScriptedModel(content), report=Reporter(quiet=True))
+    assert expected in str(err.value)
+    assert versions(tmp_path / "madgroup") == []
+    assert not [p for p in (tmp_path / "madgroup").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
+    spec = tmp_path / "spec"
+    shutil.copytree(REPO / "spec", spec)
+    with (spec / "mads" / "rogers.yaml").open("a") as f:
+        f.write("  - name: summarise\n    description: Summarise a conversation.\n"
+                "    params:\n      conversation_id: {type: str}\n    returns: str\n")
+    done = subprocess.run(
+        REGEN + ["regenerate", "--spec", str(spec), "--out", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert "rogers.summarise" in done.stderr and "not bound to a kernel capability" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert versions(tmp_path / "out" / "madgroup") == []
+
+
+def _complete_or_absent(ecosystem_dir: Path) -> None:
+    for version in versions(ecosystem_dir):
+        manifest = json.loads((ecosystem_dir / version / "manifest.json").read_text())
+        for path, digest in manifest["outputs"].items():
+            assert sha256_file(ecosystem_dir / version / path) == digest
+
+
+@pytest.mark.parametrize("moment", ["transcript.jsonl", "src/uv.lock", "tests.json", "published"])
+def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, moment):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        REGEN + ["regenerate", "--out", str(out), "--quiet"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    ecosystem_dir = out / "madgroup"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if moment == "published":
+                if versions(ecosystem_dir):
+                    break
+            elif any((p / moment).exists() for p in ecosystem_dir.glob(".staging-*")):
+                break
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _complete_or_absent(ecosystem_dir)
+    if moment != "published":
+        assert versions(ecosystem_dir) == []
+    # The next run sweeps the dead build's staging folder and finishes the job.
+    result = regenerate(_options(out), report=Reporter(quiet=True))
+    assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
+    assert not list(ecosystem_dir.glob(".staging-*"))
+    _complete_or_absent(ecosystem_dir)
