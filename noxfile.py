@@ -30,3 +30,10 @@ def tests(session: nox.Session) -> None:
     """The compiler's test suite, including a full offline build in the sandbox."""
     _sync(session, "dev")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks, measured side by side in one run; results in .regen/bench/."""
+    _sync(session)
+    session.run("python", "benchmarks/cli_startup.py")

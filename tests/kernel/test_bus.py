@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+
+def test_conversations_joined_at_start_by_title(runtime):
+    convs = {c["title"]: c for c in asyncio.run(runtime.use("conversations.list", caller="grace"))}
+    assert set(convs) == {"general", "security"}
+    assert convs["security"]["participants"] == ["turing", "rogers"]
+    assert runtime.mad("rogers").conversation_id("general") == convs["general"]["id"]
+
+
+def test_post_history_order_and_envelope_fields(runtime):
+    conv = asyncio.run(runtime.use("conversations.create", caller="rogers", title="ops", participants=["turing"]))
+    assert conv["participants"] == ["rogers", "turing"] and conv["created_by"] == "rogers"
+    for i in range(5):
+        asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], content=f"msg {i}"))
+    hist = asyncio.run(runtime.use("conversations.history", caller="rogers", conversation_id=conv["id"], limit=3))
+    assert [e["content"] for e in hist] == ["msg 2", "msg 3", "msg 4"]
+    env = hist[0]
+    assert set(env) == {"id", "correlation_id", "sender", "conversation_id", "kind", "content", "payload", "created_at"}
+    assert env["sender"] == "rogers" and env["kind"] == "message" and env["correlation_id"] == env["id"]
+    reply = asyncio.run(
+        runtime.use("conversations.post", caller="turing", conversation_id=conv["id"], content="ack",
+                    kind="reply", correlation_id=env["id"])
+    )
+    assert reply["correlation_id"] == env["id"]
+
+
+def test_post_errors(runtime):
+    from_kernel = type(runtime).__module__.rsplit(".", 1)[0]
+    errors = __import__(f"{from_kernel}.errors", fromlist=["x"])
+    with pytest.raises(errors.NotFound):
+        asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id="nope", content="x"))
+    conv = asyncio.run(runtime.use("conversations.create", caller="rogers", title="t"))
+    with pytest.raises(errors.InvalidArgument):
+        asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="x", kind="bogus"))
+    with pytest.raises(errors.InvalidArgument):
+        asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], bogus=1))
+    with pytest.raises(errors.NotFound):
+        asyncio.run(runtime.use("nope.nothing", caller="rogers"))
+    with pytest.raises(errors.AccessDenied):
+        asyncio.run(runtime.use("conversations.list", caller="mallory"))
+
+
+def test_search_full_text_and_hostile_queries(runtime):
+    conv = asyncio.run(runtime.use("conversations.create", caller="rogers", title="search"))
+    for text in ["the quick brown fox", "lazy dog sleeps", "quick thinking wins"]:
+        asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], content=text))
+    hits = asyncio.run(runtime.use("conversations.search", caller="rogers", query="quick"))
+    assert sorted(h["content"] for h in hits) == ["quick thinking wins", "the quick brown fox"]
+    assert [h["content"] for h in asyncio.run(runtime.use("conversations.search", caller="rogers", query="quick fox"))] == [
+        "the quick brown fox"
+    ]
+    # FTS5 syntax in user input is treated as words, never as a query language
+    for hostile in ['"unbalanced', "NEAR(", "a OR", "*", "col:x", "'; DROP TABLE messages; --"]:
+        asyncio.run(runtime.use("conversations.search", caller="rogers", query=hostile))
+    assert asyncio.run(runtime.use("conversations.search", caller="rogers", query="   ")) == []
+    assert len(asyncio.run(runtime.use("conversations.search", caller="rogers", query="quick", limit=1))) == 1
+
+
+def test_like_fallback_search(runtime):
+    runtime.bus.fts = False
+    conv = asyncio.run(runtime.use("conversations.create", caller="rogers", title="like"))
+    asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="100% pure_text"))
+    assert len(runtime.bus.search("pure_text")) == 1
+    assert runtime.bus.search("pureXtext") == []
+
+
+def test_bus_persists_across_restart(eco_modules, tmp_path):
+    config, _, runtime_mod = eco_modules
+    rt = runtime_mod.Runtime(config, tmp_path / "st")
+    asyncio.run(rt.start())
+    conv = asyncio.run(rt.use("conversations.create", caller="rogers", title="durable"))
+    asyncio.run(rt.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="still here"))
+    asyncio.run(rt.stop())
+    rt2 = runtime_mod.Runtime(config, tmp_path / "st")
+    asyncio.run(rt2.start())
+    try:
+        assert [e["content"] for e in rt2.bus.history(conv["id"])] == ["still here"]
+        # joining at start is idempotent: still one conversation per title
+        titles = [c["title"] for c in rt2.bus.list(50)]
+        assert titles.count("general") == 1 and titles.count("security") == 1
+        assert rt2.db.one("PRAGMA journal_mode")["journal_mode"] == "wal"
+    finally:
+        asyncio.run(rt2.stop())

@@ -1,0 +1,93 @@
+"""The kernel implements every catalogue capability with exactly the catalogue's signature."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+from generator.kernel.capabilities import CAPABILITIES
+
+KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
+
+
+def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_modules):
+    config, _, runtime_mod = eco_modules
+    runtime = runtime_mod.Runtime(config, tmp_path / "state")
+    try:
+        assert set(runtime._impls) == set(CAPABILITIES)
+        for name, cap in CAPABILITIES.items():
+            impl = runtime.capability_impl(name)
+            params = list(inspect.signature(impl).parameters.values())
+            assert params[0].name == "caller", name
+            rest = params[1:]
+            assert [p.name for p in rest] == [p.name for p in cap.params], name
+            for got, want in zip(rest, cap.params, strict=True):
+                assert got.annotation == want.type, (name, got.name, got.annotation, want.type)
+                if want.required:
+                    assert got.default is inspect.Parameter.empty, (name, got.name)
+                else:
+                    assert got.default == want.default, (name, got.name, got.default, want.default)
+            assert inspect.signature(impl).return_annotation == cap.returns, name
+    finally:
+        runtime.db.close()
+
+
+def test_kernel_imports_nothing_outside_its_allowed_dependencies():
+    allowed = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic"}
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for path in KERNEL.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    continue
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in stdlib or root in allowed or root == "__future__", f"{path.name} imports {root}"
+
+
+def test_mad_tools_introspection(eco_modules):
+    config, _, _ = eco_modules
+    turing = next(m for m in config.mads if m.name == "turing")
+    tools = {t["name"]: t for t in turing.tools()}
+    assert list(tools)[:2] == ["set_secret", "get_secret"]
+    assert tools["set_secret"]["qualified_name"] == "turing.set_secret"
+    assert tools["set_secret"]["params"] == [
+        {"name": "name", "type": "str", "required": True},
+        {"name": "value", "type": "str", "required": True},
+    ]
+    assert tools["audit"]["params"][0] == {"name": "limit", "type": "int", "required": False, "default": 50}
+    assert tools["set_secret"]["description"] == "Store a secret, encrypted at rest."
+    assert tools["audit"]["returns"] == "list[dict]"
+
+
+def test_tools_introspection_without_future_annotations(eco_modules):
+    _, kernel, _ = eco_modules
+
+    class Plain(kernel.Mad):
+        name = "plain"
+
+    async def items(self, tags: list[str], limit: int = 5) -> list[dict]:
+        """Items."""
+        return []
+
+    Plain.items = kernel.tool(items)
+    (entry,) = Plain.tools()
+    assert [p["type"] for p in entry["params"]] == ["list[str]", "int"] and entry["returns"] == "list[dict]"
+
+
+def test_config_rejects_bad_names(eco_modules):
+    _, kernel, _ = eco_modules
+    with pytest.raises(ValueError):
+        kernel.EcosystemConfig(name="Bad-Name")
+    with pytest.raises(ValueError):
+        kernel.ModelAlias(provider="nope")

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+
+def _errors(runtime):
+    return __import__(type(runtime).__module__.rsplit(".", 1)[0] + ".errors", fromlist=["x"])
+
+
+def test_echo_is_deterministic_and_counts_words(runtime):
+    r1 = asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt="hello big world", max_tokens=10))
+    r2 = asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt="hello big world", max_tokens=10))
+    assert r1["text"] == r2["text"] == "echo: hello big world"
+    assert (r1["prompt_tokens"], r1["completion_tokens"], r1["total_tokens"]) == (3, 4, 7)
+    b = asyncio.run(runtime.use("models.budget", caller="grace"))
+    assert b["mads"]["grace"]["spent"] == 14 and b["mads"]["grace"]["calls"] == 2
+    assert b["mads"]["grace"]["remaining"] == 100000 - 14
+    assert [m["alias"] for m in asyncio.run(runtime.use("models.list", caller="grace"))] == ["default"]
+
+
+def test_budget_refuses_clearly_and_persists(runtime, eco_modules):
+    errors = _errors(runtime)
+    # fiedler's budget is 60 tokens
+    asyncio.run(runtime.use("models.send", caller="fiedler", model="default", prompt="one two three", max_tokens=20))
+    spent = asyncio.run(runtime.use("models.budget", caller="fiedler"))["mads"]["fiedler"]["spent"]
+    assert spent > 0
+    with pytest.raises(errors.BudgetExceeded, match="budget exceeded for fiedler"):
+        asyncio.run(runtime.use("models.send", caller="fiedler", model="default", prompt="x " * 30, max_tokens=40))
+    with pytest.raises(errors.NotFound):
+        asyncio.run(runtime.use("models.send", caller="fiedler", model="nope", prompt="x"))
+    asyncio.run(runtime.stop())
+    config, _, runtime_mod = eco_modules
+    rt2 = runtime_mod.Runtime(config, runtime.state_dir)
+    asyncio.run(rt2.start())
+    try:
+        assert asyncio.run(rt2.use("models.budget", caller="fiedler"))["mads"]["fiedler"]["spent"] == spent
+    finally:
+        asyncio.run(rt2.stop())
+
+
+def test_client_calls_are_charged_to_the_client_too(eco_modules, tmp_path):
+    config, _, runtime_mod = eco_modules
+    # think() reserves prompt + max_tokens (256): the first call fits in 265, the second does not
+    small = config.model_copy(update={"client_budget_tokens": 265})
+    rt = runtime_mod.Runtime(small, tmp_path / "s")
+    asyncio.run(rt.start())
+    errors = _errors(rt)
+    try:
+        out = asyncio.run(rt.invoke_tool("grace", "chat", {"message": "hi"}, principal="client:alice"))
+        assert out == "echo: You are Grace. hi"
+        budgets = asyncio.run(rt.use("models.budget", caller="grace"))
+        assert budgets["clients"]["client:alice"]["spent"] == budgets["mads"]["grace"]["spent"] > 0
+        with pytest.raises(errors.BudgetExceeded, match="client:alice"):
+            asyncio.run(rt.invoke_tool("grace", "chat", {"message": "again"}, principal="client:alice"))
+    finally:
+        asyncio.run(rt.stop())
+
+
+def test_openai_provider_uses_key_from_turing(eco_modules, tmp_path):
+    config, kernel, runtime_mod = eco_modules
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["url"] = str(request.url)
+        seen["auth"] = request.headers.get("authorization")
+        seen["body"] = json.loads(request.content)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "hi from model"}}],
+                                         "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
+
+    models = dict(config.models)
+    models["gpt"] = kernel.ModelAlias(provider="openai", model="gpt-x", api_base="http://127.0.0.1:9/v1",
+                                      api_key_secret="openai_key")
+    cfg = config.model_copy(update={"models": models})
+    rt = runtime_mod.Runtime(cfg, tmp_path / "s", model_transport=httpx.MockTransport(handler))
+    asyncio.run(rt.start())
+    errors = _errors(rt)
+    try:
+        with pytest.raises(errors.NotFound, match="openai_key"):
+            asyncio.run(rt.use("models.send", caller="grace", model="gpt", prompt="hello"))
+        asyncio.run(rt.use("secrets.set", caller="turing", name="openai_key", value="sk-test-123"))
+        out = asyncio.run(rt.use("models.send", caller="grace", model="gpt", prompt="hello", max_tokens=7))
+        assert out["text"] == "hi from model" and out["total_tokens"] == 8
+        assert seen["url"] == "http://127.0.0.1:9/v1/chat/completions"
+        assert seen["auth"] == "Bearer sk-test-123"
+        assert seen["body"]["model"] == "gpt-x" and seen["body"]["max_tokens"] == 7
+        audit = asyncio.run(rt.use("secrets.audit", caller="turing"))
+        assert any(a["action"] == "use" and a["name"] == "openai_key" and a["ok"] for a in audit)
+    finally:
+        asyncio.run(rt.stop())
+
+
+def test_openai_provider_errors_are_model_errors(eco_modules, tmp_path):
+    config, kernel, runtime_mod = eco_modules
+    answers = iter([httpx.Response(429, json={}), httpx.Response(200, text="not json")])
+    models = {"gpt": kernel.ModelAlias(provider="openai", model="m", api_base="http://127.0.0.1:9")}
+    rt = runtime_mod.Runtime(config.model_copy(update={"models": models}), tmp_path / "s",
+                             model_transport=httpx.MockTransport(lambda r: next(answers)))
+    asyncio.run(rt.start())
+    errors = _errors(rt)
+    try:
+        with pytest.raises(errors.ModelError, match="HTTP 429"):
+            asyncio.run(rt.use("models.send", caller="grace", model="gpt", prompt="x"))
+        with pytest.raises(errors.ModelError, match="malformed"):
+            asyncio.run(rt.use("models.send", caller="grace", model="gpt", prompt="x"))
+    finally:
+        asyncio.run(rt.stop())
