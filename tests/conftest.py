@@ -1,12 +1,8 @@
 """Suite-wide guards and fixtures."""
 
-from pathlib import Path
-
 import pytest
 
 import generator.llm
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

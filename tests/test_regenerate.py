@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from generator.config import RunOptions
 from generator.emit import sha256_file, versions
 from generator.errors import BuildFailed
@@ -20,6 +19,8 @@ from generator.pipeline import regenerate
 from generator.progress import Reporter
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
 
 REGEN = [sys.executable, "-m", "generator.cli"]
 
