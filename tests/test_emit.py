@@ -1,0 +1,66 @@
+"""Emit: nothing lands outside the tree, and an archived version is never touched."""
+
+import os
+
+import pytest
+
+from generator.emit import next_version, publish, remove_stale_staging, staging, versions, write_tree
+from generator.errors import BuildFailed
+
+
+def test_a_symlink_inside_the_stage_cannot_carry_a_write_outside(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(outside, root / "link")
+    with pytest.raises(BuildFailed, match="outside the output tree"):
+        write_tree(root, {"link/evil.py": "x = 1\n"})
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlinked_file_is_not_followed(tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_text("precious")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(target, root / "a.txt")
+    with pytest.raises(OSError):
+        write_tree(root, {"a.txt": "overwritten"})
+    assert target.read_text() == "precious"
+
+
+def test_publish_never_overwrites_an_existing_version(tmp_path):
+    eco = tmp_path / "demo"
+    (eco / "1.0.0").mkdir(parents=True)
+    (eco / "1.0.0" / "manifest.json").write_text("{}")
+    with staging(eco) as stage:
+        (stage / "manifest.json").write_text('{"new": true}')
+        with pytest.raises(BuildFailed, match="never overwritten"):
+            publish(stage, eco, "1.0.0")
+    assert (eco / "1.0.0" / "manifest.json").read_text() == "{}"
+    assert versions(eco) == ["1.0.0"]
+
+
+def test_a_failed_build_leaves_no_staging_folder(tmp_path):
+    with pytest.raises(RuntimeError):
+        with staging(tmp_path) as stage:
+            (stage / "half.txt").write_text("half")
+            raise RuntimeError("model died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_of_dead_builds_is_swept_but_a_live_one_is_kept(tmp_path):
+    dead = tmp_path / ".staging-999999999-abcd"
+    live = tmp_path / f".staging-{os.getppid()}-abcd"
+    dead.mkdir()
+    live.mkdir()
+    remove_stale_staging(tmp_path)
+    assert not dead.exists() and live.exists()
+
+
+def test_versions_sort_as_semver(tmp_path):
+    for v in ["1.0.10", "1.0.2", "2.0.0", ".staging-1-x", "notes"]:
+        (tmp_path / v).mkdir()
+    assert versions(tmp_path) == ["1.0.2", "1.0.10", "2.0.0"]
+    assert next_version(None) == "1.0.0" and next_version("1.0.10") == "1.0.11"
