@@ -31,7 +31,7 @@ from .emit import (
 from .errors import BuildFailed
 from .llm import LiteLLMClient, ModelClient, ModelRequest, Transcript
 from .load import load_spec
-from .plan import Plan, make_plan
+from .plan import Plan, Unit, make_plan
 from .progress import Reporter
 from .sandbox import SandboxResult, run_tests, uv_binary
 from .spec import Spec
@@ -183,7 +183,12 @@ def regenerate(
     with staging(ecosystem_dir) as stage:
         transcript = Transcript(stage / "transcript.jsonl")
         with report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
-            synthesis = synthesise(spec, plan, pipeline.senior, client, transcript)
+
+            def doing(index: int, unit: Unit) -> None:
+                total = len(plan.units)
+                report.progress("synthesise", f"unit {unit.name} ({index + 1}/{total}) with {pipeline.senior.model}")
+
+            synthesis = synthesise(spec, plan, pipeline.senior, client, transcript, on_unit=doing)
             info["note"] = f"{len(synthesis.files)} files checked"
         src = stage / "src"
         with report.stage("write", "src/ and uv.lock") as info:

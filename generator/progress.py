@@ -15,6 +15,7 @@ class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self._status = None
 
     @contextmanager
     def stage(self, name: str, doing: str) -> Iterator[dict]:
@@ -24,15 +25,22 @@ class Reporter:
         if self.quiet:
             yield info
             return
-        with self.console.status(f"[bold]{name}[/] {doing}…"):
+        with self.console.status(f"[bold]{name}[/] {doing}…") as self._status:
             try:
                 yield info
             except BaseException:
                 self.console.print(f"  [red]✗[/] [bold]{name:<11}[/] {doing}")
                 raise
+            finally:
+                self._status = None
         elapsed = time.monotonic() - started
         note = f" — {info['note']}" if info["note"] else ""
         self.console.print(f"  [green]✓[/] [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]")
+
+    def progress(self, name: str, doing: str) -> None:
+        """Replace the spinner's text while a stage is running (e.g. which unit is being written)."""
+        if self._status is not None:
+            self._status.update(f"[bold]{name}[/] {doing}…")
 
     def say(self, text: str) -> None:
         if not self.quiet:

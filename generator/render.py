@@ -36,5 +36,6 @@ def environment(folder: str) -> jinja2.Environment:
     )
     env.filters["pyrepr"] = python_literal
     env.filters["pystr"] = python_string
-    env.filters["tojson_sorted"] = lambda v: json.dumps(v, sort_keys=True, indent=2)
+    # JSON strings are valid TOML basic strings; jinja's own tojson escapes for HTML.
+    env.filters["tomlstr"] = lambda v: json.dumps(v, ensure_ascii=False)
     return env

@@ -112,12 +112,13 @@ def synthesise(
     senior: SeniorModel,
     client: ModelClient,
     transcript: Transcript,
-    on_unit: Callable[[UnitResult], None] = lambda _: None,
+    on_unit: Callable[[int, Unit], None] = lambda index, unit: None,
 ) -> Synthesis:
     """Ask the senior for every unit, in plan order; any bad answer stops the run."""
     files: dict[str, str] = {}
     results = []
-    for unit in plan.units:
+    for index, unit in enumerate(plan.units):
+        on_unit(index, unit)
         request = ModelRequest.for_unit(unit.name, senior, prompt_messages(spec, plan, unit))
         reply = client.complete(request)
         transcript.record(request, reply)
@@ -134,5 +135,4 @@ def synthesise(
             cost_usd=reply.cost_usd,
         )
         results.append(result)
-        on_unit(result)
     return Synthesis(files=dict(sorted(files.items())), units=tuple(results))
