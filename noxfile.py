@@ -37,3 +37,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, measured side by side in one run; results in .regen/bench/."""
     _sync(session)
     session.run("python", "benchmarks/cli_startup.py")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the compiler, its tests and benchmarks."""
+    _sync(session, "dev")
+    session.run("ruff", "check", "generator", "tests", "benchmarks", "noxfile.py")

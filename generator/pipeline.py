@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from .llm import LiteLLMClient, ModelClient, ModelRequest, Transcript
 from .load import load_spec
 from .plan import Plan, Unit, make_plan
 from .progress import Reporter
-from .sandbox import SandboxResult, run_tests, uv_binary
+from .sandbox import SandboxResult, run_tests, run_uv
 from .spec import Spec
 from .synthesise import Synthesis, prompt_messages, synthesise
 
@@ -94,14 +93,7 @@ def lock_dependencies(src: Path, parent_lock: Path | None) -> None:
     """`uv lock` the generated project; the parent's lock, when there is one, acts as preferences."""
     if parent_lock is not None and parent_lock.is_file():
         shutil.copyfile(parent_lock, src / "uv.lock")
-    done = subprocess.run(
-        [uv_binary(), "lock", "--project", str(src), "--python", sys.executable, "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        raise BuildFailed(f"uv lock failed for the generated project:\n{done.stderr.strip()}")
+    run_uv(["lock", "--project", str(src), "--python", sys.executable, "--quiet"], "locking the generated project", 600)
 
 
 def manifest(

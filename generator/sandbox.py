@@ -56,10 +56,16 @@ class SandboxResult(BaseModel):
         return self.exit_code == 0 and self.failed == 0 and self.errors == 0 and self.passed > 0
 
 
-def uv_binary() -> str:
+def run_uv(args: list[str], doing: str, timeout: int, env: dict[str, str] | None = None) -> None:
+    """Run the uv that regen depends on; a failure is a BuildFailed that says what uv said."""
     from uv import find_uv_bin
 
-    return find_uv_bin()
+    try:
+        done = subprocess.run([find_uv_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BuildFailed(f"uv took longer than {timeout}s {doing}")
+    if done.returncode != 0:
+        raise BuildFailed(f"uv failed {doing}:\n{done.stderr.strip()}")
 
 
 def _runs(argv: list[str]) -> bool:
@@ -134,13 +140,8 @@ def make_venv(src: Path, venv: Path, timeout: int) -> None:
     """`uv sync --frozen` into `venv`: exactly the artifact's lock, dev group included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT"))}
     env["UV_PROJECT_ENVIRONMENT"] = str(venv)
-    argv = [uv_binary(), "sync", "--frozen", "--project", str(src), "--python", sys.executable, "--quiet"]
-    try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BuildFailed(f"uv sync took longer than {timeout}s while making the sandbox venv")
-    if done.returncode != 0:
-        raise BuildFailed(f"uv sync failed while making the sandbox venv:\n{done.stderr.strip()}")
+    args = ["sync", "--frozen", "--project", str(src), "--python", sys.executable, "--quiet"]
+    run_uv(args, "making the sandbox venv", timeout, env)
 
 
 def run_tests(

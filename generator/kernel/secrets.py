@@ -64,13 +64,7 @@ def load_or_create_key(state_dir: Path, env_var: str) -> bytes:
     """The 32-byte AES key: from `env_var` (base64) when set, else the key file (created 0600)."""
     raw = os.environ.get(env_var, "").strip()
     if raw:
-        try:
-            key = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise KernelError(f"{env_var} is not valid base64") from exc
-        if len(key) != 32:
-            raise KernelError(f"{env_var} must decode to 32 bytes, got {len(key)}")
-        return key
+        return _decode_key(raw.encode(), env_var)
     keys_dir = Path(state_dir) / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
@@ -86,13 +80,16 @@ def load_or_create_key(state_dir: Path, env_var: str) -> bytes:
                 fh.write(base64.b64encode(key) + b"\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-    data = path.read_bytes().strip()
+    return _decode_key(path.read_bytes().strip(), f"key file {path}")
+
+
+def _decode_key(data: bytes, source: str) -> bytes:
     try:
         key = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise KernelError(f"key file {path} is corrupt (not base64)") from exc
+        raise KernelError(f"{source} is not valid base64") from exc
     if len(key) != 32:
-        raise KernelError(f"key file {path} must hold 32 bytes, holds {len(key)}")
+        raise KernelError(f"{source} must hold 32 bytes (base64), holds {len(key)}")
     return key
 
 
