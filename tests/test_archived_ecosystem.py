@@ -1,0 +1,86 @@
+"""The committed build, used as its README says: `cd src && ./deploy/run.sh`, then an MCP client."""
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from generator.emit import versions
+from generator.kernel.testing import free_port, mcp_client, result_value
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ECOSYSTEM = REPO / "ecosystems" / "madgroup"
+
+
+@pytest.fixture
+def running(tmp_path):
+    """The latest archived madgroup, copied out (running it writes a venv and state) and started."""
+    from uv import find_uv_bin
+
+    latest = versions(ECOSYSTEM)[-1]
+    src = shutil.copytree(ECOSYSTEM / latest / "src", tmp_path / "src")
+    port = free_port()
+    env = dict(os.environ, PATH=f"{Path(find_uv_bin()).parent}:{os.environ['PATH']}")
+    env.pop("VIRTUAL_ENV", None)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(
+        ["./deploy/run.sh", "--port", str(port), "--state", str(tmp_path / "state")],
+        cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url, tmp_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
+    url, tmp_path = running
+    output = (tmp_path / "run.log").read_text()
+    token_file = tmp_path / "state" / "client-token"
+    assert f"token is kept in {token_file}" in output
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    token = token_file.read_text().strip()
+
+    async def session():
+        async with mcp_client(url, token) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+
+            async def call(tool, /, **args):
+                return result_value(await client.call_tool(tool, args))
+
+            await call("turing.set_secret", name="db-password", value="correct horse")
+            secret = await call("turing.get_secret", name="db-password")
+            conversation = await call("rogers.create_conversation", title="ops")
+            await call("rogers.post", conversation_id=conversation["id"], content="deploying 1.0.0")
+            history = await call("rogers.history", conversation_id=conversation["id"])
+            return names, secret, history
+
+    names, secret, history = asyncio.run(session())
+    assert len(names) >= 12
+    assert {name.split(".")[0] for name in names} == {"rogers", "fiedler", "turing", "grace"}
+    assert secret["value"] == "correct horse"
+    assert [m["content"] for m in history] == ["deploying 1.0.0"]
+
+    for tool, args in [("turing.get_secret", {"name": "db-password"}), ("rogers.history", {"conversation_id": "x"})]:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}
+        refused = httpx.post(url + "/mcp", json=body, headers={"Accept": "application/json, text/event-stream"})
+        assert refused.status_code == 401
