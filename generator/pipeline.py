@@ -189,17 +189,22 @@ def regenerate(
             lock_dependencies(src, parent_lock)
             info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
         work = Path(tempfile.mkdtemp(prefix="regen-sandbox-"))
-        with report.stage("test", "the ecosystem's own tests in the sandbox") as info:
-            tests = run_tests(src, pipeline.sandbox, work, level=sandbox_level, warn=report.warn)
-            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+        keep_work = False  # kept only when the tests fail, for the user to look into
+        try:
+            with report.stage("test", "the ecosystem's own tests in the sandbox") as info:
+                tests = run_tests(src, pipeline.sandbox, work, level=sandbox_level, warn=report.warn)
+                info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+            if not tests.ok:
+                keep_work = True
+                raise BuildFailed(
+                    f"the ecosystem's own tests failed in the sandbox ({tests.passed} passed, "
+                    f"{tests.failed} failed, {tests.errors} errors); nothing archived. "
+                    f"The sandbox is kept at {work}\n{tests.output_tail}"
+                )
+        finally:
+            if not keep_work:
+                shutil.rmtree(work, ignore_errors=True)
         (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
-        if not tests.ok:
-            raise BuildFailed(
-                f"the ecosystem's own tests failed in the sandbox ({tests.passed} passed, "
-                f"{tests.failed} failed, {tests.errors} errors); nothing archived. "
-                f"Sandbox kept at {work}\n{tests.output_tail}"
-            )
-        shutil.rmtree(work, ignore_errors=True)
         outputs = {
             path: digest
             for path, digest in tree_hashes(stage).items()

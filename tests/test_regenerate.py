@@ -14,7 +14,7 @@ import pytest
 from generator.config import RunOptions
 from generator.emit import sha256_file, versions
 from generator.errors import BuildFailed
-from generator.llm import ModelReply
+from generator.llm import LiteLLMClient, ModelReply
 from generator.pipeline import regenerate
 from generator.progress import Reporter
 
@@ -194,3 +194,32 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, mom
     assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
     assert not list(ecosystem_dir.glob(".staging-*"))
     _complete_or_absent(ecosystem_dir)
+
+
+class PlantedFailingTest:
+    """The offline senior, except that Grace's tests gain one that fails."""
+
+    def __init__(self):
+        self.offline = LiteLLMClient()
+
+    def complete(self, request):
+        reply = self.offline.complete(request)
+        if request.unit != "mad:grace":
+            return reply
+        answer = json.loads(reply.content)
+        for f in answer["files"]:
+            if f["path"] == "tests/test_grace.py":
+                f["content"] += "\n\ndef test_planted_defect():\n    assert 1 + 1 == 3\n"
+        return reply.model_copy(update={"content": json.dumps(answer)})
+
+
+def test_failing_ecosystem_tests_archive_nothing_and_keep_the_sandbox(tmp_path):
+    with pytest.raises(BuildFailed) as err:
+        regenerate(_options(tmp_path), client=PlantedFailingTest(), report=Reporter(quiet=True))
+    message = str(err.value)
+    assert "tests failed in the sandbox" in message and "1 failed" in message
+    assert "test_planted_defect" in message
+    assert versions(tmp_path / "madgroup") == []
+    kept = Path(message.split("The sandbox is kept at ")[1].split()[0])
+    assert (kept / "junit.xml").is_file()
+    shutil.rmtree(kept)

@@ -72,3 +72,25 @@ def test_bubblewrap_hides_the_home_folder(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "No such file" in done.stderr
+
+
+def test_a_pipeline_that_requires_bubblewrap_refuses_a_weaker_fence(tmp_path):
+    from generator.config import SandboxSettings
+    from generator.errors import BuildFailed
+    from generator.sandbox import run_tests
+
+    with pytest.raises(BuildFailed, match="requires 'bubblewrap'.*apt-get install -y bubblewrap"):
+        run_tests(tmp_path, SandboxSettings(require="bubblewrap"), tmp_path / "work", level="unshare")
+    assert not (tmp_path / "work").exists()
+
+
+def test_running_without_a_fence_is_announced_loudly(tmp_path):
+    from generator.config import SandboxSettings
+    from generator.errors import BuildFailed
+    from generator.sandbox import run_tests
+
+    warnings = []
+    (tmp_path / "src").mkdir()
+    with pytest.raises(BuildFailed):  # an empty project has no lock: uv refuses, after the warning
+        run_tests(tmp_path / "src", SandboxSettings(), tmp_path / "work", level="none", warn=warnings.append)
+    assert warnings and "NO SANDBOX" in warnings[0]
