@@ -14,8 +14,7 @@ from pathlib import PurePosixPath
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from .errors import BuildFailed
-from .llm import Answer
+from .llm import Answer, AnswerRejected
 from .plan import Plan, Unit
 from .spec import MadSpec, PrincipleRule, Spec
 
@@ -40,7 +39,7 @@ def path_problem(path: str) -> str | None:
 
 
 def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
-    """Raise BuildFailed listing every problem of `answer` for `unit`; return when all pass."""
+    """Raise AnswerRejected listing every problem of `answer` for `unit`; return when all pass."""
     problems: list[str] = []
     seen: set[str] = set()
     modules: dict[str, cst.Module] = {}
@@ -71,7 +70,7 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
         elif module_path in modules:
             problems += [f"{module_path}:{p}" for p in tool_problems(mad, modules[module_path])]
     if problems:
-        raise BuildFailed(f"unit {unit.name}: the answer was rejected:\n  " + "\n  ".join(problems))
+        raise AnswerRejected(unit.name, problems)
 
 
 # --- principle rules ------------------------------------------------------------------

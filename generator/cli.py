@@ -31,10 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     regenerate = commands.add_parser("regenerate", help="build the spec into ecosystems/<name>/<version>/")
     _common(regenerate, pipeline=True)
     regenerate.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+    regenerate.add_argument(
+        "--replay", type=Path, metavar="ARTIFACT",
+        help="answer every model request from ARTIFACT's transcript (no keys, no network)",
+    )
+    regenerate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
     regenerate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
 
-    plan = commands.add_parser("plan", help="show the MAD graph, start-up order and synthesis units")
-    _common(plan)
+    plan = commands.add_parser("plan", help="show the MAD graph, start-up order, units and their token counts")
+    _common(plan, pipeline=True)
+
+    verify = commands.add_parser("verify", help="rebuild an artifact from its transcript and compare every byte")
+    verify.add_argument("artifact", type=Path, help="e.g. ecosystems/madgroup/1.0.0")
+    _common(verify)
 
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
@@ -46,7 +55,10 @@ def _regenerate(args: argparse.Namespace) -> int:
     from .pipeline import regenerate
     from .progress import Reporter
 
-    options = RunOptions(spec_dir=args.spec, pipeline_file=args.pipeline, out_dir=args.out)
+    options = RunOptions(
+        spec_dir=args.spec, pipeline_file=args.pipeline, out_dir=args.out, replay=args.replay,
+        cache_dir=None if args.no_cache else Path(".regen/cache"),
+    )
     result = regenerate(options, report=Reporter(quiet=args.quiet))
     if args.quiet:
         state = "up to date" if result.up_to_date else "built"
@@ -55,10 +67,14 @@ def _regenerate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from . import context
+    from .config import load_pipeline
     from .load import load_spec
     from .plan import make_plan
+    from .synthesise import first_request
 
     spec = load_spec(args.spec)
+    pipeline = load_pipeline(args.pipeline)
     plan = make_plan(spec)
     print(f"ecosystem {plan.ecosystem}: {len(spec.mads)} MADs")
     print("start-up order: " + " -> ".join(plan.startup_order))
@@ -66,10 +82,33 @@ def _plan(args: argparse.Namespace) -> int:
     for name in plan.startup_order:
         talks = spec.mad(name).talks_to
         print(f"  {name} -> {', '.join(talks) if talks else '(none)'}")
-    print("synthesis units:")
-    for unit in plan.units:
-        print(f"  {unit.name:<14} owns {', '.join(unit.owns)}")
+    fits = context.fit([first_request(spec, plan, u, pipeline) for u in plan.units], pipeline.senior)
+    window = fits[0].window if fits else None
+    if pipeline.senior.is_offline:
+        window_text = "no window: it is not a language model"
+    else:
+        window_text = f"{window:,} tokens" if window else "unknown: set [senior] context_window"
+    print(f"synthesis units (senior {pipeline.senior.model}, window {window_text}):")
+    for unit, fit in zip(plan.units, fits):
+        verdict = f"OVER by {fit.over:,}" if fit.over else "fits"
+        print(f"  {unit.name:<14} {fit.prompt_tokens:>7,} prompt + {fit.max_tokens:,} answer tokens: {verdict}")
+        print(f"  {'':<14} owns {', '.join(unit.owns)}")
+    context.require_fit(fits, pipeline.senior)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .pipeline import verify
+
+    result = verify(args.artifact, args.spec)
+    if result.first_difference is None:
+        print(f"{args.artifact}: verified: all {result.files} files of src/ reproduced byte for byte from its transcript")
+        return 0
+    print(
+        f"{args.artifact}: NOT reproduced: {len(result.differences)} file(s) differ, first {result.first_difference}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -81,7 +120,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check}
+COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify}
 
 
 def main(argv: list[str] | None = None) -> int:

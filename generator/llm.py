@@ -2,8 +2,14 @@
 
 `ModelClient` is the seam a test swaps (STYLE.md rule 4). `LiteLLMClient` is the real
 one; it registers the offline reference synthesiser as the litellm custom provider
-`offline`, so the offline default takes the same path as any real model. litellm takes
-seconds to import, so it is imported on the first call, never at CLI start-up.
+`offline`, so the offline default takes the same path as any real model. It retries
+429, 5xx and timeouts with exponential backoff and jitter (honouring Retry-After),
+then falls back to the next model of the pipeline. litellm takes seconds to import, so
+it is imported on the first call, never at CLI start-up.
+
+Around the client sit the content-addressed `ResponseCache` (same request, same
+answer, no tokens) and `TranscriptModel` (a recorded build's transcript as the model,
+for `regen verify` and `--replay`).
 """
 
 from __future__ import annotations
@@ -11,22 +17,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import SeniorModel
+from .config import Price, SeniorModel
 from .errors import BuildFailed, UserError
 
 # The test suite turns this off (tests/conftest.py) so that no test can reach a paid
-# endpoint by accident; the offline provider and injected fakes still work.
+# endpoint by accident; the offline provider, loopback servers and injected fakes still work.
 ALLOW_MODEL_REQUESTS = True
+
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _sha256_json(data: object) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ModelRequest(Frozen):
@@ -39,10 +55,12 @@ class ModelRequest(Frozen):
     seed: int | None
     max_tokens: int
     api_base: str | None = None
-    timeout_seconds: float = 600
+    response_schema: dict | None = Field(default=None, description="ask for structured output when supported")
 
     @classmethod
-    def for_unit(cls, unit: str, senior: SeniorModel, messages: list[dict[str, str]]) -> ModelRequest:
+    def for_unit(
+        cls, unit: str, senior: SeniorModel, messages: list[dict[str, str]], response_schema: dict | None = None
+    ) -> ModelRequest:
         return cls(
             unit=unit,
             model=senior.model,
@@ -51,123 +69,327 @@ class ModelRequest(Frozen):
             seed=senior.seed,
             max_tokens=senior.max_tokens,
             api_base=senior.api_base,
-            timeout_seconds=senior.timeout_seconds,
+            response_schema=response_schema,
         )
 
     @property
     def hash(self) -> str:
         """Content address of what the model is asked: same request, same hash."""
-        payload = self.model_dump(exclude={"unit", "timeout_seconds"})
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return _sha256_json(self.model_dump(exclude={"unit"}))
 
 
 class ModelReply(Frozen):
     content: str
+    model: str = Field(default="", description="the model that answered (a fallback, perhaps)")
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: int = 0
+    attempts: int = 1
+    cached: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class ModelClient(Protocol):
     def complete(self, request: ModelRequest) -> ModelReply: ...
 
 
+def load_litellm():
+    """Import litellm once, hermetically, with the offline provider registered."""
+    # Without this litellm downloads its price table at import: a build must be hermetic.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    from .offline import OfflineReference
+
+    if not any(p.get("provider") == "offline" for p in litellm.custom_provider_map):
+        litellm.suppress_debug_info = True
+        litellm.telemetry = False
+        litellm.custom_provider_map = [
+            *litellm.custom_provider_map,
+            {"provider": "offline", "custom_handler": OfflineReference()},
+        ]
+    return litellm
+
+
+def missing_key(senior: SeniorModel) -> str | None:
+    """The environment variable the senior (or a fallback) needs and does not have, if any."""
+    if senior.api_key_env:
+        return None if os.environ.get(senior.api_key_env) else senior.api_key_env
+    litellm = load_litellm()
+    for model in [senior.model, *senior.fallbacks]:
+        if model.startswith("offline/"):
+            continue
+        missing = litellm.validate_environment(model=model).get("missing_keys") or []
+        if missing:
+            return missing[0]
+    return None
+
+
+class _Transient(Exception):
+    """A failure worth another try: rate limit, server error, timeout, a garbled response."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or getattr(exc, "litellm_response_headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 class LiteLLMClient:
-    """The real client: `litellm.completion`, with the offline provider registered."""
+    """The real client: `litellm.completion` with retries, backoff and fallbacks."""
 
-    def __init__(self) -> None:
-        self._litellm = None
-
-    def _load(self):
-        if self._litellm is None:
-            # Without this litellm downloads its price table at import: a build must be hermetic.
-            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            import litellm
-
-            from .offline import OfflineReference
-
-            litellm.suppress_debug_info = True
-            litellm.telemetry = False
-            providers = [p for p in litellm.custom_provider_map if p.get("provider") != "offline"]
-            litellm.custom_provider_map = [
-                *providers,
-                {"provider": "offline", "custom_handler": OfflineReference()},
-            ]
-            self._litellm = litellm
-        return self._litellm
+    def __init__(
+        self,
+        senior: SeniorModel,
+        prices: dict[str, Price] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.senior = senior
+        self.prices = prices or {}
+        self.sleep = sleep
 
     def complete(self, request: ModelRequest) -> ModelReply:
-        if not ALLOW_MODEL_REQUESTS and not request.model.startswith("offline/"):
+        if not ALLOW_MODEL_REQUESTS and not request.model.startswith("offline/") and not _loopback(request.api_base):
             raise UserError(f"model requests are disabled here; refusing to call {request.model}")
-        litellm = self._load()
-        kwargs = {
-            "model": request.model,
+        failures = []
+        for model in [request.model, *self.senior.fallbacks]:
+            try:
+                return self._with_retries(request, model)
+            except _Transient as exc:
+                failures.append(f"{model}: {exc}")
+        raise BuildFailed(f"unit {request.unit}: every model failed after retries: " + "; ".join(failures))
+
+    def _with_retries(self, request: ModelRequest, model: str) -> ModelReply:
+        attempts = self.senior.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = self._call(request, model)
+                return reply.model_copy(update={"attempts": attempt})
+            except _Transient as exc:
+                if attempt == attempts:
+                    raise
+                # Exponential backoff with full jitter; a server's Retry-After wins when longer.
+                delay = random.uniform(0, self.senior.backoff_seconds * 2 ** (attempt - 1))
+                self.sleep(max(delay, exc.retry_after or 0.0))
+        raise AssertionError("unreachable")
+
+    def _call(self, request: ModelRequest, model: str) -> ModelReply:
+        litellm = load_litellm()
+        kwargs: dict = {
+            "model": model,
             "messages": [dict(m) for m in request.messages],
             "temperature": request.temperature,
             "max_tokens": request.max_tokens,
-            "timeout": request.timeout_seconds,
+            "timeout": self.senior.timeout_seconds,
+            "num_retries": 0,  # retries are ours: counted, backed off, recorded
+            "max_retries": 0,
         }
         if request.seed is not None:
             kwargs["seed"] = request.seed
         if request.api_base:
             kwargs["api_base"] = request.api_base
+        if self.senior.api_key_env:
+            kwargs["api_key"] = os.environ.get(self.senior.api_key_env, "")
+        if request.response_schema and not model.startswith("offline/") and _supports_schema(litellm, model):
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": request.response_schema},
+            }
         started = time.monotonic()
         try:
             response = litellm.completion(**kwargs)
-        except Exception as exc:  # litellm maps every provider failure to its own exception tree
-            message = str(exc).split(" - ", 1)[-1].strip()
-            raise BuildFailed(
-                f"model {request.model} failed on unit {request.unit}: {message}"
-            ) from exc
+        except (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
+                litellm.InternalServerError, litellm.ServiceUnavailableError) as exc:
+            raise _Transient(_message(exc), _retry_after(exc)) from exc
+        except litellm.APIError as exc:
+            if (getattr(exc, "status_code", 500) or 500) >= 500:
+                raise _Transient(_message(exc)) from exc
+            raise BuildFailed(f"model {model} refused unit {request.unit}: {_message(exc)}") from exc
+        except Exception as exc:  # litellm maps provider failures into its own tree; anything else is fatal
+            status = getattr(exc, "status_code", None)
+            if isinstance(status, int) and status >= 500:
+                raise _Transient(_message(exc)) from exc
+            raise BuildFailed(f"model {model} failed on unit {request.unit}: {_message(exc)}") from exc
         latency_ms = int((time.monotonic() - started) * 1000)
+        if not response.choices:  # a 200 with no choice is a provider fault, worth another try
+            raise _Transient("the response had no choices")
         choice = response.choices[0]
         usage = getattr(response, "usage", None)
-        try:
-            cost = float(litellm.completion_cost(completion_response=response) or 0.0)
-        except Exception:  # unknown models have no price: cost is then reported as 0
-            cost = 0.0
+        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        completion_tokens = getattr(usage, "completion_tokens", 0) or 0
         return ModelReply(
             content=choice.message.content or "",
+            model=model,
             finish_reason=choice.finish_reason,
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            cost_usd=cost,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=self._cost(litellm, model, response, prompt_tokens, completion_tokens),
             latency_ms=latency_ms,
         )
 
+    def _cost(self, litellm, model: str, response, prompt_tokens: int, completion_tokens: int) -> float:
+        price = self.prices.get(model)
+        if price is not None:
+            return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
+        try:
+            return float(litellm.completion_cost(completion_response=response) or 0.0)
+        except Exception:  # no price known: reported as 0, and `prices` in the pipeline fixes it
+            return 0.0
+
+
+def _loopback(api_base: str | None) -> bool:
+    if not api_base:
+        return False
+    from urllib.parse import urlparse
+
+    return (urlparse(api_base).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _supports_schema(litellm, model: str) -> bool:
+    try:
+        return bool(litellm.supports_response_schema(model=model))
+    except Exception:
+        return False
+
+
+def _message(exc: Exception) -> str:
+    return str(exc).split(" - ", 1)[-1].strip()[:500] or type(exc).__name__
+
+
+class ResponseCache:
+    """Content-addressed answers: `<dir>/<hash[:2]>/<hash>.json`, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, request_hash: str) -> Path:
+        return self.folder / request_hash[:2] / f"{request_hash}.json"
+
+    def get(self, request_hash: str) -> ModelReply | None:
+        path = self._path(request_hash)
+        try:
+            return ModelReply.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # a corrupt entry is a miss, and goes away
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, request_hash: str, reply: ModelReply) -> None:
+        path = self._path(request_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_text(reply.model_copy(update={"cached": False}).model_dump_json())
+        os.replace(temporary, path)
+
+
+class CachedClient:
+    """A cache in front of a client: a hit costs no tokens and says so (`cached=True`)."""
+
+    def __init__(self, client: ModelClient, cache: ResponseCache):
+        self.client = client
+        self.cache = cache
+
+    def complete(self, request: ModelRequest) -> ModelReply:
+        hit = self.cache.get(request.hash)
+        if hit is not None:
+            return hit.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+        reply = self.client.complete(request)
+        if reply.finish_reason != "length" and reply.content:
+            self.cache.put(request.hash, reply)
+        return reply
+
+
+class TranscriptModel:
+    """A recorded build as the model: every request must have been asked before, exactly."""
+
+    def __init__(self, transcript: Path):
+        self.source = transcript
+        self.answers: dict[str, ModelReply] = {}
+        try:
+            lines = transcript.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UserError(f"{transcript}: cannot read the transcript to replay: {exc}")
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                self.answers[entry["request_hash"]] = ModelReply(
+                    content=entry["response"],
+                    model=entry.get("answered_by") or entry["model"],
+                    finish_reason=entry.get("finish_reason"),
+                    prompt_tokens=entry["usage"]["prompt_tokens"],
+                    completion_tokens=entry["usage"]["completion_tokens"],
+                    cost_usd=entry.get("cost_usd", 0.0),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{transcript}:{number}: not a transcript line: {exc}")
+
+    def complete(self, request: ModelRequest) -> ModelReply:
+        reply = self.answers.get(request.hash)
+        if reply is None:
+            raise BuildFailed(
+                f"{self.source} has no answer for unit {request.unit} (request {request.hash[:12]}): "
+                "its inputs (spec, prompts, kernel or pipeline) differ from the recorded build"
+            )
+        return reply.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+
+
+class Exchange(Frozen):
+    """One request and its answer, as the transcript keeps it."""
+
+    request: ModelRequest
+    reply: ModelReply
+    round: int
+    purpose: str
+
 
 class Transcript:
-    """`transcript.jsonl`: one line per exchange, appended and flushed as it happens."""
+    """`transcript.jsonl`: every exchange, written in plan order (unit, then round)."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def record(self, request: ModelRequest, reply: ModelReply) -> None:
-        line = {
-            "request_hash": request.hash,
-            "unit": request.unit,
-            "model": request.model,
-            "parameters": {
-                "temperature": request.temperature,
-                "seed": request.seed,
-                "max_tokens": request.max_tokens,
-                "api_base": request.api_base,
-            },
-            "messages": list(request.messages),
-            "response": reply.content,
-            "finish_reason": reply.finish_reason,
-            "usage": {
-                "prompt_tokens": reply.prompt_tokens,
-                "completion_tokens": reply.completion_tokens,
-            },
-            "cost_usd": reply.cost_usd,
-            "latency_ms": reply.latency_ms,
-        }
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
+    def write(self, exchanges: list[Exchange]) -> None:
+        with self.path.open("w", encoding="utf-8") as out:
+            for e in exchanges:
+                line = {
+                    "request_hash": e.request.hash,
+                    "unit": e.request.unit,
+                    "round": e.round,
+                    "purpose": e.purpose,
+                    "model": e.request.model,
+                    "answered_by": e.reply.model or e.request.model,
+                    "parameters": {
+                        "temperature": e.request.temperature,
+                        "seed": e.request.seed,
+                        "max_tokens": e.request.max_tokens,
+                        "api_base": e.request.api_base,
+                        "structured_output": e.request.response_schema is not None,
+                    },
+                    "messages": list(e.request.messages),
+                    "response": e.reply.content,
+                    "finish_reason": e.reply.finish_reason,
+                    "usage": {"prompt_tokens": e.reply.prompt_tokens, "completion_tokens": e.reply.completion_tokens},
+                    "cost_usd": e.reply.cost_usd,
+                    "latency_ms": e.reply.latency_ms,
+                    "attempts": e.reply.attempts,
+                    "cached": e.reply.cached,
+                }
+                out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
 
@@ -183,18 +405,31 @@ class Answer(Frozen):
     files: list[AnswerFile] = Field(min_length=1)
 
 
+class AnswerRejected(BuildFailed):
+    """An answer that cannot be used as it is: the problems go back to the senior in a repair round."""
+
+    def __init__(self, unit: str, problems: list[str]):
+        self.unit = unit
+        self.problems = problems
+        super().__init__(f"unit {unit}: the answer was rejected:\n  " + "\n  ".join(problems))
+
+
 def parse_answer(unit: str, reply: ModelReply) -> Answer:
-    """Parse and validate an answer; a bad one is a run failure that says what was wrong."""
-    if reply.finish_reason == "length":
-        raise BuildFailed(f"unit {unit}: the answer was cut off (finish_reason=length); nothing written")
+    """Parse and validate an answer; a bad one is rejected with what was wrong."""
+    if len(reply.content.encode("utf-8", "surrogatepass")) > MAX_ANSWER_BYTES:
+        raise AnswerRejected(unit, [f"the answer is {len(reply.content.encode())} bytes, over the {MAX_ANSWER_BYTES} limit"])
     text = reply.content.strip()
+    if not text:
+        raise AnswerRejected(unit, ["the answer was empty"])
     if text.startswith("```"):  # models often fence JSON despite being asked not to
         text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnswerRejected(unit, ["the answer is not valid UTF-8 text"])
     try:
         return Answer.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "answer"
-        raise BuildFailed(
-            f'unit {unit}: the answer is not {{"files": [{{"path", "content"}}]}}: {where}: {first["msg"]}'
-        ) from exc
+        raise AnswerRejected(unit, [f'the answer is not {{"files": [{{"path", "content"}}]}}: {where}: {first["msg"]}'])

@@ -1,12 +1,15 @@
 """The runner: the stages of a build, in order, on one screen.
 
-load → plan → fingerprint (up to date?) → synthesise → write + lock → sandbox test → emit.
+load → plan → preflight (keys, offline reach, context windows) → fingerprint (up to
+date?) → synthesise (+ repair) → write + lock → sandbox test (+ repair) → emit.
 Each stage is a function of its own module; this file only chains them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import sys
 import tempfile
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from . import __version__
+from . import __version__, context
 from .config import Pipeline, RunOptions, load_pipeline
 from .emit import (
     canonical_json,
@@ -27,14 +30,14 @@ from .emit import (
     tree_hashes,
     write_tree,
 )
-from .errors import BuildFailed
-from .llm import LiteLLMClient, ModelClient, ModelRequest, Transcript
+from .errors import BuildFailed, UserError
+from .llm import CachedClient, LiteLLMClient, ModelClient, ModelRequest, ResponseCache, Transcript, TranscriptModel, missing_key
 from .load import load_spec
-from .plan import Plan, Unit, make_plan
+from .plan import Plan, make_plan
 from .progress import Reporter
 from .sandbox import SandboxResult, run_tests, run_uv
 from .spec import Spec
-from .synthesise import Synthesis, prompt_messages, synthesise
+from .synthesise import Spend, Synthesis, first_request, repair_after_tests, synthesise
 
 GENERATOR = Path(__file__).parent
 
@@ -71,29 +74,200 @@ def _package_files(folder: Path) -> dict[str, Path]:
     }
 
 
-def fingerprint(spec: Spec, pipeline: Pipeline, pipeline_file: Path, plan: Plan) -> Fingerprint:
+def fingerprint(spec: Spec, pipeline: Pipeline, requests: dict[str, ModelRequest]) -> Fingerprint:
     inputs = {f"spec/{f.path}": f.sha256 for f in spec.files}
-    inputs[f"pipelines/{pipeline_file.name}"] = sha256_file(pipeline_file)
+    # The validated pipeline, not the file's bytes: comments change nothing, and a replay
+    # (whose pipeline comes from a manifest) fingerprints like the original build.
+    inputs["pipeline"] = hashlib.sha256(canonical_json(pipeline.model_dump(mode="json")).encode()).hexdigest()
     folders = ["prompts", "kernel"] + (["offline"] if pipeline.senior.is_offline else [])
     for folder in folders:
         for rel, path in _package_files(GENERATOR / folder).items():
             inputs[f"generator/{folder}/{rel}"] = sha256_file(path)
-    requests = {
-        unit.name: ModelRequest.for_unit(unit.name, pipeline.senior, prompt_messages(spec, plan, unit)).hash
-        for unit in plan.units
-    }
-    return Fingerprint(inputs=dict(sorted(inputs.items())), requests=requests, generator_version=__version__)
+    return Fingerprint(
+        inputs=dict(sorted(inputs.items())),
+        requests={name: r.hash for name, r in requests.items()},
+        generator_version=__version__,
+    )
 
 
 def kernel_files(package: str) -> dict[str, bytes]:
     return {f"{package}/kernel/{rel}": p.read_bytes() for rel, p in _package_files(GENERATOR / "kernel").items()}
 
 
-def lock_dependencies(src: Path, parent_lock: Path | None) -> None:
-    """`uv lock` the generated project; the parent's lock, when there is one, acts as preferences."""
-    if parent_lock is not None and parent_lock.is_file():
-        shutil.copyfile(parent_lock, src / "uv.lock")
+def lock_dependencies(src: Path, preferred_lock: Path | None) -> None:
+    """`uv lock` the generated project; an earlier lock, when there is one, acts as preferences."""
+    if preferred_lock is not None and preferred_lock.is_file():
+        shutil.copyfile(preferred_lock, src / "uv.lock")
     run_uv(["lock", "--project", str(src), "--python", sys.executable, "--quiet"], "locking the generated project", 600)
+
+
+def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path | None) -> None:
+    if src.exists():
+        shutil.rmtree(src)
+    write_tree(src, {**synthesis.files, **kernel_files(plan.package)}, executable=frozenset({"deploy/run.sh"}))
+    lock_dependencies(src, preferred_lock)
+
+
+def offline_reach(spec: Spec, plan: Plan) -> None:
+    """The offline senior writes only tools bound to a capability: name every unit it cannot write."""
+    needs = []
+    for unit in plan.units:
+        if unit.mad:
+            unbound = [f"{unit.mad}.{t.name}" for t in spec.mad(unit.mad).tools if not t.builtin]
+            if unbound:
+                needs.append(f"  {unit.name}: {', '.join(unbound)}")
+    if needs:
+        raise UserError(
+            "the offline senior (offline/reference) can only write tools bound to a kernel capability "
+            "(`builtin:`). These units need a model:\n" + "\n".join(needs) + "\n"
+            "Build with an LLM pipeline (--pipeline pipelines/frontier.toml), or rebuild a recorded build "
+            "without keys (--replay ecosystems/<name>/<version>)."
+        )
+
+
+def _failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
+    """Each failed test goes to the unit that wrote its file, and to the MADs its traceback names."""
+    failures: dict[str, list[str]] = {}
+    module_pattern = re.compile(rf"{re.escape(plan.package)}/mads/(\w+)\.py")
+    for test in tests.tests:
+        if test.outcome not in ("failed", "error"):
+            continue
+        path = test.id.split("::")[0].replace(".", "/") + ".py"
+        owners = {u.name for u in plan.units if u.may_write(path)} or {"frame"}
+        owners |= {f"mad:{m}" for m in module_pattern.findall(test.message)}
+        for owner in owners & {u.name for u in plan.units}:
+            failures.setdefault(owner, []).append(f"{test.id}: {test.outcome}: {test.message}")
+    if not failures:  # failed without a test to blame (collection, crash): everyone sees the output
+        failures = {u.name: [tests.output_tail[-4000:]] for u in plan.units}
+    return failures
+
+
+def _resolve_pipeline(options: RunOptions) -> tuple[Pipeline, ModelClient | None]:
+    """The pipeline file, or, when replaying, the pipeline recorded in the artifact and its transcript."""
+    if options.replay is None:
+        return load_pipeline(options.pipeline_file), None
+    manifest_path = options.replay / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        pipeline = Pipeline.model_validate(manifest["pipeline"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{manifest_path}: not an artifact to replay: {exc}")
+    return pipeline, TranscriptModel(options.replay / "transcript.jsonl")
+
+
+def regenerate(
+    options: RunOptions,
+    client: ModelClient | None = None,
+    report: Reporter | None = None,
+    sandbox_level: str | None = None,
+) -> BuildResult:
+    """Build the spec into a new archived version, or say it is up to date."""
+    report = report or Reporter()
+    with report.stage("load", f"{options.spec_dir}/") as info:
+        spec = load_spec(options.spec_dir)
+        pipeline, replay_client = _resolve_pipeline(options)
+        info["note"] = f"{len(spec.mads)} MADs, {sum(len(m.tools) for m in spec.mads)} tools"
+    with report.stage("plan", "start-up order, units and context windows") as info:
+        plan = make_plan(spec)
+        if pipeline.senior.is_offline and replay_client is None:
+            offline_reach(spec, plan)
+        if client is None and replay_client is None and not pipeline.senior.is_offline:
+            if (variable := missing_key(pipeline.senior)) is not None:
+                raise UserError(
+                    f"{pipeline.senior.model} needs the environment variable {variable}, which is not set: "
+                    f"export {variable}=... (keys never go in files of the repo), or replay a recorded build "
+                    "with --replay ecosystems/<name>/<version>"
+                )
+        requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
+        fits = context.fit(list(requests.values()), pipeline.senior)
+        context.require_fit(fits, pipeline.senior)
+        biggest = max(fits, key=lambda f: f.needed)
+        window = f" of {biggest.window:,}" if biggest.window else ""
+        info["note"] = (" → ".join(plan.startup_order) + f"; {len(plan.units)} units; "
+                        f"largest request {biggest.needed:,} tokens{window}")
+    ecosystem_dir = options.out_dir / spec.ecosystem.name
+    remove_stale_staging(ecosystem_dir)
+    prints = fingerprint(spec, pipeline, requests)
+    latest = latest_manifest(ecosystem_dir)
+    if latest is not None and latest.get("inputs_hash") == prints.hash:
+        path = ecosystem_dir / latest["version"]
+        report.say(f"\n[bold green]Up to date:[/] {spec.ecosystem.name} {latest['version']} was built "
+                   f"from exactly these inputs ({path}); nothing written, 0 tokens spent.")
+        return BuildResult(ecosystem=spec.ecosystem.name, version=latest["version"], path=path,
+                           up_to_date=True, manifest=latest)
+    parent = latest["version"] if latest else None
+    version = next_version(parent)
+    if replay_client is not None:
+        client = replay_client
+        report.say(f"  [dim]replay: every answer comes from {options.replay / 'transcript.jsonl'}; no model is called[/]")
+    else:
+        client = client or LiteLLMClient(pipeline.senior, pipeline.prices)
+        if options.cache_dir is not None:
+            client = CachedClient(client, ResponseCache(options.cache_dir))
+    if pipeline.senior.is_offline:
+        report.say("  [dim]offline build: the senior is offline/reference (templates, no network, no keys)[/]")
+    spend = Spend(pipeline.budgets)
+    preferred_lock = options.replay / "src" / "uv.lock" if options.replay else (
+        ecosystem_dir / parent / "src" / "uv.lock" if parent else None
+    )
+
+    with staging(ecosystem_dir) as stage:
+        with report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
+            synthesis = synthesise(
+                spec, plan, pipeline, client, spend, context.count_tokens,
+                on_unit=lambda unit: report.progress("synthesise", f"unit {unit.name} with {pipeline.senior.model}"),
+            )
+            info["note"] = f"{len(synthesis.files)} files checked; {_spent(synthesis)}"
+        src = stage / "src"
+        tests, previous_failures = None, None
+        for test_round in range(pipeline.repair_rounds + 1):
+            with report.stage("write", "src/ and uv.lock") as info:
+                write_src(src, synthesis, plan, preferred_lock)
+                info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
+            tests = _sandbox(src, pipeline, sandbox_level, report)
+            if tests.ok:
+                break
+            failures = _failures_by_unit(plan, tests)
+            summary = (f"the ecosystem's own tests failed in the sandbox ({tests.passed} passed, "
+                       f"{tests.failed} failed, {tests.errors} errors)")
+            if test_round == pipeline.repair_rounds:
+                raise BuildFailed(f"{summary} after {test_round} repair round(s); nothing archived.\n{tests.output_tail}")
+            if failures == previous_failures:
+                raise BuildFailed(f"{summary}, the same as before the last repair; stopped early, nothing archived.\n"
+                                  f"{tests.output_tail}")
+            previous_failures = failures
+            with report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
+                synthesis = repair_after_tests(
+                    spec, plan, pipeline, client, spend, context.count_tokens, synthesis, failures, test_round + 1
+                )
+                info["note"] = _spent(synthesis)
+        Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
+        (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+        outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
+        data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
+        (stage / "manifest.json").write_text(canonical_json(data))
+        with report.stage("emit", f"{ecosystem_dir / version}"):
+            final = publish(stage, ecosystem_dir, version)
+    _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests)
+    return BuildResult(ecosystem=spec.ecosystem.name, version=version, path=final, up_to_date=False, manifest=data)
+
+
+def _sandbox(src: Path, pipeline: Pipeline, level: str | None, report: Reporter) -> SandboxResult:
+    work = Path(tempfile.mkdtemp(prefix="regen-sandbox-"))
+    try:
+        with report.stage("test", "the ecosystem's own tests in the sandbox") as info:
+            tests = run_tests(src, pipeline.sandbox, work, level=level, warn=report.warn)
+            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+        return tests
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _spent(synthesis: Synthesis) -> str:
+    cached = sum(1 for u in synthesis.units if u.cached)
+    tokens = sum(u.prompt_tokens + u.completion_tokens for u in synthesis.units)
+    cost = sum(u.cost_usd for u in synthesis.units)
+    return f"{tokens:,} tokens, ${cost:.4f}" + (f", {cached} from cache" if cached else "")
 
 
 def manifest(
@@ -106,6 +280,7 @@ def manifest(
     outputs: dict[str, str],
     version: str,
     parent: str | None,
+    options: RunOptions,
 ) -> dict:
     root_hash = hashlib.sha256(canonical_json(outputs).encode()).hexdigest()
     return {
@@ -119,6 +294,7 @@ def manifest(
         },
         "generator": {"name": "regen", "version": __version__},
         "offline": pipeline.senior.is_offline,
+        "replayed_from": options.replay.as_posix() if options.replay else None,
         "pipeline": pipeline.model_dump(mode="json"),
         "inputs": prints.inputs,
         "inputs_hash": prints.hash,
@@ -141,90 +317,74 @@ def manifest(
     }
 
 
-def regenerate(
-    options: RunOptions,
-    client: ModelClient | None = None,
-    report: Reporter | None = None,
-    sandbox_level: str | None = None,
-) -> BuildResult:
-    """Build the spec into a new archived version, or say it is up to date."""
-    report = report or Reporter()
-    with report.stage("load", f"{options.spec_dir}/") as info:
-        spec = load_spec(options.spec_dir)
-        pipeline = load_pipeline(options.pipeline_file)
-        info["note"] = f"{len(spec.mads)} MADs, {sum(len(m.tools) for m in spec.mads)} tools"
-    with report.stage("plan", "start-up order and units") as info:
-        plan = make_plan(spec)
-        info["note"] = " → ".join(plan.startup_order) + f"; {len(plan.units)} units"
-    ecosystem_dir = options.out_dir / spec.ecosystem.name
-    remove_stale_staging(ecosystem_dir)
-    prints = fingerprint(spec, pipeline, options.pipeline_file, plan)
-    latest = latest_manifest(ecosystem_dir)
-    if latest is not None and latest.get("inputs_hash") == prints.hash:
-        path = ecosystem_dir / latest["version"]
-        report.say(f"\n[bold green]Up to date:[/] {spec.ecosystem.name} {latest['version']} was built "
-                   f"from exactly these inputs ({path}); nothing written.")
-        return BuildResult(ecosystem=spec.ecosystem.name, version=latest["version"], path=path,
-                           up_to_date=True, manifest=latest)
-    parent = latest["version"] if latest else None
-    version = next_version(parent)
-    client = client or LiteLLMClient()
-    if pipeline.senior.is_offline:
-        report.say("  [dim]offline build: the senior is offline/reference (templates, no network, no keys)[/]")
-
-    with staging(ecosystem_dir) as stage:
-        transcript = Transcript(stage / "transcript.jsonl")
-        with report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
-
-            def doing(index: int, unit: Unit) -> None:
-                total = len(plan.units)
-                report.progress("synthesise", f"unit {unit.name} ({index + 1}/{total}) with {pipeline.senior.model}")
-
-            synthesis = synthesise(spec, plan, pipeline.senior, client, transcript, on_unit=doing)
-            info["note"] = f"{len(synthesis.files)} files checked"
-        src = stage / "src"
-        with report.stage("write", "src/ and uv.lock") as info:
-            write_tree(src, {**synthesis.files, **kernel_files(plan.package)}, executable=frozenset({"deploy/run.sh"}))
-            parent_lock = ecosystem_dir / parent / "src" / "uv.lock" if parent else None
-            lock_dependencies(src, parent_lock)
-            info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
-        work = Path(tempfile.mkdtemp(prefix="regen-sandbox-"))
-        keep_work = False  # kept only when the tests fail, for the user to look into
-        try:
-            with report.stage("test", "the ecosystem's own tests in the sandbox") as info:
-                tests = run_tests(src, pipeline.sandbox, work, level=sandbox_level, warn=report.warn)
-                info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
-            if not tests.ok:
-                keep_work = True
-                raise BuildFailed(
-                    f"the ecosystem's own tests failed in the sandbox ({tests.passed} passed, "
-                    f"{tests.failed} failed, {tests.errors} errors); nothing archived. "
-                    f"The sandbox is kept at {work}\n{tests.output_tail}"
-                )
-        finally:
-            if not keep_work:
-                shutil.rmtree(work, ignore_errors=True)
-        (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
-        outputs = {
-            path: digest
-            for path, digest in tree_hashes(stage).items()
-            if path != "manifest.json"
-        }
-        data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent)
-        (stage / "manifest.json").write_text(canonical_json(data))
-        with report.stage("emit", f"{ecosystem_dir / version}") as info:
-            final = publish(stage, ecosystem_dir, version)
+def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests) -> None:
+    cached = [u.unit for u in synthesis.units if u.cached]
+    repaired = [f"{u.unit} ({u.rounds} rounds)" for u in synthesis.units if u.rounds > 1]
+    per_unit = ", ".join(
+        f"{u.unit} {u.prompt_tokens + u.completion_tokens:,} tok/{u.latency_ms / 1000:.1f}s" for u in synthesis.units
+    )
     report.summary(
         f"{spec.ecosystem.name} {version}" + (" (offline build)" if pipeline.senior.is_offline else ""),
         [
             ("artifact", str(final)),
             ("parent", parent or "none (first build)"),
-            ("units", f"{len(synthesis.units)} synthesised, 0 reused"),
+            ("units", f"{len(synthesis.units)} synthesised" + (f", {len(cached)} answered from cache" if cached else "")
+             + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
+            ("per unit", per_unit),
             ("files", f"{len(outputs)} ({len(synthesis.files)} synthesised, kernel copied)"),
-            ("tokens", f"{data['tokens']['prompt']} in, {data['tokens']['completion']} out; ${data['cost_usd']:.4f}"),
+            ("tokens", f"{data['tokens']['prompt']:,} in, {data['tokens']['completion']:,} out; ${data['cost_usd']:.4f}"),
             ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
             ("sandbox", tests.level + ("" if tests.level == "bubblewrap" else "  [yellow](weaker than bubblewrap)[/]")),
             ("run it", f"cd {final}/src && ./deploy/run.sh"),
         ],
     )
-    return BuildResult(ecosystem=spec.ecosystem.name, version=version, path=final, up_to_date=False, manifest=data)
+
+
+class Verification(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifact: Path
+    files: int
+    first_difference: str | None
+    differences: tuple[str, ...]
+
+
+def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Verification:
+    """Rebuild `artifact` from its own transcript, offline, and compare every file of src/ byte for byte."""
+    report = report or Reporter()
+    manifest_path = artifact / "manifest.json"
+    try:
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{manifest_path}: not an artifact: {exc}")
+    options = RunOptions(spec_dir=spec_dir, pipeline_file=Path("-"), out_dir=Path("-"), replay=artifact)
+    with report.stage("load", f"{spec_dir}/ and {artifact}"):
+        spec = load_spec(spec_dir)
+        pipeline, client = _resolve_pipeline(options)
+        plan = make_plan(spec)
+    requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
+    prints = fingerprint(spec, pipeline, requests)
+    changed = sorted(k for k in set(prints.inputs) | set(recorded["inputs"])
+                     if prints.inputs.get(k) != recorded["inputs"].get(k))
+    if changed:
+        raise UserError(
+            f"the inputs differ from those {artifact} was built from, so it cannot be reproduced here: "
+            + ", ".join(changed[:10]) + ". Check out the commit that built it."
+        )
+    with tempfile.TemporaryDirectory(prefix="regen-verify-") as scratch:
+        src = Path(scratch) / "src"
+        with report.stage("synthesise", f"{len(plan.units)} units from the transcript"):
+            synthesis = synthesise(spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens)
+        with report.stage("write", "src/ and uv.lock"):
+            write_src(src, synthesis, plan, artifact / "src" / "uv.lock")
+        rebuilt = tree_hashes(src)
+    # The rebuild must match both what the manifest recorded and what is on disk now.
+    recorded_src = {k.removeprefix("src/"): v for k, v in recorded["outputs"].items() if k.startswith("src/")}
+    on_disk = tree_hashes(artifact / "src")
+    paths = set(rebuilt) | set(recorded_src) | set(on_disk)
+    differences = tuple(sorted(p for p in paths if not rebuilt.get(p) == recorded_src.get(p) == on_disk.get(p)))
+    original = recorded_src
+    return Verification(
+        artifact=artifact, files=len(original), first_difference=differences[0] if differences else None,
+        differences=differences,
+    )

@@ -60,7 +60,7 @@ def test_the_manifest_lists_every_file_with_a_matching_sha256(built):
     for path, digest in manifest["outputs"].items():
         assert sha256_file(result.path / path) == digest, path
     assert manifest["offline"] is True and manifest["parent"] is None
-    assert {"spec/ecosystem.yaml", "spec/mads/turing.yaml", "pipelines/offline.toml"} <= set(manifest["inputs"])
+    assert {"spec/ecosystem.yaml", "spec/mads/turing.yaml", "pipeline", "generator/kernel/bus.py"} <= set(manifest["inputs"])
 
 
 def test_the_artifact_tests_passed_in_the_sandbox_and_say_where(built):
@@ -153,8 +153,9 @@ def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
         REGEN + ["regenerate", "--spec", str(spec), "--out", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    assert done.returncode == 1
-    assert "rogers.summarise" in done.stderr and "not bound to a kernel capability" in done.stderr
+    assert done.returncode == 2
+    assert "These units need a model:\n  mad:rogers: rogers.summarise\n" in done.stderr
+    assert "--pipeline pipelines/frontier.toml" in done.stderr
     assert "Traceback" not in done.stderr
     assert versions(tmp_path / "out" / "madgroup") == []
 

@@ -1,0 +1,506 @@
+"""A scripted OpenAI-compatible server on 127.0.0.1: a real HTTP fake for tests and demos.
+
+The compiler reaches real models only through `litellm.completion(model="openai/<name>",
+api_base=..., api_key=...)`. This server answers that call the way OpenAI's Chat
+Completions API would, but from a script, so a test can drive the real litellm/openai/httpx
+stack through replies *and* faults:
+
+    from generator.scripted import Fault, Reply, ScriptedServer
+
+    with ScriptedServer([Reply("hello"), Fault.status(429, headers={"Retry-After": "1"})]) as server:
+        litellm.completion(model="openai/scripted", api_base=server.base_url, api_key="k",
+                           messages=[...], max_retries=0)
+    server.requests   # the JSON bodies received on /chat/completions, in order
+
+A script is a list of steps consumed one per chat-completion request, or a callable
+`(request_body: dict) -> step`. Steps: `Reply(...)`, `Fault.status(...)`, `Fault.slow(...)`,
+`Fault.raw(...)`, `Fault.disconnect()`. When a list is exhausted the server answers 500
+"script exhausted after N requests" (and records it in `errors`), so a test fails loudly
+instead of hanging.
+
+Besides the script the server enforces what a real endpoint would:
+- every path needs `Authorization: Bearer <anything>`, else 401 (this proves the key is sent);
+- `POST /v1/chat/completions` and `POST /chat/completions` are the chat endpoints;
+  `GET /v1/models` (or `/models`) lists the one model; any other path is 404;
+- a body that is not a JSON object is 400, and `"stream": true` is 400: this fake does not
+  stream (neither does the compiler). Neither consumes a step.
+
+It uses only the standard library and binds only to 127.0.0.1. Every response closes its
+connection, so `stop()` leaves no handler thread or socket behind; sleeping steps wake up
+and give up when the server stops.
+
+CLI, for manual demos: `python -m generator.scripted --port 8911 --replies FILE.json`, where
+FILE.json is a JSON list of reply contents (strings); serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeAlias
+
+HOST = "127.0.0.1"
+CREATED = 1_700_000_000  # fixed `created` timestamp: replies are byte-for-byte reproducible
+
+_REASONS: Mapping[int, tuple[str, str | None, str]] = MappingProxyType(
+    {
+        # code: (error type, error code, default message), after OpenAI's error bodies
+        400: ("invalid_request_error", None, "Bad request."),
+        401: ("invalid_request_error", "invalid_api_key", "Missing or invalid Authorization bearer token."),
+        403: ("invalid_request_error", None, "Forbidden."),
+        404: ("invalid_request_error", "not_found", "Not found."),
+        408: ("timeout", None, "Request timed out."),
+        429: ("requests", "rate_limit_exceeded", "Rate limit reached (scripted)."),
+        500: ("server_error", None, "The server had an error while processing your request (scripted)."),
+        502: ("server_error", None, "Bad gateway (scripted)."),
+        503: ("server_error", None, "The engine is currently overloaded, please try again later (scripted)."),
+        504: ("server_error", None, "Gateway timeout (scripted)."),
+    }
+)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A 200 chat.completion whose message content is `content`.
+
+    Token counts left as None are estimated as len(text) // 4 (at least 1): the prompt from
+    the request's message contents, the completion from `content`. `delay` seconds are slept
+    before answering.
+    """
+
+    content: str
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class StatusFault:
+    """An HTTP error: `code` with an OpenAI-style error body (or `body`), plus `headers`."""
+
+    code: int
+    body: bytes | str | Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlowFault:
+    """Sleep `seconds`, then answer with `then` (if the client is still there)."""
+
+    seconds: float
+    then: Step
+
+
+@dataclass(frozen=True)
+class RawFault:
+    """Exactly these bytes as the body, whatever they are (malformed JSON, non-UTF-8...)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class DisconnectFault:
+    """Close the connection without sending any response."""
+
+
+Step: TypeAlias = Reply | StatusFault | SlowFault | RawFault | DisconnectFault
+Script: TypeAlias = Sequence[Step] | Callable[[dict[str, Any]], Step]
+_STEP_TYPES = (Reply, StatusFault, SlowFault, RawFault, DisconnectFault)
+
+
+class Fault:
+    """Factories for the fault steps."""
+
+    @staticmethod
+    def status(
+        code: int,
+        body: bytes | str | Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> StatusFault:
+        """e.g. `Fault.status(429, headers={"Retry-After": "1"})`, `Fault.status(503)`.
+
+        `body` None gives an OpenAI-style `{"error": {...}}` body; a mapping is sent as JSON;
+        str/bytes are sent as they are.
+        """
+        return StatusFault(code, body, dict(headers or {}))
+
+    @staticmethod
+    def slow(seconds: float, then: Step | None = None) -> SlowFault:
+        """Sleep, then answer with `then` (default `Reply("")`): for client timeouts."""
+        return SlowFault(seconds, then if then is not None else Reply(""))
+
+    @staticmethod
+    def raw(body: bytes, status: int = 200, content_type: str = "application/json") -> RawFault:
+        return RawFault(body, status, content_type)
+
+    @staticmethod
+    def disconnect() -> DisconnectFault:
+        return DisconnectFault()
+
+
+def _check_step(step: object, where: str) -> Step:
+    if not isinstance(step, _STEP_TYPES):
+        raise TypeError(f"{where}: expected Reply or a Fault step, got {step!r}")
+    if isinstance(step, SlowFault):
+        _check_step(step.then, f"{where} (Fault.slow then=)")
+    return step
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def error_body(code: int, message: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error body for HTTP `code`."""
+    kind, err_code, default = _REASONS.get(code, ("server_error" if code >= 500 else "invalid_request_error", None, "Error."))
+    return {"error": {"message": message or default, "type": kind, "param": None, "code": err_code}}
+
+
+def _text_of(content: object) -> str:
+    """The text of a message `content`: a string, or a list of parts with "text"."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def completion_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """A chat.completion body for `reply` to `request` (the n-th chat request served)."""
+    messages = request.get("messages")
+    prompt_text = "".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)) if isinstance(messages, list) else ""
+    prompt = reply.prompt_tokens if reply.prompt_tokens is not None else estimate_tokens(prompt_text)
+    completion = reply.completion_tokens if reply.completion_tokens is not None else estimate_tokens(reply.content)
+    return {
+        "id": f"chatcmpl-scripted-{number}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": request.get("model", "scripted"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.content},
+                "logprobs": None,
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ScriptedServer:
+    """An OpenAI-compatible HTTP server on 127.0.0.1 that answers from a script.
+
+    `requests` holds the JSON bodies of the authorised chat-completion requests, in order
+    (including ones answered 400 for streaming and the one that found the script exhausted);
+    `headers` holds each one's request headers (lower-cased names), aligned with `requests`;
+    `errors` holds the server-side problems (script exhausted, bad step from a callable).
+    """
+
+    def __init__(self, script: Script, *, model: str = "scripted", port: int = 0, quiet: bool = True):
+        if callable(script):
+            self._steps: list[Step] | None = None
+            self._callable: Callable[[dict[str, Any]], Step] | None = script
+        else:
+            self._steps = [_check_step(s, f"script step {i}") for i, s in enumerate(script)]
+            self._callable = None
+        self.model = model
+        self.quiet = quiet
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.errors: list[str] = []
+        self._wanted_port = port
+        self._served = 0  # chat requests that consumed a step
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle
+
+    def start(self) -> ScriptedServer:
+        if self._httpd is not None:
+            raise RuntimeError("ScriptedServer already started")
+        self._stopping.clear()
+        self._httpd = _HTTPServer((HOST, self._wanted_port), _Handler, self)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"scripted-{self.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake sleeping steps, drop open connections and join every thread."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()  # returns once serve_forever has left its loop
+        httpd.drop_connections()
+        httpd.server_close()  # joins the handler threads (block_on_close)
+        if thread is not None:
+            thread.join()
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> ScriptedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("ScriptedServer is not running")
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:PORT/v1`, the `api_base` to give litellm."""
+        return f"http://{HOST}:{self.port}/v1"
+
+    @property
+    def remaining(self) -> int | None:
+        """Steps not yet consumed (None for a callable script)."""
+        with self._lock:
+            return None if self._steps is None else len(self._steps) - self._served
+
+    # ---- the script
+
+    def _next_step(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[Step | str, int]:
+        """Record the request and take its step: (step, n), or (error message, n) when there is none."""
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append(headers)
+            if self._callable is not None:
+                try:
+                    step = _check_step(self._callable(body), "script callable")
+                except Exception as exc:  # the callable's bug must surface as a loud 500, not a hang
+                    self.errors.append(f"script callable failed: {exc!r}")
+                    return self.errors[-1], self._served
+                self._served += 1
+                return step, self._served
+            assert self._steps is not None
+            if self._served >= len(self._steps):
+                self.errors.append(f"script exhausted after {len(self._steps)} requests")
+                return self.errors[-1], self._served
+            step = self._steps[self._served]
+            self._served += 1
+            return step, self._served
+
+    def _record_only(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append(headers)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless the server stops first; True if it is still running."""
+        return not self._stopping.wait(seconds) if seconds > 0 else not self._stopping.is_set()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True  # server_close() joins handler threads: nothing outlives stop()
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], owner: ScriptedServer):
+        self.owner = owner
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):  # type: ignore[no-untyped-def]
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Unblock handlers still reading from a client that never finished its request."""
+        with self._open_lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        if not self.owner.quiet:
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "regen-scripted/1"
+    sys_version = ""
+    timeout = 10  # a client that connects and sends nothing cannot pin a thread for ever
+    server: _HTTPServer
+
+    @property
+    def owner(self) -> ScriptedServer:
+        return self.server.owner
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        if not self.owner.quiet:
+            sys.stderr.write(f"scripted {self.address_string()} {format % args}\n")
+
+    # ---- routing
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def _route(self, method: str) -> None:
+        self.close_connection = True  # one request per connection: stop() never waits on keep-alive
+        path = self.path.split("?", 1)[0].rstrip("/")
+        body = self._read_body()
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            endpoint = "chat"
+        elif path in ("/v1/models", "/models"):
+            endpoint = "models"
+        else:
+            return self._json(404, error_body(404, f"Unknown path {method} {path or '/'}"))
+        if not self._authorised():
+            return self._json(401, error_body(401))
+        if endpoint == "models":
+            if method != "GET":
+                return self._json(405, error_body(405, "Use GET on /v1/models"))
+            model = {"id": self.owner.model, "object": "model", "created": CREATED, "owned_by": "regen-scripted"}
+            return self._json(200, {"object": "list", "data": [model]})
+        if method != "POST":
+            return self._json(405, error_body(405, "Use POST on /v1/chat/completions"))
+        self._chat(body)
+
+    def _authorised(self) -> bool:
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and bool(token.strip())
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    # ---- chat completions
+
+    def _chat(self, raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self._json(400, error_body(400, f"Request body is not JSON: {exc}"))
+        if not isinstance(body, dict):
+            return self._json(400, error_body(400, "Request body must be a JSON object"))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        if body.get("stream"):
+            self.owner._record_only(body, headers)
+            return self._json(400, error_body(400, "stream=true is not supported by the scripted server"))
+        step, number = self.owner._next_step(body, headers)
+        if isinstance(step, str):  # no step to play: fail loudly, and tell the openai client not to retry
+            return self._json(500, error_body(500, step), {"x-should-retry": "false"})
+        self._play(step, body, number)
+
+    def _play(self, step: Step, request: dict[str, Any], number: int) -> None:
+        if isinstance(step, SlowFault):
+            if self.owner._sleep(step.seconds):
+                self._play(step.then, request, number)
+        elif isinstance(step, Reply):
+            if self.owner._sleep(step.delay):
+                self._json(200, completion_body(step, request, number))
+        elif isinstance(step, StatusFault):
+            if step.body is None:
+                payload = json.dumps(error_body(step.code)).encode()
+            elif isinstance(step.body, Mapping):
+                payload = json.dumps(step.body).encode()
+            elif isinstance(step.body, str):
+                payload = step.body.encode()
+            else:
+                payload = step.body
+            self._send(step.code, payload, "application/json", step.headers)
+        elif isinstance(step, RawFault):
+            self._send(step.status, step.body, step.content_type)
+        elif isinstance(step, DisconnectFault):
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ---- writing
+
+    def _json(self, code: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
+        self._send(code, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send(self, code: int, payload: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+        except OSError:  # the client hung up (timed out): that is its business, not a server crash
+            self.close_connection = True
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m generator.scripted",
+        description="Serve scripted OpenAI-compatible chat completions on 127.0.0.1 until Ctrl-C.",
+    )
+    parser.add_argument("--port", type=int, default=8911, help="port on 127.0.0.1 (0: any free port; default 8911)")
+    parser.add_argument("--replies", type=Path, required=True, help="JSON file: a list of reply contents (strings)")
+    parser.add_argument("--model", default="scripted", help="the model name /v1/models lists (default: scripted)")
+    args = parser.parse_args(argv)
+    try:
+        replies = json.loads(args.replies.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read {args.replies}: {exc}")
+    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+        parser.error(f"{args.replies} must hold a JSON list of strings")
+    server = ScriptedServer([Reply(r) for r in replies], model=args.model, port=args.port, quiet=False)
+    try:
+        server.start()
+    except OSError as exc:
+        parser.error(f"cannot listen on {HOST}:{args.port}: {exc}")
+    print(f"scripted server: {server.base_url}  ({len(replies)} replies; Ctrl-C to stop)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        print(f"scripted server: stopped after {len(server.requests)} requests", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
