@@ -58,8 +58,14 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
         if f.path.endswith(".py"):
             try:
                 modules[f.path] = cst.parse_module(f.content)
+                # libcst parses some code CPython refuses (a late `from __future__`, `return` at
+                # module level): compiling catches what the interpreter would.
+                compile(f.content, f.path, "exec", dont_inherit=True)
             except cst.ParserSyntaxError as exc:
                 problems.append(f"{f.path}:{exc.raw_line}: Python does not parse: {exc.message}")
+                continue
+            except SyntaxError as exc:
+                problems.append(f"{f.path}:{exc.lineno or 0}: Python does not compile: {exc.msg}")
                 continue
             problems += principle_problems(f.path, f.content, modules[f.path], spec.ecosystem.principles)
     if unit.mad:

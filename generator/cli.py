@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"regen: build failed: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug of ours: say so in one line; the traceback is one flag away
+        if args.debug:
+            raise
+        print(f"regen: internal error: {type(exc).__name__}: {exc}\n"
+              "Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

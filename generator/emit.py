@@ -105,12 +105,17 @@ def staging(ecosystem_dir: Path) -> Iterator[Path]:
 
 def write_tree(root: Path, files: dict[str, str | bytes], executable: frozenset[str] = frozenset()) -> None:
     """Write `files` (relative posix paths) under `root`; nothing may land outside it."""
-    real_root = os.path.realpath(root)
+    root.mkdir(parents=True, exist_ok=True)
     for rel, content in sorted(files.items()):
         target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.commonpath([real_root, os.path.realpath(target.parent)]) != real_root:
-            raise BuildFailed(f"{rel}: resolves outside the output tree; refusing to write it")
+        # Create folders one level at a time and refuse any symlink on the way, before it can
+        # carry a write (or a mkdir) outside the tree.
+        folder = root
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            if folder.is_symlink():
+                raise BuildFailed(f"{rel}: {folder} is a symlink, which could lead outside the output tree")
+            folder.mkdir(exist_ok=True)
         data = content.encode("utf-8") if isinstance(content, str) else content
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as out:

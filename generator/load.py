@@ -8,18 +8,23 @@ first one, so the user sees everything wrong in one run:
             which also remembers the line of every key and list entry;
 3. models - each document is validated by its pydantic model; errors are rephrased
             for people and located through those remembered lines;
-4. cross  - checks that span files: names, tools, capabilities, dependencies, models.
+4. cross  - checks that span files: names, tools, capabilities, dependencies, models,
+            storage tables; names the kernel reserves are read from the kernel's own source.
 
-Only `load_spec` is public. It returns a `Spec` or raises `SpecError`.
+`load_spec` returns a `Spec` or raises `SpecError`. `explain_errors` and `Phrasing` word
+pydantic errors for people; `generator.config` reuses them for pipeline files.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -34,6 +39,7 @@ from .kernel.capabilities import CAPABILITIES
 from .plan import dependency_graph
 from .spec import (
     IDENTIFIER,
+    SPEC_RULE,
     Column,
     EcosystemSpec,
     Imperator,
@@ -47,12 +53,13 @@ from .spec import (
     Tool,
 )
 
-__all__ = ["MAX_FILE_BYTES", "load_spec"]
+__all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "kernel_mad_names", "kernel_tables", "load_spec"]
 
 MAX_FILE_BYTES = 256 * 1024
 # Aliases can make a small file expand enormously ("billion laughs"); specs are small.
 MAX_YAML_VALUES = 50_000
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+KERNEL_DIR = Path(__file__).parent / "kernel"
 
 REQUIRED_FILES = {
     "ecosystem.yaml": "the ecosystem's settings (name, description, python, dependencies, models)",
@@ -100,6 +107,9 @@ def load_spec(root: str | Path) -> Spec:
     problems += _check_mads(mads, known_names, ecosystem)
 
     if problems or ecosystem is None or requirements is None or principles is None:
+        if not problems:  # every refusal above records why; an empty SpecError would print nothing
+            problems.append(SpecProblem(_show(root_path), 0, "the spec did not load and no reason was "
+                                        "recorded; this is a bug in regen, please report it"))
         raise SpecError(problems)
     return Spec(
         root=str(root),
@@ -215,9 +225,13 @@ def _size_message(size: int) -> str:
 def _decode(folder: _Folder, rel: str, problems: list[SpecProblem]) -> str | None:
     """The text of a required file, or None (with a problem) when missing or not UTF-8."""
     if rel not in folder.contents:
-        if rel not in folder.seen:
-            expected = REQUIRED_FILES[rel]
+        expected = REQUIRED_FILES.get(rel, "a YAML file")
+        if rel in folder.dirs and rel not in folder.refused_dirs:
+            problems.append(SpecProblem(folder.show(rel), 0, f"is a folder, not a file; expected a file "
+                                        f"holding {expected}"))
+        elif rel not in folder.seen:
             problems.append(SpecProblem(folder.show(rel), 0, f"missing required file; expected {expected}"))
+        # Otherwise the file was refused while reading it, and that problem is already recorded.
         return None
     data = folder.contents[rel]
     try:
@@ -238,9 +252,15 @@ def _mad_files(folder: _Folder, problems: list[SpecProblem]) -> list[str]:
         expected = "expected mads/ holding one <name>.yaml per MAD"
         problems.append(SpecProblem(folder.show("mads"), 0, f"{state}; {expected}"))
         return []
+    subfolders = sorted(d for d in folder.dirs if d.startswith("mads/") and d.count("/") == 1)
+    for rel in subfolders:
+        if rel not in folder.refused_dirs:  # a refused one is already reported
+            problems.append(SpecProblem(folder.show(rel), 0, "is a folder; expected only mads/<name>.yaml "
+                                        "files directly inside mads/, no sub-folders"))
+    skipped = tuple(d + "/" for d in folder.refused_dirs | set(subfolders))
     files, strays = [], []
     for rel in sorted(folder.seen - folder.dirs):
-        if not rel.startswith("mads/") or rel.startswith(tuple(d + "/" for d in folder.refused_dirs)):
+        if not rel.startswith("mads/") or rel.startswith(skipped):
             continue
         (files if rel.count("/") == 1 and rel.endswith(".yaml") else strays).append(rel)
     for rel in strays:
@@ -451,17 +471,41 @@ _PATTERNS = {
 }
 
 
+def _label(path: tuple) -> str:
+    if not path:
+        return "the document"
+    if isinstance(path[-1], int):
+        owner = f"'{path[-2]}' " if len(path) > 1 and isinstance(path[-2], str) else ""
+        return f"{owner}entry {path[-1] + 1}"
+    return f"'{path[-1]}'"
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """How one kind of file names its mappings and values in messages."""
+
+    noun: Callable[[type[BaseModel] | None, tuple], str]  # the model of a mapping and its path -> words
+    label: Callable[[tuple], str] = _label  # the path of a value -> words
+    text_hint: str = "; quote it so YAML keeps it as text"  # after a number or date given for text
+
+
+_SPEC_PHRASING = Phrasing(noun=lambda owner, _path: _NOUNS.get(owner, "mapping") if owner else "mapping")
+
+
 def _validate(model: type[BaseModel], doc: _Document, problems: list[SpecProblem]) -> Any:
     """The validated model, or None with every validation error rephrased and located."""
     try:
         return model.model_validate(doc.data)
     except ValidationError as exc:
-        problems += _explain(model, doc, exc.errors(include_url=False))
+        problems += [SpecProblem(doc.file, doc.line(path), message)
+                     for path, message in explain_errors(model, doc.data, exc.errors(include_url=False))]
         return None
 
 
-def _explain(model: type[BaseModel], doc: _Document, errors: list[Any]) -> list[SpecProblem]:
-    problems = []
+def explain_errors(model: type[BaseModel], data: Any, errors: list[Any],
+                   phrasing: Phrasing = _SPEC_PHRASING) -> list[tuple[tuple, str]]:
+    """pydantic `errors` of validating `data` as `model`, as (path in the data, message) pairs."""
+    explained = []
     # A value failing a union (like Param.default) yields one error per member, each with
     # the member's name appended to loc; grouping by the part of loc that exists in the
     # data folds them into one message.
@@ -469,17 +513,19 @@ def _explain(model: type[BaseModel], doc: _Document, errors: list[Any]) -> list[
     for error in errors:
         loc = tuple(error["loc"])
         if error["type"] in ("missing", "extra_forbidden"):
-            problems.append(SpecProblem(doc.file, doc.line(loc), _explain_key(model, loc, error["type"])))
+            explained.append((loc, _explain_key(model, loc, error["type"], phrasing)))
+        elif error["type"] == SPEC_RULE:  # a complete message from spec.py: shown as written
+            explained.append((_data_path(data, loc), error["ctx"]["message"]))
         else:
-            by_value.setdefault(_data_path(doc.data, loc), []).append(error)
+            by_value.setdefault(_data_path(data, loc), []).append(error)
     for path, group in by_value.items():
-        problems.append(SpecProblem(doc.file, doc.line(path), _explain_value(model, path, group)))
-    return problems
+        explained.append((path, _explain_value(model, path, group, phrasing)))
+    return explained
 
 
-def _explain_key(model: type[BaseModel], loc: tuple, kind: str) -> str:
+def _explain_key(model: type[BaseModel], loc: tuple, kind: str, phrasing: Phrasing) -> str:
     owner = _model_at(model, loc[:-1])
-    noun = _NOUNS.get(owner, "mapping") if owner else "mapping"
+    noun = phrasing.noun(owner, loc[:-1])
     key = loc[-1]
     if kind == "missing":
         about = owner.model_fields[key].description if owner and key in owner.model_fields else None
@@ -492,13 +538,13 @@ def _explain_key(model: type[BaseModel], loc: tuple, kind: str) -> str:
     return message + (f"; did you mean '{close[0]}'?" if close else "")
 
 
-def _explain_value(model: type[BaseModel], path: tuple, group: list[Any]) -> str:
-    label = _label(path)
+def _explain_value(model: type[BaseModel], path: tuple, group: list[Any], phrasing: Phrasing) -> str:
+    label = phrasing.label(path)
     value = group[0]["input"]
     got = _describe(value)
     # YAML reads unquoted 3.10, yes and 2024-01-01 as a number, a bool and a date.
     if any(e["type"] == "string_type" for e in group) and isinstance(value, (int, float, date)):
-        got += "; quote it so YAML keeps it as text"
+        got += phrasing.text_hint
     if len(group) > 1:
         wanted = list(dict.fromkeys(_EXPECTED.get(e["type"], e["msg"]) for e in group))
         return f"{label} must be {', '.join(wanted[:-1])} or {wanted[-1]}, got {got}"
@@ -556,15 +602,6 @@ def _model_at(model: Any, loc: tuple) -> type[BaseModel] | None:
         else:
             return None
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _label(path: tuple) -> str:
-    if not path:
-        return "the document"
-    if isinstance(path[-1], int):
-        owner = f"'{path[-2]}' " if len(path) > 1 and isinstance(path[-2], str) else ""
-        return f"{owner}entry {path[-1] + 1}"
-    return f"'{path[-1]}'"
 
 
 def _describe(value: Any) -> str:

@@ -79,10 +79,10 @@ def fingerprint(spec: Spec, pipeline: Pipeline, requests: dict[str, ModelRequest
     # The validated pipeline, not the file's bytes: comments change nothing, and a replay
     # (whose pipeline comes from a manifest) fingerprints like the original build.
     inputs["pipeline"] = hashlib.sha256(canonical_json(pipeline.model_dump(mode="json")).encode()).hexdigest()
-    folders = ["prompts", "kernel"] + (["offline"] if pipeline.senior.is_offline else [])
-    for folder in folders:
-        for rel, path in _package_files(GENERATOR / folder).items():
-            inputs[f"generator/{folder}/{rel}"] = sha256_file(path)
+    # The whole compiler is an input: a change to any of it (a template, a check, the
+    # kernel) may change what is built, so it makes the last build out of date.
+    for rel, path in _package_files(GENERATOR).items():
+        inputs[f"generator/{rel}"] = sha256_file(path)
     return Fingerprint(
         inputs=dict(sorted(inputs.items())),
         requests={name: r.hash for name, r in requests.items()},
@@ -253,7 +253,9 @@ def regenerate(
 
 
 def _sandbox(src: Path, pipeline: Pipeline, level: str | None, report: Reporter) -> SandboxResult:
-    work = Path(tempfile.mkdtemp(prefix="regen-sandbox-"))
+    # Inside the staging folder: a build killed mid-test leaves it to the next run's sweep.
+    work = src.parent / ".sandbox"
+    work.mkdir()
     try:
         with report.stage("test", "the ecosystem's own tests in the sandbox") as info:
             tests = run_tests(src, pipeline.sandbox, work, level=level, warn=report.warn)

@@ -27,6 +27,7 @@ from .config import SandboxLevel, SandboxSettings
 from .errors import BuildFailed
 
 LEVELS: tuple[SandboxLevel, ...] = ("bubblewrap", "unshare", "none")
+MAX_PROCESSES = 512  # a fork bomb in generated tests stops here
 Outcome = Literal["passed", "failed", "error", "skipped"]
 
 
@@ -88,28 +89,40 @@ def _unshare_prefix() -> list[str]:
     return ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
 
 
+# What of /etc a Python test run needs; the rest (shadow, gshadow, ssh host keys, sudoers,
+# credentials of services) stays outside the fence.
+ETC_ALLOWED = (
+    "alternatives", "ca-certificates", "ca-certificates.conf", "gai.conf", "group", "host.conf", "hosts",
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "mime.types", "nsswitch.conf", "passwd",
+    "protocols", "resolv.conf", "services", "ssl",
+)
+
+
 def fence(level: SandboxLevel, work: Path, python: Path, cwd: Path | None = None) -> list[str]:
     """The command prefix that runs a program inside the sandbox at `level`.
 
-    bubblewrap: a read-only system, `work` writable, nothing else (no home, no /root),
-    private network, PID, IPC and UTS namespaces, all capabilities dropped.
-    unshare: only a private network namespace, its loopback brought up.
+    bubblewrap: a read-only system (and only the harmless part of /etc), `work` writable,
+    nothing else (no home, no /root), private network, PID, IPC, UTS and user namespaces,
+    all capabilities dropped. unshare: only a private network namespace, loopback up.
     """
-    if level == "bubblewrap":
-        argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
-        for folder in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc"]:
-            if os.path.exists(folder):
-                argv += ["--ro-bind", folder, folder]
-        # The interpreter may live outside /usr (pyenv, uv-managed pythons): bind its prefix.
-        prefixes = {sys.base_prefix, str(Path(os.path.realpath(python)).parent.parent)}
-        for folder in sorted(prefixes):
-            if not folder.startswith("/usr"):
-                argv += ["--ro-bind", folder, folder]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(work), str(work)]
-        return argv + ["--chdir", str(cwd or work), "--"]
     if level == "unshare":
         return _unshare_prefix() + ["sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh"]
-    return []
+    if level == "none":
+        return []
+    argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
+    for folder in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"]:
+        if os.path.exists(folder):
+            argv += ["--ro-bind", folder, folder]
+    for name in ETC_ALLOWED:
+        if os.path.lexists(f"/etc/{name}"):
+            argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    # The interpreter may live outside /usr (pyenv, uv-managed pythons): bind its prefix.
+    prefixes = {sys.base_prefix, str(Path(os.path.realpath(python)).parent.parent)}
+    for folder in sorted(prefixes):
+        if not folder.startswith("/usr"):
+            argv += ["--ro-bind", folder, folder]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(work), str(work)]
+    return argv + ["--chdir", str(cwd or work), "--"]
 
 
 def _limits(memory_mb: int) -> Callable[[], None]:
@@ -118,6 +131,7 @@ def _limits(memory_mb: int) -> Callable[[], None]:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
 
     return apply
 

@@ -504,3 +504,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def reference_answer(body: Mapping[str, Any]) -> str:
+    """What `offline/reference` answers for the unit in a chat request: a well-behaved senior,
+    for scripts that need good answers over HTTP between their faults."""
+    from .offline import UNIT_SPEC, render_unit
+
+    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
+    match = UNIT_SPEC.search(prompt)
+    if match is None:
+        raise ValueError("the request carries no <unit-spec> block")
+    return json.dumps({"files": render_unit(json.loads(match.group(1)))}, sort_keys=True)
+
+
+def unit_of(body: Mapping[str, Any]) -> str:
+    """The unit a chat request is about, from its <unit-spec> block."""
+    from .offline import UNIT_SPEC
+
+    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
+    match = UNIT_SPEC.search(prompt)
+    return json.loads(match.group(1))["unit"] if match else ""

@@ -8,14 +8,32 @@ unknown keys, so a typo in a spec is an error, never silently ignored.
 
 from __future__ import annotations
 
+import json
+import keyword
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .kernel.capabilities import TYPE_NAMES
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
+# The oldest Python the kernel runs on (its own code uses 3.11 features).
+MIN_PYTHON = (3, 11)
+# An exact pin: a distribution name, optional extras, `==` and a version (no wildcard, no range).
+PINNED_REQUIREMENT = re.compile(
+    r"^(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
+    r"(?:\[\s*[A-Za-z0-9][A-Za-z0-9._-]*(?:\s*,\s*[A-Za-z0-9][A-Za-z0-9._-]*)*\s*\])?"
+    r"\s*==\s*[A-Za-z0-9][A-Za-z0-9.+!_-]*$"
+)
+# The error type of a rule whose message is complete as written; the loader shows it as is.
+SPEC_RULE = "spec_rule"
+
+
+def spec_rule(message: str) -> PydanticCustomError:
+    """A validation error the loader reports verbatim, at the value's line."""
+    return PydanticCustomError(SPEC_RULE, "{message}", {"message": message})
 
 
 def _check_type(value: str) -> str:
@@ -25,6 +43,52 @@ def _check_type(value: str) -> str:
 
 
 TypeName = Annotated[str, AfterValidator(_check_type)]
+
+
+def _not_keyword(what: str):
+    """A validator refusing Python keywords: the name becomes a Python name in generated code."""
+
+    def check(value: str) -> str:
+        if keyword.iskeyword(value):
+            raise spec_rule(f"{what} '{value}' is a Python keyword, so generated code cannot use it; "
+                            f"expected another name, like '{value}_'")
+        return value
+
+    return AfterValidator(check)
+
+
+def _param_name(name: str) -> str:
+    if not re.match(IDENTIFIER, name):
+        raise ValueError(f"parameter name {name!r} must be a lower-case identifier")
+    if keyword.iskeyword(name):
+        raise spec_rule(f"parameter name '{name}' is a Python keyword, so generated code cannot use it; "
+                        f"expected another name, like '{name}_'")
+    if name == "self":
+        raise spec_rule("parameter name 'self' is taken by the tool method itself; expected another name")
+    return name
+
+
+ParamName = Annotated[str, AfterValidator(_param_name)]
+
+# What a default of each type must be, in words and as a test (bool is not a number here).
+_DEFAULT_TYPES: dict[str, tuple[str, Any]] = {
+    "str": ("text", lambda v: isinstance(v, str)),
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "list[str]": ("a list of text", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[int]": ("a list of whole numbers", lambda v: isinstance(v, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v)),
+    "list[dict]": ("a list of mappings", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+    "None": ("null", lambda v: v is None),
+}
+
+
+def default_matches(type_name: str, value: Any) -> bool:
+    """Whether `value` is a valid default for a param of `type_name` (one of TYPE_NAMES)."""
+    return _DEFAULT_TYPES[type_name][1](value)
 
 
 class Frozen(BaseModel):
@@ -38,6 +102,19 @@ class Param(Frozen):
     description: str = ""
     default: str | int | float | bool | list | dict | None = None
 
+    @field_validator("default")
+    @classmethod
+    def _default_of_type(cls, value: Any, info: ValidationInfo) -> Any:
+        type_name = info.data.get("type")  # absent when the type itself was invalid
+        if type_name in _DEFAULT_TYPES and not default_matches(type_name, value):
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            quoting = type_name == "str" and isinstance(value, (int, float))  # bool is an int
+            hint = "; quote it so YAML keeps it as text" if quoting else ""
+            raise spec_rule(f"default {shown} does not match the param's type {type_name}; "
+                            f"expected {_DEFAULT_TYPES[type_name][0]}{hint}")
+        return value
+
     @property
     def optional(self) -> bool:
         return "default" in self.model_fields_set
@@ -46,21 +123,13 @@ class Param(Frozen):
 class Tool(Frozen):
     """A tool of a MAD's Action Engine, exposed over MCP as `<mad>.<tool>`."""
 
-    name: str = Field(pattern=IDENTIFIER)
+    name: Annotated[str, Field(pattern=IDENTIFIER), _not_keyword("tool name")]
     description: str
-    params: dict[str, Param] = Field(default_factory=dict)
+    params: dict[ParamName, Param] = Field(default_factory=dict)
     returns: TypeName = "dict"
     builtin: str | None = Field(
         default=None, description="a kernel capability this tool is bound to, e.g. secrets.get"
     )
-
-    @field_validator("params")
-    @classmethod
-    def _param_names(cls, params: dict[str, Param]) -> dict[str, Param]:
-        for name in params:
-            if not re.match(IDENTIFIER, name):
-                raise ValueError(f"parameter name {name!r} must be a lower-case identifier")
-        return params
 
 
 class Column(Frozen):
@@ -85,7 +154,7 @@ class Imperator(Frozen):
 
 
 class MadSpec(Frozen):
-    name: str = Field(pattern=IDENTIFIER)
+    name: Annotated[str, Field(pattern=IDENTIFIER), _not_keyword("MAD name")]
     role: str = Field(min_length=1)
     level: Literal["V0", "V1", "V2", "V3", "V4", "V5"]
     lifecycle: Literal["persistent", "ephemeral"] = "persistent"
@@ -131,12 +200,35 @@ class PrincipleRule(Frozen):
         return patterns
 
 
+def _supported_python(version: str) -> str:
+    minor = int(version.split(".")[1])
+    oldest = ".".join(map(str, MIN_PYTHON))
+    if version != f"3.{minor}":
+        raise spec_rule(f"python '{version}' is not a plain version; expected it like '3.{minor}'")
+    if (3, minor) < MIN_PYTHON:
+        raise spec_rule(f"python '{version}' is too old: the kernel needs Python {oldest} or newer; "
+                        f"expected '{oldest}' or later")
+    return version
+
+
+def _pinned(requirement: str) -> str:
+    if not PINNED_REQUIREMENT.match(requirement):
+        name = re.match(r"\s*([A-Za-z0-9._-]*)", requirement)
+        shown = name.group(1) if name and name.group(1) else requirement
+        raise spec_rule(f"dependency '{shown}' is not pinned; expected name==version (extras allowed, "
+                        "like mcp[cli]==2.3.0)")
+    return requirement
+
+
+PinnedRequirement = Annotated[str, AfterValidator(_pinned)]
+
+
 class EcosystemSpec(Frozen):
     name: str = Field(pattern=IDENTIFIER)
     description: str
-    python: str = Field(pattern=r"^3\.\d+$")
-    dependencies: list[str] = Field(min_length=1, description="pinned runtime requirements")
-    dev_dependencies: list[str] = Field(default_factory=list)
+    python: Annotated[str, Field(pattern=r"^3\.\d+$"), AfterValidator(_supported_python)]
+    dependencies: list[PinnedRequirement] = Field(min_length=1, description="pinned runtime requirements")
+    dev_dependencies: list[PinnedRequirement] = Field(default_factory=list)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     client_budget_tokens: int = Field(default=100_000, ge=0)
     principles: list[PrincipleRule] = Field(default_factory=list)

@@ -28,8 +28,12 @@ def running(tmp_path):
     latest = versions(ECOSYSTEM)[-1]
     src = shutil.copytree(ECOSYSTEM / latest / "src", tmp_path / "src")
     port = free_port()
-    env = dict(os.environ, PATH=f"{Path(find_uv_bin()).parent}:{os.environ['PATH']}")
-    env.pop("VIRTUAL_ENV", None)
+    # As inside a nox session, VIRTUAL_ENV and UV_PROJECT_ENVIRONMENT point at a venv that
+    # run.sh must leave alone (a decoy here, so a regression cannot wreck the suite's own venv).
+    decoy = tmp_path / "caller-venv"
+    env = dict(os.environ, PATH=f"{Path(find_uv_bin()).parent}:{os.environ['PATH']}",
+               VIRTUAL_ENV=str(decoy), UV_PROJECT_ENVIRONMENT=str(decoy),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(
         ["./deploy/run.sh", "--port", str(port), "--state", str(tmp_path / "state")],
@@ -57,6 +61,9 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
     output = (tmp_path / "run.log").read_text()
     token_file = tmp_path / "state" / "client-token"
     assert f"token is kept in {token_file}" in output
+    assert (tmp_path / "cache" / "madgroup" / "venv").is_dir()
+    assert not (tmp_path / "src" / ".venv").exists(), "run.sh must not write beside the sources"
+    assert not (tmp_path / "caller-venv").exists(), "run.sh must not touch the caller's environment"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     token = token_file.read_text().strip()
 

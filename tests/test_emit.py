@@ -16,7 +16,9 @@ def test_a_symlink_inside_the_stage_cannot_carry_a_write_outside(tmp_path):
     os.symlink(outside, root / "link")
     with pytest.raises(BuildFailed, match="outside the output tree"):
         write_tree(root, {"link/evil.py": "x = 1\n"})
-    assert list(outside.iterdir()) == []
+    with pytest.raises(BuildFailed, match="outside the output tree"):
+        write_tree(root, {"link/deep/er/evil.py": "x = 1\n"})
+    assert list(outside.iterdir()) == [], "not even a folder may be made outside"
 
 
 def test_a_symlinked_file_is_not_followed(tmp_path):

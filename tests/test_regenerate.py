@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from generator.config import RunOptions
+from generator.config import RunOptions, SeniorModel
 from generator.emit import sha256_file, versions
 from generator.errors import BuildFailed
 from generator.llm import LiteLLMClient, ModelReply
@@ -198,12 +198,14 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, mom
 
 
 class PlantedFailingTest:
-    """The offline senior, except that Grace's tests gain one that fails."""
+    """The offline senior, except that Grace's tests gain one that fails, whatever it is asked."""
 
     def __init__(self):
-        self.offline = LiteLLMClient()
+        self.offline = LiteLLMClient(SeniorModel(model="offline/reference"))
+        self.units_asked: list[str] = []
 
     def complete(self, request):
+        self.units_asked.append(request.unit)
         reply = self.offline.complete(request)
         if request.unit != "mad:grace":
             return reply
@@ -214,13 +216,15 @@ class PlantedFailingTest:
         return reply.model_copy(update={"content": json.dumps(answer)})
 
 
-def test_failing_ecosystem_tests_archive_nothing_and_keep_the_sandbox(tmp_path):
+def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_nothing(tmp_path):
+    senior = PlantedFailingTest()
     with pytest.raises(BuildFailed) as err:
-        regenerate(_options(tmp_path), client=PlantedFailingTest(), report=Reporter(quiet=True))
+        regenerate(_options(tmp_path), client=senior, report=Reporter(quiet=True))
     message = str(err.value)
     assert "tests failed in the sandbox" in message and "1 failed" in message
     assert "test_planted_defect" in message
+    assert "the same as before the last repair; stopped early" in message
+    # One repair request, to the unit that wrote the failing test, and to no other.
+    assert senior.units_asked.count("mad:grace") == 2
+    assert all(senior.units_asked.count(u) == 1 for u in ["mad:turing", "mad:rogers", "mad:fiedler", "frame"])
     assert versions(tmp_path / "madgroup") == []
-    kept = Path(message.split("The sandbox is kept at ")[1].split()[0])
-    assert (kept / "junit.xml").is_file()
-    shutil.rmtree(kept)

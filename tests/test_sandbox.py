@@ -29,6 +29,13 @@ PROBE = textwrap.dedent(
 )
 
 
+def _unavailable(reason: str) -> None:
+    """Skip where the fence cannot run; in CI, where .ci/run installed it, that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must prove the isolation, not skip it")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def host_listener():
     """A TCP listener on the host's loopback, which the sandbox must not reach."""
@@ -57,9 +64,9 @@ def test_without_a_fence_the_listener_is_reachable(tmp_path, host_listener):
 @pytest.mark.parametrize("level", ["bubblewrap", "unshare"])
 def test_fenced_code_sees_only_its_own_loopback(level, tmp_path, host_listener):
     if level == "bubblewrap" and available_level() != "bubblewrap":
-        pytest.skip("bubblewrap cannot run here (apt-get install -y bubblewrap)")
+        _unavailable("bubblewrap cannot run here (apt-get install -y bubblewrap)")
     if level == "unshare" and available_level() == "none":
-        pytest.skip("unshare -n cannot run here")
+        _unavailable("unshare -n cannot run here")
     interfaces, reached = _probe(level, tmp_path, host_listener)
     assert interfaces == "lo"
     assert reached == "refused"
@@ -67,7 +74,7 @@ def test_fenced_code_sees_only_its_own_loopback(level, tmp_path, host_listener):
 
 def test_bubblewrap_hides_the_home_folder(tmp_path):
     if available_level() != "bubblewrap":
-        pytest.skip("bubblewrap cannot run here (apt-get install -y bubblewrap)")
+        _unavailable("bubblewrap cannot run here (apt-get install -y bubblewrap)")
     argv = fence("bubblewrap", tmp_path, PYTHON) + ["ls", "/home", "/root/.ssh"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
@@ -94,3 +101,12 @@ def test_running_without_a_fence_is_announced_loudly(tmp_path):
     with pytest.raises(BuildFailed):  # an empty project has no lock: uv refuses, after the warning
         run_tests(tmp_path / "src", SandboxSettings(), tmp_path / "work", level="none", warn=warnings.append)
     assert warnings and "NO SANDBOX" in warnings[0]
+
+
+def test_bubblewrap_shows_only_the_harmless_part_of_etc(tmp_path):
+    if available_level() != "bubblewrap":
+        _unavailable("bubblewrap cannot run here (apt-get install -y bubblewrap)")
+    argv = fence("bubblewrap", tmp_path, PYTHON) + ["sh", "-c", "ls /etc; cat /etc/shadow"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert "passwd" in done.stdout.split() and "shadow" not in done.stdout.split()
+    assert done.returncode != 0 and "No such file" in done.stderr
