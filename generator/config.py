@@ -10,9 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
+from .errors import SpecError, SpecProblem, UserError
 
 SandboxLevel = Literal["bubblewrap", "unshare", "none"]
 
@@ -37,6 +37,17 @@ class SeniorModel(Frozen):
     timeout_seconds: float = Field(default=600, gt=0)
     max_retries: int = Field(default=4, ge=0, description="retries of 429, 5xx and timeouts, with backoff")
     backoff_seconds: float = Field(default=1.0, ge=0)
+
+    @field_validator("model", "fallbacks")
+    @classmethod
+    def _known_offline_models(cls, value: str | list[str]) -> str | list[str]:
+        """`offline/` is regen's own litellm provider: it serves only its reference synthesiser."""
+        offline_models = ("offline/reference",)
+        for model in [value] if isinstance(value, str) else value:
+            if model.startswith("offline/") and model not in offline_models:
+                raise ValueError(f"unknown offline model {model!r}; the only offline model is "
+                                 f"{', '.join(repr(m) for m in offline_models)}")
+        return value
 
     @property
     def is_offline(self) -> bool:
@@ -90,17 +101,38 @@ class RunOptions(Frozen):
 
 
 def load_pipeline(path: Path) -> Pipeline:
-    """Read and validate a pipeline TOML file; errors name the file and the key."""
+    """Read and validate a pipeline TOML file; errors name the file and the key, worded as the spec's."""
+    from .load import Phrasing, explain_errors
+
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: pipeline file not found; pass --pipeline pipelines/offline.toml")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}")
+        raise UserError(f"{path}: pipeline file not found; pass --pipeline pipelines/offline.toml") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a pipeline file; pass a .toml file such as "
+                        "pipelines/offline.toml") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 at byte {exc.start}; expected a TOML file saved as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the pipeline file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+
+    def table(_model: type[BaseModel] | None, keys: tuple) -> str:  # how TOML names a table
+        return f"[{'.'.join(str(part) for part in keys)}]" if keys else "the pipeline file"
+
+    def key(keys: tuple) -> str:  # a dotted key, as TOML spells it
+        dotted = ""
+        for part in keys:
+            dotted += f"[{part}]" if isinstance(part, int) else f".{part}" if dotted else str(part)
+        return f"'{dotted}'" if dotted else "the pipeline file"
+
     try:
         return Pipeline.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise UserError(f"{path}: {problems}")
+        phrasing = Phrasing(noun=table, label=key, text_hint="; quote it to make it text")
+        errors = exc.errors(include_url=False)
+        raise SpecError([SpecProblem(str(path), 0, message)
+                         for _, message in explain_errors(Pipeline, data, errors, phrasing)]) from None

@@ -104,7 +104,7 @@ def load_litellm():
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
-    from .offline import OfflineReference
+    from .offline.provider import OfflineReference
 
     if not any(p.get("provider") == "offline" for p in litellm.custom_provider_map):
         litellm.suppress_debug_info = True
@@ -315,11 +315,18 @@ class CachedClient:
 
 
 class TranscriptModel:
-    """A recorded build as the model: every request must have been asked before, exactly."""
+    """A recorded build as the model: each request gets the answer recorded for it.
+
+    A request is matched by its hash. A repair after failed tests is matched by its place
+    in the unit's conversation instead, because its prompt quotes the sandbox's output,
+    which need not be byte-identical from one run to the next.
+    """
 
     def __init__(self, transcript: Path):
         self.source = transcript
-        self.answers: dict[str, ModelReply] = {}
+        self.by_unit: dict[str, list[tuple[str, str, ModelReply]]] = {}
+        self._lock = threading.Lock()
+        self._next: dict[str, int] = {}
         try:
             lines = transcript.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
@@ -327,7 +334,7 @@ class TranscriptModel:
         for number, line in enumerate(lines, 1):
             try:
                 entry = json.loads(line)
-                self.answers[entry["request_hash"]] = ModelReply(
+                reply = ModelReply(
                     content=entry["response"],
                     model=entry.get("answered_by") or entry["model"],
                     finish_reason=entry.get("finish_reason"),
@@ -335,17 +342,26 @@ class TranscriptModel:
                     completion_tokens=entry["usage"]["completion_tokens"],
                     cost_usd=entry.get("cost_usd", 0.0),
                 )
+                self.by_unit.setdefault(entry["unit"], []).append((entry["request_hash"], entry["purpose"], reply))
             except (ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"{transcript}:{number}: not a transcript line: {exc}")
 
+    def unanswered(self, unit: str) -> int:
+        """How many recorded answers of `unit` have not been asked for yet."""
+        return len(self.by_unit.get(unit, [])) - self._next.get(unit, 0)
+
     def complete(self, request: ModelRequest) -> ModelReply:
-        reply = self.answers.get(request.hash)
-        if reply is None:
-            raise BuildFailed(
-                f"{self.source} has no answer for unit {request.unit} (request {request.hash[:12]}): "
-                "its inputs (spec, prompts, kernel or pipeline) differ from the recorded build"
-            )
-        return reply.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+        with self._lock:
+            recorded = self.by_unit.get(request.unit, [])
+            index = self._next.get(request.unit, 0)
+            after_tests = any(purpose == "repair-tests" for _, purpose, _ in recorded[:index + 1])
+            if index < len(recorded) and (recorded[index][0] == request.hash or after_tests):
+                self._next[request.unit] = index + 1
+                return recorded[index][2].model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+        raise BuildFailed(
+            f"{self.source} has no answer for unit {request.unit} (request {request.hash[:12]}): "
+            "its inputs (spec, prompts, kernel or pipeline) differ from the recorded build"
+        )
 
 
 class Exchange(Frozen):

@@ -568,6 +568,8 @@ def _explain_value(model: type[BaseModel], path: tuple, group: list[Any], phrasi
         return f"{label} must have at least {count} {noun}, got {len(value) or 'none'}"
     if kind == "greater_than_equal":
         return f"{label} must be at least {ctx['ge']}, got {got}"
+    if kind == "greater_than":
+        return f"{label} must be more than {ctx['gt']}, got {got}"
     if kind in ("value_error", "assertion_error"):
         return f"{label}: {ctx['error']}"
     return f"{label} is invalid: {error['msg'][:1].lower()}{error['msg'][1:]}, got {got}"
@@ -651,6 +653,7 @@ def _check_mads(mads: list[tuple[_Document, MadSpec]], known: set[str],
                                         f"{other.file}:{other.line(('name',))}); expected each MAD once"))
         first.setdefault(mad.name, doc)
         problems += _check_tools(doc, mad)
+        problems += _check_columns(doc, mad)
         problems += _check_talks_to(doc, mad, known)
         if ecosystem is not None and mad.imperator.model not in ecosystem.models:
             alias = mad.imperator.model
@@ -661,6 +664,7 @@ def _check_mads(mads: list[tuple[_Document, MadSpec]], known: set[str],
         problems += [doc.problem(("secrets", index), _secret_message(secret))
                      for index, secret in enumerate(mad.secrets) if not SECRET_NAME.match(secret)]
     problems += _check_cycles(mads)
+    problems += _check_tables(mads)
     return problems
 
 
@@ -681,6 +685,11 @@ def _check_tools(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
                                         f"'{mad.name}' (first at line {first_line[tool.name]}); "
                                         "expected each tool once"))
         first_line.setdefault(tool.name, doc.line(("tools", index, "name")))
+        if tool.name in kernel_mad_names():
+            problems.append(doc.problem(("tools", index, "name"), f"tool name '{tool.name}' is reserved by the "
+                                        "kernel: the Mad base class (kernel/mad.py) already defines it, and the "
+                                        f"tool would override it; expected a different name, like "
+                                        f"'{mad.name}_{tool.name}'"))
         if tool.builtin is not None:
             problems += _check_builtin(doc, ("tools", index), tool, tool.builtin)
     return problems
@@ -711,6 +720,118 @@ def _check_builtin(doc: _Document, at: tuple, tool: Tool, builtin: str) -> list[
     if "returns" in tool.model_fields_set and tool.returns != capability.returns:
         problems.append(doc.problem(at + ("returns",), f"tool '{tool.name}' returns {tool.returns}, but "
                                     f"capability '{builtin}' returns {capability.returns}"))
+    return problems
+
+
+# --- names the kernel reserves, read from its source so they cannot drift ------------
+
+_CREATE_TABLE = re.compile(
+    r"CREATE\s+(?P<virtual>VIRTUAL\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+(?:\w+\.)?(?P<name>[A-Za-z_]\w*)"
+    r"(?:\s+USING\s+(?P<module>\w+)|(?=\s*\())",  # a column list or a module follows: not prose
+    re.IGNORECASE,
+)
+# The tables SQLite itself creates for an FTS5 virtual table `t`: t_data, t_idx, ...
+_FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")
+
+
+@functools.cache
+def kernel_mad_names() -> frozenset[str]:
+    """Every name a tool method would override or shadow in a generated MAD class.
+
+    That is each name bound in the body of `class Mad` (methods, properties, class
+    attributes), each `self.<name>` the class assigns, and the public names mad.py
+    defines at module level (generated modules import `tool` from it).
+    """
+    tree = ast.parse((KERNEL_DIR / "mad.py").read_text(encoding="utf-8"))
+    names: set[str] = set()
+    mad_class = None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Mad":
+            mad_class = node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            names.add(node.name)
+    if mad_class is None:
+        raise RuntimeError(f"{KERNEL_DIR / 'mad.py'} defines no class Mad; the kernel is broken")
+    for node in mad_class.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    for node in ast.walk(mad_class):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        names.update(target.attr for target in targets if isinstance(target, ast.Attribute)
+                     and isinstance(target.value, ast.Name) and target.value.id == "self")
+    return frozenset(names)
+
+
+@functools.cache
+def kernel_tables() -> dict[str, str]:
+    """SQL table name -> the kernel file creating it (with the shadow tables of FTS5 ones)."""
+    tables: dict[str, str] = {}
+    for path in sorted(KERNEL_DIR.glob("*.py")):
+        for match in _CREATE_TABLE.finditer(path.read_text(encoding="utf-8")):
+            name, where = match["name"], f"kernel/{path.name}"
+            tables.setdefault(name, where)
+            if match["virtual"] and (match["module"] or "").lower() == "fts5":
+                for suffix in _FTS5_SHADOWS:
+                    tables.setdefault(f"{name}_{suffix}", where)
+    return tables
+
+
+def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
+    """Within one MAD: each table once, and each column once per table."""
+    problems = []
+    first_table: dict[str, int] = {}
+    for index, table in enumerate(mad.storage):
+        at = ("storage", index)
+        if table.name in first_table:
+            problems.append(doc.problem(at + ("name",), f"duplicate table name '{table.name}' in MAD '{mad.name}' "
+                                        f"(first at line {first_table[table.name]}); expected each table once"))
+        first_table.setdefault(table.name, doc.line(at + ("name",)))
+        first_column: dict[str, int] = {}
+        for number, column in enumerate(table.columns):
+            where = at + ("columns", number, "name")
+            if column.name in first_column:
+                problems.append(doc.problem(where, f"duplicate column name '{column.name}' in table "
+                                            f"'{table.name}' (first at line {first_column[column.name]}); "
+                                            "expected each column once"))
+            first_column.setdefault(column.name, doc.line(where))
+    return problems
+
+
+def _check_tables(mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:
+    """The kernel stores MAD `m`'s table `t` as `m_t`: no two may meet, nor meet the kernel's own."""
+    problems = []
+    owners: dict[str, tuple[_Document, int, str, str]] = {}  # SQL name -> where, MAD, table
+    seen_mads: set[str] = set()
+    for doc, mad in mads:
+        if mad.name in seen_mads:  # a duplicate MAD is reported as such
+            continue
+        seen_mads.add(mad.name)
+        seen_tables: set[str] = set()
+        for index, table in enumerate(mad.storage):
+            if table.name in seen_tables:  # reported as a duplicate table
+                continue
+            seen_tables.add(table.name)
+            at = ("storage", index, "name")
+            sql = f"{mad.name}_{table.name}"
+            stored = f"table '{table.name}' of MAD '{mad.name}' is stored as SQL table '{sql}'"
+            if sql in kernel_tables():
+                problems.append(doc.problem(at, f"{stored}, which the kernel already uses for its own "
+                                            f"({kernel_tables()[sql]}); expected another table name"))
+            elif sql.startswith("sqlite_"):
+                problems.append(doc.problem(at, f"{stored}, but SQLite reserves names starting with "
+                                            "'sqlite_'; expected another MAD or table name"))
+            elif sql in owners:
+                other, line, other_mad, other_table = owners[sql]
+                problems.append(doc.problem(at, f"{stored}, the same as table '{other_table}' of MAD "
+                                            f"'{other_mad}' ({other.file}:{line}); expected table names "
+                                            "that stay distinct once prefixed with their MAD's name"))
+            else:
+                owners[sql] = (doc, doc.line(at), mad.name, table.name)
     return problems
 
 

@@ -376,7 +376,16 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Ve
     with tempfile.TemporaryDirectory(prefix="regen-verify-") as scratch:
         src = Path(scratch) / "src"
         with report.stage("synthesise", f"{len(plan.units)} units from the transcript"):
-            synthesis = synthesise(spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens)
+            spend = Spend(pipeline.budgets)
+            synthesis = synthesise(spec, plan, pipeline, client, spend, context.count_tokens)
+            # Repairs that failed tests asked for are replayed in order, without the sandbox.
+            for test_round in range(1, pipeline.repair_rounds + 1):
+                pending = {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}
+                if not pending:
+                    break
+                synthesis = repair_after_tests(
+                    spec, plan, pipeline, client, spend, context.count_tokens, synthesis, pending, test_round
+                )
         with report.stage("write", "src/ and uv.lock"):
             write_src(src, synthesis, plan, artifact / "src" / "uv.lock")
         rebuilt = tree_hashes(src)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from generator.errors import SpecError, UserError
-from generator.load import MAX_FILE_BYTES, load_spec
+from generator.load import MAX_FILE_BYTES, kernel_mad_names, kernel_tables, load_spec
 
 TESTS = Path(__file__).parent
 GOOD_SPEC = TESTS / "good_spec"
@@ -243,3 +243,96 @@ def test_missing_spec_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(tmp_path)
     assert problems_of(Path("nope")) == [("nope", 0, "spec folder not found; expected a folder holding "
                                           "ecosystem.yaml, requirements.md, principles.md and mads/")]
+
+
+# --- folders where files belong --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ecosystem.yaml", "requirements.md", "principles.md"])
+def test_required_file_that_is_a_folder_is_named(spec: Path, name: str) -> None:
+    (spec / name).unlink()
+    (spec / name).mkdir()  # empty: git could not hold it as a corpus case
+    assert_problems(spec, [f"spec/{name}: is a folder, not a file; expected a file holding"])
+
+
+def test_mad_file_that_is_a_folder_is_named(spec: Path) -> None:
+    (spec / "mads/grace.yaml").unlink()
+    (spec / "mads/grace.yaml").mkdir()
+    assert_problems(spec, ["spec/mads/grace.yaml: is a folder; expected only mads/<name>.yaml files"])
+
+
+def test_required_file_that_is_a_symlink_loop_is_named(spec: Path) -> None:
+    (spec / "principles.md").unlink()
+    (spec / "principles.md").symlink_to(".", target_is_directory=True)
+    assert_problems(spec, ["spec/principles.md: is a folder, not a file"])
+
+
+def test_a_failed_load_always_says_why(spec: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were a refusal ever to forget its problem, the user must still see one, never an empty error.
+    monkeypatch.setattr("generator.load._decode", lambda folder, rel, problems: None)
+    [(file, line, message)] = problems_of(spec)
+    assert (file, line) == ("spec", 0) and "no reason was recorded" in message
+
+
+# --- names the kernel reserves, derived from its source ----------------------------------
+
+
+def test_reserved_tool_names_follow_the_kernel_mad_class() -> None:
+    from generator.kernel.mad import Mad
+
+    reserved = kernel_mad_names()
+    assert {"use", "handle", "think", "ask", "call_tool", "health", "store", "tools", "on_start",
+            "name", "role", "storage", "runtime", "conversation_ids", "tool"} <= reserved
+    # Every public name of the class, as Python sees it, is covered.
+    assert {attr for attr in vars(Mad) if not attr.startswith("_")} <= reserved
+
+
+def test_kernel_tables_follow_the_kernel_schemas() -> None:
+    import importlib
+    import sqlite3
+
+    # Run every schema the kernel modules hold and list what SQLite really created.
+    conn = sqlite3.connect(":memory:")
+    for path in sorted((TESTS.parent / "generator" / "kernel").glob("*.py")):
+        module = importlib.import_module(f"generator.kernel.{path.stem}")
+        for value in vars(module).values():
+            if isinstance(value, str) and re.search(r"CREATE\s+(VIRTUAL\s+)?TABLE", value, re.IGNORECASE):
+                try:
+                    conn.executescript(value)
+                except sqlite3.OperationalError:  # e.g. no FTS5 in this SQLite build
+                    continue
+    created = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                              "AND name NOT LIKE 'sqlite%'")}
+    conn.close()
+    assert {"conversations", "messages", "secrets", "secrets_audit", "budgets", "model_calls"} <= created
+    assert created <= set(kernel_tables())
+    assert all(re.fullmatch(r"[A-Za-z_]\w*", name) for name in kernel_tables())
+
+
+def test_a_table_of_a_duplicated_mad_is_not_also_a_collision(spec: Path) -> None:
+    storage = "storage:\n  - name: keys\n    columns:\n      - {name: id, type: text}\n"
+    turing = spec / "mads/turing.yaml"
+    turing.write_text(turing.read_text() + storage)
+    (spec / "mads/alan.yaml").write_text(turing.read_text())
+    assert_problems(spec, [
+        "spec/mads/alan.yaml:1: MAD name 'turing' does not match its file name 'alan.yaml'",
+        "spec/mads/alan.yaml:1: duplicate MAD name 'turing'",
+    ])
+
+
+def test_softkeywords_and_defaults_of_the_right_type_load(spec: Path) -> None:
+    grace = spec / "mads/grace.yaml"
+    grace.write_text(grace.read_text().replace("name: greet", "name: match").replace(
+        "      who: {type: str, default: world}\n",
+        "      who: {type: str, default: world}\n"
+        "      case: {type: float, default: 2}\n"
+        "      ids: {type: 'list[int]', default: [1, 2]}\n"
+        "      rows: {type: 'list[dict]', default: [{a: 1}]}\n"
+        "      extra: {type: dict, default: {}}\n"
+        "      nothing: {type: None, default: null}\n",
+    ))
+    tool = load_spec(spec).mad("grace").tools[0]
+    assert tool.name == "match"
+    assert {name: p.default for name, p in tool.params.items()} == {
+        "who": "world", "case": 2, "ids": [1, 2], "rows": [{"a": 1}], "extra": {}, "nothing": None,
+    }

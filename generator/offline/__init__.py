@@ -1,20 +1,14 @@
 """`offline/reference`: the deterministic synthesiser behind the offline default pipeline.
 
-It is a litellm custom provider, so the offline build takes the same path as a real
-model: it reads the unit's spec from the prompt (between `<unit-spec>` tags), renders
-the unit's files from the jinja2 templates beside this module, and answers in the
-senior's JSON format. It can write every tool bound to a kernel capability (`builtin:`);
-any other tool needs a real model, and it says so, naming the tool.
+It reads the unit's spec from the prompt (between `<unit-spec>` tags) and renders the
+unit's files from the jinja2 templates beside this module. It can write every tool bound
+to a kernel capability (`builtin:`); any other tool needs a real model, and it says so,
+naming the tool. `provider.py` serves it to litellm as the custom provider `offline`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-
-from litellm import CustomLLM
-from litellm.llms.custom_llm import CustomLLMError
-from litellm.types.utils import ModelResponse
 
 from ..render import environment
 
@@ -76,24 +70,3 @@ FRAME_FILES = {
     "deploy/PACKAGE.service": "systemd.service.j2",
     "deploy/Dockerfile": "Dockerfile.j2",
 }
-
-
-class OfflineReference(CustomLLM):
-    """The litellm custom handler registered as provider `offline` (model `offline/reference`)."""
-
-    def completion(self, model: str, messages: list, *args, **kwargs) -> ModelResponse:
-        prompt = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
-        match = UNIT_SPEC.search(prompt)
-        if match is None:
-            raise CustomLLMError(400, "the prompt has no <unit-spec> block; offline/reference only writes units")
-        try:
-            files = render_unit(json.loads(match.group(1)))
-        except ValueError as exc:
-            raise CustomLLMError(422, str(exc))
-        content = json.dumps({"files": files}, sort_keys=True, ensure_ascii=False)
-        response = ModelResponse(model=model)
-        response.choices[0].message.content = content
-        response.choices[0].finish_reason = "stop"
-        # No model ran: an offline build spends no tokens, and says so.
-        response.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # type: ignore[assignment]
-        return response

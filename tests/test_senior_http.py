@@ -1,0 +1,296 @@
+"""The real HTTP path: litellm → a scripted OpenAI-compatible server on 127.0.0.1.
+
+The server plays the senior: between the faults a test scripts, it answers what
+`offline/reference` would, so every unit has a good answer to come back to.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generator.config import RunOptions, load_pipeline
+from generator.context import count_tokens
+from generator.emit import versions
+from generator.errors import BuildFailed, UserError
+from generator.llm import LiteLLMClient
+from generator.load import load_spec
+from generator.pipeline import regenerate
+from generator.plan import make_plan
+from generator.progress import Reporter
+from generator.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
+from generator.synthesise import BudgetExceeded, Spend, synthesise
+
+REPO = Path(__file__).resolve().parents[1]
+REGEN = [sys.executable, "-m", "generator.cli"]
+KEY = "SCRIPTED_API_KEY"
+
+
+class Senior:
+    """A scripted senior: per unit, the listed steps first, then good answers."""
+
+    def __init__(self, faults: dict[str, list] | None = None):
+        self.faults = {unit: list(steps) for unit, steps in (faults or {}).items()}
+        self.asked: list[str] = []
+
+    def __call__(self, body):
+        unit = unit_of(body)
+        self.asked.append(unit)
+        queue = self.faults.get(unit)
+        if queue:
+            step = queue.pop(0)
+            return step(body) if callable(step) else step
+        return Reply(reference_answer(body))
+
+
+def write_pipeline(folder: Path, base_url: str, extra: str = "", repair_rounds: int = 2, timeout: int = 60) -> Path:
+    path = folder / "scripted.toml"
+    path.write_text(f"""
+name = "scripted"
+repair_rounds = {repair_rounds}
+concurrency = 3
+
+[senior]
+model = "openai/scripted"
+api_base = "{base_url}"
+api_key_env = "{KEY}"
+max_tokens = 32000
+context_window = 1000000
+timeout_seconds = {timeout}
+max_retries = 3
+backoff_seconds = 0.01
+
+[prices."openai/scripted"]
+input_per_mtok = 1.0
+output_per_mtok = 4.0
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def spec_and_plan():
+    spec = load_spec(REPO / "spec")
+    return spec, make_plan(spec)
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv(KEY, "sk-scripted")
+
+
+def _synthesise(tmp_path, senior: Senior, spec_and_plan, extra: str = "", repair_rounds: int = 2, timeout: int = 60):
+    spec, plan = spec_and_plan
+    with ScriptedServer(senior) as server:
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url, extra, repair_rounds, timeout))
+        client = LiteLLMClient(pipeline.senior, pipeline.prices)
+        return synthesise(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens), server
+
+
+def _unit(synthesis, name):
+    return next(u for u in synthesis.units if u.unit == name)
+
+
+def _exchanges(synthesis, unit):
+    return [e for e in synthesis.exchanges if e.request.unit == unit]
+
+
+def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and_plan):
+    synthesis, server = _synthesise(tmp_path, Senior(), spec_and_plan)
+    assert [u.unit for u in synthesis.units] == ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    assert len(server.requests) == 5
+    first = server.requests[0]
+    assert first["seed"] == 0 and first["temperature"] == 0.0 and first["max_tokens"] == 32000
+    assert server.headers[0]["authorization"] == "Bearer sk-scripted"
+    for unit in synthesis.units:
+        assert unit.prompt_tokens > 0 and unit.completion_tokens > 0 and unit.rounds == 1
+        # The pipeline's price table: $1 in, $4 out per million tokens.
+        assert unit.cost_usd == pytest.approx((unit.prompt_tokens + 4 * unit.completion_tokens) / 1e6, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.status(429, headers={"Retry-After": "0"}),
+        Fault.status(500),
+        Fault.status(503),
+        Fault.slow(3, then=Reply("{}")),  # over the 2 s timeout
+        Fault.raw(b'{"id": "x", "choices": [{"message": {"content": "trunc'),
+        Fault.raw("caf\xe9 \xff\xfe".encode("latin-1")),
+        Fault.disconnect(),
+    ],
+    ids=["429-retry-after", "500", "503", "timeout", "malformed-json", "non-utf8", "disconnect"],
+)
+def test_transient_faults_are_retried_and_recorded(tmp_path, spec_and_plan, fault):
+    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [fault, fault]}), spec_and_plan, timeout=2)
+    (exchange,) = _exchanges(synthesis, "mad:turing")
+    assert exchange.reply.attempts == 3
+    assert _unit(synthesis, "mad:turing").rounds == 1
+    assert "turing/set_secret" not in json.dumps(server.errors)
+
+
+def test_a_senior_that_keeps_failing_falls_back_then_gives_up_clearly(tmp_path, spec_and_plan):
+    faults = {"mad:turing": [Fault.status(503)] * 20}
+    with pytest.raises(BuildFailed, match="every model failed after retries"):
+        _synthesise(tmp_path, Senior(faults), spec_and_plan,
+                    extra='', repair_rounds=0)
+
+
+def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_plan):
+    def cut(body):
+        whole = reference_answer(body)
+        return Reply(whole[: len(whole) // 2], finish_reason="length")
+
+    def rest(body):
+        whole = reference_answer({"messages": body["messages"][:2]})
+        return Reply(whole[len(whole) // 2:])
+
+    synthesis, _ = _synthesise(tmp_path, Senior({"mad:rogers": [cut, rest]}), spec_and_plan)
+    purposes = [e.purpose for e in _exchanges(synthesis, "mad:rogers")]
+    assert purposes == ["synthesise", "continue"]
+    assert "class Rogers(Mad)" in synthesis.files["madgroup/mads/rogers.py"]
+
+
+def _answer_with(path: str, content: str):
+    return lambda body: Reply(json.dumps({"files": [{"path": path, "content": content}]}))
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (Reply(""), "the answer was empty"),
+        (Reply("Sure, here is the code!"), 'the answer is not {"files"'),
+        (_answer_with("../outside.py", "x = 1\n"), "must stay inside the tree"),
+        (_answer_with(".git/config", "[core]\n"), "nothing may be written under .git"),
+        (_answer_with("madgroup/mads/turing.py", "def broken(:\n"), "does not parse"),
+        (_answer_with("madgroup/mads/turing.py", "x" * (5 * 1024 * 1024)), "over the"),
+    ],
+    ids=["empty", "prose", "traversal", "dot-git", "no-parse", "oversized"],
+)
+def test_a_bad_answer_gets_a_focused_repair_round(tmp_path, spec_and_plan, bad, problem):
+    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [bad]}), spec_and_plan)
+    rounds = _exchanges(synthesis, "mad:turing")
+    assert [e.purpose for e in rounds] == ["synthesise", "repair"]
+    repair_prompt = rounds[1].request.messages[-1]["content"]
+    assert problem in repair_prompt and "Fix exactly these problems" in repair_prompt
+    assert _unit(synthesis, "mad:turing").rounds == 2
+    assert not (tmp_path / "outside.py").exists()
+
+
+def test_the_same_failure_twice_stops_early(tmp_path, spec_and_plan):
+    bad = _answer_with("madgroup/mads/turing.py", "def broken(:\n")
+    senior = Senior({"mad:turing": [bad] * 10})
+    with pytest.raises(BuildFailed, match="repeated the same failure in round 1; stopped early"):
+        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=5)
+    assert senior.asked.count("mad:turing") == 2
+
+
+def test_a_loop_that_never_converges_stops_at_the_round_limit(tmp_path, spec_and_plan):
+    different = [_answer_with("madgroup/mads/turing.py", "\n" * n + "def broken(:\n") for n in range(10)]
+    senior = Senior({"mad:turing": different})
+    with pytest.raises(BuildFailed, match=r"still rejected after 2 repair round\(s\)"):
+        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=2)
+    assert senior.asked.count("mad:turing") == 3
+
+
+def test_a_budget_stops_the_run_before_the_call_that_would_cross_it(tmp_path, spec_and_plan):
+    different = [_answer_with("madgroup/mads/turing.py", "\n" * n + "def broken(:\n") for n in range(10)]
+    senior = Senior({"mad:turing": different})
+    with pytest.raises(BudgetExceeded, match="unit mad:turing's token budget of 45000") as err:
+        _synthesise(tmp_path, senior, spec_and_plan, extra="[budgets]\nunit_tokens = 45000\n", repair_rounds=9)
+    message = str(err.value)
+    spent = int(message.split("tokens (")[1].split(" spent")[0])
+    assert spent <= 45000, "what was spent stays within the budget"
+    assert "Spent in this run:" in message and "nothing was archived" in message
+    assert senior.asked.count("mad:turing") < 10, "stopped by the budget, long before the round limit"
+
+
+def test_without_the_key_the_build_fails_at_once_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY)
+    pipeline = write_pipeline(tmp_path, "http://127.0.0.1:9/v1")
+    done = subprocess.run(REGEN + ["regenerate", "--pipeline", str(pipeline), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"needs the environment variable {KEY}, which is not set" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_frontier_pipeline_without_keys_names_the_missing_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    done = subprocess.run(REGEN + ["regenerate", "--pipeline", "pipelines/frontier.toml", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert "needs the environment variable" in done.stderr and "_API_KEY" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_unit_over_the_context_window_stops_the_build_with_the_numbers(tmp_path, spec_and_plan):
+    spec, plan = spec_and_plan
+    with ScriptedServer(Senior()) as server:
+        path = write_pipeline(tmp_path, server.base_url)
+        path.write_text(path.read_text().replace("context_window = 1000000", "context_window = 20000"))
+        with pytest.raises(UserError, match=r"unit frame needs [\d,]+ tokens .* over openai/scripted's window of 20,000 by"):
+            regenerate(RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out"),
+                       report=Reporter(quiet=True))
+        assert server.requests == []
+
+
+@pytest.mark.slow
+def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp_path):
+    """The acceptance story: build over HTTP, rerun (up to date), rebuild from cache (0 tokens),
+    verify with the server stopped, replay on a machine without the key."""
+    senior = Senior({"mad:grace": [_failing_grace_tests]})
+    env = dict(os.environ, **{KEY: "sk-scripted"})
+    with ScriptedServer(senior) as server:
+        pipeline = write_pipeline(tmp_path, server.base_url)
+        build = REGEN + ["regenerate", "--spec", str(REPO / "spec"), "--pipeline", str(pipeline)]
+        first = subprocess.run(build + ["--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert first.returncode == 0, first.stderr
+        assert "repair" in first.stderr and "mad:grace (2 rounds)" in first.stderr
+        asked = len(server.requests)
+        again = subprocess.run(build + ["--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert again.returncode == 0 and "Up to date" in again.stderr and len(server.requests) == asked
+        cached = subprocess.run(build + ["--out", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert cached.returncode == 0, cached.stderr
+        assert "5 answered from cache" in cached.stderr and len(server.requests) == asked
+
+    artifact = tmp_path / "out" / "madgroup" / "1.0.0"
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["offline"] is False and manifest["tokens"]["prompt"] > 0 and manifest["cost_usd"] > 0
+    grace = next(u for u in manifest["units"] if u["unit"] == "mad:grace")
+    assert grace["rounds"] == 2
+    transcript = [json.loads(line) for line in (artifact / "transcript.jsonl").read_text().splitlines()]
+    assert [(t["unit"], t["purpose"]) for t in transcript if t["unit"] == "mad:grace"] == [
+        ("mad:grace", "synthesise"), ("mad:grace", "repair-tests")
+    ]
+    assert len(transcript) == asked == 6
+
+    no_key = {k: v for k, v in env.items() if k != KEY}
+    verified = subprocess.run(REGEN + ["verify", str(artifact), "--spec", str(REPO / "spec")], cwd=tmp_path,
+                              env=no_key, capture_output=True, text=True, timeout=600)
+    assert verified.returncode == 0, verified.stderr
+    assert "reproduced byte for byte" in verified.stdout
+    replayed = subprocess.run(REGEN + ["regenerate", "--spec", str(REPO / "spec"), "--replay", str(artifact),
+                                       "--out", "out3"], cwd=tmp_path, env=no_key, capture_output=True, text=True,
+                              timeout=600)
+    assert replayed.returncode == 0, replayed.stderr
+    rebuilt = json.loads((tmp_path / "out3" / "madgroup" / "1.0.0" / "manifest.json").read_text())
+    src = {k: v for k, v in manifest["outputs"].items() if k.startswith("src/")}
+    assert {k: v for k, v in rebuilt["outputs"].items() if k.startswith("src/")} == src
+    assert versions(tmp_path / "out" / "madgroup") == ["1.0.0"]
+    shutil.rmtree(tmp_path / "out2")
+
+
+def _failing_grace_tests(body):
+    answer = json.loads(reference_answer(body))
+    for f in answer["files"]:
+        if f["path"] == "tests/test_grace.py":
+            f["content"] += "\n\ndef test_not_yet_right():\n    assert False, 'grace is not done'\n"
+    return Reply(json.dumps(answer))
