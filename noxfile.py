@@ -26,6 +26,17 @@ def regenerate(session: nox.Session) -> None:
 
 
 @nox.session
+def scripted(session: nox.Session) -> None:
+    """Build with the scripted senior on 127.0.0.1 (pipelines/scripted.toml): the HTTP path, no real model."""
+    _sync(session)
+    session.env["SCRIPTED_API_KEY"] = "scripted"
+    session.run(
+        "python", "-m", "generator.scripted", "--reference", "--port", "8911", "--model", "scripted-senior",
+        "--", "regen", "regenerate", "--pipeline", "pipelines/scripted.toml", *session.posargs,
+    )
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
     """The compiler's test suite, including a full offline build in the sandbox."""
     _sync(session, "dev")

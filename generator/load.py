@@ -39,6 +39,7 @@ from .kernel.capabilities import CAPABILITIES
 from .plan import dependency_graph
 from .spec import (
     IDENTIFIER,
+    PINNED_REQUIREMENT,
     SPEC_RULE,
     Column,
     EcosystemSpec,
@@ -225,7 +226,7 @@ def _size_message(size: int) -> str:
 def _decode(folder: _Folder, rel: str, problems: list[SpecProblem]) -> str | None:
     """The text of a required file, or None (with a problem) when missing or not UTF-8."""
     if rel not in folder.contents:
-        expected = REQUIRED_FILES.get(rel, "a YAML file")
+        expected = REQUIRED_FILES.get(rel, "YAML")
         if rel in folder.dirs and rel not in folder.refused_dirs:
             problems.append(SpecProblem(folder.show(rel), 0, f"is a folder, not a file; expected a file "
                                         f"holding {expected}"))
@@ -627,9 +628,17 @@ def _describe(value: Any) -> str:
 
 
 def _check_ecosystem(doc: _Document, ecosystem: EcosystemSpec) -> list[SpecProblem]:
-    return [doc.problem(("models", alias, "api_key_secret"), _secret_message(model.api_key_secret))
-            for alias, model in ecosystem.models.items()
-            if model.api_key_secret and not SECRET_NAME.match(model.api_key_secret)]
+    problems = [doc.problem(("models", alias, "api_key_secret"), _secret_message(model.api_key_secret))
+                for alias, model in ecosystem.models.items()
+                if model.api_key_secret and not SECRET_NAME.match(model.api_key_secret)]
+    for key in ("dependencies", "dev_dependencies"):
+        for index, requirement in enumerate(getattr(ecosystem, key)):
+            if not PINNED_REQUIREMENT.match(requirement):
+                name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement)
+                problems.append(doc.problem((key, index), f"dependency '{name[1] if name else requirement}' is "
+                                            "not pinned; expected name==version (extras allowed, like "
+                                            "mcp[cli]==2.3.0)"))
+    return problems
 
 
 def _secret_message(name: str) -> str:

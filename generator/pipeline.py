@@ -28,10 +28,22 @@ from .emit import (
     sha256_file,
     staging,
     tree_hashes,
+    versions,
     write_tree,
 )
 from .errors import BuildFailed, UserError
-from .llm import CachedClient, LiteLLMClient, ModelClient, ModelRequest, ResponseCache, Transcript, TranscriptModel, missing_key
+from .llm import (
+    CachedClient,
+    LiteLLMClient,
+    ModelClient,
+    ModelRequest,
+    OfflineWithRecorded,
+    RecordedAnswers,
+    ResponseCache,
+    Transcript,
+    TranscriptModel,
+    missing_key,
+)
 from .load import load_spec
 from .plan import Plan, make_plan
 from .progress import Reporter
@@ -108,21 +120,31 @@ def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path 
     lock_dependencies(src, preferred_lock)
 
 
-def offline_reach(spec: Spec, plan: Plan) -> None:
-    """The offline senior writes only tools bound to a capability: name every unit it cannot write."""
-    needs = []
+def offline_needs(spec: Spec, plan: Plan) -> dict[str, list[str]]:
+    """The units the offline senior cannot write (tools with no capability), with those tools."""
+    needs = {}
     for unit in plan.units:
         if unit.mad:
             unbound = [f"{unit.mad}.{t.name}" for t in spec.mad(unit.mad).tools if not t.builtin]
             if unbound:
-                needs.append(f"  {unit.name}: {', '.join(unbound)}")
-    if needs:
+                needs[unit.name] = unbound
+    return needs
+
+
+def recorded_answers(ecosystem_dir: Path, needs: dict[str, list[str]], requests: dict[str, ModelRequest]) -> RecordedAnswers:
+    """Archived answers for the units the offline senior cannot write, or a UserError naming them."""
+    transcripts = [(v, ecosystem_dir / v / "transcript.jsonl") for v in reversed(versions(ecosystem_dir))]
+    recorded = RecordedAnswers([(v, path) for v, path in transcripts if path.is_file()])
+    missing = {unit: tools for unit, tools in needs.items() if recorded.source_of(requests[unit]) is None}
+    if missing:
         raise UserError(
             "the offline senior (offline/reference) can only write tools bound to a kernel capability "
-            "(`builtin:`). These units need a model:\n" + "\n".join(needs) + "\n"
+            "(`builtin:`), and no archived build answered the current prompts of these units, which need a model:\n"
+            + "\n".join(f"  {unit}: {', '.join(tools)}" for unit, tools in missing.items()) + "\n"
             "Build with an LLM pipeline (--pipeline pipelines/frontier.toml), or rebuild a recorded build "
             "without keys (--replay ecosystems/<name>/<version>)."
         )
+    return recorded
 
 
 def _failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
@@ -169,8 +191,7 @@ def regenerate(
         info["note"] = f"{len(spec.mads)} MADs, {sum(len(m.tools) for m in spec.mads)} tools"
     with report.stage("plan", "start-up order, units and context windows") as info:
         plan = make_plan(spec)
-        if pipeline.senior.is_offline and replay_client is None:
-            offline_reach(spec, plan)
+        needs = offline_needs(spec, plan) if pipeline.senior.is_offline and replay_client is None else {}
         if client is None and replay_client is None and not pipeline.senior.is_offline:
             if (variable := missing_key(pipeline.senior)) is not None:
                 raise UserError(
@@ -179,13 +200,14 @@ def regenerate(
                     "with --replay ecosystems/<name>/<version>"
                 )
         requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
+        ecosystem_dir = options.out_dir / spec.ecosystem.name
+        recorded = recorded_answers(ecosystem_dir, needs, requests) if needs else None
         fits = context.fit(list(requests.values()), pipeline.senior)
         context.require_fit(fits, pipeline.senior)
         biggest = max(fits, key=lambda f: f.needed)
         window = f" of {biggest.window:,}" if biggest.window else ""
         info["note"] = (" → ".join(plan.startup_order) + f"; {len(plan.units)} units; "
                         f"largest request {biggest.needed:,} tokens{window}")
-    ecosystem_dir = options.out_dir / spec.ecosystem.name
     remove_stale_staging(ecosystem_dir)
     prints = fingerprint(spec, pipeline, requests)
     latest = latest_manifest(ecosystem_dir)
@@ -202,6 +224,11 @@ def regenerate(
         report.say(f"  [dim]replay: every answer comes from {options.replay / 'transcript.jsonl'}; no model is called[/]")
     else:
         client = client or LiteLLMClient(pipeline.senior, pipeline.prices)
+        if recorded is not None:
+            client = OfflineWithRecorded(client, recorded, set(needs))
+            sources = sorted({recorded.source_of(requests[u]) for u in needs})
+            report.say(f"  [dim]units {', '.join(needs)} need a model: answered as recorded by "
+                       f"{spec.ecosystem.name} {', '.join(sources)}[/]")
         if options.cache_dir is not None:
             client = CachedClient(client, ResponseCache(options.cache_dir))
     if pipeline.senior.is_offline:
@@ -245,6 +272,8 @@ def regenerate(
         (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
         outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
         data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
+        if recorded is not None:
+            data["recorded_answers"] = {u: recorded.source_of(requests[u]) for u in needs}
         (stage / "manifest.json").write_text(canonical_json(data))
         with report.stage("emit", f"{ecosystem_dir / version}"):
             final = publish(stage, ecosystem_dir, version)

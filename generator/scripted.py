@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -471,28 +472,69 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- CLI
 
 
+WRITTEN_TOOLS = Path(__file__).resolve().parents[1] / "pipelines" / "scripted"
+
+
+def reference_answer(body: Mapping[str, Any], written: Path | None = WRITTEN_TOOLS) -> str:
+    """What a well-behaved senior answers for the unit in a chat request: the offline
+    reference's files, with the tools no capability covers taken from `written`
+    (`<mad>.<tool>.py`, see generator.offline), for scripts that need good answers over HTTP."""
+    from .offline import UNIT_SPEC, load_written, render_unit
+
+    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
+    match = UNIT_SPEC.search(prompt)
+    if match is None:
+        raise ValueError("the request carries no <unit-spec> block")
+    tools = load_written(written) if written is not None and written.is_dir() else {}
+    return json.dumps({"files": render_unit(json.loads(match.group(1)), tools)}, sort_keys=True)
+
+
+def unit_of(body: Mapping[str, Any]) -> str:
+    """The unit a chat request is about, from its <unit-spec> block."""
+    from .offline import UNIT_SPEC
+
+    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
+    match = UNIT_SPEC.search(prompt)
+    return json.loads(match.group(1))["unit"] if match else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m generator.scripted",
-        description="Serve scripted OpenAI-compatible chat completions on 127.0.0.1 until Ctrl-C.",
+        description="Serve scripted OpenAI-compatible chat completions on 127.0.0.1: until Ctrl-C, "
+        "or while a command given after -- runs (its exit code is returned).",
     )
     parser.add_argument("--port", type=int, default=8911, help="port on 127.0.0.1 (0: any free port; default 8911)")
-    parser.add_argument("--replies", type=Path, required=True, help="JSON file: a list of reply contents (strings)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--replies", type=Path, help="JSON file: a list of reply contents (strings)")
+    source.add_argument("--reference", action="store_true",
+                        help="answer every unit as the reference senior: offline templates plus written tools")
+    parser.add_argument("--written", type=Path, default=WRITTEN_TOOLS,
+                        help=f"with --reference: the written tools folder (default: {WRITTEN_TOOLS})")
     parser.add_argument("--model", default="scripted", help="the model name /v1/models lists (default: scripted)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...: run CMD while serving, then stop")
     args = parser.parse_args(argv)
-    try:
-        replies = json.loads(args.replies.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        parser.error(f"cannot read {args.replies}: {exc}")
-    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-        parser.error(f"{args.replies} must hold a JSON list of strings")
-    server = ScriptedServer([Reply(r) for r in replies], model=args.model, port=args.port, quiet=False)
+    if args.reference:
+        script: Script = lambda body: Reply(reference_answer(body, args.written))  # noqa: E731
+        what = f"reference senior, written tools from {args.written}"
+    else:
+        try:
+            replies = json.loads(args.replies.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read {args.replies}: {exc}")
+        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+            parser.error(f"{args.replies} must hold a JSON list of strings")
+        script, what = [Reply(r) for r in replies], f"{len(replies)} replies"
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    server = ScriptedServer(script, model=args.model, port=args.port, quiet=False)
     try:
         server.start()
     except OSError as exc:
         parser.error(f"cannot listen on {HOST}:{args.port}: {exc}")
-    print(f"scripted server: {server.base_url}  ({len(replies)} replies; Ctrl-C to stop)", flush=True)
+    print(f"scripted server: {server.base_url}  ({what})", flush=True)
     try:
+        if command:
+            return subprocess.run(command).returncode
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
@@ -504,24 +546,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def reference_answer(body: Mapping[str, Any]) -> str:
-    """What `offline/reference` answers for the unit in a chat request: a well-behaved senior,
-    for scripts that need good answers over HTTP between their faults."""
-    from .offline import UNIT_SPEC, render_unit
-
-    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
-    match = UNIT_SPEC.search(prompt)
-    if match is None:
-        raise ValueError("the request carries no <unit-spec> block")
-    return json.dumps({"files": render_unit(json.loads(match.group(1)))}, sort_keys=True)
-
-
-def unit_of(body: Mapping[str, Any]) -> str:
-    """The unit a chat request is about, from its <unit-spec> block."""
-    from .offline import UNIT_SPEC
-
-    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
-    match = UNIT_SPEC.search(prompt)
-    return json.loads(match.group(1))["unit"] if match else ""

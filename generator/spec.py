@@ -211,24 +211,13 @@ def _supported_python(version: str) -> str:
     return version
 
 
-def _pinned(requirement: str) -> str:
-    if not PINNED_REQUIREMENT.match(requirement):
-        name = re.match(r"\s*([A-Za-z0-9._-]*)", requirement)
-        shown = name.group(1) if name and name.group(1) else requirement
-        raise spec_rule(f"dependency '{shown}' is not pinned; expected name==version (extras allowed, "
-                        "like mcp[cli]==2.3.0)")
-    return requirement
-
-
-PinnedRequirement = Annotated[str, AfterValidator(_pinned)]
-
-
 class EcosystemSpec(Frozen):
     name: str = Field(pattern=IDENTIFIER)
     description: str
     python: Annotated[str, Field(pattern=r"^3\.\d+$"), AfterValidator(_supported_python)]
-    dependencies: list[PinnedRequirement] = Field(min_length=1, description="pinned runtime requirements")
-    dev_dependencies: list[PinnedRequirement] = Field(default_factory=list)
+    # Pinned exactly (PINNED_REQUIREMENT): the loader refuses anything looser in a spec file.
+    dependencies: list[str] = Field(min_length=1, description="pinned runtime requirements")
+    dev_dependencies: list[str] = Field(default_factory=list)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     client_budget_tokens: int = Field(default=100_000, ge=0)
     principles: list[PrincipleRule] = Field(default_factory=list)

@@ -336,3 +336,18 @@ def test_softkeywords_and_defaults_of_the_right_type_load(spec: Path) -> None:
     assert {name: p.default for name, p in tool.params.items()} == {
         "who": "world", "case": 2, "ids": [1, 2], "rows": [{"a": 1}], "extra": {}, "nothing": None,
     }
+
+
+@pytest.mark.parametrize(("file", "old", "new", "expected"), [
+    ("mads/grace.yaml", "      who:", "      self:",
+     "spec/mads/grace.yaml:13: parameter name 'self' is taken by the tool method itself"),
+    ("ecosystem.yaml", 'python: "3.11"', 'python: "3.011"',
+     "spec/ecosystem.yaml:3: python '3.011' is not a plain version; expected it like '3.11'"),
+    ("ecosystem.yaml", 'python: "3.11"', 'python: "3.9"',
+     "spec/ecosystem.yaml:3: python '3.9' is too old: the kernel needs Python 3.11 or newer"),
+], ids=["self-param", "python-leading-zero", "python-3.9"])
+def test_names_and_versions_generated_code_cannot_use(spec: Path, file: str, old: str, new: str,
+                                                      expected: str) -> None:
+    path = spec / file
+    path.write_text(path.read_text().replace(old, new))
+    assert_problems(spec, [expected])

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from generator.config import RunOptions, SeniorModel
 from generator.emit import sha256_file, versions
@@ -17,6 +18,7 @@ from generator.errors import BuildFailed
 from generator.llm import LiteLLMClient, ModelReply
 from generator.pipeline import regenerate
 from generator.progress import Reporter
+from generator.scripted import Reply, ScriptedServer, reference_answer
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +27,30 @@ REPO = Path(__file__).resolve().parents[1]
 REGEN = [sys.executable, "-m", "generator.cli"]
 
 
-def _options(out: Path, spec: Path = REPO / "spec") -> RunOptions:
+def builtin_only_spec(folder: Path) -> Path:
+    """The repo's spec without the tools only a model can write: the offline senior writes all of it."""
+    shutil.copytree(REPO / "spec", folder)
+    for path in (folder / "mads").glob("*.yaml"):
+        mad = yaml.safe_load(path.read_text())
+        mad["tools"] = [t for t in mad["tools"] if t.get("builtin")]
+        path.write_text(yaml.safe_dump(mad, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def offline_spec(tmp_path_factory) -> Path:
+    return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec")
+
+
+def _options(out: Path, spec: Path) -> RunOptions:
     return RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One full offline build of the repo's own spec, shared by the checks below."""
+def built(tmp_path_factory, offline_spec):
+    """One full offline build of the repo's spec (builtin tools only), shared by the checks below."""
     out = tmp_path_factory.mktemp("ecosystems")
-    result = regenerate(_options(out), report=Reporter(quiet=True))
+    result = regenerate(_options(out, offline_spec), report=Reporter(quiet=True))
     return out, result
 
 
@@ -92,10 +109,10 @@ def test_the_artifact_carries_what_a_user_needs_to_run_it(built):
     assert not list(src.rglob("__pycache__")), "the sandbox must not write into the artifact"
 
 
-def test_a_rerun_with_nothing_changed_writes_nothing(built, capsys):
+def test_a_rerun_with_nothing_changed_writes_nothing(built, offline_spec, capsys):
     out, result = built
     before = sorted(p.as_posix() for p in out.rglob("*"))
-    again = regenerate(_options(out), report=Reporter())
+    again = regenerate(_options(out, offline_spec), report=Reporter())
     assert again.up_to_date and again.version == "1.0.0"
     assert sorted(p.as_posix() for p in out.rglob("*") if p.name != ".lock") == [
         p for p in before if not p.endswith("/.lock")
@@ -103,10 +120,10 @@ def test_a_rerun_with_nothing_changed_writes_nothing(built, capsys):
     assert "Up to date" in capsys.readouterr().err
 
 
-def test_a_changed_spec_makes_a_new_version_and_leaves_the_old_one_alone(built, tmp_path):
+def test_a_changed_spec_makes_a_new_version_and_leaves_the_old_one_alone(built, offline_spec, tmp_path):
     out, result = built
     spec = tmp_path / "spec"
-    shutil.copytree(REPO / "spec", spec)
+    shutil.copytree(offline_spec, spec)
     old_manifest = (result.path / "manifest.json").read_bytes()
     text = (spec / "mads" / "grace.yaml").read_text()
     (spec / "mads" / "grace.yaml").write_text(text.replace("Health of the ecosystem", "Health of all"))
@@ -135,9 +152,9 @@ class ScriptedModel:
         ("Sure! Here is the code you asked for.", 'not {"files"'),
     ],
 )
-def test_a_bad_answer_stops_the_build_and_leaves_no_version(tmp_path, content, expected):
+def test_a_bad_answer_stops_the_build_and_leaves_no_version(tmp_path, offline_spec, content, expected):
     with pytest.raises(BuildFailed) as err:
-        regenerate(_options(tmp_path), client=ScriptedModel(content), report=Reporter(quiet=True))
+        regenerate(_options(tmp_path, offline_spec), client=ScriptedModel(content), report=Reporter(quiet=True))
     assert expected in str(err.value)
     assert versions(tmp_path / "madgroup") == []
     assert not [p for p in (tmp_path / "madgroup").iterdir() if p.name.startswith(".staging-")]
@@ -146,15 +163,12 @@ def test_a_bad_answer_stops_the_build_and_leaves_no_version(tmp_path, content, e
 def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
     spec = tmp_path / "spec"
     shutil.copytree(REPO / "spec", spec)
-    with (spec / "mads" / "rogers.yaml").open("a") as f:
-        f.write("  - name: summarise\n    description: Summarise a conversation.\n"
-                "    params:\n      conversation_id: {type: str}\n    returns: str\n")
     done = subprocess.run(
         REGEN + ["regenerate", "--spec", str(spec), "--out", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2
-    assert "These units need a model:\n  mad:rogers: rogers.summarise\n" in done.stderr
+    assert "which need a model:\n  mad:rogers: rogers.summarise\n  mad:fiedler: fiedler.compare_models\n" in done.stderr
     assert "--pipeline pipelines/frontier.toml" in done.stderr
     assert "Traceback" not in done.stderr
     assert versions(tmp_path / "out" / "madgroup") == []
@@ -168,10 +182,10 @@ def _complete_or_absent(ecosystem_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("moment", ["transcript.jsonl", "src/uv.lock", "tests.json", "published"])
-def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, moment):
+def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, offline_spec, moment):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        REGEN + ["regenerate", "--out", str(out), "--quiet"],
+        REGEN + ["regenerate", "--spec", str(offline_spec), "--out", str(out), "--quiet", "--no-cache"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     ecosystem_dir = out / "madgroup"
@@ -191,7 +205,7 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, mom
     if moment != "published":
         assert versions(ecosystem_dir) == []
     # The next run sweeps the dead build's staging folder and finishes the job.
-    result = regenerate(_options(out), report=Reporter(quiet=True))
+    result = regenerate(_options(out, offline_spec), report=Reporter(quiet=True))
     assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
     assert not list(ecosystem_dir.glob(".staging-*"))
     _complete_or_absent(ecosystem_dir)
@@ -216,10 +230,10 @@ class PlantedFailingTest:
         return reply.model_copy(update={"content": json.dumps(answer)})
 
 
-def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_nothing(tmp_path):
+def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_nothing(tmp_path, offline_spec):
     senior = PlantedFailingTest()
     with pytest.raises(BuildFailed) as err:
-        regenerate(_options(tmp_path), client=senior, report=Reporter(quiet=True))
+        regenerate(_options(tmp_path, offline_spec), client=senior, report=Reporter(quiet=True))
     message = str(err.value)
     assert "tests failed in the sandbox" in message and "1 failed" in message
     assert "test_planted_defect" in message
@@ -228,3 +242,25 @@ def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_n
     assert senior.units_asked.count("mad:grace") == 2
     assert all(senior.units_asked.count(u) == 1 for u in ["mad:turing", "mad:rogers", "mad:fiedler", "frame"])
     assert versions(tmp_path / "madgroup") == []
+
+
+def test_offline_builds_answer_model_units_from_an_archived_build(tmp_path, monkeypatch):
+    """Tools only a model can write were once written by one (here the scripted senior over
+    HTTP); the offline default rebuilds them from that build's transcript, and says so."""
+    monkeypatch.setenv("SCRIPTED_API_KEY", "sk")
+    out = tmp_path / "out"
+    with ScriptedServer(lambda body: Reply(reference_answer(body))) as server:
+        pipeline = tmp_path / "scripted.toml"
+        pipeline.write_text((REPO / "pipelines" / "scripted.toml").read_text().replace(
+            "http://127.0.0.1:8911/v1", server.base_url))
+        first = regenerate(RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=out),
+                           report=Reporter(quiet=True))
+    assert first.manifest["offline"] is False
+    second = regenerate(_options(out, REPO / "spec"), report=Reporter(quiet=True))
+    assert second.manifest["offline"] is True and second.version == "1.0.1"
+    assert second.manifest["recorded_answers"] == {"mad:fiedler": "1.0.0", "mad:rogers": "1.0.0"}
+    assert second.manifest["sandbox"]["failed"] == 0
+    src = second.path / "src"
+    assert "async def summarise(self, conversation_id: str, max_messages: int = 50) -> dict:" in (
+        src / "madgroup" / "mads" / "rogers.py").read_text()
+    assert "def test_compare_models_answers_from_every_alias" in (src / "tests" / "test_fiedler.py").read_text()
