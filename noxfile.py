@@ -48,6 +48,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, measured side by side in one run; results in .regen/bench/."""
     _sync(session)
     session.run("python", "benchmarks/cli_startup.py")
+    session.run("python", "benchmarks/pipeline_overhead.py")
 
 
 @nox.session

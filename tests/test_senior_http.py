@@ -294,3 +294,33 @@ def _failing_grace_tests(body):
         if f["path"] == "tests/test_grace.py":
             f["content"] += "\n\ndef test_not_yet_right():\n    assert False, 'grace is not done'\n"
     return Reply(json.dumps(answer))
+
+
+def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spec_and_plan):
+    import threading
+
+    spec, plan = spec_and_plan
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    class Counting(LiteLLMClient):
+        def complete(self, request):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            try:
+                return super().complete(request)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    def slow(body):  # the first unit answers last
+        return Reply(reference_answer(body), delay=0.6 if unit_of(body) == "mad:turing" else 0.3)
+
+    with ScriptedServer(slow) as server:
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))  # concurrency = 3
+        client = Counting(pipeline.senior, pipeline.prices)
+        synthesis = synthesise(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens)
+    assert state["most"] == 3
+    order = ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    assert [u.unit for u in synthesis.units] == order
+    assert [e.request.unit for e in synthesis.exchanges] == order

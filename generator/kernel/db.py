@@ -6,6 +6,7 @@ from the event loop and from worker threads alike.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -48,10 +49,17 @@ class Database:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # The database (and its -wal/-shm files) holds ciphertexts and audit records: owner only.
+        previous_umask = os.umask(0o077)
+        try:
+            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            os.umask(previous_umask)
+        os.chmod(self.path, 0o600)
+        # FULL: a call that returned has its write on disk, even across a power loss.
+        self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self.fts5 = self._probe_fts5()

@@ -143,3 +143,14 @@ def test_bus_redacts_secret_values_between_mads(runtime):
     kinds = [r["kind"] for r in rows]
     assert "request" in kinds and "reply" in kinds
     assert all(PLAINTEXT not in (r["content"] + r["payload"]) for r in rows)
+
+
+def test_the_database_is_readable_by_its_owner_only(tmp_path):
+    from generator.kernel.db import Database
+
+    db = Database(tmp_path / "state" / "ecosystem.db")
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    for path in (tmp_path / "state").iterdir():
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is readable by others"
+    db.close()
