@@ -298,7 +298,7 @@ def _spent(synthesis: Synthesis) -> str:
     cached = sum(1 for u in synthesis.units if u.cached)
     tokens = sum(u.prompt_tokens + u.completion_tokens for u in synthesis.units)
     cost = sum(u.cost_usd for u in synthesis.units)
-    return f"{tokens:,} tokens, ${cost:.4f}" + (f", {cached} from cache" if cached else "")
+    return f"{tokens:,} tokens, ${cost:.4f}" + (f", {cached} without a model call" if cached else "")
 
 
 def manifest(
@@ -359,7 +359,7 @@ def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs,
         [
             ("artifact", str(final)),
             ("parent", parent or "none (first build)"),
-            ("units", f"{len(synthesis.units)} synthesised" + (f", {len(cached)} answered from cache" if cached else "")
+            ("units", f"{len(synthesis.units)} synthesised" + (f", {len(cached)} answered from cache or a recorded build" if cached else "")
              + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
             ("per unit", per_unit),
             ("files", f"{len(outputs)} ({len(synthesis.files)} synthesised, kernel copied)"),
