@@ -150,7 +150,7 @@ class Imperator(Frozen):
     """The MAD's Thought Engine: its system prompt and the model alias it thinks with."""
 
     model: str = Field(description="an alias from ecosystem.yaml `models`")
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1, description="omitted: the senior writes it from the role")
 
 
 class MadSpec(Frozen):

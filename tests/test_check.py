@@ -144,3 +144,4 @@ def test_principle_rules_are_enforced_with_file_and_line(spec, line, expected):
     module = line + "\n" + GOOD_MODULE
     message = _rejected(spec, {"demo/mads/turing.py": module})
     assert "demo/mads/turing.py:1: " + expected in message
+
