@@ -47,7 +47,8 @@ class Senior:
         return Reply(reference_answer(body))
 
 
-def write_pipeline(folder: Path, base_url: str, extra: str = "", repair_rounds: int = 2, timeout: int = 60) -> Path:
+def write_pipeline(folder: Path, base_url: str, extra: str = "", repair_rounds: int = 2, timeout: int = 60,
+                   fallbacks: tuple[str, ...] = ()) -> Path:
     path = folder / "scripted.toml"
     path.write_text(f"""
 name = "scripted"
@@ -56,6 +57,7 @@ concurrency = 3
 
 [senior]
 model = "openai/scripted"
+fallbacks = {json.dumps(list(fallbacks))}
 api_base = "{base_url}"
 api_key_env = "{KEY}"
 max_tokens = 32000
@@ -133,11 +135,26 @@ def test_transient_faults_are_retried_and_recorded(tmp_path, spec_and_plan, faul
     assert "turing/set_secret" not in json.dumps(server.errors)
 
 
-def test_a_senior_that_keeps_failing_falls_back_then_gives_up_clearly(tmp_path, spec_and_plan):
+def test_a_senior_that_keeps_failing_gives_up_clearly(tmp_path, spec_and_plan):
     faults = {"mad:turing": [Fault.status(503)] * 20}
-    with pytest.raises(BuildFailed, match="every model failed after retries"):
-        _synthesise(tmp_path, Senior(faults), spec_and_plan,
-                    extra='', repair_rounds=0)
+    with pytest.raises(BuildFailed, match="every model failed after retries: openai/scripted: "):
+        _synthesise(tmp_path, Senior(faults), spec_and_plan, repair_rounds=0)
+
+
+def test_when_the_senior_is_down_the_fallback_model_answers(tmp_path, spec_and_plan):
+    spec, plan = spec_and_plan
+
+    def down_unless_fallback(body):
+        return Reply(reference_answer(body)) if body["model"] == "backup" else Fault.status(503)
+
+    with ScriptedServer(down_unless_fallback) as server:
+        path = write_pipeline(tmp_path, server.base_url, fallbacks=("openai/backup",))
+        pipeline = load_pipeline(path)
+        client = LiteLLMClient(pipeline.senior, pipeline.prices)
+        synthesis = synthesise(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens)
+    assert {e.reply.model for e in synthesis.exchanges} == {"openai/backup"}
+    asked = [r["model"] for r in server.requests]
+    assert asked.count("scripted") == 5 * 4 and asked.count("backup") == 5  # per unit: 1 try + 3 retries, then the fallback
 
 
 def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_plan):
