@@ -42,7 +42,7 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
     """Raise AnswerRejected listing every problem of `answer` for `unit`; return when all pass."""
     problems: list[str] = []
     seen: set[str] = set()
-    modules: dict[str, cst.Module] = {}
+    modules: dict[str, MetadataWrapper] = {}  # one wrapper per module: it deep-copies the tree
     for f in answer.files:
         if (why := path_problem(f.path)) is not None:
             problems.append(f"{f.path}: {why}")
@@ -57,7 +57,7 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
             continue
         if f.path.endswith(".py"):
             try:
-                modules[f.path] = cst.parse_module(f.content)
+                modules[f.path] = MetadataWrapper(cst.parse_module(f.content))
                 # libcst parses some code CPython refuses (a late `from __future__`, `return` at
                 # module level): compiling catches what the interpreter would.
                 compile(f.content, f.path, "exec", dont_inherit=True)
@@ -122,9 +122,9 @@ class _Uses(cst.CSTVisitor):
             self.calls.append((name, self._line(node)))
 
 
-def principle_problems(path: str, source: str, module: cst.Module, rules: list[PrincipleRule]) -> list[str]:
+def principle_problems(path: str, source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[str]:
     uses = _Uses()
-    MetadataWrapper(module).visit(uses)
+    wrapper.visit(uses)
     problems = []
     for rule in rules:
         for name, line in uses.imports:
@@ -157,9 +157,8 @@ def _code(node: cst.CSTNode | None) -> str | None:
     return re.sub(r"\s+", "", cst.Module(body=[]).code_for_node(node))
 
 
-def tool_problems(mad: MadSpec, module: cst.Module) -> list[str]:
+def tool_problems(mad: MadSpec, wrapper: MetadataWrapper) -> list[str]:
     """Every difference between the spec'd tools of `mad` and the `@tool` methods of its class."""
-    wrapper = MetadataWrapper(module)
     positions = wrapper.resolve(PositionProvider)
     classes = [n for n in wrapper.module.body if isinstance(n, cst.ClassDef) and n.name.value == mad.class_name]
     if not classes:
