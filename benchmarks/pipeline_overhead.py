@@ -28,7 +28,7 @@ from generator.llm import ModelReply  # noqa: E402
 from generator.load import load_spec  # noqa: E402
 from generator.plan import make_plan  # noqa: E402
 from generator.scripted import reference_answer  # noqa: E402
-from generator.synthesise import Spend, first_request, synthesise  # noqa: E402
+from generator.synthesise import Spend, SynthesisRun, first_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = 3
@@ -80,8 +80,8 @@ def measure(spec_dir: Path, scratch: Path, senior: InstantSenior) -> dict[str, f
     plan = timed("plan", lambda: make_plan(spec))
     requests = timed("prompts", lambda: [first_request(spec, plan, u, PIPELINE) for u in plan.units])
     timed("tokens", lambda: context.fit(requests, PIPELINE.senior))
-    synthesis = timed("synthesise", lambda: synthesise(
-        spec, plan, PIPELINE, senior, Spend(PIPELINE.budgets), context.count_tokens))
+    synthesis = timed("synthesise", lambda: SynthesisRun(
+        spec, plan, PIPELINE, senior, Spend(PIPELINE.budgets), context.count_tokens).synthesise())
     out = scratch / "src"
     timed("write", lambda: write_tree(out, synthesis.files))
     shutil.rmtree(out)

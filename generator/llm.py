@@ -34,6 +34,7 @@ from .errors import BuildFailed, UserError
 ALLOW_MODEL_REQUESTS = True
 
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_RETRY_AFTER = 60.0
 
 
 class Frozen(BaseModel):
@@ -121,6 +122,18 @@ def load_litellm():
     return litellm
 
 
+def price_per_token(model: str, prices: dict[str, Price]) -> tuple[float, float] | None:
+    """USD per input and per output token: the pipeline's table first, then litellm's; None if unknown."""
+    if model.startswith("offline/"):
+        return (0.0, 0.0)
+    if model in prices:
+        return (prices[model].input_per_mtok / 1e6, prices[model].output_per_mtok / 1e6)
+    info = load_litellm().model_cost.get(model) or load_litellm().model_cost.get(model.split("/", 1)[-1])
+    if not info or info.get("input_cost_per_token") is None:
+        return None
+    return (float(info["input_cost_per_token"]), float(info.get("output_cost_per_token") or 0.0))
+
+
 def missing_key(senior: SeniorModel) -> str | None:
     """The environment variable the senior (or a fallback) needs and does not have, if any."""
     if senior.api_key_env:
@@ -149,8 +162,9 @@ def _retry_after(exc: Exception) -> float | None:
         return None
     value = headers.get("retry-after") or headers.get("Retry-After")
     try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+        # Honoured, within reason: a server may not park a unit for longer than a minute a try.
+        return min(MAX_RETRY_AFTER, max(0.0, float(value))) if value is not None else None
+    except ValueError:  # the HTTP-date form: fall back to our own backoff
         return None
 
 
@@ -233,6 +247,10 @@ class LiteLLMClient:
         if not response.choices:  # a 200 with no choice is a provider fault, worth another try
             raise _Transient("the response had no choices")
         choice = response.choices[0]
+        try:
+            (choice.message.content or "").encode("utf-8")
+        except UnicodeEncodeError:  # JSON escapes can smuggle lone surrogates: garbled, like bad bytes
+            raise _Transient("the answer is not valid UTF-8 text") from None
         usage = getattr(response, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
         completion_tokens = getattr(usage, "completion_tokens", 0) or 0
@@ -296,27 +314,13 @@ class ResponseCache:
 
     def put(self, request_hash: str, reply: ModelReply) -> None:
         path = self._path(request_hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        temporary.write_text(reply.model_copy(update={"cached": False}).model_dump_json())
-        os.replace(temporary, path)
-
-
-class CachedClient:
-    """A cache in front of a client: a hit costs no tokens and says so (`cached=True`)."""
-
-    def __init__(self, client: ModelClient, cache: ResponseCache):
-        self.client = client
-        self.cache = cache
-
-    def complete(self, request: ModelRequest) -> ModelReply:
-        hit = self.cache.get(request.hash)
-        if hit is not None:
-            return hit.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
-        reply = self.client.complete(request)
-        if reply.finish_reason != "length" and reply.content:
-            self.cache.put(request.hash, reply)
-        return reply
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(reply.model_copy(update={"cached": False}).model_dump_json())
+            os.replace(temporary, path)
+        except (OSError, ValueError):  # a cache that cannot be written costs tokens later, not the build
+            temporary.unlink(missing_ok=True)
 
 
 class TranscriptModel:
@@ -379,18 +383,29 @@ class RecordedAnswers:
     def __init__(self, transcripts: list[tuple[str, Path]]):
         self.answers: dict[str, tuple[str, ModelReply]] = {}
         for label, path in transcripts:  # newest first: the first answer recorded for a prompt wins
-            for line in path.read_text(encoding="utf-8").splitlines():
-                entry = json.loads(line)
-                request = ModelRequest(
-                    unit=entry["unit"], model=entry["model"], messages=tuple(entry["messages"]),
-                    temperature=0, seed=None, max_tokens=1,
-                    response_schema=Answer.model_json_schema() if entry["parameters"].get("structured_output") else None,
-                )
-                reply = ModelReply(
-                    content=entry["response"], model=entry.get("answered_by") or entry["model"],
-                    finish_reason=entry.get("finish_reason"), prompt_tokens=entry["usage"]["prompt_tokens"],
-                    completion_tokens=entry["usage"]["completion_tokens"], cost_usd=entry.get("cost_usd", 0.0),
-                )
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue  # an unreadable record answers nothing; the units it would serve are then named
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                try:
+                    request = ModelRequest(
+                        unit=entry["unit"], model=entry["model"], messages=tuple(entry["messages"]),
+                        temperature=0, seed=None, max_tokens=1,
+                        response_schema=Answer.model_json_schema()
+                        if entry.get("parameters", {}).get("structured_output") else None,
+                    )
+                    reply = ModelReply(
+                        content=entry["response"], model=entry.get("answered_by") or entry["model"],
+                        finish_reason=entry.get("finish_reason"), prompt_tokens=entry["usage"]["prompt_tokens"],
+                        completion_tokens=entry["usage"]["completion_tokens"], cost_usd=entry.get("cost_usd", 0.0),
+                    )
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue
                 self.answers.setdefault(request.prompt_hash, (label, reply))
 
     def source_of(self, request: ModelRequest) -> str | None:
@@ -483,17 +498,14 @@ class AnswerRejected(BuildFailed):
 
 def parse_answer(unit: str, reply: ModelReply) -> Answer:
     """Parse and validate an answer; a bad one is rejected with what was wrong."""
-    if len(reply.content.encode("utf-8", "surrogatepass")) > MAX_ANSWER_BYTES:
-        raise AnswerRejected(unit, [f"the answer is {len(reply.content.encode())} bytes, over the {MAX_ANSWER_BYTES} limit"])
+    size = len(reply.content.encode("utf-8", "surrogatepass"))
+    if size > MAX_ANSWER_BYTES:
+        raise AnswerRejected(unit, [f"the answer is {size} bytes, over the {MAX_ANSWER_BYTES} limit"])
     text = reply.content.strip()
     if not text:
         raise AnswerRejected(unit, ["the answer was empty"])
     if text.startswith("```"):  # models often fence JSON despite being asked not to
         text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise AnswerRejected(unit, ["the answer is not valid UTF-8 text"])
     try:
         return Answer.model_validate_json(text)
     except ValidationError as exc:

@@ -33,7 +33,6 @@ from .emit import (
 )
 from .errors import BuildFailed, UserError
 from .llm import (
-    CachedClient,
     LiteLLMClient,
     ModelClient,
     ModelRequest,
@@ -43,13 +42,14 @@ from .llm import (
     Transcript,
     TranscriptModel,
     missing_key,
+    price_per_token,
 )
 from .load import load_spec
 from .plan import Plan, make_plan
 from .progress import Reporter
 from .sandbox import SandboxResult, run_tests, run_uv
 from .spec import Spec
-from .synthesise import Spend, Synthesis, first_request, repair_after_tests, synthesise
+from .synthesise import Spend, Synthesis, SynthesisRun, first_request
 
 GENERATOR = Path(__file__).parent
 
@@ -229,19 +229,21 @@ def regenerate(
             sources = sorted({recorded.source_of(requests[u]) for u in needs})
             report.say(f"  [dim]units {', '.join(needs)} need a model: answered as recorded by "
                        f"{spec.ecosystem.name} {', '.join(sources)}[/]")
-        if options.cache_dir is not None:
-            client = CachedClient(client, ResponseCache(options.cache_dir))
     if pipeline.senior.is_offline:
         report.say("  [dim]offline build: the senior is offline/reference (templates, no network, no keys)[/]")
-    spend = Spend(pipeline.budgets)
+    # The offline senior's answers follow its templates, which its requests do not carry: no cache.
+    cache = None if options.cache_dir is None or pipeline.senior.is_offline else ResponseCache(options.cache_dir)
+    run = SynthesisRun(
+        spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens, cache,
+        price=lambda model: price_per_token(model, pipeline.prices),
+    )
     preferred_lock = options.replay / "src" / "uv.lock" if options.replay else (
         ecosystem_dir / parent / "src" / "uv.lock" if parent else None
     )
 
     with staging(ecosystem_dir) as stage:
         with report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
-            synthesis = synthesise(
-                spec, plan, pipeline, client, spend, context.count_tokens,
+            synthesis = run.synthesise(
                 on_unit=lambda unit: report.progress("synthesise", f"unit {unit.name} with {pipeline.senior.model}"),
             )
             info["note"] = f"{len(synthesis.files)} files checked; {_spent(synthesis)}"
@@ -264,10 +266,11 @@ def regenerate(
                                   f"{tests.output_tail}")
             previous_failures = failures
             with report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
-                synthesis = repair_after_tests(
-                    spec, plan, pipeline, client, spend, context.count_tokens, synthesis, failures, test_round + 1
-                )
+                synthesis = run.repair_after_tests(synthesis, failures, test_round + 1)
                 info["note"] = _spent(synthesis)
+        if replay_client is not None and (left := [u.name for u in plan.units if replay_client.unanswered(u.name)]):
+            report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
+                        "its tests passed earlier, so this artifact may differ from the one replayed")
         Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
         (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
         outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
@@ -395,26 +398,31 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Ve
         plan = make_plan(spec)
     requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
     prints = fingerprint(spec, pipeline, requests)
-    changed = sorted(k for k in set(prints.inputs) | set(recorded["inputs"])
-                     if prints.inputs.get(k) != recorded["inputs"].get(k))
+    recorded_inputs = recorded.get("inputs", {})
+    changed = sorted(k for k in set(prints.inputs) | set(recorded_inputs) if prints.inputs.get(k) != recorded_inputs.get(k))
     if changed:
         raise UserError(
             f"the inputs differ from those {artifact} was built from, so it cannot be reproduced here: "
             + ", ".join(changed[:10]) + ". Check out the commit that built it."
         )
+    transcript_hash = recorded.get("outputs", {}).get("transcript.jsonl")
+    if transcript_hash is None or sha256_file(artifact / "transcript.jsonl") != transcript_hash:
+        raise UserError(f"{artifact}/transcript.jsonl does not match the hash its manifest recorded: "
+                        "it was changed, so it cannot vouch for the build")
     with tempfile.TemporaryDirectory(prefix="regen-verify-") as scratch:
         src = Path(scratch) / "src"
         with report.stage("synthesise", f"{len(plan.units)} units from the transcript"):
-            spend = Spend(pipeline.budgets)
-            synthesis = synthesise(spec, plan, pipeline, client, spend, context.count_tokens)
-            # Repairs that failed tests asked for are replayed in order, without the sandbox.
-            for test_round in range(1, pipeline.repair_rounds + 1):
-                pending = {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}
-                if not pending:
-                    break
-                synthesis = repair_after_tests(
-                    spec, plan, pipeline, client, spend, context.count_tokens, synthesis, pending, test_round
-                )
+            run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens)
+            try:
+                synthesis = run.synthesise()
+                # Repairs that failed tests asked for are replayed in order, without the sandbox.
+                for test_round in range(1, pipeline.repair_rounds + 1):
+                    pending = {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}
+                    if not pending:
+                        break
+                    synthesis = run.repair_after_tests(synthesis, pending, test_round)
+            except BuildFailed as exc:
+                raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
         with report.stage("write", "src/ and uv.lock"):
             write_src(src, synthesis, plan, artifact / "src" / "uv.lock")
         rebuilt = tree_hashes(src)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import ast
 import json
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from . import check
 from .config import Budgets, Pipeline
 from .errors import BuildFailed
 from .kernel.capabilities import CAPABILITIES
-from .llm import Answer, AnswerRejected, Exchange, ModelClient, ModelReply, ModelRequest, parse_answer
+from .llm import Answer, AnswerRejected, Exchange, ModelClient, ModelReply, ModelRequest, ResponseCache, parse_answer
 from .plan import Plan, Unit
 from .render import environment
 from .spec import MadSpec, Spec, Tool
@@ -77,44 +79,69 @@ class BudgetExceeded(BuildFailed):
 
 
 class Spend:
-    """Tokens and dollars spent, per run and per unit; checked before every call."""
+    """Tokens and dollars spent, per run and per unit, with what calls in flight may still spend.
+
+    A call reserves its worst case (prompt + max_tokens, priced when the price is known)
+    before it is made, so concurrent units cannot all squeeze under a budget at once.
+    """
 
     def __init__(self, budgets: Budgets):
         self.budgets = budgets
         self.tokens = 0
         self.cost_usd = 0.0
         self.by_unit: dict[str, tuple[int, float]] = {}
+        self._reserved: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def reserve(self, unit: str, worst_case_tokens: int) -> None:
-        """Raise BudgetExceeded if a call of up to `worst_case_tokens` could cross a budget."""
+    @contextmanager
+    def reservation(self, unit: str, tokens: int, cost_usd: float) -> Iterator[Callable[[ModelReply], None]]:
+        """Reserve a call's worst case; the body settles it with the reply (unsettled: nothing spent)."""
+        with self._lock:
+            self._check(unit, tokens, cost_usd)
+            self._add(self._reserved, unit, tokens, cost_usd)
+            self._add(self._reserved, "", tokens, cost_usd)
+
+        def settle(reply: ModelReply) -> None:
+            if reply.cached:
+                return
+            with self._lock:
+                self.tokens += reply.tokens
+                self.cost_usd += reply.cost_usd
+                self._add(self.by_unit, unit, reply.tokens, reply.cost_usd)
+
+        try:
+            yield settle
+        finally:
+            with self._lock:
+                self._add(self._reserved, unit, -tokens, -cost_usd)
+                self._add(self._reserved, "", -tokens, -cost_usd)
+
+    @staticmethod
+    def _add(table: dict[str, tuple[int, float]], key: str, tokens: int, cost: float) -> None:
+        old_tokens, old_cost = table.get(key, (0, 0.0))
+        table[key] = (old_tokens + tokens, old_cost + cost)
+
+    def _check(self, unit: str, tokens: int, cost_usd: float) -> None:
         b = self.budgets
-        with self._lock:
-            unit_tokens, unit_cost = self.by_unit.get(unit, (0, 0.0))
-            tokens = [("the run's token budget", b.run_tokens, self.tokens), (f"unit {unit}'s token budget", b.unit_tokens, unit_tokens)]
-            dollars = [("the run's cost budget", b.run_cost_usd, self.cost_usd), (f"unit {unit}'s cost budget", b.unit_cost_usd, unit_cost)]
-            for what, limit, spent in tokens:
-                if limit is not None and spent + worst_case_tokens > limit:
-                    self._stop(unit, f"{what} of {limit} tokens ({spent} spent + up to {worst_case_tokens} for this call)")
-            for what, limit, spent in dollars:
-                if limit is not None and spent >= limit:  # any further call costs something
-                    self._stop(unit, f"{what} of ${limit} (${spent:.4f} spent)")
-
-    def _stop(self, unit: str, why: str) -> None:
-        raise BudgetExceeded(
-            f"stopped before the next call for unit {unit}: it could cross {why}. "
-            f"Spent in this run: {self.tokens} tokens, ${self.cost_usd:.4f}. "
-            "Raise [budgets] in the pipeline file to go on; nothing was archived."
-        )
-
-    def charge(self, unit: str, reply: ModelReply) -> None:
-        if reply.cached:
-            return
-        with self._lock:
-            self.tokens += reply.tokens
-            self.cost_usd += reply.cost_usd
-            tokens, cost = self.by_unit.get(unit, (0, 0.0))
-            self.by_unit[unit] = (tokens + reply.tokens, cost + reply.cost_usd)
+        run_reserved = self._reserved.get("", (0, 0.0))
+        unit_reserved = self._reserved.get(unit, (0, 0.0))
+        unit_spent = self.by_unit.get(unit, (0, 0.0))
+        limits = [
+            ("the run's token budget", b.run_tokens, self.tokens + run_reserved[0], tokens, "{:,} tokens"),
+            (f"unit {unit}'s token budget", b.unit_tokens, unit_spent[0] + unit_reserved[0], tokens, "{:,} tokens"),
+            ("the run's cost budget", b.run_cost_usd, self.cost_usd + run_reserved[1], cost_usd, "${:.4f}"),
+            (f"unit {unit}'s cost budget", b.unit_cost_usd, unit_spent[1] + unit_reserved[1], cost_usd, "${:.4f}"),
+        ]
+        for what, limit, committed, this_call, unit_format in limits:
+            # A cost budget also stops once it is reached: any further call costs something.
+            if limit is not None and (committed + this_call > limit or (this_call == 0 and committed >= limit)):
+                raise BudgetExceeded(
+                    f"stopped before the next call for unit {unit}: it could cross {what} of "
+                    f"{unit_format.format(limit)} ({unit_format.format(committed)} spent or in flight, "
+                    f"+ up to {unit_format.format(this_call)} for this call). Spent in this run: "
+                    f"{self.tokens:,} tokens, ${self.cost_usd:.4f}. Raise [budgets] in the pipeline file to go on; "
+                    "nothing was archived."
+                )
 
 
 # --- prompts ------------------------------------------------------------------------------
@@ -226,60 +253,123 @@ def first_request(spec: Spec, plan: Plan, unit: Unit, pipeline: Pipeline) -> Mod
 # --- the unit conversation ------------------------------------------------------------------
 
 
+@dataclass
+class SynthesisRun:
+    """What every unit's conversation of one run shares: the inputs, the senior, the budgets."""
+
+    spec: Spec
+    plan: Plan
+    pipeline: Pipeline
+    client: ModelClient
+    spend: Spend
+    estimate: Callable[[ModelRequest], int]
+    cache: ResponseCache | None = None
+    price: Callable[[str], tuple[float, float] | None] = lambda model: None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def synthesise(self, on_unit: Callable[[Unit], None] = lambda unit: None) -> Synthesis:
+        """Ask the senior for every unit, concurrently; a unit that cannot be made right stops the run."""
+
+        def job(unit: Unit) -> Callable[[], UnitOutcome]:
+            def run() -> UnitOutcome:
+                on_unit(unit)
+                return _Conversation(self, unit).converse(prompt_messages(self.spec, self.plan, unit), "synthesise")
+
+            return run
+
+        return _collect(self._concurrently([job(u) for u in self.plan.units]))
+
+    def repair_after_tests(self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int) -> Synthesis:
+        """Send each unit whose tests failed its failures; the other units keep their answers."""
+
+        def job(outcome: UnitOutcome) -> Callable[[], UnitOutcome]:
+            if outcome.result.unit not in failures:
+                return lambda: outcome
+
+            def run() -> UnitOutcome:
+                conversation = _Conversation(self, self.plan.unit(outcome.result.unit), outcome)
+                messages = [
+                    *outcome.messages,
+                    {"role": "assistant", "content": _quoted(outcome.answer)},
+                    {"role": "user", "content": repair_message(failures[outcome.result.unit], "tests")},
+                ]
+                return conversation.converse(messages, "repair-tests", first_round=round_)
+
+            return run
+
+        return _collect(self._concurrently([job(o) for o in synthesis.outcomes]))
+
+    def _concurrently(self, jobs: list[Callable[[], UnitOutcome]]) -> list[UnitOutcome]:
+        """At most `concurrency` jobs at a time, results in job order; the first failure stops the rest."""
+        pool = ThreadPoolExecutor(max_workers=self.pipeline.concurrency, thread_name_prefix="unit")
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            self.stop.set()  # units in flight stop before their next call
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _quoted(answer: str) -> str:
+    # An earlier answer quoted back in a repair: whole when it is of a reasonable size.
+    return answer if len(answer) <= 200_000 else answer[:200_000] + "\n[... cut]"
+
+
 class _Conversation:
-    def __init__(self, unit: Unit, pipeline: Pipeline, client: ModelClient, spend: Spend, estimate: Callable):
+    def __init__(self, run: SynthesisRun, unit: Unit, earlier: UnitOutcome | None = None):
+        self.run = run
         self.unit = unit
-        self.pipeline = pipeline
-        self.client = client
-        self.spend = spend
-        self.estimate = estimate
+        self.earlier = earlier
         self.exchanges: list[Exchange] = []
 
-    def ask(self, messages: list[dict[str, str]], round_: int, purpose: str) -> tuple[ModelRequest, ModelReply]:
-        """One answer, continued while it is cut off; returns the first request and the whole reply."""
-        first = None
+    def _call(self, request: ModelRequest) -> ModelReply:
+        if self.run.cache is not None and (hit := self.run.cache.get(request.hash)) is not None:
+            return hit.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+        if self.run.stop.is_set():
+            raise BuildFailed(f"unit {self.unit.name} stopped: another unit failed")
+        prompt_tokens = self.run.estimate(request)
+        price = self.run.price(request.model)
+        worst_cost = (prompt_tokens * price[0] + request.max_tokens * price[1]) if price else 0.0
+        with self.run.spend.reservation(self.unit.name, prompt_tokens + request.max_tokens, worst_cost) as settle:
+            reply = self.run.client.complete(request)
+            settle(reply)
+        return reply
+
+    def ask(self, messages: list[dict[str, str]], round_: int, purpose: str) -> ModelReply:
+        """One answer, continued while it is cut off; returns the whole reply."""
         content = ""
-        totals = ModelReply(content="")
         for attempt in range(MAX_CONTINUATIONS + 1):
-            request = ModelRequest.for_unit(
-                self.unit.name, self.pipeline.senior, messages, Answer.model_json_schema()
-            )
-            first = first or request
-            self.spend.reserve(self.unit.name, self.estimate(request) + request.max_tokens)
-            reply = self.client.complete(request)
-            self.spend.charge(self.unit.name, reply)
+            # A continuation is the rest of a JSON text, not a JSON object: no schema for it.
+            schema = Answer.model_json_schema() if attempt == 0 else None
+            request = ModelRequest.for_unit(self.unit.name, self.run.pipeline.senior, messages, schema)
+            reply = self._call(request)
             self.exchanges.append(
                 Exchange(request=request, reply=reply, round=round_, purpose=purpose if attempt == 0 else "continue")
             )
             content += reply.content
-            totals = totals.model_copy(update={
-                "content": content,
-                "model": reply.model,
-                "finish_reason": reply.finish_reason,
-                "prompt_tokens": totals.prompt_tokens + reply.prompt_tokens,
-                "completion_tokens": totals.completion_tokens + reply.completion_tokens,
-                "cost_usd": totals.cost_usd + reply.cost_usd,
-                "latency_ms": totals.latency_ms + reply.latency_ms,
-                "cached": reply.cached if attempt == 0 else totals.cached and reply.cached,
-            })
-            if reply.finish_reason != "length":
-                return first, totals
+            if reply.finish_reason != "length" or not reply.content:
+                break
             messages = [*messages, {"role": "assistant", "content": reply.content}, {"role": "user", "content": CONTINUE}]
-        return first, totals  # still cut off: parse_answer rejects it, never half a file
+        return reply.model_copy(update={"content": content})
 
-    def converse(
-        self, spec: Spec, plan: Plan, messages: list[dict[str, str]], purpose: str, first_round: int = 0
-    ) -> UnitOutcome:
+    def converse(self, messages: list[dict[str, str]], purpose: str, first_round: int = 0) -> UnitOutcome:
         """Ask, check, repair until accepted or out of rounds; raises BuildFailed when it gives up."""
+        spec, plan, pipeline = self.run.spec, self.run.plan, self.run.pipeline
         last_problems: list[str] | None = None
-        first_request = None
-        for round_ in range(first_round, first_round + self.pipeline.repair_rounds + 1):
-            request, reply = self.ask(messages, round_, purpose if round_ == first_round else "repair")
-            first_request = first_request or request
+        for round_ in range(first_round, first_round + pipeline.repair_rounds + 1):
+            reply = self.ask(messages, round_, purpose if round_ == first_round else "repair")
             try:
                 if reply.finish_reason == "length":
                     raise AnswerRejected(self.unit.name, [
-                        f"the answer was still cut off after {MAX_CONTINUATIONS} continuations: write shorter files"
+                        "the answer was cut off by the output limit"
+                        + (" with nothing written" if not reply.content else f" after {MAX_CONTINUATIONS} continuations")
+                        + ": write fewer or shorter files"
                     ])
                 answer = parse_answer(self.unit.name, reply)
                 check.answer(spec, plan, self.unit, answer)
@@ -292,29 +382,45 @@ class _Conversation:
                 last_problems = rejected.problems
                 messages = [
                     *messages,
-                    {"role": "assistant", "content": reply.content[:20_000]},
+                    {"role": "assistant", "content": _quoted(reply.content)},
                     {"role": "user", "content": repair_message(rejected.problems, "check")},
                 ]
                 continue
+            self._remember(round_)
             files = {f.path: f.content for f in answer.files}
-            mine = list(self.exchanges)
-            result = UnitResult(
-                unit=self.unit.name,
-                request_hash=first_request.hash,
-                files=tuple(sorted(files)),
-                rounds=round_ + 1,
-                prompt_tokens=sum(e.reply.prompt_tokens for e in mine if not e.reply.cached),
-                completion_tokens=sum(e.reply.completion_tokens for e in mine if not e.reply.cached),
-                cost_usd=round(sum(e.reply.cost_usd for e in mine if not e.reply.cached), 6),
-                latency_ms=sum(e.reply.latency_ms for e in mine),
-                cached=all(e.reply.cached for e in mine),
-            )
             return UnitOutcome(
-                result=result, files=files, messages=tuple(messages), answer=reply.content, exchanges=tuple(mine)
+                result=self._result(files),
+                files=files,
+                messages=tuple(messages),
+                answer=reply.content,
+                exchanges=tuple(self.earlier.exchanges if self.earlier else ()) + tuple(self.exchanges),
             )
         raise BuildFailed(
-            f"unit {self.unit.name} was still rejected after {self.pipeline.repair_rounds} repair round(s):\n  "
+            f"unit {self.unit.name} was still rejected after {pipeline.repair_rounds} repair round(s):\n  "
             + "\n  ".join(last_problems or [])
+        )
+
+    def _remember(self, round_: int) -> None:
+        """Cache the accepted round's answers only: a rejected answer must not come back on a rerun."""
+        if self.run.cache is None:
+            return
+        for e in self.exchanges:
+            if e.round == round_ and not e.reply.cached:
+                self.run.cache.put(e.request.hash, e.reply)
+
+    def _result(self, files: dict[str, str]) -> UnitResult:
+        every = list(self.earlier.exchanges if self.earlier else ()) + self.exchanges
+        paid = [e for e in every if not e.reply.cached]
+        return UnitResult(
+            unit=self.unit.name,
+            request_hash=every[0].request.hash,
+            files=tuple(sorted(files)),
+            rounds=sum(1 for e in every if e.purpose != "continue"),
+            prompt_tokens=sum(e.reply.prompt_tokens for e in paid),
+            completion_tokens=sum(e.reply.completion_tokens for e in paid),
+            cost_usd=round(sum(e.reply.cost_usd for e in paid), 6),
+            latency_ms=sum(e.reply.latency_ms for e in every),
+            cached=all(e.reply.cached for e in every),
         )
 
 
@@ -328,70 +434,3 @@ def _collect(outcomes: list[UnitOutcome]) -> Synthesis:
         exchanges=tuple(e for o in outcomes for e in o.exchanges),
         outcomes=tuple(outcomes),
     )
-
-
-def _run_concurrently(jobs: list[Callable[[], UnitOutcome]], concurrency: int) -> list[UnitOutcome]:
-    """Run jobs at most `concurrency` at a time; results in job order; the first failure wins."""
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="unit") as pool:
-        futures = [pool.submit(job) for job in jobs]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-
-def synthesise(
-    spec: Spec,
-    plan: Plan,
-    pipeline: Pipeline,
-    client: ModelClient,
-    spend: Spend,
-    estimate: Callable[[ModelRequest], int],
-    on_unit: Callable[[Unit], None] = lambda unit: None,
-) -> Synthesis:
-    """Ask the senior for every unit, concurrently; any unit that cannot be made right stops the run."""
-
-    def job(unit: Unit) -> Callable[[], UnitOutcome]:
-        def run() -> UnitOutcome:
-            on_unit(unit)
-            conversation = _Conversation(unit, pipeline, client, spend, estimate)
-            return conversation.converse(spec, plan, prompt_messages(spec, plan, unit), "synthesise")
-
-        return run
-
-    return _collect(_run_concurrently([job(u) for u in plan.units], pipeline.concurrency))
-
-
-def repair_after_tests(
-    spec: Spec,
-    plan: Plan,
-    pipeline: Pipeline,
-    client: ModelClient,
-    spend: Spend,
-    estimate: Callable[[ModelRequest], int],
-    synthesis: Synthesis,
-    failures: dict[str, list[str]],
-    round_: int,
-) -> Synthesis:
-    """Send each unit whose tests failed its failures; the other units keep their answers."""
-
-    def job(outcome: UnitOutcome) -> Callable[[], UnitOutcome]:
-        unit = plan.unit(outcome.result.unit)
-        if unit.name not in failures:
-            return lambda: outcome
-
-        def run() -> UnitOutcome:
-            conversation = _Conversation(unit, pipeline, client, spend, estimate)
-            messages = [
-                *outcome.messages,
-                {"role": "assistant", "content": outcome.answer[:20_000]},
-                {"role": "user", "content": repair_message(failures[unit.name], "tests")},
-            ]
-            repaired = conversation.converse(spec, plan, messages, "repair-tests", first_round=round_)
-            return repaired.model_copy(update={"exchanges": outcome.exchanges + repaired.exchanges})
-
-        return run
-
-    return _collect(_run_concurrently([job(o) for o in synthesis.outcomes], pipeline.concurrency))
