@@ -182,10 +182,10 @@ class LiteLLMClient:
         self.sleep = sleep
 
     def complete(self, request: ModelRequest) -> ModelReply:
-        if not ALLOW_MODEL_REQUESTS and not request.model.startswith("offline/") and not _loopback(request.api_base):
-            raise UserError(f"model requests are disabled here; refusing to call {request.model}")
         failures = []
         for model in [request.model, *self.senior.fallbacks]:
+            if not ALLOW_MODEL_REQUESTS and not model.startswith("offline/") and not _loopback(request.api_base):
+                raise UserError(f"model requests are disabled here; refusing to call {model}")
             try:
                 return self._with_retries(request, model)
             except _Transient as exc:

@@ -236,6 +236,7 @@ def regenerate(
     run = SynthesisRun(
         spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens, cache,
         price=lambda model: price_per_token(model, pipeline.prices),
+        window=fits[0].window if fits else None,
     )
     preferred_lock = options.replay / "src" / "uv.lock" if options.replay else (
         ecosystem_dir / parent / "src" / "uv.lock" if parent else None

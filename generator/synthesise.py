@@ -265,6 +265,8 @@ class SynthesisRun:
     estimate: Callable[[ModelRequest], int]
     cache: ResponseCache | None = None
     price: Callable[[str], tuple[float, float] | None] = lambda model: None
+    window: int | None = None
+    """The senior's context window: repairs and continuations grow a conversation past it."""
     stop: threading.Event = field(default_factory=threading.Event)
 
     def synthesise(self, on_unit: Callable[[Unit], None] = lambda unit: None) -> Synthesis:
@@ -334,6 +336,12 @@ class _Conversation:
         if self.run.stop.is_set():
             raise BuildFailed(f"unit {self.unit.name} stopped: another unit failed")
         prompt_tokens = self.run.estimate(request)
+        if self.run.window is not None and prompt_tokens + request.max_tokens > self.run.window:
+            raise BuildFailed(
+                f"unit {self.unit.name}: its conversation has grown to {prompt_tokens:,} tokens of prompt, which with "
+                f"up to {request.max_tokens:,} of answer is over the senior's window of {self.run.window:,}; "
+                "stopped before the provider would refuse it. Lower max_tokens or repair_rounds, or use a larger window."
+            )
         price = self.run.price(request.model)
         worst_cost = (prompt_tokens * price[0] + request.max_tokens * price[1]) if price else 0.0
         with self.run.spend.reservation(self.unit.name, prompt_tokens + request.max_tokens, worst_cost) as settle:

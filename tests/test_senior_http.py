@@ -400,3 +400,15 @@ def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
     assert _unit(first, "mad:turing").rounds == 2 and _unit(again, "mad:turing").rounds == 1
     assert again.files == first.files
     assert all(u.cached for u in again.units if u.unit != "mad:turing")
+
+
+def test_a_conversation_that_grows_past_the_window_stops_before_the_provider_refuses(tmp_path, spec_and_plan):
+    spec, plan = spec_and_plan
+    huge = _answer_with("madgroup/mads/turing.py", "def broken(:\n" + "# padding\n" * 40_000)
+    with ScriptedServer(Senior({"mad:turing": [huge]})) as server:
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))
+        client = LiteLLMClient(pipeline.senior, pipeline.prices)
+        run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens, window=80_000)
+        with pytest.raises(BuildFailed, match="unit mad:turing: its conversation has grown to .* over the senior's window of 80,000"):
+            run.synthesise()
+    assert [unit_of(r) for r in server.requests].count("mad:turing") == 1, "the oversized repair was never sent"
