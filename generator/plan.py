@@ -54,11 +54,6 @@ def dependency_graph(mads: Iterable[MadSpec]) -> nx.DiGraph:
     return graph
 
 
-def kernel_paths(package: str) -> str:
-    """Where the kernel is copied in the artifact; generator-owned, never synthesised."""
-    return f"{package}/kernel/"
-
-
 def make_plan(spec: Spec) -> Plan:
     """The start-up order (dependencies first, ties by name) and one unit per MAD plus the frame."""
     graph = dependency_graph(spec.mads)
