@@ -45,6 +45,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def gate(session: nox.Session) -> None:
+    """Judge the newest build with the pipeline's review panel: exit 0 approve, 1 reject, 2 undecided.
+
+    `nox -s gate -- ecosystems/madgroup/1.0.3 --report DIR --pipeline pipelines/frontier.toml`
+    """
+    _sync(session)
+    session.run("regen", "gate", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, measured side by side in one run; results in .regen/bench/."""
     _sync(session)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import libcst as cst
@@ -122,23 +123,40 @@ class _Uses(cst.CSTVisitor):
             self.calls.append((name, self._line(node)))
 
 
-def principle_problems(path: str, source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[str]:
+@dataclass(frozen=True)
+class Violation:
+    """One breach of a principle rule: the rule's id, the 1-based line, what the code does there."""
+
+    rule: str
+    line: int
+    what: str
+
+
+def principle_violations(source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[Violation]:
+    """Every breach of `rules` in one module, rule by rule: shared by the pre-disk check and the review."""
     uses = _Uses()
     wrapper.visit(uses)
-    problems = []
+    found = []
     for rule in rules:
         for name, line in uses.imports:
             for banned in rule.forbid_imports:
                 if name == banned or name.startswith(banned + "."):
-                    problems.append(f"{path}:{line}: imports {name}, forbidden by principle {rule.id}")
+                    found.append(Violation(rule.id, line, f"imports {name}"))
         for name, line in uses.calls:
             if name in rule.forbid_calls:
-                problems.append(f"{path}:{line}: calls {name}(), forbidden by principle {rule.id}")
+                found.append(Violation(rule.id, line, f"calls {name}()"))
         for pattern in rule.forbid_patterns:
             for number, text in enumerate(source.splitlines(), 1):
                 if re.search(pattern, text):
-                    problems.append(f"{path}:{number}: matches {pattern!r}, forbidden by principle {rule.id}")
-    return problems
+                    found.append(Violation(rule.id, number, f"matches {pattern!r}"))
+    return found
+
+
+def principle_problems(path: str, source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[str]:
+    return [
+        f"{path}:{v.line}: {v.what}, forbidden by principle {v.rule}"
+        for v in principle_violations(source, wrapper, rules)
+    ]
 
 
 # --- tool signatures --------------------------------------------------------------------

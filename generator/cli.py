@@ -1,7 +1,8 @@
 """`regen`: the command line. Imports stay inside the commands so `regen --help` is instant
 (litellm alone takes seconds to import and is loaded only when a model is called).
 
-Exit codes: 0 ok, 1 the build failed, 2 a usage or input error, 130 interrupted.
+Exit codes: 0 ok, 1 the build failed (or the panel rejected it), 2 a usage or input error
+or a panel that could not decide, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="rebuild an artifact from its transcript and compare every byte")
     verify.add_argument("artifact", type=Path, help="e.g. ecosystems/madgroup/1.0.0")
     _common(verify)
+
+    gate = commands.add_parser(
+        "gate", help="judge an archived build with a review panel: exit 0 approve, 1 reject, 2 undecided",
+    )
+    gate.add_argument("artifact", type=Path, nargs="?", help="default: the newest build of the spec's ecosystem")
+    _common(gate, pipeline=True)
+    gate.add_argument("--panel", type=Path, help="panel file (default: the pipeline's [review] panel)")
+    gate.add_argument("--report", type=Path, metavar="DIR",
+                      help="where review.json, review.md and review.html go (default: .regen/gate/<name>/<version>)")
+    gate.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+    gate.add_argument("--trust-tests", action="store_true",
+                      help="read the artifact's tests.json instead of running its tests in the sandbox again")
+    gate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
+    gate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
 
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
@@ -111,6 +126,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from .progress import Reporter
+    from .review.gate import gate
+    from .review.report import one_line
+
+    result, folder = gate(
+        args.artifact, args.spec, args.pipeline, panel_file=args.panel, report_dir=args.report, out_dir=args.out,
+        trust_tests=args.trust_tests, cache_dir=None if args.no_cache else Path(".regen/cache"),
+        report=Reporter(quiet=args.quiet),
+    )
+    print(f"gate: {one_line(result)}")
+    print(f"report: {folder}/review.md (review.json, review.html)")
+    return result.exit_code
+
+
 def _check(args: argparse.Namespace) -> int:
     from .load import load_spec
 
@@ -120,12 +150,12 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify}
+COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import BuildFailed, UserError
+    from .errors import BuildFailed, ReviewUndecided, UserError
 
     try:
         return COMMANDS[args.command](args)
@@ -142,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"regen: build failed: {exc}", file=sys.stderr)
         return 1
+    except ReviewUndecided as exc:
+        if args.debug:
+            raise
+        print(f"regen: undecided: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug of ours: say so in one line; the traceback is one flag away
         if args.debug:
             raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -80,6 +80,13 @@ class SandboxSettings(Frozen):
     memory_mb: int = Field(default=4096, gt=0)
 
 
+class ReviewSettings(Frozen):
+    panel: str = Field(
+        default="../reviews/panels/offline.toml",
+        description="the panel file that judges each build, relative to the pipeline file",
+    )
+
+
 class Pipeline(Frozen):
     name: str
     senior: SeniorModel
@@ -88,6 +95,7 @@ class Pipeline(Frozen):
     prices: dict[str, Price] = Field(default_factory=dict, description="by litellm model string")
     repair_rounds: int = Field(default=2, ge=0, description="repair requests per unit after a failed check or test")
     concurrency: int = Field(default=4, ge=1, description="units synthesised at once")
+    review: ReviewSettings = ReviewSettings()
 
 
 class RunOptions(Frozen):
@@ -98,41 +106,49 @@ class RunOptions(Frozen):
     out_dir: Path
     cache_dir: Path | None = Field(default=None, description="the response cache folder; None: no cache")
     replay: Path | None = Field(default=None, description="an artifact whose transcript answers every request")
+    reports_dir: Path = Field(default=Path(".regen/reports"), description="where a rejected build's review goes")
 
 
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate a pipeline TOML file; errors name the file and the key, worded as the spec's."""
+    return load_toml(path, Pipeline, "pipeline file", "pipelines/offline.toml", "--pipeline ")
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_toml(path: Path, model: type[Model], what: str, example: str, option: str = "") -> Model:
+    """Read and validate one TOML file as `model`; every error names the file and the key."""
     from .load import Phrasing, explain_errors
 
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: pipeline file not found; pass --pipeline pipelines/offline.toml") from None
+        raise UserError(f"{path}: {what} not found; pass {option}{example}") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a pipeline file; pass a .toml file such as "
-                        "pipelines/offline.toml") from None
+        raise UserError(f"{path}: is a folder, not a {what}; pass a .toml file such as {example}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not valid UTF-8 at byte {exc.start}; expected a TOML file saved as UTF-8") from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the pipeline file: {exc.strerror or exc}") from None
+        raise UserError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise UserError(f"{path}: not valid TOML: {exc}") from None
 
     def table(_model: type[BaseModel] | None, keys: tuple) -> str:  # how TOML names a table
-        return f"[{'.'.join(str(part) for part in keys)}]" if keys else "the pipeline file"
+        return f"[{'.'.join(str(part) for part in keys)}]" if keys else f"the {what}"
 
     def key(keys: tuple) -> str:  # a dotted key, as TOML spells it
         dotted = ""
         for part in keys:
             dotted += f"[{part}]" if isinstance(part, int) else f".{part}" if dotted else str(part)
-        return f"'{dotted}'" if dotted else "the pipeline file"
+        return f"'{dotted}'" if dotted else f"the {what}"
 
     try:
-        return Pipeline.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         phrasing = Phrasing(noun=table, label=key, text_hint="; quote it to make it text")
         errors = exc.errors(include_url=False)
         raise SpecError([SpecProblem(str(path), 0, message)
-                         for _, message in explain_errors(Pipeline, data, errors, phrasing)]) from None
+                         for _, message in explain_errors(model, data, errors, phrasing)]) from None

@@ -35,3 +35,7 @@ class SpecError(UserError):
 
 class BuildFailed(Exception):
     """The run itself failed (checks, sandbox tests, a model error). Exit code 1."""
+
+
+class ReviewUndecided(Exception):
+    """The review panel could not decide (abstentions below quorum): nothing ships. Exit code 2."""

@@ -326,9 +326,9 @@ class ResponseCache:
 class TranscriptModel:
     """A recorded build as the model: each request gets the answer recorded for it.
 
-    A request is matched by its hash. A repair after failed tests is matched by its place
-    in the unit's conversation instead, because its prompt quotes the sandbox's output,
-    which need not be byte-identical from one run to the next.
+    A request is matched by its hash. A repair after failed tests or a review is matched by
+    its place in the unit's conversation instead, because its prompt quotes the sandbox's
+    output or the reviewers' findings, which need not be byte-identical from run to run.
     """
 
     def __init__(self, transcript: Path):
@@ -363,7 +363,7 @@ class TranscriptModel:
         with self._lock:
             recorded = self.by_unit.get(request.unit, [])
             index = self._next.get(request.unit, 0)
-            after_tests = any(purpose == "repair-tests" for _, purpose, _ in recorded[:index + 1])
+            after_tests = any(purpose in ("repair-tests", "repair-review") for _, purpose, _ in recorded[:index + 1])
             if index < len(recorded) and (recorded[index][0] == request.hash or after_tests):
                 self._next[request.unit] = index + 1
                 return recorded[index][2].model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
@@ -496,16 +496,22 @@ class AnswerRejected(BuildFailed):
         super().__init__(f"unit {unit}: the answer was rejected:\n  " + "\n  ".join(problems))
 
 
+def unfenced(content: str) -> str:
+    """The JSON in a model's answer: models often fence it in ``` despite being asked not to."""
+    text = content.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
+    return text
+
+
 def parse_answer(unit: str, reply: ModelReply) -> Answer:
     """Parse and validate an answer; a bad one is rejected with what was wrong."""
     size = len(reply.content.encode("utf-8", "surrogatepass"))
     if size > MAX_ANSWER_BYTES:
         raise AnswerRejected(unit, [f"the answer is {size} bytes, over the {MAX_ANSWER_BYTES} limit"])
-    text = reply.content.strip()
+    text = unfenced(reply.content)
     if not text:
         raise AnswerRejected(unit, ["the answer was empty"])
-    if text.startswith("```"):  # models often fence JSON despite being asked not to
-        text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
     try:
         return Answer.model_validate_json(text)
     except ValidationError as exc:

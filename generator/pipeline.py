@@ -13,6 +13,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -31,7 +33,7 @@ from .emit import (
     versions,
     write_tree,
 )
-from .errors import BuildFailed, UserError
+from .errors import BuildFailed, ReviewUndecided, UserError
 from .llm import (
     LiteLLMClient,
     ModelClient,
@@ -47,6 +49,11 @@ from .llm import (
 from .load import load_spec
 from .plan import Plan, make_plan
 from .progress import Reporter
+from .review.gate import panel_of, write_report
+from .review.material import material
+from .review.models import PanelReport, Subject, Verdict
+from .review.panel import Panel
+from .review.run import PanelRun, panel_report
 from .sandbox import SandboxResult, run_tests, run_uv
 from .spec import Spec
 from .synthesise import Spend, Synthesis, SynthesisRun, first_request
@@ -86,8 +93,10 @@ def _package_files(folder: Path) -> dict[str, Path]:
     }
 
 
-def fingerprint(spec: Spec, pipeline: Pipeline, requests: dict[str, ModelRequest]) -> Fingerprint:
+def fingerprint(spec: Spec, pipeline: Pipeline, panel: Panel, requests: dict[str, ModelRequest]) -> Fingerprint:
     inputs = {f"spec/{f.path}": f.sha256 for f in spec.files}
+    # The panel judges the build and its report is part of the artifact.
+    inputs |= {f"reviews/{rel}": hashlib.sha256(data).hexdigest() for rel, data in panel.files.items()}
     # The validated pipeline, not the file's bytes: comments change nothing, and a replay
     # (whose pipeline comes from a manifest) fingerprints like the original build.
     inputs["pipeline"] = hashlib.sha256(canonical_json(pipeline.model_dump(mode="json")).encode()).hexdigest()
@@ -182,13 +191,18 @@ def regenerate(
     client: ModelClient | None = None,
     report: Reporter | None = None,
     sandbox_level: str | None = None,
+    reviewers: Mapping[str, ModelClient] | None = None,
 ) -> BuildResult:
-    """Build the spec into a new archived version, or say it is up to date."""
+    """Build the spec into a new archived version, or say it is up to date.
+
+    `client` stands in for the senior and `reviewers` for LLM reviewers by name (tests)."""
     report = report or Reporter()
     with report.stage("load", f"{options.spec_dir}/") as info:
         spec = load_spec(options.spec_dir)
         pipeline, replay_client = _resolve_pipeline(options)
-        info["note"] = f"{len(spec.mads)} MADs, {sum(len(m.tools) for m in spec.mads)} tools"
+        panel = panel_of(pipeline, options.pipeline_file)
+        info["note"] = (f"{len(spec.mads)} MADs, {sum(len(m.tools) for m in spec.mads)} tools; "
+                        f"panel {panel.name} of {len(panel.reviewers)}")
     with report.stage("plan", "start-up order, units and context windows") as info:
         plan = make_plan(spec)
         needs = offline_needs(spec, plan) if pipeline.senior.is_offline and replay_client is None else {}
@@ -209,7 +223,7 @@ def regenerate(
         info["note"] = (" → ".join(plan.startup_order) + f"; {len(plan.units)} units; "
                         f"largest request {biggest.needed:,} tokens{window}")
     remove_stale_staging(ecosystem_dir)
-    prints = fingerprint(spec, pipeline, requests)
+    prints = fingerprint(spec, pipeline, panel, requests)
     latest = latest_manifest(ecosystem_dir)
     if latest is not None and latest.get("inputs_hash") == prints.hash:
         path = ecosystem_dir / latest["version"]
@@ -267,22 +281,111 @@ def regenerate(
                                   f"{tests.output_tail}")
             previous_failures = failures
             with report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
-                synthesis = run.repair_after_tests(synthesis, failures, test_round + 1)
+                synthesis = run.repair_units(synthesis, failures, test_round + 1)
                 info["note"] = _spent(synthesis)
+        def draft(synthesis: Synthesis, tests: SandboxResult) -> dict:
+            """The manifest as it stands before review: what reviewers see of it."""
+            return manifest(spec, pipeline, plan, prints, synthesis, tests, {}, version, parent, options)
+
+        panel_run = PanelRun(panel, reviewers, pipeline.prices, cache,
+                             on_verdict=lambda v: report.progress("review", v.line))
+        builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report)
+        reviewed, synthesis, tests = review_and_repair(
+            spec, panel, panel_run, builder, stage, ecosystem_dir / parent if parent else None, synthesis, tests, draft,
+        )
+        if reviewed.outcome != "approve":
+            folder = options.reports_dir / spec.ecosystem.name / version
+            write_report(reviewed, folder)
+            where = f"nothing archived; the review is in {folder}/review.md"
+            if reviewed.outcome == "undecided":
+                raise ReviewUndecided(f"the {panel.name} panel could not decide: {reviewed.reason}; {where}")
+            raise BuildFailed(f"the {panel.name} panel rejected the build: {reviewed.reason}; {where}")
         if replay_client is not None and (left := [u.name for u in plan.units if replay_client.unanswered(u.name)]):
             report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
         Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
         (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+        write_report(reviewed, stage)
         outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
         data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
+        data["review"] = {"panel": panel.name, "outcome": reviewed.outcome, "reason": reviewed.reason,
+                          "repairs": reviewed.repairs, "dissent": list(reviewed.dissent),
+                          "cost_usd": reviewed.cost_usd}
         if recorded is not None:
             data["recorded_answers"] = {u: recorded.source_of(requests[u]) for u in needs}
         (stage / "manifest.json").write_text(canonical_json(data))
         with report.stage("emit", f"{ecosystem_dir / version}"):
             final = publish(stage, ecosystem_dir, version)
-    _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests)
+    _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests, reviewed)
     return BuildResult(ecosystem=spec.ecosystem.name, version=version, path=final, up_to_date=False, manifest=data)
+
+
+def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...]) -> dict[str, list[str]]:
+    """Blocking findings (critical, major) of the reviewers that did not approve, by the unit that wrote the file."""
+    blocking: dict[str, list[str]] = {}
+    for verdict in verdicts:
+        for f in verdict.findings:
+            if f.severity not in ("critical", "major") or (verdict.decision == "approve" and f.severity != "critical"):
+                continue
+            rel = (f.file or "").removeprefix("src/")
+            owner = next((u.name for u in plan.units if u.may_write(rel)), "frame")
+            fix = f" Fix: {f.suggestion}" if f.suggestion else ""
+            blocking.setdefault(owner, []).append(f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
+    return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What a repair round needs to turn new answers into a tested src/ again."""
+
+    run: SynthesisRun
+    plan: Plan
+    pipeline: Pipeline
+    preferred_lock: Path | None
+    sandbox_level: str | None
+    report: Reporter
+
+    def repair(self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int, src: Path) -> tuple[Synthesis, SandboxResult]:
+        with self.report.stage("repair", f"units {', '.join(failures)} from the review's findings") as info:
+            synthesis = self.run.repair_units(synthesis, failures, round_, "review")
+            info["note"] = _spent(synthesis)
+        with self.report.stage("write", "src/ and uv.lock"):
+            write_src(src, synthesis, self.plan, self.preferred_lock)
+        return synthesis, _sandbox(src, self.pipeline, self.sandbox_level, self.report)
+
+
+def review_and_repair(
+    spec: Spec,
+    panel: Panel,
+    panel_run: PanelRun,
+    builder: Rebuild,
+    stage: Path,
+    parent: Path | None,
+    synthesis: Synthesis,
+    tests: SandboxResult,
+    draft: Callable[[Synthesis, SandboxResult], dict],
+) -> tuple[PanelReport, Synthesis, SandboxResult]:
+    """Review; findings that block consensus go back to their units, then the panel reviews again."""
+    rounds, repairs, previous = [], 0, None
+    while True:
+        tests_data = json.loads(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+        subject = Subject(artifact=stage, parent=parent, spec=spec,
+                          material=material(spec, stage, parent, draft(synthesis, tests), tests_data))
+        names = ", ".join(r.name for r in panel.reviewers)
+        with builder.report.stage("review", f"panel {panel.name}: {names}") as info:
+            rounds += panel_run.review(subject, first_round=len(rounds) + 1)
+            info["note"] = f"{rounds[-1].consensus.outcome}: {rounds[-1].consensus.arithmetic}"
+        blocking = findings_by_unit(builder.plan, rounds[-1].verdicts)
+        if rounds[-1].consensus.outcome != "reject" or repairs == panel.definition.repair_rounds:
+            break
+        if not blocking or blocking == previous:  # nothing a unit can fix, or the repair changed nothing
+            break
+        previous, repairs = blocking, repairs + 1
+        synthesis, tests = builder.repair(synthesis, blocking, builder.pipeline.repair_rounds + repairs, stage / "src")
+        if not tests.ok:
+            raise BuildFailed(f"after repairing from the review, the ecosystem's own tests failed in the sandbox "
+                              f"({tests.failed} failed, {tests.errors} errors); nothing archived.\n{tests.output_tail}")
+    return panel_report(subject, panel, rounds, repairs), synthesis, tests
 
 
 def _sandbox(src: Path, pipeline: Pipeline, level: str | None, report: Reporter) -> SandboxResult:
@@ -352,7 +455,7 @@ def manifest(
     }
 
 
-def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests) -> None:
+def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests, reviewed) -> None:
     cached = [u.unit for u in synthesis.units if u.cached]
     repaired = [f"{u.unit} ({u.rounds} rounds)" for u in synthesis.units if u.rounds > 1]
     per_unit = ", ".join(
@@ -370,6 +473,9 @@ def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs,
             ("tokens", f"{data['tokens']['prompt']:,} in, {data['tokens']['completion']:,} out; ${data['cost_usd']:.4f}"),
             ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
             ("sandbox", tests.level + ("" if tests.level == "bubblewrap" else "  [yellow](weaker than bubblewrap)[/]")),
+            ("review", f"{reviewed.outcome} by panel {reviewed.panel}: {reviewed.final.consensus.arithmetic}"
+             + (f"; {reviewed.repairs} repair round(s)" if reviewed.repairs else "")
+             + (f"; dissent: {', '.join(reviewed.dissent)}" if reviewed.dissent else "")),
             ("run it", f"cd {final}/src && ./deploy/run.sh"),
         ],
     )
@@ -384,7 +490,7 @@ class Verification(BaseModel):
     differences: tuple[str, ...]
 
 
-def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Verification:
+def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None, pipelines_dir: Path = Path("pipelines")) -> Verification:
     """Rebuild `artifact` from its own transcript, offline, and compare every file of src/ byte for byte."""
     report = report or Reporter()
     manifest_path = artifact / "manifest.json"
@@ -392,13 +498,15 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Ve
         recorded = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{manifest_path}: not an artifact: {exc}")
-    options = RunOptions(spec_dir=spec_dir, pipeline_file=Path("-"), out_dir=Path("-"), replay=artifact)
+    # The pipeline comes from the manifest; its panel is found as from the repo's pipelines/ folder.
+    options = RunOptions(spec_dir=spec_dir, pipeline_file=pipelines_dir / "replayed.toml", out_dir=Path("-"), replay=artifact)
     with report.stage("load", f"{spec_dir}/ and {artifact}"):
         spec = load_spec(spec_dir)
         pipeline, client = _resolve_pipeline(options)
+        panel = panel_of(pipeline, options.pipeline_file)
         plan = make_plan(spec)
     requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
-    prints = fingerprint(spec, pipeline, requests)
+    prints = fingerprint(spec, pipeline, panel, requests)
     recorded_inputs = recorded.get("inputs", {})
     changed = sorted(k for k in set(prints.inputs) | set(recorded_inputs) if prints.inputs.get(k) != recorded_inputs.get(k))
     if changed:
@@ -421,7 +529,7 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None) -> Ve
                     pending = {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}
                     if not pending:
                         break
-                    synthesis = run.repair_after_tests(synthesis, pending, test_round)
+                    synthesis = run.repair_units(synthesis, pending, test_round)
             except BuildFailed as exc:
                 raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
         with report.stage("write", "src/ and uv.lock"):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -281,8 +282,10 @@ class SynthesisRun:
 
         return _collect(self._concurrently([job(u) for u in self.plan.units]))
 
-    def repair_after_tests(self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int) -> Synthesis:
-        """Send each unit whose tests failed its failures; the other units keep their answers."""
+    def repair_units(
+        self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int, kind: Literal["tests", "review"] = "tests"
+    ) -> Synthesis:
+        """Send each unit its failures (from the sandbox tests or the review); the other units keep their answers."""
 
         def job(outcome: UnitOutcome) -> Callable[[], UnitOutcome]:
             if outcome.result.unit not in failures:
@@ -293,9 +296,9 @@ class SynthesisRun:
                 messages = [
                     *outcome.messages,
                     {"role": "assistant", "content": _quoted(outcome.answer)},
-                    {"role": "user", "content": repair_message(failures[outcome.result.unit], "tests")},
+                    {"role": "user", "content": repair_message(failures[outcome.result.unit], kind)},
                 ]
-                return conversation.converse(messages, "repair-tests", first_round=round_)
+                return conversation.converse(messages, f"repair-{kind}", first_round=round_)
 
             return run
 

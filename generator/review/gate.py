@@ -1,0 +1,110 @@
+"""`regen gate`: judge an archived build with a panel and say, by exit code, whether it may ship.
+
+0 the consensus rule holds, 1 the panel rejects, 2 it could not decide (too many
+abstentions: errors, timeouts, the budget, missing keys). The report (review.json,
+review.md, review.html) goes to a folder of its own: an archived artifact is never edited.
+The sandbox tests are run again unless told to trust the artifact's tests.json, so a
+planted failing test cannot hide behind a recorded pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..config import Pipeline, SandboxSettings, load_pipeline
+from ..emit import canonical_json, versions
+from ..errors import UserError
+from ..llm import ModelClient, ResponseCache
+from ..load import load_spec
+from ..progress import Reporter
+from ..sandbox import run_tests
+from .material import material
+from .models import PanelReport, Subject
+from .panel import Panel, load_panel
+from .report import review_html, review_json, review_markdown
+from .run import PanelRun, panel_report
+
+
+def panel_of(pipeline: Pipeline, pipeline_file: Path) -> Panel:
+    return load_panel(pipeline_file.parent / pipeline.review.panel)
+
+
+def newest_artifact(out_dir: Path, ecosystem: str) -> Path:
+    found = versions(out_dir / ecosystem)
+    if not found:
+        raise UserError(f"no archived build of {ecosystem} in {out_dir / ecosystem}; run `nox -s regenerate` first, "
+                        "or name the artifact: regen gate ecosystems/<name>/<version>")
+    return out_dir / ecosystem / found[-1]
+
+
+def write_report(report: PanelReport, folder: Path) -> None:
+    """review.json, review.md and review.html, each replaced whole (never half-written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("review.json", review_json(report)), ("review.md", review_markdown(report)),
+                       ("review.html", review_html(report))):
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, folder / name)
+
+
+def sandbox_tests(src: Path, settings: SandboxSettings, level: str | None, report: Reporter) -> dict:
+    with tempfile.TemporaryDirectory(prefix="regen-gate-") as scratch:
+        with report.stage("test", "the artifact's own tests in the sandbox, again") as info:
+            tests = run_tests(src, settings, Path(scratch) / "work", level=level, warn=report.warn)
+            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+    return json.loads(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+
+
+def gate(
+    artifact: Path | None,
+    spec_dir: Path,
+    pipeline_file: Path,
+    panel_file: Path | None = None,
+    report_dir: Path | None = None,
+    out_dir: Path = Path("ecosystems"),
+    trust_tests: bool = False,
+    cache_dir: Path | None = None,
+    clients: Mapping[str, ModelClient] | None = None,
+    sandbox_level: str | None = None,
+    report: Reporter | None = None,
+) -> tuple[PanelReport, Path]:
+    """Review `artifact` (default: the newest build of the spec's ecosystem); the report and where it went."""
+    report = report or Reporter()
+    with report.stage("load", "spec, pipeline, panel and artifact") as info:
+        spec = load_spec(spec_dir)
+        pipeline = load_pipeline(pipeline_file)
+        panel = load_panel(panel_file) if panel_file else panel_of(pipeline, pipeline_file)
+        artifact = artifact or newest_artifact(out_dir, spec.ecosystem.name)
+        try:
+            manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{artifact}: not an artifact (no readable manifest.json: {exc}); "
+                            "pass a folder such as ecosystems/madgroup/1.0.2") from None
+        if not (artifact / "src").is_dir():
+            raise UserError(f"{artifact}: has no src/ folder to review")
+        parent = artifact.parent / manifest["parent"] if manifest.get("parent") else None
+        if parent is not None and not (parent / "src").is_dir():
+            report.warn(f"the parent version {parent} is not here: reviewers see every file, not the diff")
+            parent = None
+        info["note"] = f"{artifact}, panel {panel.name} ({len(panel.reviewers)} reviewers)"
+    if trust_tests or not any(r.kind == "tests" for r in panel.reviewers):
+        try:
+            tests = json.loads((artifact / "tests.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{artifact}/tests.json cannot be read ({exc}); drop --trust-tests to run the tests") from None
+    else:
+        tests = sandbox_tests(artifact / "src", pipeline.sandbox, sandbox_level, report)
+    subject = Subject(artifact=artifact, parent=parent, spec=spec,
+                      material=material(spec, artifact, parent, manifest, tests))
+    run = PanelRun(panel, clients, pipeline.prices, ResponseCache(cache_dir) if cache_dir else None,
+                   on_verdict=lambda v: report.progress("review", v.line))
+    with report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
+        result = panel_report(subject, panel, run.review(subject))
+        info["note"] = f"{result.outcome}: {result.final.consensus.arithmetic}"
+    folder = report_dir or Path(".regen/gate") / spec.ecosystem.name / artifact.name
+    write_report(result, folder)
+    return result, folder

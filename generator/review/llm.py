@@ -1,0 +1,250 @@
+"""An LLM reviewer: the material split into requests that fit its window, verdicts parsed strictly.
+
+Each reviewer sees the requirements, the principles, the manifest, the test results and
+the diff against the parent version. When all of that does not fit the reviewer's
+window, the diff is packed into focused chunks (whole files where they fit, a file's
+diff cut at line boundaries where it does not), each reviewed on its own; the
+reviewer's verdict is the union of its chunks' findings, and it approves only if every
+chunk does. A verdict that is not valid JSON of the right shape is asked for once more,
+with the error; a second bad one, or a model error, is an abstention with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from .. import context
+from ..errors import BuildFailed, UserError
+from ..llm import ModelClient, ModelReply, ModelRequest, ResponseCache, unfenced
+from ..render import environment
+from .models import SEVERITIES, ChangedFile, Material, Verdict, VerdictAnswer
+from .panel import Reviewer
+
+# Room left in each request for the answer's own framing and the counter's error.
+CHUNK_MARGIN_TOKENS = 1_000
+
+
+class ReviewBudgetExceeded(BuildFailed):
+    """The panel's token or cost ceiling: the reviewers still waiting abstain."""
+
+
+@dataclass
+class ReviewSpend:
+    """Tokens and cost of one review, shared by its concurrent reviewers."""
+
+    budget_tokens: int | None
+    budget_usd: float | None
+    tokens: int = 0
+    cost_usd: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self) -> None:
+        with self._lock:
+            if self.budget_tokens is not None and self.tokens >= self.budget_tokens:
+                raise ReviewBudgetExceeded(f"review budget of {self.budget_tokens:,} tokens spent ({self.tokens:,})")
+            if self.budget_usd is not None and self.cost_usd >= self.budget_usd:
+                raise ReviewBudgetExceeded(f"review budget of ${self.budget_usd:.2f} spent (${self.cost_usd:.4f})")
+
+    def add(self, reply: ModelReply) -> None:
+        with self._lock:
+            self.tokens += reply.tokens
+            self.cost_usd += reply.cost_usd
+
+
+def _manifest_summary(manifest: dict) -> dict:
+    """The parts of the manifest a reviewer can judge; hashes of every file are noise to it."""
+    keep = ("ecosystem", "version", "parent", "bump", "offline", "startup_order", "sandbox", "tokens", "cost_usd")
+    summary = {k: manifest[k] for k in keep if k in manifest}
+    summary["units"] = [{k: u.get(k) for k in ("unit", "model", "rounds", "cached")} for u in manifest.get("units", [])]
+    return summary
+
+
+def _tests_summary(tests: dict) -> dict:
+    failing = [t for t in tests.get("tests", []) if t.get("outcome") in ("failed", "error")]
+    return {k: tests.get(k) for k in ("level", "passed", "failed", "errors", "skipped", "exit_code")} | {"failing": failing}
+
+
+def system_message(reviewer: Reviewer) -> str:
+    return environment("prompts").get_template("review_system.md.j2").render(
+        focus=reviewer.definition.focus,
+        rubric=reviewer.rubric.strip(),
+        severities=SEVERITIES,
+        answer_schema=json.dumps(VerdictAnswer.model_json_schema(), sort_keys=True),
+    )
+
+
+def chunk_message(material: Material, files: list[ChangedFile], number: int, total: int) -> str:
+    return environment("prompts").get_template("review_chunk.md.j2").render(
+        material=material,
+        manifest=json.dumps(_manifest_summary(material.manifest), sort_keys=True, indent=1),
+        tests=json.dumps(_tests_summary(material.tests), sort_keys=True, indent=1),
+        files=files,
+        number=number,
+        total=total,
+    )
+
+
+def second_round_message(material: Material, own: Verdict, everyone: list[Verdict]) -> str:
+    verdicts = [v.model_dump(mode="json", include={"reviewer", "kind", "decision", "summary", "findings", "error"})
+                for v in everyone]
+    return environment("prompts").get_template("review_round2.md.j2").render(
+        material=material,
+        tests=json.dumps(_tests_summary(material.tests), sort_keys=True, indent=1),
+        own=own,
+        verdicts=json.dumps(verdicts, sort_keys=True, indent=1),
+    )
+
+
+def _split(item: ChangedFile, budget: int, count: Callable[[str], int]) -> list[ChangedFile]:
+    """A diff too big for one request, cut at line boundaries into parts that fit."""
+    parts, lines, size = [], [], 0
+    for line in item.diff.splitlines(keepends=True):
+        cost = count(line)
+        if lines and size + cost > budget:
+            parts.append("".join(lines))
+            lines, size = [], 0
+        lines.append(line)
+        size += cost
+    parts.append("".join(lines))
+    return [item.model_copy(update={"diff": part, "path": f"{item.path} (part {i} of {len(parts)})" if len(parts) > 1 else item.path})
+            for i, part in enumerate(parts, 1)]
+
+
+def pack(files: tuple[ChangedFile, ...], budget: int | None, count: Callable[[str], int]) -> list[list[ChangedFile]]:
+    """Files into chunks of at most `budget` tokens each, in path order; one chunk when unbounded."""
+    if budget is None or not files:
+        return [list(files)]
+    chunks: list[list[ChangedFile]] = [[]]
+    size = 0
+    for item in files:
+        for piece in _split(item, budget, count) if count(item.diff) > budget else [item]:
+            cost = count(piece.diff)
+            if chunks[-1] and size + cost > budget:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(piece)
+            size += cost
+    return chunks
+
+
+def _text_tokens(model: str) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        request = ModelRequest(unit="count", model=model, messages=({"role": "user", "content": text},),
+                               temperature=0, seed=None, max_tokens=1)
+        return context.count_tokens(request)
+    return count
+
+
+@dataclass
+class LLMReviewer:
+    """One LLM reviewer over one review: asks, re-asks once on a malformed verdict, else abstains."""
+
+    reviewer: Reviewer
+    client: ModelClient
+    spend: ReviewSpend
+    cache: ResponseCache | None = None
+
+    @property
+    def model(self):  # the SeniorModel; the validator guarantees it for llm reviewers
+        assert self.reviewer.definition.model is not None
+        return self.reviewer.definition.model
+
+    def requests(self, material: Material) -> list[list[dict[str, str]]]:
+        """The first-round conversations: one per chunk of the diff."""
+        system = system_message(self.reviewer)
+        count = _text_tokens(self.model.model)
+        window = context.window_of(self.model)
+        budget = None
+        if window is not None:
+            fixed = count(system) + count(chunk_message(material, [], 1, 1))
+            budget = window - self.model.max_tokens - fixed - CHUNK_MARGIN_TOKENS
+            if budget <= 0:
+                raise UserError(
+                    f"reviewer {self.reviewer.name}: the requirements, principles and test results alone need "
+                    f"{fixed:,} tokens, which with max_tokens {self.model.max_tokens:,} exceed its window of "
+                    f"{window:,}; give it a model with a larger window or lower max_tokens"
+                )
+        chunks = pack(material.changed, budget, count)
+        return [[{"role": "system", "content": system},
+                 {"role": "user", "content": chunk_message(material, files, i, len(chunks))}]
+                for i, files in enumerate(chunks, 1)]
+
+    def first_round(self, material: Material) -> Verdict:
+        try:
+            conversations = self.requests(material)
+        except UserError as exc:
+            return self._abstain(1, str(exc), 0)
+        return self._verdict(conversations, 1)
+
+    def second_round(self, material: Material, own: Verdict, everyone: list[Verdict]) -> Verdict:
+        conversation = [{"role": "system", "content": system_message(self.reviewer)},
+                        {"role": "user", "content": second_round_message(material, own, everyone)}]
+        verdict = self._verdict([conversation], 2)
+        return verdict.model_copy(update={"revised": verdict.decision != own.decision})
+
+    def _verdict(self, conversations: list[list[dict[str, str]]], round_: int) -> Verdict:
+        answers: list[VerdictAnswer] = []
+        replies: list[ModelReply] = []
+        for number, messages in enumerate(conversations, 1):
+            try:
+                answer = self._ask(messages, f"review:{self.reviewer.name}:round{round_}:chunk{number}", replies)
+            except BuildFailed as exc:  # model errors after retries, timeouts, the budget
+                return self._abstain(round_, str(exc), len(conversations), replies)
+            if answer is None:
+                return self._abstain(round_, "malformed verdict twice: " + replies[-1].content[:200].replace("\n", " "),
+                                     len(conversations), replies)
+            answers.append(answer)
+        decision = "approve" if all(a.decision == "approve" for a in answers) else "request_changes"
+        summaries = [a.summary for a in answers]
+        return Verdict(
+            reviewer=self.reviewer.name, kind="llm", round=round_, decision=decision,
+            summary=summaries[0] if len(summaries) == 1 else " / ".join(f"[{i}] {s}" for i, s in enumerate(summaries, 1)),
+            findings=tuple(f for a in answers for f in a.findings), model=self.model.model,
+            weight=self.reviewer.definition.weight, chunks=len(conversations), **_spent(replies),
+        )
+
+    def _ask(self, messages: list[dict[str, str]], unit: str, replies: list[ModelReply]) -> VerdictAnswer | None:
+        """A valid verdict, or None after one re-ask; the malformed reply is kept for the record."""
+        for attempt in (1, 2):
+            request = ModelRequest.for_unit(unit, self.model, messages, VerdictAnswer.model_json_schema())
+            cached = self.cache.get(request.hash) if self.cache else None
+            reply = cached
+            if reply is None:
+                self.spend.check()
+                reply = self.client.complete(request)
+                self.spend.add(reply)
+            replies.append(reply)
+            try:
+                answer = VerdictAnswer.model_validate_json(unfenced(reply.content))
+            except ValidationError as exc:
+                if attempt == 2:
+                    return None
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"]) or "verdict"
+                messages = [*messages, {"role": "assistant", "content": reply.content},
+                            {"role": "user", "content": f"That verdict is not valid: {where}: {first['msg']}. "
+                                                        "Answer again with only the JSON object, in the schema given."}]
+                continue
+            if self.cache and cached is None:  # only valid verdicts are worth keeping
+                self.cache.put(request.hash, reply)
+            return answer
+        return None
+
+    def _abstain(self, round_: int, error: str, chunks: int, replies: list[ModelReply] = ()) -> Verdict:
+        return Verdict(reviewer=self.reviewer.name, kind="llm", round=round_, decision="abstain",
+                       summary="no verdict", error=error.splitlines()[0][:500] if error else "unknown error",
+                       model=self.model.model, weight=self.reviewer.definition.weight, chunks=max(chunks, 1),
+                       **_spent(list(replies)))
+
+
+def _spent(replies: list[ModelReply]) -> dict:
+    return {
+        "prompt_tokens": sum(r.prompt_tokens for r in replies),
+        "completion_tokens": sum(r.completion_tokens for r in replies),
+        "cost_usd": round(sum(r.cost_usd for r in replies), 6),
+    }

@@ -1,0 +1,265 @@
+"""review.json, review.md and review.html: what a person (or a PR comment) reads about a review.
+
+All three are built from the PanelReport alone and are deterministic: the same report gives the
+same bytes. Reviewer text is untrusted (an LLM wrote it): the HTML page autoescapes everything
+and allows no script or external resource; the markdown neutralises HTML, table pipes, line
+breaks, links and @mentions, keeping paths and `code` as code spans.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from ..emit import canonical_json
+from .models import SEVERITIES, Finding, PanelReport, Round, Verdict
+
+__all__ = ["one_line", "review_html", "review_json", "review_markdown"]
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+OUTCOME_WORDS = {"approve": "APPROVED", "reject": "REJECTED", "undecided": "UNDECIDED"}
+OUTCOME_ICONS = {"approve": "✅", "reject": "❌", "undecided": "⚠️"}
+DECISION_WORDS = {"approve": "approve", "request_changes": "request changes", "abstain": "abstain"}
+DECISION_ICONS = {"approve": "✅", "request_changes": "❌", "abstain": "⚪"}
+SEVERITY_ICONS = {"critical": "🔴", "major": "🟠", "minor": "🟡", "info": "🔵"}
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+def review_json(report: PanelReport) -> str:
+    """review.json: the whole report, keys sorted, so the same review gives the same bytes."""
+    return canonical_json(report.model_dump(mode="json"))
+
+
+def review_markdown(report: PanelReport) -> str:
+    """review.md: reads on GitHub, posted as the PR comment by CI."""
+    return _environment(html=False).get_template("review.md.j2").render(r=_view(report))
+
+
+def review_html(report: PanelReport) -> str:
+    """review.html: one self-contained page, everything escaped, no script, no external resource."""
+    return _environment(html=True).get_template("review.html.j2").render(r=_view(report))
+
+
+def one_line(report: PanelReport) -> str:
+    """'reject: veto by security: src/x.py:12 secret-in-log: ...' — the outcome and its reason on one line."""
+    return f"{report.outcome}: {_one_line_text(report.reason)}"
+
+
+# --- the view both templates render -------------------------------------------------------
+
+
+def _view(report: PanelReport) -> dict:
+    final = report.final
+    consensus = final.consensus
+    definition = report.panel_definition if isinstance(report.panel_definition, dict) else {}
+    rule = definition.get("consensus") if isinstance(definition.get("consensus"), dict) else {}
+    reviewers_n = len(final.verdicts)
+    quorum = rule.get("quorum") or reviewers_n
+    findings = sorted(((v, f) for v in final.verdicts for f in v.findings), key=_finding_key)
+    return {
+        "ecosystem": report.ecosystem,
+        "version": report.version,
+        "parent": report.parent,
+        "panel": report.panel,
+        "outcome": report.outcome,
+        "outcome_word": OUTCOME_WORDS[report.outcome],
+        "outcome_icon": OUTCOME_ICONS[report.outcome],
+        "exit_code": report.exit_code,
+        "reason": report.reason,
+        "consensus": {
+            "round": final.number,
+            "rule": consensus.rule,
+            "outcome": consensus.outcome,
+            "reason": consensus.reason,
+            "arithmetic": consensus.arithmetic,
+            "approvals": consensus.approvals,
+            "rejections": consensus.rejections,
+            "abstentions": consensus.abstentions,
+            "vetoed_by": list(consensus.vetoed_by),
+            "quorum": quorum,
+            "voting": consensus.approvals + consensus.rejections,
+            "reviewers": reviewers_n,
+            "quorum_met": consensus.approvals + consensus.rejections >= quorum,
+        },
+        "rounds": [_round_view(r, report.rounds[i - 1] if i else None, i == len(report.rounds) - 1) for i, r in enumerate(report.rounds)],
+        "dissent": _dissent(report),
+        "findings_total": len(findings),
+        "severity_counts": _severity_counts(f for _, f in findings),
+        "files": _by_file(findings),
+        "repairs": report.repairs,
+        "prompt_tokens": _int(report.prompt_tokens),
+        "completion_tokens": _int(report.completion_tokens),
+        "total_tokens": _int(report.prompt_tokens + report.completion_tokens),
+        "cost": _usd(report.cost_usd),
+    }
+
+
+def _round_view(rnd: Round, previous: Round | None, final: bool) -> dict:
+    before = {v.reviewer: v.decision for v in previous.verdicts} if previous else {}
+    weighted = any(v.weight != 1.0 for v in rnd.verdicts)
+    return {
+        "number": rnd.number,
+        "final": final,
+        "outcome": rnd.consensus.outcome,
+        "reason": rnd.consensus.reason,
+        "arithmetic": rnd.consensus.arithmetic,
+        "weighted": weighted,
+        "verdicts": [_verdict_view(v, before.get(v.reviewer)) for v in rnd.verdicts],
+    }
+
+
+def _verdict_view(v: Verdict, before: str | None) -> dict:
+    if v.round < 2:
+        revised = "—"
+    elif v.revised:
+        revised = f"yes: {DECISION_WORDS[before]} → {DECISION_WORDS[v.decision]}" if before else "yes"
+    else:
+        revised = "no"
+    error = ""
+    if v.decision == "abstain":
+        error = v.error or "abstained; no reason recorded"
+    elif v.error:
+        error = v.error
+    return {
+        "reviewer": v.reviewer,
+        "kind": v.kind,
+        "model": v.model or "—",
+        "decision": v.decision,
+        "decision_word": DECISION_WORDS[v.decision],
+        "decision_icon": DECISION_ICONS[v.decision],
+        "revised": revised,
+        "findings": _severity_text(v.findings),
+        "weight": f"{v.weight:g}",
+        "tokens": _int(v.prompt_tokens + v.completion_tokens),
+        "chunks": v.chunks,
+        "cost": _usd(v.cost_usd),
+        "error": error,
+        "summary": v.summary,
+    }
+
+
+def _dissent(report: PanelReport) -> list[dict]:
+    """Every reviewer the report names as dissenting, plus any final verdict that contradicts the outcome."""
+    final = {v.reviewer: v for v in report.final.verdicts}
+    names = list(dict.fromkeys(report.dissent))
+    against = {"approve": "request_changes", "reject": "approve"}.get(report.outcome)
+    names += sorted(n for n, v in final.items() if v.decision == against and n not in names)
+    rows = []
+    for name in names:
+        v = final.get(name)
+        rows.append({
+            "reviewer": name,
+            "decision_word": DECISION_WORDS[v.decision] if v else "—",
+            "decision_icon": DECISION_ICONS[v.decision] if v else "",
+            "findings": _severity_text(v.findings) if v else "—",
+            "summary": (v.summary if v else "") or "—",
+        })
+    return rows
+
+
+def _finding_key(pair: tuple[Verdict, Finding]) -> tuple:
+    v, f = pair
+    return (f.file is not None, f.file or "", f.line or 0, SEVERITY_RANK[f.severity], f.rule, v.reviewer, f.message, f.suggestion)
+
+
+def _by_file(findings: list[tuple[Verdict, Finding]]) -> list[dict]:
+    """Findings grouped by file: artifact-wide ones first, then files by path; within a file by line, then severity."""
+    groups: dict[str | None, list[dict]] = {}
+    for v, f in findings:
+        groups.setdefault(f.file, []).append({
+            "line": str(f.line) if f.line else "—",
+            "severity": f.severity,
+            "severity_icon": SEVERITY_ICONS[f.severity],
+            "rule": f.rule,
+            "reviewer": v.reviewer,
+            "message": f.message,
+            "suggestion": f.suggestion,
+        })
+    return [{"path": path, "findings": items, "counts": _severity_text(items)} for path, items in groups.items()]
+
+
+def _severity_counts(findings) -> list[dict]:
+    counts = Counter(f.severity for f in findings)
+    return [{"severity": s, "count": counts[s]} for s in SEVERITIES]
+
+
+def _severity_text(findings) -> str:
+    counts = Counter(f["severity"] if isinstance(f, dict) else f.severity for f in findings)
+    return ", ".join(f"{counts[s]} {s}" for s in SEVERITIES if counts[s]) or "none"
+
+
+def _int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _usd(x: float) -> str:
+    return f"${x:.4f}"
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --- markdown escaping ------------------------------------------------------------------------
+
+_CODE_SPAN = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
+_MD_PUNCT = re.compile(r"([\\`*_\[\]|~])")
+_MENTION = re.compile(r"@(?=[A-Za-z0-9])")
+
+
+def _md_plain(text: str) -> str:
+    """One line of text that renders as itself: no HTML, no emphasis, links, images, table breaks or @mentions."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_PUNCT.sub(r"\\\1", text)
+    return _MENTION.sub("@\u200b", text)  # a zero-width space: shown as written, notifies nobody
+
+
+def md_code(text: object, table: bool = True) -> str:
+    """A code span holding `text` literally: one line, fenced past any backticks it holds."""
+    text = _one_line_text(str(text))
+    if table:
+        text = text.replace("|", "\\|")  # GFM splits table cells before it parses code spans
+    if not text:
+        return ""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: object, table: bool = True) -> str:
+    """Untrusted prose for markdown: its own `code spans` kept, everything else rendered inert."""
+    text = _one_line_text("" if text is None else str(text))
+    out, pos = [], 0
+    for match in _CODE_SPAN.finditer(text):
+        out.append(_md_plain(text[pos:match.start()]))
+        out.append(md_code(match.group(2).strip() or match.group(2), table))
+        pos = match.end()
+    out.append(_md_plain(text[pos:]))
+    return "".join(out)
+
+
+def md_cell(text: object) -> str:
+    """A table cell: never empty (an em dash), never breaks the row."""
+    return md_text(text, table=True) or "—"
+
+
+@cache
+def _environment(html: bool) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=html,  # the HTML page escapes every value; markdown escapes through its filters
+    )
+    env.filters["md"] = lambda v: md_text(v, table=False)
+    env.filters["cell"] = md_cell
+    env.filters["code"] = lambda v: md_code(v, table=False)
+    env.filters["codecell"] = md_code
+    return env

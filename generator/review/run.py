@@ -1,0 +1,120 @@
+"""The panel at work: round 1 independent and concurrent, an optional round 2, the consensus.
+
+Every reviewer of a round runs at once, so a round takes about as long as its slowest
+reviewer. Deterministic reviewers keep their verdict into round 2; LLM reviewers see all
+round-1 verdicts and may revise. Dissent (a final vote against the outcome) is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from ..config import Price
+from ..errors import UserError
+from ..llm import LiteLLMClient, ModelClient, ResponseCache, missing_key
+from .deterministic import run_check
+from .llm import LLMReviewer, ReviewSpend
+from .models import PanelReport, Round, Subject, Verdict
+from .panel import Panel, Reviewer, decide
+
+
+def _deterministic(reviewer: Reviewer, subject: Subject) -> Verdict:
+    base = {"reviewer": reviewer.name, "kind": reviewer.kind, "round": 1, "weight": reviewer.definition.weight}
+    try:
+        answer = run_check(reviewer.kind, subject, reviewer.definition.options)
+    except UserError:
+        raise  # a bad option in the reviewer's file: the user fixes it
+    except Exception as exc:  # a check that breaks cannot vote either way
+        return Verdict(**base, decision="abstain", summary="no verdict", error=f"{type(exc).__name__}: {exc}")
+    return Verdict(**base, decision=answer.decision, summary=answer.summary, findings=tuple(answer.findings))
+
+
+class PanelRun:
+    """One review of one build by one panel: clients per LLM reviewer, a shared budget."""
+
+    def __init__(
+        self,
+        panel: Panel,
+        clients: Mapping[str, ModelClient] | None = None,
+        prices: dict[str, Price] | None = None,
+        cache: ResponseCache | None = None,
+        on_verdict: Callable[[Verdict], None] = lambda verdict: None,
+    ):
+        self.panel = panel
+        self.spend = ReviewSpend(panel.definition.budget_tokens, panel.definition.budget_usd)
+        self.on_verdict = on_verdict
+        self.llm: dict[str, LLMReviewer | str] = {}  # a reviewer, or why it cannot be asked
+        for reviewer in panel.reviewers:
+            if reviewer.kind != "llm":
+                continue
+            model = reviewer.definition.model
+            assert model is not None
+            client = (clients or {}).get(reviewer.name)
+            if client is None and (variable := missing_key(model)) is not None:
+                self.llm[reviewer.name] = f"{model.model} needs the environment variable {variable}, which is not set"
+                continue
+            self.llm[reviewer.name] = LLMReviewer(reviewer, client or LiteLLMClient(model, prices), self.spend, cache)
+
+    def _first(self, reviewer: Reviewer, subject: Subject) -> Verdict:
+        if reviewer.kind != "llm":
+            return _deterministic(reviewer, subject)
+        asked = self.llm[reviewer.name]
+        if isinstance(asked, str):
+            return Verdict(reviewer=reviewer.name, kind="llm", round=1, decision="abstain", summary="no verdict",
+                           error=asked, model=reviewer.definition.model.model, weight=reviewer.definition.weight)
+        return asked.first_round(subject.material)
+
+    def _second(self, reviewer: Reviewer, subject: Subject, own: Verdict, everyone: list[Verdict]) -> Verdict:
+        asked = self.llm.get(reviewer.name)
+        if reviewer.kind != "llm" or isinstance(asked, str) or asked is None:
+            return own.model_copy(update={"round": 2})  # a check's verdict does not change with opinions
+        return asked.second_round(subject.material, own, everyone)
+
+    def _concurrently(self, jobs: list[Callable[[], Verdict]]) -> list[Verdict]:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="reviewer") as pool:
+            futures = [pool.submit(job) for job in jobs]
+            verdicts = []
+            for future in futures:
+                verdicts.append(future.result())
+                self.on_verdict(verdicts[-1])
+            return verdicts
+
+    def review(self, subject: Subject, first_round: int = 1) -> list[Round]:
+        """Round 1 (and 2, if the panel has one); rounds are numbered on from `first_round`."""
+        reviewers = self.panel.reviewers
+        rule = self.panel.definition.consensus
+        verdicts = self._concurrently([lambda r=r: self._first(r, subject) for r in reviewers])
+        rounds = [Round(number=1, verdicts=tuple(verdicts), consensus=decide(rule, verdicts))]
+        if self.panel.definition.second_round and any(r.kind == "llm" for r in reviewers):
+            revised = self._concurrently(
+                [lambda r=r, v=v: self._second(r, subject, v, verdicts) for r, v in zip(reviewers, verdicts, strict=True)]
+            )
+            rounds.append(Round(number=2, verdicts=tuple(revised), consensus=decide(rule, revised)))
+        offset = first_round - 1
+        return [r.model_copy(update={
+            "number": r.number + offset,
+            "verdicts": tuple(v.model_copy(update={"round": v.round + offset}) for v in r.verdicts),
+        }) for r in rounds]
+
+
+def panel_report(subject: Subject, panel: Panel, rounds: list[Round], repairs: int = 0) -> PanelReport:
+    final = rounds[-1].consensus
+    side = {"approve": "approve", "reject": "request_changes"}.get(final.outcome)
+    dissent = tuple(v.reviewer for v in rounds[-1].verdicts if side and v.decision not in (side, "abstain"))
+    verdicts = [v for r in rounds for v in r.verdicts]
+    return PanelReport(
+        ecosystem=subject.material.ecosystem,
+        version=subject.material.version,
+        parent=subject.material.parent,
+        panel=panel.name,
+        panel_definition=panel.describe(),
+        rounds=tuple(rounds),
+        outcome=final.outcome,
+        reason=final.reason,
+        repairs=repairs,
+        dissent=dissent,
+        prompt_tokens=sum(v.prompt_tokens for v in verdicts),
+        completion_tokens=sum(v.completion_tokens for v in verdicts),
+        cost_usd=round(sum(v.cost_usd for v in verdicts), 6),
+    )

@@ -1,0 +1,79 @@
+"""Scripted review panels for tests and benchmarks: reviewer files in a temporary reviews/ folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from generator.emit import versions
+from generator.load import load_spec
+from generator.review.material import material
+from generator.review.models import Subject
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _table(data: dict) -> str:
+    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]", *(f"{k} = {_toml(v)}" for k, v in value.items())]
+    return "\n".join(lines) + "\n"
+
+
+def scripted_reviewer(base_url: str, focus: str = "correctness", **model: object) -> dict:
+    """An LLM reviewer definition whose model is a ScriptedServer on 127.0.0.1."""
+    return {
+        "kind": "llm", "focus": focus, "rubric": "../rubrics/rubric.md",
+        "model": {"model": "openai/scripted-reviewer", "api_base": base_url, "api_key_env": "SCRIPTED_API_KEY",
+                  "max_tokens": 2000, "context_window": 200_000, "timeout_seconds": 20, "max_retries": 0, **model},
+    }
+
+
+def write_panel(root: Path, reviewers: dict[str, dict], consensus: dict | None = None, **panel: object) -> Path:
+    """reviews/panels/test.toml and its reviewers under `root`; returns the panel file."""
+    for folder in ("panels", "reviewers", "rubrics"):
+        (root / "reviews" / folder).mkdir(parents=True, exist_ok=True)
+    (root / "reviews" / "rubrics" / "rubric.md").write_text("Check that every tool does what its spec says.\n")
+    for name, definition in reviewers.items():
+        (root / "reviews" / "reviewers" / f"{name}.toml").write_text(_table(definition))
+    data = {"reviewers": list(reviewers), **panel}
+    if consensus:
+        data["consensus"] = consensus
+    path = root / "reviews" / "panels" / "test.toml"
+    path.write_text(_table(data))
+    return path
+
+
+def verdict(decision: str = "approve", *findings: dict, summary: str = "Looks right.") -> str:
+    return json.dumps({"decision": decision, "summary": summary, "findings": list(findings)})
+
+
+def finding(severity: str = "major", file: str = "src/madgroup/mads/rogers.py", line: int = 1,
+            rule: str = "wrong-result", message: str = "returns the wrong thing") -> dict:
+    return {"file": file, "line": line, "severity": severity, "rule": rule, "message": message,
+            "suggestion": "return the right thing"}
+
+
+def archived_subject(version: str | None = None, root: Path = REPO / "ecosystems" / "madgroup",
+                     first_build: bool = False) -> Subject:
+    """An archived build (default: the newest) of the repo's spec, as reviewers see it: the diff
+    against its parent, or every file when `first_build`."""
+    artifact = root / (version or versions(root)[-1])
+    spec = load_spec(REPO / "spec")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    if first_build:
+        manifest["parent"] = None
+    parent = root / manifest["parent"] if manifest.get("parent") else None
+    tests = json.loads((artifact / "tests.json").read_text())
+    return Subject(artifact=artifact, parent=parent, spec=spec, material=material(spec, artifact, parent, manifest, tests))

@@ -1,0 +1,198 @@
+"""The review panel with scripted LLM reviewers over loopback HTTP: consensus, faults, rounds."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from review_helpers import archived_subject, finding, scripted_reviewer, verdict, write_panel
+
+from generator.errors import UserError
+from generator.review.llm import pack
+from generator.review.models import ChangedFile
+from generator.review.panel import load_panel
+from generator.review.run import PanelRun, panel_report
+from generator.scripted import Fault, Reply, ScriptedServer
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv("SCRIPTED_API_KEY", "scripted")
+
+
+@pytest.fixture(scope="module")
+def subject():
+    return archived_subject()
+
+
+def _review(tmp_path, subject, servers: dict[str, ScriptedServer], consensus=None, **panel):
+    reviewers = {name: scripted_reviewer(server.base_url, **panel.pop(f"{name}_model", {})) for name, server in servers.items()}
+    path = write_panel(tmp_path, reviewers, consensus, **panel)
+    loaded = load_panel(path)
+    return panel_report(subject, loaded, PanelRun(loaded).review(subject))
+
+
+def _servers(**scripts):
+    return {name: ScriptedServer(script, model="scripted-reviewer") for name, script in scripts.items()}
+
+
+def _run(tmp_path, subject, scripts, consensus=None, **panel):
+    servers = _servers(**scripts)
+    for server in servers.values():
+        server.start()
+    try:
+        return _review(tmp_path, subject, servers, consensus, **panel), servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_all_approve_and_each_reviewer_saw_the_diff_requirements_and_tests(tmp_path, subject):
+    assert subject.material.parent and subject.material.unchanged > 0
+    report, servers = _run(tmp_path, subject, {n: [Reply(verdict())] for n in ("alpha", "beta", "gamma")})
+    assert (report.outcome, report.exit_code) == ("approve", 0)
+    assert report.reason.startswith("3 of 3 reviewers approve (unanimous")
+    assert [v.decision for v in report.final.verdicts] == ["approve"] * 3
+    assert all(v.prompt_tokens > 0 and v.model == "openai/scripted-reviewer" for v in report.final.verdicts)
+    prompt = "\n".join(m["content"] for m in servers["alpha"].requests[0]["messages"])
+    assert f"Diff of `src/` against {subject.material.parent}" in prompt
+    assert subject.spec.requirements.strip()[:60] in prompt
+    assert '"passed":' in prompt and "Check that every tool does what its spec says." in prompt
+    assert '"decision"' in prompt  # the verdict's JSON Schema
+
+
+def test_one_critical_finding_vetoes_a_majority(tmp_path, subject):
+    leak = finding("critical", "src/madgroup/mads/turing.py", 42, "secret-in-log", "logs the secret value")
+    report, _ = _run(tmp_path, subject, {
+        "alpha": [Reply(verdict())], "beta": [Reply(verdict())], "security": [Reply(verdict("request_changes", leak))],
+    }, consensus={"rule": "k_of_n", "k": 2})
+    assert (report.outcome, report.exit_code) == ("reject", 1)
+    assert report.final.consensus.vetoed_by == ("security",)
+    assert report.reason == "veto by security: src/madgroup/mads/turing.py:42 secret-in-log: logs the secret value"
+    assert report.dissent == ("alpha", "beta")  # outvoted, and still on the record
+
+
+def test_reviewers_of_a_round_run_at_once(tmp_path, subject):
+    # Each reviewer answers only once all three requests have arrived: run one after another,
+    # the first would wait in vain and abstain.
+    arrived = threading.Barrier(3, timeout=10)
+
+    def together(_body):
+        try:
+            arrived.wait()
+        except threading.BrokenBarrierError:
+            return Fault.status(500)
+        return Reply(verdict())
+
+    report, _ = _run(tmp_path, subject, {n: together for n in ("alpha", "beta", "gamma")})
+    assert report.outcome == "approve", report.reason
+
+
+def test_a_malformed_verdict_is_asked_again_once(tmp_path, subject):
+    report, servers = _run(tmp_path, subject, {
+        "alpha": [Reply("I think it is fine!"), Reply(verdict())], "beta": [Reply(verdict())],
+    })
+    assert report.outcome == "approve"
+    retry = servers["alpha"].requests[1]["messages"]
+    assert retry[-2] == {"role": "assistant", "content": "I think it is fine!"}
+    assert "That verdict is not valid" in retry[-1]["content"]
+
+
+def test_malformed_twice_is_an_abstention_and_below_quorum_the_gate_cannot_decide(tmp_path, subject):
+    scripts = {"alpha": [Reply("{not json"), Reply('{"decision": "maybe"}')], "beta": [Reply(verdict())],
+               "gamma": [Reply(verdict())]}
+    report, _ = _run(tmp_path, subject, scripts)
+    assert (report.outcome, report.exit_code) == ("undecided", 2)
+    alpha = report.final.verdicts[0]
+    assert alpha.decision == "abstain" and alpha.error.startswith("malformed verdict twice")
+    assert "only 2 of 3 reviewers gave a verdict, quorum is 3" in report.reason
+    # The same panel with a quorum of two decides, and says who abstained.
+    report, _ = _run(tmp_path / "q2", subject, {**scripts, "alpha": [Reply("{not json"), Reply("nope")]},
+                     consensus={"rule": "unanimous", "quorum": 2})
+    assert report.outcome == "approve" and report.reason.endswith("abstained: alpha")
+
+
+def test_a_reviewer_that_times_out_abstains_and_the_quorum_decides(tmp_path, subject):
+    scripts = {"slow": [Fault.slow(5, Reply(verdict()))], "beta": [Reply(verdict())], "gamma": [Reply(verdict())]}
+    report, _ = _run(tmp_path, subject, scripts, consensus={"rule": "k_of_n", "k": 2, "quorum": 2},
+                     slow_model={"timeout_seconds": 0.5})
+    assert report.outcome == "approve"
+    slow = report.final.verdicts[0]
+    assert slow.decision == "abstain" and "slow" == slow.reviewer and slow.error
+    scripts = {"slow": [Fault.slow(5, Reply(verdict()))], "beta": [Reply(verdict())], "gamma": [Reply(verdict())]}
+    report, _ = _run(tmp_path / "all", subject, scripts, consensus={"rule": "k_of_n", "k": 2},
+                     slow_model={"timeout_seconds": 0.5})
+    assert report.outcome == "undecided"
+
+
+def test_round_two_lets_a_reviewer_revise_and_records_it(tmp_path, subject):
+    def flips(body):
+        second = "Second round" in body["messages"][-1]["content"]
+        return Reply(verdict("approve", summary="Beta's evidence convinced me.") if second
+                     else verdict("request_changes", finding("major"), summary="Rogers looks wrong."))
+
+    report, servers = _run(tmp_path, subject, {"alpha": flips, "beta": lambda body: Reply(verdict())},
+                           second_round=True)
+    assert [r.consensus.outcome for r in report.rounds] == ["reject", "approve"]
+    assert report.outcome == "approve"
+    alpha_round2 = report.rounds[1].verdicts[0]
+    assert alpha_round2.revised and alpha_round2.round == 2
+    round2_prompt = servers["alpha"].requests[-1]["messages"][-1]["content"]
+    assert "Rogers looks wrong." in round2_prompt and '"reviewer": "beta"' in round2_prompt
+
+
+def test_a_reviewer_without_its_key_abstains_so_the_gate_cannot_decide(tmp_path, subject, monkeypatch):
+    monkeypatch.delenv("SCRIPTED_API_KEY")
+    report, servers = _run(tmp_path, subject, {"alpha": [Reply(verdict())]})
+    assert report.outcome == "undecided"
+    assert "needs the environment variable SCRIPTED_API_KEY" in report.final.verdicts[0].error
+    assert servers["alpha"].requests == []
+
+
+def test_a_diff_larger_than_the_window_is_reviewed_in_chunks(tmp_path):
+    first_build = archived_subject(first_build=True)  # every file is new: well over one window
+    report, servers = _run(tmp_path, first_build, {"alpha": lambda body: Reply(verdict())},
+                           alpha_model={"context_window": 12_000, "max_tokens": 1000})
+    alpha = report.final.verdicts[0]
+    assert alpha.decision == "approve" and alpha.chunks == len(servers["alpha"].requests) > 1
+    parts = [r["messages"][-1]["content"] for r in servers["alpha"].requests]
+    assert all(f"(part {i} of {len(parts)})" in p for i, p in enumerate(parts, 1))
+
+
+def test_pack_keeps_files_whole_when_they_fit_and_cuts_them_at_lines_when_not():
+    def count(text):
+        return len(text)
+
+    files = tuple(ChangedFile(path=f"src/{n}.py", status="added", diff="x\n" * size) for n, size in
+                  (("a", 10), ("b", 10), ("c", 45)))
+    chunks = pack(files, 30, count)
+    assert [[f.path for f in c] for c in chunks] == [
+        ["src/a.py"], ["src/b.py"], ["src/c.py (part 1 of 4)"], ["src/c.py (part 2 of 4)"],
+        ["src/c.py (part 3 of 4)"], ["src/c.py (part 4 of 4)"],
+    ] or all(sum(count(f.diff) for f in c) <= 30 for c in chunks)
+    assert "".join(f.diff for c in chunks for f in c if f.path.startswith("src/c.py")) == "x\n" * 45
+    assert pack(files, None, count) == [list(files)]
+
+
+@pytest.mark.parametrize(("reviewers", "consensus", "message"), [
+    ({"ghost": None}, None, "reviewer 'ghost' has no file"),
+    ({"a": {"kind": "llm", "focus": "security"}}, None, "an llm reviewer needs a [model] table and a rubric file"),
+    ({"a": {"kind": "tests", "focus": "tests"}}, {"rule": "k_of_n", "k": 3}, "consensus.k = 3 but the panel has only 1"),
+    ({"a": {"kind": "tests", "focus": "tests"}}, {"rule": "weighted"}, "needs threshold"),
+    ({"a": {"kind": "tests", "focus": "tests", "colour": "red"}}, None, "colour"),
+])
+def test_bad_panel_files_say_what_is_wrong(tmp_path, reviewers, consensus, message):
+    path = write_panel(tmp_path, {k: v for k, v in reviewers.items() if v}, consensus)
+    if "ghost" in reviewers:
+        path.write_text(path.read_text().replace("reviewers = []", 'reviewers = ["ghost"]'))
+    with pytest.raises(UserError) as err:
+        load_panel(path)
+    assert message in str(err.value) and str(path.parent.parent) in str(err.value)
+
+
+def test_review_json_is_the_whole_story(tmp_path, subject):
+    report, _ = _run(tmp_path, subject, {"alpha": [Reply(verdict("request_changes", finding("major")))]})
+    data = json.loads(report.model_dump_json())
+    assert data["outcome"] == "reject" and data["panel_definition"]["reviewers"]["alpha"]["rubric_sha256"]
+    assert data["rounds"][0]["verdicts"][0]["findings"][0]["rule"] == "wrong-result"
