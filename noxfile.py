@@ -60,6 +60,7 @@ def bench(session: nox.Session) -> None:
     _sync(session)
     session.run("python", "benchmarks/cli_startup.py")
     session.run("python", "benchmarks/pipeline_overhead.py")
+    session.run("python", "benchmarks/panel_wall.py")
 
 
 @nox.session

@@ -327,11 +327,13 @@ class _SecretLogs(cst.CSTVisitor):
         self.scopes.pop()
 
     def _taint(self, targets: list[cst.BaseExpression], value: cst.BaseExpression | None) -> None:
-        if value is None or self._carrier(value) is None:
+        if value is None:
             return
+        carries = self._carrier(value) is not None
         for target in targets:
             for name in _names(target):
-                self.scopes[-1].add(name)
+                # Rebinding a name to a clean value (secret = secret['name']) clears it.
+                (self.scopes[-1].add if carries else self.scopes[-1].discard)(name)
 
     def leave_Assign(self, original_node: cst.Assign) -> None:
         self._taint([t.target for t in original_node.targets], original_node.value)
@@ -340,7 +342,8 @@ class _SecretLogs(cst.CSTVisitor):
         self._taint([original_node.target], original_node.value)
 
     def leave_AugAssign(self, original_node: cst.AugAssign) -> None:
-        self._taint([original_node.target], original_node.value)
+        if self._carrier(original_node.value) is not None:  # x += secret taints x; x += 1 leaves it as it was
+            self._taint([original_node.target], original_node.value)
 
     def visit_Call(self, node: cst.Call) -> None:
         if (sink := _sink(node)) is None:
@@ -348,7 +351,8 @@ class _SecretLogs(cst.CSTVisitor):
         for arg in node.args:
             if (carrier := self._carrier(arg.value)) is not None:
                 line = self.get_metadata(PositionProvider, node).start.line
-                self.leaks.append((line, sink, cst.Module(body=[]).code_for_node(carrier)))
+                code = " ".join(cst.Module(body=[]).code_for_node(carrier).split())
+                self.leaks.append((line, sink, code if len(code) <= 80 else code[:77] + "..."))
                 return
 
 
@@ -361,7 +365,7 @@ def _names(target: cst.BaseExpression) -> list[str]:
     return []
 
 
-def _covered_imports(names: tuple[str, ...], rules: list[PrincipleRule]) -> list[str]:
+def _beyond_principles(names: tuple[str, ...], rules: list[PrincipleRule]) -> list[str]:
     """The names no principle already forbids: one problem is reported once, by its principle."""
     banned = [b for rule in rules for b in rule.forbid_imports]
     return [n for n in names if not any(n == b or n.startswith(b + ".") for b in banned)]
@@ -375,7 +379,7 @@ def _python_files(artifact: Path) -> list[str]:
 
 def _static(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
     principles = subject.spec.ecosystem.principles
-    extra_imports = _covered_imports(_strings("static", options, "forbid_imports", DEFAULT_FORBID_IMPORTS), principles)
+    extra_imports = _beyond_principles(_strings("static", options, "forbid_imports", DEFAULT_FORBID_IMPORTS), principles)
     extra_calls = [c for c in _strings("static", options, "forbid_calls", DEFAULT_FORBID_CALLS)
                    if not any(c in rule.forbid_calls for rule in principles)]
     exclude = _strings("static", options, "exclude", DEFAULT_EXCLUDE)
