@@ -196,3 +196,11 @@ def test_review_json_is_the_whole_story(tmp_path, subject):
     data = json.loads(report.model_dump_json())
     assert data["outcome"] == "reject" and data["panel_definition"]["reviewers"]["alpha"]["rubric_sha256"]
     assert data["rounds"][0]["verdicts"][0]["findings"][0]["rule"] == "wrong-result"
+
+
+def test_a_spent_review_budget_makes_the_reviewers_still_asking_abstain(tmp_path, subject):
+    report, servers = _run(tmp_path, subject, {"alpha": [Reply("not a verdict"), Reply(verdict())]}, budget_tokens=1)
+    alpha = report.final.verdicts[0]
+    assert alpha.decision == "abstain" and "review budget of 1 tokens spent" in alpha.error
+    assert len(servers["alpha"].requests) == 1  # the re-ask that would cross the budget is not made
+    assert report.outcome == "undecided" and report.exit_code == 2
