@@ -81,9 +81,10 @@ class SandboxSettings(Frozen):
 
 
 class ReviewSettings(Frozen):
-    panel: str = Field(
-        default="../reviews/panels/offline.toml",
-        description="the panel file that judges each build, relative to the pipeline file",
+    panel: str | None = Field(
+        default=None,
+        description="the panel file that judges each build, relative to the pipeline file; "
+                    "default: regen's deterministic panel, reviews/panels/offline.toml",
     )
 
 

@@ -27,7 +27,7 @@ def _install(moment: str, out: Path) -> None:
             return
         if renamed or (moment != "published" and any(out.glob(f"*/.staging-*/{moment}"))):
             os.kill(os.getpid(), signal.SIGKILL)
-        if moment == "published" and event in {"os.rename", "os.replace"} and ".staging-" in os.fsdecode(args[0]):
+        if moment == "published" and event in {"os.rename", "os.replace"} and Path(os.fsdecode(args[0])).name.startswith(".staging-"):
             renamed = True
 
     sys.addaudithook(hook)

@@ -29,8 +29,12 @@ from .report import review_html, review_json, review_markdown
 from .run import PanelRun, panel_report
 
 
+# The deterministic panel, beside the compiler in a checkout: what a pipeline gets unless it names one.
+DEFAULT_PANEL = Path(__file__).resolve().parents[2] / "reviews" / "panels" / "offline.toml"
+
+
 def panel_of(pipeline: Pipeline, pipeline_file: Path) -> Panel:
-    return load_panel(pipeline_file.parent / pipeline.review.panel)
+    return load_panel(pipeline_file.parent / pipeline.review.panel if pipeline.review.panel else DEFAULT_PANEL)
 
 
 def newest_artifact(out_dir: Path, ecosystem: str) -> Path:
