@@ -83,11 +83,11 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
 # --- principle rules ------------------------------------------------------------------
 
 
-def _dotted(node: cst.BaseExpression) -> str | None:
+def dotted_name(node: cst.BaseExpression) -> str | None:
     if isinstance(node, cst.Name):
         return node.value
     if isinstance(node, cst.Attribute):
-        head = _dotted(node.value)
+        head = dotted_name(node.value)
         return f"{head}.{node.attr.value}" if head else None
     return None
 
@@ -106,20 +106,20 @@ class _Uses(cst.CSTVisitor):
 
     def visit_Import(self, node: cst.Import) -> None:
         for alias in node.names:
-            if name := _dotted(alias.name):
+            if name := dotted_name(alias.name):
                 self.imports.append((name, self._line(node)))
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
         if node.relative or node.module is None:
             return
-        module = _dotted(node.module)
+        module = dotted_name(node.module)
         self.imports.append((module, self._line(node)))
         if not isinstance(node.names, cst.ImportStar):
             for alias in node.names:
-                self.imports.append((f"{module}.{_dotted(alias.name)}", self._line(node)))
+                self.imports.append((f"{module}.{dotted_name(alias.name)}", self._line(node)))
 
     def visit_Call(self, node: cst.Call) -> None:
-        if name := _dotted(node.func):
+        if name := dotted_name(node.func):
             self.calls.append((name, self._line(node)))
 
 
@@ -166,7 +166,7 @@ def _is_tool_decorator(decorator: cst.Decorator) -> bool:
     target = decorator.decorator
     if isinstance(target, cst.Call):
         target = target.func
-    return (_dotted(target) or "").split(".")[-1] == "tool"
+    return (dotted_name(target) or "").split(".")[-1] == "tool"
 
 
 def _code(node: cst.CSTNode | None) -> str | None:

@@ -59,7 +59,7 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 from pydantic import ValidationError
 
-from ..check import _dotted, principle_violations
+from ..check import dotted_name, principle_violations
 from ..errors import UserError
 from ..sandbox import LEVELS, SandboxResult
 from ..spec import PINNED_REQUIREMENT, PrincipleRule
@@ -225,7 +225,7 @@ def _reads_secret_name(dotted: str) -> bool:
 def _reads_secret(call: cst.Call) -> bool:
     """A call that returns a secret value: `get_secret(..)`, `self.secrets.get(..)`, `decrypt(..)`,
     or a capability call naming one, like `self.use('secrets.get', ...)`."""
-    if (callee := _dotted(call.func)) and _reads_secret_name(callee):
+    if (callee := dotted_name(call.func)) and _reads_secret_name(callee):
         return True
     first = call.args[0].value if call.args and call.args[0].keyword is None else None
     capability = first.evaluated_value if isinstance(first, cst.SimpleString) else None
@@ -269,7 +269,7 @@ class _Carrier(cst.CSTVisitor):
             return False
         if isinstance(node.func, cst.Attribute):
             node.func.value.visit(self)  # a method of a secret (secret.strip()) returns it still
-        function = node.func.attr.value if isinstance(node.func, cst.Attribute) else _dotted(node.func)
+        function = node.func.attr.value if isinstance(node.func, cst.Attribute) else dotted_name(node.func)
         if function in _PASSES:
             for arg in node.args:
                 arg.value.visit(self)  # arg.keyword is a parameter name, not a value
@@ -284,16 +284,16 @@ class _Carrier(cst.CSTVisitor):
 
 def _sink(call: cst.Call) -> str | None:
     """How `call` writes out its arguments (print(), log.info(), ...), or None when it does not."""
-    callee = _dotted(call.func)
+    callee = dotted_name(call.func)
     if callee in ("print", "sys.stdout.write", "sys.stderr.write"):
         return f"{callee}()"
     if not isinstance(call.func, cst.Attribute) or call.func.attr.value not in LOG_METHODS:
         return None
     receiver = call.func.value
     if isinstance(receiver, cst.Call):  # logging.getLogger(__name__).info(...)
-        factory = (_dotted(receiver.func) or "").rsplit(".", 1)[-1]
+        factory = (dotted_name(receiver.func) or "").rsplit(".", 1)[-1]
         return f"{factory}(...).{call.func.attr.value}()" if factory in ("getLogger", "get_logger") else None
-    name = _dotted(receiver)
+    name = dotted_name(receiver)
     return f"{callee}()" if name and _LOGGER.match(_snake(name.rsplit(".", 1)[-1])) else None
 
 

@@ -28,7 +28,6 @@ from .panel import Panel, load_panel
 from .report import review_html, review_json, review_markdown
 from .run import PanelRun, panel_report
 
-
 # The deterministic panel, beside the compiler in a checkout: what a pipeline gets unless it names one.
 DEFAULT_PANEL = Path(__file__).resolve().parents[2] / "reviews" / "panels" / "offline.toml"
 
