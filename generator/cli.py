@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate = commands.add_parser(
         "gate", help="judge an archived build with a review panel: exit 0 approve, 1 reject, 2 undecided",
+        description="Judge an archived build with a review panel (the pipeline's, or --panel), against its "
+                    "parent version, and say by exit code whether it may ship.",
+        epilog="exit codes: 0 the panel approves; 1 it rejects; 2 it could not decide (reviewers errored, timed "
+               "out, ran out of budget or had no key, below the quorum; or the tests could not run). The reason "
+               "is printed on one line; review.json, review.md and review.html go to --report.",
     )
     gate.add_argument("artifact", type=Path, nargs="?", help="default: the newest build of the spec's ecosystem")
     _common(gate, pipeline=True)
@@ -127,15 +132,20 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
+    from .errors import BuildFailed
     from .progress import Reporter
     from .review.gate import gate
     from .review.report import one_line
 
-    result, folder = gate(
-        args.artifact, args.spec, args.pipeline, panel_file=args.panel, report_dir=args.report, out_dir=args.out,
-        trust_tests=args.trust_tests, cache_dir=None if args.no_cache else Path(".regen/cache"),
-        report=Reporter(quiet=args.quiet),
-    )
+    try:
+        result, folder = gate(
+            args.artifact, args.spec, args.pipeline, panel_file=args.panel, report_dir=args.report, out_dir=args.out,
+            trust_tests=args.trust_tests, cache_dir=None if args.no_cache else Path(".regen/cache"),
+            report=Reporter(quiet=args.quiet),
+        )
+    except BuildFailed as exc:  # the tests could not run: no verdict either way
+        print(f"gate: undecided: {str(exc).splitlines()[0]}")
+        return 2
     print(f"gate: {one_line(result)}")
     print(f"report: {folder}/review.md (review.json, review.html)")
     return result.exit_code

@@ -51,7 +51,7 @@ from .plan import Plan, make_plan
 from .progress import Reporter
 from .review.gate import panel_of, write_report
 from .review.material import material
-from .review.models import PanelReport, Subject, Verdict
+from .review.models import BLOCKING, PanelReport, Subject, Verdict
 from .review.panel import Panel
 from .review.run import PanelRun, panel_report
 from .sandbox import SandboxResult, run_tests, run_uv
@@ -290,10 +290,15 @@ def regenerate(
         panel_run = PanelRun(panel, reviewers, pipeline.prices, cache,
                              on_verdict=lambda v: report.progress("review", v.line))
         builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report)
-        reviewed, synthesis, tests = review_and_repair(
-            spec, panel, panel_run, builder, stage, ecosystem_dir / parent if parent else None, synthesis, tests, draft,
-        )
-        if reviewed.outcome != "approve":
+        try:
+            reviewed, synthesis, tests = review_and_repair(
+                spec, panel, panel_run, builder, stage, ecosystem_dir / parent if parent else None, synthesis, tests, draft,
+            )
+        except RepairFromReviewFailed as exc:
+            folder = options.reports_dir / spec.ecosystem.name / version
+            write_report(exc.review, folder)
+            raise BuildFailed(f"{exc}\nNothing archived; the review that asked for the repair is in {folder}/review.md") from exc
+        if reviewed.outcome != "approve":  # kept outside the archive, where the user can read why
             folder = options.reports_dir / spec.ecosystem.name / version
             write_report(reviewed, folder)
             where = f"nothing archived; the review is in {folder}/review.md"
@@ -304,7 +309,7 @@ def regenerate(
             report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
         Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
-        (stage / "tests.json").write_text(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+        (stage / "tests.json").write_text(canonical_json(tests.record()))
         write_report(reviewed, stage)
         outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
         data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
@@ -320,18 +325,35 @@ def regenerate(
     return BuildResult(ecosystem=spec.ecosystem.name, version=version, path=final, up_to_date=False, manifest=data)
 
 
+def _src_path(file: str | None) -> str:
+    """A finding's file as a path inside src/, however the reviewer wrote it (b/src/x.py, ./src/x.py, x (part 2 of 3))."""
+    path = re.sub(r" \(part \d+ of \d+\)$", "", (file or "").strip())
+    return path.split("src/", 1)[1] if "src/" in path else path.removeprefix("./")
+
+
 def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...]) -> dict[str, list[str]]:
-    """Blocking findings (critical, major) of the reviewers that did not approve, by the unit that wrote the file."""
+    """Blocking findings of the reviewers that did not approve (critical ones of any reviewer), by the unit
+    that wrote the file. A finding in a file no unit writes (the kernel, the lock) is for people, not the senior."""
     blocking: dict[str, list[str]] = {}
     for verdict in verdicts:
         for f in verdict.findings:
-            if f.severity not in ("critical", "major") or (verdict.decision == "approve" and f.severity != "critical"):
+            if f.severity not in BLOCKING or (verdict.decision == "approve" and f.severity != "critical"):
                 continue
-            rel = (f.file or "").removeprefix("src/")
-            owner = next((u.name for u in plan.units if u.may_write(rel)), "frame")
+            rel = _src_path(f.file)
+            owner = next((u.name for u in plan.units if u.may_write(rel)), None)
+            if owner is None:
+                continue
             fix = f" Fix: {f.suggestion}" if f.suggestion else ""
             blocking.setdefault(owner, []).append(f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
     return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
+
+
+class RepairFromReviewFailed(BuildFailed):
+    """A repair the panel asked for failed; `review` is the review that asked for it."""
+
+    def __init__(self, message: str, review: PanelReport):
+        super().__init__(message)
+        self.review = review
 
 
 @dataclass(frozen=True)
@@ -368,12 +390,11 @@ def review_and_repair(
     """Review; findings that block consensus go back to their units, then the panel reviews again."""
     rounds, repairs, previous = [], 0, None
     while True:
-        tests_data = json.loads(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
         subject = Subject(artifact=stage, parent=parent, spec=spec,
-                          material=material(spec, stage, parent, draft(synthesis, tests), tests_data))
+                          material=material(spec, stage, parent, draft(synthesis, tests), tests.record()))
         names = ", ".join(r.name for r in panel.reviewers)
         with builder.report.stage("review", f"panel {panel.name}: {names}") as info:
-            rounds += panel_run.review(subject, first_round=len(rounds) + 1)
+            rounds += panel_run.review(subject, first_round=len(rounds) + 1, review=repairs + 1)
             info["note"] = f"{rounds[-1].consensus.outcome}: {rounds[-1].consensus.arithmetic}"
         blocking = findings_by_unit(builder.plan, rounds[-1].verdicts)
         if rounds[-1].consensus.outcome != "reject" or repairs == panel.definition.repair_rounds:
@@ -381,10 +402,15 @@ def review_and_repair(
         if not blocking or blocking == previous:  # nothing a unit can fix, or the repair changed nothing
             break
         previous, repairs = blocking, repairs + 1
-        synthesis, tests = builder.repair(synthesis, blocking, builder.pipeline.repair_rounds + repairs, stage / "src")
+        try:
+            synthesis, tests = builder.repair(synthesis, blocking, builder.pipeline.repair_rounds + repairs, stage / "src")
+        except BuildFailed as exc:
+            raise RepairFromReviewFailed(f"the repair the review asked for failed: {exc}",
+                                         panel_report(subject, panel, rounds, repairs)) from exc
         if not tests.ok:
-            raise BuildFailed(f"after repairing from the review, the ecosystem's own tests failed in the sandbox "
-                              f"({tests.failed} failed, {tests.errors} errors); nothing archived.\n{tests.output_tail}")
+            raise RepairFromReviewFailed(
+                f"after repairing from the review, the ecosystem's own tests failed in the sandbox "
+                f"({tests.failed} failed, {tests.errors} errors)\n{tests.output_tail}", panel_report(subject, panel, rounds, repairs))
     return panel_report(subject, panel, rounds, repairs), synthesis, tests
 
 
@@ -524,12 +550,12 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None, pipel
             run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens)
             try:
                 synthesis = run.synthesise()
-                # Repairs that failed tests asked for are replayed in order, without the sandbox.
-                for test_round in range(1, pipeline.repair_rounds + 1):
-                    pending = {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}
-                    if not pending:
-                        break
-                    synthesis = run.repair_units(synthesis, pending, test_round)
+                # Repairs that failed tests or the review asked for are replayed in order, without the
+                # sandbox or the panel; each round consumes recorded answers, so this ends.
+                repair_round = 0
+                while pending := {u.name: ["(replayed)"] for u in plan.units if client.unanswered(u.name)}:
+                    repair_round += 1
+                    synthesis = run.repair_units(synthesis, pending, repair_round)
             except BuildFailed as exc:
                 raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
         with report.stage("write", "src/ and uv.lock"):

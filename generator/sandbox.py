@@ -56,6 +56,10 @@ class SandboxResult(BaseModel):
     def ok(self) -> bool:
         return self.exit_code == 0 and self.failed == 0 and self.errors == 0 and self.passed > 0
 
+    def record(self) -> dict:
+        """tests.json: the results without the run's raw output (paths and timings vary run to run)."""
+        return self.model_dump(mode="json", exclude={"output_tail"})
+
 
 def run_uv(args: list[str], doing: str, timeout: int, env: dict[str, str] | None = None) -> None:
     """Run the uv that regen depends on; a failure is a BuildFailed that says what uv said."""

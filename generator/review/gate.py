@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..config import Pipeline, SandboxSettings, load_pipeline
-from ..emit import canonical_json, versions
+from ..emit import versions
 from ..errors import UserError
 from ..llm import ModelClient, ResponseCache
 from ..load import load_spec
@@ -59,7 +59,7 @@ def sandbox_tests(src: Path, settings: SandboxSettings, level: str | None, repor
         with report.stage("test", "the artifact's own tests in the sandbox, again") as info:
             tests = run_tests(src, settings, Path(scratch) / "work", level=level, warn=report.warn)
             info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
-    return json.loads(canonical_json(tests.model_dump(mode="json", exclude={"output_tail"})))
+    return tests.record()
 
 
 def gate(
@@ -89,6 +89,15 @@ def gate(
                             "pass a folder such as ecosystems/madgroup/1.0.2") from None
         if not (artifact / "src").is_dir():
             raise UserError(f"{artifact}: has no src/ folder to review")
+        if manifest.get("ecosystem") not in (None, spec.ecosystem.name):
+            raise UserError(f"{artifact} is a build of {manifest['ecosystem']}, but {spec_dir} is the spec of "
+                            f"{spec.ecosystem.name}; pass --spec with the spec it was built from")
+        built_from = {k: v for k, v in manifest.get("inputs", {}).items() if k.startswith("spec/")}
+        current = {f"spec/{f.path}": f.sha256 for f in spec.files}
+        if built_from and built_from != current:
+            changed = sorted(k for k in built_from.keys() | current.keys() if built_from.get(k) != current.get(k))
+            report.warn(f"{artifact} was built from another version of the spec ({', '.join(changed[:5])} differ): "
+                        "it is judged against the spec as it is now")
         parent = artifact.parent / manifest["parent"] if manifest.get("parent") else None
         if parent is not None and not (parent / "src").is_dir():
             report.warn(f"the parent version {parent} is not here: reviewers see every file, not the diff")
@@ -98,7 +107,8 @@ def gate(
         try:
             tests = json.loads((artifact / "tests.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise UserError(f"{artifact}/tests.json cannot be read ({exc}); drop --trust-tests to run the tests") from None
+            hint = "; drop --trust-tests to run the tests again" if trust_tests else ""
+            raise UserError(f"{artifact}/tests.json cannot be read ({exc}){hint}") from None
     else:
         tests = sandbox_tests(artifact / "src", pipeline.sandbox, sandbox_level, report)
     subject = Subject(artifact=artifact, parent=parent, spec=spec,

@@ -12,6 +12,7 @@ with the error; a second bad one, or a model error, is an abstention with its re
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,19 +101,34 @@ def second_round_message(material: Material, own: Verdict, everyone: list[Verdic
     )
 
 
+HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
+
+
 def _split(item: ChangedFile, budget: int, count: Callable[[str], int]) -> list[ChangedFile]:
-    """A diff too big for one request, cut at line boundaries into parts that fit."""
-    parts, lines, size = [], [], 0
-    for line in item.diff.splitlines(keepends=True):
+    """A diff too big for one request, cut at line boundaries into parts that fit. Each part
+    repeats the file header, and a part that starts inside a hunk gets a hunk header of its own,
+    so line numbers can still be read off every part."""
+    lines = item.diff.splitlines(keepends=True)
+    body_at = next((i for i, line in enumerate(lines) if line.startswith("@@")), 0)
+    header, body = "".join(lines[:body_at]), lines[body_at:]
+    parts: list[list[str]] = [[]]
+    size, old, new, in_hunk = 0, 0, 0, False
+    for line in body:
+        if match := HUNK.match(line):
+            old, new, in_hunk = int(match[1]), int(match[2]), True
         cost = count(line)
-        if lines and size + cost > budget:
-            parts.append("".join(lines))
-            lines, size = [], 0
-        lines.append(line)
+        if parts[-1] and size + cost > budget:
+            parts.append([f"@@ -{old} +{new} @@ (continued)\n"] if in_hunk and not match else [])
+            size = sum(count(x) for x in parts[-1])
+        parts[-1].append(line)
         size += cost
-    parts.append("".join(lines))
-    return [item.model_copy(update={"diff": part, "path": f"{item.path} (part {i} of {len(parts)})" if len(parts) > 1 else item.path})
-            for i, part in enumerate(parts, 1)]
+        if not match:
+            old += line[:1] in ("-", " ")
+            new += line[:1] in ("+", " ")
+    return [item.model_copy(update={
+        "diff": header + "".join(part),
+        "path": f"{item.path} (part {i} of {len(parts)})" if len(parts) > 1 else item.path,
+    }) for i, part in enumerate(parts, 1)]
 
 
 def pack(files: tuple[ChangedFile, ...], budget: int | None, count: Callable[[str], int]) -> list[list[ChangedFile]]:
@@ -133,11 +149,14 @@ def pack(files: tuple[ChangedFile, ...], budget: int | None, count: Callable[[st
 
 
 def _text_tokens(model: str) -> Callable[[str], int]:
-    def count(text: str) -> int:
+    """Tokens of a piece of text for `model`, without the framing of the message it is counted in."""
+    def message_tokens(text: str) -> int:
         request = ModelRequest(unit="count", model=model, messages=({"role": "user", "content": text},),
                                temperature=0, seed=None, max_tokens=1)
         return context.count_tokens(request)
-    return count
+
+    framing = message_tokens("")
+    return lambda text: max(0, message_tokens(text) - framing)
 
 
 @dataclass
@@ -185,6 +204,12 @@ class LLMReviewer:
         conversation = [{"role": "system", "content": system_message(self.reviewer)},
                         {"role": "user", "content": second_round_message(material, own, everyone)}]
         verdict = self._verdict([conversation], 2)
+        if verdict.decision == "abstain" and own.decision != "abstain":
+            # A failed revision (timeout, budget) does not unsay round 1: the first verdict stands.
+            return own.model_copy(update={"error": f"round 2 failed, round-1 verdict kept: {verdict.error}",
+                                          "prompt_tokens": own.prompt_tokens + verdict.prompt_tokens,
+                                          "completion_tokens": own.completion_tokens + verdict.completion_tokens,
+                                          "cost_usd": round(own.cost_usd + verdict.cost_usd, 6)})
         return verdict.model_copy(update={"revised": verdict.decision != own.decision})
 
     def _verdict(self, conversations: list[list[dict[str, str]]], round_: int) -> Verdict:
@@ -193,11 +218,13 @@ class LLMReviewer:
         for number, messages in enumerate(conversations, 1):
             try:
                 answer = self._ask(messages, f"review:{self.reviewer.name}:round{round_}:chunk{number}", replies)
-            except BuildFailed as exc:  # model errors after retries, timeouts, the budget
-                return self._abstain(round_, str(exc), len(conversations), replies)
+            except (BuildFailed, UserError) as exc:  # model errors after retries, timeouts, the budget, a refused call
+                return self._abstain(round_, str(exc), len(conversations), replies, answers)
+            except Exception as exc:  # a provider error litellm did not map: still this reviewer's abstention
+                return self._abstain(round_, f"{type(exc).__name__}: {exc}", len(conversations), replies, answers)
             if answer is None:
                 return self._abstain(round_, "malformed verdict twice: " + replies[-1].content[:200].replace("\n", " "),
-                                     len(conversations), replies)
+                                     len(conversations), replies, answers)
             answers.append(answer)
         decision = "approve" if all(a.decision == "approve" for a in answers) else "request_changes"
         summaries = [a.summary for a in answers]
@@ -213,7 +240,7 @@ class LLMReviewer:
         for attempt in (1, 2):
             request = ModelRequest.for_unit(unit, self.model, messages, VerdictAnswer.model_json_schema())
             cached = self.cache.get(request.hash) if self.cache else None
-            reply = cached
+            reply = cached.model_copy(update={"cached": True}) if cached else None
             if reply is None:
                 self.spend.check()
                 reply = self.client.complete(request)
@@ -235,16 +262,22 @@ class LLMReviewer:
             return answer
         return None
 
-    def _abstain(self, round_: int, error: str, chunks: int, replies: list[ModelReply] = ()) -> Verdict:
+    def _abstain(self, round_: int, error: str, chunks: int, replies: list[ModelReply] = (),
+                 answered: list[VerdictAnswer] = ()) -> Verdict:
+        """No verdict; findings of the chunks that were answered are kept (a critical one still vetoes)."""
+        found = tuple(f for a in answered for f in a.findings)
         return Verdict(reviewer=self.reviewer.name, kind="llm", round=round_, decision="abstain",
-                       summary="no verdict", error=error.splitlines()[0][:500] if error else "unknown error",
+                       summary=f"no verdict ({len(answered)} of {chunks} parts answered)" if answered else "no verdict",
+                       findings=found, error=error.splitlines()[0][:500] if error else "unknown error",
                        model=self.model.model, weight=self.reviewer.definition.weight, chunks=max(chunks, 1),
                        **_spent(list(replies)))
 
 
 def _spent(replies: list[ModelReply]) -> dict:
+    """What the replies cost; answers from the cache cost nothing this time."""
+    paid = [r for r in replies if not r.cached]
     return {
-        "prompt_tokens": sum(r.prompt_tokens for r in replies),
-        "completion_tokens": sum(r.completion_tokens for r in replies),
-        "cost_usd": round(sum(r.cost_usd for r in replies), 6),
+        "prompt_tokens": sum(r.prompt_tokens for r in paid),
+        "completion_tokens": sum(r.completion_tokens for r in paid),
+        "cost_usd": round(sum(r.cost_usd for r in paid), 6),
     }

@@ -13,6 +13,7 @@ from ..spec import Spec
 Severity = Literal["critical", "major", "minor", "info"]
 Decision = Literal["approve", "request_changes"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "major", "minor", "info")
+BLOCKING: frozenset[Severity] = frozenset({"critical", "major"})  # findings that make a reviewer request changes
 
 
 class Frozen(BaseModel):
@@ -109,11 +110,19 @@ class Consensus(Frozen):
     approvals: int
     rejections: int
     abstentions: int
+    quorum: int = Field(description="verdicts needed to decide")
     vetoed_by: tuple[str, ...] = ()
+
+    @property
+    def quorum_met(self) -> bool:
+        return self.approvals + self.rejections >= self.quorum
 
 
 class Round(Frozen):
-    number: int = Field(ge=1)
+    number: int = Field(ge=1, description="rounds in order across the whole review, repairs included")
+    review: int = Field(default=1, ge=1, description="1 for the first review, 2 after the first repair, ...")
+    phase: Literal["independent", "revision"] = Field(
+        default="independent", description="round 1 of a review, or its round 2 where reviewers may revise")
     verdicts: tuple[Verdict, ...]
     consensus: Consensus
 

@@ -19,8 +19,8 @@ from pydantic import Field, model_validator
 
 from ..config import SeniorModel, load_toml
 from ..errors import UserError
-from .deterministic import DETERMINISTIC_KINDS
-from .models import Consensus, Frozen, Verdict
+from .deterministic import check_options
+from .models import BLOCKING, Consensus, Frozen, Verdict
 
 Focus = Literal["security", "correctness", "principles", "operability", "tests", "dependencies"]
 
@@ -142,8 +142,11 @@ def load_panel(path: Path) -> Panel:
             except (OSError, UnicodeDecodeError) as exc:
                 raise UserError(f"{file}: rubric {reviewer.rubric!r} cannot be read ({exc}); "
                                 "give a UTF-8 markdown file relative to the reviewer file") from None
-        if reviewer.kind != "llm" and reviewer.kind not in DETERMINISTIC_KINDS:
-            raise UserError(f"{file}: unknown kind {reviewer.kind!r}")
+        if reviewer.kind != "llm":
+            try:
+                check_options(reviewer.kind, reviewer.options)
+            except UserError as exc:
+                raise UserError(f"{file}: {exc}") from None
         reviewers.append(Reviewer(name=name, definition=reviewer, rubric=rubric, file=file))
     rule = definition.consensus
     n = len(reviewers)
@@ -153,54 +156,66 @@ def load_panel(path: Path) -> Panel:
     return Panel(name=path.stem, file=path, definition=definition, reviewers=tuple(reviewers))
 
 
-def rule_text(rule: ConsensusRule, n: int) -> str:
+def rule_text(rule: ConsensusRule, n: int, veto: bool = True) -> str:
     if rule.rule == "k_of_n":
         text = f"{rule.k} of {n}"
     elif rule.rule == "weighted":
         text = f"weighted >= {rule.threshold:g}"
     else:
         text = "unanimous"
-    return text + (", veto on critical" if rule.veto_on_critical else "")
+    return text + (", veto on critical" if veto and rule.veto_on_critical else "")
+
+
+EPSILON = 1e-9  # weights are floats: 2/3 of the weight meets a threshold of 0.666666667
 
 
 def decide(rule: ConsensusRule, verdicts: list[Verdict]) -> Consensus:
-    """Apply the rule to one round. Abstentions never count as approval: below quorum, undecided."""
+    """Apply the rule to one round. Abstentions never count as approval: where the abstainers
+    could have swung the outcome, or fewer than `quorum` voted, the panel is undecided."""
     n = len(verdicts)
     voting = [v for v in verdicts if v.decision != "abstain"]
     approving = [v for v in voting if v.decision == "approve"]
     abstaining = [v for v in verdicts if v.decision == "abstain"]
     quorum = rule.quorum or n
-    vetoes = [v for v in voting if v.critical] if rule.veto_on_critical else []
+    # A critical finding vetoes even from a reviewer that abstained after finding it (a later chunk failed).
+    vetoes = [v for v in verdicts if v.critical] if rule.veto_on_critical else []
     approve_weight = sum(v.weight for v in approving)
-    voting_weight = sum(v.weight for v in voting)
+    abstain_weight = sum(v.weight for v in abstaining)
+    total_weight = sum(v.weight for v in verdicts)
     arithmetic = (f"{len(approving)} approve, {len(voting) - len(approving)} request changes, {len(abstaining)} abstain "
                   f"of {n}; quorum {len(voting)}/{quorum}"
-                  + (f"; approving weight {approve_weight:g} of {voting_weight:g}" if rule.rule == "weighted" else ""))
+                  + (f"; approving weight {approve_weight:g} of {total_weight:g}" if rule.rule == "weighted" else ""))
 
     def outcome(result: str, reason: str) -> Consensus:
         return Consensus(
             rule=rule_text(rule, n), outcome=result, reason=reason, arithmetic=arithmetic,
             approvals=len(approving), rejections=len(voting) - len(approving), abstentions=len(abstaining),
-            vetoed_by=tuple(v.reviewer for v in vetoes),
+            quorum=quorum, vetoed_by=tuple(v.reviewer for v in vetoes),
         )
 
+    abstained = "; ".join(f"{v.reviewer}: {v.error}" for v in abstaining)
     if vetoes:  # rejecting on partial information is safe; approving is not
         first = vetoes[0].critical[0]
         return outcome("reject", f"veto by {vetoes[0].reviewer}: {first.where} {first.rule}: {first.message}")
     if len(voting) < quorum:
-        why = "; ".join(f"{v.reviewer}: {v.error}" for v in abstaining)
-        return outcome("undecided", f"only {len(voting)} of {n} reviewers gave a verdict, quorum is {quorum} ({why})")
-    if rule.rule == "unanimous":
-        approved = len(approving) == len(voting)
+        return outcome("undecided", f"only {len(voting)} of {n} reviewers gave a verdict, quorum is {quorum} ({abstained})")
+    # Approve only if the rule holds with every abstainer against; reject only if it fails with every abstainer for.
+    if rule.rule == "unanimous":  # over the reviewers that voted, the quorum having been met
+        approved, possible = len(approving) == len(voting), len(approving) == len(voting)
     elif rule.rule == "k_of_n":
-        approved = len(approving) >= (rule.k or n)
+        k = rule.k or n
+        approved, possible = len(approving) >= k, len(approving) + len(abstaining) >= k
     else:
-        approved = voting_weight > 0 and approve_weight / voting_weight >= (rule.threshold or 1.0)
+        needed = (rule.threshold or 1.0) * total_weight - EPSILON
+        approved, possible = approve_weight >= needed, approve_weight + abstain_weight >= needed
     if approved:
-        abstained = f"; abstained: {', '.join(v.reviewer for v in abstaining)}" if abstaining else ""
-        return outcome("approve", f"{len(approving)} of {n} reviewers approve ({rule_text(rule, n)}){abstained}")
+        also = f"; abstained: {', '.join(v.reviewer for v in abstaining)}" if abstaining else ""
+        return outcome("approve", f"{len(approving)} of {n} reviewers approve ({rule_text(rule, n)}){also}")
+    if possible:
+        return outcome("undecided", f"{rule_text(rule, n, veto=False)} is neither met nor ruled out: "
+                                    f"{len(approving)} approve, and the abstentions could decide it ({abstained})")
     against = [v for v in voting if v.decision == "request_changes"]
-    blocking = [f for v in against for f in v.findings if f.severity in ("critical", "major")]
+    blocking = [f for v in against for f in v.findings if f.severity in BLOCKING]
     detail = f": {blocking[0].where} {blocking[0].rule}: {blocking[0].message}" if blocking else ""
     return outcome("reject", f"changes requested by {', '.join(v.reviewer for v in against)}"
-                   f" ({rule_text(rule, n)} not met){detail}")
+                   f" ({rule_text(rule, n, veto=False)} not met){detail}")

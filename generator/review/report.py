@@ -56,10 +56,7 @@ def one_line(report: PanelReport) -> str:
 def _view(report: PanelReport) -> dict:
     final = report.final
     consensus = final.consensus
-    definition = report.panel_definition if isinstance(report.panel_definition, dict) else {}
-    rule = definition.get("consensus") if isinstance(definition.get("consensus"), dict) else {}
     reviewers_n = len(final.verdicts)
-    quorum = rule.get("quorum") or reviewers_n
     findings = sorted(((v, f) for v in final.verdicts for f in v.findings), key=_finding_key)
     return {
         "ecosystem": report.ecosystem,
@@ -81,10 +78,10 @@ def _view(report: PanelReport) -> dict:
             "rejections": consensus.rejections,
             "abstentions": consensus.abstentions,
             "vetoed_by": list(consensus.vetoed_by),
-            "quorum": quorum,
+            "quorum": consensus.quorum,
             "voting": consensus.approvals + consensus.rejections,
             "reviewers": reviewers_n,
-            "quorum_met": consensus.approvals + consensus.rejections >= quorum,
+            "quorum_met": consensus.quorum_met,
         },
         "rounds": [_round_view(r, report.rounds[i - 1] if i else None, i == len(report.rounds) - 1) for i, r in enumerate(report.rounds)],
         "dissent": _dissent(report),
@@ -109,12 +106,14 @@ def _round_view(rnd: Round, previous: Round | None, final: bool) -> dict:
         "reason": rnd.consensus.reason,
         "arithmetic": rnd.consensus.arithmetic,
         "weighted": weighted,
-        "verdicts": [_verdict_view(v, before.get(v.reviewer)) for v in rnd.verdicts],
+        "review": rnd.review,
+        "phase": rnd.phase,
+        "verdicts": [_verdict_view(v, before.get(v.reviewer), rnd.phase == "revision") for v in rnd.verdicts],
     }
 
 
-def _verdict_view(v: Verdict, before: str | None) -> dict:
-    if v.round < 2:
+def _verdict_view(v: Verdict, before: str | None, revision: bool) -> dict:
+    if not revision:
         revised = "—"
     elif v.revised:
         revised = f"yes: {DECISION_WORDS[before]} → {DECISION_WORDS[v.decision]}" if before else "yes"
@@ -144,13 +143,10 @@ def _verdict_view(v: Verdict, before: str | None) -> dict:
 
 
 def _dissent(report: PanelReport) -> list[dict]:
-    """Every reviewer the report names as dissenting, plus any final verdict that contradicts the outcome."""
+    """The reviewers whose final vote went against the outcome (`PanelReport.dissent`)."""
     final = {v.reviewer: v for v in report.final.verdicts}
-    names = list(dict.fromkeys(report.dissent))
-    against = {"approve": "request_changes", "reject": "approve"}.get(report.outcome)
-    names += sorted(n for n, v in final.items() if v.decision == against and n not in names)
     rows = []
-    for name in names:
+    for name in report.dissent:
         v = final.get(name)
         rows.append({
             "reviewer": name,

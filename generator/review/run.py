@@ -8,7 +8,7 @@ round-1 verdicts and may revise. Dissent (a final vote against the outcome) is r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..config import Price
 from ..errors import UserError
@@ -68,34 +68,34 @@ class PanelRun:
     def _second(self, reviewer: Reviewer, subject: Subject, own: Verdict, everyone: list[Verdict]) -> Verdict:
         asked = self.llm.get(reviewer.name)
         if reviewer.kind != "llm" or isinstance(asked, str) or asked is None:
-            return own.model_copy(update={"round": 2})  # a check's verdict does not change with opinions
+            return own  # a check's verdict does not change with opinions
         return asked.second_round(subject.material, own, everyone)
 
     def _concurrently(self, jobs: list[Callable[[], Verdict]]) -> list[Verdict]:
+        """Every job at once; progress as each finishes, results in panel order (review.json is stable)."""
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="reviewer") as pool:
             futures = [pool.submit(job) for job in jobs]
-            verdicts = []
-            for future in futures:
-                verdicts.append(future.result())
-                self.on_verdict(verdicts[-1])
-            return verdicts
+            for future in as_completed(futures):
+                self.on_verdict(future.result())
+            return [future.result() for future in futures]
 
-    def review(self, subject: Subject, first_round: int = 1) -> list[Round]:
-        """Round 1 (and 2, if the panel has one); rounds are numbered on from `first_round`."""
+    def review(self, subject: Subject, first_round: int = 1, review: int = 1) -> list[Round]:
+        """Round 1 (and 2, if the panel has one and it can change something); numbered on from `first_round`."""
         reviewers = self.panel.reviewers
         rule = self.panel.definition.consensus
         verdicts = self._concurrently([lambda r=r: self._first(r, subject) for r in reviewers])
-        rounds = [Round(number=1, verdicts=tuple(verdicts), consensus=decide(rule, verdicts))]
-        if self.panel.definition.second_round and any(r.kind == "llm" for r in reviewers):
+        first = decide(rule, verdicts)
+        rounds = [Round(number=first_round, review=review, verdicts=tuple(verdicts), consensus=first)]
+        # Opinions cannot lift a veto, and reviewers that could not answer have nothing to revise.
+        llm_voted = any(v.kind == "llm" and v.decision != "abstain" for v in verdicts)
+        if self.panel.definition.second_round and llm_voted and not first.vetoed_by:
             revised = self._concurrently(
                 [lambda r=r, v=v: self._second(r, subject, v, verdicts) for r, v in zip(reviewers, verdicts, strict=True)]
             )
-            rounds.append(Round(number=2, verdicts=tuple(revised), consensus=decide(rule, revised)))
-        offset = first_round - 1
-        return [r.model_copy(update={
-            "number": r.number + offset,
-            "verdicts": tuple(v.model_copy(update={"round": v.round + offset}) for v in r.verdicts),
-        }) for r in rounds]
+            rounds.append(Round(number=first_round + 1, review=review, phase="revision", verdicts=tuple(revised),
+                                consensus=decide(rule, revised)))
+        return [r.model_copy(update={"verdicts": tuple(v.model_copy(update={"round": r.number}) for v in r.verdicts)})
+                for r in rounds]
 
 
 def panel_report(subject: Subject, panel: Panel, rounds: list[Round], repairs: int = 0) -> PanelReport:
