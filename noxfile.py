@@ -4,6 +4,10 @@ Every session installs the project from `uv.lock` exactly (`uv sync --frozen`), 
 runs here is what was locked.
 """
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "uv"
@@ -52,6 +56,24 @@ def gate(session: nox.Session) -> None:
     """
     _sync(session)
     session.run("regen", "gate", *session.posargs)
+
+
+@nox.session
+def verify(session: nox.Session) -> None:
+    """`regen verify` every archived version (signature, hashes, SBOM, byte-for-byte replay); with diffoscope
+    installed, the replayed src/ is also compared with the archived one by diffoscope."""
+    _sync(session)
+    diffoscope = shutil.which("diffoscope")
+    if diffoscope is None:
+        session.log("diffoscope is not installed: verifying with regen alone (apt-get install diffoscope adds it)")
+    manifests = sorted(Path("ecosystems").glob("*/*/manifest.json"),
+                       key=lambda m: (m.parent.parent.name, tuple(int(x) for x in m.parent.name.split("."))))
+    for manifest in manifests:
+        artifact = manifest.parent
+        with tempfile.TemporaryDirectory(prefix="regen-verify-") as kept:
+            session.run("regen", "verify", str(artifact), *(["--keep", kept] if diffoscope else []), *session.posargs)
+            if diffoscope:
+                session.run(diffoscope, str(artifact / "src"), str(Path(kept) / "src"), external=True)
 
 
 @nox.session

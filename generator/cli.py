@@ -42,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="show the MAD graph, start-up order, units and their token counts")
     _common(plan, pipeline=True)
 
-    verify = commands.add_parser("verify", help="rebuild an artifact from its transcript and compare every byte")
+    verify = commands.add_parser(
+        "verify", help="check an artifact's signature, hashes and SBOM, and rebuild it from its transcript byte for byte",
+    )
     verify.add_argument("artifact", type=Path, help="e.g. ecosystems/madgroup/1.0.0")
-    _common(verify)
+    verify.add_argument("--spec", type=Path, help="spec folder (default: the artifact's own copy in spec/)")
+    verify.add_argument("--trust", type=Path, metavar="PUBKEY",
+                        help="require the artifact be signed by this public key (a .pub.pem file)")
+    verify.add_argument("--keep", type=Path, metavar="DIR", help="keep the rebuilt src/ in DIR/src (e.g. for diffoscope)")
 
     gate = commands.add_parser(
         "gate", help="judge an archived build with a review panel: exit 0 approve, 1 reject, 2 undecided",
@@ -64,6 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read the artifact's tests.json instead of running its tests in the sandbox again")
     gate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
     gate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+
+    history = commands.add_parser("versions", help="list the archived versions of an ecosystem with their bumps")
+    history.add_argument("name", help="the ecosystem, e.g. madgroup")
+    history.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+
+    diff = commands.add_parser("diff", help="what changed between two archived builds: spec, tools, schema, deps, files")
+    diff.add_argument("old", help="e.g. madgroup@1.0.1")
+    diff.add_argument("new", help="e.g. madgroup@1.0.2 (or madgroup@latest)")
+    diff.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+    diff.add_argument("--json", action="store_true", help="the whole diff as JSON")
+    diff.add_argument("--patch", action="store_true", help="also print the unified diff of the spec and every file")
+
+    keys = commands.add_parser("keys", help="manage the key that signs artifacts")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    init = actions.add_parser(
+        "init", help="make an Ed25519 signing key ($REGEN_SIGNING_KEY or ~/.config/regen/signing-key.pem)",
+    )
+    init.add_argument("--path", type=Path, help="where the private key goes; the public key is written beside it as .pub.pem")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing key (artifacts it signed will no longer verify against the new one)")
+
+    export = commands.add_parser("export", help="copy an archived build into a working copy you can edit")
+    export.add_argument("ref", help="NAME@VERSION, e.g. madgroup@1.0.2 (or NAME@latest)")
+    export.add_argument("dir", type=Path, help="the working copy to create (must not exist, or be empty)")
+    export.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+
+    update = commands.add_parser("update", help="move a working copy to another version, keeping your edits (3-way merge)")
+    update.add_argument("dir", type=Path, help="a working copy made by `regen export`")
+    update.add_argument("--to", default="latest", help="VERSION or latest (default)")
+    update.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
+    update.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
 
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
@@ -120,15 +156,17 @@ def _plan(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .pipeline import verify
 
-    result = verify(args.artifact, args.spec)
-    if result.first_difference is None:
-        print(f"{args.artifact}: verified: all {result.files} files of src/ reproduced byte for byte from its transcript")
-        return 0
-    print(
-        f"{args.artifact}: NOT reproduced: {len(result.differences)} file(s) differ, first {result.first_difference}",
-        file=sys.stderr,
-    )
-    return 1
+    result = verify(args.artifact, args.spec, trust=args.trust, keep=args.keep)
+    for problem in result.problems:
+        print(f"{args.artifact}: {problem}", file=sys.stderr)
+    if result.differences:
+        print(f"{args.artifact}: NOT reproduced: {len(result.differences)} file(s) differ, first {result.first_difference}",
+              file=sys.stderr)
+    if not result.ok:
+        return 1
+    print(f"{args.artifact}: verified: signed by {result.signed_by}; every file matches its manifest; the SBOM matches "
+          f"the lock; all {result.files} files of src/ reproduced byte for byte from its transcript")
+    return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -151,6 +189,53 @@ def _gate(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _versions(args: argparse.Namespace) -> int:
+    from .history import version_lines
+
+    for line in version_lines(args.out / args.name):
+        units = f"{line.units_synthesised} synthesised, {line.units_reused} reused"
+        print(f"{args.name} {line.version:<9} {line.bump:<8} parent {line.parent or '-':<8} "
+              f"{'offline ' if line.offline else ''}review {line.review}; {units}\n    {line.reason}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .history import changes, render_text
+    from .workcopy import resolve
+
+    found = changes(resolve(args.out, args.old), resolve(args.out, args.new))
+    print(found.model_dump_json(indent=2) if args.json else render_text(found, args.patch), end="\n" if args.json else "")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from .sign import init_keys
+
+    pair = init_keys(args.path, force=args.force)
+    print(f"signing key {pair.key_id}: {pair.private_path} (mode 0600; keep it secret, outside the repo)")
+    print(f"public key: {pair.public_path} (give it to verifiers: regen verify ARTIFACT --trust {pair.public_path})")
+    for warning in pair.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .workcopy import export, resolve
+
+    result = export(resolve(args.out, args.ref), args.dir)
+    print(f"{result.target}: {result.ecosystem} {result.version}, {result.files} files; edit freely, then: "
+          f"regen update {result.target} --to <version>")
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from .workcopy import describe, update
+
+    result = update(args.dir, args.out, args.to, dry_run=args.dry_run)
+    print(describe(result))
+    return 0 if result.ok or result.dry_run else 1  # like git merge: 1 when conflicts are left to resolve
+
+
 def _check(args: argparse.Namespace) -> int:
     from .load import load_spec
 
@@ -160,7 +245,8 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate}
+COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate,
+            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update}
 
 
 def main(argv: list[str] | None = None) -> int:

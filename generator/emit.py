@@ -58,14 +58,6 @@ def latest_manifest(ecosystem_dir: Path) -> dict | None:
         raise BuildFailed(f"{path}: the latest archived manifest cannot be read: {exc}")
 
 
-def next_version(previous: str | None) -> str:
-    """1.0.0 for the first build; otherwise the next patch (semantic bumps come with diffs)."""
-    if previous is None:
-        return "1.0.0"
-    major, minor, patch = (int(x) for x in previous.split("."))
-    return f"{major}.{minor}.{patch + 1}"
-
-
 def remove_stale_staging(ecosystem_dir: Path) -> list[Path]:
     """Remove staging folders left by builds that died; a live build's folder is kept."""
     removed = []
@@ -147,8 +139,20 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def normalise_modes(root: Path) -> None:
+    """Folders 0755, files 0644 (0755 if executable): the same on every machine, whatever the umask."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)
+
+
 def publish(stage: Path, ecosystem_dir: Path, version: str) -> Path:
     """fsync the staged build and rename it into place; refuses to touch an existing version."""
+    normalise_modes(stage)
     _fsync_tree(stage)
     final = ecosystem_dir / version
     with open(ecosystem_dir / ".lock", "w") as lock:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import Price, SeniorModel
 from .errors import BuildFailed, UserError
@@ -440,7 +440,10 @@ class Exchange(Frozen):
 
 
 class Transcript:
-    """`transcript.jsonl`: every exchange, written in plan order (unit, then round)."""
+    """`transcript.jsonl`: every exchange, written in plan order (unit, then round).
+
+    Only what the model was asked and answered: two builds from the same inputs write the
+    same bytes. Wall time, retries and cache hits are shown on screen, not archived."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -467,10 +470,7 @@ class Transcript:
                     "finish_reason": e.reply.finish_reason,
                     "usage": {"prompt_tokens": e.reply.prompt_tokens, "completion_tokens": e.reply.completion_tokens},
                     "cost_usd": e.reply.cost_usd,
-                    "latency_ms": e.reply.latency_ms,
-                    "attempts": e.reply.attempts,
-                    "cached": e.reply.cached,
-                }
+                }  # no latency, retries or cache hits: they vary run to run, and the artifact must not
                 out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -479,6 +479,12 @@ class Transcript:
 class AnswerFile(Frozen):
     path: str = Field(min_length=1)
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _unix_line_endings(cls, content: str) -> str:
+        # Files are written with \n line endings, whatever the model answered with.
+        return content.replace("\r\n", "\n")
 
 
 class Answer(Frozen):

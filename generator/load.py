@@ -39,8 +39,10 @@ from .kernel.capabilities import CAPABILITIES
 from .plan import dependency_graph
 from .spec import (
     IDENTIFIER,
+    MAD_CHANGES,
     PINNED_REQUIREMENT,
     SPEC_RULE,
+    TABLE_CHANGES,
     Column,
     EcosystemSpec,
     Imperator,
@@ -54,7 +56,7 @@ from .spec import (
     Tool,
 )
 
-__all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "kernel_mad_names", "kernel_tables", "load_spec"]
+__all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "kernel_mad_names", "kernel_tables", "load_spec", "problem_at"]
 
 MAX_FILE_BYTES = 256 * 1024
 # Aliases can make a small file expand enormously ("billion laughs"); specs are small.
@@ -120,6 +122,20 @@ def load_spec(root: str | Path) -> Spec:
         mads=tuple(sorted((mad for _, mad in mads), key=lambda m: m.name)),
         files=tuple(SpecFile(path=rel, sha256=digest) for rel, digest in sorted(folder.hashes.items())),
     )
+
+
+def problem_at(root: str | Path, rel: str, loc: tuple, message: str) -> SpecProblem:
+    """A problem found after loading (e.g. by the migration planner), at the line of `loc` in spec file `rel`.
+
+    The line is 0 when the file is gone or no longer parses.
+    """
+    path = Path(root) / rel
+    file = _show(path)
+    try:
+        doc = _parse_yaml(path.read_text(encoding="utf-8"), rel, file, [])
+    except (OSError, UnicodeDecodeError):
+        doc = None
+    return SpecProblem(file, doc.line(loc) if doc else 0, message)
 
 
 def _show(path: Path) -> str:
@@ -791,7 +807,7 @@ def kernel_tables() -> dict[str, str]:
 
 
 def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
-    """Within one MAD: each table once, and each column once per table."""
+    """Within one MAD: each table once, each column once per table, consents that fit the tables."""
     problems = []
     first_table: dict[str, int] = {}
     for index, table in enumerate(mad.storage):
@@ -808,7 +824,34 @@ def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
                                             f"'{table.name}' (first at line {first_column[column.name]}); "
                                             "expected each column once"))
             first_column.setdefault(column.name, doc.line(where))
+        problems += [doc.problem(at + ("allow_destructive", number), message)
+                     for number, entry in enumerate(table.allow_destructive)
+                     if (message := _consent_misfit(table, entry))]
+    for number, entry in enumerate(mad.allow_destructive):
+        match = MAD_CHANGES["drop table <table>"].match(entry)
+        if match and match["table"] in first_table:
+            problems.append(doc.problem(("allow_destructive", number), f"allow_destructive entry '{entry}' names a "
+                                        f"table MAD '{mad.name}' still has; expected only tables removed from storage"))
     return problems
+
+
+def _consent_misfit(table: Table, entry: str) -> str | None:
+    """Why a table's allow_destructive entry cannot describe a change that led to this table (None: it can)."""
+    columns = {c.name: c for c in table.columns}
+    matches = {kind: pattern.match(entry) for kind, pattern in TABLE_CHANGES.items()}
+    said = f"allow_destructive entry '{entry}' of table '{table.name}'"
+    if (match := matches["drop column <column>"]) and match["column"] in columns:
+        return f"{said} names a column the table still has; expected only columns removed from it"
+    if (match := matches["narrow column <column> to <type>"]) and (
+            columns.get(match["column"]) is None or columns[match["column"]].type != match["type"]):
+        return f"{said} does not match the table: expected a column '{match['column']}' of type {match['type']}"
+    if (match := matches["require column <column>"]) and (
+            columns.get(match["column"]) is None or columns[match["column"]].nullable):
+        return f"{said} does not match the table: expected a column '{match['column']}' with nullable: false"
+    key = ", ".join(c.name for c in table.columns if c.primary_key)
+    if (match := matches["change primary key to <column>, ..."]) and match["columns"] != key:
+        return f"{said} does not match the table, whose primary key is {f'({key})' if key else 'none'}"
+    return None
 
 
 def _check_tables(mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:

@@ -16,15 +16,16 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__, context
 from .config import Pipeline, RunOptions, load_pipeline
 from .emit import (
     canonical_json,
     latest_manifest,
-    next_version,
     publish,
     remove_stale_staging,
     sha256_file,
@@ -47,6 +48,8 @@ from .llm import (
     price_per_token,
 )
 from .load import load_spec
+from .lock import reuse_from_parent, to_regenerate, unit_inputs, unit_locks
+from .overrides import apply_overrides, load_overrides, override_hashes
 from .plan import Plan, make_plan
 from .progress import Reporter
 from .review.gate import panel_of, write_report
@@ -55,8 +58,20 @@ from .review.models import BLOCKING, PanelReport, Subject, Verdict
 from .review.panel import Panel
 from .review.run import PanelRun, panel_report
 from .sandbox import SandboxResult, run_tests, run_uv
+from .sbom import check_sbom, sbom
+from .sign import (
+    SigningKey,
+    development_warning,
+    load_signing_key,
+    sign_artifact,
+    signing_record,
+    verify_artifact,
+    write_provenance,
+)
 from .spec import Spec
-from .synthesise import Spend, Synthesis, SynthesisRun, first_request
+from .surface import bump_for, bumped, surface_changes, tool_surface
+from .surface import schema as storage_schema
+from .synthesise import Spend, Synthesis, SynthesisRun, UnitOutcome, first_request
 
 GENERATOR = Path(__file__).parent
 
@@ -122,10 +137,13 @@ def lock_dependencies(src: Path, preferred_lock: Path | None) -> None:
     run_uv(["lock", "--project", str(src), "--python", sys.executable, "--quiet"], "locking the generated project", 600)
 
 
-def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path | None) -> None:
+def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path | None,
+              overrides: Mapping[str, bytes] = MappingProxyType({})) -> None:
+    """The ecosystem's files: synthesised, the kernel, then the spec's pinned overrides on top; then `uv lock`."""
     if src.exists():
         shutil.rmtree(src)
-    write_tree(src, {**synthesis.files, **kernel_files(plan.package)}, executable=frozenset({"deploy/run.sh"}))
+    files, _ = apply_overrides({**synthesis.files, **kernel_files(plan.package)}, overrides, plan.package)
+    write_tree(src, files, executable=frozenset({"deploy/run.sh"}))
     lock_dependencies(src, preferred_lock)
 
 
@@ -192,6 +210,7 @@ def regenerate(
     report: Reporter | None = None,
     sandbox_level: str | None = None,
     reviewers: Mapping[str, ModelClient] | None = None,
+    signing_key: SigningKey | None = None,
 ) -> BuildResult:
     """Build the spec into a new archived version, or say it is up to date.
 
@@ -205,6 +224,7 @@ def regenerate(
                         f"panel {panel.name} of {len(panel.reviewers)}")
     with report.stage("plan", "start-up order, units and context windows") as info:
         plan = make_plan(spec)
+        overrides = load_overrides(options.spec_dir, plan.package)
         needs = offline_needs(spec, plan) if pipeline.senior.is_offline and replay_client is None else {}
         if client is None and replay_client is None and not pipeline.senior.is_offline:
             if (variable := missing_key(pipeline.senior)) is not None:
@@ -215,16 +235,19 @@ def regenerate(
                 )
         requests = {u.name: first_request(spec, plan, u, pipeline) for u in plan.units}
         ecosystem_dir = options.out_dir / spec.ecosystem.name
+        latest = latest_manifest(ecosystem_dir)
+        inputs = {u.name: unit_inputs(spec, plan, pipeline, u, requests[u.name]) for u in plan.units}
+        reuse, why = _reuse(options, spec, plan, inputs, requests, latest, ecosystem_dir)
+        needs = {unit: tools for unit, tools in needs.items() if unit in why}
         recorded = recorded_answers(ecosystem_dir, needs, requests) if needs else None
         fits = context.fit(list(requests.values()), pipeline.senior)
         context.require_fit(fits, pipeline.senior)
         biggest = max(fits, key=lambda f: f.needed)
         window = f" of {biggest.window:,}" if biggest.window else ""
-        info["note"] = (" → ".join(plan.startup_order) + f"; {len(plan.units)} units; "
+        info["note"] = (" → ".join(plan.startup_order) + f"; {len(plan.units)} units ({len(reuse)} reused); "
                         f"largest request {biggest.needed:,} tokens{window}")
     remove_stale_staging(ecosystem_dir)
     prints = fingerprint(spec, pipeline, panel, requests)
-    latest = latest_manifest(ecosystem_dir)
     if latest is not None and latest.get("inputs_hash") == prints.hash:
         path = ecosystem_dir / latest["version"]
         report.say(f"\n[bold green]Up to date:[/] {spec.ecosystem.name} {latest['version']} was built "
@@ -232,7 +255,11 @@ def regenerate(
         return BuildResult(ecosystem=spec.ecosystem.name, version=latest["version"], path=path,
                            up_to_date=True, manifest=latest)
     parent = latest["version"] if latest else None
-    version = next_version(parent)
+    bump = version_bump(spec, latest)
+    version = bumped(parent, bump.kind) if parent else "1.0.0"
+    signing_key = signing_key or load_signing_key()  # before any model is called: a bad key costs nothing
+    if (warning := development_warning(signing_key)) is not None:
+        report.warn(warning)
     if replay_client is not None:
         client = replay_client
         report.say(f"  [dim]replay: every answer comes from {options.replay / 'transcript.jsonl'}; no model is called[/]")
@@ -260,13 +287,14 @@ def regenerate(
         with report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
             synthesis = run.synthesise(
                 on_unit=lambda unit: report.progress("synthesise", f"unit {unit.name} with {pipeline.senior.model}"),
+                reuse=reuse,
             )
             info["note"] = f"{len(synthesis.files)} files checked; {_spent(synthesis)}"
         src = stage / "src"
         tests, previous_failures = None, None
         for test_round in range(pipeline.repair_rounds + 1):
             with report.stage("write", "src/ and uv.lock") as info:
-                write_src(src, synthesis, plan, preferred_lock)
+                write_src(src, synthesis, plan, preferred_lock, overrides)
                 info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
             tests = _sandbox(src, pipeline, sandbox_level, report)
             if tests.ok:
@@ -289,7 +317,7 @@ def regenerate(
 
         panel_run = PanelRun(panel, reviewers, pipeline.prices, cache,
                              on_verdict=lambda v: report.progress("review", v.line))
-        builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report)
+        builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report, overrides)
         try:
             reviewed, synthesis, tests = review_and_repair(
                 spec, panel, panel_run, builder, stage, ecosystem_dir / parent if parent else None, synthesis, tests, draft,
@@ -309,16 +337,26 @@ def regenerate(
             report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
         Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
+        # The spec it was built from, so `regen diff` can show what changed in it.
+        write_tree(stage / "spec", {f.path: (options.spec_dir / f.path).read_bytes() for f in spec.files})
         (stage / "tests.json").write_text(canonical_json(tests.record()))
         write_report(reviewed, stage)
+        (stage / "sbom.cdx.json").write_text(sbom(stage / "src"), encoding="utf-8")
         outputs = {path: digest for path, digest in tree_hashes(stage).items() if path != "manifest.json"}
         data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
+        data["bump"] = bump.model_dump(mode="json")
+        data["overrides"] = override_hashes(overrides)
+        data["lock"] = unit_locks({o.result.unit: o.files for o in synthesis.outcomes}, inputs, why,
+                                  {u: o.result.reused_from for u, o in reuse.items()})
         data["review"] = {"panel": panel.name, "outcome": reviewed.outcome, "reason": reviewed.reason,
                           "repairs": reviewed.repairs, "dissent": list(reviewed.dissent),
                           "cost_usd": reviewed.cost_usd}
         if recorded is not None:
             data["recorded_answers"] = {u: recorded.source_of(requests[u]) for u in needs}
+        data["signing"] = signing_record(signing_key)
         (stage / "manifest.json").write_text(canonical_json(data))
+        sign_artifact(stage, signing_key)  # manifest.sig and manifest.pub.pem, over the manifest's bytes
+        write_provenance(stage)  # derived from the manifest, so its signature covers this too
         with report.stage("emit", f"{ecosystem_dir / version}"):
             final = publish(stage, ecosystem_dir, version)
     _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests, reviewed)
@@ -366,13 +404,14 @@ class Rebuild:
     preferred_lock: Path | None
     sandbox_level: str | None
     report: Reporter
+    overrides: Mapping[str, bytes]
 
     def repair(self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int, src: Path) -> tuple[Synthesis, SandboxResult]:
         with self.report.stage("repair", f"units {', '.join(failures)} from the review's findings") as info:
             synthesis = self.run.repair_units(synthesis, failures, round_, "review")
             info["note"] = _spent(synthesis)
         with self.report.stage("write", "src/ and uv.lock"):
-            write_src(src, synthesis, self.plan, self.preferred_lock)
+            write_src(src, synthesis, self.plan, self.preferred_lock, self.overrides)
         return synthesis, _sandbox(src, self.pipeline, self.sandbox_level, self.report)
 
 
@@ -452,23 +491,25 @@ def manifest(
         "ecosystem": spec.ecosystem.name,
         "version": version,
         "parent": parent,
-        "bump": {
-            "kind": "initial" if parent is None else "patch",
-            "reason": "first build" if parent is None else f"inputs changed since {parent}",
-        },
         "generator": {"name": "regen", "version": __version__},
         "offline": pipeline.senior.is_offline,
-        "replayed_from": options.replay.as_posix() if options.replay else None,
+        "replayed_from": _artifact_name(options.replay) if options.replay else None,
         "pipeline": pipeline.model_dump(mode="json"),
         "inputs": prints.inputs,
         "inputs_hash": prints.hash,
         "startup_order": list(plan.startup_order),
-        "units": [u.model_dump(mode="json") for u in synthesis.units],
+        "surface": tool_surface(spec),
+        "storage_schema": storage_schema(spec),
+        # What each unit's answers cost when they were made (a cache hit or a replay costs that
+        # again on paper): the same inputs give the same manifest, however the run went.
+        "units": [u.model_dump(mode="json", exclude={"latency_ms", "cached", "prompt_tokens", "completion_tokens",
+                                                     "cost_usd"}) | _answered(synthesis, u.unit)
+                  for u in synthesis.units],
         "tokens": {
-            "prompt": sum(u.prompt_tokens for u in synthesis.units),
-            "completion": sum(u.completion_tokens for u in synthesis.units),
+            "prompt": sum(e.reply.prompt_tokens for e in synthesis.exchanges),
+            "completion": sum(e.reply.completion_tokens for e in synthesis.exchanges),
         },
-        "cost_usd": round(sum(u.cost_usd for u in synthesis.units), 6),
+        "cost_usd": round(sum(e.reply.cost_usd for e in synthesis.exchanges), 6),
         "sandbox": {
             "level": tests.level,
             "passed": tests.passed,
@@ -481,20 +522,95 @@ def manifest(
     }
 
 
+class VersionBump(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["initial", "major", "minor", "patch"]
+    reason: str
+    changes: tuple[str, ...] = ()
+
+
+def version_bump(spec: Spec, parent: dict | None) -> VersionBump:
+    """How far the version moves: by the tool surface and storage schema against the parent's."""
+    if parent is None:
+        return VersionBump(kind="initial", reason="first build")
+    if "surface" not in parent:
+        return VersionBump(kind="patch", reason=f"{parent['version']} records no tool surface to compare with")
+    changes = surface_changes(parent["surface"], tool_surface(spec), parent.get("storage_schema", {}), storage_schema(spec))
+    kind = bump_for(changes)
+    if not changes:
+        return VersionBump(kind="patch", reason=f"same tools and storage as {parent['version']}; code, prompts or docs changed")
+    return VersionBump(kind=kind, reason="; ".join(c.what for c in changes if c.bump == kind),
+                       changes=tuple(c.what for c in changes))
+
+
+def _reuse(options: RunOptions, spec: Spec, plan: Plan, inputs: dict, requests: dict, latest: dict | None,
+           ecosystem_dir: Path) -> tuple[dict[str, UnitOutcome], dict[str, str]]:
+    """Units to copy from an earlier version, and why every other unit is synthesised."""
+    if options.replay is not None:  # exactly the units the replayed build reused, from where it took them
+        recorded = json.loads((options.replay / "manifest.json").read_text(encoding="utf-8")).get("lock", {})
+        reused: dict[str, UnitOutcome] = {}
+        for unit, entry in recorded.items():
+            if entry.get("reused_from"):
+                got, failed = reuse_from_parent(options.replay.parent / entry["reused_from"] / "src", entry["reused_from"],
+                                                recorded, [unit], requests)
+                if failed:
+                    raise UserError(f"cannot replay {options.replay}: {failed[unit]}")
+                reused |= got
+        return reused, {u.name: "replayed" for u in plan.units if u.name not in reused}
+    parent_lock = latest.get("lock") if latest else None
+    why = to_regenerate(spec, plan, inputs, parent_lock)
+    keep = [u.name for u in plan.units if u.name not in why]
+    if not keep:
+        return {}, why
+    reused, instead = reuse_from_parent(ecosystem_dir / latest["version"] / "src", latest["version"], parent_lock, keep,
+                                        requests)
+    return reused, dict(sorted((why | instead).items()))
+
+
+def _answered(synthesis: Synthesis, unit: str) -> dict:
+    exchanges = [e for e in synthesis.exchanges if e.request.unit == unit]
+    return {
+        "prompt_tokens": sum(e.reply.prompt_tokens for e in exchanges),
+        "completion_tokens": sum(e.reply.completion_tokens for e in exchanges),
+        "cost_usd": round(sum(e.reply.cost_usd for e in exchanges), 6),
+    }
+
+
+def _artifact_name(artifact: Path) -> str:
+    """`<name>@<version>` of an archived build: no absolute path goes into an artifact."""
+    try:
+        recorded = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        return f"{recorded['ecosystem']}@{recorded['version']}"
+    except (OSError, ValueError, KeyError):
+        return artifact.name
+
+
 def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs, data, tests, reviewed) -> None:
-    cached = [u.unit for u in synthesis.units if u.cached]
+    reused = [f"{u.unit} (from {u.reused_from})" for u in synthesis.units if u.reused_from]
+    cached = [u.unit for u in synthesis.units if u.cached and not u.reused_from]
     repaired = [f"{u.unit} ({u.rounds} rounds)" for u in synthesis.units if u.rounds > 1]
     per_unit = ", ".join(
-        f"{u.unit} {u.prompt_tokens + u.completion_tokens:,} tok/{u.latency_ms / 1000:.1f}s" for u in synthesis.units
+        f"{u.unit} {u.prompt_tokens + u.completion_tokens:,} tok/{u.latency_ms / 1000:.1f}s"
+        for u in synthesis.units if not u.reused_from
     )
+    by_reason: dict[str, list[str]] = {}
+    for unit, entry in data["lock"].items():
+        if entry["regenerated_because"]:
+            by_reason.setdefault(entry["regenerated_because"], []).append(unit)
+    why = [f"{', '.join(units)}: {reason}" for reason, units in by_reason.items()]
     report.summary(
         f"{spec.ecosystem.name} {version}" + (" (offline build)" if pipeline.senior.is_offline else ""),
         [
             ("artifact", str(final)),
             ("parent", parent or "none (first build)"),
-            ("units", f"{len(synthesis.units)} synthesised" + (f", {len(cached)} answered from cache or a recorded build" if cached else "")
+            ("version", f"{data['bump']['kind']} bump: {data['bump']['reason']}"),
+            ("units", f"{len(synthesis.units) - len(reused)} synthesised"
+             + (f", {len(cached)} answered from cache or a recorded build" if cached else "")
+             + (f"; reused at 0 tokens: {', '.join(reused)}" if reused else "")
              + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
-            ("per unit", per_unit),
+            ("why", "; ".join(why) or "—"),
+            ("per unit", per_unit or "—"),
             ("files", f"{len(outputs)} ({len(synthesis.files)} synthesised, kernel copied)"),
             ("tokens", f"{data['tokens']['prompt']:,} in, {data['tokens']['completion']:,} out; ${data['cost_usd']:.4f}"),
             ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
@@ -512,18 +628,40 @@ class Verification(BaseModel):
 
     artifact: Path
     files: int
+    signed_by: str = Field(description="the key, trusted or not, development or not")
+    problems: tuple[str, ...] = Field(description="signature, provenance, file hashes, root hash, SBOM")
     first_difference: str | None
-    differences: tuple[str, ...]
+    differences: tuple[str, ...] = Field(description="files of src/ the replay did not reproduce")
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.differences
 
 
-def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None, pipelines_dir: Path = Path("pipelines")) -> Verification:
-    """Rebuild `artifact` from its own transcript, offline, and compare every file of src/ byte for byte."""
+def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None = None,
+           pipelines_dir: Path = Path("pipelines"), trust: Path | None = None, keep: Path | None = None) -> Verification:
+    """Check an artifact whole: its signature (by `trust`, when given), provenance, every file's hash, the
+    root hash and the SBOM against the lock; then rebuild it from its own transcript, offline, and compare
+    every file of src/ byte for byte. The spec is the artifact's own copy unless `spec_dir` is given."""
     report = report or Reporter()
     manifest_path = artifact / "manifest.json"
     try:
         recorded = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{manifest_path}: not an artifact: {exc}")
+    with report.stage("check", "signature, provenance, every file hash, the SBOM") as info:
+        integrity = verify_artifact(artifact, trust)
+        problems = integrity.problems
+        if "sbom.cdx.json" in recorded.get("outputs", {}):
+            problems += [f"sbom.cdx.json: {p}" for p in check_sbom((artifact / "sbom.cdx.json").read_text(encoding="utf-8"),
+                                                                     artifact / "src")]
+        else:
+            problems.append("no sbom.cdx.json: the artifact records no SBOM")
+        key = integrity.signature
+        signed_by = (f"key {key.key_id}" + (" (trusted)" if key.trusted else "") + (" (DEVELOPMENT key)" if key.development else "")
+                     if key.signed else "nobody")
+        info["note"] = f"signed by {signed_by}; " + (f"{len(problems)} problem(s)" if problems else "all hold")
+    spec_dir = spec_dir or (artifact / "spec" if (artifact / "spec").is_dir() else Path("spec"))
     # The pipeline comes from the manifest; its panel is found as from the repo's pipelines/ folder.
     options = RunOptions(spec_dir=spec_dir, pipeline_file=pipelines_dir / "replayed.toml", out_dir=Path("-"), replay=artifact)
     with report.stage("load", f"{spec_dir}/ and {artifact}"):
@@ -548,8 +686,9 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None, pipel
         src = Path(scratch) / "src"
         with report.stage("synthesise", f"{len(plan.units)} units from the transcript"):
             run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), context.count_tokens)
+            reuse, _ = _reuse(options, spec, plan, {}, requests, None, artifact.parent)
             try:
-                synthesis = run.synthesise()
+                synthesis = run.synthesise(reuse=reuse)
                 # Repairs that failed tests or the review asked for are replayed in order, without the
                 # sandbox or the panel; each round consumes recorded answers, so this ends.
                 repair_round = 0
@@ -559,15 +698,16 @@ def verify(artifact: Path, spec_dir: Path, report: Reporter | None = None, pipel
             except BuildFailed as exc:
                 raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
         with report.stage("write", "src/ and uv.lock"):
-            write_src(src, synthesis, plan, artifact / "src" / "uv.lock")
+            write_src(src, synthesis, plan, artifact / "src" / "uv.lock", load_overrides(spec_dir, plan.package))
         rebuilt = tree_hashes(src)
+        if keep is not None:  # for a closer look, e.g. diffoscope archived/src kept/src
+            shutil.copytree(src, keep / "src", symlinks=True)
     # The rebuild must match both what the manifest recorded and what is on disk now.
     recorded_src = {k.removeprefix("src/"): v for k, v in recorded["outputs"].items() if k.startswith("src/")}
     on_disk = tree_hashes(artifact / "src")
     paths = set(rebuilt) | set(recorded_src) | set(on_disk)
     differences = tuple(sorted(p for p in paths if not rebuilt.get(p) == recorded_src.get(p) == on_disk.get(p)))
-    original = recorded_src
     return Verification(
-        artifact=artifact, files=len(original), first_difference=differences[0] if differences else None,
-        differences=differences,
+        artifact=artifact, files=len(recorded_src), signed_by=signed_by, problems=tuple(problems),
+        first_difference=differences[0] if differences else None, differences=differences,
     )

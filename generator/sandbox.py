@@ -154,12 +154,92 @@ def _scrubbed_env(work: Path, venv: Path) -> dict[str, str]:
     }
 
 
+LOCK_DRIFT = "needs to be updated, but `--locked` was provided"  # what uv says when uv.lock is stale
+
+
 def make_venv(src: Path, venv: Path, timeout: int) -> None:
-    """`uv sync --frozen` into `venv`: exactly the artifact's lock, dev group included."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT"))}
+    """`uv sync --locked` into `venv`: exactly the artifact's lock, dev group included.
+
+    `--locked` (not `--frozen`) makes uv first check that uv.lock still matches
+    pyproject.toml; a stale lock is a BuildFailed that names the drift, never a venv
+    quietly made from requirements the project no longer states.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT", "UV_FROZEN"))}
     env["UV_PROJECT_ENVIRONMENT"] = str(venv)
-    args = ["sync", "--frozen", "--project", str(src), "--python", sys.executable, "--quiet"]
-    run_uv(args, "making the sandbox venv", timeout, env)
+    args = ["sync", "--locked", "--project", str(src), "--python", sys.executable, "--quiet"]
+    try:
+        run_uv(args, "making the sandbox venv", timeout, env)
+    except BuildFailed as exc:
+        if LOCK_DRIFT not in str(exc):
+            raise
+        uv_said = (str(exc).partition(":\n")[2].splitlines() or [""])[0].removeprefix("error: ").rstrip(".")
+        drift = lock_drift(src) or [f"the requirements differ in their markers or other details (uv: {uv_said})"]
+        raise BuildFailed(f"uv.lock is out of date with pyproject.toml: {'; '.join(drift)}; relock with `uv lock`") from exc
+
+
+def lock_drift(src: Path) -> list[str]:
+    """How `src/pyproject.toml`'s requirements differ from those `src/uv.lock` was made for, by package name.
+
+    A description for the user only: uv decides whether the lock is stale. Markers are
+    not compared (uv rewrites them), so a drift in markers alone gives [].
+    """
+    import tomllib
+
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.specifiers import SpecifierSet
+        from packaging.utils import canonicalize_name
+
+        pyproject = tomllib.loads((src / "pyproject.toml").read_text(encoding="utf-8"))
+        lock = tomllib.loads((src / "uv.lock").read_text(encoding="utf-8"))
+    except (ImportError, OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    project = pyproject.get("project", {})
+    name = canonicalize_name(project.get("name", ""))
+    root = next((p for p in lock.get("package", []) if canonicalize_name(p.get("name", "")) == name), {})
+    locked_meta = root.get("metadata", {})
+
+    def stated(requirements: list) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for text in requirements:
+            if isinstance(text, str):
+                try:
+                    req = Requirement(text)
+                except InvalidRequirement:
+                    continue
+                found.setdefault(canonicalize_name(req.name), set()).add(str(req.specifier))
+        return found
+
+    def locked(entries: list) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for entry in entries:
+            if isinstance(entry, dict) and "name" in entry:
+                found.setdefault(canonicalize_name(entry["name"]), set()).add(str(SpecifierSet(entry.get("specifier", ""))))
+        return found
+
+    sections = [(
+        "[project] dependencies",
+        stated(project.get("dependencies", []) + [r for extra in project.get("optional-dependencies", {}).values() for r in extra]),
+        locked(locked_meta.get("requires-dist", [])),
+    )]
+    groups, locked_groups = pyproject.get("dependency-groups", {}), locked_meta.get("requires-dev", {})
+    for group in sorted(set(groups) | set(locked_groups)):
+        sections.append((f"dependency group {group}", stated(groups.get(group, [])), locked(locked_groups.get(group, []))))
+    drift = []
+    if project.get("requires-python") != lock.get("requires-python"):
+        drift.append(f"requires-python is {project.get('requires-python')!r} in pyproject.toml, "
+                     f"{lock.get('requires-python')!r} in uv.lock")
+    for section, wanted, have in sections:
+        for package in sorted(set(wanted) | set(have)):
+            spec = ", ".join(sorted(wanted.get(package, ()))) or "any version"
+            was = ", ".join(sorted(have.get(package, ()))) or "any version"
+            if package not in have:
+                drift.append(f"{section} requires {package} ({spec}), which uv.lock lacks")
+            elif package not in wanted:
+                drift.append(f"uv.lock still has {package} ({was}), which {section} no longer requires")
+            elif wanted[package] != have[package]:
+                drift.append(f"{section} requires {package} {spec}, uv.lock was made for {was}")
+    return drift
 
 
 def run_tests(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import keyword
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -132,9 +132,36 @@ class Tool(Frozen):
     )
 
 
+ColumnType = Literal["text", "integer", "real", "blob", "json"]
+
+# The destructive storage changes a spec can accept, as written in `allow_destructive`: each
+# entry names one change, so accepting one never accepts another made later.
+_NAME = r"[a-z][a-z0-9_]*"
+TABLE_CHANGES = {
+    "drop column <column>": re.compile(rf"^drop column (?P<column>{_NAME})$"),
+    "narrow column <column> to <type>": re.compile(
+        rf"^narrow column (?P<column>{_NAME}) to (?P<type>{'|'.join(get_args(ColumnType))})$"),
+    "require column <column>": re.compile(rf"^require column (?P<column>{_NAME})$"),
+    "change primary key to <column>, ...": re.compile(rf"^change primary key to (?P<columns>{_NAME}(?:, {_NAME})*)$"),
+}
+MAD_CHANGES = {"drop table <table>": re.compile(rf"^drop table (?P<table>{_NAME})$")}
+
+
+def _change_of(kinds: dict[str, re.Pattern[str]]):
+    """A validator accepting an entry that spells one of `kinds`."""
+
+    def check(value: str) -> str:
+        if not any(pattern.match(value) for pattern in kinds.values()):
+            expected = ", ".join(f"'{kind}'" for kind in kinds)
+            raise spec_rule(f"allow_destructive entry '{value}' is not a change regen knows; expected one of: {expected}")
+        return value
+
+    return AfterValidator(check)
+
+
 class Column(Frozen):
     name: str = Field(pattern=IDENTIFIER)
-    type: Literal["text", "integer", "real", "blob", "json"]
+    type: ColumnType
     primary_key: bool = False
     nullable: bool = True
 
@@ -144,6 +171,11 @@ class Table(Frozen):
 
     name: str = Field(pattern=IDENTIFIER)
     columns: list[Column] = Field(min_length=1)
+    # Consent for the build's migration, not part of the table: kept out of prompts and generated code.
+    allow_destructive: list[Annotated[str, _change_of(TABLE_CHANGES)]] = Field(
+        default_factory=list, exclude=True,
+        description="destructive changes since the previous version that the author accepts, e.g. 'drop column note'",
+    )
 
 
 class Imperator(Frozen):
@@ -163,6 +195,9 @@ class MadSpec(Frozen):
     talks_to: list[str] = Field(default_factory=list, description="MADs it depends on")
     secrets: list[str] = Field(default_factory=list, description="secrets it may read")
     storage: list[Table] = Field(default_factory=list)
+    allow_destructive: list[Annotated[str, _change_of(MAD_CHANGES)]] = Field(
+        default_factory=list, exclude=True, description="tables dropped since the previous version, e.g. 'drop table tags'",
+    )
     budget_tokens: int = Field(default=100_000, ge=0, description="per-MAD LLM token budget")
     imperator: Imperator
 

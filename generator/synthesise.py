@@ -55,6 +55,7 @@ class UnitResult(Frozen):
     cost_usd: float
     latency_ms: int
     cached: bool
+    reused_from: str | None = None
 
 
 class UnitOutcome(Frozen):
@@ -270,10 +271,15 @@ class SynthesisRun:
     """The senior's context window: repairs and continuations grow a conversation past it."""
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def synthesise(self, on_unit: Callable[[Unit], None] = lambda unit: None) -> Synthesis:
-        """Ask the senior for every unit, concurrently; a unit that cannot be made right stops the run."""
+    def synthesise(
+        self, on_unit: Callable[[Unit], None] = lambda unit: None, reuse: dict[str, UnitOutcome] | None = None,
+    ) -> Synthesis:
+        """Ask the senior for every unit not in `reuse`, concurrently; a unit that cannot be made right stops the run."""
 
         def job(unit: Unit) -> Callable[[], UnitOutcome]:
+            if reuse and unit.name in reuse:
+                return lambda: reuse[unit.name]
+
             def run() -> UnitOutcome:
                 on_unit(unit)
                 return _Conversation(self, unit).converse(prompt_messages(self.spec, self.plan, unit), "synthesise")
@@ -319,6 +325,17 @@ class SynthesisRun:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def reused(request: ModelRequest, files: dict[str, str], version: str) -> UnitOutcome:
+    """A unit copied from an earlier version: its answer as if just given, at 0 tokens (a test repair can still follow)."""
+    answer = json.dumps({"files": [{"path": p, "content": c} for p, c in sorted(files.items())]}, ensure_ascii=False)
+    return UnitOutcome(
+        result=UnitResult(unit=request.unit, request_hash=request.hash, files=tuple(sorted(files)), rounds=0,
+                          prompt_tokens=0, completion_tokens=0, cost_usd=0.0, latency_ms=0, cached=True,
+                          reused_from=version),
+        files=dict(sorted(files.items())), messages=request.messages, answer=answer, exchanges=(),
+    )
 
 
 def _quoted(answer: str) -> str:

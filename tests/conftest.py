@@ -6,6 +6,13 @@ import generator.llm
 
 
 @pytest.fixture(autouse=True)
+def _own_signing_keys(monkeypatch, tmp_path_factory):
+    """Builds sign with a development key made under a temporary config folder, never the user's."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "config"))
+    monkeypatch.delenv("REGEN_SIGNING_KEY", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _no_real_model_requests(monkeypatch):
     """No test may reach a real model endpoint: only offline/reference and injected fakes run."""
     monkeypatch.setattr(generator.llm, "ALLOW_MODEL_REQUESTS", False)

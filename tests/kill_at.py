@@ -4,40 +4,96 @@ Polling from outside raced the build: between `tests.json` and the rename into p
 milliseconds, and a fast machine finished first. An audit hook sees every file open, rename and
 subprocess start, so the kill lands at the first such step after the moment, whatever the speed.
 
-    python tests/kill_at.py MOMENT -- regen-arguments...
+    python tests/kill_at.py MOMENT [--sandbox-result TESTS_JSON] -- regen-arguments...
 
-MOMENT is a path inside the staging folder (the kill follows its creation) or `published`
-(the kill follows the rename of the staging folder into its version).
+MOMENT is
+  a path inside the staging folder  the kill follows its creation;
+  published                         the kill follows the rename of the staging folder into its version;
+  emit:N[,M,...]                    the kill comes at the N-th file step (open, rename, ...) after the
+                                    transcript is opened, i.e. somewhere while the artifact is written;
+                                    with several, each runs in a child forked after the imports (litellm
+                                    takes seconds to import), `{n}` in the arguments becomes N, and a JSON
+                                    object {N: exit status} is printed (-9: killed);
+  emit:count                        no kill: the number of such steps is printed to stderr at exit.
+--sandbox-result stands in for the sandbox with recorded results, so a test can build many times fast.
 """
 
+import atexit
 import os
 import signal
 import sys
 from pathlib import Path
 
-_WATCHED = {"open", "os.rename", "os.replace", "subprocess.Popen", "shutil.copyfile"}
+_WATCHED = {"open", "os.rename", "os.replace", "subprocess.Popen", "shutil.copyfile", "os.chmod"}
 
 
 def _install(moment: str, out: Path) -> None:
     renamed = False
+    emitting = False
+    steps = 0
+    kill_at = int(moment.split(":")[1]) if moment.startswith("emit:") and moment != "emit:count" else None
 
     def hook(event: str, args: tuple) -> None:
-        nonlocal renamed
+        nonlocal renamed, emitting, steps
         if event not in _WATCHED:
+            return
+        if moment.startswith("emit:"):
+            path = os.fsdecode(args[0]) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
+            if not emitting and event == "open" and path.endswith("transcript.jsonl") and ".staging-" in path:
+                emitting = True
+            if emitting:
+                steps += 1
+                if steps == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
             return
         if renamed or (moment != "published" and any(out.glob(f"*/.staging-*/{moment}"))):
             os.kill(os.getpid(), signal.SIGKILL)
-        if moment == "published" and event in {"os.rename", "os.replace"} and Path(os.fsdecode(args[0])).name.startswith(".staging-"):
+        if moment == "published" and event in {"os.rename", "os.replace"} \
+                and Path(os.fsdecode(args[0])).name.startswith(".staging-"):
             renamed = True
 
+    if moment == "emit:count":
+        atexit.register(lambda: print(f"emit steps: {steps}", file=sys.stderr))
     sys.addaudithook(hook)
 
 
+def _recorded_sandbox(tests_json: Path) -> None:
+    from generator import pipeline
+    from generator.sandbox import SandboxResult
+
+    result = SandboxResult.model_validate_json(tests_json.read_text())
+    pipeline._sandbox = lambda *args, **kwargs: result
+
+
+def _each_in_a_fork(steps: list[str], argv: list[str]) -> None:
+    import json
+
+    from generator.cli import main as regen
+    from generator.llm import load_litellm
+
+    load_litellm()
+    statuses = {}
+    for n in steps:
+        args = [a.replace("{n}", n) for a in argv]
+        pid = os.fork()
+        if pid == 0:
+            _install(f"emit:{n}", Path(args[args.index("--out") + 1]))
+            os._exit(regen(args))
+        _, status = os.waitpid(pid, 0)
+        statuses[n] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    print(json.dumps(statuses))
+
+
 def main() -> None:
-    moment, separator, *argv = sys.argv[1:]
-    assert separator == "--", __doc__
-    out = Path(argv[argv.index("--out") + 1])
-    _install(moment, out)
+    moment, *rest = sys.argv[1:]
+    separator = rest.index("--")
+    options, argv = rest[:separator], rest[separator + 1:]
+    if options[:1] == ["--sandbox-result"]:
+        _recorded_sandbox(Path(options[1]))
+    if moment.startswith("emit:") and "," in moment:
+        _each_in_a_fork(moment.removeprefix("emit:").split(","), argv)
+        return
+    _install(moment, Path(argv[argv.index("--out") + 1]))
     from generator.cli import main as regen
 
     sys.exit(regen(argv))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from generator.emit import next_version, publish, remove_stale_staging, staging, versions, write_tree
+from generator.emit import publish, remove_stale_staging, staging, versions, write_tree
 from generator.errors import BuildFailed
 
 
@@ -65,4 +65,3 @@ def test_versions_sort_as_semver(tmp_path):
     for v in ["1.0.10", "1.0.2", "2.0.0", ".staging-1-x", "notes"]:
         (tmp_path / v).mkdir()
     assert versions(tmp_path) == ["1.0.2", "1.0.10", "2.0.0"]
-    assert next_version(None) == "1.0.0" and next_version("1.0.10") == "1.0.11"

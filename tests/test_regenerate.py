@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from generator.llm import LiteLLMClient, ModelReply
 from generator.pipeline import regenerate
 from generator.progress import Reporter
 from generator.scripted import Reply, ScriptedServer, reference_answer
+from generator.sign import SIDECARS, verify_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +61,8 @@ def test_the_build_is_archived_under_name_and_version(built):
     assert result.path == out / "madgroup" / "1.0.0"
     assert versions(out / "madgroup") == ["1.0.0"]
     names = {p.name for p in result.path.iterdir()}
-    assert {"manifest.json", "transcript.jsonl", "tests.json", "src"} <= names
+    assert {"manifest.json", "manifest.sig", "manifest.pub.pem", "provenance.json", "sbom.cdx.json", "transcript.jsonl",
+            "tests.json", "review.json", "review.md", "review.html", "spec", "src"} <= names
     assert not [p for p in (out / "madgroup").iterdir() if p.name.startswith(".staging-")]
 
 
@@ -69,7 +72,7 @@ def test_the_manifest_lists_every_file_with_a_matching_sha256(built):
     on_disk = {
         p.relative_to(result.path).as_posix()
         for p in result.path.rglob("*")
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.relative_to(result.path).as_posix() not in SIDECARS
     }
     assert set(manifest["outputs"]) == on_disk
     assert any(path.startswith("src/madgroup/kernel/") for path in on_disk)
@@ -175,9 +178,8 @@ def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
 
 def _complete_or_absent(ecosystem_dir: Path) -> None:
     for version in versions(ecosystem_dir):
-        manifest = json.loads((ecosystem_dir / version / "manifest.json").read_text())
-        for path, digest in manifest["outputs"].items():
-            assert sha256_file(ecosystem_dir / version / path) == digest
+        check = verify_artifact(ecosystem_dir / version)  # signature, provenance, every output and the root hash
+        assert check.ok, check.problems
 
 
 @pytest.mark.parametrize("moment", ["transcript.jsonl", "src/uv.lock", "tests.json", "published"])
@@ -252,3 +254,32 @@ def test_offline_builds_answer_model_units_from_an_archived_build(tmp_path, monk
     assert "async def summarise(self, conversation_id: str, max_messages: int = 50) -> dict:" in (
         src / "madgroup" / "mads" / "rogers.py").read_text()
     assert "def test_compare_models_answers_from_every_alias" in (src / "tests" / "test_fiedler.py").read_text()
+
+
+def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, offline_spec):
+    """Emit writes the transcript, the reports, the SBOM, the spec, the manifest, its signature and the
+    provenance, fsyncs and renames: killed at random steps of it, a version is whole and verifiable, or absent."""
+    _, result = built
+    recorded_tests = result.path / "tests.json"
+
+    def build(moment: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--sandbox-result", str(recorded_tests), "--",
+             "regenerate", "--spec", str(offline_spec), "--out", str(out), "--quiet", "--no-cache"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+
+    counted = build("emit:count", tmp_path / "count")
+    assert counted.returncode == 0, counted.stderr
+    steps = int(counted.stderr.rsplit("emit steps: ", 1)[1].split()[0])
+    assert steps >= 20
+    moments = sorted(random.Random(20).sample(range(1, steps + 1), 20))
+    killed = build("emit:" + ",".join(map(str, moments)), tmp_path / "kill{n}")
+    assert killed.returncode == 0, killed.stderr
+    statuses = json.loads(killed.stdout.strip().splitlines()[-1])
+    assert statuses == {str(n): -signal.SIGKILL for n in moments}, killed.stderr
+    published = 0
+    for n in moments:
+        _complete_or_absent(tmp_path / f"kill{n}" / "madgroup")
+        published += bool(versions(tmp_path / f"kill{n}" / "madgroup"))
+    assert published < len(moments)  # most kills land before the rename: nothing is left behind then

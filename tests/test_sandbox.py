@@ -1,6 +1,7 @@
 """The sandbox fence, proven without sending traffic anywhere but 127.0.0.1."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,3 +111,29 @@ def test_bubblewrap_shows_only_the_harmless_part_of_etc(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert "passwd" in done.stdout.split() and "shadow" not in done.stdout.split()
     assert done.returncode != 0 and "No such file" in done.stderr
+
+
+MADGROUP_SRC = Path(__file__).resolve().parents[1] / "ecosystems" / "madgroup" / "1.0.2" / "src"
+
+
+def test_a_lock_in_step_with_its_pyproject_shows_no_drift():
+    from generator.sandbox import lock_drift
+
+    assert lock_drift(MADGROUP_SRC) == []
+
+
+def test_a_lock_out_of_date_with_pyproject_fails_and_names_the_drift(tmp_path):
+    from generator.errors import BuildFailed
+    from generator.sandbox import make_venv
+
+    src = tmp_path / "src"
+    shutil.copytree(MADGROUP_SRC, src)
+    pyproject = src / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"httpx==0.28.1",', '"httpx==0.28.1",\n    "six==1.17.0",'))
+    with pytest.raises(BuildFailed) as failed:
+        make_venv(src, tmp_path / "venv", timeout=120)
+    assert str(failed.value) == (
+        "uv.lock is out of date with pyproject.toml: [project] dependencies requires six (==1.17.0), "
+        "which uv.lock lacks; relock with `uv lock`"
+    )
+    assert not list((tmp_path / "venv").glob("lib/python*/site-packages/mcp"))  # nothing installed from the stale lock

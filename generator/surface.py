@@ -1,0 +1,103 @@
+"""The ecosystem's public surface — its tools' signatures and its storage schema — and the
+semantic-version bump a change to it calls for.
+
+    major  a tool removed or renamed, a parameter removed or retyped, a new required
+           parameter, a result retyped; a destructive storage change
+    minor  a tool, MAD or optional parameter added; a table or column added
+    patch  anything else (code, prompts, docs, dependencies)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .spec import Spec
+
+Bump = Literal["major", "minor", "patch"]
+_ORDER: tuple[Bump, ...] = ("patch", "minor", "major")
+
+
+class Change(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bump: Bump
+    what: str
+
+
+def tool_surface(spec: Spec) -> dict[str, dict]:
+    """`<mad>.<tool>` -> its parameters (type, required) and result type: what MCP clients rely on."""
+    return {
+        f"{mad.name}.{tool.name}": {
+            "params": {name: {"type": p.type, "required": "default" not in p.model_fields_set}
+                       for name, p in tool.params.items()},
+            "returns": tool.returns,
+        }
+        for mad in spec.mads
+        for tool in mad.tools
+    }
+
+
+def schema(spec: Spec) -> dict[str, dict]:
+    """`<mad>_<table>` -> {column: {type, primary_key, nullable}}: the storage every state directory holds."""
+    return {
+        f"{mad.name}_{table.name}": {c.name: {"type": c.type, "primary_key": c.primary_key, "nullable": c.nullable}
+                                     for c in table.columns}
+        for mad in spec.mads
+        for table in mad.storage
+    }
+
+
+def surface_changes(old_tools: dict, new_tools: dict, old_schema: dict, new_schema: dict) -> list[Change]:
+    changes: list[Change] = []
+    for name in sorted(old_tools.keys() - new_tools.keys()):
+        changes.append(Change(bump="major", what=f"tool {name} removed"))
+    for name in sorted(new_tools.keys() - old_tools.keys()):
+        changes.append(Change(bump="minor", what=f"tool {name} added"))
+    for name in sorted(old_tools.keys() & new_tools.keys()):
+        old, new = old_tools[name], new_tools[name]
+        for param in sorted(old["params"].keys() - new["params"].keys()):
+            changes.append(Change(bump="major", what=f"{name}: parameter {param} removed"))
+        for param in sorted(new["params"].keys() - old["params"].keys()):
+            required = new["params"][param]["required"]
+            changes.append(Change(bump="major" if required else "minor",
+                                  what=f"{name}: {'required' if required else 'optional'} parameter {param} added"))
+        for param in sorted(old["params"].keys() & new["params"].keys()):
+            before, after = old["params"][param], new["params"][param]
+            if before["type"] != after["type"]:
+                changes.append(Change(bump="major", what=f"{name}: parameter {param} {before['type']} -> {after['type']}"))
+            elif after["required"] and not before["required"]:
+                changes.append(Change(bump="major", what=f"{name}: parameter {param} became required"))
+            elif before["required"] and not after["required"]:
+                changes.append(Change(bump="minor", what=f"{name}: parameter {param} became optional"))
+        if old["returns"] != new["returns"]:
+            changes.append(Change(bump="major", what=f"{name}: result {old['returns']} -> {new['returns']}"))
+    for table in sorted(old_schema.keys() - new_schema.keys()):
+        changes.append(Change(bump="major", what=f"table {table} dropped"))
+    for table in sorted(new_schema.keys() - old_schema.keys()):
+        changes.append(Change(bump="minor", what=f"table {table} added"))
+    for table in sorted(old_schema.keys() & new_schema.keys()):
+        old, new = old_schema[table], new_schema[table]
+        for column in sorted(old.keys() - new.keys()):
+            changes.append(Change(bump="major", what=f"table {table}: column {column} dropped"))
+        for column in sorted(new.keys() - old.keys()):
+            changes.append(Change(bump="minor", what=f"table {table}: column {column} added"))
+        for column in sorted(old.keys() & new.keys()):
+            if old[column] != new[column]:
+                changes.append(Change(bump="major", what=f"table {table}: column {column} changed "
+                                                        f"{old[column]['type']} -> {new[column]['type']}"))
+    return changes
+
+
+def bump_for(changes: list[Change]) -> Bump:
+    return max((c.bump for c in changes), key=_ORDER.index, default="patch")
+
+
+def bumped(version: str, bump: Bump) -> str:
+    major, minor, patch = (int(x) for x in version.split("."))
+    if bump == "major":
+        return f"{major + 1}.0.0"
+    if bump == "minor":
+        return f"{major}.{minor + 1}.0"
+    return f"{major}.{minor}.{patch + 1}"

@@ -1,0 +1,178 @@
+"""Storage migrations at start-up: applied once, in order, each whole or not at all; a state from another
+history or a newer version is refused; a state from before migrations is the baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+NOTES = [{"name": "id", "type": "integer", "primary_key": True, "nullable": False},
+         {"name": "body", "type": "text", "primary_key": False, "nullable": True}]
+TAG = {"name": "tag", "type": "text", "primary_key": False, "nullable": True}
+
+
+@pytest.fixture
+def kit(eco_modules, monkeypatch):
+    """The tiny ecosystem's config, one whose turing_notes has a `tag`, two migrations, and a Runtime maker."""
+    config, kernel, runtime_mod = eco_modules
+    monkeypatch.delenv(f"{config.env_prefix}_SECRETS_KEY", raising=False)
+    migrations = sys.modules[f"{kernel.__name__}.migrations"]
+    table_ddl = sys.modules[f"{kernel.__name__}.db"].table_ddl
+    turing = next(m for m in config.mads if m.name == "turing")
+    tagged = type("Turing", (turing,), {"storage": ({"name": "notes", "columns": [*NOTES, TAG]},)})
+
+    def migration(number, name, *statements):
+        return migrations.Migration(number=number, name=name, statements=list(statements))
+
+    return SimpleNamespace(
+        config=config,
+        tagged=config.model_copy(update={"mads": tuple(tagged if m is turing else m for m in config.mads)}),
+        error=migrations.MigrationError,
+        migration=migration,
+        create=migration(1, "create turing_notes", table_ddl("turing_notes", NOTES)),
+        add_tag=migration(2, "add tag", "ALTER TABLE turing_notes ADD COLUMN tag TEXT"),
+        runtime=lambda state, history, cfg=config: runtime_mod.Runtime(cfg, state, migrations=history),
+    )
+
+
+def _close(runtime):
+    if runtime.running:
+        asyncio.run(runtime.stop())
+    else:
+        runtime.db.close()
+
+
+def _recorded(state):
+    with sqlite3.connect(state / "ecosystem.db") as conn:
+        return [tuple(r) for r in conn.execute("SELECT number, name FROM schema_migrations ORDER BY number")]
+
+
+def _columns(state, table):
+    with sqlite3.connect(state / "ecosystem.db") as conn:
+        return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def test_a_fresh_state_applies_every_migration_and_a_restart_none(kit, tmp_path):
+    state = tmp_path / "state"
+    first = kit.runtime(state, [kit.create, kit.add_tag], kit.tagged)
+    assert [m.number for m in first.migrated] == [1, 2]
+    _close(first)
+    assert _recorded(state) == [(1, "create turing_notes"), (2, "add tag")]
+    again = kit.runtime(state, [kit.create, kit.add_tag], kit.tagged)
+    assert again.migrated == []
+    _close(again)
+    assert _recorded(state) == [(1, "create turing_notes"), (2, "add tag")]
+
+
+def test_an_added_column_keeps_the_rows_already_stored(kit, tmp_path):
+    state = tmp_path / "state"
+    old = kit.runtime(state, [kit.create])
+    asyncio.run(old.start())
+    store = old.mad("turing").store
+    ids = [store.insert("notes", body=f"note {i}") for i in range(3)]
+    asyncio.run(old.stop())
+
+    new = kit.runtime(state, [kit.create, kit.add_tag], kit.tagged)
+    asyncio.run(new.start())
+    try:
+        store = new.mad("turing").store
+        assert [(r["id"], r["body"], r["tag"]) for r in store.select("notes")] == [
+            (ids[0], "note 0", None), (ids[1], "note 1", None), (ids[2], "note 2", None)]
+        store.insert("notes", body="tagged", tag="new")
+        assert store.select("notes", tag="new")[0]["body"] == "tagged"
+    finally:
+        _close(new)
+
+
+def test_a_failing_migration_rolls_back_whole_and_the_runtime_refuses_to_start(kit, tmp_path):
+    state = tmp_path / "state"
+    old = kit.runtime(state, [kit.create])
+    asyncio.run(old.start())
+    old.mad("turing").store.insert("notes", body="kept")
+    asyncio.run(old.stop())
+
+    broken = kit.migration(2, "add tag, then fail", "ALTER TABLE turing_notes ADD COLUMN tag TEXT",
+                           "INSERT INTO no_such_table VALUES (1)")
+    with pytest.raises(kit.error, match=r"migration 2 'add tag, then fail' failed and was rolled back.*no_such_table"):
+        kit.runtime(state, [kit.create, broken], kit.tagged)
+    assert _recorded(state) == [(1, "create turing_notes")]
+    assert _columns(state, "turing_notes") == ["id", "body"]  # the first statement was undone too
+    # The refused runtime let go of the database: the old version starts on it as before.
+    again = kit.runtime(state, [kit.create])
+    assert again.table_store("turing").select("notes")[0]["body"] == "kept"
+    _close(again)
+
+
+def test_a_state_from_another_history_is_refused(kit, tmp_path):
+    state = tmp_path / "state"
+    _close(kit.runtime(state, [kit.create, kit.add_tag], kit.tagged))
+    other = kit.migration(2, "add label", "ALTER TABLE turing_notes ADD COLUMN label TEXT")
+    with pytest.raises(kit.error, match="migration 2 recorded in .* \\('add tag'\\) is not this version's migration 2 "
+                                        "\\('add label'\\): the state comes from a different history"):
+        kit.runtime(state, [kit.create, other], kit.tagged)
+
+
+def test_a_state_migrated_by_a_newer_version_is_refused(kit, tmp_path):
+    state = tmp_path / "state"
+    _close(kit.runtime(state, [kit.create, kit.add_tag], kit.tagged))
+    with pytest.raises(kit.error, match="migrated by a newer version .*migration 2 'add tag'; this version knows 1.*forward-only"):
+        kit.runtime(state, [kit.create])
+    assert _recorded(state) == [(1, "create turing_notes"), (2, "add tag")]
+
+
+def test_misnumbered_migrations_are_refused(kit, tmp_path):
+    with pytest.raises(kit.error, match=r"numbered \[2\]; expected 1, 2, 3"):
+        kit.runtime(tmp_path / "state", [kit.add_tag])
+
+
+def test_a_state_from_before_migrations_is_the_baseline(kit, tmp_path):
+    state = tmp_path / "state"
+    old = kit.runtime(state, [])
+    asyncio.run(old.start())
+    old.mad("turing").store.insert("notes", body="from before")
+    asyncio.run(old.stop())
+    with sqlite3.connect(state / "ecosystem.db") as conn:  # as a kernel without migrations left it
+        conn.execute("DROP TABLE schema_migrations")
+
+    new = kit.runtime(state, [kit.create, kit.add_tag], kit.tagged)
+    assert [m.number for m in new.migrated] == [1, 2]
+    assert [(r["body"], r["tag"]) for r in new.table_store("turing").select("notes")] == [("from before", None)]
+    _close(new)
+    assert _recorded(state) == [(1, "create turing_notes"), (2, "add tag")]
+
+
+def test_a_table_not_migrated_to_the_declared_shape_is_refused(kit, tmp_path):
+    state = tmp_path / "state"
+    _close(kit.runtime(state, []))  # turing_notes (id, body), made without migrations
+    # The new version declares a `tag` but its history has no migration adding it.
+    with pytest.raises(kit.error, match="table turing_notes in .* does not have the columns MAD 'turing' declares "
+                                        "\\(tag: stored absent, declared TEXT\\)"):
+        kit.runtime(state, [kit.create], kit.tagged)
+
+
+def test_the_package_migrations_file_is_read_at_start_and_a_refusal_is_a_clean_error(tiny_ecosystem, tmp_path):
+    root, name = tiny_ecosystem
+    package = shutil.copytree(root / name, tmp_path / "pkgs" / name, ignore=shutil.ignore_patterns("__pycache__"))
+    create = {"number": 1, "name": "create turing_notes", "destructive": False,
+              "statements": ["CREATE TABLE IF NOT EXISTS turing_notes (id INTEGER PRIMARY KEY, body TEXT)"]}
+    (package / "migrations.json").write_text(json.dumps([create]))
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "ecosystem.db") as conn:  # as a newer version leaves it
+        conn.execute("CREATE TABLE schema_migrations (number INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                     "checksum TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (2, 'add tag', 'x', 'then')")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "pkgs"))
+    done = subprocess.run([sys.executable, "-m", name, "serve", "--port", "0", "--state", str(state)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: the state in ") and "migrated by a newer version" in done.stderr
+    assert "Traceback" not in done.stderr
