@@ -95,8 +95,9 @@ def _spec_files(artifact: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else {}
 
 
-def changes(old: Path, new: Path) -> Changes:
-    a, b = _manifest(old), _manifest(new)
+def changes(old: Path, new: Path, new_manifest: dict | None = None) -> Changes:
+    """From build `old` to build `new` (a staged build passes its manifest-to-be as `new_manifest`)."""
+    a, b = _manifest(old), new_manifest or _manifest(new)
     spec_a = {k: v for k, v in a.get("inputs", {}).items() if k.startswith("spec/")}
     spec_b = {k: v for k, v in b.get("inputs", {}).items() if k.startswith("spec/")}
     spec = {k.removeprefix("spec/"): ("added" if k not in spec_a else "removed" if k not in spec_b else "modified")

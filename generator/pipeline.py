@@ -35,6 +35,7 @@ from .emit import (
     write_tree,
 )
 from .errors import BuildFailed, ReviewUndecided, UserError
+from .history import changes
 from .llm import (
     LiteLLMClient,
     ModelClient,
@@ -326,6 +327,10 @@ def regenerate(
             folder = options.reports_dir / spec.ecosystem.name / version
             write_report(exc.review, folder)
             raise BuildFailed(f"{exc}\nNothing archived; the review that asked for the repair is in {folder}/review.md") from exc
+        if parent is not None:  # what changed goes into the report people read instead of the tree
+            staged = draft(synthesis, tests)
+            reviewed = reviewed.model_copy(update={"changes": changes(
+                ecosystem_dir / parent, stage, staged | {"ecosystem": spec.ecosystem.name, "version": version}).summary()})
         if reviewed.outcome != "approve":  # kept outside the archive, where the user can read why
             folder = options.reports_dir / spec.ecosystem.name / version
             write_report(reviewed, folder)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import Pipeline, SandboxSettings, load_pipeline
 from ..emit import versions
 from ..errors import UserError
+from ..history import changes
 from ..llm import ModelClient, ResponseCache
 from ..load import load_spec
 from ..progress import Reporter
@@ -117,6 +118,8 @@ def gate(
                    on_verdict=lambda v: report.progress("review", v.line))
     with report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
         result = panel_report(subject, panel, run.review(subject))
+    if parent is not None:
+        result = result.model_copy(update={"changes": changes(parent, artifact).summary()})
         info["note"] = f"{result.outcome}: {result.final.consensus.arithmetic}"
     folder = report_dir or Path(".regen/gate") / spec.ecosystem.name / artifact.name
     write_report(result, folder)

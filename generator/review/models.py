@@ -143,6 +143,8 @@ class PanelReport(Frozen):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    changes: dict | None = Field(default=None, description="what changed since the parent: spec, tools, schema, "
+                                                           "dependencies, files (history.Changes.summary())")
 
     @property
     def exit_code(self) -> int:

@@ -89,6 +89,7 @@ def _view(report: PanelReport) -> dict:
         "severity_counts": _severity_counts(f for _, f in findings),
         "files": _by_file(findings),
         "repairs": report.repairs,
+        "changes": report.changes,
         "prompt_tokens": _int(report.prompt_tokens),
         "completion_tokens": _int(report.completion_tokens),
         "total_tokens": _int(report.prompt_tokens + report.completion_tokens),
