@@ -18,7 +18,7 @@ from .emit import versions
 from .errors import UserError
 from .review.material import changed_files
 from .review.models import ChangedFile
-from .surface import surface_changes
+from .surface import surface_changes, tables
 
 
 class Frozen(BaseModel):
@@ -109,7 +109,7 @@ def changes(old: Path, new: Path, new_manifest: dict | None = None) -> Changes:
         for p in sorted(spec) if p in text_a or p in text_b
     )
     surface = surface_changes(a.get("surface", {}), b.get("surface", {}),
-                              a.get("storage_schema", {}), b.get("storage_schema", {}))
+                              tables(a.get("storage", {})), tables(b.get("storage", {})))
     pkgs_a, pkgs_b = _packages(old / "src"), _packages(new / "src")
     dependencies = {}
     for name in sorted(pkgs_a.keys() | pkgs_b.keys()):

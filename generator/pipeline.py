@@ -50,6 +50,7 @@ from .llm import (
 )
 from .load import load_spec
 from .lock import reuse_from_parent, to_regenerate, unit_inputs, unit_locks
+from .migrate import existing_migrations, migration_files, plan_migrations, schema_of
 from .overrides import apply_overrides, load_overrides, override_hashes
 from .plan import Plan, make_plan
 from .progress import Reporter
@@ -70,9 +71,9 @@ from .sign import (
     write_provenance,
 )
 from .spec import Spec
-from .surface import bump_for, bumped, surface_changes, tool_surface
-from .surface import schema as storage_schema
+from .surface import bump_for, bumped, surface_changes, tables, tool_surface
 from .synthesise import Spend, Synthesis, SynthesisRun, UnitOutcome, first_request
+from .upgrade import run_upgrade_test
 
 GENERATOR = Path(__file__).parent
 
@@ -139,11 +140,11 @@ def lock_dependencies(src: Path, preferred_lock: Path | None) -> None:
 
 
 def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path | None,
-              overrides: Mapping[str, bytes] = MappingProxyType({})) -> None:
-    """The ecosystem's files: synthesised, the kernel, then the spec's pinned overrides on top; then `uv lock`."""
+              overrides: Mapping[str, bytes] = MappingProxyType({}), migrations: Mapping[str, str] = MappingProxyType({})) -> None:
+    """The ecosystem's files: synthesised, the kernel, the migrations, then the spec's pinned overrides; then `uv lock`."""
     if src.exists():
         shutil.rmtree(src)
-    files, _ = apply_overrides({**synthesis.files, **kernel_files(plan.package)}, overrides, plan.package)
+    files, _ = apply_overrides({**synthesis.files, **kernel_files(plan.package), **migrations}, overrides, plan.package)
     write_tree(src, files, executable=frozenset({"deploy/run.sh"}))
     lock_dependencies(src, preferred_lock)
 
@@ -258,6 +259,11 @@ def regenerate(
     parent = latest["version"] if latest else None
     bump = version_bump(spec, latest)
     version = bumped(parent, bump.kind) if parent else "1.0.0"
+    # Storage changes since the parent become a migration; one needing consent stops here, at no cost.
+    parent_src = ecosystem_dir / parent / "src" if parent else None
+    migrations = plan_migrations(latest.get("storage") if latest else None, schema_of(spec), spec,
+                                 existing_migrations(parent_src, plan.package) if parent_src else [])
+    migrated = migration_files(plan.package, migrations)
     signing_key = signing_key or load_signing_key()  # before any model is called: a bad key costs nothing
     if (warning := development_warning(signing_key)) is not None:
         report.warn(warning)
@@ -295,7 +301,7 @@ def regenerate(
         tests, previous_failures = None, None
         for test_round in range(pipeline.repair_rounds + 1):
             with report.stage("write", "src/ and uv.lock") as info:
-                write_src(src, synthesis, plan, preferred_lock, overrides)
+                write_src(src, synthesis, plan, preferred_lock, overrides, migrated)
                 info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
             tests = _sandbox(src, pipeline, sandbox_level, report)
             if tests.ok:
@@ -318,7 +324,7 @@ def regenerate(
 
         panel_run = PanelRun(panel, reviewers, pipeline.prices, cache,
                              on_verdict=lambda v: report.progress("review", v.line))
-        builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report, overrides)
+        builder = Rebuild(run, plan, pipeline, preferred_lock, sandbox_level, report, overrides, migrated)
         try:
             reviewed, synthesis, tests = review_and_repair(
                 spec, panel, panel_run, builder, stage, ecosystem_dir / parent if parent else None, synthesis, tests, draft,
@@ -341,6 +347,7 @@ def regenerate(
         if replay_client is not None and (left := [u.name for u in plan.units if replay_client.unanswered(u.name)]):
             report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
+        upgrade = _upgrade_test(spec, pipeline, stage / "src", ecosystem_dir, parent, version, tests, report)
         Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
         # The spec it was built from, so `regen diff` can show what changed in it.
         write_tree(stage / "spec", {f.path: (options.spec_dir / f.path).read_bytes() for f in spec.files})
@@ -351,6 +358,8 @@ def regenerate(
         data = manifest(spec, pipeline, plan, prints, synthesis, tests, outputs, version, parent, options)
         data["bump"] = bump.model_dump(mode="json")
         data["overrides"] = override_hashes(overrides)
+        data["migrations"] = [m.model_dump(mode="json", include={"number", "name", "destructive"}) for m in migrations]
+        data["upgrade"] = upgrade
         data["lock"] = unit_locks({o.result.unit: o.files for o in synthesis.outcomes}, inputs, why,
                                   {u: o.result.reused_from for u, o in reuse.items()})
         data["review"] = {"panel": panel.name, "outcome": reviewed.outcome, "reason": reviewed.reason,
@@ -410,13 +419,14 @@ class Rebuild:
     sandbox_level: str | None
     report: Reporter
     overrides: Mapping[str, bytes]
+    migrations: Mapping[str, str]
 
     def repair(self, synthesis: Synthesis, failures: dict[str, list[str]], round_: int, src: Path) -> tuple[Synthesis, SandboxResult]:
         with self.report.stage("repair", f"units {', '.join(failures)} from the review's findings") as info:
             synthesis = self.run.repair_units(synthesis, failures, round_, "review")
             info["note"] = _spent(synthesis)
         with self.report.stage("write", "src/ and uv.lock"):
-            write_src(src, synthesis, self.plan, self.preferred_lock, self.overrides)
+            write_src(src, synthesis, self.plan, self.preferred_lock, self.overrides, self.migrations)
         return synthesis, _sandbox(src, self.pipeline, self.sandbox_level, self.report)
 
 
@@ -456,6 +466,26 @@ def review_and_repair(
                 f"after repairing from the review, the ecosystem's own tests failed in the sandbox "
                 f"({tests.failed} failed, {tests.errors} errors)\n{tests.output_tail}", panel_report(subject, panel, rounds, repairs))
     return panel_report(subject, panel, rounds, repairs), synthesis, tests
+
+
+def _upgrade_test(spec: Spec, pipeline: Pipeline, src: Path, ecosystem_dir: Path, parent: str | None, version: str,
+                  tests: SandboxResult, report: Reporter) -> dict | None:
+    """The parent writes conversations, secrets and rows; this version must read them all back from the same state.
+    A failure is not sent to the senior: a migration comes from the spec, not from its answers."""
+    if parent is None:
+        return None
+    work = src.parent / ".upgrade"  # inside the staging folder: a killed build leaves it to the sweep
+    work.mkdir()
+    try:
+        with report.stage("upgrade", f"{parent}'s state, read by {version}") as info:
+            result = run_upgrade_test(ecosystem_dir / parent / "src", src, spec, pipeline.sandbox, work, tests.level)
+            info["note"] = f"{sum(c.ok and not c.skipped for c in result.checks)} checks hold" if result.ok else "failed"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not result.ok:
+        raise BuildFailed(f"the upgrade test failed: {version} does not read the state {parent} wrote; nothing archived.\n"
+                          f"{result.failures()}\n{result.output_tail}")
+    return result.record()
 
 
 def _sandbox(src: Path, pipeline: Pipeline, level: str | None, report: Reporter) -> SandboxResult:
@@ -504,7 +534,7 @@ def manifest(
         "inputs_hash": prints.hash,
         "startup_order": list(plan.startup_order),
         "surface": tool_surface(spec),
-        "storage_schema": storage_schema(spec),
+        "storage": schema_of(spec),
         # What each unit's answers cost when they were made (a cache hit or a replay costs that
         # again on paper): the same inputs give the same manifest, however the run went.
         "units": [u.model_dump(mode="json", exclude={"latency_ms", "cached", "prompt_tokens", "completion_tokens",
@@ -541,7 +571,8 @@ def version_bump(spec: Spec, parent: dict | None) -> VersionBump:
         return VersionBump(kind="initial", reason="first build")
     if "surface" not in parent:
         return VersionBump(kind="patch", reason=f"{parent['version']} records no tool surface to compare with")
-    changes = surface_changes(parent["surface"], tool_surface(spec), parent.get("storage_schema", {}), storage_schema(spec))
+    changes = surface_changes(parent["surface"], tool_surface(spec), tables(parent.get("storage", {})),
+                              tables(schema_of(spec)))
     kind = bump_for(changes)
     if not changes:
         return VersionBump(kind="patch", reason=f"same tools and storage as {parent['version']}; code, prompts or docs changed")
@@ -702,8 +733,13 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
                     synthesis = run.repair_units(synthesis, pending, repair_round)
             except BuildFailed as exc:
                 raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
+        parent_dir = artifact.parent / recorded["parent"] if recorded.get("parent") else None
+        parent_manifest = json.loads((parent_dir / "manifest.json").read_text(encoding="utf-8")) if parent_dir else {}
+        migrations = plan_migrations(parent_manifest.get("storage") if parent_dir else None, schema_of(spec), spec,
+                                     existing_migrations(parent_dir / "src", plan.package) if parent_dir else [])
         with report.stage("write", "src/ and uv.lock"):
-            write_src(src, synthesis, plan, artifact / "src" / "uv.lock", load_overrides(spec_dir, plan.package))
+            write_src(src, synthesis, plan, artifact / "src" / "uv.lock", load_overrides(spec_dir, plan.package),
+                      migration_files(plan.package, migrations))
         rebuilt = tree_hashes(src)
         if keep is not None:  # for a closer look, e.g. diffoscope archived/src kept/src
             shutil.copytree(src, keep / "src", symlinks=True)

@@ -39,13 +39,13 @@ def tool_surface(spec: Spec) -> dict[str, dict]:
     }
 
 
-def schema(spec: Spec) -> dict[str, dict]:
-    """`<mad>_<table>` -> {column: {type, primary_key, nullable}}: the storage every state directory holds."""
+def tables(storage: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+    """The manifest's `storage` (migrate.schema_of: MAD -> table -> columns) as `<mad>_<table>` -> {column: shape}."""
     return {
-        f"{mad.name}_{table.name}": {c.name: {"type": c.type, "primary_key": c.primary_key, "nullable": c.nullable}
-                                     for c in table.columns}
-        for mad in spec.mads
-        for table in mad.storage
+        f"{mad}_{table}": {c["name"]: {"type": c["type"], "primary_key": c["primary_key"], "nullable": c["nullable"]}
+                           for c in columns}
+        for mad, mad_tables in storage.items()
+        for table, columns in mad_tables.items()
     }
 
 

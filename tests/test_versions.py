@@ -72,7 +72,34 @@ def test_two_builds_of_the_same_spec_in_different_folders_are_byte_identical(tmp
 
 
 @pytest.mark.slow
-def test_changing_one_mad_regenerates_it_and_its_dependants_reuses_the_rest_and_bumps_minor(tmp_path, spec_dir):
+def test_verify_names_a_flipped_byte_and_a_tampered_manifest_and_openssl_agrees(tmp_path, spec_dir):
+    built = _build(spec_dir, tmp_path / "out")
+    assert verify(built.path, report=Reporter(quiet=True)).ok
+    openssl = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "manifest.pub.pem", "-rawin", "-in", "manifest.json",
+               "-sigfile", "manifest.sig"]
+    if shutil.which("openssl"):
+        assert subprocess.run(openssl, cwd=built.path, capture_output=True).returncode == 0
+    flipped = tmp_path / "flipped"
+    shutil.copytree(built.path, flipped)
+    target = flipped / "src" / "madgroup" / "mads" / "turing.py"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 1
+    target.write_bytes(bytes(data))
+    result = verify(flipped, report=Reporter(quiet=True))
+    assert not result.ok and any("src/madgroup/mads/turing.py" in p for p in result.problems)
+    assert "madgroup/mads/turing.py" in result.differences
+    tampered = tmp_path / "tampered"
+    shutil.copytree(built.path, tampered)
+    manifest = tampered / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"offline": true', '"offline": false'))
+    result = verify(tampered, report=Reporter(quiet=True))
+    assert "manifest.json does not match its signature" in result.problems
+    if shutil.which("openssl"):
+        assert subprocess.run(openssl, cwd=tampered, capture_output=True).returncode != 0
+
+
+@pytest.mark.slow
+def test_changing_one_mad_regenerates_it_and_its_dependants_reuses_the_rest_and_bumps_by_surface(tmp_path, spec_dir):
     spec = tmp_path / "spec"
     shutil.copytree(spec_dir, spec)
     out = tmp_path / "out"
@@ -80,28 +107,37 @@ def test_changing_one_mad_regenerates_it_and_its_dependants_reuses_the_rest_and_
     # Grace talks to every MAD and no MAD talks to Grace: a change to her alone leaves the others be.
     grace = spec / "mads" / "grace.yaml"
     mad = yaml.safe_load(grace.read_text())
-    health = next(t for t in mad["tools"] if t.get("builtin") == "ecosystem.status")
-    mad["tools"].append({**health, "name": "status_again", "description": "The ecosystem status (an alias)."})
+    mad["tools"][0]["description"] += " Served at /healthz too."
     grace.write_text(yaml.safe_dump(mad, sort_keys=False))
     second = _build(spec, out)
-    assert (first.version, second.version) == ("1.0.0", "1.1.0")
+    assert (first.version, second.version) == ("1.0.0", "1.0.1")
     lock = second.manifest["lock"]
-    assert {u for u, e in lock.items() if e["reused_from"] == "1.0.0"} == {"mad:turing", "mad:rogers", "mad:fiedler"}
+    assert {u for u, e in lock.items() if e["reused_from"] == "1.0.0"} == {"mad:turing", "mad:rogers", "mad:fiedler"}, lock
     assert "spec/mads/grace.yaml" in lock["mad:grace"]["regenerated_because"]
     assert lock["frame"]["regenerated_because"]
-    assert second.manifest["bump"]["kind"] == "minor" and "tool grace.status_again added" in second.manifest["bump"]["reason"]
     for unit in ("mad:turing", "mad:rogers", "mad:fiedler"):
         assert lock[unit]["outputs"] == first.manifest["lock"][unit]["outputs"]
-    assert second.manifest["tokens"] == {"prompt": 0, "completion": 0}
-    diff = subprocess.run([sys.executable, "-m", "generator.cli", "diff", "madgroup@1.0.0", "madgroup@1.1.0", "--out",
+    assert second.manifest["bump"]["kind"] == "patch"
+    # The reused units come from 1.0.0 when the new version is verified.
+    assert verify(second.path, report=Reporter(quiet=True)).ok
+
+    # A tool added to Turing: every MAD talks to Turing, so all are made again; the surface grew: minor.
+    turing = spec / "mads" / "turing.yaml"
+    mad = yaml.safe_load(turing.read_text())
+    listing = next(t for t in mad["tools"] if t.get("builtin") == "secrets.list")
+    mad["tools"].append({**listing, "name": "secret_names", "description": "The secrets' names (an alias)."})
+    turing.write_text(yaml.safe_dump(mad, sort_keys=False))
+    third = _build(spec, out)
+    assert third.version == "1.1.0" and "tool turing.secret_names added" in third.manifest["bump"]["reason"]
+    assert not any(e["reused_from"] for e in third.manifest["lock"].values())
+    diff = subprocess.run([sys.executable, "-m", "generator.cli", "diff", "madgroup@1.0.1", "madgroup@1.1.0", "--out",
                            str(out), "--json"], capture_output=True, text=True, cwd=REPO, check=True)
     found = json.loads(diff.stdout)
-    assert found["surface"] == ["[minor] tool grace.status_again added"]
-    assert found["spec"] == {"mads/grace.yaml": "modified"}
-    assert any(f["path"] == "src/madgroup/mads/grace.py" for f in found["files"])
-    assert "+  - name: status_again" in found["spec_diff"]
+    assert found["surface"] == ["[minor] tool turing.secret_names added"]
+    assert found["spec"] == {"mads/turing.yaml": "modified"}
+    assert any(f["path"] == "src/madgroup/mads/turing.py" for f in found["files"])
+    assert "+- name: secret_names" in found["spec_diff"] or "+  - name: secret_names" in found["spec_diff"]
     versions_out = subprocess.run([sys.executable, "-m", "generator.cli", "versions", "madgroup", "--out", str(out)],
                                   capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert "1.1.0     minor" in versions_out and "tool grace.status_again added" in versions_out
-    # The reused units come from 1.0.0 when the new version is verified.
-    assert verify(second.path, spec, report=Reporter(quiet=True)).first_difference is None
+    assert "1.1.0     minor" in versions_out and "tool turing.secret_names added" in versions_out
+    assert "1.0.1     patch" in versions_out and "2 synthesised, 3 reused" in versions_out
