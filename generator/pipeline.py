@@ -648,7 +648,8 @@ def _summary(report, spec, pipeline, final, parent, version, synthesis, outputs,
             ("why", "; ".join(why) or "—"),
             ("per unit", per_unit or "—"),
             ("files", f"{len(outputs)} ({len(synthesis.files)} synthesised, kernel copied)"),
-            ("tokens", f"{data['tokens']['prompt']:,} in, {data['tokens']['completion']:,} out; ${data['cost_usd']:.4f}"),
+            ("tokens", f"spent now: {_spent(synthesis)}; the answers it is built from took "
+                       f"{data['tokens']['prompt']:,} in, {data['tokens']['completion']:,} out, ${data['cost_usd']:.4f}"),
             ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
             ("sandbox", tests.level + ("" if tests.level == "bubblewrap" else "  [yellow](weaker than bubblewrap)[/]")),
             ("review", f"{reviewed.outcome} by panel {reviewed.panel}: {reviewed.final.consensus.arithmetic}"

@@ -2,18 +2,20 @@
 # Start madgroup: `deploy/run.sh [--port 8000] [--state DIR] [--host 127.0.0.1]`.
 # Creates the environment from uv.lock (needs uv on PATH), creates the MCP client token
 # on first start and says where it is kept, then serves the web UI at / and MCP at /mcp.
+# Nothing is written beside the sources: state and venv live under $STATE and $VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-8000}
 HOST=${HOST:-127.0.0.1}
-STATE=${STATE:-$PWD/state}
+STATE=${STATE:-${XDG_STATE_HOME:-$HOME/.local/state}/madgroup}
+VENV=${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/madgroup/venv}
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
     --host) HOST=$2; shift 2 ;;
     --state) STATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -22,9 +24,13 @@ if ! command -v uv >/dev/null 2>&1; then
   echo "run.sh: uv is needed to create the environment: pip install uv" >&2
   exit 2
 fi
+# Whatever environment the caller is in (a nox session, a venv, a Docker image that sets
+# UV_PROJECT_ENVIRONMENT), the ecosystem gets its own, exactly as locked.
+unset VIRTUAL_ENV
+export UV_PROJECT_ENVIRONMENT=$VENV
 uv sync --frozen --no-dev --quiet
 mkdir -p "$STATE"
 TOKEN_FILE=$(uv run --frozen --no-dev python -m madgroup token --state "$STATE")
-echo "run.sh: the MCP client token is kept in $TOKEN_FILE (mode 0600)."
+echo "run.sh: state in $STATE; the MCP client token is kept in $TOKEN_FILE (mode 0600)."
 echo "run.sh: clients send it as the header 'Authorization: Bearer <token>' to http://$HOST:$PORT/mcp"
 exec uv run --frozen --no-dev python -m madgroup serve --host "$HOST" --port "$PORT" --state "$STATE"

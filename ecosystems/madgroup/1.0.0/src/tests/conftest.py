@@ -41,9 +41,11 @@ ALL_TOOLS = sorted([
     "rogers.history",
     "rogers.search",
     "rogers.list_conversations",
+    "rogers.summarise",
     "fiedler.list_models",
     "fiedler.send",
     "fiedler.budget",
+    "fiedler.compare_models",
     "grace.status",
     "grace.list_mads",
 ])

@@ -118,25 +118,65 @@ class Database:
     # ---- MAD storage -------------------------------------------------------------------------
 
     def create_table(self, table: str, columns: Sequence[dict[str, Any]]) -> None:
-        """CREATE TABLE IF NOT EXISTS from a spec'd column list ({name, type, primary_key, nullable})."""
-        ident(table)
-        if not columns:
-            raise InvalidArgument(f"table {table!r} has no columns")
-        pks = [c for c in columns if c.get("primary_key")]
-        parts = []
-        for col in columns:
-            sql_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
-            if sql_type is None:
-                raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type')!r}")
-            part = f"{ident(col['name'])} {sql_type}"
-            if len(pks) == 1 and col.get("primary_key"):
-                part += " PRIMARY KEY"
-            if not col.get("nullable", True) and not (len(pks) == 1 and col.get("primary_key") and sql_type == "INTEGER"):
-                part += " NOT NULL"
-            parts.append(part)
-        if len(pks) > 1:
-            parts.append(f"PRIMARY KEY ({', '.join(ident(c['name']) for c in pks)})")
-        self.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(parts)})")
+        """Create a MAD table from its spec'd columns unless it exists (migrations change existing ones)."""
+        self.execute(table_ddl(table, columns))
+
+    def table_shape(self, table: str) -> dict[str, tuple[str, bool, int]]:
+        """The columns of `table` as stored: name -> (SQL type, NOT NULL, position in the primary key)."""
+        with self._lock:
+            return _shape(self._conn, table)
+
+
+def sql_type(type_name: str) -> str:
+    """The SQL type a spec'd column type is stored as."""
+    found = _COLUMN_TYPES.get(str(type_name).lower())
+    if found is None:
+        raise InvalidArgument(f"unknown column type {type_name!r}")
+    return found
+
+
+def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: bool = True) -> str:
+    """CREATE TABLE from a spec'd column list ({name, type, primary_key, nullable}).
+
+    Shared by the kernel (tables of packages without migrations) and the compiler (migrations),
+    so a table created either way is the same table.
+    """
+    ident(table)
+    if not columns:
+        raise InvalidArgument(f"table {table!r} has no columns")
+    pks = [c for c in columns if c.get("primary_key")]
+    parts = []
+    for col in columns:
+        try:
+            col_type = sql_type(col.get("type", "text"))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"table {table!r}: {exc}") from None
+        part = f"{ident(col['name'])} {col_type}"
+        single_pk = len(pks) == 1 and col.get("primary_key")
+        if single_pk:
+            part += " PRIMARY KEY"
+        # An INTEGER PRIMARY KEY is the rowid: never NULL, SQLite assigns it.
+        if not col.get("nullable", True) and not (single_pk and col_type == "INTEGER"):
+            part += " NOT NULL"
+        parts.append(part)
+    if len(pks) > 1:
+        parts.append(f"PRIMARY KEY ({', '.join(ident(c['name']) for c in pks)})")
+    return f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ({', '.join(parts)})"
+
+
+def declared_shape(table: str, columns: Sequence[dict[str, Any]]) -> dict[str, tuple[str, bool, int]]:
+    """The shape `table_ddl` gives these columns, read back from a scratch in-memory table."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        scratch.execute(table_ddl(table, columns))
+        return _shape(scratch, table)
+    finally:
+        scratch.close()
+
+
+def _shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
+    rows = conn.execute(f"PRAGMA table_info({ident(table)})").fetchall()
+    return {row[1]: (str(row[2]).upper(), bool(row[3]), int(row[5])) for row in rows}
 
 
 class TableStore:

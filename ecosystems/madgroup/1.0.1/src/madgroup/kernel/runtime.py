@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .config import EcosystemConfig
 from .db import Database, TableStore, ident
 from .errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from .mad import Mad
+from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
 from .secrets import SecretsManager, load_or_create_key
 
@@ -72,12 +73,24 @@ class Runtime:
         state_dir: str | os.PathLike[str],
         *,
         model_transport: httpx.AsyncBaseTransport | None = None,
+        migrations: Sequence[Migration] | None = None,
     ):
+        """`migrations`: the storage history to bring the state to; None reads the package's migrations.json."""
         self.config = config
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.db = Database(self.state_dir / "ecosystem.db")
+        # Storage first, before anything else writes: a state this version cannot use is refused
+        # as it was found, and the refusal comes before the server binds its port.
+        try:
+            self.migrated = apply_migrations(self.db, load_migrations() if migrations is None else migrations)
+            self._tables = self._prepare_storage()
+        except KernelError:
+            self.db.close()
+            raise
+        if self.migrated:
+            log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
         self.bus = ConversationBus(self.db)
         key = load_or_create_key(self.state_dir, f"{config.env_prefix}_SECRETS_KEY")
         self.secrets = SecretsManager(self.db, key, self._secrets_policy)
@@ -91,7 +104,6 @@ class Runtime:
             transport=model_transport,
         )
         self.slots: dict[str, MadSlot] = {}
-        self._tables: dict[str, dict[str, list[str]]] = {}
         self._impls: dict[str, Callable[..., Any]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr)
@@ -107,17 +119,24 @@ class Runtime:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    def _prepare_storage(self) -> dict[str, dict[str, list[str]]]:
+        """Create the MAD tables no migration made (packages without migrations), then check every one
+        has the declared shape. Returns MAD -> table -> column names."""
+        tables: dict[str, dict[str, list[str]]] = {}
+        for cls in self.config.mads:
+            mine = tables.setdefault(cls.name, {})
+            for table in cls.storage:
+                name = ident(table["name"])
+                self.db.create_table(f"{cls.name}_{name}", table["columns"])
+                check_table(self.db, cls.name, f"{cls.name}_{name}", table["columns"])
+                mine[name] = [ident(c["name"]) for c in table["columns"]]
+        return tables
+
     async def start(self) -> None:
-        """Create storage tables, join conversations, and start MADs in the configured order."""
+        """Join conversations and start MADs in the configured order (their tables exist already)."""
         self.started_at = now_iso()
         self._t0 = time.monotonic()
         for cls in self.config.mads:
-            tables: dict[str, list[str]] = {}
-            for table in cls.storage:
-                tname = ident(table["name"])
-                self.db.create_table(f"{cls.name}_{tname}", table["columns"])
-                tables[tname] = [ident(c["name"]) for c in table["columns"]]
-            self._tables[cls.name] = tables
             mad = cls(self)
             slot = MadSlot(mad)
             self.slots[cls.name] = slot
