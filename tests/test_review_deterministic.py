@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.errors import UserError
 from generator.load import load_spec
@@ -12,7 +13,6 @@ from generator.review.deterministic import DETERMINISTIC_KINDS, run_check
 from generator.review.models import Finding, Material, Subject, VerdictAnswer
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = REPO / "ecosystems" / "madgroup" / "1.0.2"
 TURING = "src/madgroup/mads/turing.py"
 GET_SECRET = "        return await self.use('secrets.get', name=name)\n"
 SET_SECRET = "        return await self.use('secrets.set', name=name, value=value)\n"
@@ -26,7 +26,7 @@ def spec():
 
 @pytest.fixture
 def artifact(tmp_path):
-    return shutil.copytree(ARCHIVE, tmp_path / "1.0.2")
+    return shutil.copytree(ARCHIVE / NEWEST, tmp_path / "1.0.2")
 
 
 def subject(artifact: Path, spec, parent: Path | None = None) -> Subject:
@@ -71,7 +71,7 @@ def blocking(answer: VerdictAnswer) -> list[Finding]:
 
 @pytest.mark.parametrize("kind", DETERMINISTIC_KINDS)
 def test_the_clean_archived_build_is_approved_by_every_check(artifact, spec, kind):
-    answer = run_check(kind, subject(artifact, spec, parent=REPO / "ecosystems" / "madgroup" / "1.0.1"), {})
+    answer = run_check(kind, subject(artifact, spec, parent=ARCHIVE / PARENT), {})
     assert answer.decision == "approve", answer.findings
     assert blocking(answer) == []
 
@@ -295,7 +295,7 @@ def test_a_missing_lock_is_critical(artifact, spec):
 
 
 def test_changes_against_the_parent_inform_but_do_not_block(artifact, spec, tmp_path):
-    parent = shutil.copytree(ARCHIVE, tmp_path / "parent")
+    parent = shutil.copytree(ARCHIVE / NEWEST, tmp_path / "parent")
     lock = parent / "src/uv.lock"
     text = lock.read_text()
     start = text.index('[[package]]\nname = "attrs"')

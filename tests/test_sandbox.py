@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from archive import ARCHIVE, NEWEST
 
 from generator.sandbox import available_level, fence
 
@@ -113,7 +114,7 @@ def test_bubblewrap_shows_only_the_harmless_part_of_etc(tmp_path):
     assert done.returncode != 0 and "No such file" in done.stderr
 
 
-MADGROUP_SRC = Path(__file__).resolve().parents[1] / "ecosystems" / "madgroup" / "1.0.2" / "src"
+MADGROUP_SRC = ARCHIVE / NEWEST / "src"
 
 
 def test_a_lock_in_step_with_its_pyproject_shows_no_drift():

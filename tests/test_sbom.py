@@ -9,11 +9,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from archive import ARCHIVE, NEWEST
 
 from generator.sbom import check_sbom, sbom
 
 REPO = Path(__file__).resolve().parents[1]
-SRC = REPO / "ecosystems" / "madgroup" / "1.0.2" / "src"
+SRC = ARCHIVE / NEWEST / "src"
 
 
 @pytest.fixture(autouse=True)

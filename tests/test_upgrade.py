@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.config import SandboxSettings
 from generator.kernel.migrations import Migration
@@ -27,7 +28,6 @@ from generator.upgrade import capability_tools, run_upgrade_test
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = REPO / "ecosystems" / "madgroup"
 SETTINGS = SandboxSettings(timeout_seconds=300)
 
 ROTATIONS = """
@@ -49,7 +49,7 @@ def spec_with(tmp_path: Path, name: str, turing_storage: str) -> Spec:
 
 def build(tmp_path: Path, name: str, spec: Spec, migrations: list[Migration]) -> Path:
     """madgroup 1.0.2 as a build of `spec` would make it now: today's kernel, Turing rendered, migrations."""
-    src = shutil.copytree(ARCHIVE / "1.0.2" / "src", tmp_path / name / "src")
+    src = shutil.copytree(ARCHIVE / NEWEST / "src", tmp_path / name / "src")
     shutil.rmtree(src / "madgroup" / "kernel")
     shutil.copytree(REPO / "generator" / "kernel", src / "madgroup" / "kernel", ignore=shutil.ignore_patterns("__pycache__"))
     plan = make_plan(spec)
@@ -76,7 +76,7 @@ def test_the_capability_tools_come_from_the_spec():
 
 
 def test_archived_1_0_1_to_1_0_2_keeps_conversations_and_secrets(tmp_path):
-    result = upgrade(tmp_path, ARCHIVE / "1.0.1" / "src", ARCHIVE / "1.0.2" / "src", load_spec(REPO / "spec"))
+    result = upgrade(tmp_path, ARCHIVE / PARENT / "src", ARCHIVE / NEWEST / "src", load_spec(REPO / "spec"))
     assert result.ok, result.output_tail
     assert checks(result) == {
         "the parent version serves and takes writes": (True, False),
@@ -91,7 +91,7 @@ def test_archived_1_0_1_to_1_0_2_keeps_conversations_and_secrets(tmp_path):
 def test_a_version_with_migrations_starts_on_state_from_before_them(tmp_path):
     spec = spec_with(tmp_path, "spec", ROTATIONS)
     new = build(tmp_path, "new", spec, plan_migrations(None, schema_of(spec), spec, []))
-    result = upgrade(tmp_path, ARCHIVE / "1.0.2" / "src", new, spec)
+    result = upgrade(tmp_path, ARCHIVE / NEWEST / "src", new, spec)
     assert result.ok, result.output_tail
     assert checks(result)["the new version starts on the parent's state"] == (True, False)
 

@@ -8,13 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.emit import canonical_json, tree_hashes
 from generator.errors import UserError
 from generator.workcopy import LOCK_NAME, describe, export, merge, parse_ref, resolve, update
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = REPO / "ecosystems" / "madgroup"
 TURING = "madgroup/mads/turing.py"
 FIRST_LINE = b'"""Turing: Secrets keeper.'  # the module docstring's first line starts so
 TOOL_DOC = b"'Names and versions of stored secrets, never their values.'"
@@ -46,8 +46,9 @@ def ecosystems(tmp_path):
     tools), the README, removes the systemd unit and adds a file."""
     root = tmp_path / "ecosystems"
     (root / "madgroup").mkdir(parents=True)
-    shutil.copytree(ARCHIVE / "1.0.2" / "src", root / "madgroup" / "1.0.2" / "src")
-    shutil.copy(ARCHIVE / "1.0.2" / "manifest.json", root / "madgroup" / "1.0.2" / "manifest.json")
+    shutil.copytree(ARCHIVE / NEWEST / "src", root / "madgroup" / "1.0.2" / "src")
+    manifest = json.loads((ARCHIVE / NEWEST / "manifest.json").read_text())  # the newest build, as version 1.0.2
+    (root / "madgroup" / "1.0.2" / "manifest.json").write_text(json.dumps(manifest | {"version": "1.0.2"}))
     turing = (root / "madgroup" / "1.0.2" / "src" / TURING).read_bytes()
     assert turing.startswith(FIRST_LINE) and TOOL_DOC in turing
     make_version(root, "1.0.2", "1.1.0", {
@@ -107,7 +108,7 @@ def test_export_writes_the_files_and_the_lock(ecosystems, tmp_path):
 
 
 def test_export_of_the_real_archive(tmp_path):
-    result = export(ARCHIVE / "1.0.1", tmp_path / "w")
+    result = export(ARCHIVE / PARENT, tmp_path / "w")
     assert result.ecosystem == "madgroup" and (tmp_path / "w" / "madgroup" / "mads" / "turing.py").is_file()
 
 
