@@ -270,20 +270,8 @@ def run_tests(
         str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
         f"--junitxml={junit}", "tests",
     ]
-    proc = subprocess.Popen(
-        fence(level, work, venv / "bin" / "python", cwd=project) + pytest,
-        cwd=project,
-        env=_scrubbed_env(work, venv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_limits(settings.memory_mb),
-    )
-    try:
-        output, _ = proc.communicate(timeout=settings.timeout_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    code, output = run_fenced(pytest, project, venv, work, level, settings)
+    if code is None:
         raise BuildFailed(f"the ecosystem's tests ran over the {settings.timeout_seconds}s sandbox time limit")
     tests = _read_junit(junit) if junit.exists() else ()
     count = {o: sum(1 for t in tests if t.outcome == o) for o in ("passed", "failed", "error", "skipped")}
@@ -294,9 +282,31 @@ def run_tests(
         errors=count["error"],
         skipped=count["skipped"],
         tests=tests,
-        exit_code=proc.returncode,
+        exit_code=code,
         output_tail="\n".join(output.splitlines()[-60:]),
     )
+
+
+def run_fenced(argv: list[str], cwd: Path, venv: Path, work: Path, level: SandboxLevel,
+               settings: SandboxSettings) -> tuple[int | None, str]:
+    """Run `argv` (with the venv's python) inside the fence, scrubbed and limited: (exit code, output);
+    the code is None when it ran over the time limit and was killed."""
+    proc = subprocess.Popen(
+        fence(level, work, venv / "bin" / "python", cwd=cwd) + argv,
+        cwd=cwd,
+        env=_scrubbed_env(work, venv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_limits(settings.memory_mb),
+    )
+    try:
+        output, _ = proc.communicate(timeout=settings.timeout_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
+    return proc.returncode, output
 
 
 def _read_junit(path: Path) -> tuple[TestOutcome, ...]:

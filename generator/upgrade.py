@@ -11,16 +11,14 @@ everything back. The two halves are `upgrade_probe.py`, run by each version's in
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from .config import SandboxLevel, SandboxSettings
-from .sandbox import _limits, _scrubbed_env, fence, make_venv
+from .sandbox import make_venv, run_fenced
 from .spec import Spec
 
 PROBE = Path(__file__).with_name("upgrade_probe.py")
@@ -102,19 +100,8 @@ def _run_phase(phase: str, folder: Path, work: Path, settings: SandboxSettings, 
     """Run one half fenced, from the version's src/ with its venv; (exit code, output)."""
     venv, src = folder / "venv", folder / "src"
     python = venv / "bin" / "python"
-    proc = subprocess.Popen(
-        fence(level, work, python, cwd=src) + [str(python), str(work / PROBE.name), phase, str(work / "plan.json")],
-        cwd=src,
-        env=_scrubbed_env(work, venv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_limits(settings.memory_mb),
-    )
-    try:
-        output, _ = proc.communicate(timeout=settings.timeout_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+    code, output = run_fenced([str(python), str(work / PROBE.name), phase, str(work / "plan.json")], src, venv, work,
+                              level, settings)
+    if code is None:
         return -signal.SIGKILL, f"{output}\nthe {phase} half ran over the {settings.timeout_seconds}s sandbox time limit"
-    return proc.returncode, output
+    return code, output
