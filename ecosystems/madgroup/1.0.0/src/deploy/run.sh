@@ -26,11 +26,11 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 # Whatever environment the caller is in (a nox session, a venv, a Docker image that sets
 # UV_PROJECT_ENVIRONMENT), the ecosystem gets its own, exactly as locked.
-unset VIRTUAL_ENV
+unset VIRTUAL_ENV UV_FROZEN  # --locked checks the lock against pyproject.toml; UV_FROZEN would forbid that
 export UV_PROJECT_ENVIRONMENT=$VENV
-uv sync --frozen --no-dev --quiet
+uv sync --locked --no-dev --quiet
 mkdir -p "$STATE"
-TOKEN_FILE=$(uv run --frozen --no-dev python -m madgroup token --state "$STATE")
+TOKEN_FILE=$(uv run --locked --no-dev python -m madgroup token --state "$STATE")
 echo "run.sh: state in $STATE; the MCP client token is kept in $TOKEN_FILE (mode 0600)."
 echo "run.sh: clients send it as the header 'Authorization: Bearer <token>' to http://$HOST:$PORT/mcp"
-exec uv run --frozen --no-dev python -m madgroup serve --host "$HOST" --port "$PORT" --state "$STATE"
+exec uv run --locked --no-dev python -m madgroup serve --host "$HOST" --port "$PORT" --state "$STATE"
