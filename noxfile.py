@@ -4,7 +4,9 @@ Every session installs the project from `uv.lock` exactly (`uv sync --frozen`), 
 runs here is what was locked.
 """
 
+import contextlib
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -58,10 +60,36 @@ def gate(session: nox.Session) -> None:
     session.run("regen", "gate", *session.posargs)
 
 
+# What decides a replay besides the artifact itself: a version built by other compiler sources is
+# replayed by the compiler of the commit that archived it.
+COMPILER_PATHS = ("generator", "pipelines", "reviews")
+
+
+def _compiler_checkout(session: nox.Session, manifest: Path, stack: contextlib.ExitStack) -> Path | None:
+    """A worktree of the commit that archived `manifest` (the last to touch it: archives are never edited) when its compiler differs from this one, else None."""
+    git = shutil.which("git")
+    if git is None or not Path(".git").exists():
+        return None
+    added = subprocess.run([git, "log", "-1", "--format=%H", "--", str(manifest)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not added:
+        return None  # not committed yet: built by the compiler in this tree
+    untracked = subprocess.run([git, "ls-files", "--others", "--exclude-standard", "--", *COMPILER_PATHS],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    if not untracked and subprocess.run([git, "diff", "--quiet", added, "--", *COMPILER_PATHS]).returncode == 0:
+        return None  # built by the compiler in this tree
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="regen-compiler-"))) / "tree"
+    subprocess.run([git, "worktree", "add", "--detach", "--quiet", str(folder), added], check=True)
+    stack.callback(subprocess.run, [git, "worktree", "remove", "--force", str(folder)], check=False)
+    session.log(f"{manifest.parent}: built by the compiler of commit {added[:12]}; replaying with it")
+    return folder
+
+
 @nox.session
 def verify(session: nox.Session) -> None:
     """`regen verify` every archived version (signature, hashes, SBOM, byte-for-byte replay); with diffoscope
-    installed, the replayed src/ is also compared with the archived one by diffoscope."""
+    installed, the replayed src/ is also compared with the archived one by diffoscope. A version archived by
+    an older compiler is replayed by that compiler, checked out from the commit that archived it."""
     _sync(session)
     diffoscope = shutil.which("diffoscope")
     if diffoscope is None:
@@ -69,9 +97,17 @@ def verify(session: nox.Session) -> None:
     manifests = sorted(Path("ecosystems").glob("*/*/manifest.json"),
                        key=lambda m: (m.parent.parent.name, tuple(int(x) for x in m.parent.name.split("."))))
     for manifest in manifests:
-        artifact = manifest.parent
-        with tempfile.TemporaryDirectory(prefix="regen-verify-") as kept:
-            session.run("regen", "verify", str(artifact), *(["--keep", kept] if diffoscope else []), *session.posargs)
+        artifact = manifest.parent.resolve()
+        with contextlib.ExitStack() as stack:
+            kept = stack.enter_context(tempfile.TemporaryDirectory(prefix="regen-verify-"))
+            compiler = _compiler_checkout(session, manifest, stack)
+            command = ["verify", str(artifact), *(["--keep", kept] if diffoscope else []), *session.posargs]
+            if compiler is None:
+                session.run("regen", *command)
+            else:  # that commit's `generator` package first on the path, run from its tree
+                with session.chdir(compiler):
+                    session.run("python", "-c", "import sys; from generator.cli import main; sys.exit(main(sys.argv[1:]))",
+                                *command, env={"PYTHONPATH": str(compiler)})
             if diffoscope:
                 # File times differ by nature (the archive was written earlier); contents and modes must not.
                 session.run(diffoscope, "--exclude-directory-metadata=yes", str(artifact / "src"), str(Path(kept) / "src"),
