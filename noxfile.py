@@ -66,7 +66,8 @@ COMPILER_PATHS = ("generator", "pipelines", "reviews")
 
 
 def _compiler_checkout(session: nox.Session, manifest: Path, stack: contextlib.ExitStack) -> Path | None:
-    """A worktree of the commit that archived `manifest` (the last to touch it: archives are never edited) when its compiler differs from this one, else None."""
+    """A worktree of the commit that archived `manifest` (the last to touch it: archives are never edited)
+    when its compiler differs from this one, else None."""
     git = shutil.which("git")
     if git is None or not Path(".git").exists():
         return None
@@ -116,11 +117,14 @@ def verify(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks, measured side by side in one run; results in .regen/bench/."""
-    _sync(session)
+    """Benchmarks, measured side by side in one run; results in benchmarks/results/<name>.json."""
+    _sync(session, "dev")  # the kernel benchmarks need the ecosystem's runtime dependencies (redis, prometheus-client)
     session.run("python", "benchmarks/cli_startup.py")
     session.run("python", "benchmarks/pipeline_overhead.py")
     session.run("python", "benchmarks/panel_wall.py")
+    session.run("python", "benchmarks/bus_hop.py")
+    session.run("python", "benchmarks/gateway_calls.py")
+    session.run("python", "benchmarks/startup_memory.py")
 
 
 @nox.session

@@ -6,13 +6,13 @@ litellm is imported only when a model is called. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from results import write_results
 
 RUNS = 5
 
@@ -42,9 +42,7 @@ def main() -> None:
     print(f"{'import litellm':<24}{litellm_s:8.3f} s")
     print(f"{'python -c pass':<24}{bare_s:8.3f} s")
     print(f"ratio regen --help / import litellm: {result['ratio_help_over_litellm']:.3f} (target < 0.2)")
-    out = Path(".regen/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cli_startup.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {write_results('cli_startup', result)}")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ Target: panel wall time <= 1.2x the slowest reviewer alone (the sum would be 3.0
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import write_results
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("SCRIPTED_API_KEY", "scripted")
@@ -60,11 +61,9 @@ def main() -> None:
         print(f"reviewer {name} alone (answers after {delay:.1f}s): {seconds:.3f}s")
     print(f"panel of {len(single)}: {panel:.3f}s; sum of reviewers {sum(single.values()):.3f}s")
     print(f"panel over slowest reviewer: {ratio:.2f}x (target <= 1.2x)")
-    out = REPO / ".regen" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "panel_wall.json").write_text(json.dumps(
-        {"reviewers_alone_s": single, "panel_s": panel, "slowest_s": slowest, "panel_over_slowest": round(ratio, 3)},
-        indent=2) + "\n")
+    written = write_results("panel_wall", {"reviewers_alone_s": single, "panel_s": panel, "slowest_s": slowest,
+                                           "panel_over_slowest": round(ratio, 3)})
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

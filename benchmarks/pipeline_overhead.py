@@ -9,13 +9,14 @@ Target: the cost per MAD stays roughly flat (64 MADs within 2x of 4 MADs, per MA
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from results import write_results
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -112,11 +113,7 @@ def main() -> None:
         print(f"{name:<14}" + "".join(f"{r[s]:>10.3f}s" for s in stages) + f"{r['per_mad_ms']:>9.1f}ms")
     flatness = results["64 MADs"]["per_mad_ms"] / results["4 MADs"]["per_mad_ms"]
     print(f"per-MAD cost, 64 MADs over 4 MADs: {flatness:.2f}x (target <= 2x: roughly flat)")
-    out = REPO / ".regen" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_overhead.json").write_text(
-        json.dumps({"results": results, "per_mad_ratio_64_over_4": round(flatness, 3)}, indent=2) + "\n"
-    )
+    print(f"wrote {write_results('pipeline_overhead', {'cases': results, 'per_mad_ratio_64_over_4': round(flatness, 3)})}")
 
 
 def _warm():

@@ -68,7 +68,7 @@ def answer(spec: Spec, plan: Plan, unit: Unit, answer: Answer) -> None:
             except SyntaxError as exc:
                 problems.append(f"{f.path}:{exc.lineno or 0}: Python does not compile: {exc.msg}")
                 continue
-            problems += principle_problems(f.path, f.content, modules[f.path], spec.ecosystem.principles)
+            problems += principle_problems(f.path, f.content, modules[f.path], [r for r in spec.ecosystem.principles if r.applies(f.path)])
     if unit.mad:
         mad = spec.mad(unit.mad)
         module_path = f"{plan.package}/mads/{mad.name}.py"

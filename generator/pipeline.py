@@ -145,7 +145,7 @@ def write_src(src: Path, synthesis: Synthesis, plan: Plan, preferred_lock: Path 
     if src.exists():
         shutil.rmtree(src)
     files, _ = apply_overrides({**synthesis.files, **kernel_files(plan.package), **migrations}, overrides, plan.package)
-    write_tree(src, files, executable=frozenset({"deploy/run.sh"}))
+    write_tree(src, files, executable=frozenset({"deploy/run.sh", "deploy/failover.sh"}))
     lock_dependencies(src, preferred_lock)
 
 

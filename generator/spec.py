@@ -8,6 +8,7 @@ unknown keys, so a typo in a spec is an error, never silently ignored.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import keyword
 import re
@@ -223,6 +224,13 @@ class PrincipleRule(Frozen):
     forbid_imports: list[str] = Field(default_factory=list)
     forbid_calls: list[str] = Field(default_factory=list)
     forbid_patterns: list[str] = Field(default_factory=list, description="regular expressions")
+    applies_to: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="globs over generated file paths (`*` crosses folders), e.g. '*/mads/*' for MAD code only",
+    )
+
+    def applies(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self.applies_to)
 
     @field_validator("forbid_patterns")
     @classmethod

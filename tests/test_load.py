@@ -282,7 +282,7 @@ def test_reserved_tool_names_follow_the_kernel_mad_class() -> None:
 
     reserved = kernel_mad_names()
     assert {"use", "handle", "think", "ask", "call_tool", "health", "store", "tools", "on_start",
-            "name", "role", "storage", "runtime", "conversation_ids", "tool"} <= reserved
+            "name", "role", "storage", "_kernel", "conversation_ids", "tool"} <= reserved
     # Every public name of the class, as Python sees it, is covered.
     assert {attr for attr in vars(Mad) if not attr.startswith("_")} <= reserved
 

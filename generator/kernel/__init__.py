@@ -1,7 +1,8 @@
 """regen kernel: the runtime every generated ecosystem is built on.
 
 Copied verbatim into each ecosystem as `<pkg>/kernel/`; it imports only the standard
-library, mcp, starlette, uvicorn, httpx, cryptography and pydantic.
+library, mcp, starlette, uvicorn, httpx, cryptography, pydantic and prometheus_client
+(and redis, lazily, when the Redis transport is configured).
 """
 
 from __future__ import annotations

@@ -2,13 +2,42 @@
 
 It is the only channel between MADs: a request from one MAD to another is an envelope of
 kind "request" in a conversation, and the answer is an envelope of kind "reply" (or
-"error") carrying the request's correlation id.
+"error") carrying the request's correlation id and, in its payload, `in_reply_to`.
+
+Delivery (how a request reaches its MAD: `transport.py`) is at-least-once:
+
+1. Accept: the request envelope and a delivery row (`bus_deliveries`, state "pending") are
+   written in ONE transaction before the sender is told the request is accepted. The row
+   holds the request's real payload sealed with AES-GCM (the `messages` row holds it redacted,
+   and a redelivery needs the real arguments); the sealed copy is dropped at the ack.
+2. Deliver: the target MAD's handler runs.
+3. Ack: the reply (or error) envelope is written and the delivery marked "acked" with the id
+   of that reply, again in ONE transaction. A delivery already acked is never run again:
+   a redelivered request gets the recorded reply.
+4. Recover: at start-up every delivery still "pending" (the process died between 1 and 3)
+   is delivered again, oldest first. One that never completes in `MAX_ATTEMPTS` starts (its
+   handler kills the process every time) is acked with an error reply instead: a poison
+   request cannot keep the ecosystem from starting.
+
+Contract for MAD authors: a handler runs again only if the process died after it started
+and before its ack, so a handler's effects must be idempotent by envelope id. Inside a
+bus delivery `current_delivery.get()` is the request's envelope id: make it the key of what
+the handler writes (a primary key, checked before inserting), and a second run finds its own
+first write. Kernel capabilities that append (conversations.post, a new secret version) append
+again on a second run; read before you append when a duplicate matters.
+
+fsync policy: the database runs in WAL mode with `synchronous=FULL` (`db.py`): every commit
+is fsynced before it returns, so an accepted request, and every ack, survives a process
+crash (SIGKILL) and a power loss or kernel panic. That fsync is most of the cost of a bus
+hop (see `benchmarks/bus_hop.py`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
+import sqlite3
 import time
 from typing import Any
 
@@ -20,6 +49,11 @@ from .logs import new_id
 
 KINDS = ("message", "request", "reply", "error", "event", "thought")
 MAX_CONTENT = 1_000_000
+MAX_ATTEMPTS = 5  # starts of one delivery that never completed before it is given up (poison request)
+
+# The id of the request envelope whose handler is running ("" outside a bus delivery): the key
+# that makes a handler's writes idempotent (see the module docstring).
+current_delivery: contextvars.ContextVar[str] = contextvars.ContextVar("regen_current_delivery", default="")
 
 
 def now_iso() -> str:
@@ -65,6 +99,17 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_conv ON messages(conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_corr ON messages(correlation_id);
+CREATE TABLE IF NOT EXISTS bus_deliveries (
+    envelope_id TEXT PRIMARY KEY REFERENCES messages(id),
+    target TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'acked')),
+    attempts INTEGER NOT NULL DEFAULT 1,
+    sealed BLOB,
+    reply_id TEXT NOT NULL DEFAULT '',
+    accepted_at TEXT NOT NULL,
+    acked_at TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target);
 """
 
 _FTS_SCHEMA = """
@@ -186,7 +231,7 @@ class ConversationBus:
             created_at=row["created_at"],
         ).as_dict()
 
-    def post(
+    def envelope(
         self,
         conversation_id: str,
         sender: str,
@@ -194,7 +239,8 @@ class ConversationBus:
         kind: str = "message",
         correlation_id: str = "",
         payload: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Envelope:
+        """A new, checked envelope (not yet stored); its correlation id defaults to its own id."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown envelope kind {kind!r}; expected one of {', '.join(KINDS)}")
         if not isinstance(content, str) or len(content) > MAX_CONTENT:
@@ -210,8 +256,13 @@ class ConversationBus:
         )
         if not env.correlation_id:
             env.correlation_id = env.id
-        self.db.execute(
-            "INSERT INTO messages (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
+        return env
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False) -> bool:
+        cur = conn.execute(
+            f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages"
+            " (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 env.id,
@@ -224,7 +275,79 @@ class ConversationBus:
                 env.created_at,
             ),
         )
+        return cur.rowcount == 1
+
+    def post(
+        self,
+        conversation_id: str,
+        sender: str,
+        content: str = "",
+        kind: str = "message",
+        correlation_id: str = "",
+        payload: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        env = self.envelope(conversation_id, sender, content, kind, correlation_id, payload)
+        with self.db.transaction() as conn:
+            self._insert(conn, env)
         return env.as_dict()
+
+    def record(self, env: Envelope) -> bool:
+        """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already."""
+        with self.db.transaction() as conn:
+            return self._insert(conn, env, or_ignore=True)
+
+    # ---- deliveries (see the module docstring) -------------------------------------------------
+
+    def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
+        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
+        with self.db.transaction() as conn:
+            self._insert(conn, request)
+            conn.execute(
+                "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
+                (request.id, target, sealed, now_iso()),
+            )
+
+    def complete(self, request_id: str, reply: Envelope) -> bool:
+        """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
+        with self.db.transaction() as conn:
+            acked = conn.execute(
+                "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
+                " WHERE envelope_id = ? AND state = 'pending'",
+                (reply.id, now_iso(), request_id),
+            ).rowcount
+            if acked != 1:
+                return False
+            self._insert(conn, reply)
+        return True
+
+    def delivery(self, request_id: str) -> dict[str, Any] | None:
+        """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""
+        return self.db.one(
+            "SELECT envelope_id, target, state, attempts, sealed, reply_id FROM bus_deliveries WHERE envelope_id = ?",
+            (request_id,),
+        )
+
+    def pending(self, targets: list[str]) -> list[dict[str, Any]]:
+        """Deliveries to these MADs not acked yet, oldest first."""
+        marks = ", ".join("?" for _ in targets) or "NULL"
+        return self.db.query(
+            "SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d JOIN messages m ON m.id = d.envelope_id"
+            f" WHERE d.state = 'pending' AND d.target IN ({marks}) ORDER BY m.seq",
+            list(targets),
+        )
+
+    def count_attempt(self, request_id: str) -> int:
+        """Note one more start of a pending delivery; returns how many starts it has had."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE bus_deliveries SET attempts = attempts + 1 WHERE envelope_id = ?", (request_id,))
+            row = conn.execute("SELECT attempts FROM bus_deliveries WHERE envelope_id = ?", (request_id,)).fetchone()
+        return int(row["attempts"]) if row else 0
+
+    def message(self, envelope_id: str) -> Envelope:
+        row = self.db.one("SELECT * FROM messages WHERE id = ?", (envelope_id,))
+        if row is None:
+            raise NotFound(f"no envelope {envelope_id!r}")
+        return Envelope.model_validate(self._env(row))
 
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)

@@ -103,6 +103,11 @@ CAPABILITIES: dict[str, Capability] = {
             (_p("name", "str"), _p("value", "str")),
         ),
         Capability(
+            "secrets.rotate_key",
+            "Re-encrypt every secret under a new key; returns {secrets, versions, key_id} (counts, never key material).",
+            (),
+        ),
+        Capability(
             "secrets.audit",
             "The newest entries of the append-only secrets audit log.",
             (_p("limit", "int", 50),),
@@ -112,3 +117,15 @@ CAPABILITIES: dict[str, Capability] = {
         Capability("ecosystem.mads", "Every MAD with its role, level and tools.", (), "list[dict]"),
     ]
 }
+
+# Granted to every MAD whatever it owns, each narrowed by the kernel per call: its own Thought
+# Engine (charged to its own budget); reading and posting in the conversations it joined; reading
+# the secrets named in its `secrets` list (the secrets manager refuses, and audits, any other name).
+ALWAYS_GRANTED: frozenset[str] = frozenset(
+    {"models.send", "conversations.post", "conversations.history", "secrets.get", "secrets.list"}
+)
+
+
+def granted(owns: tuple[str, ...] | frozenset[str]) -> frozenset[str]:
+    """The capabilities a MAD may call: every one of the families it owns, plus the always-granted ones."""
+    return frozenset({name for name in CAPABILITIES if name.split(".", 1)[0] in owns} | ALWAYS_GRANTED)

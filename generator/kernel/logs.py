@@ -14,6 +14,8 @@ import uuid
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("regen_correlation_id", default="")
 principal: contextvars.ContextVar[str] = contextvars.ContextVar("regen_principal", default="")
+# The MAD whose code is running (a tool call, a bus delivery): every line logged there names it.
+mad: contextvars.ContextVar[str] = contextvars.ContextVar("regen_mad", default="")
 
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
@@ -23,7 +25,7 @@ def new_id() -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, correlation_id, principal, and extras."""
+    """One JSON object per line: ts, level, logger, msg, correlation_id, principal, mad, and extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -38,6 +40,9 @@ class JsonFormatter(logging.Formatter):
         who = principal.get()
         if who:
             entry["principal"] = who
+        running = mad.get()
+        if running:
+            entry["mad"] = running
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 entry[key] = value

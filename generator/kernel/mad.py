@@ -1,22 +1,23 @@
 """The MAD base class: a Thought Engine (imperator prompt + model alias) and an Action Engine (tools).
 
 A generated MAD subclasses `Mad`, sets its class attributes, and decorates its tools with
-`@tool`. The runtime instantiates it with itself, so `self.use(...)` reaches the kernel
-capabilities and `self.ask(...)` reaches other MADs over the conversation bus.
+`@tool`. The runtime instantiates it with a `Kernel` handle made for that MAD alone, so
+`self.use(...)` reaches the kernel capabilities it was granted, `self.ask(...)` reaches the
+MADs it talks to over the conversation bus, and `self.store` its own tables; it holds no
+reference to the runtime, the database, the secrets manager or any other MAD.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from .db import TableStore
-    from .runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +43,38 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+class OwnTables:
+    """CRUD over one MAD's own tables (`<mad>_<table>`), with no attribute leading to the database."""
+
+    __slots__ = ("insert", "select", "update", "delete", "table_name")
+
+    def __init__(self, store: TableStore):
+        self.insert = store.insert
+        self.select = store.select
+        self.update = store.update
+        self.delete = store.delete
+        self.table_name = store.table_name
+
+
+class Kernel:
+    """What one MAD may reach of the kernel; the runtime makes one per MAD.
+
+    `use(capability, **kwargs)` and `ask(mad, prose, *, tool, args, conversation_id)` are
+    closures the runtime made with the MAD's name inside, so a MAD cannot choose whom it acts
+    as, and the runtime checks each call against the grants it recorded for that MAD at start
+    (changing the MAD's class attributes later grants nothing). `store` is its own tables.
+    Python cannot wall off objects inside one process: frame, traceback, closure and garbage-
+    collector introspection can still find the runtime; the ecosystem's review rules forbid those.
+    """
+
+    __slots__ = ("use", "ask", "store")
+
+    def __init__(self, use: Callable[..., Awaitable[Any]], ask: Callable[..., Awaitable[Any]], store: OwnTables):
+        self.use = use
+        self.ask = ask
+        self.store = store
+
+
 class Mad:
     """Base class of every MAD. Subclasses set the class attributes below."""
 
@@ -57,9 +90,13 @@ class Mad:
     storage: ClassVar[tuple[dict[str, Any], ...]] = ()
     imperator_model: ClassVar[str] = "default"
     imperator_prompt: ClassVar[str] = ""
+    # Fault isolation (kernel/supervisor.py): a tool call, bus delivery or on_start running longer
+    # than this is cancelled and counts as a failure; at most this many calls run at once.
+    handler_timeout_s: ClassVar[float] = 30.0
+    max_concurrent_calls: ClassVar[int] = 32
 
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
+    def __init__(self, kernel: Kernel):
+        self._kernel = kernel
         self.conversation_ids: dict[str, str] = {}  # title -> id of the conversations it joined
 
     # ---- introspection -----------------------------------------------------------------------
@@ -116,12 +153,12 @@ class Mad:
 
     async def use(self, capability: str, **kwargs: Any) -> Any:
         """Call a kernel capability (see capabilities.py) as this MAD."""
-        return await self.runtime.use(capability, caller=self.name, **kwargs)
+        return await self._kernel.use(capability, **kwargs)
 
     @property
-    def store(self) -> TableStore:
+    def store(self) -> OwnTables:
         """CRUD over this MAD's own storage tables (`<mad>_<table>`)."""
-        return self.runtime.table_store(self.name)
+        return self._kernel.store
 
     def conversation_id(self, title: str | None = None) -> str:
         """The id of a conversation this MAD joined at start (the first one when title is None)."""
@@ -144,7 +181,7 @@ class Mad:
         conversation_id: str = "",
     ) -> Any:
         """Ask another MAD (one of `talks_to`) over the bus: a tool call when `tool` is set, else prose."""
-        return await self.runtime.request(self.name, mad, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
+        return await self._kernel.ask(mad, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
 
     # ---- Thought Engine ----------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ catalogue exactly (a kernel test enforces it).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,15 +22,19 @@ except ImportError:  # pragma: no cover
     import httpx2 as httpx  # type: ignore[no-redef]
 
 from . import logs
-from .bus import ConversationBus, now_iso
-from .capabilities import CAPABILITIES
+from .audit import AuditLog
+from .bus import ConversationBus, Envelope, current_delivery, now_iso
+from .capabilities import CAPABILITIES, granted
 from .config import EcosystemConfig
 from .db import Database, TableStore, ident
-from .errors import AccessDenied, InvalidArgument, KernelError, NotFound
-from .mad import Mad
+from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
+from .mad import Kernel, Mad, OwnTables
+from .metrics import Metrics
 from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
-from .secrets import SecretsManager, load_or_create_key
+from .secrets import KeySource, SecretsManager
+from .supervisor import MadFault, SupervisionPolicy, Supervisor, Unavailable
+from .transport import Reply, Sealer, error_to, make_transport, reply_to
 
 log = logs.get("runtime")
 
@@ -56,6 +60,18 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+class Grants:
+    """What one MAD was granted by its spec, copied when the runtime is made."""
+
+    __slots__ = ("owns", "secrets", "talks_to", "capabilities")
+
+    def __init__(self, cls: type[Mad]):
+        self.owns = frozenset(cls.owns)
+        self.secrets = frozenset(cls.secrets)
+        self.talks_to = frozenset(cls.talks_to)
+        self.capabilities = granted(self.owns)
+
+
 class MadSlot:
     """Runtime bookkeeping for one MAD instance."""
 
@@ -74,8 +90,17 @@ class Runtime:
         *,
         model_transport: httpx.AsyncBaseTransport | None = None,
         migrations: Sequence[Migration] | None = None,
+        supervision: SupervisionPolicy | None = None,
+        bus_url: str = "",
+        serve_mads: Sequence[str] | None = None,
+        claim_idle_s: float = 30.0,
     ):
-        """`migrations`: the storage history to bring the state to; None reads the package's migrations.json."""
+        """`migrations`: the storage history to bring the state to; None reads the package's migrations.json.
+        `supervision`: breaker, restart and drain settings (kernel/supervisor.py); None takes the defaults.
+        `bus_url`: the bus transport (transport.py): "" for the SQLite bus of this process, a Redis URL to
+        share the bus with other processes; `serve_mads`: the MADs this process runs (None: all; a subset
+        needs a Redis bus); `claim_idle_s`: how long a Redis delivery whose process went silent (dead, or
+        frozen) waits before another process takes it over; a live process renews its claims."""
         self.config = config
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -91,10 +116,23 @@ class Runtime:
             raise
         if self.migrated:
             log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
+        # Before anything that audits: opens the chain (and adopts older audit rows) on first start.
+        self.audit = AuditLog(self.db)
         self.bus = ConversationBus(self.db)
-        key = load_or_create_key(self.state_dir, f"{config.env_prefix}_SECRETS_KEY")
-        self.secrets = SecretsManager(self.db, key, self._secrets_policy)
-        del key
+        try:  # a key that is not the state's (or a malformed one) is refused before anything starts
+            keys = KeySource(self.state_dir, f"{config.env_prefix}_SECRETS_KEY", config.name)
+            self.secrets = SecretsManager(self.db, keys, self._secrets_policy, self.audit)
+        except KernelError:
+            self.db.close()
+            raise
+        self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
+        try:
+            self.serving = self._serving(serve_mads, bus_url)
+            self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
+                                            dispatch=self._deliver, claim_idle_s=claim_idle_s)
+        except KernelError:
+            self.db.close()
+            raise
         self.models = ModelGateway(
             self.db,
             config.models,
@@ -104,6 +142,12 @@ class Runtime:
             transport=model_transport,
         )
         self.slots: dict[str, MadSlot] = {}
+        # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.
+        self._grants = {cls.name: Grants(cls) for cls in config.mads}
+        self._kernels = {cls.name: self._kernel_for(cls.name) for cls in config.mads}
+        self.supervisor = Supervisor(config.mads, self._restart_slot, self._slot_state, supervision)
+        self.metrics = Metrics({m.name: m.tool_methods() for m in config.mads},
+                               lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
         self._impls: dict[str, Callable[..., Any]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr)
@@ -137,7 +181,9 @@ class Runtime:
         self.started_at = now_iso()
         self._t0 = time.monotonic()
         for cls in self.config.mads:
-            mad = cls(self)
+            if cls.name not in self.serving:
+                continue  # another process of this ecosystem runs it; the shared bus reaches it
+            mad = cls(self._kernels[cls.name])
             slot = MadSlot(mad)
             self.slots[cls.name] = slot
             for title in cls.conversations:
@@ -147,28 +193,70 @@ class Runtime:
             else:
                 await self._start_slot(slot)
         self.running = True
+        # Last: deliveries a crash left pending run now, on MADs that are up.
+        await self.transport.start(list(self.slots))
         log.info("ecosystem started", extra={"ecosystem": self.config.name, "mads": list(self.slots)})
 
     async def _start_slot(self, slot: MadSlot) -> None:
+        """Start a MAD; one that fails to start is reported (state "failed") and restarted with backoff, not fatal."""
+        try:
+            await self._run_on_start(slot)
+        except KernelError as exc:  # the supervisor turns whatever on_start raised into one
+            self.supervisor.start_failed(slot.mad.name, exc)
+
+    async def _run_on_start(self, slot: MadSlot) -> None:
         slot.state = "starting"
         try:
-            await slot.mad.on_start()
-        except Exception as exc:  # a MAD that fails to start is reported, not fatal
+            await self.supervisor.start(slot.mad.name, slot.mad.on_start)
+        except KernelError as exc:  # names the MAD and the exception type, never its message
             slot.state = "failed"
-            slot.error = f"{type(exc).__name__}: {exc}"
-            log.exception("MAD failed to start", extra={"mad": slot.mad.name})
-            return
+            slot.error = str(exc)
+            log.warning("MAD failed to start", extra={"mad": slot.mad.name, "error": slot.error})
+            self.metrics.error(slot.mad.name, "start")
+            raise
         slot.state = "running"
+        slot.error = ""
         slot.started_at = now_iso()
 
+    async def _restart_slot(self, name: str) -> None:
+        """The supervisor's restart: stop the old instance (best effort), start a new one; raises if it fails to start."""
+        slot = self.slots[name]
+        old = slot.mad
+        if slot.state == "running":
+            slot.state = "restarting"
+            try:
+                await self.supervisor.stop(name, old.on_stop)
+            except KernelError:
+                log.warning("MAD failed to stop before its restart", extra={"mad": name})
+        fresh = type(old)(self._kernels[name])
+        fresh.conversation_ids = dict(old.conversation_ids)
+        slot.mad = fresh
+        await self._run_on_start(slot)
+
+    async def drain(self) -> None:
+        """The first half of a graceful shutdown (SIGTERM), while the HTTP port still answers: refuse new
+        tool calls, stop taking deliveries from other processes (they serve them meanwhile), and wait for
+        the calls in flight, up to the supervision policy's drain_timeout_s from the first call. Idempotent."""
+        self.supervisor.begin_shutdown()
+        await self.transport.pause()
+        await self.supervisor.drain()
+
     async def stop(self) -> None:
+        """Graceful shutdown: drain (above), stop the MADs in reverse order, close the database.
+
+        The bus keeps carrying the requests of work in flight while it drains, and closes before the
+        MADs stop; a delivery cut off at the deadline is not acked and runs again."""
+        await self.drain()
+        await self.transport.stop(max(0.0, self.supervisor.drain_deadline - time.monotonic()))
+        await self.supervisor.close()
         for name in reversed(list(self.slots)):
             slot = self.slots[name]
             if slot.state == "running":
                 try:
-                    await slot.mad.on_stop()
-                except Exception:
-                    log.exception("MAD failed to stop cleanly", extra={"mad": name})
+                    await self.supervisor.stop(name, slot.mad.on_stop)
+                except KernelError:
+                    log.warning("MAD failed to stop cleanly", extra={"mad": name})
+                    self.metrics.error(name, "stop")
                 slot.state = "stopped"
         self.running = False
         self.db.close()
@@ -179,8 +267,25 @@ class Runtime:
     def mad(self, name: str) -> Mad:
         slot = self.slots.get(name)
         if slot is None:
+            if name in self._grants and name not in self.serving:
+                raise NotFound(f"MAD {name!r} runs in another process of this ecosystem (this one serves "
+                               f"{', '.join(self.serving) or 'no MAD'}); MADs reach it over the shared bus")
             raise NotFound(f"no MAD {name!r}; known: {', '.join(self.slots) or 'none'}")
         return slot.mad
+
+    def _serving(self, serve_mads: Sequence[str] | None, bus_url: str) -> tuple[str, ...]:
+        """The MADs this process runs, in start-up order."""
+        names = [cls.name for cls in self.config.mads]
+        if serve_mads is None:
+            return tuple(names)
+        unknown = sorted(set(serve_mads) - set(names))
+        if unknown:
+            raise InvalidArgument(f"cannot serve unknown MAD(s) {', '.join(unknown)}; this ecosystem has {', '.join(names)}")
+        chosen = tuple(n for n in names if n in set(serve_mads))
+        if chosen != tuple(names) and (bus_url or "local") == "local":
+            raise InvalidArgument("serving only some MADs needs a bus shared with the processes that serve the others: "
+                                  f"serve --bus redis://HOST:6379/0 (or set {self.config.env_prefix}_BUS_URL)")
+        return chosen
 
     def table_store(self, mad: str) -> TableStore:
         return TableStore(self.db, mad, self._tables.get(mad, {}))
@@ -189,19 +294,47 @@ class Runtime:
         return next((m for m in self.config.mads if m.name == name), None)
 
     def _secrets_policy(self, caller: str) -> tuple[bool, set[str]]:
-        cls = self._mad_class(caller)
-        if cls is None:
+        grants = self._grants.get(caller)
+        if grants is None:
             return False, set()
-        return "secrets" in cls.owns, set(cls.secrets)
+        return "secrets" in grants.owns, set(grants.secrets)
+
+    def _kernel_for(self, name: str) -> Kernel:
+        """The one handle MAD `name` gets: its name is fixed inside these closures, so it acts as itself only."""
+
+        async def use(capability: str, **kwargs: Any) -> Any:
+            return await self.use(capability, caller=name, **kwargs)
+
+        async def ask(target: str, prose: str = "", *, tool: str = "", args: dict[str, Any] | None = None,
+                      conversation_id: str = "") -> Any:
+            talks_to = self._grants[name].talks_to
+            if target not in talks_to:
+                raise self._denied(name, "bus.ask", target,
+                                   f"MAD {name!r} does not talk to {target!r} (talks_to: {sorted(talks_to)})")
+            return await self.request(name, target, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
+
+        return Kernel(use, ask, OwnTables(self.table_store(name)))
+
+    def _denied(self, caller: str, action: str, subject: str, why: str) -> AccessDenied:
+        """Audit and log a refused request of a MAD; the AccessDenied to raise."""
+        self.audit.append(caller, action, subject, False, why, self._on_behalf_of(caller))
+        log.warning("access denied", extra={"caller": caller, "action": action, "subject": subject})
+        return AccessDenied(why)
+
+    def _slot_state(self, name: str) -> str:
+        slot = self.slots.get(name)
+        return slot.state if slot else "created"
 
     async def _ready(self, name: str) -> Mad:
-        mad = self.mad(name)
+        self.mad(name)  # NotFound for an unknown MAD
         slot = self.slots[name]
         if slot.state == "idle":
             await self._start_slot(slot)
-        if slot.state == "failed":
-            raise KernelError(f"MAD {name!r} is not running: {slot.error}")
-        return mad
+        if slot.state in ("failed", "restarting"):
+            due = self.supervisor.health(name).get("restart_in_s")
+            when = f"; the supervisor restarts it in {due} s" if due is not None else ""
+            raise Unavailable(f"MAD {name!r} is not running ({slot.error or slot.state}){when}")
+        return slot.mad
 
     # ---- the one door to capabilities --------------------------------------------------------
 
@@ -215,6 +348,12 @@ class Runtime:
         impl = self.capability_impl(capability)
         if caller not in self.slots and not caller.startswith("client:"):
             raise AccessDenied(f"unknown caller {caller!r}")
+        grants = self._grants.get(caller)
+        if grants is not None and capability not in grants.capabilities:
+            family = capability.split(".", 1)[0]
+            raise self._denied(caller, "kernel.use", capability,
+                               f"MAD {caller!r} may not use {capability}: it owns {sorted(grants.owns) or 'no capability families'}, "
+                               f"not {family!r}; ask the MAD that owns {family!r} over the bus")
         try:
             inspect.signature(impl).bind(caller, **kwargs)
         except TypeError as exc:
@@ -231,20 +370,35 @@ class Runtime:
     async def invoke_tool(self, mad: str, tool: str, args: dict[str, Any], principal: str = "") -> Any:
         """Run `<mad>.<tool>` for an outside principal (an MCP client or Grace)."""
         tok_p = logs.principal.set(principal)
-        tok_c = logs.correlation_id.set(logs.new_id())
+        tok_c = logs.correlation_id.set(logs.correlation_id.get() or logs.new_id())  # keep the gateway's id
+        tok_m = logs.mad.set(mad)
         t0 = time.monotonic()
         try:
-            instance = await self._ready(mad)
-            result = await instance.call_tool(tool, args)
+            with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
+                if mad in self.slots or mad not in self._grants:
+                    instance = await self._ready(mad)
+                    result = await self.supervisor.call(mad, tool, lambda: instance.call_tool(tool, args))
+                else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
+                    result = await self._remote_tool(mad, tool, args)
             log.info("tool call", extra={"tool": f"{mad}.{tool}", "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
+            self.metrics.tool_call(mad, tool, "ok", time.monotonic() - t0)
             return result
+        except MadFault as exc:  # the MAD's code raised or hung; the supervisor logged the details
+            log.info("tool call failed", extra={"tool": f"{mad}.{tool}", "ok": False, "error": str(exc)})
+            self.metrics.tool_call(mad, tool, "crashed", time.monotonic() - t0)
+            self.metrics.error(mad, "tool")
+            raise
         except KernelError as exc:
             log.info("tool call refused", extra={"tool": f"{mad}.{tool}", "ok": False, "error": str(exc)})
+            self.metrics.tool_call(mad, tool, "refused", time.monotonic() - t0)
             raise
         except Exception:
             log.exception("tool call crashed", extra={"tool": f"{mad}.{tool}", "ok": False})
+            self.metrics.tool_call(mad, tool, "crashed", time.monotonic() - t0)
+            self.metrics.error(mad, "tool")
             raise
         finally:
+            logs.mad.reset(tok_m)
             logs.correlation_id.reset(tok_c)
             logs.principal.reset(tok_p)
 
@@ -258,35 +412,98 @@ class Runtime:
         args: dict[str, Any] | None = None,
         conversation_id: str = "",
     ) -> Any:
-        """A request from one MAD to another, carried over the bus as request/reply envelopes."""
-        sender_cls = self._mad_class(sender)
-        if sender_cls is None:
+        """A request from one MAD to another over the bus: its result, or the error it answered with.
+
+        The request is durable before it runs (bus.py): if the process dies before the reply, it
+        runs again at the next start, or on another process of a shared bus."""
+        _, pending = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=True)
+        reply: Reply = await pending  # want_reply=True: always an awaitable
+        return reply.unwrap()
+
+    async def submit(
+        self,
+        sender: str,
+        target: str,
+        *,
+        prose: str = "",
+        tool: str = "",
+        args: dict[str, Any] | None = None,
+        conversation_id: str = "",
+    ) -> dict[str, Any]:
+        """Queue a request without waiting for its reply: returns the request envelope (payload as stored)
+        once the bus has accepted it durably. The reply is recorded in the conversation. On the local bus
+        the delivery runs on the caller's event loop; if that loop ends first, it runs at the next start."""
+        request, _ = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=False)
+        return request
+
+    async def _send(
+        self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None, conversation_id: str,
+        *, want_reply: bool,
+    ) -> tuple[dict[str, Any], Any]:
+        grants = self._grants.get(sender)
+        if grants is None:
             raise AccessDenied(f"unknown sender {sender!r}")
-        if target not in sender_cls.talks_to:
-            raise AccessDenied(f"MAD {sender!r} does not talk to {target!r} (talks_to: {list(sender_cls.talks_to)})")
-        receiver = await self._ready(target)
-        if not conversation_id:
-            conversation_id = self.bus.ensure(f"{sender}->{target}", sender)["id"]
-            self.bus.join(conversation_id, target)
+        if target not in grants.talks_to:
+            raise AccessDenied(f"MAD {sender!r} does not talk to {target!r} (talks_to: {sorted(grants.talks_to)})")
         payload: dict[str, Any] = {"to": target}
         if tool:
             payload.update(tool=tool, args=dict(args or {}))
-        corr = logs.correlation_id.get() or ""
-        req = self.bus.post(conversation_id, sender, prose, "request", corr, payload=redact(payload))
-        envelope = dict(req, payload=payload)  # the receiver sees the real arguments
-        tok = logs.correlation_id.set(req["correlation_id"])
-        try:
-            result = await receiver.handle(envelope)
-        except KernelError as exc:
-            self.bus.post(conversation_id, target, str(exc), "error", req["correlation_id"], payload={"to": sender})
-            raise
-        finally:
-            logs.correlation_id.reset(tok)
-        content = result if isinstance(result, str) else json.dumps(redact(result), default=str)[:10_000]
-        self.bus.post(
-            conversation_id, target, content, "reply", req["correlation_id"], payload={"to": sender, "result": redact(result)}
+        return await self._submit(sender, target, prose, payload, conversation_id, want_reply=want_reply)
+
+    async def _remote_tool(self, mad: str, tool: str, args: dict[str, Any]) -> Any:
+        """An outside principal's tool call on a MAD another process serves: a request over the shared
+        bus from the "gateway", on behalf of the principal (admitted for this tool by the caller)."""
+        _, pending = await self._submit("gateway", mad, "", {"to": mad, "tool": tool, "args": dict(args)}, "", want_reply=True)
+        reply: Reply = await pending
+        return reply.unwrap()
+
+    async def _submit(
+        self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *, want_reply: bool,
+    ) -> tuple[dict[str, Any], Any]:
+        if not conversation_id:
+            conversation_id = self._conversations.get((sender, target), "")
+            if not conversation_id:
+                conversation_id = self.bus.ensure(f"{sender}->{target}", sender)["id"]
+                self.bus.join(conversation_id, target)
+                self._conversations[(sender, target)] = conversation_id
+        who = logs.principal.get()
+        if who and who != sender:
+            payload["on_behalf_of"] = who
+        request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload)
+        stored = redact(payload)  # what is persisted; the receiver gets the real arguments
+        pending = await self.transport.submit(request, stored, want_reply=want_reply)
+        self.metrics.message(sender, "request")
+        return request.model_copy(update={"payload": stored}).as_dict(), pending
+
+    async def _deliver(self, request: Envelope) -> Reply:
+        """Run one request on the MAD it is addressed to (the transports call this); every outcome
+        is a reply or an error reply, and the handler runs under the supervisor."""
+        target = str(request.payload.get("to", ""))
+        tokens = (
+            logs.correlation_id.set(request.correlation_id),
+            logs.principal.set(str(request.payload.get("on_behalf_of", ""))),
+            logs.mad.set(target),
+            current_delivery.set(request.id),
         )
-        return result
+        envelope = request.as_dict()
+        try:
+            receiver = await self._ready(target)
+            result = await self.supervisor.call(target, "handle", lambda: receiver.handle(envelope))
+            reply = reply_to(request, result, redact(result))
+            log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})
+        except KernelError as exc:  # a refusal, or a fault the supervisor contained and logged
+            reply = error_to(request, exc.code, str(exc))
+            log.info("bus delivery refused", extra={"sender": request.sender, "tool": request.payload.get("tool", ""),
+                                                    "ok": False, "error": exc.code})
+            if isinstance(exc, MadFault):
+                self.metrics.error(target, "bus")
+        finally:
+            current_delivery.reset(tokens[3])
+            logs.mad.reset(tokens[2])
+            logs.principal.reset(tokens[1])
+            logs.correlation_id.reset(tokens[0])
+        self.metrics.message(target, reply.envelope.kind)
+        return reply
 
     # ---- capabilities: conversations ---------------------------------------------------------
 
@@ -298,13 +515,26 @@ class Runtime:
     async def conversations_post(
         self, caller: str, conversation_id: str, content: str, kind: str = "message", correlation_id: str = ""
     ) -> dict:
+        self._check_member(caller, conversation_id, "post")
         who = logs.principal.get()
         payload = {"on_behalf_of": who} if who and who != caller else None
-        return self.bus.post(conversation_id, caller, content, kind, correlation_id or logs.correlation_id.get(), payload)
+        posted = self.bus.post(conversation_id, caller, content, kind, correlation_id or logs.correlation_id.get(), payload)
+        self.metrics.message(caller, kind)
+        return posted
 
     @implements("conversations.history")
     async def conversations_history(self, caller: str, conversation_id: str, limit: int = 50) -> list[dict]:
+        self._check_member(caller, conversation_id, "history")
         return self.bus.history(conversation_id, limit)
+
+    def _check_member(self, caller: str, conversation_id: str, action: str) -> None:
+        """A MAD reads and posts only in conversations it joined, unless it owns the conversations family."""
+        grants = self._grants.get(caller)
+        if grants is None or "conversations" in grants.owns:
+            return
+        if caller not in self.bus.get(conversation_id)["participants"]:  # NotFound for an unknown id
+            raise self._denied(caller, f"conversations.{action}", conversation_id,
+                               f"MAD {caller!r} did not join conversation {conversation_id}; ask its owner to add it")
 
     @implements("conversations.search")
     async def conversations_search(self, caller: str, query: str, limit: int = 20) -> list[dict]:
@@ -326,7 +556,14 @@ class Runtime:
         who = logs.principal.get()
         if who.startswith("client:") and who != caller:
             accounts.append(who)  # a client's request is charged to the client as well as to the MAD
-        return await self.models.send(accounts, model, prompt, max_tokens)
+        try:
+            result = await self.models.send(accounts, model, prompt, max_tokens)
+        except ModelError:
+            self.metrics.error(caller, "model")
+            raise
+        self.metrics.llm_tokens(caller, result["prompt_tokens"], kind="prompt")
+        self.metrics.llm_tokens(caller, result["completion_tokens"], kind="completion")
+        return result
 
     @implements("models.budget")
     async def models_budget(self, caller: str) -> dict:
@@ -350,6 +587,10 @@ class Runtime:
     async def secrets_rotate(self, caller: str, name: str, value: str) -> dict:
         return self.secrets.rotate(caller, name, value, self._on_behalf_of(caller))
 
+    @implements("secrets.rotate_key")
+    async def secrets_rotate_key(self, caller: str) -> dict:
+        return self.secrets.rotate_key(caller, self._on_behalf_of(caller))
+
     @implements("secrets.audit")
     async def secrets_audit(self, caller: str, limit: int = 50) -> list[dict]:
         return self.secrets.audit(caller, limit, self._on_behalf_of(caller))
@@ -357,34 +598,38 @@ class Runtime:
     # ---- capabilities: ecosystem -------------------------------------------------------------
 
     def healthy(self) -> bool:
-        return self.running and self.db.healthy() and all(s.state != "failed" for s in self.slots.values())
+        return (self.running and self.supervisor.accepting and self.db.healthy()
+                and all(self.supervisor.health(name)["ok"] for name in self.slots))
 
     @implements("ecosystem.status")
     async def ecosystem_status(self, caller: str) -> dict:
         mads = []
+        probes = []
         for name, slot in self.slots.items():
-            entry: dict[str, Any] = {"name": name, "state": slot.state, "ok": slot.state in ("running", "idle")}
+            # state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py)
+            entry: dict[str, Any] = {"name": name, **self.supervisor.health(name)}
             if slot.error:
                 entry["error"] = slot.error
-            if slot.state == "running":
-                try:
-                    entry["health"] = await slot.mad.health()
-                except Exception as exc:
-                    entry["ok"] = False
-                    entry["health"] = {"ok": False, "error": f"{type(exc).__name__}"}
+            if slot.state == "running" and entry["breaker"] == "closed":  # a probe must not be an open breaker's trial
+                probes.append((entry, self.supervisor.probe(name, slot.mad.health)))
             mads.append(entry)
+        for (entry, _), report in zip(probes, await asyncio.gather(*(p for _, p in probes)), strict=True):
+            entry["health"] = report
+            entry["ok"] = entry["ok"] and report.get("ok") is not False
         db_ok = self.db.healthy()
-        healthy = self.running and db_ok and all(m["ok"] for m in mads)
+        draining = not self.supervisor.accepting
+        healthy = self.running and not draining and db_ok and all(m["ok"] for m in mads)
         return {
             "name": self.config.name,
             "description": self.config.description,
             "version": self.config.version,
-            "status": "ok" if healthy else "degraded",
+            "status": "draining" if draining else "ok" if healthy else "degraded",
             "healthy": healthy,
             "started_at": self.started_at,
             "uptime_s": round(time.monotonic() - self._t0, 3) if self._t0 else 0.0,
             "database": "ok" if db_ok else "error",
             "search": "fts5" if self.bus.fts else "like",
+            "bus": self.transport.name,
             "mads": mads,
         }
 

@@ -34,7 +34,7 @@ try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brin
 except ImportError:  # pragma: no cover
     import httpx2 as httpx  # type: ignore[no-redef]
 
-from .tokens import TokenStore
+from .clients import ClientRegistry
 
 
 class ToolCallError(Exception):
@@ -134,7 +134,9 @@ class RunningEcosystem:
         self.process: subprocess.Popen[bytes] | None = None
         self._logdir = tempfile.mkdtemp(prefix=f"{package}-logs-")
         self.log_path = Path(self._logdir) / "server.log"
-        token_path = TokenStore(self.state_dir).ensure(token_name)
+        token_path, problem = ClientRegistry(self.state_dir).ensure(token_name)
+        if problem:
+            raise RuntimeError(f"no usable token for client {token_name!r}: {problem}")
         self.token = token_path.read_text().strip()
 
     @property

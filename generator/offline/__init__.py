@@ -115,6 +115,7 @@ FRAME_FILES = {
     "tests/conftest.py": "conftest.py.j2",
     "tests/test_ecosystem.py": "test_ecosystem.py.j2",
     "deploy/run.sh": "run.sh.j2",
+    "deploy/failover.sh": "failover.sh.j2",
     "deploy/PACKAGE.service": "systemd.service.j2",
     "deploy/Dockerfile": "Dockerfile.j2",
 }

@@ -418,7 +418,7 @@ def _static(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
             ))
         if any(fnmatch.fnmatchcase(path, glob) for glob in exclude):
             continue
-        for v in principle_violations(source, wrapper, principles + panel_rules):
+        for v in principle_violations(source, wrapper, [r for r in principles if r.applies(path)] + panel_rules):
             if v.rule in descriptions:
                 message = f"{v.what}, forbidden by principle {v.rule}"
                 suggestion = f"Rewrite this line without it; the principle says: {descriptions[v.rule]}"

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_conversations_joined_at_start_by_title(runtime):
-    convs = {c["title"]: c for c in asyncio.run(runtime.use("conversations.list", caller="grace"))}
+    convs = {c["title"]: c for c in asyncio.run(runtime.use("conversations.list", caller="rogers"))}
     assert set(convs) == {"general", "security"}
     assert convs["security"]["participants"] == ["turing", "rogers"]
     assert runtime.mad("rogers").conversation_id("general") == convs["general"]["id"]

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -94,10 +95,10 @@ def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, testing, tmp_path)
     assert _grep(state, eco.token.encode()) == [str(state / "client-token")]
     assert stat.S_IMODE((state / "tokens.json").stat().st_mode) == 0o600
     db = sqlite3.connect(state / "ecosystem.db")
-    events = [r[0] for r in db.execute("SELECT event FROM gateway_audit")]
-    assert events.count("unauthorized") >= 3
+    events = [r[0] for r in db.execute("SELECT action FROM audit_log")]
+    assert events.count("gateway.unauthorized") >= 3
     with pytest.raises(sqlite3.IntegrityError):
-        db.execute("DELETE FROM gateway_audit")
+        db.execute("DELETE FROM audit_log")
     db.close()
     logs = eco.logs()
     assert SECRET not in logs
@@ -123,9 +124,14 @@ def test_grace_page_escapes_user_content(tiny_ecosystem, testing, tmp_path):
     root, name = tiny_ecosystem
     with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
         eco.call("rogers.create_conversation", title="<script>alert(1)</script>")
-        page = httpx.get(f"{eco.url}/")
-        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        html = page.text
+        with httpx.Client(base_url=eco.url) as browser:  # Grace's pages need a signed-in session
+            assert browser.get("/").status_code == 303
+            csrf = re.search(r'name="csrf" value="([^"]+)"', browser.get("/signin").text).group(1)
+            signed_in = browser.post("/signin", data={"csrf": csrf, "token": eco.token}, headers={"origin": eco.url})
+            assert signed_in.status_code == 303
+            page = browser.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            html = page.text + browser.get("/mads").text
         assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
         assert "Secrets keeper &lt;of the group&gt;" in html
         assert "A tiny &lt;test&gt; ecosystem &amp; friends" in html

@@ -83,7 +83,9 @@ def test_failed_mad_degrades_health(eco_modules, tmp_path):
     try:
         status = asyncio.run(rt.use("ecosystem.status", caller="grace"))
         assert status["status"] == "degraded"
-        assert next(m for m in status["mads"] if m["name"] == "broken")["error"] == "RuntimeError: boom"
+        broken = next(m for m in status["mads"] if m["name"] == "broken")
+        # the exception type is named, never its message (it may hold anything)
+        assert "'broken' failed in 'on_start' (RuntimeError)" in broken["error"] and "boom" not in broken["error"]
         with pytest.raises(_errors(rt).KernelError, match="not running"):
             asyncio.run(rt.invoke_tool("broken", "ping", {}))
     finally:

@@ -16,10 +16,10 @@ def test_echo_is_deterministic_and_counts_words(runtime):
     r2 = asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt="hello big world", max_tokens=10))
     assert r1["text"] == r2["text"] == "echo: hello big world"
     assert (r1["prompt_tokens"], r1["completion_tokens"], r1["total_tokens"]) == (3, 4, 7)
-    b = asyncio.run(runtime.use("models.budget", caller="grace"))
+    b = asyncio.run(runtime.use("models.budget", caller="fiedler"))
     assert b["mads"]["grace"]["spent"] == 14 and b["mads"]["grace"]["calls"] == 2
     assert b["mads"]["grace"]["remaining"] == 100000 - 14
-    assert [m["alias"] for m in asyncio.run(runtime.use("models.list", caller="grace"))] == ["default"]
+    assert [m["alias"] for m in asyncio.run(runtime.use("models.list", caller="fiedler"))] == ["default"]
 
 
 def test_budget_refuses_clearly_and_persists(runtime, eco_modules):
@@ -52,7 +52,7 @@ def test_client_calls_are_charged_to_the_client_too(eco_modules, tmp_path):
     try:
         out = asyncio.run(rt.invoke_tool("grace", "chat", {"message": "hi"}, principal="client:alice"))
         assert out == "echo: You are Grace. hi"
-        budgets = asyncio.run(rt.use("models.budget", caller="grace"))
+        budgets = asyncio.run(rt.use("models.budget", caller="fiedler"))
         assert budgets["clients"]["client:alice"]["spent"] == budgets["mads"]["grace"]["spent"] > 0
         with pytest.raises(errors.BudgetExceeded, match="client:alice"):
             asyncio.run(rt.invoke_tool("grace", "chat", {"message": "again"}, principal="client:alice"))

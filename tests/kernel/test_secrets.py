@@ -44,7 +44,7 @@ def test_set_get_versions_and_no_plaintext_on_disk(runtime):
     runtime.db.execute("PRAGMA wal_checkpoint(FULL)")
     assert _grep_state(runtime.state_dir, PLAINTEXT.encode()) == []
     # nor is it in the audit log
-    assert all(PLAINTEXT not in str(r) for r in runtime.db.query("SELECT * FROM secrets_audit"))
+    assert all(PLAINTEXT not in str(r) for r in runtime.db.query("SELECT * FROM audit_log"))
 
 
 def test_key_file_created_0600_and_reused(runtime, eco_modules):
@@ -84,10 +84,10 @@ def test_name_is_associated_data(runtime):
     asyncio.run(runtime.use("secrets.set", caller="turing", name="a", value="alpha"))
     asyncio.run(runtime.use("secrets.set", caller="turing", name="b", value="beta"))
     # copy a's ciphertext under b's name (as a new version): decryption must fail
-    row = runtime.db.one("SELECT nonce, ciphertext FROM secrets WHERE name='a'")
+    row = runtime.db.one("SELECT nonce, ciphertext, key_id FROM secrets WHERE name='a'")
     runtime.db.execute(
-        "INSERT INTO secrets (name, version, nonce, ciphertext, created_by, created_at) VALUES ('b', 9, ?, ?, 'x', 'now')",
-        (row["nonce"], row["ciphertext"]),
+        "INSERT INTO secrets (name, version, nonce, ciphertext, created_by, created_at, key_id) VALUES ('b', 9, ?, ?, 'x', 'now', ?)",
+        (row["nonce"], row["ciphertext"], row["key_id"]),
     )
     from cryptography.exceptions import InvalidTag
 
@@ -118,7 +118,9 @@ def test_access_control(runtime):
     denied = [(a["actor"], a["action"], a["name"]) for a in audit if not a["ok"]]
     assert ("rogers", "get", "other") in denied
     assert ("fiedler", "get", "db_password") in denied
-    assert ("rogers", "set", "db_password") in denied
+    # writing is not a secret reader's capability at all: refused (and audited) by the kernel before the manager
+    kernel_denied = [(a["actor"], a["subject"]) for a in runtime.audit.recent(100, action_prefix="kernel.use")]
+    assert ("rogers", "secrets.set") in kernel_denied and ("rogers", "secrets.audit") in kernel_denied
     assert all(set(a) >= {"actor", "action", "name", "ok", "ts"} for a in audit)
     assert asyncio.run(runtime.use("secrets.get", caller="turing", name="db_password"))["value"] == "pw"
 
@@ -126,12 +128,14 @@ def test_access_control(runtime):
 def test_audit_log_is_append_only(runtime):
     asyncio.run(runtime.use("secrets.set", caller="turing", name="n", value="v"))
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        runtime.db.execute("UPDATE secrets_audit SET ok = 0")
+        runtime.db.execute("UPDATE audit_log SET ok = 0")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        runtime.db.execute("DELETE FROM secrets_audit")
+        runtime.db.execute("DELETE FROM audit_log")
     with pytest.raises(sqlite3.IntegrityError, match="immutable"):
         runtime.db.execute("UPDATE secrets SET ciphertext = x'00'")
-    assert runtime.db.one("SELECT COUNT(*) AS n FROM secrets_audit")["n"] >= 1
+    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+        runtime.db.execute("DELETE FROM secrets")
+    assert runtime.db.one("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'secrets.set'")["n"] >= 1
 
 
 def test_bus_redacts_secret_values_between_mads(runtime):

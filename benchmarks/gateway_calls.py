@@ -1,0 +1,126 @@
+"""MCP tool calls per second through the gateway, with one client and with 16 at once, and their latency.
+
+What runs: the newest archived madgroup with today's kernel copied in (as startup_memory.py
+builds it), served by `python -m madgroup serve` on 127.0.0.1 at the default log level, so
+every call pays for what production pays: bearer check, client admission, strict argument
+validation, the MAD's tool, a JSON log line and a `gateway_calls` row (SQLite, synchronous=FULL).
+The tool is `grace.status` (cheap: it reads the MADs' states), so the numbers are the gateway's.
+
+Cases, each an MCP session per client (real `mcp` client over streamable HTTP, in this process):
+- one client: calls one after another;
+- one client with a rate limit and a daily quota set high enough never to refuse: the cost of the checks;
+- 16 clients, each its own registered client and session, calling concurrently.
+Reported: calls per second (completed calls / wall time) and per-call latency p50/p99.
+Prints a table and writes benchmarks/results/gateway_calls.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from results import percentiles, print_table, write_results
+
+from generator.emit import versions
+from generator.kernel.clients import ClientRegistry
+from generator.kernel.testing import mcp_client, running_ecosystem
+
+REPO = Path(__file__).resolve().parents[1]
+ECOSYSTEM = REPO / "ecosystems" / "madgroup"
+PACKAGE = "madgroup"
+TOOL = "grace.status"
+WARMUP = 20
+SEQUENTIAL_CALLS = 600
+CONCURRENT_CLIENTS = 16
+CALLS_PER_CONCURRENT_CLIENT = 100
+
+
+def build(work: Path) -> Path:
+    """The newest archived sources with today's kernel; returns the src dir."""
+    newest = versions(ECOSYSTEM)[-1]
+    src = shutil.copytree(ECOSYSTEM / newest / "src", work / "src")
+    shutil.rmtree(src / PACKAGE / "kernel")
+    shutil.copytree(REPO / "generator" / "kernel", src / PACKAGE / "kernel", ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+async def one_client(url: str, token: str, calls: int) -> tuple[list[float], float]:
+    """`calls` sequential calls in one session, after a warm-up: (latencies, wall seconds)."""
+    async with mcp_client(url, token) as client:
+        for _ in range(WARMUP):
+            await client.call_tool(TOOL, {})
+        latencies = []
+        began = time.perf_counter()
+        for _ in range(calls):
+            started = time.perf_counter()
+            result = await client.call_tool(TOOL, {})
+            latencies.append(time.perf_counter() - started)
+            if result.is_error:
+                raise RuntimeError(f"{TOOL} failed: {result.content[0].text}")
+        return latencies, time.perf_counter() - began
+
+
+async def many_clients(url: str, tokens: list[str], calls: int) -> tuple[list[float], float]:
+    """All sessions open and warmed up first; then every client calls at once. (latencies, wall seconds)."""
+    start = asyncio.Event()
+
+    async def run(token: str) -> list[float]:
+        async with mcp_client(url, token) as client:
+            for _ in range(WARMUP):
+                await client.call_tool(TOOL, {})
+            ready.release()
+            await start.wait()
+            latencies = []
+            for _ in range(calls):
+                began = time.perf_counter()
+                result = await client.call_tool(TOOL, {})
+                latencies.append(time.perf_counter() - began)
+                if result.is_error:
+                    raise RuntimeError(f"{TOOL} failed: {result.content[0].text}")
+            return latencies
+
+    ready = asyncio.Semaphore(0)
+    tasks = [asyncio.create_task(run(t)) for t in tokens]
+    for _ in tokens:
+        await ready.acquire()
+    began = time.perf_counter()
+    start.set()
+    per_client = await asyncio.gather(*tasks)
+    return [x for xs in per_client for x in xs], time.perf_counter() - began
+
+
+def summary(latencies: list[float], wall_s: float) -> dict[str, object]:
+    return {"calls": len(latencies), "calls_per_s": round(len(latencies) / wall_s, 1),
+            "latency_ms": percentiles([x * 1000 for x in latencies], 3)}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        work = Path(tmp)
+        src = build(work)
+        state = work / "state"
+        registry = ClientRegistry(state)
+        limited = registry.add("limited", ["grace.*"], rate="100000/s", quota="10000000/day")
+        crowd = [registry.add(f"client{n:02d}", ["grace.*"]) for n in range(CONCURRENT_CLIENTS)]
+        with running_ecosystem(PACKAGE, state, cwd=src, startup_timeout=60) as eco:
+            results: dict[str, object] = {}
+            for key, token in (("one_client", eco.token), ("one_client_rate_and_quota", limited)):
+                results[key] = summary(*asyncio.run(one_client(eco.url, token, SEQUENTIAL_CALLS)))
+            latencies, wall = asyncio.run(many_clients(eco.url, crowd, CALLS_PER_CONCURRENT_CLIENT))
+            results["clients_16"] = summary(latencies, wall)
+    results["tool"] = TOOL
+    results["ecosystem"] = f"madgroup {versions(ECOSYSTEM)[-1]} with this kernel"
+    rows = []
+    for label, key in (("1 client", "one_client"), ("1 client, rate limit + quota", "one_client_rate_and_quota"),
+                       (f"{CONCURRENT_CLIENTS} clients at once", "clients_16")):
+        r = results[key]
+        rows.append([label, r["calls_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["calls"]])
+    print_table([f"MCP calls of {TOOL} through the gateway", "calls/s", "p50 ms", "p99 ms", "calls"], rows)
+    print(f"\nwrote {write_results('gateway_calls', results).relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The failover runbook's script (deploy/failover.sh), run for real: two server processes on one Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from bus_helpers import bus_eco, redis_url  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def render_failover(eco, out: Path) -> Path:
+    """deploy/failover.sh as the generator renders it, for the test ecosystem."""
+    from generator.render import environment
+
+    mads = [
+        {"name": cls.name, "talks_to": list(cls.talks_to),
+         "tools": [{"name": t["name"], "params": [{"name": p["name"]} | ({} if p["required"] else {"default": p["default"]})
+                                                  for p in t["params"]]} for t in cls.tools()]}
+        for cls in eco.config.mads
+    ]
+    text = environment("offline/templates").get_template("frame/failover.sh.j2").render(
+        package=eco.name, ecosystem={"name": eco.name}, mads=mads)
+    script = out / "deploy" / "failover.sh"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    return script
+
+
+@pytest.fixture
+def bus(redis_url):  # noqa: F811
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def eco_env(eco, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(eco.root), TMPDIR=str(tmp_path))
+    env.pop(f"{eco.config.env_prefix}_SECRETS_KEY", None)
+    env.pop(f"{eco.config.env_prefix}_BUS_URL", None)
+    return env
+
+
+def test_the_generated_script_is_valid_bash_and_drills_a_pair_the_spec_declares(tmp_path):
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    from generator.load import load_spec
+    from generator.offline import render_unit
+    from generator.plan import make_plan
+    from generator.synthesise import unit_spec
+
+    spec = load_spec(REPO / "spec")
+    plan = make_plan(spec)
+    files = {f["path"]: f["content"] for f in render_unit(unit_spec(spec, plan, plan.unit("frame")))}
+    script = tmp_path / "failover.sh"
+    script.write_text(files["deploy/failover.sh"])
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(script)], check=True)
+    sender = re.search(r"^FROM=(\w+)$", script.read_text(), re.M).group(1)
+    target = re.search(r"^TO=(\w+)$", script.read_text(), re.M).group(1)
+    assert target in spec.mad(sender).talks_to
+    assert "Failover: two replicas on one Redis" in files["RUNBOOK.md"]
+
+
+def test_forget_refuses_a_consumer_that_still_holds_deliveries(bus_eco, redis_url, bus, tmp_path):  # noqa: F811
+    stream = f"regen:{bus_eco.config.name}:bus:ledger"
+    bus.xgroup_create(stream, "mads", id="0", mkstream=True)
+    entry = bus.xadd(stream, {"e": b"x"})
+    bus.xreadgroup("mads", "deadhost:123:abc", {stream: ">"}, count=1)  # a process that took it and died
+    script = render_failover(bus_eco, tmp_path)
+    env = eco_env(bus_eco, tmp_path)
+    refused = subprocess.run(["bash", str(script), "forget", "deadhost:123:abc", "--bus", redis_url],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2 and "still holds deliveries (ledger)" in refused.stderr
+    assert bus.xpending(stream, "mads")["pending"] == 1
+    bus.xack(stream, "mads", entry)
+    done = subprocess.run(["bash", str(script), "forget", "deadhost:123:abc", "--bus", redis_url],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert bus.xinfo_consumers(stream, "mads") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_failover_drill_two_servers_one_redis(bus_eco, redis_url, bus, tmp_path):  # noqa: F811
+    """The runbook's drill, scripted: replica A takes slow requests, replica B starts on the same Redis
+    and key, A is killed with SIGKILL while it holds them; B takes them over, every request is answered,
+    nothing stays pending, and B keeps serving and stops cleanly."""
+    script = render_failover(bus_eco, tmp_path)
+    done = subprocess.run(
+        ["bash", str(script), "drill", "--bus", redis_url, "--from", "clerk", "--to", "ledger", "--tool", "record",
+         "--args", '{"n": 1, "hold_s": 3}', "--count", "4", "--claim-idle", "1", "--timeout", "90"],
+        capture_output=True, text=True, env=eco_env(bus_eco, tmp_path), timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    held = int(re.search(r"A held (\d+) deliveries when it was killed", done.stdout).group(1))
+    assert held >= 1, done.stdout  # the kill did land while A held requests: B took them over
+    stream = f"regen:{bus_eco.config.name}:bus:ledger"
+    assert bus.xpending(stream, "mads")["pending"] == 0 and bus.xlen(stream) == 0
+    assert bus.xinfo_consumers(stream, "mads") == []  # A forgotten, B left when it stopped
+    assert not list(tmp_path.glob(f"{bus_eco.name}-failover.*")), "the drill cleans up after itself"

@@ -1,0 +1,318 @@
+"""The MCP gateway's clients: hashed tokens, tool patterns, rate limits, quotas, the call log, strict schemas.
+
+Most tests run in-process: the registry, the CLI's `main`, and the gateway's MCP server with the
+client identity BearerGate would set put in place. The last test runs the real server as a
+subprocess and revokes a client while one of its sessions is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import json
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+
+@pytest.fixture
+def kernel(tiny_ecosystem):
+    _, name = tiny_ecosystem
+    mods = ("clients", "gateway", "cli", "logs", "testing")
+    return SimpleNamespace(**{m: importlib.import_module(f"{name}.kernel.{m}") for m in mods})
+
+
+def _cli(kernel, eco_modules, capsys, *argv):
+    config = eco_modules[0]
+    code = kernel.cli.main(config, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- the registry and the CLI --------------------------------------------------------------------
+
+
+def test_clients_add_prints_the_token_once_and_stores_only_its_hash(kernel, eco_modules, capsys, tmp_path):
+    state = tmp_path / "state"
+    code, out, err = _cli(kernel, eco_modules, capsys, "clients", "add", "ci", "--state", state,
+                          "--allow", "rogers.*", "--allow", "turing.get_secret", "--rate", "10/s", "--quota", "1000/day")
+    assert code == 0
+    token = out.strip()
+    assert len(token) >= 32 and "will not be shown again" in err and token not in err
+    assert [p.name for p in state.iterdir() if not p.name.startswith(".")] == ["tokens.json"]  # no token file
+    stored = (state / "tokens.json").read_text()
+    assert token not in stored
+    assert stat.S_IMODE((state / "tokens.json").stat().st_mode) == 0o600
+
+    registry = kernel.clients.ClientRegistry(state)
+    assert registry.verify(token) == "ci" and registry.verify("not-a-token") is None and registry.verify("") is None
+    assert registry.allowed("ci", "rogers.post") and registry.allowed("ci", "turing.get_secret")
+    assert not registry.allowed("ci", "turing.set_secret") and not registry.allowed("nobody", "rogers.post")
+
+    code, out, _ = _cli(kernel, eco_modules, capsys, "clients", "list", "--state", state)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["NAME", "ALLOW", "RATE"]
+    assert row.split()[:7] == ["ci", "rogers.*", "turing.get_secret", "10/s", "1000/day", "0", row.split()[6]]
+    code, out, _ = _cli(kernel, eco_modules, capsys, "clients", "list", "--state", state, "--json")
+    [listed] = json.loads(out)
+    assert listed == {"name": "ci", "allow": ["rogers.*", "turing.get_secret"], "rate": "10/s", "quota": "1000/day",
+                      "created_at": listed["created_at"], "revoked_at": "", "calls_today": 0}
+    assert token not in out and registry.get("ci").sha256 not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["add", "ci", "--allow", "grace.*"], "a client named 'ci' exists already (active); choose another name"),
+        (["add", "bad name", "--allow", "*"], "client and token names are 1-64 characters"),
+        (["add", "x", "--allow", "rog[ers"], "bad tool pattern 'rog[ers'"),
+        (["add", "x", "--allow", "rogers"], "matches none of this ecosystem's tools, which are named <mad>.<tool> with <mad> one "
+                                            "of fiedler, grace, rogers, turing; did you mean 'rogers.*'?"),
+        (["add", "x", "--allow", "*", "--rate", "10 per second"], "bad rate '10 per second': write CALLS/UNIT"),
+        (["add", "x", "--allow", "*", "--rate", "0/s"], "bad rate '0/s'"),
+        (["add", "x", "--allow", "*", "--quota", "5/week"], "bad quota '5/week': write CALLS/day"),
+        (["revoke", "nobody"], "no client named 'nobody'; clients: ci"),
+    ],
+)
+def test_clients_cli_refuses_bad_input_with_a_clear_error_and_exit_2(kernel, eco_modules, capsys, tmp_path, argv, message):
+    state = tmp_path / "state"
+    assert _cli(kernel, eco_modules, capsys, "clients", "add", "ci", "--state", state, "--allow", "*")[0] == 0
+    before = (state / "tokens.json").read_text()
+    code, out, err = _cli(kernel, eco_modules, capsys, "clients", *argv, "--state", state)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err
+    assert (state / "tokens.json").read_text() == before
+
+
+def test_a_revocation_reaches_a_registry_that_is_already_loaded(kernel, eco_modules, capsys, tmp_path):
+    state = tmp_path / "state"
+    server_side = kernel.clients.ClientRegistry(state)
+    token = server_side.add("ci", ["*"])
+    assert server_side.verify(token) == "ci"  # loaded and cached, as a running server has it
+    code, out, _ = _cli(kernel, eco_modules, capsys, "clients", "revoke", "ci", "--state", state)
+    assert code == 0 and "revoked" in out
+    assert server_side.verify(token) is None
+    assert server_side.identify(token).revoked and not server_side.allowed("ci", "grace.status")
+    code, out, _ = _cli(kernel, eco_modules, capsys, "clients", "list", "--state", state, "--json")
+    assert json.loads(out)[0]["revoked_at"]
+    # a revoked name is not reused, and the `token` command neither revives nor rotates it
+    assert "exists already (revoked)" in _cli(kernel, eco_modules, capsys, "clients", "add", "ci", "--state", state,
+                                              "--allow", "*")[2]
+    path, problem = server_side.ensure("ci")
+    assert "was revoked" in problem and not path.exists() and server_side.verify(token) is None
+
+
+def test_token_command_creates_the_client_once_and_never_rotates_it(kernel, tmp_path):
+    registry = kernel.clients.ClientRegistry(tmp_path / "state")
+    path, problem = registry.ensure("default")
+    token = path.read_text().strip()
+    assert problem == "" and registry.verify(token) == "default" and registry.allowed("default", "turing.set_secret")
+    assert registry.ensure("default") == (path, "")
+    path.unlink()  # the operator handed the token out and deleted the file, as the runbook says
+    again, problem = registry.ensure("default")
+    assert "token is unchanged" in problem and not again.exists() and registry.verify(token) == "default"
+
+
+def test_rate_limiter_is_a_token_bucket(kernel):
+    now = [100.0]
+    limiter = kernel.clients.RateLimiter(clock=lambda: now[0])
+    rate = kernel.clients.parse_rate("5/s")
+    assert [limiter.take("ci", rate) for _ in range(5)] == [0.0] * 5  # a burst of up to 5
+    assert limiter.take("ci", rate) == pytest.approx(0.2)
+    assert limiter.take("other", rate) == 0.0  # buckets are per client
+    now[0] += 0.2
+    assert limiter.take("ci", rate) == 0.0
+    assert limiter.take("ci", rate) > 0
+    assert kernel.clients.parse_rate("600/min").per_second == 10 and str(kernel.clients.parse_rate("2/hour")) == "2/h"
+
+
+# ---- the gateway's MCP server, in-process --------------------------------------------------------
+
+
+@pytest.fixture
+def gateway(runtime, kernel, monkeypatch):
+    """The gateway's MCP server over the started runtime; `call(client, tool, **args)` calls a tool as
+    `client`, which is what BearerGate puts in the request scope for a valid token."""
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    audit = kernel.gateway.GatewayAudit(runtime)
+    server = kernel.gateway.build_mcp(runtime, registry, audit)
+    who = {"client": None}
+    monkeypatch.setattr(kernel.gateway, "_caller", lambda ctx: (who["client"], "127.0.0.1:4242"))
+
+    def call(client, tool, _server=None, **args):
+        who["client"] = client
+        return asyncio.run((_server or server).call_tool(tool, args))
+
+    def refusal(client, tool, _server=None, **args):
+        with pytest.raises(kernel.gateway.ToolError) as caught:
+            call(client, tool, _server, **args)
+        return str(caught.value)
+
+    def rows():
+        return runtime.db.query("SELECT client, tool, correlation_id, outcome, counted FROM gateway_calls ORDER BY id")
+
+    def audited():
+        return [(e["actor"], e["action"], e["detail"]) for e in reversed(audit.recent(50))]
+
+    yield SimpleNamespace(server=server, registry=registry, audit=audit, call=call, refusal=refusal, rows=rows,
+                          audited=audited, runtime=runtime)
+    server.ledger.close()
+
+
+def test_patterns_allow_some_tools_and_deny_the_rest_with_an_audit_record(gateway, kernel):
+    gateway.registry.add("viewer", ["grace.*", "rogers.list_*"])
+    assert kernel.testing.result_value(gateway.call("viewer", "grace.status"))["status"] == "ok"
+    gateway.call("viewer", "rogers.list_conversations")
+    message = gateway.refusal("viewer", "turing.get_secret", name="db_password")
+    assert message.startswith("access_denied: client 'viewer' may not call turing.get_secret (it may call: grace.*, rogers.list_*)")
+    assert ("client:viewer", "gateway.tool-denied", "turing.get_secret") in gateway.audited()
+    assert [(r["tool"], r["outcome"], r["counted"]) for r in gateway.rows()] == [
+        ("grace.status", "ok", 1), ("rogers.list_conversations", "ok", 1), ("turing.get_secret", "denied", 0)]
+
+
+def test_rate_limit_refuses_with_a_clear_error_and_is_audited_and_logged(gateway):
+    gateway.registry.add("ci", ["grace.*"], rate="2/min")
+    gateway.call("ci", "grace.status")
+    gateway.call("ci", "grace.status")
+    message = gateway.refusal("ci", "grace.status")
+    assert message.startswith("rate_limited: client 'ci' may make 2 calls per minute; retry in 30.0 s")
+    assert any(a[:2] == ("client:ci", "gateway.rate-limited") for a in gateway.audited())
+    assert [r["outcome"] for r in gateway.rows()] == ["ok", "ok", "rate_limited"]
+
+
+def test_daily_quota_refuses_and_is_kept_in_the_database(gateway, kernel):
+    gateway.registry.add("daily", ["grace.*"], quota="2/day")
+    gateway.call("daily", "grace.status")
+    gateway.refusal("daily", "grace.nope")  # an unknown tool still counts as a call
+    message = gateway.refusal("daily", "grace.status")
+    assert message.startswith("quota_exceeded: client 'daily' has made its 2 calls for today; the quota resets at 00:00 UTC")
+    assert any(a[:2] == ("client:daily", "gateway.quota-exceeded") for a in gateway.audited())
+    assert [r["outcome"] for r in gateway.rows()] == ["ok", "unknown_tool", "quota_exceeded"]
+    # a new server on the same database (a restart) counts from the table
+    restarted = kernel.gateway.build_mcp(gateway.runtime, gateway.registry, gateway.audit)
+    assert gateway.refusal("daily", "grace.status", restarted).startswith("quota_exceeded")
+    restarted.ledger.close()
+    assert kernel.clients.calls_today_by_client(gateway.runtime.state_dir) == {"daily": 2}
+
+
+def test_every_call_is_logged_with_its_correlation_id(gateway, kernel):
+    gateway.registry.add("ci", ["grace.*"])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(kernel.logs.JsonFormatter())
+    logger = logging.getLogger("kernel.gateway")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ok = gateway.call("ci", "grace.status")
+        failed = gateway.refusal("ci", "turing.list_secrets")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    first, second = gateway.rows()
+    assert ok.meta["regen/correlation_id"] == first["correlation_id"]
+    assert failed.endswith(f"(correlation id {second['correlation_id']})")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    calls = [line for line in lines if line["msg"] == "gateway call"]
+    assert [(c["client"], c["tool"], c["outcome"], c["correlation_id"]) for c in calls] == [
+        ("ci", "grace.status", "ok", first["correlation_id"]),
+        ("ci", "turing.list_secrets", "denied", second["correlation_id"])]
+    assert all(isinstance(c["ms"], float) for c in calls)
+    assert first["correlation_id"] != second["correlation_id"]
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "message"),
+    [
+        ("rogers.history", {"conversation_id": "x", "limit": "many"},
+         "invalid_argument: rogers.history: argument 'limit' must be an integer, not a string"),
+        ("rogers.history", {"conversation_id": "x", "limit": "7"},  # the SDK alone would coerce this
+         "invalid_argument: rogers.history: argument 'limit' must be an integer, not a string"),
+        ("rogers.history", {}, "invalid_argument: rogers.history: argument 'conversation_id' is required (a string)"),
+        ("rogers.history", {"conversation_id": "x", "limt": 5},  # the SDK alone would drop it silently
+         "invalid_argument: rogers.history: 'limt' is not an argument of rogers.history; it takes: conversation_id, limit"),
+        ("rogers.create_conversation", {"title": "t", "participants": "turing"},
+         "argument 'participants' must be an array of strings, not a string"),
+        ("rogers.create_conversation", {"title": "t", "participants": ["turing", 7]},
+         "argument 'participants[1]' must be a string, not an integer"),
+        ("turing.set_secret", {"name": "db", "value": 12345},
+         "invalid_argument: turing.set_secret: argument 'value' must be a string, not an integer"),
+        ("nope.tool", {}, "unknown_tool: there is no tool 'nope.tool'; tools are named <mad>.<tool>"),
+    ],
+)
+def test_arguments_are_checked_against_the_advertised_schema_with_clear_errors(gateway, tool, args, message):
+    gateway.registry.add("ci", ["*"])
+    text = gateway.refusal("ci", tool, **args)
+    assert message in text and "(correlation id " in text
+    assert "12345" not in text  # values are not echoed: they may be secrets
+    assert gateway.rows()[-1]["outcome"] == ("unknown_tool" if tool == "nope.tool" else "invalid")
+
+
+def test_tools_list_advertises_the_strict_schemas(gateway):
+    tools = {t.name: t for t in asyncio.run(gateway.server.list_tools())}
+    schema = tools["rogers.history"].input_schema
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["conversation_id"] and schema["properties"]["limit"] == {
+        "default": 50, "title": "Limit", "type": "integer"}
+    assert all(t.input_schema.get("additionalProperties") is False for t in tools.values())
+
+
+# ---- end to end: a server subprocess -------------------------------------------------------------
+
+
+def test_revoke_takes_effect_on_a_running_server(tiny_ecosystem, kernel, eco_modules, capsys, tmp_path):
+    root, name = tiny_ecosystem
+    state = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", name, "clients", *argv, "--state", str(state)], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    with kernel.testing.running_ecosystem(name, state, cwd=root) as eco:
+        added = cli("add", "ci", "--allow", "grace.*")  # added while the server runs
+        assert added.returncode == 0, added.stderr
+        token = added.stdout.strip()
+
+        async def session():
+            async with kernel.testing.mcp_client(eco.url, token) as client:
+                ok = await client.call_tool("grace.status", {})
+                assert not ok.is_error
+                denied = await client.call_tool("turing.get_secret", {"name": "db_password"})
+                assert denied.is_error and denied.content[0].text.startswith("access_denied: client 'ci' may not call")
+                revoked = await asyncio.to_thread(cli, "revoke", "ci")
+                assert revoked.returncode == 0, revoked.stderr
+                with pytest.raises(Exception):  # the open session's next request is refused
+                    await client.call_tool("grace.status", {})
+                return ok.meta["regen/correlation_id"]
+
+        try:
+            cid = asyncio.run(session())
+        except BaseExceptionGroup as group:  # the SDK's task groups wrap what the session raised
+            raise group.exceptions[0] from group
+        refused = httpx.post(eco.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                             headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"})
+        assert refused.status_code == 401 and "revoked" in refused.json()["message"]
+        assert eco.call("grace.status")["status"] == "ok"  # other clients are unaffected
+        listed = json.loads(_cli(kernel, eco_modules, capsys, "clients", "list", "--state", state, "--json")[1])
+        assert {c["name"]: c["calls_today"] for c in listed} == {"ci": 1, "default": 1}
+    db = sqlite3.connect(state / "ecosystem.db")
+    try:
+        rows = db.execute("SELECT client, tool, outcome, correlation_id FROM gateway_calls ORDER BY id").fetchall()
+        actions = [r[0] for r in db.execute("SELECT action FROM audit_log WHERE actor = 'client:ci' ORDER BY id")]
+    finally:
+        db.close()
+    assert rows[:2] == [("ci", "grace.status", "ok", cid), ("ci", "turing.get_secret", "denied", rows[1][3])]
+    assert actions[0] == "gateway.tool-denied" and "gateway.revoked" in actions
+    logged = [json.loads(line) for line in eco.logs().splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "gateway call" and line.get("correlation_id") == cid and line["client"] == "ci" for line in logged)

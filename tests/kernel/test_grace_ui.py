@@ -1,0 +1,388 @@
+"""Grace's web UI over HTTP: sign-in and sessions, CSRF and Origin checks, size limits, headers, escaping, chat.
+
+In-process with Starlette's TestClient (the app's lifespan starts and stops the runtime), plus one
+test against the real server for the body limit, since TestClient reads a body whole before the
+app sees it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import socket
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+ORIGIN = {"origin": "http://testserver"}
+XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'
+PAGES = ["/", "/chat", "/conversations", "/mads", "/health", "/audit"]
+
+
+@pytest.fixture(scope="module")
+def grace_eco(tiny_ecosystem, tmp_path_factory):
+    """The tiny ecosystem with Grace talking to Fiedler (as madgroup's does) and room in Fiedler's budget."""
+    src_root, src_name = tiny_ecosystem
+    root = tmp_path_factory.mktemp("graceui")
+    name = f"graceui_{uuid.uuid4().hex[:8]}"
+    shutil.copytree(src_root / src_name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, old, new in [
+        ("ecosystem.py", f'name="{src_name}"', f'name="{name}"'),
+        ("mads/grace.py", 'talks_to = ("rogers",)', 'talks_to = ("rogers", "fiedler")'),
+        ("mads/fiedler.py", "budget_tokens = 60", "budget_tokens = 100000"),
+    ]:
+        path = root / name / rel
+        assert old in path.read_text(), f"{rel} no longer has {old!r}; update this fixture"
+        path.write_text(path.read_text().replace(old, new))
+    sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    try:
+        yield root, name
+    finally:
+        sys.path.remove(str(root))
+
+
+class Eco:
+    """An in-process app with two clients: admin (every tool) and viewer (rogers.* only)."""
+
+    def __init__(self, name: str, state: Path):
+        config = importlib.import_module(f"{name}.ecosystem").CONFIG
+        runtime_mod = importlib.import_module(f"{name}.kernel.runtime")
+        self.gateway = importlib.import_module(f"{name}.kernel.gateway")
+        self.grace_mod = importlib.import_module(f"{name}.kernel.grace")
+        self.clients = importlib.import_module(f"{name}.kernel.clients").ClientRegistry(state)
+        self.admin = self.clients.add("admin", ["*"])
+        self.viewer = self.clients.add("viewer", ["rogers.*"])
+        self.runtime = runtime_mod.Runtime(config, state)
+        self.app = self.gateway.build_app(self.runtime, self.clients)
+
+    @property
+    def grace(self):
+        return self.app.state.grace
+
+    def audit(self, action: str) -> list[dict]:
+        return [a for a in self.runtime.audit.recent(200) if a["action"] == action]
+
+
+@pytest.fixture
+def eco(grace_eco, tmp_path, monkeypatch):
+    _, name = grace_eco
+    config = importlib.import_module(f"{name}.ecosystem").CONFIG
+    monkeypatch.delenv(f"{config.env_prefix}_SECRETS_KEY", raising=False)
+    return Eco(name, tmp_path / "state")
+
+
+@pytest.fixture
+def client(eco):
+    with TestClient(eco.app, follow_redirects=False) as c:
+        yield c
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "no CSRF field in the page"
+    return match.group(1)
+
+
+def sign_in(c: TestClient, token: str, next_path: str = "/") -> None:
+    form = c.get("/signin")
+    r = c.post("/signin", data={"csrf": csrf_of(form.text), "token": token, "next": next_path}, headers=ORIGIN)
+    assert r.status_code == 303, r.text
+
+
+def say(c: TestClient, message: str) -> str:
+    """Send a chat message as a browser would; return the chat page that follows."""
+    r = c.post("/chat", data={"csrf": csrf_of(c.get("/chat").text), "message": message}, headers=ORIGIN)
+    assert r.status_code == 303 and r.headers["location"] == "/chat", r.text
+    return c.get("/chat").text
+
+
+# ---- sign-in, sessions -----------------------------------------------------------------------
+
+def test_every_page_needs_sign_in(client):
+    for path in [*PAGES, "/conversations/abc"]:
+        r = client.get(path)
+        assert r.status_code == 303, path
+        assert r.headers["location"].startswith("/signin?next="), path
+    r = client.post("/chat", data={"message": "hi"}, headers=ORIGIN)
+    assert r.status_code == 303 and r.headers["location"].startswith("/signin")
+
+
+def test_sign_in_sets_a_strict_session_cookie_and_returns_to_the_page(eco, client):
+    r = client.get("/mads")
+    assert r.headers["location"] == "/signin?next=%2Fmads"
+    form = client.get(r.headers["location"])
+    anonymous_sid = client.cookies["grace_session"]
+    r = client.post("/signin", data={"csrf": csrf_of(form.text), "token": eco.admin, "next": "/mads"}, headers=ORIGIN)
+    assert r.status_code == 303 and r.headers["location"] == "/mads"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # plain http on loopback: a Secure cookie would never come back
+    assert client.cookies["grace_session"] != anonymous_sid  # a fresh id after sign-in: no session fixation
+    page = client.get("/mads")
+    assert page.status_code == 200 and "Signed in as <strong>admin</strong>" in page.text
+    assert eco.admin not in page.text
+    [entry] = eco.audit("grace.signin")
+    assert entry["ok"] and entry["actor"] == "client:admin"
+
+
+def test_session_cookie_is_secure_over_https(eco):
+    with TestClient(eco.app, base_url="https://testserver", follow_redirects=False) as c:
+        form = c.get("/signin")
+        assert "Secure" in form.headers["set-cookie"]
+        r = c.post("/signin", data={"csrf": csrf_of(form.text), "token": eco.admin},
+                   headers={"origin": "https://testserver"})
+        assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_wrong_token_is_refused_clearly_and_audited(eco, client):
+    form = client.get("/signin")
+    r = client.post("/signin", data={"csrf": csrf_of(form.text), "token": eco.admin[:-2] + "xy"}, headers=ORIGIN)
+    assert r.status_code == 401
+    assert "That token was not accepted" in r.text
+    assert eco.admin[:-2] not in r.text  # the attempt is not echoed back
+    assert client.get("/").status_code == 303  # still signed out
+    [entry] = eco.audit("grace.signin")
+    assert not entry["ok"] and entry["actor"] == "anonymous" and entry["detail"] == "invalid token"
+    assert eco.admin[:-2] not in str(eco.runtime.audit.recent(50))
+
+
+def test_repeated_failures_are_rate_limited(eco, client):
+    csrf = csrf_of(client.get("/signin").text)
+    for _ in range(5):
+        assert client.post("/signin", data={"csrf": csrf, "token": "guess"}, headers=ORIGIN).status_code == 401
+    r = client.post("/signin", data={"csrf": csrf, "token": eco.admin}, headers=ORIGIN)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert "Too many failed sign-ins" in r.text
+    assert client.get("/").status_code == 303  # even the right token waits
+    refused = [a for a in eco.audit("grace.signin") if not a["ok"]]
+    assert len(refused) == 6 and "too many" in refused[0]["detail"]
+
+
+def test_sessions_expire_end_at_sign_out_and_at_revocation(eco, client):
+    clock = [1000.0]
+    eco.grace.sessions.clock = lambda: clock[0]
+    sign_in(client, eco.admin)
+    assert client.get("/").status_code == 200
+    clock[0] += eco.grace.sessions.idle_s + 1
+    assert client.get("/").status_code == 303  # idle too long
+
+    sign_in(client, eco.admin)
+    sid = client.cookies["grace_session"]
+    r = client.post("/signout", data={"csrf": csrf_of(client.get("/").text)}, headers=ORIGIN)
+    assert r.status_code == 303 and r.headers["location"] == "/signin?m=signed-out"
+    assert 'grace_session=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
+    client.cookies.set("grace_session", sid)  # a copied cookie does not outlive sign-out
+    assert client.get("/").status_code == 303
+    assert eco.audit("grace.signout")[0]["actor"] == "client:admin"
+
+    sign_in(client, eco.viewer)
+    eco.clients.revoke("viewer")  # as `python -m <eco> clients revoke viewer` does, while the server runs
+    r = client.get("/chat")
+    assert r.status_code == 303 and r.headers["location"].endswith("&m=expired")
+    assert eco.audit("grace.session-ended")
+
+
+def test_sign_in_only_returns_to_local_paths(eco, client):
+    for bad in ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"]:
+        form = client.get("/signin")
+        r = client.post("/signin", data={"csrf": csrf_of(form.text), "token": eco.admin, "next": bad}, headers=ORIGIN)
+        assert r.headers["location"] == "/", bad
+        client.cookies.clear()
+
+
+# ---- CSRF, Origin, size ----------------------------------------------------------------------
+
+def _chat_messages(eco) -> list[str]:
+    return [m["content"] for c in eco.runtime.bus.list(50) for m in eco.runtime.bus.history(c["id"], 50)]
+
+
+def test_post_without_or_with_a_wrong_csrf_token_is_refused(eco, client):
+    sign_in(client, eco.admin)
+    good = csrf_of(client.get("/chat").text)
+    for data in ({"message": "no token"}, {"message": "wrong token", "csrf": good[:-1] + "A"}, {"message": "empty", "csrf": ""}):
+        r = client.post("/chat", data=data, headers=ORIGIN)
+        assert r.status_code == 403, data
+        assert "Request refused" in r.text
+    other = TestClient(eco.app, follow_redirects=False)  # another browser (the app is running already)
+    sign_in(other, eco.admin)
+    theirs = csrf_of(other.get("/chat").text)  # another session's token is no good here
+    assert client.post("/chat", data={"message": "theirs", "csrf": theirs}, headers=ORIGIN).status_code == 403
+    assert client.post("/signout", data={"csrf": "forged"}, headers=ORIGIN).status_code == 403
+    assert client.get("/").status_code == 200  # the refused sign-out did not sign out
+    r = client.post("/signin", data={"token": eco.admin}, headers=ORIGIN)  # login CSRF
+    assert r.status_code == 403
+    assert not any(m in _chat_messages(eco) for m in ("no token", "wrong token", "empty", "theirs"))
+    assert len(eco.audit("grace.csrf-rejected")) == 6
+    assert client.post("/chat", data={"message": "fine", "csrf": good}, headers=ORIGIN).status_code == 303
+
+
+def test_post_from_another_origin_is_refused(eco, client):
+    sign_in(client, eco.admin)
+    csrf = csrf_of(client.get("/chat").text)
+    for headers in ({"origin": "http://evil.example"}, {"origin": "null"}, {}, {"referer": "http://evil.example/x"}):
+        r = client.post("/chat", data={"message": "cross-site", "csrf": csrf}, headers=headers)
+        assert r.status_code == 403, headers
+    assert "cross-site" not in _chat_messages(eco)
+    assert len(eco.audit("grace.origin-rejected")) == 4
+    same = {"referer": "http://testserver/chat"}  # a browser that sends no Origin still sends a same-origin Referer
+    assert client.post("/chat", data={"message": "same site", "csrf": csrf}, headers=same).status_code == 303
+
+
+def test_oversize_body_is_refused_with_413(eco, client):
+    sign_in(client, eco.admin)
+    csrf = csrf_of(client.get("/chat").text)
+    big = "x" * (eco.grace_mod.MAX_BODY + 1)
+    r = client.post("/chat", data={"message": big, "csrf": csrf}, headers=ORIGIN)
+    assert r.status_code == 413 and "larger than" in r.text
+    assert big not in _chat_messages(eco)
+    form = {**ORIGIN, "content-type": "application/x-www-form-urlencoded"}
+    r = client.post("/signin", content=b"token=" + b"a" * 70_000, headers=form)
+    assert r.status_code == 413
+    chunks = iter([b"csrf=" + csrf.encode() + b"&message=", *[b"y" * 8192] * 10])  # chunked: no Content-Length
+    r = client.post("/chat", content=chunks, headers=form)
+    assert "content-length" not in r.request.headers and r.status_code == 413
+
+
+def test_real_server_refuses_a_huge_body_before_reading_it(grace_eco, tmp_path):
+    """The server answers 413 from the Content-Length alone, with the 50 MB body never sent."""
+    root, name = grace_eco
+    testing = importlib.import_module(f"{name}.kernel.testing")
+    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+        with socket.create_connection(("127.0.0.1", eco.port), timeout=10) as sock:
+            sock.sendall(b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 50000000\r\n\r\ntoken=")
+            head = sock.recv(4096).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413"), head
+
+
+# ---- headers and escaping --------------------------------------------------------------------
+
+def test_security_headers_on_every_response(eco, client):
+    sign_in(client, eco.admin)
+    responses = {p: client.get(p) for p in [*PAGES, "/signin", "/nowhere", "/healthz"]}
+    responses["csrf-refused"] = client.post("/chat", data={"message": "x"}, headers=ORIGIN)
+    page = responses["/"].text
+    for asset in re.findall(r'(?:href|src)="(/static/[^"]+)"', page):
+        responses[asset] = client.get(asset)
+    assert any(k.endswith(".js") for k in responses) and any(k.endswith(".css") for k in responses)
+    for path, r in responses.items():
+        csp = r.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp, path
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, path
+        assert r.headers["x-content-type-options"] == "nosniff", path
+        assert r.headers["x-frame-options"] == "DENY", path
+        assert r.headers["referrer-policy"] == "same-origin", path
+        assert "camera=()" in r.headers["permissions-policy"], path
+    anonymous = TestClient(eco.app)  # a second browser, signed out (the app is running already)
+    pages = {"/signin": anonymous.get("/signin"), **{p: responses[p] for p in PAGES}}
+    for path, r in pages.items():
+        html = r.text
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store", path
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html), f"inline script on {path}"
+        assert not re.search(r"<style|\sstyle=|\son[a-z]+=", html), f"inline style or handler on {path}"
+
+
+def test_all_user_content_is_escaped(eco, client):
+    sign_in(client, eco.admin)
+    say(client, f"/rogers.create_conversation title='{XSS}'")
+    say(client, XSS)  # prose: the echo model repeats it, so the MAD's answer carries it too
+    conv = next(c for c in eco.runtime.bus.list(50) if c["title"] == XSS)
+    # an audit detail an attacker controls: the Origin of a refused POST
+    client.post("/chat", data={"message": "x"}, headers={"origin": f"http://{XSS}"})
+    pages = {p: client.get(p).text for p in [*PAGES, f"/conversations/{conv['id']}"]}
+    for path, html in pages.items():
+        assert "<img src=x" not in html and "<script>window" not in html, path
+    assert "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in pages["/conversations"]
+    assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in pages["/chat"]
+    assert "echo: You are Fiedler. &lt;img" in pages["/chat"]
+    assert "&lt;script&gt;" in pages["/audit"]
+    assert "Secrets keeper &lt;of the group&gt;" in pages["/mads"]
+    assert "A tiny &lt;test&gt; ecosystem &amp; friends" in pages["/"]
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+def test_prose_goes_to_fiedler_and_is_recorded_on_the_bus(eco, client):
+    sign_in(client, eco.admin)
+    page = say(client, "hello there")
+    assert "echo: You are Fiedler. hello there" in page
+    [conv] = [c for c in eco.runtime.bus.list(50) if c["title"] == "Grace chat · admin"]
+    history = eco.runtime.bus.history(conv["id"], 50)
+    assert [(m["sender"], m["kind"]) for m in history] == [("client:admin", "message"), ("grace", "request"),
+                                                          ("fiedler", "reply")]
+    assert len({m["correlation_id"] for m in history}) == 1
+    assert conv["id"] in client.get("/conversations").text
+    assert "echo: You are Fiedler. hello there" in client.get(f"/conversations/{conv['id']}").text
+
+
+def test_commands_route_to_tools(eco, client):
+    sign_in(client, eco.admin)
+    say(client, "needle in the haystack")
+    page = say(client, "/rogers.search query=needle limit=5")
+    assert "rogers.search" in page and "needle in the haystack" in page
+    say(client, '/rogers.create_conversation title="Team notes" participants=["turing"]')
+    assert any(c["title"] == "Team notes" and "turing" in c["participants"] for c in eco.runtime.bus.list(50))
+    assert "limit: expected int, got &#x27;many&#x27;" in say(client, "/rogers.search query=x limit=many")
+    assert "unknown command /nope.tool" in say(client, "/nope.tool")
+    assert "has no parameter &#x27;colour&#x27;" in say(client, "/rogers.search query=x colour=red")
+    assert "missing query" in say(client, "/rogers.search")
+    assert "query: the value is not valid JSON" in say(client, '/rogers.search query="open')
+    assert "/turing.get_secret name=&lt;str&gt;" in say(client, "/help")
+
+
+def test_a_token_only_reaches_what_it_allows(eco, client):
+    sign_in(client, eco.viewer)
+    page = say(client, "/turing.list_secrets")
+    assert "access_denied: your token does not allow turing.list_secrets" in page
+    assert "access_denied: your token does not allow fiedler.send" in say(client, "please answer")
+    assert "echo:" not in client.get("/chat").text
+    assert "/rogers.search" in page and "/turing.get_secret" not in page  # only allowed commands are offered
+    r = client.get("/audit")
+    assert r.status_code == 403 and "grace.audit" in r.text
+    denied = eco.audit("grace.tool-denied")
+    assert {a["subject"] for a in denied} == {"turing.list_secrets", "fiedler.send"}
+    assert all(a["actor"] == "client:viewer" for a in denied)
+    assert eco.audit("grace.view-denied")[0]["subject"] == "grace.audit"
+    assert "search" in say(client, "/rogers.search query=x")  # what it allows still works
+
+
+def test_a_secret_is_shown_once_and_never_stored(eco, client):
+    secret = "hunter2-never-on-disk-" + uuid.uuid4().hex
+    sign_in(client, eco.admin)
+    say(client, f"/turing.set_secret name=db_password value={secret}")
+    page = say(client, "/turing.get_secret name=db_password")
+    assert secret in page  # the answer, shown to the client that asked
+    assert secret not in client.get("/chat").text  # once
+    contents = _chat_messages(eco)
+    assert not any(secret in c for c in contents)
+    assert "/turing.set_secret name=db_password value=[redacted]" in contents
+    db = sqlite3.connect(f"file:{eco.runtime.state_dir / 'ecosystem.db'}?mode=ro", uri=True)
+    rows = " ".join(str(r) for t in ("messages", "audit_log") for r in db.execute(f"SELECT * FROM {t}"))
+    db.close()
+    assert secret not in rows
+
+
+def test_a_flood_of_sign_in_forms_does_not_sign_anyone_out(eco):
+    store = eco.grace_mod.SessionStore(max_sessions=3)
+    signed_in = store.new("admin", "token")
+    for _ in range(10):
+        store.new()  # what GET /signin does for every cookieless visitor
+    assert store.get(signed_in.sid) is signed_in
+
+
+def test_recorded_commands_hide_secret_values_however_quoted(eco):
+    record = eco.grace_mod.recorded_command
+    for typed in ('/turing.set_secret name=db value="two words secret"', "/turing.set_secret value='two words secret' name=db",
+                  '/turing.set_secret name=db value=["two words secret"]', "/turing.set_secret\tname=db\nvalue=two-words-secret"):
+        recorded = record(typed)
+        assert "two" not in recorded and "value=[redacted]" in recorded and "name=db" in recorded, typed
+    unreadable = record('/turing.set_secret name=db value="unclosed two')
+    assert unreadable == "/turing.set_secret [arguments not recorded: the command could not be read]"
+    assert record("/rogers.search query='a b' limit=5") == "/rogers.search query='a b' limit=5"
