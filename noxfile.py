@@ -47,7 +47,9 @@ def scripted(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The compiler's test suite, including a full offline build in the sandbox."""
     _sync(session, "dev")
-    session.run("pytest", *session.posargs)
+    # One worker per core (pytest-xdist), a test module per worker: the module fixtures (built ecosystems,
+    # servers) are made once, and most of the suite's time is subprocesses that use both cores this way.
+    session.run("pytest", "--numprocesses", "auto", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session

@@ -170,9 +170,10 @@ def make_venv(src: Path, venv: Path, timeout: int) -> None:
     try:
         run_uv(args, "making the sandbox venv", timeout, env)
     except BuildFailed as exc:
-        if LOCK_DRIFT not in str(exc):
+        said = " ".join(str(exc).partition(":\n")[2].split())  # uv wraps its messages to the terminal's width
+        if LOCK_DRIFT not in said:
             raise
-        uv_said = (str(exc).partition(":\n")[2].splitlines() or [""])[0].removeprefix("error: ").rstrip(".")
+        uv_said = said.removeprefix("error: ").partition(" hint:")[0].rstrip(".")
         drift = lock_drift(src) or [f"the requirements differ in their markers or other details (uv: {uv_said})"]
         raise BuildFailed(f"uv.lock is out of date with pyproject.toml: {'; '.join(drift)}; relock with `uv lock`") from exc
 

@@ -78,7 +78,8 @@ def test_the_clean_archived_build_is_approved_by_every_check(artifact, spec, kin
 
 def test_the_tests_summary_says_what_passed_and_where(artifact, spec):
     answer = run_check("tests", subject(artifact, spec), {})
-    assert answer.summary == "39 tests passed in the sandbox (bubblewrap)"
+    passed = json.loads((artifact / "tests.json").read_text())["passed"]
+    assert passed > 0 and answer.summary == f"{passed} tests passed in the sandbox (bubblewrap)"
     assert answer.findings == []
 
 

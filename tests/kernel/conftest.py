@@ -233,3 +233,28 @@ def runtime(eco_modules, tmp_path, monkeypatch):
     yield rt
     if rt.running:
         asyncio.run(rt.stop())
+
+
+@pytest.fixture(scope="module")
+def grace_eco(tiny_ecosystem, tmp_path_factory, request):
+    """The tiny ecosystem with Grace talking to Fiedler (as madgroup's does) and room in Fiedler's budget,
+    under a name of its own per test module (`<module>_<hex>`)."""
+    src_root, src_name = tiny_ecosystem
+    prefix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    root = tmp_path_factory.mktemp(prefix)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    shutil.copytree(src_root / src_name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, old, new in [
+        ("ecosystem.py", f'name="{src_name}"', f'name="{name}"'),
+        ("mads/grace.py", 'talks_to = ("rogers",)', 'talks_to = ("rogers", "fiedler")'),
+        ("mads/fiedler.py", "budget_tokens = 60", "budget_tokens = 100000"),
+    ]:
+        path = root / name / rel
+        assert old in path.read_text(), f"{rel} no longer has {old!r}; update this fixture"
+        path.write_text(path.read_text().replace(old, new))
+    sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    try:
+        yield root, name
+    finally:
+        sys.path.remove(str(root))

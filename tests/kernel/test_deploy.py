@@ -84,7 +84,7 @@ def test_run_sh_refuses_a_lock_that_does_not_match_pyproject(frame, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     assert proc.returncode != 0
-    assert "needs to be updated, but `--locked` was provided" in stderr
+    assert "needs to be updated, but `--locked` was provided" in " ".join(stderr.split())  # uv wraps to the terminal width
     assert not (tmp_path / "state").exists()
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,29 +25,6 @@ XSS_IMG = '<img src=x onerror="window.__xss=1;alert(1)">'
 XSS_SCRIPT = "<script>window.__xss=1;alert(2)</script>"
 XSS_LINK = '<a href="javascript:window.__xss=1;alert(3)">click me</a>'
 XSS_BARE = "javascript:window.__xss=1"
-
-
-@pytest.fixture(scope="module")
-def grace_eco(tiny_ecosystem, tmp_path_factory):
-    """The tiny ecosystem with Grace talking to Fiedler (as madgroup's does) and room in Fiedler's budget."""
-    src_root, src_name = tiny_ecosystem
-    root = tmp_path_factory.mktemp("gracebrowser")
-    name = f"gracebrowser_{uuid.uuid4().hex[:8]}"
-    shutil.copytree(src_root / src_name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel, old, new in [
-        ("ecosystem.py", f'name="{src_name}"', f'name="{name}"'),
-        ("mads/grace.py", 'talks_to = ("rogers",)', 'talks_to = ("rogers", "fiedler")'),
-        ("mads/fiedler.py", "budget_tokens = 60", "budget_tokens = 100000"),
-    ]:
-        path = root / name / rel
-        assert old in path.read_text(), f"{rel} no longer has {old!r}; update this fixture"
-        path.write_text(path.read_text().replace(old, new))
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
-        yield root, name
-    finally:
-        sys.path.remove(str(root))
 
 
 @pytest.fixture(scope="module")

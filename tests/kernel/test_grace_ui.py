@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 import socket
 import sqlite3
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,29 +20,6 @@ from starlette.testclient import TestClient
 ORIGIN = {"origin": "http://testserver"}
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'
 PAGES = ["/", "/chat", "/conversations", "/mads", "/health", "/audit"]
-
-
-@pytest.fixture(scope="module")
-def grace_eco(tiny_ecosystem, tmp_path_factory):
-    """The tiny ecosystem with Grace talking to Fiedler (as madgroup's does) and room in Fiedler's budget."""
-    src_root, src_name = tiny_ecosystem
-    root = tmp_path_factory.mktemp("graceui")
-    name = f"graceui_{uuid.uuid4().hex[:8]}"
-    shutil.copytree(src_root / src_name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel, old, new in [
-        ("ecosystem.py", f'name="{src_name}"', f'name="{name}"'),
-        ("mads/grace.py", 'talks_to = ("rogers",)', 'talks_to = ("rogers", "fiedler")'),
-        ("mads/fiedler.py", "budget_tokens = 60", "budget_tokens = 100000"),
-    ]:
-        path = root / name / rel
-        assert old in path.read_text(), f"{rel} no longer has {old!r}; update this fixture"
-        path.write_text(path.read_text().replace(old, new))
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
-        yield root, name
-    finally:
-        sys.path.remove(str(root))
 
 
 class Eco:
