@@ -17,11 +17,11 @@ Prints a table and writes benchmarks/results/gateway_calls.json.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
 from generator.emit import versions
@@ -29,22 +29,11 @@ from generator.kernel.clients import ClientRegistry
 from generator.kernel.testing import mcp_client, running_ecosystem
 
 REPO = Path(__file__).resolve().parents[1]
-ECOSYSTEM = REPO / "ecosystems" / "madgroup"
-PACKAGE = "madgroup"
 TOOL = "grace.status"
 WARMUP = 20
 SEQUENTIAL_CALLS = 600
 CONCURRENT_CLIENTS = 16
 CALLS_PER_CONCURRENT_CLIENT = 100
-
-
-def build(work: Path) -> Path:
-    """The newest archived sources with today's kernel; returns the src dir."""
-    newest = versions(ECOSYSTEM)[-1]
-    src = shutil.copytree(ECOSYSTEM / newest / "src", work / "src")
-    shutil.rmtree(src / PACKAGE / "kernel")
-    shutil.copytree(REPO / "generator" / "kernel", src / PACKAGE / "kernel", ignore=shutil.ignore_patterns("__pycache__"))
-    return src
 
 
 async def one_client(url: str, token: str, calls: int) -> tuple[list[float], float]:

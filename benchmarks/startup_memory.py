@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -30,26 +29,16 @@ import time
 from pathlib import Path
 
 import httpx
+from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
 from generator.emit import versions
 from generator.kernel.testing import free_port, mcp_client, result_value
 
 REPO = Path(__file__).resolve().parents[1]
-ECOSYSTEM = REPO / "ecosystems" / "madgroup"
-PACKAGE = "madgroup"
 RUNS = 7
 MEMORY_RUNS = 3
 TIMEOUT_S = 60.0
-
-
-def build(work: Path) -> Path:
-    """The newest archived sources with today's kernel; returns the src dir."""
-    newest = versions(ECOSYSTEM)[-1]
-    src = shutil.copytree(ECOSYSTEM / newest / "src", work / "src")
-    shutil.rmtree(src / PACKAGE / "kernel")
-    shutil.copytree(REPO / "generator" / "kernel", src / PACKAGE / "kernel", ignore=shutil.ignore_patterns("__pycache__"))
-    return src
 
 
 class Server:
