@@ -290,9 +290,6 @@ class Runtime:
     def table_store(self, mad: str) -> TableStore:
         return TableStore(self.db, mad, self._tables.get(mad, {}))
 
-    def _mad_class(self, name: str) -> type[Mad] | None:
-        return next((m for m in self.config.mads if m.name == name), None)
-
     def _secrets_policy(self, caller: str) -> tuple[bool, set[str]]:
         grants = self._grants.get(caller)
         if grants is None:
