@@ -37,7 +37,7 @@ def scripted(session: nox.Session) -> None:
     _sync(session)
     session.env["SCRIPTED_API_KEY"] = "scripted"
     session.run(
-        "python", "-m", "generator.scripted", "--reference", "--port", "8911", "--model", "scripted-senior",
+        "python", "-m", "generator.senior.scripted", "--reference", "--port", "8911", "--model", "scripted-senior",
         # --no-cache: the scripted answers follow pipelines/scripted/, which requests do not carry.
         "--", "regen", "regenerate", "--pipeline", "pipelines/scripted.toml", "--no-cache", *session.posargs,
     )

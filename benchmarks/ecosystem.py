@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from generator.emit import versions
+from generator.artifact.store import versions
 
 REPO = Path(__file__).resolve().parents[1]
 ECOSYSTEM = REPO / "ecosystems" / "madgroup"

@@ -24,7 +24,7 @@ from pathlib import Path
 from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
-from generator.emit import versions
+from generator.artifact.store import versions
 from generator.kernel.clients import ClientRegistry
 from generator.kernel.testing import mcp_client, running_ecosystem
 

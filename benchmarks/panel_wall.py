@@ -25,7 +25,7 @@ from review_helpers import archived_subject, scripted_reviewer, verdict, write_p
 
 from generator.review.panel import load_panel  # noqa: E402
 from generator.review.run import PanelRun  # noqa: E402
-from generator.scripted import Reply, ScriptedServer  # noqa: E402
+from generator.senior.scripted import Reply, ScriptedServer  # noqa: E402
 
 DELAYS = (0.2, 0.4, 0.6, 0.8, 1.0)
 RUNS = 3

@@ -22,14 +22,14 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import yaml  # noqa: E402
 
-from generator import context  # noqa: E402
+from generator.artifact.store import write_tree  # noqa: E402
 from generator.config import Pipeline, SeniorModel  # noqa: E402
-from generator.emit import write_tree  # noqa: E402
-from generator.llm import ModelReply  # noqa: E402
-from generator.load import load_spec  # noqa: E402
-from generator.plan import make_plan  # noqa: E402
-from generator.scripted import reference_answer  # noqa: E402
-from generator.synthesise import Spend, SynthesisRun, first_request  # noqa: E402
+from generator.senior import context  # noqa: E402
+from generator.senior.client import ModelReply  # noqa: E402
+from generator.senior.scripted import reference_answer  # noqa: E402
+from generator.senior.synthesise import Spend, SynthesisRun, first_request  # noqa: E402
+from generator.spec.load import load_spec  # noqa: E402
+from generator.spec.plan import make_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = 3

@@ -32,7 +32,7 @@ import httpx
 from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
-from generator.emit import versions
+from generator.artifact.store import versions
 from generator.kernel.testing import free_port, mcp_client, result_value
 
 REPO = Path(__file__).resolve().parents[1]

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
+    from .build.pipeline import regenerate
     from .config import RunOptions
-    from .pipeline import regenerate
     from .progress import Reporter
 
     options = RunOptions(
@@ -123,11 +123,11 @@ def _regenerate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from . import context
     from .config import load_pipeline
-    from .load import load_spec
-    from .plan import make_plan
-    from .synthesise import first_request
+    from .senior import context
+    from .senior.synthesise import first_request
+    from .spec.load import load_spec
+    from .spec.plan import make_plan
 
     spec = load_spec(args.spec)
     pipeline = load_pipeline(args.pipeline)
@@ -154,7 +154,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .pipeline import verify
+    from .build.pipeline import verify
 
     result = verify(args.artifact, args.spec, trust=args.trust, keep=args.keep)
     for problem in result.problems:
@@ -190,7 +190,7 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from .history import version_lines
+    from .artifact.history import version_lines
 
     for line in version_lines(args.out / args.name):
         units = f"{line.units_synthesised} synthesised, {line.units_reused} reused"
@@ -200,8 +200,8 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from .history import changes, render_text
-    from .workcopy import resolve
+    from .artifact.history import changes, render_text
+    from .artifact.workcopy import resolve
 
     found = changes(resolve(args.out, args.old), resolve(args.out, args.new))
     print(found.model_dump_json(indent=2) if args.json else render_text(found, args.patch), end="\n" if args.json else "")
@@ -209,7 +209,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from .sign import init_keys
+    from .artifact.sign import init_keys
 
     pair = init_keys(args.path, force=args.force)
     print(f"signing key {pair.key_id}: {pair.private_path} (mode 0600; keep it secret, outside the repo)")
@@ -220,7 +220,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .workcopy import export, resolve
+    from .artifact.workcopy import export, resolve
 
     result = export(resolve(args.out, args.ref), args.dir)
     print(f"{result.target}: {result.ecosystem} {result.version}, {result.files} files; edit freely, then: "
@@ -229,7 +229,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _update(args: argparse.Namespace) -> int:
-    from .workcopy import describe, update
+    from .artifact.workcopy import describe, update
 
     result = update(args.dir, args.out, args.to, dry_run=args.dry_run)
     print(describe(result))
@@ -237,7 +237,7 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .load import load_spec
+    from .spec.load import load_spec
 
     spec = load_spec(args.spec)
     tools = sum(len(m.tools) for m in spec.mads)

@@ -120,7 +120,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 def load_toml(path: Path, model: type[Model], what: str, example: str, option: str = "") -> Model:
     """Read and validate one TOML file as `model`; every error names the file and the key."""
-    from .load import Phrasing, explain_errors
+    from .spec.load import Phrasing, explain_errors
 
     try:
         text = path.read_text(encoding="utf-8")

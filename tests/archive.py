@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from generator.emit import versions
+from generator.artifact.store import versions
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "ecosystems" / "madgroup"

@@ -2,7 +2,7 @@
 
 import pytest
 
-import generator.llm
+import generator.senior.client
 
 
 @pytest.fixture(autouse=True)
@@ -15,5 +15,5 @@ def _own_signing_keys(monkeypatch, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_real_model_requests(monkeypatch):
     """No test may reach a real model endpoint: only offline/reference and injected fakes run."""
-    monkeypatch.setattr(generator.llm, "ALLOW_MODEL_REQUESTS", False)
+    monkeypatch.setattr(generator.senior.client, "ALLOW_MODEL_REQUESTS", False)
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")

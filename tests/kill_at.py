@@ -58,8 +58,8 @@ def _install(moment: str, out: Path) -> None:
 
 
 def _recorded_sandbox(tests_json: Path) -> None:
-    from generator import pipeline
-    from generator.sandbox import SandboxResult
+    from generator.build import pipeline
+    from generator.sandbox.run import SandboxResult
 
     result = SandboxResult.model_validate_json(tests_json.read_text())
     pipeline._sandbox = lambda *args, **kwargs: result
@@ -69,7 +69,7 @@ def _each_in_a_fork(steps: list[str], argv: list[str]) -> None:
     import json
 
     from generator.cli import main as regen
-    from generator.llm import load_litellm
+    from generator.senior.client import load_litellm
 
     load_litellm()
     statuses = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from generator.emit import versions
-from generator.load import load_spec
+from generator.artifact.store import versions
 from generator.review.material import material
 from generator.review.models import Subject
+from generator.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

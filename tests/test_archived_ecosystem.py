@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from generator.emit import versions
+from generator.artifact.store import versions
 from generator.kernel.testing import free_port, mcp_client, result_value
 
 pytestmark = pytest.mark.slow

@@ -2,11 +2,11 @@
 
 import pytest
 
-from generator import check
 from generator.errors import BuildFailed
-from generator.llm import Answer
-from generator.plan import make_plan
-from generator.spec import EcosystemSpec, MadSpec, Spec
+from generator.senior import check
+from generator.senior.client import Answer
+from generator.spec.model import EcosystemSpec, MadSpec, Spec
+from generator.spec.plan import make_plan
 
 GOOD_MODULE = '''
 from ..kernel import Mad, tool

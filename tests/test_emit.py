@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from generator.emit import publish, remove_stale_staging, staging, versions, write_tree
+from generator.artifact.store import publish, remove_stale_staging, staging, versions, write_tree
 from generator.errors import BuildFailed
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from review_helpers import REPO, scripted_reviewer, verdict, write_panel
 
-from generator.emit import versions
-from generator.scripted import Reply, ScriptedServer
+from generator.artifact.store import versions
+from generator.senior.scripted import Reply, ScriptedServer
 
 ARCHIVE = REPO / "ecosystems" / "madgroup"
 NEWEST = versions(ARCHIVE)[-1]

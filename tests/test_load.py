@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from generator.errors import SpecError, UserError
-from generator.load import MAX_FILE_BYTES, kernel_mad_names, kernel_tables, load_spec
+from generator.spec.load import MAX_FILE_BYTES, kernel_mad_names, kernel_tables, load_spec
 
 TESTS = Path(__file__).parent
 GOOD_SPEC = TESTS / "good_spec"
@@ -269,7 +269,7 @@ def test_required_file_that_is_a_symlink_loop_is_named(spec: Path) -> None:
 
 def test_a_failed_load_always_says_why(spec: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Were a refusal ever to forget its problem, the user must still see one, never an empty error.
-    monkeypatch.setattr("generator.load._decode", lambda folder, rel, problems: None)
+    monkeypatch.setattr("generator.spec.load._decode", lambda folder, rel, problems: None)
     [(file, line, message)] = problems_of(spec)
     assert (file, line) == ("spec", 0) and "no reason was recorded" in message
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from generator.artifact.migrate import existing_migrations, migration_files, plan_migrations, schema_of
 from generator.errors import SpecError
 from generator.kernel.db import Database
 from generator.kernel.migrations import Migration, apply_migrations, check_table, load_migrations
-from generator.load import load_spec
-from generator.migrate import existing_migrations, migration_files, plan_migrations, schema_of
-from generator.spec import Spec
+from generator.spec.load import load_spec
+from generator.spec.model import Spec
 
 GOOD_SPEC = Path(__file__).parent / "good_spec"
 GRACE = (GOOD_SPEC / "mads" / "grace.yaml").read_text()

@@ -4,15 +4,15 @@ import os
 import shutil
 from pathlib import Path
 
-from generator.plan import make_plan
+from generator.spec.plan import make_plan
 
 
 def test_without_an_imperator_prompt_the_senior_writes_one_from_the_role(tmp_path):
 
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    from generator.load import load_spec
-    from generator.offline import render_unit
-    from generator.synthesise import unit_spec
+    from generator.senior.offline import render_unit
+    from generator.senior.synthesise import unit_spec
+    from generator.spec.load import load_spec
 
     spec_dir = tmp_path / "spec"
     shutil.copytree(Path(__file__).resolve().parents[1] / "spec", spec_dir)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from generator.errors import UserError
-from generator.load import load_spec
-from generator.overrides import (
+from generator.artifact.overrides import (
     MAX_OVERRIDE_BYTES,
     apply_overrides,
     load_overrides,
     override_additions,
     override_hashes,
 )
+from generator.errors import UserError
+from generator.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from generator.artifact.sign import SIDECARS, verify_artifact
+from generator.artifact.store import sha256_file, versions
+from generator.build.pipeline import regenerate
 from generator.config import RunOptions, SeniorModel
-from generator.emit import sha256_file, versions
 from generator.errors import BuildFailed
-from generator.llm import LiteLLMClient, ModelReply
-from generator.pipeline import regenerate
 from generator.progress import Reporter
-from generator.scripted import Reply, ScriptedServer, reference_answer
-from generator.sign import SIDECARS, verify_artifact
+from generator.senior.client import LiteLLMClient, ModelReply
+from generator.senior.scripted import Reply, ScriptedServer, reference_answer
 
 pytestmark = pytest.mark.slow
 

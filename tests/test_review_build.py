@@ -9,13 +9,13 @@ import pytest
 from review_helpers import REPO, finding, scripted_reviewer, verdict, write_panel
 from test_regenerate import builtin_only_spec
 
+from generator.artifact.store import versions
+from generator.build.pipeline import regenerate
 from generator.config import RunOptions, SeniorModel
-from generator.emit import versions
 from generator.errors import BuildFailed, ReviewUndecided
-from generator.llm import LiteLLMClient
-from generator.pipeline import regenerate
 from generator.progress import Reporter
-from generator.scripted import Reply, ScriptedServer
+from generator.senior.client import LiteLLMClient
+from generator.senior.scripted import Reply, ScriptedServer
 
 pytestmark = pytest.mark.slow
 

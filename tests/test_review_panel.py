@@ -14,7 +14,7 @@ from generator.review.llm import pack
 from generator.review.models import ChangedFile, Finding, Verdict
 from generator.review.panel import ConsensusRule, decide, load_panel
 from generator.review.run import PanelRun, panel_report
-from generator.scripted import Fault, Reply, ScriptedServer
+from generator.senior.scripted import Fault, Reply, ScriptedServer
 
 
 @pytest.fixture(autouse=True)

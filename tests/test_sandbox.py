@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from archive import ARCHIVE, NEWEST
 
-from generator.sandbox import available_level, fence
+from generator.sandbox.run import available_level, fence
 
 # The real interpreter, not the venv's symlink: the fence binds the interpreter's prefix.
 PYTHON = Path(os.path.realpath(sys.executable))
@@ -86,7 +86,7 @@ def test_bubblewrap_hides_the_home_folder(tmp_path):
 def test_a_pipeline_that_requires_bubblewrap_refuses_a_weaker_fence(tmp_path):
     from generator.config import SandboxSettings
     from generator.errors import BuildFailed
-    from generator.sandbox import run_tests
+    from generator.sandbox.run import run_tests
 
     with pytest.raises(BuildFailed, match="requires 'bubblewrap'.*apt-get install -y bubblewrap"):
         run_tests(tmp_path, SandboxSettings(require="bubblewrap"), tmp_path / "work", level="unshare")
@@ -96,7 +96,7 @@ def test_a_pipeline_that_requires_bubblewrap_refuses_a_weaker_fence(tmp_path):
 def test_running_without_a_fence_is_announced_loudly(tmp_path):
     from generator.config import SandboxSettings
     from generator.errors import BuildFailed
-    from generator.sandbox import run_tests
+    from generator.sandbox.run import run_tests
 
     warnings = []
     (tmp_path / "src").mkdir()
@@ -118,14 +118,14 @@ MADGROUP_SRC = ARCHIVE / NEWEST / "src"
 
 
 def test_a_lock_in_step_with_its_pyproject_shows_no_drift():
-    from generator.sandbox import lock_drift
+    from generator.sandbox.run import lock_drift
 
     assert lock_drift(MADGROUP_SRC) == []
 
 
 def test_a_lock_out_of_date_with_pyproject_fails_and_names_the_drift(tmp_path):
     from generator.errors import BuildFailed
-    from generator.sandbox import make_venv
+    from generator.sandbox.run import make_venv
 
     src = tmp_path / "src"
     shutil.copytree(MADGROUP_SRC, src)

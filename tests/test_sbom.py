@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from archive import ARCHIVE, NEWEST
 
-from generator.sbom import check_sbom, sbom
+from generator.artifact.sbom import check_sbom, sbom
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = ARCHIVE / NEWEST / "src"
@@ -33,7 +33,7 @@ def bom(text) -> dict:
 
 
 def _locked() -> dict[str, dict]:
-    """The lock's packages by name, read here independently of generator.sbom."""
+    """The lock's packages by name, read here independently of generator.artifact.sbom."""
     lock = tomllib.loads((SRC / "uv.lock").read_text(encoding="utf-8"))
     return {p["name"]: p for p in lock["package"]}
 
@@ -90,7 +90,7 @@ def test_the_sbom_is_the_same_bytes_every_time_and_from_any_folder(text, tmp_pat
     assert sbom(SRC) == text
     monkeypatch.chdir(tmp_path)
     assert sbom(SRC) == text
-    probe = "import sys; from pathlib import Path; from generator.sbom import sbom; sys.stdout.write(sbom(Path(sys.argv[1])))"
+    probe = "import sys; from pathlib import Path; from generator.artifact.sbom import sbom; sys.stdout.write(sbom(Path(sys.argv[1])))"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "123"}
     done = subprocess.run([sys.executable, "-c", probe, str(SRC)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)

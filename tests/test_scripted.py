@@ -23,7 +23,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 import litellm  # noqa: E402
 
-from generator.scripted import Fault, Reply, ScriptedServer  # noqa: E402
+from generator.senior.scripted import Fault, Reply, ScriptedServer  # noqa: E402
 
 litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banner on every expected error
 litellm.telemetry = False
@@ -309,7 +309,7 @@ def test_cli_serves_the_replies_until_interrupted(tmp_path):
     replies = tmp_path / "replies.json"
     replies.write_text(json.dumps(["first reply"]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "generator.scripted", "--port", "0", "--replies", str(replies)],
+        [sys.executable, "-m", "generator.senior.scripted", "--port", "0", "--replies", str(replies)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from generator.artifact.store import versions
+from generator.build.pipeline import regenerate
 from generator.config import RunOptions, load_pipeline
-from generator.context import count_tokens
-from generator.emit import versions
 from generator.errors import BuildFailed, UserError
-from generator.llm import LiteLLMClient, price_per_token
-from generator.load import load_spec
-from generator.pipeline import regenerate
-from generator.plan import make_plan
 from generator.progress import Reporter
-from generator.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
-from generator.synthesise import BudgetExceeded, Spend, SynthesisRun
+from generator.senior.client import LiteLLMClient, price_per_token
+from generator.senior.context import count_tokens
+from generator.senior.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
+from generator.senior.synthesise import BudgetExceeded, Spend, SynthesisRun
+from generator.spec.load import load_spec
+from generator.spec.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 REGEN = [sys.executable, "-m", "generator.cli"]
@@ -384,7 +384,7 @@ def test_retry_after_is_honoured(tmp_path, spec_and_plan):
 
 def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
     """A rejected answer must not come back on the next run; the accepted repair must."""
-    from generator.llm import ResponseCache
+    from generator.senior.client import ResponseCache
 
     spec, plan = spec_and_plan
     bad = _answer_with("madgroup/mads/turing.py", "def broken(:\n")

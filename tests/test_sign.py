@@ -14,8 +14,8 @@ from archive import ARCHIVE, NEWEST, REPO
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from generator import sign
-from generator.emit import canonical_json, sha256_file
+from generator.artifact import sign
+from generator.artifact.store import canonical_json, sha256_file
 from generator.errors import BuildFailed, UserError
 
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from test_regenerate import REPO, builtin_only_spec
 
+from generator.artifact.store import versions
+from generator.build.pipeline import regenerate
 from generator.config import RunOptions
-from generator.emit import versions
 from generator.errors import SpecError
-from generator.pipeline import regenerate
 from generator.progress import Reporter
 
 pytestmark = pytest.mark.slow

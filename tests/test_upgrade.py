@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from archive import ARCHIVE, NEWEST, PARENT
 
+from generator.artifact.migrate import migration_files, plan_migrations, schema_of
 from generator.config import SandboxSettings
 from generator.kernel.migrations import Migration
-from generator.load import load_spec
-from generator.migrate import migration_files, plan_migrations, schema_of
-from generator.offline import render_unit
-from generator.plan import make_plan
-from generator.sandbox import available_level
-from generator.spec import Spec
-from generator.synthesise import unit_spec
-from generator.upgrade import capability_tools, run_upgrade_test
+from generator.sandbox.run import available_level
+from generator.sandbox.upgrade import capability_tools, run_upgrade_test
+from generator.senior.offline import render_unit
+from generator.senior.synthesise import unit_spec
+from generator.spec.load import load_spec
+from generator.spec.model import Spec
+from generator.spec.plan import make_plan
 
 pytestmark = pytest.mark.slow
 

@@ -59,10 +59,10 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 from pydantic import ValidationError
 
-from ..check import dotted_name, principle_violations
 from ..errors import UserError
-from ..sandbox import LEVELS, SandboxResult
-from ..spec import PINNED_REQUIREMENT, PrincipleRule
+from ..sandbox.run import LEVELS, SandboxResult
+from ..senior.check import dotted_name, principle_violations
+from ..spec.model import PINNED_REQUIREMENT, PrincipleRule
 from .models import BLOCKING, SEVERITIES, Finding, Subject, VerdictAnswer
 
 DETERMINISTIC_KINDS = ("tests", "static", "dependencies")

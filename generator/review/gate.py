@@ -15,14 +15,14 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..artifact.history import changes
+from ..artifact.store import versions
 from ..config import Pipeline, SandboxSettings, load_pipeline
-from ..emit import versions
 from ..errors import UserError
-from ..history import changes
-from ..llm import ModelClient, ResponseCache
-from ..load import load_spec
 from ..progress import Reporter
-from ..sandbox import run_tests
+from ..sandbox.run import run_tests
+from ..senior.client import ModelClient, ResponseCache
+from ..spec.load import load_spec
 from .material import material
 from .models import PanelReport, Subject
 from .panel import Panel, load_panel

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from .. import context
 from ..errors import BuildFailed, UserError
-from ..llm import ModelClient, ModelReply, ModelRequest, ResponseCache, unfenced
 from ..render import environment
+from ..senior import context
+from ..senior.client import ModelClient, ModelReply, ModelRequest, ResponseCache, unfenced
 from .models import SEVERITIES, ChangedFile, Material, Verdict, VerdictAnswer
 from .panel import Reviewer
 
@@ -71,7 +71,7 @@ def _tests_summary(tests: dict) -> dict:
 
 
 def system_message(reviewer: Reviewer) -> str:
-    return environment("prompts").get_template("review_system.md.j2").render(
+    return environment("review/prompts").get_template("review_system.md.j2").render(
         focus=reviewer.definition.focus,
         rubric=reviewer.rubric.strip(),
         severities=SEVERITIES,
@@ -80,7 +80,7 @@ def system_message(reviewer: Reviewer) -> str:
 
 
 def chunk_message(material: Material, files: list[ChangedFile], number: int, total: int) -> str:
-    return environment("prompts").get_template("review_chunk.md.j2").render(
+    return environment("review/prompts").get_template("review_chunk.md.j2").render(
         material=material,
         manifest=json.dumps(_manifest_summary(material.manifest), sort_keys=True, indent=1),
         tests=json.dumps(_tests_summary(material.tests), sort_keys=True, indent=1),
@@ -93,7 +93,7 @@ def chunk_message(material: Material, files: list[ChangedFile], number: int, tot
 def second_round_message(material: Material, own: Verdict, everyone: list[Verdict]) -> str:
     verdicts = [v.model_dump(mode="json", include={"reviewer", "kind", "decision", "summary", "findings", "error"})
                 for v in everyone]
-    return environment("prompts").get_template("review_round2.md.j2").render(
+    return environment("review/prompts").get_template("review_round2.md.j2").render(
         material=material,
         tests=json.dumps(_tests_summary(material.tests), sort_keys=True, indent=1),
         own=own,

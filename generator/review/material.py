@@ -9,8 +9,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..emit import tree_hashes
-from ..spec import Spec
+from ..artifact.store import tree_hashes
+from ..spec.model import Spec
 from .models import ChangedFile, Material
 
 SUMMARISED = {"uv.lock": "lockfile: the dependencies reviewer checks every package, source and hash"}

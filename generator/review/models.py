@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..spec import Spec
+from ..spec.model import Spec
 
 Severity = Literal["critical", "major", "minor", "info"]
 Decision = Literal["approve", "request_changes"]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..config import Price
 from ..errors import UserError
-from ..llm import LiteLLMClient, ModelClient, ResponseCache, missing_key
+from ..senior.client import LiteLLMClient, ModelClient, ResponseCache, missing_key
 from .deterministic import run_check
 from .llm import LLMReviewer, ReviewSpend
 from .models import PanelReport, Round, Subject, Verdict

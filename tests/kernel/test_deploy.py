@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from generator.emit import versions
+from generator.artifact.store import versions
 from generator.kernel.supervisor import SupervisionPolicy
 from generator.kernel.testing import free_port
 
@@ -33,10 +33,10 @@ UVICORN_GRACE_S = 5  # kernel/cli.py: uvicorn's timeout_graceful_shutdown, befor
 def frame(tmp_path_factory) -> Path:
     """The frame unit of spec/ (README, RUNBOOK, deploy/...) rendered into a temp dir."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    from generator.load import load_spec
-    from generator.offline import render_unit
-    from generator.plan import make_plan
-    from generator.synthesise import unit_spec
+    from generator.senior.offline import render_unit
+    from generator.senior.synthesise import unit_spec
+    from generator.spec.load import load_spec
+    from generator.spec.plan import make_plan
 
     spec = load_spec(REPO / "spec")
     plan = make_plan(spec)

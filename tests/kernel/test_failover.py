@@ -26,7 +26,7 @@ def render_failover(eco, out: Path) -> Path:
                                                   for p in t["params"]]} for t in cls.tools()]}
         for cls in eco.config.mads
     ]
-    text = environment("offline/templates").get_template("frame/failover.sh.j2").render(
+    text = environment("senior/offline/templates").get_template("frame/failover.sh.j2").render(
         package=eco.name, ecosystem={"name": eco.name}, mads=mads)
     script = out / "deploy" / "failover.sh"
     script.parent.mkdir(parents=True, exist_ok=True)
@@ -51,10 +51,10 @@ def eco_env(eco, tmp_path: Path) -> dict[str, str]:
 
 def test_the_generated_script_is_valid_bash_and_drills_a_pair_the_spec_declares(tmp_path):
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    from generator.load import load_spec
-    from generator.offline import render_unit
-    from generator.plan import make_plan
-    from generator.synthesise import unit_spec
+    from generator.senior.offline import render_unit
+    from generator.senior.synthesise import unit_spec
+    from generator.spec.load import load_spec
+    from generator.spec.plan import make_plan
 
     spec = load_spec(REPO / "spec")
     plan = make_plan(spec)

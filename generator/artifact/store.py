@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BuildFailed
+from ..errors import BuildFailed
 
 VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 STAGING_PREFIX = ".staging-"

@@ -21,9 +21,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__, context
-from .config import Pipeline, RunOptions, load_pipeline
-from .emit import (
+from .. import __version__
+from ..artifact.history import changes
+from ..artifact.lock import reuse_from_parent, to_regenerate, unit_inputs, unit_locks
+from ..artifact.migrate import existing_migrations, migration_files, plan_migrations, schema_of
+from ..artifact.overrides import apply_overrides, load_overrides, override_hashes
+from ..artifact.sbom import check_sbom, sbom
+from ..artifact.sign import (
+    SigningKey,
+    development_warning,
+    load_signing_key,
+    sign_artifact,
+    signing_record,
+    verify_artifact,
+    write_provenance,
+)
+from ..artifact.store import (
     canonical_json,
     latest_manifest,
     publish,
@@ -34,9 +47,19 @@ from .emit import (
     versions,
     write_tree,
 )
-from .errors import BuildFailed, ReviewUndecided, UserError
-from .history import changes
-from .llm import (
+from ..artifact.surface import bump_for, bumped, surface_changes, tables, tool_surface
+from ..config import Pipeline, RunOptions, load_pipeline
+from ..errors import BuildFailed, ReviewUndecided, UserError
+from ..progress import Reporter
+from ..review.gate import panel_of, write_report
+from ..review.material import material
+from ..review.models import BLOCKING, PanelReport, Subject, Verdict
+from ..review.panel import Panel
+from ..review.run import PanelRun, panel_report
+from ..sandbox.run import SandboxResult, run_tests, run_uv
+from ..sandbox.upgrade import run_upgrade_test
+from ..senior import context
+from ..senior.client import (
     LiteLLMClient,
     ModelClient,
     ModelRequest,
@@ -48,34 +71,12 @@ from .llm import (
     missing_key,
     price_per_token,
 )
-from .load import load_spec
-from .lock import reuse_from_parent, to_regenerate, unit_inputs, unit_locks
-from .migrate import existing_migrations, migration_files, plan_migrations, schema_of
-from .overrides import apply_overrides, load_overrides, override_hashes
-from .plan import Plan, make_plan
-from .progress import Reporter
-from .review.gate import panel_of, write_report
-from .review.material import material
-from .review.models import BLOCKING, PanelReport, Subject, Verdict
-from .review.panel import Panel
-from .review.run import PanelRun, panel_report
-from .sandbox import SandboxResult, run_tests, run_uv
-from .sbom import check_sbom, sbom
-from .sign import (
-    SigningKey,
-    development_warning,
-    load_signing_key,
-    sign_artifact,
-    signing_record,
-    verify_artifact,
-    write_provenance,
-)
-from .spec import Spec
-from .surface import bump_for, bumped, surface_changes, tables, tool_surface
-from .synthesise import Spend, Synthesis, SynthesisRun, UnitOutcome, first_request
-from .upgrade import run_upgrade_test
+from ..senior.synthesise import Spend, Synthesis, SynthesisRun, UnitOutcome, first_request
+from ..spec.load import load_spec
+from ..spec.model import Spec
+from ..spec.plan import Plan, make_plan
 
-GENERATOR = Path(__file__).parent
+GENERATOR = Path(__file__).parents[1]
 
 
 class Fingerprint(BaseModel):

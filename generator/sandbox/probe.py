@@ -1,7 +1,7 @@
 """The upgrade test's two halves, run inside the sandbox by an ecosystem's own interpreter.
 
-    python upgrade_probe.py write PLAN   (the parent version, from its src/)
-    python upgrade_probe.py read PLAN    (the new version, from its src/, on the same state)
+    python probe.py write PLAN   (the parent version, from its src/)
+    python probe.py read PLAN    (the new version, from its src/, on the same state)
 
 `write` starts the parent ecosystem and, through its MCP tools, creates a conversation with a
 message and stores a secret; then, through the kernel's storage API, puts a row in every

@@ -28,17 +28,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..config import Budgets, Pipeline
+from ..errors import BuildFailed
+from ..kernel.capabilities import CAPABILITIES
+from ..render import environment
+from ..spec.model import MadSpec, Spec, Tool
+from ..spec.plan import Plan, Unit
 from . import check
-from .config import Budgets, Pipeline
-from .errors import BuildFailed
-from .kernel.capabilities import CAPABILITIES
-from .llm import Answer, AnswerRejected, Exchange, ModelClient, ModelReply, ModelRequest, ResponseCache, parse_answer
-from .plan import Plan, Unit
-from .render import environment
-from .spec import MadSpec, Spec, Tool
+from .client import Answer, AnswerRejected, Exchange, ModelClient, ModelReply, ModelRequest, ResponseCache, parse_answer
 
 MAX_CONTINUATIONS = 3
-KERNEL = Path(__file__).parent / "kernel"
+KERNEL = Path(__file__).parents[1] / "kernel"
 
 
 class Frozen(BaseModel):
@@ -217,7 +217,7 @@ def unit_spec(spec: Spec, plan: Plan, unit: Unit) -> dict:
 
 
 def prompt_messages(spec: Spec, plan: Plan, unit: Unit) -> list[dict[str, str]]:
-    env = environment("prompts")
+    env = environment("senior/prompts")
     system = env.get_template("system.md.j2").render(
         requirements=spec.requirements.strip(),
         principles=spec.principles.strip(),
@@ -237,7 +237,7 @@ def prompt_messages(spec: Spec, plan: Plan, unit: Unit) -> list[dict[str, str]]:
 
 
 def repair_message(problems: list[str], kind: str) -> str:
-    return environment("prompts").get_template("repair.md.j2").render(problems=problems, kind=kind)
+    return environment("senior/prompts").get_template("repair.md.j2").render(problems=problems, kind=kind)
 
 
 CONTINUE = (

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BuildFailed, SpecError, SpecProblem
-from .kernel.db import declared_shape, table_ddl
-from .kernel.errors import KernelError
-from .kernel.migrations import Migration, load_migrations
-from .load import problem_at
-from .spec import Spec
+from ..errors import BuildFailed, SpecError, SpecProblem
+from ..kernel.db import declared_shape, table_ddl
+from ..kernel.errors import KernelError
+from ..kernel.migrations import Migration, load_migrations
+from ..spec.load import problem_at
+from ..spec.model import Spec
 
 # MAD -> table -> columns ({name, type, primary_key, nullable}, in spec order).
 Schema = dict[str, dict[str, list[dict[str, Any]]]]

@@ -39,9 +39,9 @@ from typing import Literal
 import merge3
 from pydantic import BaseModel, ConfigDict
 
-from .emit import VERSION, canonical_json, sha256_file, tree_hashes, versions
-from .errors import UserError
-from .spec import IDENTIFIER
+from ..errors import UserError
+from ..spec.model import IDENTIFIER
+from .store import VERSION, canonical_json, sha256_file, tree_hashes, versions
 
 LOCK_NAME = ".regen.json"
 LOCK_SCHEMA = 1

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .spec import Spec
+from ..spec.model import Spec
 
 Bump = Literal["major", "minor", "patch"]
 _ORDER: tuple[Bump, ...] = ("patch", "minor", "major")

@@ -5,7 +5,7 @@ unit's files from the jinja2 templates beside this module. It can write every to
 to a kernel capability (`builtin:`); any other tool needs a real model, and it says so,
 naming the tool. `provider.py` serves it to litellm as the custom provider `offline`.
 
-The scripted senior (`generator.scripted --reference`) renders the same way, and takes
+The scripted senior (`generator.senior.scripted --reference`) renders the same way, and takes
 the tools a model would write from a folder of written tools (`<mad>.<tool>.py`, with
 its tests in `<mad>.<tool>.test.py`), standing in for a real model where none is reachable.
 """
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from ..render import environment
+from ...render import environment
 
 UNIT_SPEC = re.compile(r"<unit-spec>\s*(\{.*\})\s*</unit-spec>", re.S)
 
@@ -67,7 +67,7 @@ def load_written(folder: Path) -> dict[str, WrittenTool]:
 def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) -> list[dict[str, str]]:
     """The files of one unit, rendered from its spec; raises ValueError for a tool it cannot write."""
     written = written or {}
-    env = environment("offline/templates")
+    env = environment("senior/offline/templates")
     env.filters["tuple_literal"] = tuple_literal
     env.filters["indent4"] = lambda text: "\n".join(("    " + line) if line else "" for line in text.splitlines())
     package = unit["package"]

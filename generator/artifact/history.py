@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .emit import versions
-from .errors import UserError
-from .review.material import changed_files
-from .review.models import ChangedFile
+from ..errors import UserError
+from ..review.material import changed_files
+from ..review.models import ChangedFile
+from .store import versions
 from .surface import surface_changes, tables
 
 

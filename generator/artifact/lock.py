@@ -15,15 +15,15 @@ from pathlib import Path
 import networkx as nx
 from pydantic import BaseModel, ConfigDict
 
-from .config import Pipeline
-from .emit import sha256_file
-from .llm import ModelRequest
-from .plan import Plan, Unit, dependency_graph
-from .spec import Spec
-from .synthesise import UnitOutcome
-from .synthesise import reused as reused_outcome
+from ..config import Pipeline
+from ..senior.client import ModelRequest
+from ..senior.synthesise import UnitOutcome
+from ..senior.synthesise import reused as reused_outcome
+from ..spec.model import Spec
+from ..spec.plan import Plan, Unit, dependency_graph
+from .store import sha256_file
 
-GENERATOR = Path(__file__).parent
+GENERATOR = Path(__file__).parents[1]
 
 
 class UnitLock(BaseModel):
@@ -56,15 +56,15 @@ def unit_inputs(spec: Spec, plan: Plan, pipeline: Pipeline, unit: Unit, request:
     inputs |= {f"spec/mads/{m}.yaml": by_path[f"mads/{m}.yaml"] for m in mads if f"mads/{m}.yaml" in by_path}
     inputs |= {
         "request": request.hash,
-        "prompts": _tree_hash(GENERATOR / "prompts"),
-        "checks": sha256_file(GENERATOR / "check.py"),
+        "prompts": _tree_hash(GENERATOR / "senior" / "prompts"),
+        "checks": sha256_file(GENERATOR / "senior" / "check.py"),
         "kernel": _tree_hash(GENERATOR / "kernel"),
         "model": _json_hash(pipeline.senior.model_dump(mode="json", exclude={"timeout_seconds", "max_retries",
                                                                               "backoff_seconds"})),
         "repair_rounds": str(pipeline.repair_rounds),
     }
     if pipeline.senior.is_offline:  # its answers follow its templates, which no request carries
-        inputs["offline"] = _tree_hash(GENERATOR / "offline")
+        inputs["offline"] = _tree_hash(GENERATOR / "senior" / "offline")
     return dict(sorted(inputs.items()))
 
 

@@ -5,7 +5,7 @@ api_base=..., api_key=...)`. This server answers that call the way OpenAI's Chat
 Completions API would, but from a script, so a test can drive the real litellm/openai/httpx
 stack through replies *and* faults:
 
-    from generator.scripted import Fault, Reply, ScriptedServer
+    from generator.senior.scripted import Fault, Reply, ScriptedServer
 
     with ScriptedServer([Reply("hello"), Fault.status(429, headers={"Retry-After": "1"})]) as server:
         litellm.completion(model="openai/scripted", api_base=server.base_url, api_key="k",
@@ -29,7 +29,7 @@ It uses only the standard library and binds only to 127.0.0.1. Every response cl
 connection, so `stop()` leaves no handler thread or socket behind; sleeping steps wake up
 and give up when the server stops.
 
-CLI, for manual demos: `python -m generator.scripted --port 8911 --replies FILE.json`, where
+CLI, for manual demos: `python -m generator.senior.scripted --port 8911 --replies FILE.json`, where
 FILE.json is a JSON list of reply contents (strings); serves until Ctrl-C.
 """
 
@@ -472,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- CLI
 
 
-WRITTEN_TOOLS = Path(__file__).resolve().parents[1] / "pipelines" / "scripted"
+WRITTEN_TOOLS = Path(__file__).resolve().parents[2] / "pipelines" / "scripted"
 
 
 def reference_answer(body: Mapping[str, Any], written: Path | None = WRITTEN_TOOLS) -> str:
@@ -500,7 +500,7 @@ def unit_of(body: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m generator.scripted",
+        prog="python -m generator.senior.scripted",
         description="Serve scripted OpenAI-compatible chat completions on 127.0.0.1: until Ctrl-C, "
         "or while a command given after -- runs (its exit code is returned).",
     )

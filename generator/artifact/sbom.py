@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import BuildFailed, UserError
+from ..errors import BuildFailed, UserError
 
 SPEC_VERSION = "1.6"
 # The namespace of the serial numbers: uuid5(NAMESPACE, <sha256 of uv.lock>).
@@ -216,8 +216,8 @@ def sbom(src: Path) -> str:
     from cyclonedx.output.json import JsonV1Dot6
     from packageurl import PackageURL
 
-    from . import __version__
-    from .emit import canonical_json
+    from .. import __version__
+    from .store import canonical_json
 
     inv = inventory(src)
     project = Component(type=ComponentType.APPLICATION, name=inv.project.name, version=inv.project.version,

@@ -32,7 +32,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import SpecError, SpecProblem, UserError
+from ..errors import SpecError, SpecProblem, UserError
 
 FOLDER = "overrides"
 MAX_OVERRIDE_BYTES = 512 * 1024

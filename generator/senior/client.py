@@ -26,8 +26,8 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import Price, SeniorModel
-from .errors import BuildFailed, UserError
+from ..config import Price, SeniorModel
+from ..errors import BuildFailed, UserError
 
 # The test suite turns this off (tests/conftest.py) so that no test can reach a paid
 # endpoint by accident; the offline provider, loopback servers and injected fakes still work.

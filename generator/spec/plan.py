@@ -13,8 +13,8 @@ from typing import Literal
 import networkx as nx
 from pydantic import BaseModel, ConfigDict
 
-from .errors import SpecError, SpecProblem
-from .spec import MadSpec, Spec
+from ..errors import SpecError, SpecProblem
+from .model import MadSpec, Spec
 
 FRAME = "frame"
 

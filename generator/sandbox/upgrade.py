@@ -5,7 +5,7 @@ its own venv from its own lock; the parent is started on a fresh state folder an
 a conversation with a message and a secret (through the tools the spec binds to those
 capabilities) and a row in every table it declares (through its kernel's storage API).
 Then the new version starts on that same folder, migrating it if it must, and reads
-everything back. The two halves are `upgrade_probe.py`, run by each version's interpreter.
+everything back. The two halves are `probe.py`, run by each version's interpreter.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .config import SandboxLevel, SandboxSettings
-from .sandbox import make_venv, run_fenced
-from .spec import Spec
+from ..config import SandboxLevel, SandboxSettings
+from ..spec.model import Spec
+from .run import make_venv, run_fenced
 
-PROBE = Path(__file__).with_name("upgrade_probe.py")
+PROBE = Path(__file__).with_name("probe.py")
 # The capabilities whose data the test writes with the parent and reads with the new version.
 CAPABILITIES = ("conversations.create", "conversations.post", "conversations.history", "secrets.set", "secrets.get")
 

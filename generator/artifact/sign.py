@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict
 
-from .emit import canonical_json, sha256_file, tree_hashes
-from .errors import BuildFailed, UserError
+from ..errors import BuildFailed, UserError
+from .store import canonical_json, sha256_file, tree_hashes
 
 KEY_ENV = "REGEN_SIGNING_KEY"
 DEFAULT_KEY_NAME = "signing-key.pem"

@@ -34,10 +34,9 @@ import networkx as nx
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import SpecError, SpecProblem
-from .kernel.capabilities import CAPABILITIES
-from .plan import dependency_graph
-from .spec import (
+from ..errors import SpecError, SpecProblem
+from ..kernel.capabilities import CAPABILITIES
+from .model import (
     IDENTIFIER,
     MAD_CHANGES,
     PINNED_REQUIREMENT,
@@ -55,6 +54,7 @@ from .spec import (
     Table,
     Tool,
 )
+from .plan import dependency_graph
 
 __all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "kernel_mad_names", "kernel_tables", "load_spec", "problem_at"]
 
@@ -62,7 +62,7 @@ MAX_FILE_BYTES = 256 * 1024
 # Aliases can make a small file expand enormously ("billion laughs"); specs are small.
 MAX_YAML_VALUES = 50_000
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-KERNEL_DIR = Path(__file__).parent / "kernel"
+KERNEL_DIR = Path(__file__).parents[1] / "kernel"
 
 REQUIRED_FILES = {
     "ecosystem.yaml": "the ecosystem's settings (name, description, python, dependencies, models)",

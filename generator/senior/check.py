@@ -15,9 +15,9 @@ from pathlib import PurePosixPath
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from .llm import Answer, AnswerRejected
-from .plan import Plan, Unit
-from .spec import MadSpec, PrincipleRule, Spec
+from ..spec.model import MadSpec, PrincipleRule, Spec
+from ..spec.plan import Plan, Unit
+from .client import Answer, AnswerRejected
 
 MAX_FILE_BYTES = 512 * 1024
 

@@ -23,8 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .config import SandboxLevel, SandboxSettings
-from .errors import BuildFailed
+from ..config import SandboxLevel, SandboxSettings
+from ..errors import BuildFailed
 
 LEVELS: tuple[SandboxLevel, ...] = ("bubblewrap", "unshare", "none")
 MAX_PROCESSES = 512  # a fork bomb in generated tests stops here

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from .kernel.capabilities import TYPE_NAMES
+from ..kernel.capabilities import TYPE_NAMES
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # The oldest Python the kernel runs on (its own code uses 3.11 features).

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from .config import SeniorModel
-from .errors import UserError
-from .llm import ModelRequest, load_litellm
+from ..config import SeniorModel
+from ..errors import UserError
+from .client import ModelRequest, load_litellm
 
 
 class ContextFit(BaseModel):
