@@ -25,7 +25,7 @@ import yaml  # noqa: E402
 from generator.artifact.store import write_tree  # noqa: E402
 from generator.config import Pipeline, SeniorModel  # noqa: E402
 from generator.senior import context  # noqa: E402
-from generator.senior.client import ModelReply  # noqa: E402
+from generator.senior.models import ModelReply  # noqa: E402
 from generator.senior.scripted import reference_answer  # noqa: E402
 from generator.senior.synthesise import Spend, SynthesisRun, first_request  # noqa: E402
 from generator.spec.load import load_spec  # noqa: E402

@@ -251,28 +251,18 @@ COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import BuildFailed, ReviewUndecided, UserError
+    from .errors import RegenError
 
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("regen: interrupted", file=sys.stderr)
         return 130
-    except UserError as exc:
+    except RegenError as exc:
         if args.debug:
             raise
-        print(f"{exc}", file=sys.stderr)
-        return 2
-    except BuildFailed as exc:
-        if args.debug:
-            raise
-        print(f"regen: build failed: {exc}", file=sys.stderr)
-        return 1
-    except ReviewUndecided as exc:
-        if args.debug:
-            raise
-        print(f"regen: undecided: {exc}", file=sys.stderr)
-        return 2
+        print(f"{exc.prefix}{exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # a bug of ours: say so in one line; the traceback is one flag away
         if args.debug:
             raise

@@ -1,6 +1,6 @@
 """The run configuration: the pipeline file (which model, which sandbox) and the run's options.
 
-One validated, immutable object per run (STYLE.md rule 6): stages take what they need
+One validated, immutable object per run: stages take what they need
 from it and read no option from globals or the environment.
 """
 
@@ -10,15 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .errors import SpecError, SpecProblem, UserError
+from .frozen import Frozen
 
 SandboxLevel = Literal["bubblewrap", "unshare", "none"]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SeniorModel(Frozen):

@@ -1,16 +1,38 @@
-"""The two error families (see STYLE.md): the user's mistake, and the run's failure.
+"""Regen's errors, under one root; only the CLI turns them into a message and an exit code.
 
-Only the CLI turns them into a message and an exit code: `UserError` exits 2,
-`BuildFailed` exits 1. Neither is shown as a traceback unless `--debug` is given.
+    RegenError
+     ├── UserError            exit 2: something the user can fix (an option, a file, a key)
+     │    └── SpecError       a spec that does not load or validate: every problem, file:line
+     ├── BuildFailed          exit 1: the run itself failed, nothing was archived
+     │    ├── AnswerRejected        an answer that failed its checks (goes back to the senior)
+     │    ├── OverBudget            the next model call could cross a budget of the run
+     │    └── RepairFromReviewFailed  a repair the review asked for failed
+     └── ReviewUndecided      exit 2: the review panel could not decide; nothing ships
+
+None is shown as a traceback unless `--debug` is given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .review.models import PanelReport
 
 
-class UserError(Exception):
+class RegenError(Exception):
+    """The root of every error regen reports; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+    prefix = "regen: "
+
+
+class UserError(RegenError):
     """Something the user can fix: a bad spec, a bad option, a missing file. Exit code 2."""
+
+    exit_code = 2
+    prefix = ""
 
 
 @dataclass(frozen=True)
@@ -33,9 +55,35 @@ class SpecError(UserError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class BuildFailed(Exception):
+class BuildFailed(RegenError):
     """The run itself failed (checks, sandbox tests, a model error). Exit code 1."""
 
+    prefix = "regen: build failed: "
 
-class ReviewUndecided(Exception):
+
+class AnswerRejected(BuildFailed):
+    """An answer that cannot be used as it is: the problems go back to the senior in a repair round."""
+
+    def __init__(self, unit: str, problems: list[str]):
+        self.unit = unit
+        self.problems = problems
+        super().__init__(f"unit {unit}: the answer was rejected:\n  " + "\n  ".join(problems))
+
+
+class OverBudget(BuildFailed):
+    """The next model call could cross a budget (of the run, a unit or the review); it is not made."""
+
+
+class RepairFromReviewFailed(BuildFailed):
+    """A repair the panel asked for failed; `review` is the review that asked for it."""
+
+    def __init__(self, message: str, review: PanelReport):
+        super().__init__(message)
+        self.review = review
+
+
+class ReviewUndecided(RegenError):
     """The review panel could not decide (abstentions below quorum): nothing ships. Exit code 2."""
+
+    exit_code = 2
+    prefix = "regen: undecided: "

@@ -4,7 +4,7 @@ import pytest
 
 from generator.errors import BuildFailed
 from generator.senior import check
-from generator.senior.client import Answer
+from generator.senior.answer import Answer
 from generator.spec.model import EcosystemSpec, MadSpec, Spec
 from generator.spec.plan import make_plan
 

@@ -13,12 +13,14 @@ import pytest
 import yaml
 
 from generator.artifact.sign import SIDECARS, verify_artifact
-from generator.artifact.store import sha256_file, versions
+from generator.artifact.store import versions
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions, SeniorModel
 from generator.errors import BuildFailed
+from generator.hashing import sha256_file
 from generator.progress import Reporter
-from generator.senior.client import LiteLLMClient, ModelReply
+from generator.senior.client import LiteLLMClient
+from generator.senior.models import ModelReply
 from generator.senior.scripted import Reply, ScriptedServer, reference_answer
 
 pytestmark = pytest.mark.slow

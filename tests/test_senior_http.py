@@ -17,12 +17,12 @@ import pytest
 from generator.artifact.store import versions
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions, load_pipeline
-from generator.errors import BuildFailed, UserError
+from generator.errors import BuildFailed, OverBudget, UserError
 from generator.progress import Reporter
 from generator.senior.client import LiteLLMClient, price_per_token
 from generator.senior.context import count_tokens
 from generator.senior.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
-from generator.senior.synthesise import BudgetExceeded, Spend, SynthesisRun
+from generator.senior.synthesise import Spend, SynthesisRun
 from generator.spec.load import load_spec
 from generator.spec.plan import make_plan
 
@@ -219,7 +219,7 @@ def test_a_loop_that_never_converges_stops_at_the_round_limit(tmp_path, spec_and
 def test_a_budget_stops_the_run_before_the_call_that_would_cross_it(tmp_path, spec_and_plan):
     different = [_answer_with("madgroup/mads/turing.py", "\n" * n + "def broken(:\n") for n in range(10)]
     senior = Senior({"mad:turing": different})
-    with pytest.raises(BudgetExceeded, match="unit mad:turing's token budget of 45,000 tokens") as err:
+    with pytest.raises(OverBudget, match="unit mad:turing's token budget of 45,000 tokens") as err:
         _synthesise(tmp_path, senior, spec_and_plan, extra="[budgets]\nunit_tokens = 45000\n", repair_rounds=9)
     message = str(err.value)
     committed = int(message.split("tokens (")[1].split(" tokens spent")[0].replace(",", ""))
@@ -360,13 +360,13 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
 
 def test_concurrent_units_cannot_all_squeeze_under_one_budget(tmp_path, spec_and_plan):
     """Every call reserves its worst case first, so five units in flight at once still stop in time."""
-    with pytest.raises(BudgetExceeded, match="the run's token budget of 80,000 tokens"):
+    with pytest.raises(OverBudget, match="the run's token budget of 80,000 tokens"):
         _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_tokens = 80000\n")
 
 
 def test_a_cost_budget_uses_the_price_table_before_each_call(tmp_path, spec_and_plan):
     # $1 in / $4 out per million: one call's worst case is about 5k prompt + 32k answer = $0.133.
-    with pytest.raises(BudgetExceeded, match=r"the run's cost budget of \$0\.2000") as err:
+    with pytest.raises(OverBudget, match=r"the run's cost budget of \$0\.2000") as err:
         _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_cost_usd = 0.2\n")
     spent = float(re.search(r"Spent in this run: [\d,]+ tokens, \$(\d+\.\d+)", str(err.value)).group(1))
     assert spent <= 0.2
@@ -384,7 +384,7 @@ def test_retry_after_is_honoured(tmp_path, spec_and_plan):
 
 def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
     """A rejected answer must not come back on the next run; the accepted repair must."""
-    from generator.senior.client import ResponseCache
+    from generator.senior.cache import ResponseCache
 
     spec, plan = spec_and_plan
     bad = _answer_with("madgroup/mads/turing.py", "def broken(:\n")

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from generator.artifact import sign
-from generator.artifact.store import canonical_json, sha256_file
 from generator.errors import BuildFailed, UserError
+from generator.hashing import canonical_json, sha256_file
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from test_regenerate import REPO, builtin_only_spec
 
-from generator.artifact.store import tree_hashes
 from generator.artifact.surface import bump_for, bumped, surface_changes
 from generator.build.pipeline import regenerate, verify
 from generator.config import RunOptions
+from generator.hashing import tree_hashes
 from generator.progress import Reporter
 
 OLD = {"rogers.post": {"params": {"text": {"type": "str", "required": True}}, "returns": "dict"}}

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from archive import ARCHIVE, NEWEST, PARENT
 
-from generator.artifact.store import canonical_json, tree_hashes
 from generator.artifact.workcopy import LOCK_NAME, describe, export, merge, parse_ref, resolve, update
 from generator.errors import UserError
+from generator.hashing import canonical_json, tree_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 TURING = "madgroup/mads/turing.py"

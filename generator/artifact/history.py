@@ -12,17 +12,12 @@ import json
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from ..errors import UserError
+from ..frozen import Frozen
 from ..review.material import changed_files
 from ..review.models import ChangedFile
 from .store import versions
 from .surface import surface_changes, tables
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class VersionLine(Frozen):

@@ -16,12 +16,12 @@ import networkx as nx
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Pipeline
-from ..senior.client import ModelRequest
+from ..hashing import sha256_file
+from ..senior.models import ModelRequest
 from ..senior.synthesise import UnitOutcome
 from ..senior.synthesise import reused as reused_outcome
 from ..spec.model import Spec
 from ..spec.plan import Plan, Unit, dependency_graph
-from .store import sha256_file
 
 GENERATOR = Path(__file__).parents[1]
 

@@ -217,7 +217,7 @@ def sbom(src: Path) -> str:
     from packageurl import PackageURL
 
     from .. import __version__
-    from .store import canonical_json
+    from ..hashing import canonical_json
 
     inv = inventory(src)
     project = Component(type=ComponentType.APPLICATION, name=inv.project.name, version=inv.project.version,

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BuildFailed, UserError
-from .store import canonical_json, sha256_file, tree_hashes
+from ..hashing import canonical_json, sha256_file, tree_hashes
 
 KEY_ENV = "REGEN_SIGNING_KEY"
 DEFAULT_KEY_NAME = "signing-key.pem"

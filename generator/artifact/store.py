@@ -10,7 +10,6 @@ next run.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -24,19 +23,6 @@ from ..errors import BuildFailed
 
 VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 STAGING_PREFIX = ".staging-"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def canonical_json(data: object) -> str:
-    """Sorted keys, fixed indentation, final newline: the same data gives the same bytes."""
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
 def versions(ecosystem_dir: Path) -> list[str]:
@@ -113,15 +99,6 @@ def write_tree(root: Path, files: dict[str, str | bytes], executable: frozenset[
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         os.chmod(target, 0o755 if rel in executable else 0o644)
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, by relative posix path, sorted."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
 
 
 def _fsync_tree(root: Path) -> None:

@@ -40,8 +40,9 @@ import merge3
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UserError
+from ..hashing import canonical_json, sha256_file, tree_hashes
 from ..spec.model import IDENTIFIER
-from .store import VERSION, canonical_json, sha256_file, tree_hashes, versions
+from .store import VERSION, versions
 
 LOCK_NAME = ".regen.json"
 LOCK_SCHEMA = 1

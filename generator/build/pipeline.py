@@ -36,20 +36,11 @@ from ..artifact.sign import (
     verify_artifact,
     write_provenance,
 )
-from ..artifact.store import (
-    canonical_json,
-    latest_manifest,
-    publish,
-    remove_stale_staging,
-    sha256_file,
-    staging,
-    tree_hashes,
-    versions,
-    write_tree,
-)
+from ..artifact.store import latest_manifest, publish, remove_stale_staging, staging, versions, write_tree
 from ..artifact.surface import bump_for, bumped, surface_changes, tables, tool_surface
 from ..config import Pipeline, RunOptions, load_pipeline
-from ..errors import BuildFailed, ReviewUndecided, UserError
+from ..errors import BuildFailed, RepairFromReviewFailed, ReviewUndecided, UserError
+from ..hashing import canonical_json, sha256_file, tree_hashes
 from ..progress import Reporter
 from ..review.gate import panel_of, write_report
 from ..review.material import material
@@ -59,19 +50,12 @@ from ..review.run import PanelRun, panel_report
 from ..sandbox.run import SandboxResult, run_tests, run_uv
 from ..sandbox.upgrade import run_upgrade_test
 from ..senior import context
-from ..senior.client import (
-    LiteLLMClient,
-    ModelClient,
-    ModelRequest,
-    OfflineWithRecorded,
-    RecordedAnswers,
-    ResponseCache,
-    Transcript,
-    TranscriptModel,
-    missing_key,
-    price_per_token,
-)
+from ..senior.cache import ResponseCache
+from ..senior.client import LiteLLMClient, missing_key, price_per_token
+from ..senior.models import ModelClient, ModelRequest
+from ..senior.recorded import OfflineWithRecorded, RecordedAnswers
 from ..senior.synthesise import Spend, Synthesis, SynthesisRun, UnitOutcome, first_request
+from ..senior.transcript import TranscriptModel, write_transcript
 from ..spec.load import load_spec
 from ..spec.model import Spec
 from ..spec.plan import Plan, make_plan
@@ -349,7 +333,7 @@ def regenerate(
             report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
         upgrade = _upgrade_test(spec, pipeline, stage / "src", ecosystem_dir, parent, version, tests, report)
-        Transcript(stage / "transcript.jsonl").write(list(synthesis.exchanges))
+        write_transcript(stage / "transcript.jsonl", list(synthesis.exchanges))
         # The spec it was built from, so `regen diff` can show what changed in it.
         write_tree(stage / "spec", {f.path: (options.spec_dir / f.path).read_bytes() for f in spec.files})
         (stage / "tests.json").write_text(canonical_json(tests.record()))
@@ -399,14 +383,6 @@ def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...]) -> dict[str, lis
             fix = f" Fix: {f.suggestion}" if f.suggestion else ""
             blocking.setdefault(owner, []).append(f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
     return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
-
-
-class RepairFromReviewFailed(BuildFailed):
-    """A repair the panel asked for failed; `review` is the review that asked for it."""
-
-    def __init__(self, message: str, review: PanelReport):
-        super().__init__(message)
-        self.review = review
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from ..config import Pipeline, SandboxSettings, load_pipeline
 from ..errors import UserError
 from ..progress import Reporter
 from ..sandbox.run import run_tests
-from ..senior.client import ModelClient, ResponseCache
+from ..senior.cache import ResponseCache
+from ..senior.models import ModelClient
 from ..spec.load import load_spec
 from .material import material
 from .models import PanelReport, Subject

@@ -19,19 +19,17 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ..errors import BuildFailed, UserError
+from ..errors import BuildFailed, OverBudget, UserError
 from ..render import environment
 from ..senior import context
-from ..senior.client import ModelClient, ModelReply, ModelRequest, ResponseCache, unfenced
+from ..senior.answer import unfenced
+from ..senior.cache import ResponseCache
+from ..senior.models import ModelClient, ModelReply, ModelRequest
 from .models import SEVERITIES, ChangedFile, Material, Verdict, VerdictAnswer
 from .panel import Reviewer
 
 # Room left in each request for the answer's own framing and the counter's error.
 CHUNK_MARGIN_TOKENS = 1_000
-
-
-class ReviewBudgetExceeded(BuildFailed):
-    """The panel's token or cost ceiling: the reviewers still waiting abstain."""
 
 
 @dataclass
@@ -47,9 +45,9 @@ class ReviewSpend:
     def check(self) -> None:
         with self._lock:
             if self.budget_tokens is not None and self.tokens >= self.budget_tokens:
-                raise ReviewBudgetExceeded(f"review budget of {self.budget_tokens:,} tokens spent ({self.tokens:,})")
+                raise OverBudget(f"review budget of {self.budget_tokens:,} tokens spent ({self.tokens:,})")
             if self.budget_usd is not None and self.cost_usd >= self.budget_usd:
-                raise ReviewBudgetExceeded(f"review budget of ${self.budget_usd:.2f} spent (${self.cost_usd:.4f})")
+                raise OverBudget(f"review budget of ${self.budget_usd:.2f} spent (${self.cost_usd:.4f})")
 
     def add(self, reply: ModelReply) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..artifact.store import tree_hashes
+from ..hashing import tree_hashes
 from ..spec.model import Spec
 from .models import ChangedFile, Material
 

@@ -6,18 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ..frozen import Frozen
 from ..spec.model import Spec
 
 Severity = Literal["critical", "major", "minor", "info"]
 Decision = Literal["approve", "request_changes"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "major", "minor", "info")
 BLOCKING: frozenset[Severity] = frozenset({"critical", "major"})  # findings that make a reviewer request changes
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Finding(Frozen):

@@ -19,8 +19,9 @@ from pydantic import Field, model_validator
 
 from ..config import SeniorModel, load_toml
 from ..errors import UserError
+from ..frozen import Frozen
 from .deterministic import check_options
-from .models import BLOCKING, Consensus, Frozen, Verdict
+from .models import BLOCKING, Consensus, Verdict
 
 Focus = Literal["security", "correctness", "principles", "operability", "tests", "dependencies"]
 

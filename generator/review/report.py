@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from ..artifact.store import canonical_json
+from ..hashing import canonical_json
 from .models import SEVERITIES, Finding, PanelReport, Round, Verdict
 
 __all__ = ["one_line", "review_html", "review_json", "review_markdown"]

@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..config import Price
 from ..errors import UserError
-from ..senior.client import LiteLLMClient, ModelClient, ResponseCache, missing_key
+from ..senior.cache import ResponseCache
+from ..senior.client import LiteLLMClient, missing_key
+from ..senior.models import ModelClient
 from .deterministic import run_check
 from .llm import LLMReviewer, ReviewSpend
 from .models import PanelReport, Round, Subject, Verdict

@@ -15,9 +15,10 @@ from pathlib import PurePosixPath
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from ..errors import AnswerRejected
 from ..spec.model import MadSpec, PrincipleRule, Spec
 from ..spec.plan import Plan, Unit
-from .client import Answer, AnswerRejected
+from .answer import Answer
 
 MAX_FILE_BYTES = 512 * 1024
 

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import SeniorModel
 from ..errors import UserError
-from .client import ModelRequest, load_litellm
+from .client import load_litellm
+from .models import ModelRequest
 
 
 class ContextFit(BaseModel):

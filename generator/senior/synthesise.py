@@ -26,23 +26,20 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from ..config import Budgets, Pipeline
-from ..errors import BuildFailed
+from ..errors import AnswerRejected, BuildFailed, OverBudget
+from ..frozen import Frozen
 from ..kernel.capabilities import CAPABILITIES
 from ..render import environment
 from ..spec.model import MadSpec, Spec, Tool
 from ..spec.plan import Plan, Unit
 from . import check
-from .client import Answer, AnswerRejected, Exchange, ModelClient, ModelReply, ModelRequest, ResponseCache, parse_answer
+from .answer import Answer, parse_answer
+from .cache import ResponseCache
+from .models import Exchange, ModelClient, ModelReply, ModelRequest
 
 MAX_CONTINUATIONS = 3
 KERNEL = Path(__file__).parents[1] / "kernel"
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class UnitResult(Frozen):
@@ -74,10 +71,6 @@ class Synthesis(Frozen):
     units: tuple[UnitResult, ...]
     exchanges: tuple[Exchange, ...]
     outcomes: tuple[UnitOutcome, ...]
-
-
-class BudgetExceeded(BuildFailed):
-    """The next call could cross a budget; the run stops before making it."""
 
 
 class Spend:
@@ -137,7 +130,7 @@ class Spend:
         for what, limit, committed, this_call, unit_format in limits:
             # A cost budget also stops once it is reached: any further call costs something.
             if limit is not None and (committed + this_call > limit or (this_call == 0 and committed >= limit)):
-                raise BudgetExceeded(
+                raise OverBudget(
                     f"stopped before the next call for unit {unit}: it could cross {what} of "
                     f"{unit_format.format(limit)} ({unit_format.format(committed)} spent or in flight, "
                     f"+ up to {unit_format.format(this_call)} for this call). Spent in this run: "

@@ -14,9 +14,10 @@ import keyword
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from ..frozen import Frozen
 from ..kernel.capabilities import TYPE_NAMES
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
@@ -90,10 +91,6 @@ _DEFAULT_TYPES: dict[str, tuple[str, Any]] = {
 def default_matches(type_name: str, value: Any) -> bool:
     """Whether `value` is a valid default for a param of `type_name` (one of TYPE_NAMES)."""
     return _DEFAULT_TYPES[type_name][1](value)
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Param(Frozen):

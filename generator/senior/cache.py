@@ -1,0 +1,40 @@
+"""The response cache: an unchanged request costs nothing the second time."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from .models import ModelReply
+
+
+class ResponseCache:
+    """Content-addressed answers: `<dir>/<hash[:2]>/<hash>.json`, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, request_hash: str) -> Path:
+        return self.folder / request_hash[:2] / f"{request_hash}.json"
+
+    def get(self, request_hash: str) -> ModelReply | None:
+        path = self._path(request_hash)
+        try:
+            return ModelReply.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # a corrupt entry is a miss, and goes away
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, request_hash: str, reply: ModelReply) -> None:
+        path = self._path(request_hash)
+        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(reply.model_copy(update={"cached": False}).model_dump_json())
+            os.replace(temporary, path)
+        except (OSError, ValueError):  # a cache that cannot be written costs tokens later, not the build
+            temporary.unlink(missing_ok=True)
+
