@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay", type=Path, metavar="ARTIFACT",
         help="answer every model request from ARTIFACT's transcript (no keys, no network)",
     )
+    regenerate.add_argument(
+        "--fresh", action="store_true",
+        help="synthesise every unit again, reusing nothing from the previous version (any pipeline)",
+    )
     regenerate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
     regenerate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
 
@@ -107,15 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
+    from .build.context import BuildContext
     from .build.pipeline import regenerate
     from .config import RunOptions
     from .progress import Reporter
 
     options = RunOptions(
-        spec_dir=args.spec, pipeline_file=args.pipeline, out_dir=args.out, replay=args.replay,
+        spec_dir=args.spec, pipeline_file=args.pipeline, out_dir=args.out, replay=args.replay, fresh=args.fresh,
         cache_dir=None if args.no_cache else Path(".regen/cache"),
     )
-    result = regenerate(options, report=Reporter(quiet=args.quiet))
+    result = regenerate(BuildContext(options=options, report=Reporter(quiet=args.quiet)))
     if args.quiet:
         state = "up to date" if result.up_to_date else "built"
         print(f"{result.ecosystem} {result.version} {state}: {result.path}")
@@ -154,7 +159,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .build.pipeline import verify
+    from .build.verify import verify
 
     result = verify(args.artifact, args.spec, trust=args.trust, keep=args.keep)
     for problem in result.problems:
@@ -193,7 +198,8 @@ def _versions(args: argparse.Namespace) -> int:
     from .artifact.history import version_lines
 
     for line in version_lines(args.out / args.name):
-        units = f"{line.units_synthesised} synthesised, {line.units_reused} reused"
+        units = f"{line.units_synthesised} synthesised, {line.units_reused} reused" + (
+            f", {line.tools_carried} tools carried" if line.tools_carried else "")
         print(f"{args.name} {line.version:<9} {line.bump:<8} parent {line.parent or '-':<8} "
               f"{'offline ' if line.offline else ''}review {line.review}; {units}\n    {line.reason}")
     return 0
@@ -250,7 +256,11 @@ COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify":
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "regenerate" and args.fresh and args.replay:
+        parser.error("--fresh and --replay do not go together: a replay rebuilds exactly what was recorded, "
+                     "reuse included")
     from .errors import RegenError
 
     try:

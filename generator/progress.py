@@ -6,21 +6,31 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self._console = console
         self._status = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:  # rich takes a while to import: not before there is something to show
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._console
 
     @contextmanager
     def stage(self, name: str, doing: str) -> Iterator[dict]:
-        """Run a stage under a spinner; the body may set `note` in the yielded dict."""
-        info: dict = {"note": ""}
+        """Run a stage under a spinner; the body may set `note` in the yielded dict, and `failed` to show it
+        failed without raising (a check that found problems, which the caller reports)."""
+        info: dict = {"note": "", "failed": False}
         started = time.monotonic()
         if self.quiet:
             yield info
@@ -35,7 +45,8 @@ class Reporter:
                 self._status = None
         elapsed = time.monotonic() - started
         note = f" — {info['note']}" if info["note"] else ""
-        self.console.print(f"  [green]✓[/] [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]")
+        mark = "[red]✗[/]" if info["failed"] else "[green]✓[/]"
+        self.console.print(f"  {mark} [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]")
 
     def progress(self, name: str, doing: str) -> None:
         """Replace the spinner's text while a stage is running (e.g. which unit is being written)."""
@@ -53,6 +64,8 @@ class Reporter:
     def summary(self, title: str, rows: list[tuple[str, str]]) -> None:
         if self.quiet:
             return
+        from rich.table import Table
+
         table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
         table.add_column(style="bold")
         table.add_column()

@@ -58,11 +58,10 @@ def _install(moment: str, out: Path) -> None:
 
 
 def _recorded_sandbox(tests_json: Path) -> None:
-    from generator.build import pipeline
-    from generator.sandbox.run import SandboxResult
+    from generator.sandbox import run
 
-    result = SandboxResult.model_validate_json(tests_json.read_text())
-    pipeline._sandbox = lambda *args, **kwargs: result
+    result = run.SandboxResult.model_validate_json(tests_json.read_text())
+    run.run_tests = lambda *args, **kwargs: result
 
 
 def _each_in_a_fork(steps: list[str], argv: list[str]) -> None:

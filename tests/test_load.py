@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from generator.errors import SpecError, UserError
-from generator.spec.load import MAX_FILE_BYTES, kernel_mad_names, kernel_tables, load_spec
+from generator.kernel_contract import kernel_tables, reserved_names
+from generator.spec.load import MAX_FILE_BYTES, load_spec
 
 TESTS = Path(__file__).parent
 GOOD_SPEC = TESTS / "good_spec"
@@ -280,7 +281,7 @@ def test_a_failed_load_always_says_why(spec: Path, monkeypatch: pytest.MonkeyPat
 def test_reserved_tool_names_follow_the_kernel_mad_class() -> None:
     from generator.kernel.mad import Mad
 
-    reserved = kernel_mad_names()
+    reserved = reserved_names()
     assert {"use", "handle", "think", "ask", "call_tool", "health", "store", "tools", "on_start",
             "name", "role", "storage", "_kernel", "conversation_ids", "tool"} <= reserved
     # Every public name of the class, as Python sees it, is covered.

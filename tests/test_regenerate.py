@@ -14,6 +14,7 @@ import yaml
 
 from generator.artifact.sign import SIDECARS, verify_artifact
 from generator.artifact.store import versions
+from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions, SeniorModel
 from generator.errors import BuildFailed
@@ -45,15 +46,20 @@ def offline_spec(tmp_path_factory) -> Path:
     return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec")
 
 
-def _options(out: Path, spec: Path) -> RunOptions:
-    return RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
+def _options(out: Path, spec: Path, **more) -> RunOptions:
+    return RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out, **more)
+
+
+def _build(options: RunOptions, **seams):
+    """A build with the default seams but for those given (e.g. `senior=`), quiet."""
+    return regenerate(BuildContext(options=options, report=Reporter(quiet=True), **seams))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, offline_spec):
     """One full offline build of the repo's spec (builtin tools only), shared by the checks below."""
     out = tmp_path_factory.mktemp("ecosystems")
-    result = regenerate(_options(out, offline_spec), report=Reporter(quiet=True))
+    result = _build(_options(out, offline_spec))
     return out, result
 
 
@@ -116,7 +122,7 @@ def test_the_artifact_carries_what_a_user_needs_to_run_it(built):
 def test_a_rerun_with_nothing_changed_writes_nothing(built, offline_spec, capsys):
     out, result = built
     before = sorted(p.as_posix() for p in out.rglob("*"))
-    again = regenerate(_options(out, offline_spec), report=Reporter())
+    again = regenerate(BuildContext(options=_options(out, offline_spec), report=Reporter()))
     assert again.up_to_date and again.version == "1.0.0"
     assert sorted(p.as_posix() for p in out.rglob("*") if p.name != ".lock") == [
         p for p in before if not p.endswith("/.lock")
@@ -133,8 +139,8 @@ def test_a_changed_spec_makes_a_new_version_and_leaves_the_old_one_alone(built, 
     (spec / "mads" / "grace.yaml").write_text(text.replace("Health of the ecosystem", "Health of all"))
     scratch = tmp_path / "out"
     shutil.copytree(out, scratch)
-    second = regenerate(_options(scratch, spec), report=Reporter(quiet=True))
-    assert second.version == "1.0.1" and second.manifest["parent"] == "1.0.0"
+    second = _build(_options(scratch, spec))
+    assert second.version == "1.0.1" and second.manifest.parent == "1.0.0"
     assert (scratch / "madgroup" / "1.0.0" / "manifest.json").read_bytes() == old_manifest
 
 
@@ -158,13 +164,13 @@ class ScriptedModel:
 )
 def test_a_bad_answer_stops_the_build_and_leaves_no_version(tmp_path, offline_spec, content, expected):
     with pytest.raises(BuildFailed) as err:
-        regenerate(_options(tmp_path, offline_spec), client=ScriptedModel(content), report=Reporter(quiet=True))
+        _build(_options(tmp_path, offline_spec), senior=ScriptedModel(content))
     assert expected in str(err.value)
     assert versions(tmp_path / "madgroup") == []
     assert not [p for p in (tmp_path / "madgroup").iterdir() if p.name.startswith(".staging-")]
 
 
-def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
+def test_a_tool_no_build_ever_wrote_is_named_and_nothing_is_built(tmp_path):
     spec = tmp_path / "spec"
     shutil.copytree(REPO / "spec", spec)
     done = subprocess.run(
@@ -172,10 +178,12 @@ def test_a_tool_the_offline_model_cannot_write_is_named(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2
-    assert "which need a model:\n  mad:rogers: rogers.summarise\n  mad:fiedler: fiedler.compare_models\n" in done.stderr
+    assert ("these tools cannot be carried:\n  rogers.summarise: no archived build wrote it\n"
+            "  fiedler.compare_models: no archived build wrote it\n") in done.stderr
     assert "--pipeline pipelines/frontier.toml" in done.stderr
     assert "Traceback" not in done.stderr
     assert versions(tmp_path / "out" / "madgroup") == []
+    assert not (tmp_path / "out" / "madgroup").exists() or not list((tmp_path / "out" / "madgroup").iterdir())
 
 
 def _complete_or_absent(ecosystem_dir: Path) -> None:
@@ -197,7 +205,7 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, off
     _complete_or_absent(ecosystem_dir)
     assert versions(ecosystem_dir) == (["1.0.0"] if moment == "published" else [])
     # The next run sweeps the dead build's staging folder and finishes the job.
-    result = regenerate(_options(out, offline_spec), report=Reporter(quiet=True))
+    result = _build(_options(out, offline_spec))
     assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
     assert not list(ecosystem_dir.glob(".staging-*"))
     _complete_or_absent(ecosystem_dir)
@@ -225,7 +233,7 @@ class PlantedFailingTest:
 def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_nothing(tmp_path, offline_spec):
     senior = PlantedFailingTest()
     with pytest.raises(BuildFailed) as err:
-        regenerate(_options(tmp_path, offline_spec), client=senior, report=Reporter(quiet=True))
+        _build(_options(tmp_path, offline_spec), senior=senior)
     message = str(err.value)
     assert "tests failed in the sandbox" in message and "1 failed" in message
     assert "test_planted_defect" in message
@@ -236,26 +244,31 @@ def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_n
     assert versions(tmp_path / "madgroup") == []
 
 
-def test_offline_builds_answer_model_units_from_an_archived_build(tmp_path, monkeypatch):
-    """Tools only a model can write were once written by one (here the scripted senior over
-    HTTP); the offline default rebuilds them from that build's transcript, and says so."""
+def test_offline_builds_carry_model_written_tools_from_an_archived_build(tmp_path, monkeypatch):
+    """Tools only a model can write were once written by one (here the scripted senior over HTTP); the
+    offline default carries them into its own build, and says where they came from and who wrote them."""
     monkeypatch.setenv("SCRIPTED_API_KEY", "sk")
     out = tmp_path / "out"
     with ScriptedServer(lambda body: Reply(reference_answer(body))) as server:
         pipeline = tmp_path / "scripted.toml"
         pipeline.write_text((REPO / "pipelines" / "scripted.toml").read_text().replace(
             "http://127.0.0.1:8911/v1", server.base_url))
-        first = regenerate(RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=out),
-                           report=Reporter(quiet=True))
-    assert first.manifest["offline"] is False
-    second = regenerate(_options(out, REPO / "spec"), report=Reporter(quiet=True))
-    assert second.manifest["offline"] is True and second.version == "1.0.1"
-    assert second.manifest["recorded_answers"] == {"mad:fiedler": "1.0.0", "mad:rogers": "1.0.0"}
-    assert second.manifest["sandbox"]["failed"] == 0
+        first = _build(RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=out))
+    assert first.manifest.offline is False and first.manifest.carried == {}
+    second = _build(_options(out, REPO / "spec"))
+    assert second.manifest.offline is True and second.version == "1.0.1"
+    carried = second.manifest.carried
+    assert sorted(carried) == ["fiedler.compare_models", "rogers.summarise"]
+    assert {c.source for c in carried.values()} == {"madgroup@1.0.0"}
+    assert {c.written_by for c in carried.values()} == {"openai/scripted-senior"}
+    assert second.manifest.sandbox.failed == 0
     src = second.path / "src"
     assert "async def summarise(self, conversation_id: str, max_messages: int = 50) -> dict:" in (
         src / "madgroup" / "mads" / "rogers.py").read_text()
     assert "def test_compare_models_answers_from_every_alias" in (src / "tests" / "test_fiedler.py").read_text()
+    # What the scripted senior wrote is what the offline build carries, byte for byte.
+    for path in ["madgroup/mads/rogers.py", "tests/test_rogers.py", "madgroup/mads/fiedler.py", "tests/test_fiedler.py"]:
+        assert (src / path).read_bytes() == (first.path / "src" / path).read_bytes(), path
 
 
 def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, offline_spec):

@@ -10,6 +10,7 @@ from review_helpers import REPO, finding, scripted_reviewer, verdict, write_pane
 from test_regenerate import builtin_only_spec
 
 from generator.artifact.store import versions
+from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions, SeniorModel
 from generator.errors import BuildFailed, ReviewUndecided
@@ -65,7 +66,7 @@ def test_a_rejection_goes_back_to_the_senior_and_the_repaired_build_ships_with_b
                                        "alpha": scripted_reviewer(server.base_url)}, repair_rounds=1)
         senior = RecordingSenior()
         options = RunOptions(spec_dir=offline_spec, pipeline_file=_pipeline(tmp_path, panel), out_dir=tmp_path / "out")
-        result = regenerate(options, client=senior, report=Reporter(quiet=True))
+        result = regenerate(BuildContext(options=options, report=Reporter(quiet=True), senior=senior))
     repair = [r for r in senior.requests if r.unit == "mad:grace" and len(r.messages) > 2]
     assert len(repair) == 1
     assert "the module docstring is vague" in repair[0].messages[-1]["content"]
@@ -73,11 +74,11 @@ def test_a_rejection_goes_back_to_the_senior_and_the_repaired_build_ships_with_b
     review = json.loads((result.path / "review.json").read_text())
     assert [r["consensus"]["outcome"] for r in review["rounds"]] == ["reject", "approve"]
     assert review["outcome"] == "approve" and review["repairs"] == 1
-    assert result.manifest["review"] == {"panel": "test", "outcome": "approve", "reason": review["reason"],
-                                         "repairs": 1, "dissent": [], "cost_usd": 0.0}
+    assert result.manifest.review.model_dump(mode="json") == {
+        "panel": "test", "outcome": "approve", "reason": review["reason"], "repairs": 1, "dissent": [], "cost_usd": 0.0}
     transcript = [json.loads(line) for line in (result.path / "transcript.jsonl").read_text().splitlines()]
     assert any(e["unit"] == "mad:grace" and e["purpose"] == "repair-review" for e in transcript)
-    assert "review.md" in result.manifest["outputs"] and "review.html" in result.manifest["outputs"]
+    assert "review.md" in result.manifest.outputs and "review.html" in result.manifest.outputs
 
 
 def test_the_offline_panel_rejects_a_build_that_logs_a_secret_and_nothing_ships(tmp_path, offline_spec):
@@ -90,7 +91,7 @@ def test_the_offline_panel_rejects_a_build_that_logs_a_secret_and_nothing_ships(
                          out_dir=tmp_path / "out", reports_dir=tmp_path / "reports")
     senior = RecordingSenior(*plants)
     with pytest.raises(BuildFailed) as err:
-        regenerate(options, client=senior, report=Reporter(quiet=True))
+        regenerate(BuildContext(options=options, report=Reporter(quiet=True), senior=senior))
     message = str(err.value)
     assert "the offline panel rejected the build: veto by static: src/madgroup/mads/turing.py" in message
     assert "secret-in-log" in message
@@ -106,6 +107,6 @@ def test_an_undecided_panel_ships_nothing(tmp_path, offline_spec, monkeypatch):
     options = RunOptions(spec_dir=offline_spec, pipeline_file=_pipeline(tmp_path, panel), out_dir=tmp_path / "out",
                          reports_dir=tmp_path / "reports")
     with pytest.raises(ReviewUndecided) as err:
-        regenerate(options, report=Reporter(quiet=True))
+        regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert "could not decide" in str(err.value) and "SCRIPTED_API_KEY" in str(err.value)
     assert versions(tmp_path / "out" / "madgroup") == []

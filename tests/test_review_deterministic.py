@@ -8,8 +8,9 @@ import pytest
 from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.errors import UserError
-from generator.review.deterministic import DETERMINISTIC_KINDS, run_check
+from generator.review.deterministic import run_check
 from generator.review.models import Finding, Material, Subject, VerdictAnswer
+from generator.review.panel import DETERMINISTIC_KINDS
 from generator.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,10 @@ import threading
 import pytest
 from review_helpers import archived_subject, finding, scripted_reviewer, verdict, write_panel
 
+from generator.artifact.history import ChangedFile
 from generator.errors import UserError
 from generator.review.llm import pack
-from generator.review.models import ChangedFile, Finding, Verdict
+from generator.review.models import Finding, Verdict
 from generator.review.panel import ConsensusRule, decide, load_panel
 from generator.review.run import PanelRun, panel_report
 from generator.senior.scripted import Fault, Reply, ScriptedServer

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from generator.artifact.store import versions
+from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions, load_pipeline
 from generator.errors import BuildFailed, OverBudget, UserError
@@ -254,8 +255,8 @@ def test_a_unit_over_the_context_window_stops_the_build_with_the_numbers(tmp_pat
         path = write_pipeline(tmp_path, server.base_url)
         path.write_text(path.read_text().replace("context_window = 1000000", "context_window = 20000"))
         with pytest.raises(UserError, match=r"unit frame needs [\d,]+ tokens .* over openai/scripted's window of 20,000 by"):
-            regenerate(RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out"),
-                       report=Reporter(quiet=True))
+            regenerate(BuildContext(options=RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out"),
+                                    report=Reporter(quiet=True)))
         assert server.requests == []
 
 

@@ -13,6 +13,7 @@ import yaml
 from test_regenerate import REPO, builtin_only_spec
 
 from generator.artifact.store import versions
+from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions
 from generator.errors import SpecError
@@ -32,8 +33,8 @@ def _turing_storage(spec: Path, tables: list[dict]) -> None:
 
 
 def _build(spec: Path, out: Path):
-    return regenerate(RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out),
-                      report=Reporter(quiet=True))
+    options = RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
+    return regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
 
 
 def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(tmp_path):
@@ -41,17 +42,17 @@ def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(
     out = tmp_path / "out"
     _turing_storage(spec, [NOTES])
     first = _build(spec, out)
-    assert [m["number"] for m in first.manifest["migrations"]] == [1]
+    assert [m.number for m in first.manifest.migrations] == [1]
 
     wider = {**NOTES, "columns": [*NOTES["columns"], {"name": "tag", "type": "text"}]}
     _turing_storage(spec, [wider])
     second = _build(spec, out)
-    assert second.version == "1.1.0" and "table turing_notes: column tag added" in second.manifest["bump"]["reason"]
-    assert [m["number"] for m in second.manifest["migrations"]] == [1, 2]
+    assert second.version == "1.1.0" and "table turing_notes: column tag added" in second.manifest.bump.reason
+    assert [m.number for m in second.manifest.migrations] == [1, 2]
     migrations = json.loads((second.path / "src" / "madgroup" / "migrations.json").read_text())
     assert any("ADD COLUMN" in statement for statement in migrations[1]["statements"])
-    upgrade = second.manifest["upgrade"]
-    assert upgrade["ok"] and any("turing.notes" in c["what"] and c["ok"] and not c["skipped"] for c in upgrade["checks"])
+    upgrade = second.manifest.upgrade
+    assert upgrade.ok and any("turing.notes" in c.what and c.ok and not c.skipped for c in upgrade.checks)
 
     _turing_storage(spec, [NOTES])  # drop `tag` again, without saying it may go
     with pytest.raises(SpecError) as err:
@@ -64,6 +65,6 @@ def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(
 
     _turing_storage(spec, [{**NOTES, "allow_destructive": ["drop column tag"]}])
     third = _build(spec, out)
-    assert third.version == "2.0.0" and third.manifest["bump"]["kind"] == "major"
-    assert third.manifest["migrations"][-1]["destructive"] is True
+    assert third.version == "2.0.0" and third.manifest.bump.kind == "major"
+    assert third.manifest.migrations[-1].destructive is True
     shutil.rmtree(tmp_path / "spec")

@@ -13,7 +13,9 @@ import yaml
 from test_regenerate import REPO, builtin_only_spec
 
 from generator.artifact.surface import bump_for, bumped, surface_changes
-from generator.build.pipeline import regenerate, verify
+from generator.build.context import BuildContext
+from generator.build.pipeline import regenerate
+from generator.build.verify import verify
 from generator.config import RunOptions
 from generator.hashing import tree_hashes
 from generator.progress import Reporter
@@ -55,9 +57,9 @@ def spec_dir(tmp_path_factory) -> Path:
     return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec")
 
 
-def _build(spec: Path, out: Path):
-    return regenerate(RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out),
-                      report=Reporter(quiet=True))
+def _build(spec: Path, out: Path, **more):
+    options = RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out, **more)
+    return regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
 
 
 @pytest.mark.slow
@@ -111,15 +113,17 @@ def test_changing_one_mad_regenerates_it_and_its_dependants_reuses_the_rest_and_
     grace.write_text(yaml.safe_dump(mad, sort_keys=False))
     second = _build(spec, out)
     assert (first.version, second.version) == ("1.0.0", "1.0.1")
-    lock = second.manifest["lock"]
-    assert {u for u, e in lock.items() if e["reused_from"] == "1.0.0"} == {"mad:turing", "mad:rogers", "mad:fiedler"}, lock
-    assert "spec/mads/grace.yaml" in lock["mad:grace"]["regenerated_because"]
-    assert lock["frame"]["regenerated_because"]
+    lock = second.manifest.lock
+    assert {u for u, e in lock.items() if e.reused_from == "1.0.0"} == {"mad:turing", "mad:rogers", "mad:fiedler"}, lock
+    assert "spec/mads/grace.yaml" in lock["mad:grace"].regenerated_because
+    assert lock["frame"].regenerated_because
     for unit in ("mad:turing", "mad:rogers", "mad:fiedler"):
-        assert lock[unit]["outputs"] == first.manifest["lock"][unit]["outputs"]
-    assert second.manifest["bump"]["kind"] == "patch"
-    # The reused units come from 1.0.0 when the new version is verified.
-    assert verify(second.path, report=Reporter(quiet=True)).ok
+        assert lock[unit].outputs == first.manifest.lock[unit].outputs
+    assert second.manifest.bump.kind == "patch"
+    # The reused units' exchanges came along into the new transcript: the version verifies alone.
+    lone = tmp_path / "lone" / "1.0.1"
+    shutil.copytree(second.path, lone)
+    assert verify(lone, report=Reporter(quiet=True)).ok
 
     # A tool added to Turing: every MAD talks to Turing, so all are made again; the surface grew: minor.
     turing = spec / "mads" / "turing.yaml"
@@ -128,8 +132,8 @@ def test_changing_one_mad_regenerates_it_and_its_dependants_reuses_the_rest_and_
     mad["tools"].append({**listing, "name": "secret_names", "description": "The secrets' names (an alias)."})
     turing.write_text(yaml.safe_dump(mad, sort_keys=False))
     third = _build(spec, out)
-    assert third.version == "1.1.0" and "tool turing.secret_names added" in third.manifest["bump"]["reason"]
-    assert not any(e["reused_from"] for e in third.manifest["lock"].values())
+    assert third.version == "1.1.0" and "tool turing.secret_names added" in third.manifest.bump.reason
+    assert not any(e.reused_from for e in third.manifest.lock.values())
     diff = subprocess.run([sys.executable, "-m", "generator.cli", "diff", "madgroup@1.0.1", "madgroup@1.1.0", "--out",
                            str(out), "--json"], capture_output=True, text=True, cwd=REPO, check=True)
     found = json.loads(diff.stdout)

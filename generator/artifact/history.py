@@ -2,22 +2,69 @@
 
 `regen versions <name>` lists every archived version with its bump and why; `regen diff A B`
 shows spec changes, tool surface and storage schema changes, dependency changes and the
-file diff, as text or JSON. The same `Changes` summary goes into each build's review report.
+file diff, as text or JSON. The same `Changes` summary goes into each build's review report,
+and reviewers read the file diff (`changed_files`) instead of the whole tree.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import tomllib
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from ..errors import UserError
 from ..frozen import Frozen
-from ..review.material import changed_files
-from ..review.models import ChangedFile
+from ..hashing import tree_hashes
+from .manifest import Manifest, Storage
 from .store import versions
 from .surface import surface_changes, tables
+
+SUMMARISED = {"uv.lock": "lockfile: the dependencies reviewer checks every package, source and hash"}
+
+
+class ChangedFile(Frozen):
+    """One file of the artifact's src/ that differs from the parent version's."""
+
+    path: str
+    status: Literal["added", "removed", "modified"]
+    diff: str = Field(description="unified diff against the parent (the whole file when added)")
+
+
+def _text(path: Path) -> list[str] | None:
+    try:
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return None
+
+
+def _diff(rel: str, old: Path | None, new: Path | None) -> str:
+    if rel in SUMMARISED:
+        return f"({SUMMARISED[rel]})"
+    before = _text(old) if old else []
+    after = _text(new) if new else []
+    if before is None or after is None:
+        return "(binary file)"
+    lines = difflib.unified_diff(before, after, f"a/src/{rel}" if old else "/dev/null",
+                                 f"b/src/{rel}" if new else "/dev/null", n=3)
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+
+
+def changed_files(src: Path, parent_src: Path | None) -> tuple[tuple[ChangedFile, ...], int]:
+    """Every file of `src` that differs from `parent_src` (all of them without a parent), and the count unchanged."""
+    new = tree_hashes(src)
+    old = tree_hashes(parent_src) if parent_src is not None else {}
+    changed = []
+    for rel in sorted(set(new) | set(old)):
+        if new.get(rel) == old.get(rel):
+            continue
+        status = "added" if rel not in old else "removed" if rel not in new else "modified"
+        diff = _diff(rel, parent_src / rel if rel in old and parent_src else None, src / rel if rel in new else None)
+        changed.append(ChangedFile(path=f"src/{rel}", status=status, diff=diff))
+    unchanged = sum(1 for rel in new if new[rel] == old.get(rel))
+    return tuple(changed), unchanged
 
 
 class VersionLine(Frozen):
@@ -29,6 +76,21 @@ class VersionLine(Frozen):
     review: str
     units_reused: int
     units_synthesised: int
+    tools_carried: int
+
+
+class Side(Frozen):
+    """What `changes` compares of a build: archived (`Side.of(manifest)`), or being built."""
+
+    name: str
+    spec_inputs: dict[str, str]
+    surface: dict[str, dict]
+    storage: Storage
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Side:
+        return cls(name=manifest.name, spec_inputs=manifest.spec_inputs, storage=manifest.storage,
+                   surface={k: v.model_dump(mode="json") for k, v in manifest.surface.items()})
 
 
 class Changes(Frozen):
@@ -50,27 +112,18 @@ class Changes(Frozen):
         }
 
 
-def _manifest(artifact: Path) -> dict:
-    try:
-        return json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{artifact}: not an archived build ({exc})") from None
-
-
 def version_lines(ecosystem_dir: Path) -> list[VersionLine]:
     found = versions(ecosystem_dir)
     if not found:
         raise UserError(f"no archived versions in {ecosystem_dir}/; build one with `regen regenerate`")
     lines = []
     for version in found:
-        m = _manifest(ecosystem_dir / version)
-        lock = m.get("lock", {})
+        m = Manifest.read(ecosystem_dir / version)
+        reused = sum(1 for e in m.lock.values() if e.reused_from)
         lines.append(VersionLine(
-            version=version, parent=m.get("parent"), bump=m.get("bump", {}).get("kind", "?"),
-            reason=m.get("bump", {}).get("reason", ""), offline=bool(m.get("offline")),
-            review=m.get("review", {}).get("outcome", "not reviewed"),
-            units_reused=sum(1 for e in lock.values() if e.get("reused_from")),
-            units_synthesised=sum(1 for e in lock.values() if not e.get("reused_from")) or len(m.get("units", [])),
+            version=version, parent=m.parent, bump=m.bump.kind, reason=m.bump.reason, offline=m.offline,
+            review=m.review.outcome, units_reused=reused, units_synthesised=(len(m.lock) - reused) or len(m.units),
+            tools_carried=len(m.carried),
         ))
     return lines
 
@@ -90,11 +143,10 @@ def _spec_files(artifact: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else {}
 
 
-def changes(old: Path, new: Path, new_manifest: dict | None = None) -> Changes:
-    """From build `old` to build `new` (a staged build passes its manifest-to-be as `new_manifest`)."""
-    a, b = _manifest(old), new_manifest or _manifest(new)
-    spec_a = {k: v for k, v in a.get("inputs", {}).items() if k.startswith("spec/")}
-    spec_b = {k: v for k, v in b.get("inputs", {}).items() if k.startswith("spec/")}
+def changes(old: Path, new: Path, new_side: Side | None = None) -> Changes:
+    """From build `old` to build `new` (a build being staged passes what it will record as `new_side`)."""
+    a, b = Side.of(Manifest.read(old)), new_side or Side.of(Manifest.read(new))
+    spec_a, spec_b = a.spec_inputs, b.spec_inputs
     spec = {k.removeprefix("spec/"): ("added" if k not in spec_a else "removed" if k not in spec_b else "modified")
             for k in sorted(spec_a.keys() | spec_b.keys()) if spec_a.get(k) != spec_b.get(k)}
     text_a, text_b = _spec_files(old), _spec_files(new)
@@ -103,8 +155,7 @@ def changes(old: Path, new: Path, new_manifest: dict | None = None) -> Changes:
                                      f"a/spec/{p}", f"b/spec/{p}"))
         for p in sorted(spec) if p in text_a or p in text_b
     )
-    surface = surface_changes(a.get("surface", {}), b.get("surface", {}),
-                              tables(a.get("storage", {})), tables(b.get("storage", {})))
+    surface = surface_changes(a.surface, b.surface, tables(a.storage), tables(b.storage))
     pkgs_a, pkgs_b = _packages(old / "src"), _packages(new / "src")
     dependencies = {}
     for name in sorted(pkgs_a.keys() | pkgs_b.keys()):
@@ -116,8 +167,7 @@ def changes(old: Path, new: Path, new_manifest: dict | None = None) -> Changes:
             dependencies[name] = f"{pkgs_a[name]} -> {pkgs_b[name]}"
     files, unchanged = changed_files(new / "src", old / "src")
     return Changes(
-        old=f"{a.get('ecosystem')}@{a.get('version')}", new=f"{b.get('ecosystem')}@{b.get('version')}",
-        spec=spec, spec_diff=spec_diff, surface=tuple(f"[{c.bump}] {c.what}" for c in surface),
+        old=a.name, new=b.name, spec=spec, spec_diff=spec_diff, surface=tuple(f"[{c.bump}] {c.what}" for c in surface),
         dependencies=dependencies, files=files, unchanged_files=unchanged,
     )
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from ..frozen import Frozen
 from ..spec.model import Spec
+from .manifest import BumpRecord, Manifest
 
 Bump = Literal["major", "minor", "patch"]
 _ORDER: tuple[Bump, ...] = ("patch", "minor", "major")
 
 
-class Change(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Change(Frozen):
     bump: Bump
     what: str
 
@@ -101,3 +99,17 @@ def bumped(version: str, bump: Bump) -> str:
     if bump == "minor":
         return f"{major}.{minor + 1}.0"
     return f"{major}.{minor}.{patch + 1}"
+
+
+def version_bump(spec: Spec, parent: Manifest | None, schema: dict) -> BumpRecord:
+    """How far the version moves from `parent`: by the tool surface and the storage `schema` against the parent's."""
+    if parent is None:
+        return BumpRecord(kind="initial", reason="first build", changes=())
+    old_surface = {name: tool.model_dump(mode="json") for name, tool in parent.surface.items()}
+    changes = surface_changes(old_surface, tool_surface(spec), tables(parent.storage), tables(schema))
+    if not changes:
+        return BumpRecord(kind="patch", reason=f"same tools and storage as {parent.version}; code, prompts or docs changed",
+                          changes=())
+    kind = bump_for(changes)
+    return BumpRecord(kind=kind, reason="; ".join(c.what for c in changes if c.bump == kind),
+                      changes=tuple(c.what for c in changes))

@@ -64,29 +64,17 @@ from ..sandbox.run import LEVELS, SandboxResult
 from ..senior.check import dotted_name, principle_violations
 from ..spec.model import PINNED_REQUIREMENT, PrincipleRule
 from .models import BLOCKING, SEVERITIES, Finding, Subject, VerdictAnswer
-
-DETERMINISTIC_KINDS = ("tests", "static", "dependencies")
+from .panel import check_options
 
 DEFAULT_FORBID_IMPORTS = ("pickle", "marshal", "shelve", "subprocess", "telnetlib", "ftplib")
 DEFAULT_FORBID_CALLS = ("eval", "exec", "os.system", "os.popen")
 DEFAULT_EXCLUDE = ("src/*/kernel/testing.py",)
 
 
-def check_options(kind: str, options: dict) -> None:
-    """A UserError for an unknown check or option: panels are checked when loaded, before any spend."""
-    if kind not in _CHECKS:
-        raise UserError(f"unknown deterministic check {kind!r}; expected one of {', '.join(DETERMINISTIC_KINDS)}")
-    accepted = _CHECKS[kind][0]
-    for key in sorted(options):
-        if key not in accepted:
-            expected = ", ".join(sorted(accepted)) or "none"
-            raise UserError(f"unknown option {key!r} for the {kind} check; accepted options: {expected}")
-
-
 def run_check(kind: str, subject: Subject, options: dict) -> VerdictAnswer:
     """Run the deterministic check `kind` on `subject`; `options` come from the reviewer's TOML."""
     check_options(kind, options)
-    facts, findings = _CHECKS[kind][1](subject, options)
+    facts, findings = _CHECKS[kind](subject, options)
     return _answer(facts, findings)
 
 
@@ -656,8 +644,8 @@ def _changes(before: dict[str, str], after: dict[str, str], lock_text: str) -> l
     return findings
 
 
-_CHECKS: dict[str, tuple[frozenset[str], Callable[[Subject, dict], tuple[str, list[Finding]]]]] = {
-    "tests": (frozenset({"require_level"}), _tests),
-    "static": (frozenset({"forbid_imports", "forbid_calls", "exclude"}), _static),
-    "dependencies": (frozenset(), _dependencies),
+_CHECKS: dict[str, Callable[[Subject, dict], tuple[str, list[Finding]]]] = {
+    "tests": _tests,
+    "static": _static,
+    "dependencies": _dependencies,
 }

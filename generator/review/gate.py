@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..artifact.history import changes
 from ..artifact.store import versions
-from ..config import Pipeline, SandboxSettings, load_pipeline
+from ..config import SandboxSettings, load_pipeline
 from ..errors import UserError
 from ..progress import Reporter
 from ..sandbox.run import run_tests
@@ -26,16 +26,9 @@ from ..senior.models import ModelClient
 from ..spec.load import load_spec
 from .material import material
 from .models import PanelReport, Subject
-from .panel import Panel, load_panel
+from .panel import load_panel, panel_of
 from .report import review_html, review_json, review_markdown
 from .run import PanelRun, panel_report
-
-# The deterministic panel, beside the compiler in a checkout: what a pipeline gets unless it names one.
-DEFAULT_PANEL = Path(__file__).resolve().parents[2] / "reviews" / "panels" / "offline.toml"
-
-
-def panel_of(pipeline: Pipeline, pipeline_file: Path) -> Panel:
-    return load_panel(pipeline_file.parent / pipeline.review.panel if pipeline.review.panel else DEFAULT_PANEL)
 
 
 def newest_artifact(out_dir: Path, ecosystem: str) -> Path:

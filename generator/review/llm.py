@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from ..artifact.history import ChangedFile
 from ..errors import BuildFailed, OverBudget, UserError
 from ..render import environment
 from ..senior import context
 from ..senior.answer import unfenced
 from ..senior.cache import ResponseCache
 from ..senior.models import ModelClient, ModelReply, ModelRequest
-from .models import SEVERITIES, ChangedFile, Material, Verdict, VerdictAnswer
+from .models import SEVERITIES, Material, Verdict, VerdictAnswer
 from .panel import Reviewer
 
 # Room left in each request for the answer's own framing and the counter's error.
@@ -57,9 +58,10 @@ class ReviewSpend:
 
 def _manifest_summary(manifest: dict) -> dict:
     """The parts of the manifest a reviewer can judge; hashes of every file are noise to it."""
-    keep = ("ecosystem", "version", "parent", "bump", "offline", "startup_order", "sandbox", "tokens", "cost_usd")
+    keep = ("ecosystem", "version", "parent", "bump", "offline", "startup_order", "sandbox", "tokens", "cost_usd",
+            "carried")
     summary = {k: manifest[k] for k in keep if k in manifest}
-    summary["units"] = [{k: u.get(k) for k in ("unit", "model", "rounds", "cached")} for u in manifest.get("units", [])]
+    summary["units"] = [{k: u.get(k) for k in ("unit", "rounds", "reused_from")} for u in manifest.get("units", [])]
     return summary
 
 

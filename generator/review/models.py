@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..artifact.history import ChangedFile
 from ..frozen import Frozen
 from ..spec.model import Spec
 
@@ -69,14 +70,6 @@ class Verdict(Frozen):
         """One line of progress: reviewer, decision, how many findings, why it abstained."""
         found = f", {len(self.findings)} findings" if self.findings else ""
         return f"{self.reviewer}: {self.decision}{found}" + (f" ({self.error})" if self.error else "")
-
-
-class ChangedFile(Frozen):
-    """One file of the artifact's src/ that differs from the parent version's."""
-
-    path: str
-    status: Literal["added", "removed", "modified"]
-    diff: str = Field(description="unified diff against the parent (the whole file when added)")
 
 
 class Material(Frozen):

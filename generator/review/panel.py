@@ -17,10 +17,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import SeniorModel, load_toml
+from ..config import Pipeline, SeniorModel, load_toml
 from ..errors import UserError
 from ..frozen import Frozen
-from .deterministic import check_options
 from .models import BLOCKING, Consensus, Verdict
 
 Focus = Literal["security", "correctness", "principles", "operability", "tests", "dependencies"]
@@ -122,6 +121,25 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+# The deterministic checks (review/deterministic.py) and the options each accepts in a reviewer file.
+CHECK_OPTIONS: dict[str, frozenset[str]] = {
+    "tests": frozenset({"require_level"}),
+    "static": frozenset({"forbid_imports", "forbid_calls", "exclude"}),
+    "dependencies": frozenset(),
+}
+DETERMINISTIC_KINDS = tuple(CHECK_OPTIONS)
+
+
+def check_options(kind: str, options: dict) -> None:
+    """A UserError for an unknown check or option: panels are checked when loaded, before any spend."""
+    if kind not in CHECK_OPTIONS:
+        raise UserError(f"unknown deterministic check {kind!r}; expected one of {', '.join(DETERMINISTIC_KINDS)}")
+    for key in sorted(options):
+        if key not in CHECK_OPTIONS[kind]:
+            expected = ", ".join(sorted(CHECK_OPTIONS[kind])) or "none"
+            raise UserError(f"unknown option {key!r} for the {kind} check; accepted options: {expected}")
+
+
 def load_panel(path: Path) -> Panel:
     """The panel file and every reviewer and rubric it names, validated; errors name the file."""
     definition = load_toml(path, PanelDefinition, "panel file", "reviews/panels/offline.toml", "--panel ")
@@ -220,3 +238,12 @@ def decide(rule: ConsensusRule, verdicts: list[Verdict]) -> Consensus:
     detail = f": {blocking[0].where} {blocking[0].rule}: {blocking[0].message}" if blocking else ""
     return outcome("reject", f"changes requested by {', '.join(v.reviewer for v in against)}"
                    f" ({rule_text(rule, n, veto=False)} not met){detail}")
+
+
+# The deterministic panel, beside the compiler in a checkout: what a pipeline gets unless it names one.
+DEFAULT_PANEL = Path(__file__).resolve().parents[2] / "reviews" / "panels" / "offline.toml"
+
+
+def panel_of(pipeline: Pipeline, pipeline_file: Path) -> Panel:
+    """The panel a pipeline names (relative to the pipeline file), else the deterministic one."""
+    return load_panel(pipeline_file.parent / pipeline.review.panel if pipeline.review.panel else DEFAULT_PANEL)

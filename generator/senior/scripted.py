@@ -478,15 +478,13 @@ WRITTEN_TOOLS = Path(__file__).resolve().parents[2] / "pipelines" / "scripted"
 def reference_answer(body: Mapping[str, Any], written: Path | None = WRITTEN_TOOLS) -> str:
     """What a well-behaved senior answers for the unit in a chat request: the offline
     reference's files, with the tools no capability covers taken from `written`
-    (`<mad>.<tool>.py`, see generator.offline), for scripts that need good answers over HTTP."""
-    from .offline import UNIT_SPEC, load_written, render_unit
+    (`<mad>.<tool>.py`, see generator.senior.offline), for scripts that need good answers over HTTP."""
+    from .offline import answer_for
+    from .offline.written import load_written
 
-    prompt = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
-    match = UNIT_SPEC.search(prompt)
-    if match is None:
-        raise ValueError("the request carries no <unit-spec> block")
+    messages = [{"role": m.get("role"), "content": _text_of(m.get("content"))} for m in body.get("messages", [])]
     tools = load_written(written) if written is not None and written.is_dir() else {}
-    return json.dumps({"files": render_unit(json.loads(match.group(1)), tools)}, sort_keys=True)
+    return answer_for(messages, tools)
 
 
 def unit_of(body: Mapping[str, Any]) -> str:

@@ -15,21 +15,19 @@ first: a call that could cross one is never made.
 
 from __future__ import annotations
 
-import ast
 import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import Literal
 
 from ..config import Budgets, Pipeline
 from ..errors import AnswerRejected, BuildFailed, OverBudget
 from ..frozen import Frozen
 from ..kernel.capabilities import CAPABILITIES
+from ..kernel_contract import api_text
 from ..render import environment
 from ..spec.model import MadSpec, Spec, Tool
 from ..spec.plan import Plan, Unit
@@ -39,7 +37,6 @@ from .cache import ResponseCache
 from .models import Exchange, ModelClient, ModelReply, ModelRequest
 
 MAX_CONTINUATIONS = 3
-KERNEL = Path(__file__).parents[1] / "kernel"
 
 
 class UnitResult(Frozen):
@@ -142,28 +139,6 @@ class Spend:
 # --- prompts ------------------------------------------------------------------------------
 
 
-# The kernel classes generated code programs against, by source file.
-KERNEL_API = (("mad.py", "Mad"), ("db.py", "TableStore"))
-
-
-@cache
-def kernel_api() -> str:
-    """The public API of the kernel, read from its own source, so the prompt cannot drift."""
-    lines = []
-    for filename, class_name in KERNEL_API:
-        tree = ast.parse((KERNEL / filename).read_text(encoding="utf-8"))
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-        lines.append(f"`{class_name}`: {(ast.get_docstring(cls) or '').splitlines()[0]}")
-        for node in cls.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-                prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-                returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-                doc = (ast.get_docstring(node) or "").strip().split("\n\n")[0].replace("\n", " ")
-                signature = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
-                lines.append(f"- `{signature}`" + (f": {doc}" if doc else ""))
-    return "\n".join(lines)
-
-
 def _tool_json(tool: Tool) -> dict:
     # Parameters as a list: their order is the signature's, and JSON objects get sorted.
     # A parameter carries "default" only when it has one: absence means required.
@@ -217,7 +192,7 @@ def prompt_messages(spec: Spec, plan: Plan, unit: Unit) -> list[dict[str, str]]:
         rules=spec.ecosystem.principles,
         package=plan.package,
         capabilities=list(CAPABILITIES.values()),
-        kernel_api=kernel_api(),
+        kernel_api=api_text(),
         answer_schema=json.dumps(Answer.model_json_schema(), sort_keys=True),
     )
     user = env.get_template("unit.md.j2").render(
@@ -320,14 +295,15 @@ class SynthesisRun:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def reused(request: ModelRequest, files: dict[str, str], version: str) -> UnitOutcome:
-    """A unit copied from an earlier version: its answer as if just given, at 0 tokens (a test repair can still follow)."""
+def reused(request: ModelRequest, files: dict[str, str], version: str, exchanges: tuple[Exchange, ...]) -> UnitOutcome:
+    """A unit taken from an earlier version with the exchanges it came from: its answer as if just given, at 0 tokens
+    (a test repair can still follow)."""
     answer = json.dumps({"files": [{"path": p, "content": c} for p, c in sorted(files.items())]}, ensure_ascii=False)
     return UnitOutcome(
         result=UnitResult(unit=request.unit, request_hash=request.hash, files=tuple(sorted(files)), rounds=0,
                           prompt_tokens=0, completion_tokens=0, cost_usd=0.0, latency_ms=0, cached=True,
                           reused_from=version),
-        files=dict(sorted(files.items())), messages=request.messages, answer=answer, exchanges=(),
+        files=dict(sorted(files.items())), messages=request.messages, answer=answer, exchanges=exchanges,
     )
 
 

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from ..errors import BuildFailed, UserError
 from ..frozen import Frozen
+from .answer import Answer
 from .models import Exchange, ModelReply, ModelRequest
 
 TRANSCRIPT = "transcript.jsonl"
@@ -72,10 +73,17 @@ class TranscriptLine(Frozen):
                           prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
                           cost_usd=self.cost_usd, latency_ms=0, attempts=0, cached=True)
 
-    def exchange(self, request: ModelRequest, reused_from: str | None) -> Exchange:
-        """This line as an exchange of `request` (the same question asked again), made for `reused_from`."""
-        return Exchange(request=request, reply=self.reply(), round=self.round, purpose=self.purpose,
-                        reused_from=reused_from)
+    def request(self) -> ModelRequest:
+        """The request this line answered, as it was sent."""
+        return ModelRequest(unit=self.unit, model=self.model, messages=self.messages,
+                            temperature=self.parameters.temperature, seed=self.parameters.seed,
+                            max_tokens=self.parameters.max_tokens, api_base=self.parameters.api_base,
+                            response_schema=Answer.model_json_schema() if self.parameters.structured_output else None)
+
+    def exchange(self, reused_from: str) -> Exchange:
+        """This line as an exchange of a build that reuses it; `reused_from` names the version it was made for."""
+        return Exchange(request=self.request(), reply=self.reply(), round=self.round, purpose=self.purpose,
+                        reused_from=self.reused_from or reused_from)
 
 
 def write_transcript(path: Path, exchanges: list[Exchange]) -> None:

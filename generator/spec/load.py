@@ -17,9 +17,7 @@ pydantic errors for people; `generator.config` reuses them for pipeline files.
 
 from __future__ import annotations
 
-import ast
 import difflib
-import functools
 import hashlib
 import os
 import re
@@ -27,15 +25,16 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-import networkx as nx
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, SpecProblem
 from ..kernel.capabilities import CAPABILITIES
+from ..kernel_contract import kernel_tables, reserved_names
 from .model import (
     IDENTIFIER,
     MAD_CHANGES,
@@ -56,13 +55,12 @@ from .model import (
 )
 from .plan import dependency_graph
 
-__all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "kernel_mad_names", "kernel_tables", "load_spec", "problem_at"]
+__all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "load_spec", "problem_at"]
 
 MAX_FILE_BYTES = 256 * 1024
 # Aliases can make a small file expand enormously ("billion laughs"); specs are small.
 MAX_YAML_VALUES = 50_000
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-KERNEL_DIR = Path(__file__).parents[1] / "kernel"
 
 REQUIRED_FILES = {
     "ecosystem.yaml": "the ecosystem's settings (name, description, python, dependencies, models)",
@@ -710,7 +708,7 @@ def _check_tools(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
                                         f"'{mad.name}' (first at line {first_line[tool.name]}); "
                                         "expected each tool once"))
         first_line.setdefault(tool.name, doc.line(("tools", index, "name")))
-        if tool.name in kernel_mad_names():
+        if tool.name in reserved_names():
             problems.append(doc.problem(("tools", index, "name"), f"tool name '{tool.name}' is reserved by the "
                                         "kernel: the Mad base class (kernel/mad.py) already defines it, and the "
                                         f"tool would override it; expected a different name, like "
@@ -746,64 +744,6 @@ def _check_builtin(doc: _Document, at: tuple, tool: Tool, builtin: str) -> list[
         problems.append(doc.problem(at + ("returns",), f"tool '{tool.name}' returns {tool.returns}, but "
                                     f"capability '{builtin}' returns {capability.returns}"))
     return problems
-
-
-# --- names the kernel reserves, read from its source so they cannot drift ------------
-
-_CREATE_TABLE = re.compile(
-    r"CREATE\s+(?P<virtual>VIRTUAL\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+(?:\w+\.)?(?P<name>[A-Za-z_]\w*)"
-    r"(?:\s+USING\s+(?P<module>\w+)|(?=\s*\())",  # a column list or a module follows: not prose
-    re.IGNORECASE,
-)
-# The tables SQLite itself creates for an FTS5 virtual table `t`: t_data, t_idx, ...
-_FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")
-
-
-@functools.cache
-def kernel_mad_names() -> frozenset[str]:
-    """Every name a tool method would override or shadow in a generated MAD class.
-
-    That is each name bound in the body of `class Mad` (methods, properties, class
-    attributes), each `self.<name>` the class assigns, and the public names mad.py
-    defines at module level (generated modules import `tool` from it).
-    """
-    tree = ast.parse((KERNEL_DIR / "mad.py").read_text(encoding="utf-8"))
-    names: set[str] = set()
-    mad_class = None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Mad":
-            mad_class = node
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
-            names.add(node.name)
-    if mad_class is None:
-        raise RuntimeError(f"{KERNEL_DIR / 'mad.py'} defines no class Mad; the kernel is broken")
-    for node in mad_class.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-    for node in ast.walk(mad_class):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, ast.AnnAssign) else []
-        names.update(target.attr for target in targets if isinstance(target, ast.Attribute)
-                     and isinstance(target.value, ast.Name) and target.value.id == "self")
-    return frozenset(names)
-
-
-@functools.cache
-def kernel_tables() -> dict[str, str]:
-    """SQL table name -> the kernel file creating it (with the shadow tables of FTS5 ones)."""
-    tables: dict[str, str] = {}
-    for path in sorted(KERNEL_DIR.glob("*.py")):
-        for match in _CREATE_TABLE.finditer(path.read_text(encoding="utf-8")):
-            name, where = match["name"], f"kernel/{path.name}"
-            tables.setdefault(name, where)
-            if match["virtual"] and (match["module"] or "").lower() == "fts5":
-                for suffix in _FTS5_SHADOWS:
-                    tables.setdefault(f"{name}_{suffix}", where)
-    return tables
 
 
 def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
@@ -901,6 +841,16 @@ def _check_talks_to(doc: _Document, mad: MadSpec, known: set[str]) -> list[SpecP
 
 def _check_cycles(mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:
     """One problem per dependency loop, at the talks_to entry that closes it."""
+    edges: dict[str, set[str]] = {}  # MADs of one name (a duplicate, reported elsewhere) share their edges
+    for _, mad in mads:
+        edges.setdefault(mad.name, set()).update(t for t in mad.talks_to if t != mad.name)
+    try:  # the stdlib finds out whether there is a loop at all; networkx (slow to import) says which
+        TopologicalSorter(edges).prepare()
+        return []
+    except CycleError:
+        pass
+    import networkx as nx
+
     graph = dependency_graph(mad for _, mad in mads)
     graph.remove_edges_from(list(nx.selfloop_edges(graph)))  # reported as "talks to itself"
     problems = []

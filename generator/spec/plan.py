@@ -8,20 +8,19 @@ Each unit owns a fixed set of output paths; an answer may write nothing else.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
-
-import networkx as nx
-from pydantic import BaseModel, ConfigDict
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import SpecError, SpecProblem
+from ..frozen import Frozen
 from .model import MadSpec, Spec
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 FRAME = "frame"
 
 
-class Unit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Unit(Frozen):
     name: str
     kind: Literal["frame", "mad"]
     mad: str | None = None
@@ -32,9 +31,7 @@ class Unit(BaseModel):
         return any(path == own or (own.endswith("/") and path.startswith(own)) for own in self.owns)
 
 
-class Plan(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Plan(Frozen):
     ecosystem: str
     package: str
     startup_order: tuple[str, ...]
@@ -46,6 +43,8 @@ class Plan(BaseModel):
 
 def dependency_graph(mads: Iterable[MadSpec]) -> nx.DiGraph:
     """An edge A -> B for every `talks_to: [B]` in A: A needs B running first."""
+    import networkx as nx  # slow to import: only when a graph is needed
+
     graph = nx.DiGraph()
     for mad in mads:
         graph.add_node(mad.name)
@@ -56,6 +55,8 @@ def dependency_graph(mads: Iterable[MadSpec]) -> nx.DiGraph:
 
 def make_plan(spec: Spec) -> Plan:
     """The start-up order (dependencies first, ties by name) and one unit per MAD plus the frame."""
+    import networkx as nx
+
     graph = dependency_graph(spec.mads)
     try:
         order = tuple(nx.lexicographical_topological_sort(graph.reverse(copy=True)))

@@ -5,20 +5,20 @@ unit's files from the jinja2 templates beside this module. It can write every to
 to a kernel capability (`builtin:`); any other tool needs a real model, and it says so,
 naming the tool. `provider.py` serves it to litellm as the custom provider `offline`.
 
-The scripted senior (`generator.senior.scripted --reference`) renders the same way, and takes
-the tools a model would write from a folder of written tools (`<mad>.<tool>.py`, with
-its tests in `<mad>.<tool>.test.py`), standing in for a real model where none is reachable.
+The same renderer serves two callers that have tools a model wrote (see `written.py`): the
+offline senior carrying a tool from an archived build (senior/carry.py), and the scripted
+senior (`generator.senior.scripted --reference`), which takes them from a folder of written
+tools (`<mad>.<tool>.py`, tests in `<mad>.<tool>.test.py`) to stand in for a real model.
 """
 
 from __future__ import annotations
 
-import ast
+import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import NamedTuple
 
 from ...render import environment
+from .written import WrittenTool, splice_module, splice_tests
 
 UNIT_SPEC = re.compile(r"<unit-spec>\s*(\{.*\})\s*</unit-spec>", re.S)
 
@@ -31,45 +31,17 @@ def tuple_literal(items: list) -> str:
     return f"({inner},)" if len(items) == 1 else f"({inner})"
 
 
-class WrittenTool(NamedTuple):
-    """A tool written outside the templates: its method and its tests, each with its imports."""
-
-    imports: tuple[str, ...]
-    method: str
-    test_imports: tuple[str, ...]
-    tests: str
-
-
-def _split_imports(source: str) -> tuple[tuple[str, ...], str]:
-    """The top-level import lines of `source`, and the rest of it."""
-    tree = ast.parse(source)
-    lines = source.splitlines()
-    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    taken = {i for n in imports for i in range(n.lineno - 1, n.end_lineno)}
-    rest = "\n".join(line for i, line in enumerate(lines) if i not in taken).strip("\n")
-    return tuple(ast.get_source_segment(source, n) for n in imports), rest + "\n"
-
-
-def load_written(folder: Path) -> dict[str, WrittenTool]:
-    """Written tools by `<mad>.<tool>`, from `folder/<mad>.<tool>.py` and `.test.py`."""
-    written = {}
-    for path in sorted(folder.glob("*.py")):
-        if path.name.endswith(".test.py"):
-            continue
-        name = path.name.removesuffix(".py")
-        imports, method = _split_imports(path.read_text(encoding="utf-8"))
-        tests_path = path.with_name(f"{name}.test.py")
-        test_imports, tests = _split_imports(tests_path.read_text(encoding="utf-8")) if tests_path.exists() else ((), "")
-        written[name] = WrittenTool(imports, method, test_imports, tests)
-    return written
+def template_tests(mad: dict) -> set[str]:
+    """The test functions the templates write for a MAD: one per tool bound to a capability."""
+    return {f"test_{t['name']}" for t in mad["tools"] if t.get("builtin")}
 
 
 def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) -> list[dict[str, str]]:
-    """The files of one unit, rendered from its spec; raises ValueError for a tool it cannot write."""
+    """The files of one unit, rendered from its spec, with `written` tools (`<mad>.<tool>` -> code) spliced into
+    a MAD's module and tests; raises ValueError for a tool no capability covers and nothing was written for."""
     written = written or {}
     env = environment("senior/offline/templates")
     env.filters["tuple_literal"] = tuple_literal
-    env.filters["indent4"] = lambda text: "\n".join(("    " + line) if line else "" for line in text.splitlines())
     package = unit["package"]
     if unit["kind"] == "mad":
         mad = unit["mad"]
@@ -81,27 +53,39 @@ def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) ->
                 "bound to a kernel capability (no `builtin:`). Bind them, or build with an LLM "
                 "pipeline, e.g. --pipeline pipelines/frontier.toml"
             )
-        mine = {t["name"]: written[f"{mad['name']}.{t['name']}"] for t in mad["tools"] if not t.get("builtin")}
         owns = sorted({t["builtin"].split(".")[0] for t in mad["tools"] if t.get("builtin")})
-        context = {
-            "mad": mad, "owns": owns, "unit": unit, "package": package, "written": mine,
-            "extra_imports": sorted({i for w in mine.values() for i in w.imports}),
-            "extra_test_imports": sorted({i for w in mine.values() for i in w.test_imports}),
-        }
-        outputs = {
-            f"{package}/mads/{mad['name']}.py": "mad/module.py.j2",
-            f"tests/test_{mad['name']}.py": "mad/test_mad.py.j2",
-        }
-    else:
-        context = {"unit": unit, "package": package, "ecosystem": unit["ecosystem"], "mads": unit["mads"]}
-        outputs = {
-            path.replace("PACKAGE", package): f"frame/{template}"
-            for path, template in FRAME_FILES.items()
-        }
+        context = {"mad": mad, "owns": owns, "unit": unit, "package": package}
+        module = env.get_template("mad/module.py.j2").render(**context)
+        tests = env.get_template("mad/test_mad.py.j2").render(**context)
+        mine = {t["name"]: written[f"{mad['name']}.{t['name']}"] for t in mad["tools"] if not t.get("builtin")}
+        if mine:
+            module = splice_module(module, mad["class_name"], [t["name"] for t in mad["tools"]], mine)
+            tests = splice_tests(tests, mine)
+        return [
+            {"path": f"{package}/mads/{mad['name']}.py", "content": module},
+            {"path": f"tests/test_{mad['name']}.py", "content": tests},
+        ]
+    context = {"unit": unit, "package": package, "ecosystem": unit["ecosystem"], "mads": unit["mads"]}
+    outputs = {path.replace("PACKAGE", package): f"frame/{template}" for path, template in FRAME_FILES.items()}
     return [
         {"path": path, "content": env.get_template(template).render(**context)}
         for path, template in sorted(outputs.items())
     ]
+
+
+def answer_for(messages: list[dict[str, str]] | tuple[dict[str, str], ...],
+               written: Mapping[str, WrittenTool] | None = None) -> str:
+    """The offline senior's answer to a unit's prompt, as the JSON text any model answers with."""
+    return json.dumps({"files": render_unit(unit_spec_of(messages), written)}, sort_keys=True, ensure_ascii=False)
+
+
+def unit_spec_of(messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> dict:
+    """The unit's spec, from the `<unit-spec>` block of a prompt's user messages; ValueError without one."""
+    prompt = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+    match = UNIT_SPEC.search(prompt)
+    if match is None:
+        raise ValueError("the prompt has no <unit-spec> block; offline/reference only writes units")
+    return json.loads(match.group(1))
 
 
 FRAME_FILES = {

@@ -1,0 +1,122 @@
+"""Stage 6, review: the panel judges the build; findings that block consensus go back to their units.
+
+    review (round 1, optional round 2) → consensus
+        → reject with findings a unit can fix? a repair round for those units, tests again, review again
+    approve: on to the archive; reject (exit 1) or undecided (exit 2): nothing archived, the review
+    goes to `.regen/reports/<name>/<version>/`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact.history import changes
+from ..errors import BuildFailed, RepairFromReviewFailed, ReviewUndecided
+from ..review.gate import write_report
+from ..review.material import material
+from ..review.models import BLOCKING, PanelReport, Subject, Verdict
+from ..review.run import PanelRun, panel_report
+from ..sandbox.run import SandboxResult
+from ..senior.synthesise import Synthesis
+from ..spec.plan import Plan
+from .archive import draft, side
+from .context import BuildContext
+from .prepare import Prepared
+from .produce import Produced, sandbox, spent, write
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The panel's report on the build, and the build it approved (after any repairs it asked for)."""
+
+    review: PanelReport
+    synthesis: Synthesis
+    tests: SandboxResult
+
+
+def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path) -> Judged:
+    panel = prepared.given.panel
+    run = PanelRun(panel, ctx.reviewers, prepared.pipeline.prices, prepared.cache,
+                   on_verdict=lambda v: ctx.report.progress("review", v.line))
+    parent = prepared.ecosystem_dir / prepared.parent.version if prepared.parent else None
+    synthesis, tests = produced.synthesis, produced.tests
+    rounds: list = []
+    repairs, previous = 0, None
+    while True:
+        subject = Subject(artifact=stage, parent=parent, spec=prepared.spec,
+                          material=material(prepared.spec, stage, parent, draft(prepared, synthesis, tests), tests.record()))
+        with ctx.report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
+            rounds += run.review(subject, first_round=len(rounds) + 1, review=repairs + 1)
+            info["note"] = f"{rounds[-1].consensus.outcome}: {rounds[-1].consensus.arithmetic}"
+        blocking = findings_by_unit(prepared.plan, rounds[-1].verdicts)
+        if rounds[-1].consensus.outcome != "reject" or repairs == panel.definition.repair_rounds:
+            break
+        if not blocking or blocking == previous:  # nothing a unit can fix, or the repair changed nothing
+            break
+        previous, repairs = blocking, repairs + 1
+        try:
+            synthesis, tests = _repair(ctx, prepared, produced, synthesis, blocking, repairs, stage / "src")
+        except BuildFailed as exc:
+            _refuse(ctx, prepared, RepairFromReviewFailed(f"the repair the review asked for failed: {exc}",
+                                                          panel_report(subject, panel, rounds, repairs)))
+        if not tests.ok:
+            _refuse(ctx, prepared, RepairFromReviewFailed(
+                f"after repairing from the review, the ecosystem's own tests failed in the sandbox "
+                f"({tests.failed} failed, {tests.errors} errors)\n{tests.output_tail}",
+                panel_report(subject, panel, rounds, repairs)))
+    review = panel_report(subject, panel, rounds, repairs)
+    if parent is not None:  # what changed goes into the report people read instead of the tree
+        review = review.model_copy(update={"changes": changes(parent, stage, side(prepared)).summary()})
+    if review.outcome != "approve":  # kept outside the archive, where the user can read why
+        folder = _report_folder(ctx, prepared)
+        write_report(review, folder)
+        where = f"nothing archived; the review is in {folder}/review.md"
+        if review.outcome == "undecided":
+            raise ReviewUndecided(f"the {panel.name} panel could not decide: {review.reason}; {where}")
+        raise BuildFailed(f"the {panel.name} panel rejected the build: {review.reason}; {where}")
+    return Judged(review=review, synthesis=synthesis, tests=tests)
+
+
+def _repair(ctx: BuildContext, prepared: Prepared, produced: Produced, synthesis: Synthesis,
+            findings: dict[str, list[str]], repairs: int, src: Path) -> tuple[Synthesis, SandboxResult]:
+    with ctx.report.stage("repair", f"units {', '.join(findings)} from the review's findings") as info:
+        synthesis = produced.run.repair_units(synthesis, findings, prepared.pipeline.repair_rounds + repairs, "review")
+        info["note"] = spent(synthesis)
+    write(ctx, prepared, synthesis, src)
+    return synthesis, sandbox(ctx, prepared, src)
+
+
+def _report_folder(ctx: BuildContext, prepared: Prepared) -> Path:
+    return ctx.options.reports_dir / prepared.spec.ecosystem.name / prepared.version
+
+
+def _refuse(ctx: BuildContext, prepared: Prepared, failed: RepairFromReviewFailed) -> None:
+    folder = _report_folder(ctx, prepared)
+    write_report(failed.review, folder)
+    raise BuildFailed(f"{failed}\nNothing archived; the review that asked for the repair is in {folder}/review.md") from failed
+
+
+def _src_path(file: str | None) -> str:
+    """A finding's file as a path inside src/, however the reviewer wrote it (b/src/x.py, ./src/x.py, x (part 2 of 3))."""
+    path = re.sub(r" \(part \d+ of \d+\)$", "", (file or "").strip())
+    return path.split("src/", 1)[1] if "src/" in path else path.removeprefix("./")
+
+
+def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...]) -> dict[str, list[str]]:
+    """Blocking findings of the reviewers that did not approve (critical ones of any reviewer), by the unit
+    that wrote the file. A finding in a file no unit writes (the kernel, the lock) is for people, not the senior."""
+    blocking: dict[str, list[str]] = {}
+    for verdict in verdicts:
+        for f in verdict.findings:
+            if f.severity not in BLOCKING or (verdict.decision == "approve" and f.severity != "critical"):
+                continue
+            rel = _src_path(f.file)
+            owner = next((u.name for u in plan.units if u.may_write(rel)), None)
+            if owner is None:
+                continue
+            fix = f" Fix: {f.suggestion}" if f.suggestion else ""
+            blocking.setdefault(owner, []).append(f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
+    return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
+

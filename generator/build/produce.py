@@ -1,0 +1,138 @@
+"""Stages 3 to 5: synthesise every unit not reused, write src/, run its tests in the sandbox, repair.
+
+    synthesise (units concurrently) → write src/ + uv lock → sandbox tests
+        → failed? each failure goes back to the unit that wrote the test (and the MADs its traceback
+          names), at most `repair_rounds` times; the same failures twice in a row stop early.
+
+`write` and `synthesis_run` are shared with `regen verify`, which rebuilds src/ the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact.migrate import migration_files
+from ..artifact.overrides import apply_overrides
+from ..artifact.store import write_tree
+from ..errors import BuildFailed
+from ..kernel_contract import kernel_files
+from ..sandbox.run import SandboxResult, run_uv
+from ..senior import context
+from ..senior.cache import ResponseCache
+from ..senior.client import price_per_token
+from ..senior.models import ModelClient
+from ..senior.synthesise import Spend, Synthesis, SynthesisRun
+from ..spec.plan import Plan
+from .context import BuildContext
+from .prepare import Given, Planned, Prepared
+
+EXECUTABLE = frozenset({"deploy/run.sh", "deploy/failover.sh"})
+
+
+@dataclass(frozen=True)
+class Produced:
+    """A src/ that passed its own tests, and the answers it was written from."""
+
+    run: SynthesisRun
+    synthesis: Synthesis
+    tests: SandboxResult
+
+
+def synthesis_run(given: Given, plan: Plan, senior: ModelClient, cache: ResponseCache | None = None) -> SynthesisRun:
+    pipeline = given.pipeline
+    return SynthesisRun(
+        given.spec, plan, pipeline, senior, Spend(pipeline.budgets), context.count_tokens, cache,
+        price=lambda model: price_per_token(model, pipeline.prices), window=context.window_of(pipeline.senior),
+    )
+
+
+def produce(ctx: BuildContext, prepared: Prepared, src: Path) -> Produced:
+    pipeline, plan = prepared.pipeline, prepared.plan
+    run = synthesis_run(prepared.given, plan, prepared.senior, prepared.cache)
+    with ctx.report.stage("synthesise", f"{len(plan.units)} units with {pipeline.senior.model}") as info:
+        synthesis = run.synthesise(
+            on_unit=lambda unit: ctx.report.progress("synthesise", f"unit {unit.name} with {pipeline.senior.model}"),
+            reuse=prepared.reuse,
+        )
+        info["note"] = f"{len(synthesis.files)} files checked; {spent(synthesis)}"
+    previous_failures = None
+    for test_round in range(pipeline.repair_rounds + 1):
+        write(ctx, prepared, synthesis, src)
+        tests = sandbox(ctx, prepared, src)
+        if tests.ok:
+            return Produced(run=run, synthesis=synthesis, tests=tests)
+        failures = failures_by_unit(plan, tests)
+        summary = (f"the ecosystem's own tests failed in the sandbox ({tests.passed} passed, "
+                   f"{tests.failed} failed, {tests.errors} errors)")
+        if test_round == pipeline.repair_rounds:
+            raise BuildFailed(f"{summary} after {test_round} repair round(s); nothing archived.\n{tests.output_tail}")
+        if failures == previous_failures:
+            raise BuildFailed(f"{summary}, the same as before the last repair; stopped early, nothing archived.\n"
+                              f"{tests.output_tail}")
+        previous_failures = failures
+        with ctx.report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
+            synthesis = run.repair_units(synthesis, failures, test_round + 1)
+            info["note"] = spent(synthesis)
+    raise AssertionError("unreachable")
+
+
+def write(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, src: Path) -> None:
+    with ctx.report.stage("write", "src/ and uv.lock") as info:
+        write_src(src, synthesis, prepared.planned, prepared.preferred_lock)
+        info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
+
+
+def write_src(src: Path, synthesis: Synthesis, planned: Planned, preferred_lock: Path | None) -> None:
+    """The ecosystem's files: synthesised, the kernel, the migrations, then the spec's pinned overrides; then
+    `uv lock`, keeping the pins of `preferred_lock` (the parent's, or the replayed artifact's) where it can."""
+    if src.exists():
+        shutil.rmtree(src)
+    package = planned.plan.package
+    files, _ = apply_overrides({**synthesis.files, **kernel_files(package),
+                                **migration_files(package, planned.migrations)}, planned.overrides, package)
+    write_tree(src, files, executable=EXECUTABLE)
+    if preferred_lock is not None and preferred_lock.is_file():
+        shutil.copyfile(preferred_lock, src / "uv.lock")
+    run_uv(["lock", "--project", str(src), "--python", sys.executable, "--quiet"], "locking the generated project", 600)
+
+
+def sandbox(ctx: BuildContext, prepared: Prepared, src: Path) -> SandboxResult:
+    # Inside the staging folder: a build killed mid-test leaves it to the next run's sweep.
+    work = src.parent / ".sandbox"
+    work.mkdir()
+    try:
+        with ctx.report.stage("test", "the ecosystem's own tests in the sandbox") as info:
+            tests = ctx.sandbox(src, prepared.pipeline.sandbox, work, ctx.sandbox_level, ctx.report.warn)
+            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+        return tests
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
+    """Each failed test goes to the unit that wrote its file, and to the MADs its traceback names."""
+    failures: dict[str, list[str]] = {}
+    module_pattern = re.compile(rf"{re.escape(plan.package)}/mads/(\w+)\.py")
+    for test in tests.tests:
+        if test.outcome not in ("failed", "error"):
+            continue
+        path = test.id.split("::")[0].replace(".", "/") + ".py"
+        owners = {u.name for u in plan.units if u.may_write(path)} or {"frame"}
+        owners |= {f"mad:{m}" for m in module_pattern.findall(test.message)}
+        for owner in owners & {u.name for u in plan.units}:
+            failures.setdefault(owner, []).append(f"{test.id}: {test.outcome}: {test.message}")
+    if not failures:  # failed without a test to blame (collection, crash): everyone sees the output
+        failures = {u.name: [tests.output_tail[-4000:]] for u in plan.units}
+    return failures
+
+
+def spent(synthesis: Synthesis) -> str:
+    """What this run spent (a reuse, a cache hit or a replay is free), in one phrase."""
+    cached = sum(1 for u in synthesis.units if u.cached)
+    tokens = sum(u.prompt_tokens + u.completion_tokens for u in synthesis.units)
+    cost = sum(u.cost_usd for u in synthesis.units)
+    return f"{tokens:,} tokens, ${cost:.4f}" + (f", {cached} without a model call" if cached else "")

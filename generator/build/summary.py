@@ -1,0 +1,66 @@
+"""The one screen a build ends with: what was reused, carried and synthesised, what it cost, how it was judged."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..artifact.manifest import Manifest
+from .context import BuildContext, BuildResult
+from .prepare import Given
+
+if TYPE_CHECKING:
+    from .archive import Archived
+    from .judge import Judged
+    from .prepare import Prepared
+
+
+def up_to_date(ctx: BuildContext, given: Given, latest: Manifest) -> BuildResult:
+    path = given.ecosystem_dir / latest.version
+    ctx.report.say(f"\n[bold green]Up to date:[/] {latest.ecosystem} {latest.version} was built from exactly these "
+                   f"inputs ({path}); nothing written, 0 tokens spent.")
+    return BuildResult(ecosystem=latest.ecosystem, version=latest.version, path=path, up_to_date=True, manifest=latest)
+
+
+def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archived) -> None:
+    from .produce import spent
+
+    manifest, final = archived.result.manifest, archived.result.path
+    synthesis, tests, review = judged.synthesis, judged.tests, judged.review
+    reused = [f"{u.unit} (from {u.reused_from})" for u in synthesis.units if u.reused_from]
+    cached = [u.unit for u in synthesis.units if u.cached and not u.reused_from]
+    repaired = [f"{u.unit} ({u.rounds} rounds)" for u in synthesis.units if u.rounds > 1]
+    per_unit = ", ".join(f"{u.unit} {u.prompt_tokens + u.completion_tokens:,} tok/{u.latency_ms / 1000:.1f}s"
+                         for u in synthesis.units if not u.reused_from)
+    by_reason: dict[str, list[str]] = {}
+    for unit, entry in manifest.lock.items():
+        if entry.regenerated_because:
+            by_reason.setdefault(entry.regenerated_because, []).append(unit)
+    rows = [
+        ("artifact", str(final)),
+        ("parent", manifest.parent or "none (first build)"),
+        ("version", f"{manifest.bump.kind} bump: {manifest.bump.reason}"),
+        ("units", f"{len(synthesis.units) - len(reused)} synthesised, {len(reused)} reused"
+         + (" (--fresh)" if manifest.fresh else "")
+         + (f", {len(cached)} answered from cache or a recorded build" if cached else "")
+         + (f"; reused at 0 tokens: {', '.join(reused)}" if reused else "")
+         + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
+        *carried_rows(manifest),
+        ("why", "; ".join(f"{', '.join(units)}: {reason}" for reason, units in by_reason.items()) or "—"),
+        ("per unit", per_unit or "—"),
+        ("files", f"{archived.outputs} ({len(synthesis.files)} synthesised, kernel copied)"),
+        ("tokens", f"spent now: {spent(synthesis)}; the answers it is built from took {manifest.tokens.prompt:,} in, "
+                   f"{manifest.tokens.completion:,} out, ${manifest.cost_usd:.4f}"),
+        ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
+        ("sandbox", tests.level + ("" if tests.level == "bubblewrap" else "  [yellow](weaker than bubblewrap)[/]")),
+        ("review", f"{review.outcome} by panel {review.panel}: {review.final.consensus.arithmetic}"
+         + (f"; {review.repairs} repair round(s)" if review.repairs else "")
+         + (f"; dissent: {', '.join(review.dissent)}" if review.dissent else "")),
+        ("run it", f"cd {final}/src && ./deploy/run.sh"),
+    ]
+    title = f"{manifest.ecosystem} {manifest.version}" + (" (offline build)" if manifest.offline else "")
+    ctx.report.summary(title, rows)
+
+
+def carried_rows(manifest: Manifest) -> list[tuple[str, str]]:
+    """A row per carried tool: where it came from, who wrote it, what changed since."""
+    return [("carried" if i == 0 else "", c.line(tool)) for i, (tool, c) in enumerate(sorted(manifest.carried.items()))]

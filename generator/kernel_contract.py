@@ -1,0 +1,129 @@
+"""The kernel as the compiler sees it: read from its own sources, in this one place.
+
+The kernel (`generator/kernel/`) is the runtime every ecosystem is built on. The compiler
+needs five things of it and reads them here only: the files copied into each artifact, the
+names a MAD class reserves, the tables the kernel creates, the API text the senior is
+shown, and `api_hash`, the hash of that API. A unit is written against the API, not the
+implementation: a change inside the kernel that keeps its API regenerates no unit (the
+files are still copied fresh, and the sandbox still tests every build).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from pathlib import Path
+
+from .hashing import files_under, json_hash
+
+KERNEL_DIR = Path(__file__).parent / "kernel"
+# The kernel classes generated code programs against, by source file.
+API_CLASSES = (("mad.py", "Mad"), ("db.py", "TableStore"))
+# What the kernel itself imports at run time, pinned: a spec must list these among its dependencies.
+RUNTIME_DEPENDENCIES = (
+    "mcp==2.3.0",
+    "cryptography==48.0.0",
+    "uvicorn==0.54.0",
+    "httpx==0.28.1",
+    "redis==8.1.0",
+    "prometheus-client==0.26.0",
+)
+TEST_DEPENDENCIES = ("pytest==9.0.3",)
+
+
+def kernel_folder(package: str) -> str:
+    """Where the kernel lands inside an artifact's src/: `<package>/kernel/`."""
+    return f"{package}/kernel/"
+
+
+def kernel_files(package: str) -> dict[str, bytes]:
+    """The kernel's files as they go into src/, by path inside src/."""
+    return {kernel_folder(package) + rel: path.read_bytes()
+            for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()}
+
+
+@functools.cache
+def api_text() -> str:
+    """The public API of the kernel's MAD-facing classes, as the senior's prompt shows it."""
+    lines = []
+    for filename, class_name in API_CLASSES:
+        tree = ast.parse((KERNEL_DIR / filename).read_text(encoding="utf-8"))
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+        lines.append(f"`{class_name}`: {(ast.get_docstring(cls) or '').splitlines()[0]}")
+        for node in cls.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+                returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+                doc = (ast.get_docstring(node) or "").strip().split("\n\n")[0].replace("\n", " ")
+                signature = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
+                lines.append(f"- `{signature}`" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+@functools.cache
+def api_hash() -> str:
+    """What a unit was written against: the API text, the capability catalogue, the grants and reserved names."""
+    from .kernel.capabilities import ALWAYS_GRANTED, CAPABILITIES
+
+    catalogue = {name: {"summary": c.summary, "returns": c.returns,
+                        "params": [[p.name, p.type, p.required, repr(p.default)] for p in c.params]}
+                 for name, c in sorted(CAPABILITIES.items())}
+    return json_hash({"api": api_text(), "capabilities": catalogue, "always_granted": sorted(ALWAYS_GRANTED),
+                      "reserved": sorted(reserved_names())})
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Every name a tool method would override or shadow in a generated MAD class.
+
+    That is each name bound in the body of `class Mad` (methods, properties, class
+    attributes), each `self.<name>` the class assigns, and the public names mad.py
+    defines at module level (generated modules import `tool` from it).
+    """
+    tree = ast.parse((KERNEL_DIR / "mad.py").read_text(encoding="utf-8"))
+    names: set[str] = set()
+    mad_class = None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Mad":
+            mad_class = node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            names.add(node.name)
+    if mad_class is None:
+        raise RuntimeError(f"{KERNEL_DIR / 'mad.py'} defines no class Mad; the kernel is broken")
+    for node in mad_class.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    for node in ast.walk(mad_class):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        names.update(target.attr for target in targets if isinstance(target, ast.Attribute)
+                     and isinstance(target.value, ast.Name) and target.value.id == "self")
+    return frozenset(names)
+
+
+_CREATE_TABLE = re.compile(
+    r"CREATE\s+(?P<virtual>VIRTUAL\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+(?:\w+\.)?(?P<name>[A-Za-z_]\w*)"
+    r"(?:\s+USING\s+(?P<module>\w+)|(?=\s*\())",  # a column list or a module follows: not prose
+    re.IGNORECASE,
+)
+# The tables SQLite itself creates for an FTS5 virtual table `t`: t_data, t_idx, ...
+_FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")
+
+
+@functools.cache
+def kernel_tables() -> dict[str, str]:
+    """SQL table name -> the kernel file creating it (with the shadow tables of FTS5 ones)."""
+    tables: dict[str, str] = {}
+    for path in sorted(KERNEL_DIR.glob("*.py")):
+        for match in _CREATE_TABLE.finditer(path.read_text(encoding="utf-8")):
+            name, where = match["name"], f"kernel/{path.name}"
+            tables.setdefault(name, where)
+            if match["virtual"] and (match["module"] or "").lower() == "fts5":
+                for suffix in _FTS5_SHADOWS:
+                    tables.setdefault(f"{name}_{suffix}", where)
+    return tables
