@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
+
+    start = commands.add_parser("init", help="write a new spec to start an ecosystem of your own from",
+                                description="Write a starter spec (two MADs bound to kernel capabilities) into DIR, "
+                                            "ready for `regen regenerate --spec DIR` on the offline default.")
+    start.add_argument("dir", type=Path, help="the folder for the new spec (must not exist, or be empty)")
+    start.add_argument("--name", help="the ecosystem's name (default: made from DIR's name)")
+    start.add_argument("--force", action="store_true", help="write the starter's files even into a folder that is not empty")
     return parser
 
 
@@ -242,6 +249,19 @@ def _update(args: argparse.Namespace) -> int:
     return 0 if result.ok or result.dry_run else 1  # like git merge: 1 when conflicts are left to resolve
 
 
+def _init(args: argparse.Namespace) -> int:
+    from .spec.starter import init
+
+    started = init(args.dir, args.name, force=args.force)
+    print(f"{started.folder}: a new spec of the ecosystem {started.name}: {', '.join(started.files)}")
+    print("the desk keeps conversations and talks to the vault, which keeps secrets; every tool is bound to a kernel "
+          "capability, so the offline default builds it as it is. Next:")
+    print(f"  regen regenerate --spec {started.folder}        # build it into ecosystems/{started.name}/1.0.0")
+    print(f"  (edit {started.folder}/requirements.md or a MAD, then regenerate again)")
+    print(f"  regen diff {started.name}@1.0.0 {started.name}@latest   # what changed")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from .spec.load import load_spec
 
@@ -252,7 +272,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate,
-            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update}
+            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update, "init": _init}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,10 +39,10 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
         ("artifact", str(final)),
         ("parent", manifest.parent or "none (first build)"),
         ("version", f"{manifest.bump.kind} bump: {manifest.bump.reason}"),
-        ("units", f"{len(synthesis.units) - len(reused)} synthesised, {len(reused)} reused"
-         + (" (--fresh)" if manifest.fresh else "")
+        ("units", f"{len(synthesis.units) - len(reused)} synthesised"
          + (f", {len(cached)} answered from cache or a recorded build" if cached else "")
-         + (f"; reused at 0 tokens: {', '.join(reused)}" if reused else "")
+         + f"; {len(reused)} reused" + (f" at 0 tokens: {', '.join(reused)}" if reused else "")
+         + (" (--fresh: nothing taken from the parent)" if manifest.fresh else "")
          + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
         *carried_rows(manifest),
         ("why", "; ".join(f"{', '.join(units)}: {reason}" for reason, units in by_reason.items()) or "—"),

@@ -135,6 +135,8 @@ class PanelReport(Frozen):
     cost_usd: float = 0.0
     changes: dict | None = Field(default=None, description="what changed since the parent: spec, tools, schema, "
                                                            "dependencies, files (history.Changes.summary())")
+    carried: tuple[str, ...] = Field(default=(), description="a line per model-written tool the offline senior "
+                                                             "carried from an archived build: from where, by whom")
 
     @property
     def exit_code(self) -> int:

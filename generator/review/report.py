@@ -90,6 +90,7 @@ def _view(report: PanelReport) -> dict:
         "files": _by_file(findings),
         "repairs": report.repairs,
         "changes": report.changes,
+        "carried": list(report.carried),
         "prompt_tokens": _int(report.prompt_tokens),
         "completion_tokens": _int(report.completion_tokens),
         "total_tokens": _int(report.prompt_tokens + report.completion_tokens),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from ..artifact.manifest import CarriedTool
 from ..config import Price
 from ..errors import UserError
 from ..senior.cache import ResponseCache
@@ -119,4 +120,6 @@ def panel_report(subject: Subject, panel: Panel, rounds: list[Round], repairs: i
         prompt_tokens=sum(v.prompt_tokens for v in verdicts),
         completion_tokens=sum(v.completion_tokens for v in verdicts),
         cost_usd=round(sum(v.cost_usd for v in verdicts), 6),
+        carried=tuple(CarriedTool.model_validate(c).line(tool)
+                      for tool, c in sorted(subject.material.manifest.get("carried", {}).items())),
     )

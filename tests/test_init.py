@@ -1,0 +1,98 @@
+"""`regen init`: a new user's first spec, accepted by `regen check`, built offline at once; refusals change nothing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generator.artifact.manifest import Manifest
+from generator.build.context import BuildContext
+from generator.build.pipeline import regenerate
+from generator.config import RunOptions
+from generator.errors import UserError
+from generator.progress import Reporter
+from generator.spec.load import load_spec
+from generator.spec.starter import FILES, init
+
+REPO = Path(__file__).resolve().parents[1]
+REGEN = [sys.executable, "-m", "generator.cli"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_init_writes_a_spec_check_accepts_with_two_mads_one_talking_to_the_other(tmp_path):
+    done = subprocess.run(REGEN + ["init", str(tmp_path / "my-notes")], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ecosystem my_notes" in done.stdout and "regen regenerate --spec" in done.stdout
+    checked = subprocess.run(REGEN + ["check", "--spec", str(tmp_path / "my-notes")], capture_output=True, text=True)
+    assert checked.returncode == 0 and "2 MADs" in checked.stdout
+    spec = load_spec(tmp_path / "my-notes")
+    assert spec.ecosystem.name == "my_notes"
+    talks = {m.name: m.talks_to for m in spec.mads}
+    assert talks == {"desk": ["vault"], "vault": []}
+    assert all(t.builtin for m in spec.mads for t in m.tools), "every tool bound to a capability: the offline default builds it"
+    assert sorted(_tree(tmp_path / "my-notes")) == sorted(FILES)
+
+
+def test_init_takes_a_name(tmp_path):
+    init(tmp_path / "whatever", name="ledger")
+    assert load_spec(tmp_path / "whatever").ecosystem.name == "ledger"
+
+
+@pytest.mark.parametrize("name", ["Ledger", "2x", "class", "a-b"])
+def test_a_name_that_cannot_be_a_package_is_refused(tmp_path, name):
+    with pytest.raises(UserError, match="is not an ecosystem name"):
+        init(tmp_path / "spec", name=name)
+    assert not (tmp_path / "spec").exists()
+
+
+def test_init_refuses_a_folder_holding_a_spec_and_changes_nothing(tmp_path):
+    init(tmp_path / "spec")
+    (tmp_path / "spec" / "requirements.md").write_text("my own requirements\n")
+    before = _tree(tmp_path / "spec")
+    done = subprocess.run(REGEN + ["init", str(tmp_path / "spec")], capture_output=True, text=True)
+    assert done.returncode == 2 and "already holds a spec" in done.stderr and "--force" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _tree(tmp_path / "spec") == before
+
+
+def test_init_refuses_a_folder_that_is_not_empty_and_a_file_path(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me\n")
+    with pytest.raises(UserError, match=r"is not empty \(todo.txt\); nothing was changed"):
+        init(tmp_path / "notes")
+    assert _tree(tmp_path / "notes") == {"todo.txt": b"keep me\n"}
+    (tmp_path / "file.yaml").write_text("x: 1\n")
+    done = subprocess.run(REGEN + ["init", str(tmp_path / "file.yaml")], capture_output=True, text=True)
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr
+    assert (tmp_path / "file.yaml").read_text() == "x: 1\n"
+
+
+def test_force_writes_the_starter_over_its_own_files_and_keeps_the_others(tmp_path):
+    init(tmp_path / "spec")
+    (tmp_path / "spec" / "requirements.md").write_text("mine\n")
+    (tmp_path / "spec" / "notes.txt").write_text("keep me\n")
+    init(tmp_path / "spec", force=True)
+    assert (tmp_path / "spec" / "requirements.md").read_text() != "mine\n"
+    assert (tmp_path / "spec" / "notes.txt").read_text() == "keep me\n"
+
+
+@pytest.mark.slow
+def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
+    """The README's loop, on the offline default: init → regenerate → edit → regenerate → diff."""
+    init(tmp_path / "spec", name="notes")
+    out = tmp_path / "ecosystems"
+    options = RunOptions(spec_dir=tmp_path / "spec", pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
+    first = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+    assert first.version == "1.0.0" and first.manifest.sandbox.failed == 0 and first.manifest.sandbox.passed > 10
+    with (tmp_path / "spec" / "requirements.md").open("a") as f:
+        f.write("4. **Audit.** Every secret read is recorded.\n")
+    second = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+    assert second.version == "1.0.1" and Manifest.read(second.path).parent == "1.0.0"
+    diff = subprocess.run(REGEN + ["diff", "notes@1.0.0", "notes@latest", "--out", str(out)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert diff.returncode == 0, diff.stderr
+    assert "modified  spec/requirements.md" in diff.stdout
