@@ -48,9 +48,9 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import BuildFailed, UserError
+from ..frozen import Frozen
 from ..hashing import canonical_json, sha256_file, tree_hashes
 
 KEY_ENV = "REGEN_SIGNING_KEY"
@@ -280,11 +280,7 @@ def sign_artifact(folder: Path, key: SigningKey) -> None:
             out.write(content)
 
 
-class Check(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SignatureCheck(Check):
+class SignatureCheck(Frozen):
     """Whether manifest.json is as it was signed, and by which key."""
 
     ok: bool
@@ -438,7 +434,7 @@ def write_provenance(folder: Path, builder: dict | None = None) -> Path:
     return path
 
 
-class ProvenanceCheck(Check):
+class ProvenanceCheck(Frozen):
     ok: bool
     problem: str | None = None
 
@@ -483,7 +479,7 @@ def verify_outputs(folder: Path) -> list[str]:
     return problems
 
 
-class ArtifactCheck(Check):
+class ArtifactCheck(Frozen):
     """Signature, provenance and every output of an artifact; `ok` only when all three hold."""
 
     signature: SignatureCheck

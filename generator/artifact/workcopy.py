@@ -40,8 +40,10 @@ import merge3
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UserError
+from ..frozen import Frozen
 from ..hashing import canonical_json, sha256_file, tree_hashes
 from ..spec.model import IDENTIFIER
+from .manifest import MANIFEST, Manifest, root_hash
 from .store import VERSION, versions
 
 LOCK_NAME = ".regen.json"
@@ -62,9 +64,7 @@ NOT_A_FILE = "(not a regular file)"  # what `yours` records for a symlink or a s
 ConflictKind = Literal["content", "binary", "deleted-by-you", "deleted-upstream"]
 
 
-class ExportResult(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ExportResult(Frozen):
     ecosystem: str
     version: str
     target: Path
@@ -86,9 +86,7 @@ class Conflict(BaseModel):
         return f"{self.path}: {self.detail}" + (f" (theirs in {self.theirs_copy})" if self.theirs_copy else "")
 
 
-class UpdateResult(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class UpdateResult(Frozen):
     target: Path
     ecosystem: str
     from_version: str
@@ -159,23 +157,20 @@ class _Archive:
 
 
 def _load_archive(path: Path) -> _Archive:
-    manifest_path = path / "manifest.json"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        outputs = manifest["outputs"]
-        ecosystem, version = manifest["ecosystem"], manifest["version"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not an archived build: {manifest_path} cannot be read ({exc})")
-    recorded = {k.removeprefix("src/"): v for k, v in outputs.items() if k.startswith("src/")}
+        manifest = Manifest.read(path)
+    except UserError as exc:
+        raise UserError(f"{path} is not an archived build: {exc}") from None
+    recorded = manifest.src_outputs
     on_disk = tree_hashes(path / "src") if (path / "src").is_dir() else {}
     differ = sorted(p for p in set(recorded) | set(on_disk) if recorded.get(p) != on_disk.get(p))
     if differ:
         raise UserError(f"{path}/src does not match its manifest ({len(differ)} file(s) differ, first src/{differ[0]}): "
                         f"the archive was changed after it was built; restore it (e.g. git checkout -- {path}) first")
-    root_hash = hashlib.sha256(canonical_json(outputs).encode()).hexdigest()
-    if manifest.get("root_hash") != root_hash:
-        raise UserError(f"{manifest_path}: root_hash does not match its outputs; the manifest was edited")
-    return _Archive(path=path, ecosystem=ecosystem, version=version, root_hash=root_hash, hashes=recorded)
+    if manifest.root_hash != root_hash(manifest.outputs):
+        raise UserError(f"{path / MANIFEST}: root_hash does not match its outputs; the manifest was edited")
+    return _Archive(path=path, ecosystem=manifest.ecosystem, version=manifest.version, root_hash=manifest.root_hash,
+                    hashes=recorded)
 
 
 # --- export ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ..artifact.manifest import Manifest
 from ..config import RunOptions
-from ..errors import BuildFailed, UserError
+from ..errors import BuildFailed, RegenError, UserError
 from ..frozen import Frozen
 from ..hashing import sha256_file, tree_hashes
 from ..progress import Reporter
@@ -72,7 +72,15 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
                             problems=tuple(dict.fromkeys([*problems, unreadable])), first_difference=None, differences=())
     with tempfile.TemporaryDirectory(prefix="regen-verify-") as scratch:
         src = Path(scratch) / "src"
-        _replay(artifact, spec_dir or artifact / "spec", report, src, scratch)
+        try:
+            _replay(artifact, spec_dir or artifact / "spec", report, src, scratch)
+        except RegenError as exc:
+            if not problems:  # an intact artifact this compiler cannot replay: the error says why
+                raise
+            # A damaged artifact (its spec, its lock) may not replay at all: that is one more finding.
+            return Verification(artifact=artifact, files=len(manifest.src_outputs), signed_by=signed_by,
+                                problems=tuple([*problems, f"the replay could not run: {str(exc).splitlines()[0]}"]),
+                                first_difference=None, differences=())
         rebuilt = tree_hashes(src)
         if keep is not None:  # for a closer look, e.g. diffoscope archived/src kept/src
             shutil.copytree(src, keep / "src", symlinks=True)

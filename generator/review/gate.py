@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..artifact.history import changes
+from ..artifact.manifest import Manifest
 from ..artifact.store import versions
 from ..config import SandboxSettings, load_pipeline
 from ..errors import UserError
@@ -77,23 +78,19 @@ def gate(
         pipeline = load_pipeline(pipeline_file)
         panel = load_panel(panel_file) if panel_file else panel_of(pipeline, pipeline_file)
         artifact = artifact or newest_artifact(out_dir, spec.ecosystem.name)
-        try:
-            manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{artifact}: not an artifact (no readable manifest.json: {exc}); "
-                            "pass a folder such as ecosystems/madgroup/1.0.2") from None
+        manifest = Manifest.read(artifact)
         if not (artifact / "src").is_dir():
             raise UserError(f"{artifact}: has no src/ folder to review")
-        if manifest.get("ecosystem") not in (None, spec.ecosystem.name):
-            raise UserError(f"{artifact} is a build of {manifest['ecosystem']}, but {spec_dir} is the spec of "
+        if manifest.ecosystem != spec.ecosystem.name:
+            raise UserError(f"{artifact} is a build of {manifest.ecosystem}, but {spec_dir} is the spec of "
                             f"{spec.ecosystem.name}; pass --spec with the spec it was built from")
-        built_from = {k: v for k, v in manifest.get("inputs", {}).items() if k.startswith("spec/")}
+        built_from = manifest.spec_inputs
         current = {f"spec/{f.path}": f.sha256 for f in spec.files}
         if built_from and built_from != current:
             changed = sorted(k for k in built_from.keys() | current.keys() if built_from.get(k) != current.get(k))
             report.warn(f"{artifact} was built from another version of the spec ({', '.join(changed[:5])} differ): "
                         "it is judged against the spec as it is now")
-        parent = artifact.parent / manifest["parent"] if manifest.get("parent") else None
+        parent = artifact.parent / manifest.parent if manifest.parent else None
         if parent is not None and not (parent / "src").is_dir():
             report.warn(f"the parent version {parent} is not here: reviewers see every file, not the diff")
             parent = None
@@ -107,7 +104,7 @@ def gate(
     else:
         tests = sandbox_tests(artifact / "src", pipeline.sandbox, sandbox_level, report)
     subject = Subject(artifact=artifact, parent=parent, spec=spec,
-                      material=material(spec, artifact, parent, manifest, tests))
+                      material=material(spec, artifact, parent, manifest.data(), tests))
     run = PanelRun(panel, clients, pipeline.prices, ResponseCache(cache_dir) if cache_dir else None,
                    on_verdict=lambda v: report.progress("review", v.line))
     with report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:

@@ -21,18 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from ..config import SandboxLevel, SandboxSettings
 from ..errors import BuildFailed
+from ..frozen import Frozen
 
 LEVELS: tuple[SandboxLevel, ...] = ("bubblewrap", "unshare", "none")
 MAX_PROCESSES = 512  # a fork bomb in generated tests stops here
 Outcome = Literal["passed", "failed", "error", "skipped"]
 
 
-class TestOutcome(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class TestOutcome(Frozen):
     __test__ = False  # not a pytest class
 
     id: str
@@ -40,9 +38,7 @@ class TestOutcome(BaseModel):
     message: str = ""
 
 
-class SandboxResult(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SandboxResult(Frozen):
     level: SandboxLevel
     passed: int
     failed: int

@@ -15,9 +15,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from ..config import SandboxLevel, SandboxSettings
+from ..frozen import Frozen
 from ..spec.model import Spec
 from .run import make_venv, run_fenced
 
@@ -26,18 +25,14 @@ PROBE = Path(__file__).with_name("probe.py")
 CAPABILITIES = ("conversations.create", "conversations.post", "conversations.history", "secrets.set", "secrets.get")
 
 
-class UpgradeCheck(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class UpgradeCheck(Frozen):
     what: str
     ok: bool
     detail: str = ""
     skipped: bool = False
 
 
-class UpgradeResult(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class UpgradeResult(Frozen):
     level: SandboxLevel
     ok: bool
     checks: tuple[UpgradeCheck, ...]

@@ -7,17 +7,14 @@ before any call, saying how much is over and what to do about it.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
 from ..config import SeniorModel
 from ..errors import UserError
+from ..frozen import Frozen
 from .client import load_litellm
 from .models import ModelRequest
 
 
-class ContextFit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ContextFit(Frozen):
     unit: str
     prompt_tokens: int
     max_tokens: int

@@ -1,0 +1,108 @@
+"""Units are written against the kernel's API, not its implementation: an edit inside the kernel that keeps the
+API regenerates no unit (a paid call each with a real model), while the kernel's files are still copied fresh."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generator import kernel_contract
+from generator.artifact.manifest import Manifest
+from generator.spec.starter import init
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def kernel_copy(tmp_path, monkeypatch):
+    """The kernel_contract reading a copy of the kernel, which a test may edit."""
+    folder = tmp_path / "kernel"
+    shutil.copytree(kernel_contract.KERNEL_DIR, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(kernel_contract, "KERNEL_DIR", folder)
+    for cached in (kernel_contract.api_text, kernel_contract.api_hash, kernel_contract.reserved_names,
+                   kernel_contract.kernel_tables):
+        cached.cache_clear()
+    yield folder
+    for cached in (kernel_contract.api_text, kernel_contract.api_hash, kernel_contract.reserved_names,
+                   kernel_contract.kernel_tables):
+        cached.cache_clear()
+
+
+def _api_hash() -> str:
+    kernel_contract.api_text.cache_clear()
+    kernel_contract.api_hash.cache_clear()
+    kernel_contract.reserved_names.cache_clear()
+    return kernel_contract.api_hash()
+
+
+def test_a_stylesheet_or_a_private_helper_changes_no_api(kernel_copy):
+    before = _api_hash()
+    with (kernel_copy / "grace_static.py").open("a") as f:
+        f.write("\n# a new shade of blue for the sign-in page\n")
+    mad = kernel_copy / "mad.py"
+    mad.write_text(mad.read_text().replace("class Mad:", "def _internal_helper() -> None:\n    return None\n\n\nclass Mad:"))
+    assert _api_hash() == before
+
+
+@pytest.mark.parametrize("edit", [
+    lambda text: text.replace("    async def think(self,", "    async def ponder(self, prose: str) -> str:\n"
+                                                           "        return prose\n\n    async def think(self,"),
+    lambda text: text.replace("Call a kernel capability", "Call any kernel capability"),
+])
+def test_a_public_method_or_its_docstring_changes_the_api(kernel_copy, edit):
+    before = _api_hash()
+    mad = kernel_copy / "mad.py"
+    mad.write_text(edit(mad.read_text()))
+    assert _api_hash() != before
+
+
+def test_the_kernel_files_are_read_in_one_place():
+    """No module of the compiler but kernel_contract names a kernel file by path (packs will move them)."""
+    offenders = []
+    for path in (REPO / "generator").rglob("*.py"):
+        if "kernel" in path.relative_to(REPO / "generator").parts or path.name == "kernel_contract.py":
+            continue
+        text = path.read_text()
+        if '"mad.py"' in text or '"db.py"' in text or '/ "kernel"' in text:
+            offenders.append(path.relative_to(REPO).as_posix())
+    assert offenders == []
+
+
+def _regen(compiler: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(compiler))
+    return subprocess.run([sys.executable, "-m", "generator.cli", *args], cwd=compiler, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_kernel_change_that_keeps_its_api_rebuilds_with_every_unit_reused(tmp_path):
+    compiler = tmp_path / "compiler"  # a copy of the compiler, whose kernel this test edits
+    shutil.copytree(REPO / "generator", compiler / "generator", ignore=shutil.ignore_patterns("__pycache__"))
+    spec, out = tmp_path / "spec", tmp_path / "ecosystems"
+    init(spec, name="notes")
+    build = ["regenerate", "--spec", str(spec), "--out", str(out), "--pipeline", str(REPO / "pipelines" / "offline.toml"),
+             "--quiet"]
+    first = _regen(compiler, *build)
+    assert first.returncode == 0, first.stderr
+    static = compiler / "generator" / "kernel" / "grace_static.py"
+    with static.open("a") as f:
+        f.write("\n# a new shade of blue for the sign-in page\n")
+    second = _regen(compiler, *build)
+    assert second.returncode == 0, second.stderr
+    manifest = Manifest.read(out / "notes" / "1.0.1")
+    assert {unit: lock.reused_from for unit, lock in manifest.lock.items()} == {
+        "frame": "1.0.0", "mad:desk": "1.0.0", "mad:vault": "1.0.0"}
+    assert manifest.tokens.prompt == 0 and manifest.sandbox.passed > 10 and manifest.sandbox.failed == 0
+    shipped = out / "notes" / "1.0.1" / "src" / "notes" / "kernel" / "grace_static.py"
+    assert shipped.read_bytes() == static.read_bytes(), "the kernel's files are copied fresh"
+
+    mad = compiler / "generator" / "kernel" / "mad.py"
+    mad.write_text(mad.read_text().replace("Call a kernel capability", "Call any kernel capability"))
+    third = _regen(compiler, *build)
+    assert third.returncode == 0, third.stderr
+    manifest = Manifest.read(out / "notes" / "1.0.2")
+    assert not any(lock.reused_from for lock in manifest.lock.values())
+    assert all("kernel_api" in lock.regenerated_because for lock in manifest.lock.values())
