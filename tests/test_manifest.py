@@ -3,7 +3,6 @@ writes back the same bytes, and its artifact still verifies; what cannot be read
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from archive import ARCHIVE
