@@ -7,7 +7,6 @@ offline templates from a spec with a table, and the migrations the planner gives
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def test_archived_1_0_1_to_1_0_2_keeps_conversations_and_secrets(tmp_path):
         "the parent's conversation and message are readable": (True, False),
         "the parent's secret decrypts to its value": (True, False),
     }
-    assert "upgrade-check-value" not in json.dumps(result.record())  # the secret's value is never reported
+    assert "upgrade-check-value" not in result.record().model_dump_json()  # the secret's value is never reported
 
 
 def test_a_version_with_migrations_starts_on_state_from_before_them(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from ..config import Pipeline
+from ..config import Pipeline, SandboxLevel
 from ..errors import UserError
 from ..frozen import Frozen
 from ..hashing import canonical_json, json_hash
@@ -55,7 +55,7 @@ class UnitRecord(Frozen):
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
-    reused_from: str | None
+    reused_from: str | None = None
 
 
 class Tokens(Frozen):
@@ -64,7 +64,7 @@ class Tokens(Frozen):
 
 
 class SandboxRecord(Frozen):
-    level: str
+    level: SandboxLevel
     passed: int
     failed: int
     errors: int
@@ -91,6 +91,8 @@ class MigrationBase(Frozen):
 
 
 class UpgradeCheckRecord(Frozen):
+    """One check of the upgrade test: the parent's state, read back by the new version."""
+
     what: str
     ok: bool
     detail: str = ""
@@ -98,7 +100,7 @@ class UpgradeCheckRecord(Frozen):
 
 
 class UpgradeRecord(Frozen):
-    level: str
+    level: SandboxLevel
     ok: bool
     checks: tuple[UpgradeCheckRecord, ...]
 

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..errors import BuildFailed, UserError
 from ..frozen import Frozen
-from ..hashing import canonical_json, sha256_file, tree_hashes
+from ..hashing import canonical_json, json_hash, sha256_file, tree_hashes
 
 KEY_ENV = "REGEN_SIGNING_KEY"
 DEFAULT_KEY_NAME = "signing-key.pem"
@@ -66,7 +66,7 @@ SIDECARS = frozenset({MANIFEST, SIGNATURE, PUBLIC_KEY, PROVENANCE})
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
-BUILD_TYPE = "https://regen.dev/build/v1"  # the build this module's docstring and generator/pipeline.py describe
+BUILD_TYPE = "https://regen.dev/build/v1"  # the build this module's docstring and generator/build/pipeline.py describe
 BUILDER_ID = "https://regen.dev/builder/cli/v1"  # `regen regenerate` run by whoever holds the signing key
 
 
@@ -368,7 +368,7 @@ def provenance_statement(manifest: dict, builder: dict | None = None, manifest_d
     `manifest_digest` is the sha256 of manifest.json's bytes; by default that of `canonical_json(manifest)`,
     which is how the pipeline writes it."""
     if manifest_digest is None:
-        manifest_digest = hashlib.sha256(canonical_json(manifest).encode()).hexdigest()
+        manifest_digest = json_hash(manifest)
     subjects = {path: digest for path, digest in (manifest.get("outputs") or {}).items()} | {MANIFEST: manifest_digest}
     pipeline = manifest.get("pipeline") or {}
     review = manifest.get("review") or {}
@@ -466,7 +466,7 @@ def verify_outputs(folder: Path) -> list[str]:
         return [f"{path}: not readable JSON: {exc}"]
     recorded = manifest.get("outputs") or {}
     problems = []
-    if hashlib.sha256(canonical_json(recorded).encode()).hexdigest() != manifest.get("root_hash"):
+    if json_hash(recorded) != manifest.get("root_hash"):
         problems.append(f"{MANIFEST}: root_hash is not the hash of its outputs")
     on_disk = {p: d for p, d in tree_hashes(folder).items() if p not in SIDECARS}
     for rel in sorted(set(recorded) | set(on_disk)):

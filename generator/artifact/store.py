@@ -1,4 +1,4 @@
-"""Stage 7, emit: the artifact directory, written so that it is complete or absent.
+"""The archive on disk: versions, staging folders, and publishing a build so that it is complete or absent.
 
 A build is staged in `ecosystems/<name>/.staging-<pid>-<random>/` on the same
 filesystem, every file and folder is fsynced, and one `rename` makes it
@@ -81,19 +81,31 @@ def staging(ecosystem_dir: Path) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class SymlinkOnTheWay(Exception):
+    """A folder on the way to a file is a symlink: the path it names."""
+
+
+def folders_for(root: Path, rel: str) -> Path:
+    """Create the folders of `root/rel` one level at a time, refusing any symlink on the way before it can carry a
+    write (or a mkdir) outside the tree; returns the file's folder."""
+    folder = root
+    for part in Path(rel).parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise SymlinkOnTheWay(folder)
+        folder.mkdir(exist_ok=True)
+    return folder
+
+
 def write_tree(root: Path, files: dict[str, str | bytes], executable: frozenset[str] = frozenset()) -> None:
     """Write `files` (relative posix paths) under `root`; nothing may land outside it."""
     root.mkdir(parents=True, exist_ok=True)
     for rel, content in sorted(files.items()):
         target = root / rel
-        # Create folders one level at a time and refuse any symlink on the way, before it can
-        # carry a write (or a mkdir) outside the tree.
-        folder = root
-        for part in Path(rel).parent.parts:
-            folder = folder / part
-            if folder.is_symlink():
-                raise BuildFailed(f"{rel}: {folder} is a symlink, which could lead outside the output tree")
-            folder.mkdir(exist_ok=True)
+        try:
+            folders_for(root, rel)
+        except SymlinkOnTheWay as exc:
+            raise BuildFailed(f"{rel}: {exc} is a symlink, which could lead outside the output tree") from None
         data = content.encode("utf-8") if isinstance(content, str) else content
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as out:

@@ -44,7 +44,7 @@ from ..frozen import Frozen
 from ..hashing import canonical_json, sha256_file, tree_hashes
 from ..spec.model import IDENTIFIER
 from .manifest import MANIFEST, Manifest, root_hash
-from .store import VERSION, versions
+from .store import VERSION, SymlinkOnTheWay, folders_for, versions
 
 LOCK_NAME = ".regen.json"
 LOCK_SCHEMA = 1
@@ -443,12 +443,10 @@ def _check_writable(root: Path, paths: list[str]) -> None:
 
 def _write_file(root: Path, rel: str, data: bytes, mode: int) -> None:
     """Replace `root/rel` atomically (temp file in the same folder, fsync, rename)."""
-    folder = root
-    for part in Path(rel).parent.parts:
-        folder = folder / part
-        if folder.is_symlink():
-            raise UserError(f"{rel}: {folder} is a symlink; regen does not write through symlinks")
-        folder.mkdir(exist_ok=True)
+    try:
+        folder = folders_for(root, rel)
+    except SymlinkOnTheWay as exc:
+        raise UserError(f"{rel}: {exc} is a symlink; regen does not write through symlinks") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{Path(rel).name}.", suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as out:

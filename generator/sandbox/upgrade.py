@@ -15,8 +15,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from ..artifact.manifest import UpgradeCheckRecord, UpgradeRecord
 from ..config import SandboxLevel, SandboxSettings
-from ..frozen import Frozen
 from ..spec.model import Spec
 from .run import make_venv, run_fenced
 
@@ -25,22 +25,14 @@ PROBE = Path(__file__).with_name("probe.py")
 CAPABILITIES = ("conversations.create", "conversations.post", "conversations.history", "secrets.set", "secrets.get")
 
 
-class UpgradeCheck(Frozen):
-    what: str
-    ok: bool
-    detail: str = ""
-    skipped: bool = False
+class UpgradeResult(UpgradeRecord):
+    """What the manifest records of the test, and the run's raw output for the one who reads why it failed."""
 
-
-class UpgradeResult(Frozen):
-    level: SandboxLevel
-    ok: bool
-    checks: tuple[UpgradeCheck, ...]
     output_tail: str = ""
 
-    def record(self) -> dict:
+    def record(self) -> UpgradeRecord:
         """For the manifest: the checks without the run's raw output (paths and timings vary)."""
-        return self.model_dump(mode="json", exclude={"output_tail"})
+        return UpgradeRecord.model_validate(self.model_dump(mode="json", exclude={"output_tail"}))
 
     def failures(self) -> str:
         return "\n".join(f"  {c.what}: {c.detail}" for c in self.checks if not c.ok)
@@ -75,16 +67,16 @@ def run_upgrade_test(parent_src: Path, new_src: Path, spec: Spec, settings: Sand
     plan = {"package": spec.ecosystem.name, "state": str(work / "state"), "tools": capability_tools(spec), "files": files}
     (work / "plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
 
-    checks: list[UpgradeCheck] = []
+    checks: list[UpgradeCheckRecord] = []
     output: list[str] = []
     for phase, folder in versions.items():
         code, text = _run_phase(phase, folder, work, settings, level)
         output += [f"--- {phase} ({'parent' if phase == 'write' else 'new'} version) ---", *text.splitlines()]
         result = Path(files[phase])
         if result.is_file():
-            checks += [UpgradeCheck.model_validate(c) for c in json.loads(result.read_text(encoding="utf-8"))["checks"]]
+            checks += [UpgradeCheckRecord.model_validate(c) for c in json.loads(result.read_text(encoding="utf-8"))["checks"]]
         if code != 0 or not result.is_file():
-            checks.append(UpgradeCheck(what=f"the {phase} half ran", ok=False, detail=f"exit code {code}"))
+            checks.append(UpgradeCheckRecord(what=f"the {phase} half ran", ok=False, detail=f"exit code {code}"))
         if not all(c.ok for c in checks):
             break  # the new version has nothing meaningful to read
     return UpgradeResult(level=level, ok=bool(checks) and all(c.ok for c in checks), checks=tuple(checks),

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..artifact.manifest import UnitRecord
 from ..config import Budgets, Pipeline
 from ..errors import AnswerRejected, BuildFailed, OverBudget
 from ..frozen import Frozen
@@ -39,17 +40,11 @@ from .models import Exchange, ModelClient, ModelReply, ModelRequest
 MAX_CONTINUATIONS = 3
 
 
-class UnitResult(Frozen):
-    unit: str
-    request_hash: str
-    files: tuple[str, ...]
-    rounds: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
+class UnitResult(UnitRecord):
+    """A unit as this run made it: what it spent now (a cache hit or a reuse spends nothing) and how long it took."""
+
     latency_ms: int
     cached: bool
-    reused_from: str | None = None
 
 
 class UnitOutcome(Frozen):
