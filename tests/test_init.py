@@ -88,6 +88,16 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
     options = RunOptions(spec_dir=tmp_path / "spec", pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
     first = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert first.version == "1.0.0" and first.manifest.sandbox.failed == 0 and first.manifest.sandbox.passed > 10
+    # Nothing changed: the answer takes no model, reviewer, sandbox, signature or template, nor their imports.
+    probe = ("import sys; from generator.cli import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('litellm', 'jinja2', 'networkx', 'libcst', 'cryptography') or m.startswith(("
+             "'generator.review.run', 'generator.review.llm', 'generator.review.deterministic', "
+             "'generator.sandbox', 'generator.artifact.sign', 'generator.senior', 'generator.render'))))")
+    noop = subprocess.run([sys.executable, "-c", probe, "regenerate", "--spec", str(tmp_path / "spec"), "--out", str(out),
+                           "--pipeline", str(REPO / "pipelines" / "offline.toml")], capture_output=True, text=True, cwd=REPO)
+    assert noop.returncode == 0 and "Up to date: notes 1.0.0" in noop.stderr, noop.stderr
+    assert noop.stdout.strip() == "[]"
     with (tmp_path / "spec" / "requirements.md").open("a") as f:
         f.write("4. **Audit.** Every secret read is recorded.\n")
     second = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))

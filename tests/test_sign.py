@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from generator.artifact import sign
+from generator.artifact.store import versions
 from generator.errors import BuildFailed, UserError
 from generator.hashing import canonical_json, sha256_file
 
@@ -231,8 +232,13 @@ def test_a_missing_signature_file_is_named(artifact, name):
     assert not check.ok and not check.signed and name in check.problem and "missing" in check.problem
 
 
-def test_the_archived_builds_are_signed_by_the_repos_key():
-    check = sign.verify_artifact(ARCHIVE / NEWEST, trust=REPO / "keys" / "regen-signing-key.pub.pem")
+@pytest.mark.parametrize("version", versions(ARCHIVE))
+def test_the_archived_builds_are_signed_by_one_of_the_repos_keys(version):
+    """keys/ holds the repo's public keys; each archived version is signed by the one its manifest names."""
+    key_id = json.loads((ARCHIVE / version / "manifest.json").read_text())["signing"]["key_id"]
+    keys = {sign.key_id(serialization.load_pem_public_key(p.read_bytes())): p for p in (REPO / "keys").glob("*.pub.pem")}
+    assert key_id in keys, f"{version} is signed by {key_id}, which keys/ does not hold"
+    check = sign.verify_artifact(ARCHIVE / version, trust=keys[key_id])
     assert check.ok and check.signature.trusted and not check.signature.development, check.problems
 
 
