@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    start = commands.add_parser("init", help="write a new spec to start an ecosystem of your own from",
+                                description="Write a starter spec (two MADs bound to kernel capabilities) into DIR, "
+                                            "ready for `regen regenerate --spec DIR` on the offline default.")
+    start.add_argument("dir", type=Path, help="the folder for the new spec (must not exist, or be empty)")
+    start.add_argument("--name", help="the ecosystem's name (default: made from DIR's name)")
+    start.add_argument("--force", action="store_true", help="write the starter's files even into a folder that is not empty")
+
     regenerate = commands.add_parser("regenerate", help="build the spec into ecosystems/<name>/<version>/")
     _common(regenerate, pipeline=True)
     regenerate.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
@@ -108,12 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
 
-    start = commands.add_parser("init", help="write a new spec to start an ecosystem of your own from",
-                                description="Write a starter spec (two MADs bound to kernel capabilities) into DIR, "
-                                            "ready for `regen regenerate --spec DIR` on the offline default.")
-    start.add_argument("dir", type=Path, help="the folder for the new spec (must not exist, or be empty)")
-    start.add_argument("--name", help="the ecosystem's name (default: made from DIR's name)")
-    start.add_argument("--force", action="store_true", help="write the starter's files even into a folder that is not empty")
     return parser
 
 
