@@ -15,10 +15,6 @@ None is shown as a traceback unless `--debug` is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .review.models import PanelReport
 
 
 class RegenError(Exception):
@@ -75,9 +71,10 @@ class OverBudget(BuildFailed):
 
 
 class RepairFromReviewFailed(BuildFailed):
-    """A repair the panel asked for failed; `review` is the review that asked for it."""
+    """A repair the panel asked for failed; `review` is the review that asked for it (a review.models.PanelReport,
+    not imported here: the errors sit below every module that raises them)."""
 
-    def __init__(self, message: str, review: PanelReport):
+    def __init__(self, message: str, review: object):
         super().__init__(message)
         self.review = review
 

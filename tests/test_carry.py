@@ -274,3 +274,130 @@ def test_an_answer_recorded_by_the_scripted_senior_lifts_and_splices_back_to_the
                        answer[f"tests/test_{mad['name']}.py"], template_tests(mad))
         again = {f["path"]: f["content"] for f in render_unit(unit, {f"{mad['name']}.{tool}": written})}
         assert again == answer
+
+
+HELPERS_MODULE = '''"""Rogers with helpers of every kind."""
+
+from __future__ import annotations
+
+try:
+    import orjson as fastjson
+except ImportError:
+    import json as fastjson
+
+from ..kernel import Mad, tool
+
+
+class Rogers(Mad):
+    name = "rogers"
+    _PREFIX = "summary: "
+
+    class Counts:
+        def __init__(self, n):
+            self.n = n
+
+    @property
+    def style(self):
+        return self._style if hasattr(self, "_style") else "short"
+
+    @style.setter
+    def style(self, value):
+        self._style = value
+
+    def render(self, history):
+        return self._PREFIX + fastjson.dumps([m["content"] for m in history]) + Rogers.suffix()
+
+    @staticmethod
+    def suffix():
+        return "."
+
+    @tool
+    async def summarise(self, conversation_id: str, max_messages: int = 50) -> dict:
+        """Summarise a conversation."""
+        history = await self.use("conversations.history", conversation_id=conversation_id, limit=max_messages)
+        self.style = "long"
+        return {"messages": self.Counts(len(history)).n, "summary": self.render(history), "style": self.style}
+'''
+
+
+def test_lifting_takes_class_attributes_nested_classes_properties_public_helpers_and_guarded_imports(repo):
+    spec, plan, requests = repo
+    unit = _unit(repo)
+    written = lift("summarise", "rogers", "Rogers", HELPERS_MODULE, "", template_tests(unit["mad"]))
+    code = "\n".join(written.methods)
+    for part in ('_PREFIX = "summary: "', "class Counts:", "def style(self):", "@style.setter", "def render(",
+                 "def suffix():"):
+        assert part in code, part
+    assert 'name = "rogers"' not in code, "the template writes the spec's attributes"
+    assert written.helpers and written.helpers[0].startswith("try:\n    import orjson as fastjson")
+    files = render_unit(unit, {"rogers.summarise": written})
+    check.answer(spec, plan, plan.unit("mad:rogers"), Answer.model_validate({"files": files}))
+
+
+def test_a_tool_that_reads_a_name_regen_cannot_take_along_is_refused_by_name():
+    module = ROGERS_MODULE.replace('"sentences": SUMMARY_SENTENCES}', '"sentences": SUMMARY_SENTENCES, "at": clock()}')
+    module = module.replace("UNUSED = object()", "UNUSED = object()\nglobals()['clock'] = lambda: 0")
+    with pytest.raises(LiftError, match="its code reads clock, which its recorded module defines in a way regen "
+                                        "cannot take along"):
+        lift("summarise", "rogers", "Rogers", module, ROGERS_TESTS)
+
+
+def test_two_tools_from_different_builds_that_define_one_helper_differently_stop_the_build_by_name(tmp_path, repo):
+    """Tools of one unit may come from different builds; a helper both define differently is a conflict, said
+    before any work, naming both tools."""
+    from generator.senior.carry import preflight
+
+    two = _requests(_edited_spec(tmp_path, "rogers", lambda m: m["tools"].append(
+        {"name": "digest", "description": "A digest.", "params": {"conversation_id": {"type": "str"}}, "returns": "dict"})))
+    spec, plan, requests = two
+    first = ROGERS_MODULE.replace("    def _never_called(self):\n        return UNUSED\n", "")
+    second = first.replace("async def summarise(", "async def digest_unused(").replace(
+        'return Counter(m["sender"] for m in history)', 'return Counter(m["content"] for m in history)').replace(
+        "    # Summarising is the one thing only a model writes here.\n", "").replace(
+        "@tool\n    async def digest_unused(self, conversation_id: str, max_messages: int = 50) -> dict:",
+        "@tool\n    async def digest(self, conversation_id: str) -> dict:").replace(
+        "limit=max_messages", "limit=10")
+    sources = {"rogers.summarise": _source(two, "madgroup@1.2.0", module=first, messages=requests["mad:rogers"].messages),
+               "rogers.digest": _source(two, "madgroup@1.1.0", module=second, messages=requests["mad:rogers"].messages)}
+    carried = {}
+    for tool, source in sources.items():
+        carried |= find_carried({"mad:rogers": [tool]}, requests, {"mad:rogers": {}}, lambda unit, s=source: iter([s]))
+    with pytest.raises(UserError) as err:
+        preflight(spec, plan, requests, carried)
+    message = str(err.value)
+    assert "rogers.summarise (from madgroup@1.2.0), rogers.digest (from madgroup@1.1.0)" in message
+    assert "both define _speakers in madgroup/mads/rogers.py, differently" in message
+
+
+def test_a_source_whose_prompt_this_compiler_cannot_read_is_passed_over(repo):
+    spec, plan, requests = repo
+    broken = [dict(m) for m in repo[2]["mad:rogers"].messages]
+    broken[-1]["content"] = broken[-1]["content"].replace('"package"', '"pkg"')
+    sources = [_source(repo, "madgroup@1.3.0", messages=broken), _source(repo, "madgroup@1.2.0")]
+    carried = find_carried({"mad:rogers": ["rogers.summarise"]}, requests, {"mad:rogers": {}}, lambda unit: iter(sources))
+    assert carried["rogers.summarise"].source == "madgroup@1.2.0"
+
+
+def test_the_mads_storage_is_part_of_the_contract(tmp_path, repo):
+    before = contracts(repo[2]["mad:rogers"].messages)["rogers.summarise"]
+    table = {"name": "notes", "columns": [{"name": "text", "type": "text"}]}
+    after = contracts(_requests(_edited_spec(tmp_path, "rogers", lambda m: m.update(storage=[table])))[2]["mad:rogers"]
+                      .messages)["rogers.summarise"]
+    assert after.changes_since(before) == ["its MAD's storage changed"]
+
+
+def test_the_accepted_answer_is_the_last_one_whatever_the_rounds_say():
+    """A check repair during synthesis and the first test repair can share a round number."""
+    from generator.senior.transcript import Parameters, TranscriptLine, Usage, accepted_answer
+
+    def line(round_, purpose, response):
+        return TranscriptLine(request_hash="h", unit="mad:rogers", round=round_, purpose=purpose, model="m",
+                              answered_by="m", parameters=Parameters(temperature=0, seed=0, max_tokens=1, api_base=None,
+                                                                      structured_output=True),
+                              messages=(), response=response, finish_reason="stop",
+                              usage=Usage(prompt_tokens=0, completion_tokens=0), cost_usd=0.0)
+
+    lines = [line(0, "synthesise", "A"), line(1, "repair", "B"), line(1, "repair-tests", '{"files": '),
+             line(1, "continue", "[]}")]
+    assert accepted_answer(lines) == '{"files": []}'
+    assert accepted_answer([]) is None

@@ -106,3 +106,21 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
                           text=True, cwd=REPO)
     assert diff.returncode == 0, diff.stderr
     assert "modified  spec/requirements.md" in diff.stdout
+
+
+def test_init_under_a_file_or_over_a_starter_path_that_is_in_the_way_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x\n")
+    with pytest.raises(UserError, match="is a file, so .* cannot be made"):
+        init(tmp_path / "afile" / "spec")
+    init(tmp_path / "spec")
+    (tmp_path / "spec" / "mads" / "desk.yaml").unlink()
+    (tmp_path / "spec" / "mads" / "desk.yaml").mkdir()
+    (tmp_path / "spec" / "requirements.md").write_text("mine\n")
+    with pytest.raises(UserError, match=r"desk.yaml is in the way of the starter's mads/desk.yaml; nothing was changed"):
+        init(tmp_path / "spec", force=True)
+    assert (tmp_path / "spec" / "requirements.md").read_text() == "mine\n"
+
+
+def test_the_starter_spec_names_no_path_of_this_machine(tmp_path):
+    init(tmp_path / "spec")
+    assert not [rel for rel, data in _tree(tmp_path / "spec").items() if str(tmp_path).encode() in data]

@@ -57,3 +57,37 @@ def test_a_new_field_of_this_compiler_is_written_and_read_back(tmp_path):
     shutil.copytree(ARCHIVE / ARCHIVED[-1], tmp_path / "copy", ignore=shutil.ignore_patterns("src", "spec"))
     again = Manifest.read(tmp_path / "copy")
     assert again == newest and again.bytes() == newest.bytes()
+
+
+@pytest.mark.parametrize("content", ["[]", '"a string"', '{"outputs": ["x"]}', '{"outputs": {"a": 1}}'])
+def test_verify_names_a_manifest_of_the_wrong_shape_without_an_internal_error(tmp_path, content):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "artifact"
+    shutil.copytree(ARCHIVE / ARCHIVED[-1], folder)
+    (folder / "manifest.json").write_text(content)
+    done = subprocess.run([sys.executable, "-m", "generator.cli", "verify", str(folder)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert "manifest.json" in done.stderr
+
+
+def test_verify_refuses_a_keep_folder_that_holds_a_src_before_replaying(tmp_path):
+    from generator.build.verify import verify
+    from generator.progress import Reporter
+
+    (tmp_path / "keep" / "src").mkdir(parents=True)
+    with pytest.raises(UserError, match="--keep needs a folder without a src/"):
+        verify(ARCHIVE / ARCHIVED[-1], report=Reporter(quiet=True), keep=tmp_path / "keep")
+
+
+def test_a_self_contained_manifest_records_the_pipeline_whole_defaults_included():
+    """A replay under another compiler must not fall back on that compiler's defaults."""
+    from generator.config import Pipeline, SeniorModel
+
+    for version in ARCHIVED:
+        data = json.loads((ARCHIVE / version / "manifest.json").read_text())
+        if data["schema"] >= 2:
+            assert set(data["pipeline"]) == set(Pipeline.model_fields), version
+            assert set(data["pipeline"]["senior"]) == set(SeniorModel.model_fields), version

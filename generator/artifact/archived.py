@@ -39,7 +39,8 @@ class ArchivedBuild:
         if self.manifest is None:
             return f"{self.folder}: its manifest.json cannot be read"
         signature = verify_signature(self.folder)
-        if not signature.ok and signature.signed:
+        # A version built before signing may be unsigned; a self-contained one (schema 2) never is.
+        if not signature.ok and (signature.signed or self.manifest.schema_version >= 2):
             return f"{self.folder}: {signature.problem}"
         recorded = self.manifest.outputs.get(TRANSCRIPT)
         path = self.folder / TRANSCRIPT

@@ -325,6 +325,7 @@ def verify_signature(folder: Path, trust: Path | None = None) -> SignatureCheck:
         record = json.loads(data).get("signing") or {}
     except (ValueError, AttributeError):
         record = {}
+    record = record if isinstance(record, dict) else {}
     development = bool(record.get("development", False))
     if record and record.get("key_id") != found:
         return fail(f"{MANIFEST} names signing key {record.get('key_id')}, but {PUBLIC_KEY} is key {found}",
@@ -412,14 +413,31 @@ def _dependency(name: str, digest: str) -> dict:
     return {"name": name, "digest": {"sha256": digest}}
 
 
-def provenance_bytes(folder: Path, builder: dict | None = None) -> bytes:
-    """provenance.json as it must be for `folder`'s manifest.json."""
-    path = folder / MANIFEST
+def _manifest_object(path: Path) -> dict:
+    """manifest.json as a JSON object whose outputs map paths to digests; a UserError saying what it is instead.
+
+    Read as raw JSON, not as the Manifest model: this module judges artifacts that may have been tampered with."""
     try:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not an artifact: {exc}") from exc
-    return canonical_json(provenance_statement(manifest, builder, sha256_file(path))).encode()
+        raise UserError(f"{path}: not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object")
+    outputs = manifest.get("outputs") or {}
+    if not isinstance(outputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in outputs.items()):
+        raise UserError(f"{path}: its outputs are not a map of file paths to sha256 digests")
+    return manifest
+
+
+def provenance_bytes(folder: Path, builder: dict | None = None) -> bytes:
+    """provenance.json as it must be for `folder`'s manifest.json."""
+    path = folder / MANIFEST
+    manifest = _manifest_object(path)
+    try:
+        statement = provenance_statement(manifest, builder, sha256_file(path))
+    except (AttributeError, TypeError) as exc:  # a field of another shape than a manifest's
+        raise UserError(f"{path}: not a manifest regen can derive provenance from ({exc})") from None
+    return canonical_json(statement).encode()
 
 
 def write_provenance(folder: Path, builder: dict | None = None) -> Path:
@@ -459,11 +477,10 @@ def verify_provenance(folder: Path, builder: dict | None = None) -> ProvenanceCh
 
 def verify_outputs(folder: Path) -> list[str]:
     """Every file on disk is in manifest.json's "outputs" with its sha256, and the root hash is theirs."""
-    path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        return [f"{path}: not readable JSON: {exc}"]
+        manifest = _manifest_object(folder / MANIFEST)
+    except UserError as exc:
+        return [str(exc)]
     recorded = manifest.get("outputs") or {}
     problems = []
     if json_hash(recorded) != manifest.get("root_hash"):

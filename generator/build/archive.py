@@ -34,8 +34,9 @@ from ..artifact.sbom import sbom
 from ..artifact.sign import sign_artifact, signing_record, write_provenance
 from ..artifact.store import publish, write_tree
 from ..artifact.surface import tool_surface
+from ..config import Pipeline
 from ..errors import BuildFailed
-from ..hashing import canonical_json, tree_hashes
+from ..hashing import canonical_json, sha256_bytes, tree_hashes
 from ..review.gate import write_report
 from ..sandbox.run import SandboxResult
 from ..sandbox.upgrade import run_upgrade_test
@@ -59,7 +60,7 @@ def archive(ctx: BuildContext, prepared: Prepared, judged: Judged, stage: Path) 
     upgrade = upgrade_test(ctx, prepared, judged.tests, stage / "src")
     write_transcript(stage / TRANSCRIPT, list(judged.synthesis.exchanges))
     # The spec it was built from, so `regen diff` can show what changed in it.
-    write_tree(stage / "spec", {f.path: (ctx.options.spec_dir / f.path).read_bytes() for f in prepared.spec.files})
+    write_tree(stage / "spec", spec_files(ctx, prepared))
     (stage / "tests.json").write_text(canonical_json(judged.tests.record()))
     write_report(judged.review, stage)
     (stage / "sbom.cdx.json").write_text(sbom(stage / "src"), encoding="utf-8")
@@ -78,6 +79,22 @@ def archive(ctx: BuildContext, prepared: Prepared, judged: Judged, stage: Path) 
     return Archived(result=result, outputs=len(outputs))
 
 
+def spec_files(ctx: BuildContext, prepared: Prepared) -> dict[str, bytes]:
+    """The spec's files as they were when the build was fingerprinted; an edit made since stops the build."""
+    files = {}
+    for f in prepared.spec.files:
+        path = ctx.options.spec_dir / f.path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BuildFailed(f"{path} cannot be read any more ({exc.strerror}): the spec changed during the build; "
+                              "nothing archived, build again") from None
+        if sha256_bytes(data) != f.sha256:
+            raise BuildFailed(f"{path} changed during the build; nothing archived, build again")
+        files[f.path] = data
+    return files
+
+
 def build_manifest(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, tests: SandboxResult,
                    outputs: dict[str, str], upgrade: UpgradeRecord | None, review: ReviewRecord) -> Manifest:
     """What the artifact records: the one place a manifest is made."""
@@ -91,7 +108,7 @@ def build_manifest(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, 
         generator=GeneratorInfo(name="regen", version=__version__),
         offline=pipeline.senior.is_offline,
         replayed_from=given.replayed.name if given.replayed else None,
-        pipeline=pipeline,
+        pipeline=Pipeline.model_validate(pipeline.model_dump(mode="json")),  # every field, defaults included
         inputs=given.fingerprint.inputs,
         inputs_hash=given.fingerprint.hash,
         startup_order=prepared.plan.startup_order,

@@ -205,21 +205,23 @@ def prepare(ctx: BuildContext, given: Given) -> Prepared:
     from ..senior import context
 
     spec, pipeline = given.spec, given.pipeline
-    with ctx.report.stage("plan", "start-up order, units and context windows") as info:
-        _require_key(ctx, given)
-        planned = plan_units(ctx, given)
-        fits = context.fit(list(planned.requests.values()), pipeline.senior)
-        context.require_fit(fits, pipeline.senior)
-        archive = Archive(given.ecosystem_dir)
-        reuse, why = _reuse(ctx, given, planned, archive)
-        carried = _carried(given, planned, why, archive)
-        biggest = max(fits, key=lambda f: f.needed)
-        window = f" of {biggest.window:,}" if biggest.window else ""
-        info["note"] = (" → ".join(planned.plan.startup_order) + f"; {len(planned.plan.units)} units "
-                        f"({len(reuse)} reused" + (f", {len(carried)} tools carried" if carried else "")
-                        + f"); largest request {biggest.needed:,} tokens{window}")
-    for problem in archive.problems():
-        ctx.report.warn(f"{problem}; not drawn on")
+    archive = Archive(given.ecosystem_dir)
+    try:
+        with ctx.report.stage("plan", "start-up order, units and context windows") as info:
+            _require_key(ctx, given)
+            planned = plan_units(ctx, given)
+            fits = context.fit(list(planned.requests.values()), pipeline.senior)
+            context.require_fit(fits, pipeline.senior)
+            reuse, why = _reuse(ctx, given, planned, archive)
+            carried = _carried(given, planned, why, archive)
+            biggest = max(fits, key=lambda f: f.needed)
+            window = f" of {biggest.window:,}" if biggest.window else ""
+            info["note"] = (" → ".join(planned.plan.startup_order) + f"; {len(planned.plan.units)} units "
+                            f"({len(reuse)} reused" + (f", {len(carried)} tools carried" if carried else "")
+                            + f"); largest request {biggest.needed:,} tokens{window}")
+    finally:  # why an archived build was passed over, said even when that is why the plan failed
+        for problem in archive.problems():
+            ctx.report.warn(f"{problem}; not drawn on")
     remove_stale_staging(given.ecosystem_dir)
     parent = given.latest
     bump = version_bump(spec, parent, schema_of(spec))
@@ -272,7 +274,7 @@ def _carried(given: Given, planned: Planned, why: dict[str, str], archive: Archi
     """The model-written tools the offline senior carries into the units it synthesises."""
     if not given.pipeline.senior.is_offline or given.replayed is not None:
         return {}
-    from ..senior.carry import find_carried
+    from ..senior.carry import find_carried, preflight
 
     needs = {}
     for unit in planned.plan.units:
@@ -280,7 +282,11 @@ def _carried(given: Given, planned: Planned, why: dict[str, str], archive: Archi
             tools = [f"{unit.mad}.{t.name}" for t in given.spec.mad(unit.mad).tools if not t.builtin]
             if tools:
                 needs[unit.name] = tools
-    return find_carried(needs, planned.requests, planned.inputs, archive.sources) if needs else {}
+    if not needs:
+        return {}
+    carried = find_carried(needs, planned.requests, planned.inputs, archive.sources)
+    preflight(given.spec, planned.plan, planned.requests, carried)  # whole and checked, or stop before any work
+    return carried
 
 
 def _migrations(ctx: BuildContext, given: Given, plan: Plan) -> tuple[list[Migration], MigrationBase]:

@@ -50,6 +50,8 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
     from ..artifact.sign import verify_artifact
 
     report = report or Reporter()
+    if keep is not None and (keep / "src").exists():  # found out now, not after the whole replay
+        raise UserError(f"{keep / 'src'} exists: --keep needs a folder without a src/ in it, to copy the rebuild to")
     if not (artifact / "manifest.json").is_file():
         raise UserError(f"{artifact}: not an artifact: it has no manifest.json; pass a folder such as "
                         "ecosystems/madgroup/1.0.0")

@@ -5,7 +5,8 @@ no capability covers was written by a model once; while its *tool contract* hold
 senior carries that code from the newest archived build that has it, instead of stopping:
 
     contract = the tool (name, parameters, return type, description)
-             + the capabilities its MAD may call, and the interfaces of the MADs it may ask
+             + the capabilities its MAD may call (and the tables and secrets they reach), the interfaces
+      of the MADs it may ask
              + the principle rules that apply to its module or its tests
              + the kernel API it was written against
 
@@ -23,14 +24,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..artifact.manifest import CarriedTool
-from ..errors import UserError
+from ..errors import AnswerRejected, UserError
 from ..frozen import Frozen
 from ..hashing import json_hash, sha256_text
 from ..kernel.capabilities import ALWAYS_GRANTED
-from ..spec.model import PrincipleRule
+from ..spec.model import PrincipleRule, Spec
+from ..spec.plan import Plan
+from . import check
+from .answer import Answer
 from .models import ModelReply, ModelRequest
-from .offline import answer_for, template_tests, unit_spec_of
-from .offline.written import LiftError, WrittenTool, lift
+from .offline import answer_for, render_unit, template_tests, unit_spec_of
+from .offline.written import LiftError, SpliceConflict, WrittenTool, lift
 
 _KERNEL_SECTION = re.compile(r"^# The kernel .*?$(?P<api>.*?)^The capabilities:$", re.M | re.S)
 _CAPABILITY_LINE = re.compile(r"^- `(?P<name>[a-z_]+\.[a-z_]+)\(.*$", re.M)
@@ -41,6 +45,8 @@ class ToolContract(Frozen):
 
     tool: dict
     capabilities: dict[str, str]
+    storage: tuple[dict, ...]
+    secrets: tuple[str, ...]
     interfaces: tuple[dict, ...]
     rules: tuple[dict, ...]
     kernel_api: str
@@ -60,6 +66,7 @@ class ToolContract(Frozen):
                 changed.append(f"capability {name} no longer granted")
             elif self.capabilities[name] != older.capabilities[name]:
                 changed.append(f"capability {name} changed")
+        changed += [f"its MAD's {key} changed" for key in ("storage", "secrets") if getattr(self, key) != getattr(older, key)]
         before = {i["name"]: i for i in older.interfaces}
         after = {i["name"]: i for i in self.interfaces}
         changed += [f"the interface of {name} {'added' if name not in before else 'removed' if name not in after else 'changed'}"
@@ -99,6 +106,8 @@ def contracts(messages: Iterable[dict[str, str]]) -> dict[str, ToolContract]:
             rules.append(rule.model_dump(mode="json"))
     common = {
         "capabilities": granted,
+        "storage": tuple(mad.get("storage", [])),
+        "secrets": tuple(mad.get("secrets", [])),
         "interfaces": tuple(sorted(unit.get("interfaces", []), key=lambda i: i["name"])),
         "rules": tuple(sorted(rules, key=lambda r: r["id"])),
         "kernel_api": sha256_text(section.group("api") if section else ""),
@@ -145,12 +154,18 @@ def find_carried(needs: dict[str, list[str]], requests: dict[str, ModelRequest],
     and why, before any work is done. `sources(unit)` yields the unit as archived builds recorded it, newest first."""
     carried: dict[str, Carried] = {}
     problems: list[str] = []
+    skipped: list[str] = []
     for unit, tools in needs.items():
         current = contracts(requests[unit].messages)
         found: dict[str, tuple[SourceUnit, ToolContract]] = {}
         newest_seen: dict[str, tuple[SourceUnit, ToolContract]] = {}
+        current_tests = template_tests(unit_spec_of(requests[unit].messages)["mad"])
         for source in sources(unit):
-            recorded = contracts(source.messages)
+            try:
+                recorded = contracts(source.messages)
+            except (ValueError, KeyError, TypeError, AttributeError):  # a prompt this compiler cannot read
+                skipped.append(f"{source.build}: its prompt of {unit} cannot be read; not drawn on")
+                continue
             for tool in tools:
                 if tool in found or tool not in recorded:
                     continue
@@ -170,7 +185,7 @@ def find_carried(needs: dict[str, list[str]], requests: dict[str, ModelRequest],
                 continue
             source, contract = found[tool]
             try:
-                written = _lift(tool, source)
+                written = _lift(tool, source, current_tests)
             except LiftError as exc:
                 problems.append(f"{tool}: its recorded code in {source.build} cannot be carried: {exc}")
                 continue
@@ -180,25 +195,51 @@ def find_carried(needs: dict[str, list[str]], requests: dict[str, ModelRequest],
                                     written_by=source.written_by.get(tool, source.answered_by),
                                     changed_since=tuple(changed))
     if problems:
-        raise UserError(
-            "the offline senior (offline/reference) writes tools bound to a kernel capability (`builtin:`) and carries "
-            "a model-written tool from an archived build while its contract (signature, description, what it may "
-            "call, the rules that apply to it, the kernel API) is unchanged; these tools cannot be carried:\n"
-            + "\n".join(f"  {p}" for p in problems) + "\n"
-            "Build with an LLM pipeline (--pipeline pipelines/frontier.toml) to have them written again, or rebuild a "
-            "recorded build without keys (--replay ecosystems/<name>/<version>)."
-        )
+        raise _cannot_carry(problems, skipped)
     return carried
 
 
-def _lift(tool: str, source: SourceUnit) -> WrittenTool:
+def _cannot_carry(problems: list[str], skipped: list[str] = ()) -> UserError:
+    return UserError(
+        "the offline senior (offline/reference) writes tools bound to a kernel capability (`builtin:`) and carries "
+        "a model-written tool from an archived build while its contract (signature, description, what it may "
+        "call, the rules that apply to it, the kernel API) is unchanged; these tools cannot be carried:\n"
+        + "\n".join(f"  {p}" for p in problems) + "\n"
+        + "".join(f"  ({s})\n" for s in skipped)
+        + "Build with an LLM pipeline (--pipeline pipelines/frontier.toml) to have them written again, or rebuild a "
+        "recorded build without keys (--replay ecosystems/<name>/<version>)."
+    )
+
+
+def preflight(spec: Spec, plan: Plan, requests: dict[str, ModelRequest], carried: dict[str, Carried]) -> None:
+    """Render every unit that carries tools and check it as any answer is checked, before any work: a UserError
+    naming the tools of each unit whose answer would not pass (a conflict between them, a check that fails)."""
+    by_unit: dict[str, dict[str, WrittenTool]] = {}
+    for tool, c in carried.items():
+        by_unit.setdefault(c.unit, {})[tool] = c.written
+    problems = []
+    for unit, written in by_unit.items():
+        names = ", ".join(f"{tool} (from {carried[tool].source})" for tool in written)
+        try:
+            files = render_unit(unit_spec_of(requests[unit].messages), written)
+            check.answer(spec, plan, plan.unit(unit), Answer.model_validate({"files": files}))
+        except SpliceConflict as exc:
+            problems.append(f"{names}: {exc}")
+        except AnswerRejected as exc:
+            problems.append(f"{names}: with them, unit {unit} fails its checks:\n    " + "\n    ".join(exc.problems))
+    if problems:
+        raise _cannot_carry(problems)
+
+
+def _lift(tool: str, source: SourceUnit, template: set[str]) -> WrittenTool:
+    """The tool out of the source's answer; `template` names the tests today's templates write themselves."""
     unit = unit_spec_of(source.messages)
     mad, package = unit["mad"], unit["package"]
     module = source.files.get(f"{package}/mads/{mad['name']}.py")
     if module is None:
         raise LiftError(f"its answer has no {package}/mads/{mad['name']}.py")
     return lift(tool.split(".", 1)[1], mad["name"], mad["class_name"], module,
-                source.files.get(f"tests/test_{mad['name']}.py", ""), template_tests(mad))
+                source.files.get(f"tests/test_{mad['name']}.py", ""), template)
 
 
 class CarryingSenior:

@@ -122,11 +122,13 @@ def by_unit(lines: list[TranscriptLine]) -> dict[str, list[TranscriptLine]]:
 
 
 def accepted_answer(lines: list[TranscriptLine]) -> str | None:
-    """The answer a unit's conversation ended with: its last round, continuations joined; None when empty."""
-    if not lines:
+    """The answer a unit's conversation ended with: its last answer, with the continuations that followed it.
+
+    By position, not by round number: a check repair during synthesis and the first test repair may share one."""
+    starts = [i for i, line in enumerate(lines) if line.purpose != "continue"]
+    if not starts:
         return None
-    last = max(line.round for line in lines)
-    return "".join(line.response for line in lines if line.round == last)
+    return "".join(line.response for line in lines[starts[-1]:])
 
 
 class TranscriptModel:

@@ -42,9 +42,12 @@ def name_for(folder: Path) -> str:
 
 def init(folder: Path, name: str | None = None, force: bool = False) -> Started:
     """Write a starter spec into `folder`; a UserError, with nothing written, when it cannot."""
-    if folder.exists() and not folder.is_dir():
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise UserError(f"{folder} is a file, not a folder: regen init writes a new spec into a folder that does "
                         "not exist yet or is empty, e.g. regen init my-ecosystem")
+    above = next((p for p in folder.absolute().parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{above} is a file, so {folder} cannot be made; give a folder inside a folder")
     name = name if name is not None else name_for(folder)
     if not name:
         raise UserError(f"cannot make an ecosystem name of the folder name {folder.resolve().name!r}; "
@@ -61,14 +64,22 @@ def init(folder: Path, name: str | None = None, force: bool = False) -> Started:
             shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
             raise UserError(f"{folder} is not empty ({shown}); nothing was changed. regen init writes into a new or "
                             "empty folder; pass --force to write the starter's files over those of the same name")
+    for rel in FILES:  # with --force, what stands where a starter file goes must be a file (or nothing)
+        for path in [*reversed(Path(rel).parents[:-1]), Path(rel)]:
+            target = folder / path
+            if target.is_symlink() or (target.exists() and target.is_dir() != (path != Path(rel))):
+                raise UserError(f"{target} is in the way of the starter's {rel}; nothing was changed")
     env = environment("spec/templates")
     rendered = {rel: env.get_template(template).render(
-        name=name, folder=folder.as_posix(), dependencies=RUNTIME_DEPENDENCIES, dev_dependencies=TEST_DEPENDENCIES)
+        name=name, dependencies=RUNTIME_DEPENDENCIES, dev_dependencies=TEST_DEPENDENCIES)
         for rel, template in FILES.items()}
-    for rel, text in rendered.items():
-        target = folder / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)  # whole or not at all, file by file
+    try:
+        for rel, text in rendered.items():
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, target)  # whole or not at all, file by file
+    except OSError as exc:
+        raise UserError(f"cannot write the starter into {folder}: {exc.strerror or exc}") from None
     return Started(folder=folder, name=name, files=tuple(FILES))

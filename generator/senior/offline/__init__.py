@@ -57,10 +57,12 @@ def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) ->
         context = {"mad": mad, "owns": owns, "unit": unit, "package": package}
         module = env.get_template("mad/module.py.j2").render(**context)
         tests = env.get_template("mad/test_mad.py.j2").render(**context)
-        mine = {t["name"]: written[f"{mad['name']}.{t['name']}"] for t in mad["tools"] if not t.get("builtin")}
+        mine = {f"{mad['name']}.{t['name']}": written[f"{mad['name']}.{t['name']}"] for t in mad["tools"]
+                if not t.get("builtin")}
         if mine:
-            module = splice_module(module, mad["class_name"], [t["name"] for t in mad["tools"]], mine)
-            tests = splice_tests(tests, mine)
+            module_path, tests_path = f"{package}/mads/{mad['name']}.py", f"tests/test_{mad['name']}.py"
+            module = splice_module(module, mad["class_name"], [t["name"] for t in mad["tools"]], mine, module_path)
+            tests = splice_tests(tests, mine, tests_path)
         return [
             {"path": f"{package}/mads/{mad['name']}.py", "content": module},
             {"path": f"tests/test_{mad['name']}.py", "content": tests},

@@ -12,6 +12,8 @@ at the end. Whatever is already there (an import, a helper of the same code) is 
 from __future__ import annotations
 
 import ast
+import builtins
+import symtable
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -77,13 +79,15 @@ def _names_used(node: cst.CSTNode) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
-def _self_attributes(node: cst.CSTNode) -> set[str]:
+def _self_attributes(node: cst.CSTNode, class_name: str = "") -> set[str]:
+    """The attributes `node` reads of its class: `self.x`, `cls.x`, `ClassName.x`, and `@x.setter` of a property."""
     try:
         tree = ast.parse(_code(node))
     except SyntaxError:
         return set()
-    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-            and isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")}
+    return {n.attr if n.value.id in ("self", "cls", class_name) else n.value.id for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and (n.value.id in ("self", "cls", class_name) or n.attr in ("setter", "deleter", "getter"))}
 
 
 def _strings(node: cst.CSTNode) -> set[str]:
@@ -95,25 +99,30 @@ def _strings(node: cst.CSTNode) -> set[str]:
 
 
 def _bound(statement: cst.CSTNode) -> set[str]:
-    """The module-level names a top-level statement binds."""
-    if isinstance(statement, (cst.FunctionDef, cst.ClassDef)):
-        return {statement.name.value}
-    if isinstance(statement, cst.SimpleStatementLine):
-        names: set[str] = set()
-        for small in statement.body:
-            if isinstance(small, cst.Import):
-                for alias in small.names:
-                    target = alias.asname.name if alias.asname else alias.name
-                    names.add(_EMPTY.code_for_node(target).split(".")[0])
-            elif isinstance(small, cst.ImportFrom) and not isinstance(small.names, cst.ImportStar):
-                for alias in small.names:
-                    names.add(_EMPTY.code_for_node(alias.asname.name if alias.asname else alias.name))
-            elif isinstance(small, (cst.Assign, cst.AnnAssign)):
-                targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
-                for target in targets:
-                    names |= {n.value for n in _walk_names(target)}
-        return names
-    return set()
+    """The names a statement binds where it stands (a compound one, such as `try: import x` or `if ...:`, binds
+    what its blocks bind; a function or class binds its own name, not what is inside it)."""
+    try:
+        tree = ast.parse(_code(statement))
+    except SyntaxError:
+        return set()
+    return _ast_bound(tree.body)
+
+
+def _ast_bound(body: list[ast.stmt]) -> set[str]:
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        else:  # if / try / with / for at the top level: what their blocks bind
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(node, field, []) or []:
+                    names |= _ast_bound(child.body if isinstance(child, ast.ExceptHandler) else [child])
+    return names
 
 
 def _walk_names(node: cst.CSTNode) -> Iterable[cst.Name]:
@@ -167,6 +176,15 @@ def _is_tool(fn: cst.FunctionDef) -> bool:
     return False
 
 
+# Class attributes the templates write from the spec: a lifted tool never brings its own.
+TEMPLATE_ATTRIBUTES = frozenset({"name", "role", "level", "lifecycle", "conversations", "talks_to", "secrets", "owns",
+                                 "budget_tokens", "storage", "imperator_model", "imperator_prompt"})
+
+
+def _member_names(statement: cst.CSTNode) -> set[str]:
+    return _bound(statement) if not isinstance(statement, cst.FunctionDef) else {statement.name.value}
+
+
 def lift(tool: str, mad: str, class_name: str, module_source: str, tests_source: str,
          template_tests: set[str] = frozenset()) -> WrittenTool:
     """`mad.tool` out of a MAD unit's module and test file; LiftError when it is not there whole.
@@ -178,19 +196,26 @@ def lift(tool: str, mad: str, class_name: str, module_source: str, tests_source:
     classes = [s for s in module.body if isinstance(s, cst.ClassDef) and s.name.value == class_name]
     if not classes:
         raise LiftError(f"the module of {mad} has no class {class_name}")
-    members = {s.name.value: s for s in classes[0].body.body if isinstance(s, cst.FunctionDef)}
-    method = members.get(tool)
-    if method is None or not _is_tool(method):
+    members = list(classes[0].body.body)
+    tools = {s.name.value for s in members if isinstance(s, cst.FunctionDef) and _is_tool(s)}
+    if tool not in tools:
         raise LiftError(f"class {class_name} has no @tool method {tool}")
-    # Private methods of the class the tool calls (self._helper()), transitively; never another tool.
-    methods, queue = [method], [method]
+    # What the tool reaches of its class (self.x, cls.x, Class.x), transitively: methods (a property's getter and
+    # setter alike), class attributes and nested classes; never another tool, nor what the template writes.
+    wanted = {tool}
+    queue = [tool]
     while queue:
-        for attribute in sorted(_self_attributes(queue.pop())):
-            helper = members.get(attribute)
-            if helper is not None and helper not in methods and not _is_tool(helper) and attribute.startswith("_"):
-                methods.append(helper)
-                queue.append(helper)
-    imports, helpers = _closure(module, methods, skip={class_name})
+        name = queue.pop()
+        for member in members:
+            if name in _member_names(member):
+                reached = _self_attributes(member, class_name) | (_names_used(member) & _class_names(members))
+                for attribute in sorted(reached - wanted - tools - TEMPLATE_ATTRIBUTES):
+                    if any(attribute in _member_names(m) for m in members):
+                        wanted.add(attribute)
+                        queue.append(attribute)
+    chosen = [m for m in members if _member_names(m) & wanted and not (_member_names(m) & TEMPLATE_ATTRIBUTES)]
+    imports, helpers = _closure(module, chosen, skip={class_name})
+    written_methods = tuple(_code(_clean(m)) for m in chosen)
     tests_module = _parse(tests_source, f"the tests of {mad}") if tests_source.strip() else cst.Module(body=[])
     constants = {name for s in tests_module.body if isinstance(s, cst.SimpleStatementLine)
                  for name in _bound(s) if qualified in _strings(s)}
@@ -202,11 +227,51 @@ def lift(tool: str, mad: str, class_name: str, module_source: str, tests_source:
     test_imports, test_helpers = _closure(tests_module, test_roots, skip={t.name.value for t in tests})
     fixture_defs = [_code(_clean(s)) for s in tests_module.body
                     if isinstance(s, cst.FunctionDef) and s.name.value in fixtures and _code(_clean(s)) not in test_helpers]
-    return WrittenTool(
-        imports=tuple(imports), helpers=tuple(helpers), methods=tuple(_code(_clean(m)) for m in methods),
+    written = WrittenTool(
+        imports=tuple(imports), helpers=tuple(helpers), methods=written_methods,
         test_imports=tuple(test_imports), test_helpers=tuple([*test_helpers, *fixture_defs]),
         tests=tuple(_code(_clean(t)) for t in tests),
     )
+    _require_whole(written, class_name)
+    return written
+
+
+def _class_names(members: list[cst.CSTNode]) -> set[str]:
+    return {name for m in members if not isinstance(m, cst.FunctionDef) for name in _member_names(m)}
+
+
+def _require_whole(written: WrittenTool, class_name: str) -> None:
+    """A LiftError naming every name the lifted code reads that nothing lifted (nor a builtin, nor the template)
+    defines: a tool is carried whole or not at all."""
+    body = "".join(f"    {line}\n" if line else "\n" for m in written.methods for line in m.splitlines())
+    module = "\n".join([*written.imports, *written.helpers, f"class {class_name}(Mad):\n{body or '    pass'}"])
+    missing = _free_names(module) - {"Mad", "tool", class_name}
+    tests = "\n".join([*written.test_imports, *written.test_helpers, *written.tests])
+    missing |= _free_names(tests)
+    if missing:
+        raise LiftError(f"its code reads {', '.join(sorted(missing))}, which its recorded module defines in a way "
+                        "regen cannot take along")
+
+
+def _free_names(code: str) -> set[str]:
+    """Names `code` reads at module level or in its functions that it never binds, builtins aside."""
+    try:
+        table = symtable.symtable(code, "lifted", "exec")
+    except SyntaxError as exc:
+        raise LiftError(f"its code does not compile once lifted: line {exc.lineno}: {exc.msg}") from None
+    bound = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    read: set[str] = set()
+    pending = [table]
+    while pending:
+        scope = pending.pop()
+        pending.extend(scope.get_children())
+        for symbol in scope.get_symbols():
+            if not symbol.is_referenced():
+                continue
+            if scope is table or symbol.is_global() or (scope.get_type() == "class" and not (
+                    symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace())):
+                read.add(symbol.get_name())
+    return read - bound - set(dir(builtins))
 
 
 def load_written(folder: Path) -> dict[str, WrittenTool]:
@@ -250,14 +315,35 @@ def _is_relative(statement: cst.BaseStatement) -> bool:
     return any(isinstance(s, cst.ImportFrom) and s.relative for s in statement.body)
 
 
-def _insert_imports(module: cst.Module, imports: list[str]) -> cst.Module:
+class SpliceConflict(ValueError):
+    """Two parts to be put in one file bind the same name with different code."""
+
+
+def _owners(statements: list[cst.BaseStatement], owner: str) -> dict[str, tuple[str, str]]:
+    return {name: (_code(_clean(s)), owner) for s in statements for name in _member_names(s)}
+
+
+def _claim(taken: dict[str, tuple[str, str]], code: str, owner: str, where: str) -> bool:
+    """Record that `owner` puts `code` into `where`; False when it is there already. A SpliceConflict when a name it
+    binds is taken, by the template or another tool, with other code."""
+    statements = _statements(code)
+    if any(taken.get(name, ("", ""))[0] == code for s in statements for name in _member_names(s)):
+        return False
+    for statement in statements:
+        for name in _member_names(statement):
+            if name in taken and taken[name][1] != owner and taken[name][0] != code:
+                raise SpliceConflict(f"{owner} and {taken[name][1]} both define {name} in {where}, differently")
+    taken |= _owners(statements, owner)
+    return True
+
+
+def _insert_imports(module: cst.Module, imports: list[tuple[str, str]], where: str) -> cst.Module:
     """Add the import statements `module` does not have: absolute ones before its first relative import (a
     group of their own), relative ones after its last import."""
-    present = {_code(_clean(s)) for s in module.body if _is_import(s)}
+    taken = _owners([s for s in module.body if _is_import(s)], "the template")
     absolute, relative = [], []
-    for code in imports:
-        if code not in present:
-            present.add(code)
+    for owner, code in imports:
+        if _claim(taken, code, owner, where):
             for statement in _statements(code):
                 (relative if _is_relative(statement) else absolute).append(statement)
     body = list(module.body)
@@ -281,40 +367,49 @@ def _after_docstring(body: list[cst.BaseStatement]) -> int:
     return 1 if docstring else 0
 
 
-def _insert_helpers(module: cst.Module, helpers: list[str], before: int) -> cst.Module:
-    present = {_code(_clean(s)) for s in module.body}
-    new = [s for code in helpers if code not in present for s in _spaced(_statements(code), 2)]
+def _insert_helpers(module: cst.Module, helpers: list[tuple[str, str]], before: int, where: str) -> cst.Module:
+    taken = _owners(list(module.body), "the template")
+    new = [s for owner, code in helpers if _claim(taken, code, owner, where) for s in _spaced(_statements(code), 2)]
     body = list(module.body)
     return module.with_changes(body=body[:before] + new + body[before:])
 
 
-def splice_module(source: str, class_name: str, tool_order: list[str], written: Mapping[str, WrittenTool]) -> str:
-    """The MAD's module with every written tool put in: methods in the spec's order, helpers, imports."""
+def _parts(written: Mapping[str, WrittenTool], field: str) -> list[tuple[str, str]]:
+    return [(name, code) for name, w in written.items() for code in getattr(w, field)]
+
+
+def splice_module(source: str, class_name: str, tool_order: list[str], written: Mapping[str, WrittenTool],
+                  where: str = "the module") -> str:
+    """The MAD's module with every written tool (by qualified name) put in: methods in the spec's order, helpers,
+    imports; a SpliceConflict when two of them, or one and the template, define a name differently."""
     module = cst.parse_module(source)
-    module = _insert_imports(module, [code for w in written.values() for code in w.imports])
+    module = _insert_imports(module, _parts(written, "imports"), where)
     index = next(i for i, s in enumerate(module.body) if isinstance(s, cst.ClassDef) and s.name.value == class_name)
-    module = _insert_helpers(module, [code for w in written.values() for code in w.helpers], index)
+    module = _insert_helpers(module, _parts(written, "helpers"), index, where)
     index = next(i for i, s in enumerate(module.body) if isinstance(s, cst.ClassDef) and s.name.value == class_name)
     cls = module.body[index]
     members = list(cls.body.body)
+    taken = _owners(members, "the template")
     for tool in tool_order:
-        if tool not in written:
+        qualified = next((name for name in written if name.split(".", 1)[-1] == tool), None)
+        if qualified is None:
             continue
         later = tool_order[tool_order.index(tool) + 1:]
         at = next((i for i, s in enumerate(members) if isinstance(s, cst.FunctionDef) and s.name.value in later),
                   len(members))
-        present = {_code(_clean(s)) for s in members}
-        new = [s for code in written[tool].methods if code not in present for s in _spaced(_statements(code), 1)]
+        new = [s for code in written[qualified].methods if _claim(taken, code, qualified, f"class {class_name}")
+               for s in _spaced(_statements(code), 1)]
         members[at:at] = new
     cls = cls.with_changes(body=cls.body.with_changes(body=members))
     return module.with_changes(body=[*module.body[:index], cls, *module.body[index + 1:]]).code
 
 
-def splice_tests(source: str, written: Mapping[str, WrittenTool]) -> str:
+def splice_tests(source: str, written: Mapping[str, WrittenTool], where: str = "the tests") -> str:
     """The MAD's test file with the tests of every written tool appended, their imports and helpers added."""
     module = cst.parse_module(source)
-    module = _insert_imports(module, [code for w in written.values() for code in w.test_imports])
-    module = _insert_helpers(module, [code for w in written.values() for code in w.test_helpers], len(module.body))
-    present = {_code(_clean(s)) for s in module.body}
-    tests = [s for w in written.values() for code in w.tests if code not in present for s in _spaced(_statements(code), 2)]
+    module = _insert_imports(module, _parts(written, "test_imports"), where)
+    module = _insert_helpers(module, _parts(written, "test_helpers"), len(module.body), where)
+    taken = _owners(list(module.body), "the template")
+    tests = [s for owner, code in _parts(written, "tests") if _claim(taken, code, owner, where)
+             for s in _spaced(_statements(code), 2)]
     return module.with_changes(body=[*module.body, *tests]).code

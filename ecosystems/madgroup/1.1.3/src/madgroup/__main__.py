@@ -1,4 +1,0 @@
-from .ecosystem import CONFIG
-from .kernel.cli import main
-
-raise SystemExit(main(CONFIG))
