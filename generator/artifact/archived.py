@@ -14,10 +14,20 @@ from ..errors import AnswerRejected, UserError
 from ..hashing import sha256_file, sha256_text
 from ..senior.answer import parse_answer
 from ..senior.carry import SourceUnit
+from ..senior.models import ModelReply
 from ..senior.transcript import TRANSCRIPT, TranscriptLine, accepted_answer, by_unit, read_transcript
 from .manifest import Manifest
 from .sign import verify_signature
 from .store import versions
+
+
+def transcript_problem(folder: Path, manifest: Manifest) -> str | None:
+    """Why `folder`'s transcript cannot vouch for its build (it does not match the hash its manifest recorded)."""
+    recorded = manifest.outputs.get(TRANSCRIPT)
+    path = folder / TRANSCRIPT
+    if recorded is None or not path.is_file() or sha256_file(path) != recorded:
+        return f"{TRANSCRIPT}: does not match the hash the manifest recorded"
+    return None
 
 
 class ArchivedBuild:
@@ -42,11 +52,8 @@ class ArchivedBuild:
         # A version built before signing may be unsigned; a self-contained one (schema 2) never is.
         if not signature.ok and (signature.signed or self.manifest.schema_version >= 2):
             return f"{self.folder}: {signature.problem}"
-        recorded = self.manifest.outputs.get(TRANSCRIPT)
-        path = self.folder / TRANSCRIPT
-        if recorded is None or not path.is_file() or sha256_file(path) != recorded:
-            return f"{self.folder}: {TRANSCRIPT} does not match the hash its manifest recorded"
-        return None
+        problem = transcript_problem(self.folder, self.manifest)
+        return f"{self.folder}: {problem}" if problem else None
 
     @cached_property
     def lines(self) -> dict[str, list[TranscriptLine]]:
@@ -65,7 +72,7 @@ class ArchivedBuild:
         if text is None or lock is None:
             return None
         try:
-            answer = parse_answer(unit, _reply(text))
+            answer = parse_answer(unit, ModelReply(content=text))
         except AnswerRejected:
             return None
         files = {f.path: f.content for f in answer.files}
@@ -85,12 +92,6 @@ class ArchivedBuild:
             written_by={tool: c.written_by for tool, c in manifest.carried.items() if c.unit == unit},
             lock_inputs=manifest.lock[unit].inputs,
         )
-
-
-def _reply(text: str):
-    from ..senior.models import ModelReply
-
-    return ModelReply(content=text)
 
 
 class Archive:

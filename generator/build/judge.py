@@ -76,6 +76,9 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
         if review.outcome == "undecided":
             raise ReviewUndecided(f"the {panel.name} panel could not decide: {review.reason}; {where}")
         raise BuildFailed(f"the {panel.name} panel rejected the build: {review.reason}; {where}")
+    if prepared.replay is not None and (left := [u.name for u in prepared.plan.units if prepared.replay.unanswered(u.name)]):
+        ctx.report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
+                        "its tests passed earlier, so this artifact may differ from the one replayed")
     return Judged(review=review, synthesis=synthesis, tests=tests)
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ..artifact.archived import transcript_problem
 from ..artifact.manifest import Manifest
 from ..config import RunOptions
 from ..errors import BuildFailed, RegenError, UserError
 from ..frozen import Frozen
-from ..hashing import sha256_file, tree_hashes
+from ..hashing import tree_hashes
 from ..progress import Reporter
 from .context import BuildContext
 from .prepare import load_inputs, plan_units
@@ -68,8 +69,9 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
     except UserError as exc:  # the check above has said why; there is nothing to replay from
         return Verification(artifact=artifact, files=0, signed_by=signed_by, problems=tuple([*problems, str(exc)]),
                             first_difference=None, differences=())
-    unreadable = _transcript_problem(artifact, manifest)
-    if unreadable is not None:
+    unreadable = transcript_problem(artifact, manifest)
+    if unreadable is not None:  # it cannot vouch for the build: nothing is replayed from it
+        unreadable += ": it was changed, so it cannot vouch for the build, and nothing is replayed"
         return Verification(artifact=artifact, files=len(manifest.src_outputs), signed_by=signed_by,
                             problems=tuple(dict.fromkeys([*problems, unreadable])), first_difference=None, differences=())
     with tempfile.TemporaryDirectory(prefix="regen-verify-") as scratch:
@@ -138,14 +140,3 @@ def _sbom_problems(artifact: Path) -> list[str]:
         return [f"{SBOM}: {p}" for p in check_sbom((artifact / SBOM).read_text(encoding="utf-8"), artifact / "src")]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return [f"{SBOM}: cannot be checked: {exc}"]
-
-
-def _transcript_problem(artifact: Path, manifest: Manifest) -> str | None:
-    from ..senior.transcript import TRANSCRIPT
-
-    recorded = manifest.outputs.get(TRANSCRIPT)
-    path = artifact / TRANSCRIPT
-    if recorded is None or not path.is_file() or sha256_file(path) != recorded:
-        return (f"{TRANSCRIPT}: does not match the hash the manifest recorded: it was changed, so it cannot vouch "
-                "for the build, and nothing is replayed")
-    return None

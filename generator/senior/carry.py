@@ -32,7 +32,7 @@ from ..spec.model import PrincipleRule, Spec
 from ..spec.plan import Plan
 from . import check
 from .answer import Answer
-from .models import ModelReply, ModelRequest
+from .models import ModelClient, ModelReply, ModelRequest
 from .offline import answer_for, render_unit, template_tests, unit_spec_of
 from .offline.written import LiftError, SpliceConflict, WrittenTool, lift
 
@@ -132,7 +132,6 @@ class SourceUnit:
 class Carried(Frozen):
     """One tool the offline senior carries into this build, and where it came from."""
 
-    tool: str
     unit: str
     source: str
     written_by: str
@@ -191,7 +190,7 @@ def find_carried(needs: dict[str, list[str]], requests: dict[str, ModelRequest],
                 continue
             changed = sorted(k.removeprefix("spec/") for k in inputs[unit].keys() | source.lock_inputs.keys()
                              if k != "request" and inputs[unit].get(k) != source.lock_inputs.get(k))
-            carried[tool] = Carried(tool=tool, unit=unit, source=source.build, contract=contract.hash, written=written,
+            carried[tool] = Carried(unit=unit, source=source.build, contract=contract.hash, written=written,
                                     written_by=source.written_by.get(tool, source.answered_by),
                                     changed_since=tuple(changed))
     if problems:
@@ -211,14 +210,19 @@ def _cannot_carry(problems: list[str], skipped: list[str] = ()) -> UserError:
     )
 
 
+def by_unit(carried: dict[str, Carried]) -> dict[str, dict[str, WrittenTool]]:
+    """Unit -> the code of each tool carried into it."""
+    units: dict[str, dict[str, WrittenTool]] = {}
+    for tool, c in carried.items():
+        units.setdefault(c.unit, {})[tool] = c.written
+    return units
+
+
 def preflight(spec: Spec, plan: Plan, requests: dict[str, ModelRequest], carried: dict[str, Carried]) -> None:
     """Render every unit that carries tools and check it as any answer is checked, before any work: a UserError
     naming the tools of each unit whose answer would not pass (a conflict between them, a check that fails)."""
-    by_unit: dict[str, dict[str, WrittenTool]] = {}
-    for tool, c in carried.items():
-        by_unit.setdefault(c.unit, {})[tool] = c.written
     problems = []
-    for unit, written in by_unit.items():
+    for unit, written in by_unit(carried).items():
         names = ", ".join(f"{tool} (from {carried[tool].source})" for tool in written)
         try:
             files = render_unit(unit_spec_of(requests[unit].messages), written)
@@ -246,11 +250,9 @@ class CarryingSenior:
     """The offline senior for a build that carries tools: units with carried tools are rendered with them
     spliced in; every other request goes to the offline senior itself (through litellm, like any model)."""
 
-    def __init__(self, offline, carried: dict[str, Carried]):
+    def __init__(self, offline: ModelClient, carried: dict[str, Carried]):
         self.offline = offline
-        self.by_unit: dict[str, dict[str, WrittenTool]] = {}
-        for tool, c in carried.items():
-            self.by_unit.setdefault(c.unit, {})[tool] = c.written
+        self.by_unit = by_unit(carried)
 
     def complete(self, request: ModelRequest) -> ModelReply:
         written = self.by_unit.get(request.unit)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import symtable
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import libcst as cst
@@ -70,42 +71,39 @@ def _parse(source: str, where: str) -> cst.Module:
         raise LiftError(f"{where} does not parse: line {exc.raw_line}: {exc.message}") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _tree(code: str) -> ast.Module:
+    """The statement's code as an ast (each statement is looked at many times while a tool is lifted: parsed once)."""
+    try:
+        return ast.parse(code)
+    except SyntaxError:
+        return ast.Module(body=[], type_ignores=[])
+
+
+def _ast(node: cst.CSTNode) -> ast.Module:
+    return _tree(_code(node))
+
+
 def _names_used(node: cst.CSTNode) -> set[str]:
     """Every bare name read in `node` (a superset is harmless: only module-level names are looked up)."""
-    try:
-        tree = ast.parse(_code(node))
-    except SyntaxError:
-        return set()
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return {n.id for n in ast.walk(_ast(node)) if isinstance(n, ast.Name)}
 
 
 def _self_attributes(node: cst.CSTNode, class_name: str = "") -> set[str]:
     """The attributes `node` reads of its class: `self.x`, `cls.x`, `ClassName.x`, and `@x.setter` of a property."""
-    try:
-        tree = ast.parse(_code(node))
-    except SyntaxError:
-        return set()
-    return {n.attr if n.value.id in ("self", "cls", class_name) else n.value.id for n in ast.walk(tree)
+    return {n.attr if n.value.id in ("self", "cls", class_name) else n.value.id for n in ast.walk(_ast(node))
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
             and (n.value.id in ("self", "cls", class_name) or n.attr in ("setter", "deleter", "getter"))}
 
 
 def _strings(node: cst.CSTNode) -> set[str]:
-    try:
-        tree = ast.parse(_code(node))
-    except SyntaxError:
-        return set()
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return {n.value for n in ast.walk(_ast(node)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
 
 def _bound(statement: cst.CSTNode) -> set[str]:
     """The names a statement binds where it stands (a compound one, such as `try: import x` or `if ...:`, binds
     what its blocks bind; a function or class binds its own name, not what is inside it)."""
-    try:
-        tree = ast.parse(_code(statement))
-    except SyntaxError:
-        return set()
-    return _ast_bound(tree.body)
+    return _ast_bound(_ast(statement).body)
 
 
 def _ast_bound(body: list[ast.stmt]) -> set[str]:
@@ -123,13 +121,6 @@ def _ast_bound(body: list[ast.stmt]) -> set[str]:
                 for child in getattr(node, field, []) or []:
                     names |= _ast_bound(child.body if isinstance(child, ast.ExceptHandler) else [child])
     return names
-
-
-def _walk_names(node: cst.CSTNode) -> Iterable[cst.Name]:
-    if isinstance(node, cst.Name):
-        yield node
-    for child in node.children:
-        yield from _walk_names(child)
 
 
 def _is_import(statement: cst.CSTNode) -> bool:
@@ -219,21 +210,28 @@ def lift(tool: str, mad: str, class_name: str, module_source: str, tests_source:
     tests_module = _parse(tests_source, f"the tests of {mad}") if tests_source.strip() else cst.Module(body=[])
     constants = {name for s in tests_module.body if isinstance(s, cst.SimpleStatementLine)
                  for name in _bound(s) if qualified in _strings(s)}
-    tests = [s for s in tests_module.body if isinstance(s, (cst.FunctionDef, cst.ClassDef))
-             and s.name.value.startswith(("test", "Test")) and s.name.value not in template_tests
+    tests = [s for s in _test_definitions(tests_module) if s.name.value not in template_tests
              and (qualified in _strings(s) or _names_used(s) & constants)]
+    written = WrittenTool(imports=tuple(imports), helpers=tuple(helpers), methods=written_methods,
+                          **_tests_with_what_they_use(tests_module, tests))
+    _require_whole(written, class_name)
+    return written
+
+
+def _test_definitions(tests_module: cst.Module) -> list[cst.FunctionDef | cst.ClassDef]:
+    return [s for s in tests_module.body if isinstance(s, (cst.FunctionDef, cst.ClassDef))
+            and s.name.value.startswith(("test", "Test"))]
+
+
+def _tests_with_what_they_use(tests_module: cst.Module, tests: list[cst.CSTNode]) -> dict[str, tuple[str, ...]]:
+    """`tests` with the imports, helpers and fixtures of their module that they use: WrittenTool's test fields."""
     fixtures = {p.name.value for t in tests if isinstance(t, cst.FunctionDef) for p in t.params.params}
     test_roots = [*tests, *(s for s in tests_module.body if isinstance(s, cst.FunctionDef) and s.name.value in fixtures)]
     test_imports, test_helpers = _closure(tests_module, test_roots, skip={t.name.value for t in tests})
     fixture_defs = [_code(_clean(s)) for s in tests_module.body
                     if isinstance(s, cst.FunctionDef) and s.name.value in fixtures and _code(_clean(s)) not in test_helpers]
-    written = WrittenTool(
-        imports=tuple(imports), helpers=tuple(helpers), methods=written_methods,
-        test_imports=tuple(test_imports), test_helpers=tuple([*test_helpers, *fixture_defs]),
-        tests=tuple(_code(_clean(t)) for t in tests),
-    )
-    _require_whole(written, class_name)
-    return written
+    return {"test_imports": tuple(test_imports), "test_helpers": tuple([*test_helpers, *fixture_defs]),
+            "tests": tuple(_code(_clean(t)) for t in tests)}
 
 
 def _class_names(members: list[cst.CSTNode]) -> set[str]:
@@ -290,12 +288,8 @@ def load_written(folder: Path) -> dict[str, WrittenTool]:
         tests_path = path.with_name(f"{name}.test.py")
         tests_module = _parse(tests_path.read_text(encoding="utf-8"), str(tests_path)) if tests_path.exists() \
             else cst.Module(body=[])
-        tests = [s for s in tests_module.body if isinstance(s, (cst.FunctionDef, cst.ClassDef))
-                 and s.name.value.startswith(("test", "Test"))]
-        test_imports, test_helpers = _closure(tests_module, tests, skip={t.name.value for t in tests})
-        written[name] = WrittenTool(imports=tuple(imports), helpers=tuple(helpers),
-                                    methods=(_code(_clean(functions[0])),), test_imports=tuple(test_imports),
-                                    test_helpers=tuple(test_helpers), tests=tuple(_code(_clean(t)) for t in tests))
+        written[name] = WrittenTool(imports=tuple(imports), helpers=tuple(helpers), methods=(_code(_clean(functions[0])),),
+                                    **_tests_with_what_they_use(tests_module, _test_definitions(tests_module)))
     return written
 
 
