@@ -106,6 +106,12 @@ class RunOptions(Frozen):
     replay: Path | None = Field(default=None, description="an artifact whose transcript answers every request")
     fresh: bool = Field(default=False, description="synthesise every unit again: nothing is reused from the parent")
     reports_dir: Path = Field(default=Path(".regen/reports"), description="where a rejected build's review goes")
+    runs_dir: Path | None = Field(default=None, description="where run logs go; None: .regen/runs beside the out folder")
+
+    @property
+    def runs(self) -> Path:
+        """The run logs' folder: every model attempt of a build, `<name>/<version>.jsonl`."""
+        return self.runs_dir if self.runs_dir is not None else self.out_dir.parent / ".regen" / "runs"
 
 
 def load_pipeline(path: Path) -> Pipeline:

@@ -141,7 +141,7 @@ def test_transient_faults_are_retried_and_recorded(tmp_path, spec_and_plan, faul
 
 def test_a_senior_that_keeps_failing_gives_up_clearly(tmp_path, spec_and_plan):
     faults = {"mad:turing": [Fault.status(503)] * 20}
-    with pytest.raises(BuildFailed, match="every model failed after retries: openai/scripted: "):
+    with pytest.raises(BuildFailed, match="unit mad:turing: openai/scripted: HTTP 503: the provider failed after 4 tries"):
         _synthesise(tmp_path, Senior(faults), spec_and_plan, repair_rounds=0)
 
 
@@ -336,12 +336,12 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
     lock, state = threading.Lock(), {"now": 0, "most": 0}
 
     class Counting(LiteLLMClient):
-        def complete(self, request):
+        def complete(self, request, reserve=None):
             with lock:
                 state["now"] += 1
                 state["most"] = max(state["most"], state["now"])
             try:
-                return super().complete(request)
+                return super().complete(request, reserve)
             finally:
                 with lock:
                     state["now"] -= 1

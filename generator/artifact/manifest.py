@@ -56,6 +56,8 @@ class UnitRecord(Frozen):
     completion_tokens: int
     cost_usd: float
     reused_from: str | None = None
+    answered_by: tuple[str, ...] = Field(default=(), description="the models that answered, in order (a fallback, "
+                                                                 "say); recorded since schema 2 builds of regen 0.11")
 
 
 class Tokens(Frozen):
@@ -181,6 +183,8 @@ class Manifest(Frozen):
     fresh: bool = False
     carried: dict[str, CarriedTool] = Field(default_factory=dict)
     migration_base: MigrationBase | None = None
+    parameters_left_out: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="model -> the pipeline's parameters its provider does not take, not sent")
 
     model_config = Frozen.model_config | {"populate_by_name": True}
 

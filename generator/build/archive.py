@@ -133,6 +133,7 @@ def build_manifest(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, 
         fresh=ctx.options.fresh,
         carried=carried_records(prepared),
         migration_base=prepared.planned.migration_base,
+        parameters_left_out=parameters_left_out(pipeline.senior),
     )
 
 
@@ -147,8 +148,17 @@ def unit_records(synthesis: Synthesis) -> tuple[UnitRecord, ...]:
             prompt_tokens=sum(e.reply.prompt_tokens for e in exchanges),
             completion_tokens=sum(e.reply.completion_tokens for e in exchanges),
             cost_usd=round(sum(e.reply.cost_usd for e in exchanges), 6),
+            answered_by=tuple(dict.fromkeys(e.reply.model for e in exchanges if e.reply.model)),
         ))
     return tuple(records)
+
+
+def parameters_left_out(senior: SeniorModel) -> dict[str, tuple[str, ...]]:
+    """For the senior and each fallback, the parameters of the pipeline its provider does not take."""
+    from ..senior.client import left_out
+
+    found = {model: left_out(model, senior.temperature, senior.seed) for model in [senior.model, *senior.fallbacks]}
+    return {model: names for model, names in found.items() if names}
 
 
 def carried_records(prepared: Prepared) -> dict:

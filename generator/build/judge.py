@@ -39,7 +39,7 @@ class Judged:
 def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path) -> Judged:
     panel = prepared.given.panel
     run = PanelRun(panel, ctx.reviewers, prepared.pipeline.prices, prepared.cache,
-                   on_verdict=lambda v: ctx.report.progress("review", v.line))
+                   on_verdict=lambda v: ctx.report.progress("review", v.line), on_event=prepared.run_log.record)
     parent = prepared.ecosystem_dir / prepared.parent.version if prepared.parent else None
     synthesis, tests = produced.synthesis, produced.tests
     rounds: list = []

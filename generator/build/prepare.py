@@ -25,6 +25,7 @@ from ..review.panel import Panel, panel_of
 from ..spec.load import load_spec
 from ..spec.model import Spec
 from .context import BuildContext
+from .runlog import RunLog, run_log_path
 
 if TYPE_CHECKING:  # the stages import these when they run: the up-to-date answer needs none of them
     from ..artifact.archived import Archive
@@ -172,6 +173,7 @@ class Prepared:
     cache: ResponseCache | None
     signing_key: SigningKey
     preferred_lock: Path | None
+    run_log: RunLog
 
     @property
     def spec(self) -> Spec:
@@ -209,6 +211,7 @@ def prepare(ctx: BuildContext, given: Given) -> Prepared:
     try:
         with ctx.report.stage("plan", "start-up order, units and context windows") as info:
             _require_key(ctx, given)
+            _require_prices(ctx, given)
             planned = plan_units(ctx, given)
             fits = context.fit(list(planned.requests.values()), pipeline.senior)
             context.require_fit(fits, pipeline.senior)
@@ -226,9 +229,12 @@ def prepare(ctx: BuildContext, given: Given) -> Prepared:
     parent = given.latest
     bump = version_bump(spec, parent, schema_of(spec))
     signing_key = _signing_key(ctx)
-    senior, replay = _senior(ctx, given, carried)
+    version = bumped(parent.version, bump.kind) if parent else "1.0.0"
+    run_log = RunLog(ctx.report)
+    run_log.start(run_log_path(ctx.options.runs, spec.ecosystem.name, version))
+    senior, replay = _senior(ctx, given, carried, run_log)
     return Prepared(
-        given=given, planned=planned, version=bumped(parent.version, bump.kind) if parent else "1.0.0", bump=bump,
+        given=given, planned=planned, version=version, bump=bump, run_log=run_log,
         reuse=reuse, why=why, carried=carried, senior=senior, replay=replay, cache=_cache(ctx, pipeline),
         signing_key=signing_key, preferred_lock=_preferred_lock(ctx, given),
     )
@@ -241,11 +247,41 @@ def _require_key(ctx: BuildContext, given: Given) -> None:
         return
     from ..senior.client import missing_key
 
-    if (variable := missing_key(senior)) is not None:
+    if (problem := missing_key(senior)) is not None:
+        variable = problem.split(",", 1)[0]
         raise UserError(
-            f"{senior.model} needs the environment variable {variable}, which is not set: "
+            f"{senior.model} needs the environment variable {problem}: "
             f"export {variable}=... (keys never go in files of the repo), or replay a recorded build "
             "with --replay ecosystems/<name>/<version>"
+        )
+
+
+def _require_prices(ctx: BuildContext, given: Given) -> None:
+    """A cost budget holds only if every model that may be called has a price: say which has none before any call."""
+    from ..senior.client import price_per_token
+
+    pipeline, panel = given.pipeline, given.panel
+    budgets = [name for name, value in (("run_cost_usd", pipeline.budgets.run_cost_usd),
+                                        ("unit_cost_usd", pipeline.budgets.unit_cost_usd)) if value is not None]
+    if panel is not None and panel.definition.budget_usd is not None:
+        budgets.append(f"the panel's budget_usd ({panel.name})")
+    if not budgets or given.replayed is not None:
+        return
+    models: list[tuple[str, str]] = []
+    if ctx.senior is None and not pipeline.senior.is_offline:
+        models += [(pipeline.senior.model, "the senior")] + [(m, "a fallback") for m in pipeline.senior.fallbacks]
+    for reviewer in panel.reviewers if panel is not None else ():
+        if reviewer.kind == "llm" and reviewer.name not in (ctx.reviewers or {}):
+            model = reviewer.definition.model
+            models += [(m, f"reviewer {reviewer.name}") for m in [model.model, *model.fallbacks]]
+    unpriced = [(m, who) for m, who in models if price_per_token(m, pipeline.prices) is None]
+    if unpriced:
+        listed = "; ".join(f"{who} {m}" for m, who in unpriced)
+        first = unpriced[0][0]
+        raise UserError(
+            f"{ctx.options.pipeline_file}: the budgets ({', '.join(budgets)}) are in dollars, but no price is known "
+            f"for {listed}, so they could not hold. Add [prices.\"{first}\"] with input_per_mtok and "
+            "output_per_mtok (USD per million tokens) to the pipeline, or keep its budgets in tokens only."
         )
 
 
@@ -317,7 +353,7 @@ def _signing_key(ctx: BuildContext):
     return key
 
 
-def _senior(ctx: BuildContext, given: Given, carried: dict):
+def _senior(ctx: BuildContext, given: Given, carried: dict, run_log: RunLog):
     """Who answers: the replayed transcript, a stand-in, or the pipeline's senior (carrying tools, offline)."""
     pipeline = given.pipeline
     if given.replayed is not None:
@@ -328,7 +364,7 @@ def _senior(ctx: BuildContext, given: Given, carried: dict):
         return replay, replay
     from ..senior.client import LiteLLMClient
 
-    senior = ctx.senior or LiteLLMClient(pipeline.senior, pipeline.prices)
+    senior = ctx.senior or LiteLLMClient(pipeline.senior, pipeline.prices, on_event=run_log.record)
     if pipeline.senior.is_offline:
         ctx.report.say("  [dim]offline build: the senior is offline/reference (templates, no network, no keys)[/]")
     if carried:

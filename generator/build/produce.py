@@ -58,7 +58,7 @@ def produce(ctx: BuildContext, prepared: Prepared, src: Path) -> Produced:
             on_unit=lambda unit: ctx.report.progress("synthesise", f"unit {unit.name} with {pipeline.senior.model}"),
             reuse=prepared.reuse,
         )
-        info["note"] = f"{len(synthesis.files)} files checked; {spent(synthesis)}"
+        info["note"] = f"{len(synthesis.files)} files checked; {spent(synthesis)}{answered(synthesis, pipeline.senior.model)}"
     previous_failures = None
     for test_round in range(pipeline.repair_rounds + 1):
         write(ctx, prepared, synthesis, src)
@@ -76,7 +76,7 @@ def produce(ctx: BuildContext, prepared: Prepared, src: Path) -> Produced:
         previous_failures = failures
         with ctx.report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
             synthesis = run.repair_units(synthesis, failures, test_round + 1)
-            info["note"] = spent(synthesis)
+            info["note"] = spent(synthesis) + answered(synthesis, pipeline.senior.model)
     raise AssertionError("unreachable")
 
 
@@ -128,6 +128,26 @@ def failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
     if not failures:  # failed without a test to blame (collection, crash): everyone sees the output
         failures = {u.name: [tests.output_tail[-4000:]] for u in plan.units}
     return failures
+
+
+def answered(synthesis: Synthesis, senior: str) -> str:
+    """Who answered the units asked in this run, when it was not the senior alone, and how often it took retries."""
+    asked = {u.unit for u in synthesis.units if not u.cached}
+    by_model: dict[str, int] = {}
+    for outcome in synthesis.outcomes:
+        if outcome.result.unit in asked:
+            for model in dict.fromkeys(e.reply.model for e in outcome.exchanges if not e.reply.cached and e.reply.model):
+                by_model[model] = by_model.get(model, 0) + 1
+    retries = sum(u.retries for u in synthesis.units)
+    fallbacks = sum(u.fallbacks for u in synthesis.units)
+    note = ""
+    if set(by_model) - {senior}:
+        note += "; answered by " + ", ".join(
+            f"{model} ({count} unit{'s' if count > 1 else ''}{'' if model == senior else ', fallback'})"
+            for model, count in by_model.items())
+    if retries or fallbacks:
+        note += f"; {retries} retr{'y' if retries == 1 else 'ies'}, {fallbacks} fallback{'' if fallbacks == 1 else 's'}"
+    return note
 
 
 def spent(synthesis: Synthesis) -> str:

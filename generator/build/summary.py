@@ -29,7 +29,9 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
     reused = [f"{u.unit} (from {u.reused_from})" for u in synthesis.units if u.reused_from]
     cached = [u.unit for u in synthesis.units if u.cached and not u.reused_from]
     repaired = [f"{u.unit} ({u.rounds} rounds)" for u in synthesis.units if u.rounds > 1]
+    answered_by = {u.unit: u.answered_by for u in manifest.units}
     per_unit = ", ".join(f"{u.unit} {u.prompt_tokens + u.completion_tokens:,} tok/{u.latency_ms / 1000:.1f}s"
+                         + _trouble(u, answered_by.get(u.unit, ()), prepared.pipeline.senior.model)
                          for u in synthesis.units if not u.reused_from)
     by_reason: dict[str, list[str]] = {}
     for unit, entry in manifest.lock.items():
@@ -55,10 +57,23 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
         ("review", f"{review.outcome} by panel {review.panel}: {review.final.consensus.arithmetic}"
          + (f"; {review.repairs} repair round(s)" if review.repairs else "")
          + (f"; dissent: {', '.join(review.dissent)}" if review.dissent else "")),
+        *([("run log", str(prepared.run_log.path))] if prepared.run_log.written else []),
         ("run it", f"cd {final}/src && ./deploy/run.sh"),
     ]
     title = f"{manifest.ecosystem} {manifest.version}" + (" (offline build)" if manifest.offline else "")
     ctx.report.summary(title, rows)
+
+
+def _trouble(unit, answered_by: tuple[str, ...], senior: str) -> str:
+    """What it took to get a unit's answer, when it was not one clean call to the senior."""
+    parts = []
+    if unit.retries:
+        parts.append(f"{unit.retries} retr{'y' if unit.retries == 1 else 'ies'}")
+    if unit.fallbacks:
+        parts.append(f"{unit.fallbacks} fallback{'' if unit.fallbacks == 1 else 's'}")
+    if set(answered_by) - {senior}:
+        parts.append("by " + ", ".join(answered_by))
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def carried_rows(manifest: Manifest) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from ..artifact.manifest import CarriedTool
 from ..config import Price
 from ..errors import UserError
 from ..senior.cache import ResponseCache
-from ..senior.client import LiteLLMClient, missing_key
+from ..senior.client import LiteLLMClient, ModelEvent, missing_key
 from ..senior.models import ModelClient
 from .deterministic import run_check
 from .llm import LLMReviewer, ReviewSpend
@@ -43,6 +43,7 @@ class PanelRun:
         prices: dict[str, Price] | None = None,
         cache: ResponseCache | None = None,
         on_verdict: Callable[[Verdict], None] = lambda verdict: None,
+        on_event: Callable[[ModelEvent], None] = lambda event: None,
     ):
         self.panel = panel
         self.spend = ReviewSpend(panel.definition.budget_tokens, panel.definition.budget_usd)
@@ -54,10 +55,11 @@ class PanelRun:
             model = reviewer.definition.model
             assert model is not None
             client = (clients or {}).get(reviewer.name)
-            if client is None and (variable := missing_key(model)) is not None:
-                self.llm[reviewer.name] = f"{model.model} needs the environment variable {variable}, which is not set"
+            if client is None and (problem := missing_key(model)) is not None:
+                self.llm[reviewer.name] = f"{model.model} needs the environment variable {problem}"
                 continue
-            self.llm[reviewer.name] = LLMReviewer(reviewer, client or LiteLLMClient(model, prices), self.spend, cache)
+            client = client or LiteLLMClient(model, prices, on_event=on_event)
+            self.llm[reviewer.name] = LLMReviewer(reviewer, client, self.spend, cache)
 
     def _first(self, reviewer: Reviewer, subject: Subject) -> Verdict:
         if reviewer.kind != "llm":

@@ -1,22 +1,35 @@
 """The real senior: every model call goes through `litellm.completion`.
 
 `LiteLLMClient` is the real `ModelClient` (senior/models.py); it registers the offline reference synthesiser as the litellm custom provider
-`offline`, so the offline default takes the same path as any real model. It retries
-429, 5xx and timeouts with exponential backoff and jitter (honouring Retry-After),
-then falls back to the next model of the pipeline. litellm takes seconds to import, so
-it is imported on the first call, never at CLI start-up.
+`offline`, so the offline default takes the same path as any real model. For each
+request it:
+
+- sends only the parameters the model's provider takes (litellm's own table of supported
+  parameters decides; `seed` to Anthropic, for one, is left out and said to be);
+- retries rate limits, server errors, timeouts, dropped connections and garbled bodies
+  with exponential backoff and jitter (a server's Retry-After wins);
+- then tries the pipeline's fallbacks in order, after *any* failure of the model before:
+  a refused key or an unknown model name on the senior is exactly when a fallback helps;
+- tells `on_event` of every retry, fallback and answer as it happens (the screen and the
+  run log listen), and fails with the HTTP status and what to do about it.
+
+litellm takes seconds to import, so it is imported on the first call, never at CLI start-up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Literal
 
 from ..config import Price, SeniorModel
 from ..errors import BuildFailed, UserError
-from .models import ModelReply, ModelRequest
+from ..frozen import Frozen
+from .models import ModelReply, ModelRequest, Reserve
 
 # The test suite turns this off (tests/conftest.py) so that no test can reach a paid
 # endpoint by accident; the offline provider, loopback servers and injected fakes still work.
@@ -24,11 +37,23 @@ ALLOW_MODEL_REQUESTS = True
 
 MAX_RETRY_AFTER = 60.0
 
+# Parameters a pipeline sets that a provider may not take; max_tokens every provider needs.
+OPTIONAL_PARAMETERS = ("temperature", "seed")
+
+# Providers whose litellm adapter turns `response_format` into the provider's own structured
+# output (Anthropic: output_format or a forced tool; Gemini: a response schema; Ollama: `format`),
+# so a schema can be asked of every model they serve, known to litellm's model table or not.
+# An `openai/` model behind some api_base may be any server: only what litellm knows is asked.
+TRANSLATES_RESPONSE_FORMAT = ("anthropic", "gemini", "vertex_ai", "ollama", "ollama_chat")
+
 
 def load_litellm():
     """Import litellm once, hermetically, with the offline provider registered."""
-    # Without this litellm downloads its price table at import: a build must be hermetic.
+    # Without these litellm fetches its price table and Anthropic's beta-header table at
+    # import or first call: a build must be hermetic, and may reach nothing but its model.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+    os.environ.setdefault("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "True")
     import litellm
 
     from .offline.provider import OfflineReference
@@ -43,6 +68,10 @@ def load_litellm():
     return litellm
 
 
+def provider_of(model: str) -> str:
+    return model.split("/", 1)[0] if "/" in model else "openai"
+
+
 def price_per_token(model: str, prices: dict[str, Price]) -> tuple[float, float] | None:
     """USD per input and per output token: the pipeline's table first, then litellm's; None if unknown."""
     if model.startswith("offline/"):
@@ -55,96 +84,233 @@ def price_per_token(model: str, prices: dict[str, Price]) -> tuple[float, float]
     return (float(info["input_cost_per_token"]), float(info.get("output_cost_per_token") or 0.0))
 
 
-def missing_key(senior: SeniorModel) -> str | None:
-    """The environment variable the senior (or a fallback) needs and does not have, if any."""
-    if senior.api_key_env:
-        return None if os.environ.get(senior.api_key_env) else senior.api_key_env
-    litellm = load_litellm()
-    for model in [senior.model, *senior.fallbacks]:
-        if model.startswith("offline/"):
+def key_variable(model: SeniorModel, name: str) -> str | None:
+    """The environment variable `name` (the senior or a fallback) takes its key from; None: it needs none."""
+    if model.api_key_env:
+        return model.api_key_env
+    if name.startswith("offline/"):
+        return None
+    missing = load_litellm().validate_environment(model=name).get("missing_keys") or []
+    if missing:
+        return missing[0]
+    provider = provider_of(name)
+    # litellm names a provider's key PROVIDER_API_KEY; a local server (Ollama) has none.
+    return None if provider.startswith("ollama") else f"{provider.upper()}_API_KEY"
+
+
+def missing_key(model: SeniorModel) -> str | None:
+    """What is wrong with the key the model (or a fallback) needs, as "VAR, which is not set"; None if nothing."""
+    for name in [model.model, *model.fallbacks]:
+        variable = key_variable(model, name)
+        if variable is None:
             continue
-        missing = litellm.validate_environment(model=model).get("missing_keys") or []
-        if missing:
-            return missing[0]
+        if variable not in os.environ:
+            return f"{variable}, which is not set"
+        if not os.environ[variable].strip():
+            return f"{variable}, which is set but empty"
+        if model.api_key_env:  # one variable serves the whole chain
+            return None
     return None
 
 
-class _Transient(Exception):
-    """A failure worth another try: rate limit, server error, timeout, a garbled response."""
+def left_out(model: str, temperature: float | None, seed: int | None) -> tuple[str, ...]:
+    """The parameters set for `model` that its provider does not take, by litellm's table (none for an unknown provider)."""
+    litellm = load_litellm()
+    try:
+        supported = litellm.get_supported_openai_params(model=model)
+    except Exception:  # a provider litellm has no table for takes what it is given
+        supported = None
+    if not supported:
+        return ()
+    wanted = {"temperature": temperature, "seed": seed}
+    return tuple(name for name in OPTIONAL_PARAMETERS if wanted[name] is not None and name not in supported)
 
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
+
+def structured_output(model: str) -> bool:
+    """Whether to ask `model` for the answer's JSON schema (else the prompt alone asks for the JSON)."""
+    if model.startswith("offline/"):
+        return False
+    litellm = load_litellm()
+    try:
+        if litellm.supports_response_schema(model=model):
+            return True
+        return (provider_of(model) in TRANSLATES_RESPONSE_FORMAT
+                and "response_format" in (litellm.get_supported_openai_params(model=model) or []))
+    except Exception:
+        return False
+
+
+# --- what happened, for the screen and the run log ---------------------------------------
+
+
+FailureKind = Literal["rate_limited", "server_error", "timeout", "connection", "dropped", "bad_response",
+                      "key_refused", "unknown_model", "bad_request", "disabled"]
+TRANSIENT: frozenset[str] = frozenset({"rate_limited", "server_error", "timeout", "connection", "dropped", "bad_response"})
+
+
+class ModelEvent(Frozen):
+    """One thing that happened while asking for a unit: a retry, a fallback, a model given up, an answer."""
+
+    event: Literal["retry", "gave_up", "fallback", "answered"]
+    unit: str
+    model: str
+    attempt: int
+    status: int | None = None
+    error: FailureKind | None = None
+    message: str | None = None
+    wait_s: float | None = None
+    to_model: str | None = None
+    elapsed_s: float = 0.0
+
+    def line(self) -> str:
+        """The event in a line, as the screen shows it."""
+        status = f"HTTP {self.status}" if self.status else (self.error or "").replace("_", " ")
+        if self.event == "retry":
+            return f"{self.unit}: {self.model} {status}, retry {self.attempt} in {self.wait_s:.1f}s ({self.message})"
+        if self.event == "gave_up":
+            return f"{self.unit}: {self.model} gave up: {self.message}"
+        if self.event == "fallback":
+            return f"{self.unit}: falling back from {self.model} to {self.to_model}"
+        return f"{self.unit}: answered by {self.model} after {self.attempt} tries, {self.elapsed_s:.1f}s"
+
+
+class ModelFailure(Exception):
+    """One model's failure on one request, in words a user can act on."""
+
+    def __init__(self, kind: FailureKind, detail: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.status = status
         self.retry_after = retry_after
 
-
-def _retry_after(exc: Exception) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None) or getattr(exc, "litellm_response_headers", None)
-    if not headers:
-        return None
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    try:
-        # Honoured, within reason: a server may not park a unit for longer than a minute a try.
-        return min(MAX_RETRY_AFTER, max(0.0, float(value))) if value is not None else None
-    except ValueError:  # the HTTP-date form: fall back to our own backoff
-        return None
+    @property
+    def transient(self) -> bool:
+        return self.kind in TRANSIENT
 
 
 class LiteLLMClient:
-    """The real client: `litellm.completion` with retries, backoff and fallbacks."""
+    """The real client: `litellm.completion` with retries, backoff and fallbacks, each reported."""
+
+    reserves_each_model = True  # `complete` reserves every attempt at the price of the model it asks
 
     def __init__(
         self,
         senior: SeniorModel,
         prices: dict[str, Price] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        on_event: Callable[[ModelEvent], None] = lambda event: None,
     ):
         self.senior = senior
         self.prices = prices or {}
         self.sleep = sleep
+        self.on_event = on_event
 
-    def complete(self, request: ModelRequest) -> ModelReply:
-        failures = []
-        for model in [request.model, *self.senior.fallbacks]:
+    def complete(self, request: ModelRequest, reserve: Reserve | None = None) -> ModelReply:
+        started = time.monotonic()
+        chain = [request.model, *self.senior.fallbacks]
+        failures: list[str] = []
+        retries = 0
+        for index, model in enumerate(chain):
             if not ALLOW_MODEL_REQUESTS and not model.startswith("offline/") and not _loopback(request.api_base):
                 raise UserError(f"model requests are disabled here; refusing to call {model}")
             try:
-                return self._with_retries(request, model)
-            except _Transient as exc:
-                failures.append(f"{model}: {exc}")
-        raise BuildFailed(f"unit {request.unit}: every model failed after retries: " + "; ".join(failures))
+                reply, tries = self._with_retries(request, model, reserve, started)
+            except _GaveUp as gave_up:
+                retries += gave_up.tries - 1
+                failures.append(f"{model}: {gave_up.message}")
+                if index + 1 < len(chain):
+                    self._tell("fallback", request, model, gave_up.tries, started, to_model=chain[index + 1],
+                               message=gave_up.message)
+                continue
+            retries += tries - 1
+            elapsed = time.monotonic() - started
+            self._tell("answered", request, model, tries, started)
+            return reply.model_copy(update={"attempts": tries, "retries": retries, "fallbacks": index,
+                                            "latency_ms": int(elapsed * 1000)})
+        if len(failures) == 1:
+            raise BuildFailed(f"unit {request.unit}: {failures[0]}")
+        raise BuildFailed(f"unit {request.unit}: no model answered:\n  " + "\n  ".join(failures))
 
-    def _with_retries(self, request: ModelRequest, model: str) -> ModelReply:
+    def _with_retries(self, request: ModelRequest, model: str, reserve: Reserve | None,
+                      started: float) -> tuple[ModelReply, int]:
         attempts = self.senior.max_retries + 1
+        first = time.monotonic()
         for attempt in range(1, attempts + 1):
             try:
-                reply = self._call(request, model)
-                return reply.model_copy(update={"attempts": attempt})
-            except _Transient as exc:
-                if attempt == attempts:
-                    raise
+                with (reserve(model) if reserve is not None else nullcontext(lambda reply: None)) as settle:
+                    reply = self._call(request, model)
+                    settle(reply)
+                return reply, attempt
+            except ModelFailure as failure:
+                if not failure.transient or attempt == attempts:
+                    message = self._explain(failure, model, request, attempt, time.monotonic() - first)
+                    self._tell("gave_up", request, model, attempt, started, failure=failure, message=message)
+                    raise _GaveUp(message, attempt) from failure
                 # Exponential backoff with full jitter; a server's Retry-After wins when longer.
-                delay = random.uniform(0, self.senior.backoff_seconds * 2 ** (attempt - 1))
-                self.sleep(max(delay, exc.retry_after or 0.0))
+                wait = max(random.uniform(0, self.senior.backoff_seconds * 2 ** (attempt - 1)), failure.retry_after or 0.0)
+                self._tell("retry", request, model, attempt, started, failure=failure, wait=wait,
+                           message=failure.detail)
+                self.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _tell(self, event: str, request: ModelRequest, model: str, attempt: int, started: float,
+              failure: ModelFailure | None = None, wait: float | None = None, message: str | None = None,
+              to_model: str | None = None) -> None:
+        self.on_event(ModelEvent(
+            event=event, unit=request.unit, model=model, attempt=attempt, wait_s=None if wait is None else round(wait, 3),
+            status=failure.status if failure else None, error=failure.kind if failure else None,
+            message=message[:500] if message else None, to_model=to_model,
+            elapsed_s=round(time.monotonic() - started, 3),
+        ))
+
+    def _explain(self, failure: ModelFailure, model: str, request: ModelRequest, tries: int, seconds: float) -> str:
+        """The failure, with its HTTP status and what the user can do about it."""
+        status = f"HTTP {failure.status}: " if failure.status else ""
+        over = f"after {tries} {'try' if tries == 1 else 'tries'} over {seconds:.1f}s"
+        where = request.api_base or f"{provider_of(model)}'s default endpoint"
+        if failure.kind == "key_refused":
+            variable = key_variable(self.senior, model) or "api_key_env"
+            return (f"{status}the key in {variable} was refused; check it is current and allowed to use {model} "
+                    f"({failure.detail})")
+        if failure.kind == "unknown_model":
+            return (f"{status}the model name {model.split('/', 1)[-1]!r} is unknown to the provider at {where}; "
+                    f"check the name in the pipeline file ({failure.detail})")
+        if failure.kind == "rate_limited":
+            return f"{status}rate-limited {over}; raise max_retries or backoff_seconds, or lower concurrency"
+        if failure.kind == "server_error":
+            return f"{status}the provider failed {over}: {failure.detail}"
+        if failure.kind == "timeout":
+            return (f"no answer within {self.senior.timeout_seconds:g}s (timeout_seconds) {over}; "
+                    "raise timeout_seconds or lower max_tokens")
+        if failure.kind == "connection":
+            return f"connection refused to {where} {over}; is the server running, and api_base right?"
+        if failure.kind == "dropped":
+            return f"the connection to {where} was dropped before an answer, {over}"
+        if failure.kind == "bad_response":
+            return f"{status}the provider's response could not be read, {over}: {failure.detail}"
+        return f"{status}the provider refused the request: {failure.detail}"
 
     def _call(self, request: ModelRequest, model: str) -> ModelReply:
         litellm = load_litellm()
+        dropped = set(left_out(model, request.temperature, request.seed))
         kwargs: dict = {
             "model": model,
             "messages": [dict(m) for m in request.messages],
-            "temperature": request.temperature,
             "max_tokens": request.max_tokens,
             "timeout": self.senior.timeout_seconds,
-            "num_retries": 0,  # retries are ours: counted, backed off, recorded
+            "num_retries": 0,  # retries are ours: counted, backed off, reported
             "max_retries": 0,
         }
-        if request.seed is not None:
+        if "temperature" not in dropped:
+            kwargs["temperature"] = request.temperature
+        if request.seed is not None and "seed" not in dropped:
             kwargs["seed"] = request.seed
         if request.api_base:
             kwargs["api_base"] = request.api_base
         if self.senior.api_key_env:
             kwargs["api_key"] = os.environ.get(self.senior.api_key_env, "")
-        if request.response_schema and not model.startswith("offline/") and _supports_schema(litellm, model):
+        if request.response_schema and structured_output(model):
             kwargs["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": request.response_schema},
@@ -152,33 +318,28 @@ class LiteLLMClient:
         started = time.monotonic()
         try:
             response = litellm.completion(**kwargs)
-        except (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
-                litellm.InternalServerError, litellm.ServiceUnavailableError) as exc:
-            raise _Transient(_message(exc), _retry_after(exc)) from exc
-        except litellm.APIError as exc:
-            if (getattr(exc, "status_code", 500) or 500) >= 500:
-                raise _Transient(_message(exc)) from exc
-            raise BuildFailed(f"model {model} refused unit {request.unit}: {_message(exc)}") from exc
-        except Exception as exc:  # litellm maps provider failures into its own tree; anything else is fatal
-            status = getattr(exc, "status_code", None)
-            if isinstance(status, int) and status >= 500:
-                raise _Transient(_message(exc)) from exc
-            raise BuildFailed(f"model {model} failed on unit {request.unit}: {_message(exc)}") from exc
+        except Exception as exc:  # litellm maps every provider's failures into its own tree
+            raise _failure(litellm, exc) from exc
         latency_ms = int((time.monotonic() - started) * 1000)
-        if not response.choices:  # a 200 with no choice is a provider fault, worth another try
-            raise _Transient("the response had no choices")
+        if not getattr(response, "choices", None):  # a 200 with no choice is a provider fault, worth another try
+            raise ModelFailure("bad_response", "the response had no choices")
         choice = response.choices[0]
         try:
             (choice.message.content or "").encode("utf-8")
         except UnicodeEncodeError:  # JSON escapes can smuggle lone surrogates: garbled, like bad bytes
-            raise _Transient("the answer is not valid UTF-8 text") from None
+            raise ModelFailure("bad_response", "the answer is not valid UTF-8 text") from None
         usage = getattr(response, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
         completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+        finish_reason = choice.finish_reason
+        if completion_tokens == request.max_tokens:
+            # Some adapters lose the provider's "cut off" (a JSON-mode tool call, Ollama's /api/generate):
+            # an answer exactly as long as the limit was cut off by it, whatever the finish reason says.
+            finish_reason = "length"
         return ModelReply(
             content=choice.message.content or "",
             model=model,
-            finish_reason=choice.finish_reason,
+            finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cost_usd=self._cost(litellm, model, response, prompt_tokens, completion_tokens),
@@ -186,13 +347,71 @@ class LiteLLMClient:
         )
 
     def _cost(self, litellm, model: str, response, prompt_tokens: int, completion_tokens: int) -> float:
-        price = self.prices.get(model)
+        price = price_per_token(model, self.prices)
         if price is not None:
-            return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
-        try:
+            return prompt_tokens * price[0] + completion_tokens * price[1]
+        try:  # litellm may still price it from the response (a dated model name, say)
             return float(litellm.completion_cost(completion_response=response) or 0.0)
-        except Exception:  # no price known: reported as 0, and `prices` in the pipeline fixes it
+        except Exception:  # unknown: a pipeline with a cost budget refuses to start with such a model
             return 0.0
+
+
+class _GaveUp(Exception):
+    def __init__(self, message: str, tries: int):
+        super().__init__(message)
+        self.message = message
+        self.tries = tries
+
+
+def _failure(litellm, exc: Exception) -> ModelFailure:
+    """What kind of failure a litellm exception is, with the provider's own words."""
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    detail = _message(exc)
+    causes = _causes(exc)
+    if isinstance(exc, litellm.UnsupportedParamsError):
+        return ModelFailure("bad_request", detail, status)
+    if isinstance(exc, litellm.Timeout) or any(c in causes for c in ("ReadTimeout", "ConnectTimeout", "TimeoutException")):
+        return ModelFailure("timeout", detail, None)
+    if "ConnectError" in causes or "ConnectionRefusedError" in causes:
+        return ModelFailure("connection", detail, None)
+    if any(c in causes for c in ("RemoteProtocolError", "ReadError", "ConnectionResetError")):
+        return ModelFailure("dropped", detail, None)
+    if isinstance(exc, litellm.AuthenticationError) or status in (401, 403):
+        return ModelFailure("key_refused", detail, status)
+    if isinstance(exc, litellm.NotFoundError) or status == 404:
+        return ModelFailure("unknown_model", detail, status)
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
+        return ModelFailure("rate_limited", detail, 429, _retry_after(exc))
+    if isinstance(exc, litellm.APIConnectionError) or "Error converting to valid response" in str(exc):
+        # litellm reports a body it could not parse as a connection error (or, for Gemini, a 422)
+        return ModelFailure("bad_response", detail, None)
+    if status is not None and (status >= 500 or status == 408):
+        return ModelFailure("timeout" if status == 408 else "server_error", detail, status, _retry_after(exc))
+    return ModelFailure("bad_request", detail, status)
+
+
+def _causes(exc: BaseException) -> set[str]:
+    """The class names down an exception's chain of causes (litellm wraps httpx's)."""
+    names: set[str] = set()
+    seen: BaseException | None = exc
+    while seen is not None and len(names) < 20:
+        names.add(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return names
+
+
+def _retry_after(exc: Exception) -> float | None:
+    for headers in (getattr(getattr(exc, "response", None), "headers", None), getattr(exc, "litellm_response_headers", None)):
+        value = headers.get("retry-after") if headers else None
+        if value is None:
+            continue
+        try:
+            # Honoured, within reason: a server may not park a unit for longer than a minute a try.
+            return min(MAX_RETRY_AFTER, max(0.0, float(value)))
+        except ValueError:  # the HTTP-date form: fall back to our own backoff
+            return None
+    return None
 
 
 def _loopback(api_base: str | None) -> bool:
@@ -203,13 +422,18 @@ def _loopback(api_base: str | None) -> bool:
     return (urlparse(api_base).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
-def _supports_schema(litellm, model: str) -> bool:
-    try:
-        return bool(litellm.supports_response_schema(model=model))
-    except Exception:
-        return False
-
-
 def _message(exc: Exception) -> str:
-    return str(exc).split(" - ", 1)[-1].strip()[:500] or type(exc).__name__
-
+    """The provider's own words: litellm's prefixes, its proxy advice and the JSON wrapping taken off."""
+    text = str(exc).split("To drop these", 1)[0].split("\nTraceback", 1)[0]
+    text = text.split(" - ", 1)[-1].strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            text = error["message"]
+        elif isinstance(error, str):
+            text = error
+    return " ".join(text.split())[:500].rstrip(". ") or type(exc).__name__

@@ -6,6 +6,8 @@ senior (the real litellm client, a transcript being replayed, a fake in a test).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from pydantic import Field
@@ -60,8 +62,10 @@ class ModelReply(Frozen):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
-    latency_ms: int = 0
-    attempts: int = 1
+    latency_ms: int = Field(default=0, description="wall time of the request, retries and their waits included")
+    attempts: int = Field(default=1, description="tries at the model that answered")
+    retries: int = Field(default=0, description="failed tries before the answer, at any model")
+    fallbacks: int = Field(default=0, description="models given up before the one that answered")
     cached: bool = False
 
     @property
@@ -69,8 +73,23 @@ class ModelReply(Frozen):
         return self.prompt_tokens + self.completion_tokens
 
 
+# Reserves one call's worst case at the price of the model it goes to; the body settles it with the reply.
+Reserve = Callable[[str], AbstractContextManager[Callable[[ModelReply], None]]]
+
+
 class ModelClient(Protocol):
     def complete(self, request: ModelRequest) -> ModelReply: ...
+
+
+def complete_within(client: ModelClient, request: ModelRequest, reserve: Reserve) -> ModelReply:
+    """Ask `client` with every call reserved first: a client that may try several models (fallbacks)
+    reserves each at that model's own price; any other is reserved at the price of the model asked."""
+    if getattr(client, "reserves_each_model", False):
+        return client.complete(request, reserve=reserve)  # type: ignore[call-arg]
+    with reserve(request.model) as settle:
+        reply = client.complete(request)
+        settle(reply)
+    return reply
 
 
 

@@ -1,28 +1,43 @@
-"""A scripted OpenAI-compatible server on 127.0.0.1: a real HTTP fake for tests and demos.
+"""A scripted model server on 127.0.0.1 that speaks each provider's wire format: a real HTTP fake.
 
-The compiler reaches real models only through `litellm.completion(model="openai/<name>",
-api_base=..., api_key=...)`. This server answers that call the way OpenAI's Chat
-Completions API would, but from a script, so a test can drive the real litellm/openai/httpx
-stack through replies *and* faults:
+The compiler reaches real models only through `litellm.completion(model="<provider>/<name>",
+api_base=..., api_key=...)`. This server answers that call the way the provider would,
+but from a script, so a test can drive the real litellm/httpx stack through replies *and*
+faults. One server speaks every format the README names, told apart by the path litellm
+posts to:
+
+    wire        litellm model          api_base to give litellm    endpoint
+    openai      openai/<name>          server.base_url  (…/v1)     POST /v1/chat/completions
+    anthropic   anthropic/<name>       server.api_base("anthropic") POST /v1/messages
+    gemini      gemini/<name>          server.api_base("gemini")    POST /models/<name>:generateContent
+    ollama      ollama_chat/<name>     server.api_base("ollama")    POST /api/chat
+                ollama/<name>                                       POST /api/generate
 
     from generator.senior.scripted import Fault, Reply, ScriptedServer
 
     with ScriptedServer([Reply("hello"), Fault.status(429, headers={"Retry-After": "1"})]) as server:
-        litellm.completion(model="openai/scripted", api_base=server.base_url, api_key="k",
+        litellm.completion(model="anthropic/claude-x", api_base=server.api_base("anthropic"), api_key="k",
                            messages=[...], max_retries=0)
-    server.requests   # the JSON bodies received on /chat/completions, in order
+    server.requests   # the JSON bodies received, in order; server.wires says which format each was
 
-A script is a list of steps consumed one per chat-completion request, or a callable
-`(request_body: dict) -> step`. Steps: `Reply(...)`, `Fault.status(...)`, `Fault.slow(...)`,
-`Fault.raw(...)`, `Fault.disconnect()`. When a list is exhausted the server answers 500
-"script exhausted after N requests" (and records it in `errors`), so a test fails loudly
-instead of hanging.
+A script is a list of steps consumed one per model request, whatever its format, or a
+callable `(request: dict) -> step`; the callable sees the body with `messages` as
+OpenAI-style `{"role", "content"}` text messages and `wire` naming the format. Steps:
+`Reply(...)`, `Fault.status(...)`, `Fault.slow(...)`, `Fault.raw(...)`, `Fault.disconnect()`.
+A `Reply` is rendered in the request's format: with `finish_reason="length"` it is cut off
+the way that provider says so (`stop_reason: max_tokens`, `finishReason: MAX_TOKENS`,
+`done_reason: length`); to an Anthropic request that forces a tool (litellm's JSON mode)
+the content comes back as that tool's input, and cut off, as a tool call whose input is
+empty. `Fault.status` bodies are that provider's error shape. When a list is exhausted the
+server answers 500 "script exhausted after N requests" (and records it in `errors`), so a
+test fails loudly instead of hanging.
 
 Besides the script the server enforces what a real endpoint would:
-- every path needs `Authorization: Bearer <anything>`, else 401 (this proves the key is sent);
-- `POST /v1/chat/completions` and `POST /chat/completions` are the chat endpoints;
-  `GET /v1/models` (or `/models`) lists the one model; any other path is 404;
-- a body that is not a JSON object is 400, and `"stream": true` is 400: this fake does not
+- the key, where the provider sends it: `Authorization: Bearer` (OpenAI), `x-api-key`
+  (Anthropic), `x-goog-api-key` or `?key=` (Gemini); else 401 (this proves the key is sent).
+  Ollama takes no key. A key listed in `refused_keys` is answered 401 (403 for Gemini).
+- `GET /v1/models` lists the one model; any other path is 404;
+- a body that is not a JSON object is 400, and streaming is 400: this fake does not
   stream (neither does the compiler). Neither consumes a step.
 
 It uses only the standard library and binds only to 127.0.0.1. Every response closes its
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +62,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import parse_qs
 from typing import Any, TypeAlias
 
 HOST = "127.0.0.1"
@@ -163,11 +180,36 @@ def _check_step(step: object, where: str) -> Step:
 
 # --------------------------------------------------------------------------- bodies
 
+WIRES = ("openai", "anthropic", "gemini", "ollama")
 
-def error_body(code: int, message: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style error body for HTTP `code`."""
+# code: (Anthropic error type, Gemini status), after each provider's documented error bodies
+_PROVIDER_ERRORS: Mapping[int, tuple[str, str]] = MappingProxyType({
+    400: ("invalid_request_error", "INVALID_ARGUMENT"),
+    401: ("authentication_error", "UNAUTHENTICATED"),
+    403: ("permission_error", "PERMISSION_DENIED"),
+    404: ("not_found_error", "NOT_FOUND"),
+    408: ("timeout_error", "DEADLINE_EXCEEDED"),
+    429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
+    500: ("api_error", "INTERNAL"),
+    503: ("overloaded_error", "UNAVAILABLE"),
+    504: ("timeout_error", "DEADLINE_EXCEEDED"),
+    529: ("overloaded_error", "UNAVAILABLE"),
+})
+
+
+def error_body(code: int, message: str | None = None, wire: str = "openai") -> dict[str, Any]:
+    """The error body `wire`'s provider sends with HTTP `code`."""
     kind, err_code, default = _REASONS.get(code, ("server_error" if code >= 500 else "invalid_request_error", None, "Error."))
-    return {"error": {"message": message or default, "type": kind, "param": None, "code": err_code}}
+    text = message or default
+    anthropic_type, gemini_status = _PROVIDER_ERRORS.get(code, ("api_error" if code >= 500 else "invalid_request_error",
+                                                               "INTERNAL" if code >= 500 else "FAILED_PRECONDITION"))
+    if wire == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_type, "message": text}}
+    if wire == "gemini":
+        return {"error": {"code": code, "message": text, "status": gemini_status}}
+    if wire == "ollama":
+        return {"error": text}
+    return {"error": {"message": text, "type": kind, "param": None, "code": err_code}}
 
 
 def _text_of(content: object) -> str:
@@ -179,16 +221,57 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def chat_messages(wire: str, body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A request's conversation as OpenAI-style text messages, whatever format it came in."""
+    def listed(value: object) -> list:
+        return value if isinstance(value, list) else []
+
+    if wire == "anthropic":
+        system = body.get("system")
+        head = [{"role": "system", "content": _text_of(system)}] if system else []
+        return head + [{"role": str(m.get("role")), "content": _text_of(m.get("content"))}
+                       for m in listed(body.get("messages")) if isinstance(m, dict)]
+    if wire == "gemini":
+        instruction = body.get("system_instruction") or body.get("systemInstruction")
+        head = [{"role": "system", "content": _text_of(instruction.get("parts"))}] if isinstance(instruction, dict) else []
+        return head + [{"role": "assistant" if c.get("role") == "model" else "user", "content": _text_of(c.get("parts"))}
+                       for c in listed(body.get("contents")) if isinstance(c, dict)]
+    if wire == "ollama" and "prompt" in body:  # /api/generate: the conversation flattened into one prompt
+        return [{"role": "user", "content": str(body.get("prompt"))}]
+    return [{"role": str(m.get("role")), "content": _text_of(m.get("content"))}
+            for m in listed(body.get("messages")) if isinstance(m, dict)]
+
+
 def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def completion_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
-    """A chat.completion body for `reply` to `request` (the n-th chat request served)."""
-    messages = request.get("messages")
-    prompt_text = "".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)) if isinstance(messages, list) else ""
+def _output_limit(request: Mapping[str, Any]) -> int | None:
+    """The request's output limit, wherever its format puts it."""
+    config = request.get("generationConfig") or {}
+    options = request.get("options") or {}
+    for value in (request.get("max_tokens"), request.get("max_completion_tokens"),
+                  config.get("max_output_tokens") or config.get("maxOutputTokens"), options.get("num_predict")):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _usage(reply: Reply, request: Mapping[str, Any]) -> tuple[int, int]:
+    """Prompt and completion tokens: as scripted, else estimated; an answer cut off used the whole output limit."""
+    prompt_text = "".join(m["content"] for m in request.get("messages", []))
     prompt = reply.prompt_tokens if reply.prompt_tokens is not None else estimate_tokens(prompt_text)
-    completion = reply.completion_tokens if reply.completion_tokens is not None else estimate_tokens(reply.content)
+    completion = reply.completion_tokens
+    if completion is None:
+        limit = _output_limit(request)
+        completion = limit if reply.finish_reason == "length" and limit else estimate_tokens(reply.content)
+    return prompt, completion
+
+
+def completion_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """A chat.completion body for `reply` to `request` (the n-th model request served)."""
+    request = {**request, "messages": chat_messages("openai", request)}
+    prompt, completion = _usage(reply, request)
     return {
         "id": f"chatcmpl-scripted-{number}",
         "object": "chat.completion",
@@ -206,19 +289,78 @@ def completion_body(reply: Reply, request: Mapping[str, Any], number: int) -> di
     }
 
 
+def _forced_tool(body: Mapping[str, Any]) -> str | None:
+    """The tool an Anthropic request forces (litellm's JSON mode), if any."""
+    choice = body.get("tool_choice")
+    return choice.get("name") if isinstance(choice, dict) and choice.get("type") == "tool" else None
+
+
+def messages_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """An Anthropic Messages API response: text, or the forced tool's call when the request forces one."""
+    prompt, completion = _usage(reply, request)
+    cut = reply.finish_reason == "length"
+    block: dict[str, Any] = {"type": "text", "text": reply.content}
+    stop = "max_tokens" if cut else "end_turn"
+    if (tool := _forced_tool(request)) is not None:
+        try:
+            arguments = json.loads(reply.content)
+        except ValueError:
+            arguments = None
+        if cut or isinstance(arguments, dict):
+            # A tool call cut off by the output limit arrives incomplete: its input is empty.
+            block = {"type": "tool_use", "id": f"toolu_scripted_{number}", "name": tool,
+                     "input": {} if cut or not isinstance(arguments, dict) else arguments}
+            stop = "max_tokens" if cut else "tool_use"
+    return {
+        "id": f"msg_scripted_{number}", "type": "message", "role": "assistant",
+        "model": request.get("model", "scripted"), "content": [block], "stop_reason": stop, "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": completion},
+    }
+
+
+def generate_content_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """A Gemini generateContent response."""
+    prompt, completion = _usage(reply, request)
+    return {
+        "candidates": [{"content": {"parts": [{"text": reply.content}], "role": "model"},
+                        "finishReason": "MAX_TOKENS" if reply.finish_reason == "length" else "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": completion,
+                          "totalTokenCount": prompt + completion},
+        "modelVersion": request.get("model", "scripted"), "responseId": f"scripted-{number}",
+    }
+
+
+def ollama_body(reply: Reply, request: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """An Ollama /api/chat (or /api/generate, for a request with a prompt) response."""
+    prompt, completion = _usage(reply, request)
+    done = {"done": True, "done_reason": "length" if reply.finish_reason == "length" else "stop",
+            "total_duration": 0, "prompt_eval_count": prompt, "eval_count": completion}
+    answer = ({"response": reply.content} if "prompt" in request
+              else {"message": {"role": "assistant", "content": reply.content}})
+    return {"model": request.get("model", "scripted"), "created_at": "2023-11-14T22:13:20Z", **answer, **done}
+
+
+_BODIES: Mapping[str, Callable[[Reply, Mapping[str, Any], int], dict[str, Any]]] = MappingProxyType({
+    "openai": completion_body, "anthropic": messages_body, "gemini": generate_content_body, "ollama": ollama_body,
+})
+
+
 # --------------------------------------------------------------------------- server
 
 
 class ScriptedServer:
-    """An OpenAI-compatible HTTP server on 127.0.0.1 that answers from a script.
+    """A model server on 127.0.0.1 that answers from a script, in each provider's wire format.
 
-    `requests` holds the JSON bodies of the authorised chat-completion requests, in order
-    (including ones answered 400 for streaming and the one that found the script exhausted);
-    `headers` holds each one's request headers (lower-cased names), aligned with `requests`;
-    `errors` holds the server-side problems (script exhausted, bad step from a callable).
+    `requests` holds the JSON bodies of the authorised model requests, in order (including
+    ones answered 400 for streaming and the one that found the script exhausted); `wires`
+    says which format each one came in; `headers` holds each one's request headers
+    (lower-cased names), aligned with `requests`; `errors` holds the server-side problems
+    (script exhausted, bad step from a callable). A key in `refused_keys` is refused the way
+    its provider refuses a bad key.
     """
 
-    def __init__(self, script: Script, *, model: str = "scripted", port: int = 0, quiet: bool = True):
+    def __init__(self, script: Script, *, model: str = "scripted", port: int = 0, quiet: bool = True,
+                 refused_keys: Sequence[str] = ()):
         if callable(script):
             self._steps: list[Step] | None = None
             self._callable: Callable[[dict[str, Any]], Step] | None = script
@@ -227,12 +369,14 @@ class ScriptedServer:
             self._callable = None
         self.model = model
         self.quiet = quiet
+        self.refused_keys = frozenset(refused_keys)
         self.requests: list[dict[str, Any]] = []
+        self.wires: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.errors: list[str] = []
         self._wanted_port = port
         self._served = 0  # chat requests that consumed a step
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -277,8 +421,14 @@ class ScriptedServer:
 
     @property
     def base_url(self) -> str:
-        """`http://127.0.0.1:PORT/v1`, the `api_base` to give litellm."""
+        """`http://127.0.0.1:PORT/v1`, the `api_base` to give litellm for `openai/` models."""
         return f"http://{HOST}:{self.port}/v1"
+
+    def api_base(self, wire: str = "openai") -> str:
+        """The `api_base` to give litellm for a model of `wire`'s provider (litellm adds the rest of the path)."""
+        if wire not in WIRES:
+            raise ValueError(f"unknown wire format {wire!r}; one of {', '.join(WIRES)}")
+        return self.base_url if wire == "openai" else f"http://{HOST}:{self.port}"
 
     @property
     def remaining(self) -> int | None:
@@ -288,14 +438,14 @@ class ScriptedServer:
 
     # ---- the script
 
-    def _next_step(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[Step | str, int]:
+    def _next_step(self, body: dict[str, Any], headers: dict[str, str], wire: str,
+                   seen: dict[str, Any]) -> tuple[Step | str, int]:
         """Record the request and take its step: (step, n), or (error message, n) when there is none."""
         with self._lock:
-            self.requests.append(body)
-            self.headers.append(headers)
+            self._record_only(body, headers, wire)
             if self._callable is not None:
                 try:
-                    step = _check_step(self._callable(body), "script callable")
+                    step = _check_step(self._callable(seen), "script callable")
                 except Exception as exc:  # the callable's bug must surface as a loud 500, not a hang
                     self.errors.append(f"script callable failed: {exc!r}")
                     return self.errors[-1], self._served
@@ -309,10 +459,10 @@ class ScriptedServer:
             self._served += 1
             return step, self._served
 
-    def _record_only(self, body: dict[str, Any], headers: dict[str, str]) -> None:
-        with self._lock:
-            self.requests.append(body)
-            self.headers.append(headers)
+    def _record_only(self, body: dict[str, Any], headers: dict[str, str], wire: str) -> None:
+        self.requests.append(body)
+        self.headers.append(headers)
+        self.wires.append(wire)
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless the server stops first; True if it is still running."""
@@ -354,12 +504,22 @@ class _HTTPServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+GEMINI_PATH = re.compile(r"(?:/v1beta|/v1)?/models/([^/:]+):generateContent")
+KEY_REFUSED = MappingProxyType({
+    "openai": "Incorrect API key provided.",
+    "anthropic": "invalid x-api-key",
+    "gemini": "API key not valid. Please pass a valid API key.",
+    "ollama": "unauthorized",
+})
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "regen-scripted/1"
     sys_version = ""
     timeout = 10  # a client that connects and sends nothing cannot pin a thread for ever
     server: _HTTPServer
+    wire = "openai"
 
     @property
     def owner(self) -> ScriptedServer:
@@ -379,50 +539,85 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         self.close_connection = True  # one request per connection: stop() never waits on keep-alive
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path, _, query = self.path.partition("?")
+        path = path.rstrip("/")
         body = self._read_body()
+        gemini = GEMINI_PATH.fullmatch(path)
         if path in ("/v1/chat/completions", "/chat/completions"):
-            endpoint = "chat"
+            wire, endpoint = "openai", "chat"
+        elif path in ("/v1/messages", "/messages"):
+            wire, endpoint = "anthropic", "chat"
+        elif gemini is not None:
+            wire, endpoint = "gemini", "chat"
+        elif path in ("/api/chat", "/api/generate"):
+            wire, endpoint = "ollama", "chat"
         elif path in ("/v1/models", "/models"):
-            endpoint = "models"
+            wire, endpoint = "openai", "models"
+        elif path in ("/api/tags", "/api/show"):
+            wire, endpoint = "ollama", "models"
         else:
             return self._json(404, error_body(404, f"Unknown path {method} {path or '/'}"))
-        if not self._authorised():
-            return self._json(401, error_body(401))
+        self.wire = wire
+        refused = self._refused(wire, parse_qs(query).get("key", [""])[0])
+        if refused:
+            return self._json(refused, error_body(refused, KEY_REFUSED[wire], wire))
         if endpoint == "models":
-            if method != "GET":
-                return self._json(405, error_body(405, "Use GET on /v1/models"))
-            model = {"id": self.owner.model, "object": "model", "created": CREATED, "owned_by": "regen-scripted"}
-            return self._json(200, {"object": "list", "data": [model]})
+            return self._models(path)
         if method != "POST":
-            return self._json(405, error_body(405, "Use POST on /v1/chat/completions"))
-        self._chat(body)
+            return self._json(405, error_body(405, f"Use POST on {path}", wire))
+        self._chat(body, gemini.group(1) if gemini else None)
 
-    def _authorised(self) -> bool:
-        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-        return scheme.lower() == "bearer" and bool(token.strip())
+    def _refused(self, wire: str, query_key: str) -> int:
+        """The status a request's key earns: 0 when it may pass."""
+        if wire == "openai":
+            scheme, _, key = (self.headers.get("Authorization") or "").partition(" ")
+            key = key.strip() if scheme.lower() == "bearer" else ""
+        elif wire == "anthropic":
+            key = (self.headers.get("x-api-key") or "").strip()
+        elif wire == "gemini":
+            key = (self.headers.get("x-goog-api-key") or query_key).strip()
+        else:  # Ollama takes no key; one sent anyway is checked like any other
+            key = (self.headers.get("Authorization") or "").partition(" ")[2].strip() or None
+            if key is None:
+                return 0
+        if key and key not in self.owner.refused_keys:
+            return 0
+        return 400 if wire == "gemini" else 401  # Gemini answers a bad key 400 API_KEY_INVALID
+
+    def _models(self, path: str) -> None:
+        model = self.owner.model
+        if path == "/api/tags":
+            return self._json(200, {"models": [{"name": model, "model": model, "details": {}}]})
+        if path == "/api/show":
+            return self._json(200, {"modelfile": "", "parameters": "", "template": "", "details": {}, "model_info": {}})
+        entry = {"id": model, "object": "model", "created": CREATED, "owned_by": "regen-scripted"}
+        return self._json(200, {"object": "list", "data": [entry]})
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
-    # ---- chat completions
+    # ---- model requests
 
-    def _chat(self, raw: bytes) -> None:
+    def _chat(self, raw: bytes, gemini_model: str | None) -> None:
+        wire = self.wire
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return self._json(400, error_body(400, f"Request body is not JSON: {exc}"))
+            return self._json(400, error_body(400, f"Request body is not JSON: {exc}", wire))
         if not isinstance(body, dict):
-            return self._json(400, error_body(400, "Request body must be a JSON object"))
+            return self._json(400, error_body(400, "Request body must be a JSON object", wire))
         headers = {k.lower(): v for k, v in self.headers.items()}
         if body.get("stream"):
-            self.owner._record_only(body, headers)
-            return self._json(400, error_body(400, "stream=true is not supported by the scripted server"))
-        step, number = self.owner._next_step(body, headers)
+            with self.owner._lock:
+                self.owner._record_only(body, headers, wire)
+            return self._json(400, error_body(400, "stream=true is not supported by the scripted server", wire))
+        seen = {**body, "model": gemini_model or body.get("model", "scripted"),
+                "messages": chat_messages(wire, body), "wire": wire}
+        step, number = self.owner._next_step(body, headers, wire, seen)
         if isinstance(step, str):  # no step to play: fail loudly, and tell the openai client not to retry
-            return self._json(500, error_body(500, step), {"x-should-retry": "false"})
-        self._play(step, body, number)
+            return self._json(500, error_body(500, step, wire), {"x-should-retry": "false"})
+        self._play(step, seen, number)
 
     def _play(self, step: Step, request: dict[str, Any], number: int) -> None:
         if isinstance(step, SlowFault):
@@ -430,10 +625,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._play(step.then, request, number)
         elif isinstance(step, Reply):
             if self.owner._sleep(step.delay):
-                self._json(200, completion_body(step, request, number))
+                self._json(200, _BODIES[self.wire](step, request, number))
         elif isinstance(step, StatusFault):
             if step.body is None:
-                payload = json.dumps(error_body(step.code)).encode()
+                payload = json.dumps(error_body(step.code, wire=self.wire)).encode()
             elif isinstance(step.body, Mapping):
                 payload = json.dumps(step.body).encode()
             elif isinstance(step.body, str):

@@ -35,16 +35,19 @@ from ..spec.plan import Plan, Unit
 from . import check
 from .answer import Answer, parse_answer
 from .cache import ResponseCache
-from .models import Exchange, ModelClient, ModelReply, ModelRequest
+from .models import Exchange, ModelClient, ModelReply, ModelRequest, complete_within
 
 MAX_CONTINUATIONS = 3
 
 
 class UnitResult(UnitRecord):
-    """A unit as this run made it: what it spent now (a cache hit or a reuse spends nothing) and how long it took."""
+    """A unit as this run made it: what it spent now (a cache hit or a reuse spends nothing), how long it took
+    (waits for retries included), and how often a model had to be asked again or replaced."""
 
     latency_ms: int
     cached: bool
+    retries: int = 0
+    fallbacks: int = 0
 
 
 class UnitOutcome(Frozen):
@@ -302,6 +305,14 @@ def reused(request: ModelRequest, files: dict[str, str], version: str, exchanges
     )
 
 
+def _whole_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _quoted(answer: str) -> str:
     # An earlier answer quoted back in a repair: whole when it is of a reasonable size.
     return answer if len(answer) <= 200_000 else answer[:200_000] + "\n[... cut]"
@@ -326,24 +337,33 @@ class _Conversation:
                 f"up to {request.max_tokens:,} of answer is over the senior's window of {self.run.window:,}; "
                 "stopped before the provider would refuse it. Lower max_tokens or repair_rounds, or use a larger window."
             )
-        price = self.run.price(request.model)
-        worst_cost = (prompt_tokens * price[0] + request.max_tokens * price[1]) if price else 0.0
-        with self.run.spend.reservation(self.unit.name, prompt_tokens + request.max_tokens, worst_cost) as settle:
-            reply = self.run.client.complete(request)
-            settle(reply)
-        return reply
+
+        def reserve(model: str):
+            # Each model asked (the senior, then each fallback) is reserved at its own price.
+            price = self.run.price(model)
+            worst_cost = (prompt_tokens * price[0] + request.max_tokens * price[1]) if price else 0.0
+            return self.run.spend.reservation(self.unit.name, prompt_tokens + request.max_tokens, worst_cost)
+
+        return complete_within(self.run.client, request, reserve)
 
     def ask(self, messages: list[dict[str, str]], round_: int, purpose: str) -> ModelReply:
         """One answer, continued while it is cut off; returns the whole reply."""
         content = ""
-        for attempt in range(MAX_CONTINUATIONS + 1):
-            # A continuation is the rest of a JSON text, not a JSON object: no schema for it.
-            schema = Answer.model_json_schema() if attempt == 0 else None
+        schema: dict | None = Answer.model_json_schema()
+        first = True
+        for _ in range(MAX_CONTINUATIONS + 1):
             request = ModelRequest.for_unit(self.unit.name, self.run.pipeline.senior, messages, schema)
             reply = self._call(request)
-            self.exchanges.append(
-                Exchange(request=request, reply=reply, round=round_, purpose=purpose if attempt == 0 else "continue")
-            )
+            self.exchanges.append(Exchange(request=request, reply=reply, round=round_,
+                                           purpose=purpose if first else "continue" if content else "unstructured"))
+            first = False
+            if reply.finish_reason == "length" and schema is not None and _whole_json(reply.content):
+                # A structured answer cut off inside a tool call comes back as a complete but empty object:
+                # there is nothing to continue from. Asked again for plain JSON text, which can be continued.
+                schema = None
+                continue
+            # A continuation is the rest of a JSON text, not a JSON object: no schema for it.
+            schema = None
             content += reply.content
             if reply.finish_reason != "length" or not reply.content:
                 break
@@ -413,6 +433,8 @@ class _Conversation:
             cost_usd=round(sum(e.reply.cost_usd for e in paid), 6),
             latency_ms=sum(e.reply.latency_ms for e in every),
             cached=all(e.reply.cached for e in every),
+            retries=sum(e.reply.retries for e in paid),
+            fallbacks=sum(e.reply.fallbacks for e in paid),
         )
 
 
