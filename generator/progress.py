@@ -23,7 +23,7 @@ class Reporter:
         if self._console is None:  # rich takes a while to import: not before there is something to show
             from rich.console import Console
 
-            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
         return self._console
 
     @contextmanager
@@ -39,14 +39,14 @@ class Reporter:
             try:
                 yield info
             except BaseException:
-                self.console.print(f"  [red]✗[/] [bold]{name:<11}[/] {doing}")
+                self.console.print(f"  [red]✗[/] [bold]{name:<11}[/] {doing}", emoji=False)
                 raise
             finally:
                 self._status = None
         elapsed = time.monotonic() - started
         note = f" — {info['note']}" if info["note"] else ""
         mark = "[red]✗[/]" if info["failed"] else "[green]✓[/]"
-        self.console.print(f"  {mark} [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]")
+        self.console.print(f"  {mark} [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]", emoji=False)
 
     def progress(self, name: str, doing: str) -> None:
         """Replace the spinner's text while a stage is running (e.g. which unit is being written)."""
@@ -55,11 +55,11 @@ class Reporter:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(text)
+            self.console.print(text, emoji=False)
 
     def warn(self, text: str) -> None:
         # Warnings are shown even when quiet: they are never to be dropped silently.
-        self.console.print(f"[bold yellow]warning:[/] {text}")
+        self.console.print(f"[bold yellow]warning:[/] {text}", emoji=False)
 
     def summary(self, title: str, rows: list[tuple[str, str]]) -> None:
         if self.quiet:
@@ -72,4 +72,4 @@ class Reporter:
         for key, value in rows:
             table.add_row(key, value)
         self.console.print()
-        self.console.print(table)
+        self.console.print(table, emoji=False)

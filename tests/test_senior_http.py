@@ -1,7 +1,9 @@
-"""The real HTTP path: litellm → a scripted OpenAI-compatible server on 127.0.0.1.
+"""The real HTTP path: litellm → a scripted server on 127.0.0.1, in the OpenAI and the Anthropic wire formats.
 
 The server plays the senior: between the faults a test scripts, it answers what
-`offline/reference` would, so every unit has a good answer to come back to.
+`offline/reference` would, so every unit has a good answer to come back to. Every test
+that talks to the server runs once per format (the `wire` fixture): faults, repairs,
+budgets and fallbacks must hold whichever provider answers.
 """
 
 import json
@@ -49,8 +51,17 @@ class Senior:
         return Reply(reference_answer(body))
 
 
+WIRES = ["openai", "anthropic"]
+
+
+@pytest.fixture(params=WIRES)
+def wire(request) -> str:
+    return request.param
+
+
 def write_pipeline(folder: Path, base_url: str, extra: str = "", repair_rounds: int = 2, timeout: int = 60,
-                   fallbacks: tuple[str, ...] = ()) -> Path:
+                   fallbacks: tuple[str, ...] = (), wire: str = "openai") -> Path:
+    """A pipeline whose senior is `<wire>/scripted` at `base_url` (the server's api_base for that wire)."""
     path = folder / "scripted.toml"
     path.write_text(f"""
 name = "scripted"
@@ -58,8 +69,8 @@ repair_rounds = {repair_rounds}
 concurrency = 3
 
 [senior]
-model = "openai/scripted"
-fallbacks = {json.dumps(list(fallbacks))}
+model = "{wire}/scripted"
+fallbacks = {json.dumps([f.replace("openai/", f"{wire}/", 1) for f in fallbacks])}
 api_base = "{base_url}"
 api_key_env = "{KEY}"
 max_tokens = 32000
@@ -68,9 +79,13 @@ timeout_seconds = {timeout}
 max_retries = 3
 backoff_seconds = 0.01
 
-[prices."openai/scripted"]
+[prices."{wire}/scripted"]
 input_per_mtok = 1.0
 output_per_mtok = 4.0
+
+[prices."{wire}/backup"]
+input_per_mtok = 2.0
+output_per_mtok = 8.0
 {extra}
 """)
     return path
@@ -87,11 +102,14 @@ def _key(monkeypatch):
     monkeypatch.setenv(KEY, "sk-scripted")
 
 
-def _synthesise(tmp_path, senior: Senior, spec_and_plan, extra: str = "", repair_rounds: int = 2, timeout: int = 60):
+def _synthesise(tmp_path, senior: Senior, spec_and_plan, extra: str = "", repair_rounds: int = 2, timeout: int = 60,
+                wire: str = "openai", events: list | None = None):
     spec, plan = spec_and_plan
     with ScriptedServer(senior) as server:
-        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url, extra, repair_rounds, timeout))
-        client = LiteLLMClient(pipeline.senior, pipeline.prices)
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), extra, repair_rounds, timeout,
+                                                wire=wire))
+        client = LiteLLMClient(pipeline.senior, pipeline.prices,
+                               on_event=events.append if events is not None else lambda event: None)
         run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens,
                            price=lambda model: price_per_token(model, pipeline.prices))
         return run.synthesise(), server
@@ -105,13 +123,17 @@ def _exchanges(synthesis, unit):
     return [e for e in synthesis.exchanges if e.request.unit == unit]
 
 
-def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and_plan):
-    synthesis, server = _synthesise(tmp_path, Senior(), spec_and_plan)
+def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and_plan, wire):
+    synthesis, server = _synthesise(tmp_path, Senior(), spec_and_plan, wire=wire)
     assert [u.unit for u in synthesis.units] == ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
     assert len(server.requests) == 5
     first = server.requests[0]
-    assert first["seed"] == 0 and first["temperature"] == 0.0 and first["max_tokens"] == 32000
-    assert server.headers[0]["authorization"] == "Bearer sk-scripted"
+    assert first["temperature"] == 0.0 and first["max_tokens"] == 32000
+    if wire == "openai":
+        assert first["seed"] == 0 and server.headers[0]["authorization"] == "Bearer sk-scripted"
+    else:  # Anthropic takes no seed: it is left out, not sent to be refused
+        assert "seed" not in first and server.headers[0]["x-api-key"] == "sk-scripted"
+    assert set(server.wires) == {wire}
     for unit in synthesis.units:
         assert unit.prompt_tokens > 0 and unit.completion_tokens > 0 and unit.rounds == 1
         # The pipeline's price table: $1 in, $4 out per million tokens.
@@ -131,37 +153,37 @@ def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and
     ],
     ids=["429-retry-after", "500", "503", "timeout", "malformed-json", "non-utf8", "disconnect"],
 )
-def test_transient_faults_are_retried_and_recorded(tmp_path, spec_and_plan, fault):
-    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [fault, fault]}), spec_and_plan, timeout=2)
+def test_transient_faults_are_retried_and_recorded(tmp_path, spec_and_plan, fault, wire):
+    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [fault, fault]}), spec_and_plan, timeout=2, wire=wire)
     (exchange,) = _exchanges(synthesis, "mad:turing")
     assert exchange.reply.attempts == 3
     assert _unit(synthesis, "mad:turing").rounds == 1
     assert server.errors == []
 
 
-def test_a_senior_that_keeps_failing_gives_up_clearly(tmp_path, spec_and_plan):
+def test_a_senior_that_keeps_failing_gives_up_clearly(tmp_path, spec_and_plan, wire):
     faults = {"mad:turing": [Fault.status(503)] * 20}
-    with pytest.raises(BuildFailed, match="unit mad:turing: openai/scripted: HTTP 503: the provider failed after 4 tries"):
-        _synthesise(tmp_path, Senior(faults), spec_and_plan, repair_rounds=0)
+    with pytest.raises(BuildFailed, match=f"unit mad:turing: {wire}/scripted: HTTP 503: the provider failed after 4 tries"):
+        _synthesise(tmp_path, Senior(faults), spec_and_plan, repair_rounds=0, wire=wire)
 
 
-def test_when_the_senior_is_down_the_fallback_model_answers(tmp_path, spec_and_plan):
+def test_when_the_senior_is_down_the_fallback_model_answers(tmp_path, spec_and_plan, wire):
     spec, plan = spec_and_plan
 
     def down_unless_fallback(body):
         return Reply(reference_answer(body)) if body["model"] == "backup" else Fault.status(503)
 
     with ScriptedServer(down_unless_fallback) as server:
-        path = write_pipeline(tmp_path, server.base_url, fallbacks=("openai/backup",))
+        path = write_pipeline(tmp_path, server.api_base(wire), fallbacks=("openai/backup",), wire=wire)
         pipeline = load_pipeline(path)
         client = LiteLLMClient(pipeline.senior, pipeline.prices)
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
-    assert {e.reply.model for e in synthesis.exchanges} == {"openai/backup"}
+    assert {e.reply.model for e in synthesis.exchanges} == {f"{wire}/backup"}
     asked = [r["model"] for r in server.requests]
     assert asked.count("scripted") == 5 * 4 and asked.count("backup") == 5  # per unit: 1 try + 3 retries, then the fallback
 
 
-def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_plan):
+def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_plan, wire):
     def cut(body):
         whole = reference_answer(body)
         return Reply(whole[: len(whole) // 2], finish_reason="length")
@@ -170,10 +192,18 @@ def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_p
         whole = reference_answer({"messages": body["messages"][:2]})
         return Reply(whole[len(whole) // 2:])
 
-    synthesis, _ = _synthesise(tmp_path, Senior({"mad:rogers": [cut, rest]}), spec_and_plan)
-    purposes = [e.purpose for e in _exchanges(synthesis, "mad:rogers")]
-    assert purposes == ["synthesise", "continue"]
+    if wire == "openai":  # structured output is JSON text: the cut-off text is continued
+        steps, expected = [cut, rest], ["synthesise", "continue"]
+    else:  # JSON mode is a forced tool call, which arrives cut off with an empty input: nothing to continue
+        steps, expected = [cut, cut, rest], ["synthesise", "unstructured", "continue"]
+    synthesis, server = _synthesise(tmp_path, Senior({"mad:rogers": steps}), spec_and_plan, wire=wire)
+    exchanges = _exchanges(synthesis, "mad:rogers")
+    assert [e.purpose for e in exchanges] == expected
     assert "class Rogers(Mad)" in synthesis.files["madgroup/mads/rogers.py"]
+    asked = [r for r in server.requests if unit_of(r) == "mad:rogers"]
+    if wire == "anthropic":
+        assert asked[0]["tool_choice"]["type"] == "tool" and "tools" not in asked[1], "asked again as plain JSON text"
+        assert exchanges[0].reply.finish_reason == "length" and exchanges[0].reply.content == "{}"
 
 
 def _answer_with(path: str, content: str):
@@ -192,8 +222,8 @@ def _answer_with(path: str, content: str):
     ],
     ids=["empty", "prose", "traversal", "dot-git", "no-parse", "oversized"],
 )
-def test_a_bad_answer_gets_a_focused_repair_round(tmp_path, spec_and_plan, bad, problem):
-    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [bad]}), spec_and_plan)
+def test_a_bad_answer_gets_a_focused_repair_round(tmp_path, spec_and_plan, bad, problem, wire):
+    synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [bad]}), spec_and_plan, wire=wire)
     rounds = _exchanges(synthesis, "mad:turing")
     assert [e.purpose for e in rounds] == ["synthesise", "repair"]
     repair_prompt = rounds[1].request.messages[-1]["content"]
@@ -201,27 +231,27 @@ def test_a_bad_answer_gets_a_focused_repair_round(tmp_path, spec_and_plan, bad, 
     assert _unit(synthesis, "mad:turing").rounds == 2
 
 
-def test_the_same_failure_twice_stops_early(tmp_path, spec_and_plan):
+def test_the_same_failure_twice_stops_early(tmp_path, spec_and_plan, wire):
     bad = _answer_with("madgroup/mads/turing.py", "def broken(:\n")
     senior = Senior({"mad:turing": [bad] * 10})
     with pytest.raises(BuildFailed, match="repeated the same failure in round 1; stopped early"):
-        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=5)
+        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=5, wire=wire)
     assert senior.asked.count("mad:turing") == 2
 
 
-def test_a_loop_that_never_converges_stops_at_the_round_limit(tmp_path, spec_and_plan):
+def test_a_loop_that_never_converges_stops_at_the_round_limit(tmp_path, spec_and_plan, wire):
     different = [_answer_with("madgroup/mads/turing.py", "\n" * n + "def broken(:\n") for n in range(10)]
     senior = Senior({"mad:turing": different})
     with pytest.raises(BuildFailed, match=r"still rejected after 2 repair round\(s\)"):
-        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=2)
+        _synthesise(tmp_path, senior, spec_and_plan, repair_rounds=2, wire=wire)
     assert senior.asked.count("mad:turing") == 3
 
 
-def test_a_budget_stops_the_run_before_the_call_that_would_cross_it(tmp_path, spec_and_plan):
+def test_a_budget_stops_the_run_before_the_call_that_would_cross_it(tmp_path, spec_and_plan, wire):
     different = [_answer_with("madgroup/mads/turing.py", "\n" * n + "def broken(:\n") for n in range(10)]
     senior = Senior({"mad:turing": different})
     with pytest.raises(OverBudget, match="unit mad:turing's token budget of 45,000 tokens") as err:
-        _synthesise(tmp_path, senior, spec_and_plan, extra="[budgets]\nunit_tokens = 45000\n", repair_rounds=9)
+        _synthesise(tmp_path, senior, spec_and_plan, extra="[budgets]\nunit_tokens = 45000\n", repair_rounds=9, wire=wire)
     message = str(err.value)
     committed = int(message.split("tokens (")[1].split(" tokens spent")[0].replace(",", ""))
     this_call = int(message.split("+ up to ")[1].split(" tokens")[0].replace(",", ""))
@@ -249,12 +279,12 @@ def test_frontier_pipeline_without_keys_names_the_missing_variable(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_unit_over_the_context_window_stops_the_build_with_the_numbers(tmp_path, spec_and_plan):
+def test_a_unit_over_the_context_window_stops_the_build_with_the_numbers(tmp_path, spec_and_plan, wire):
     spec, plan = spec_and_plan
     with ScriptedServer(Senior()) as server:
-        path = write_pipeline(tmp_path, server.base_url)
+        path = write_pipeline(tmp_path, server.api_base(wire), wire=wire)
         path.write_text(path.read_text().replace("context_window = 1000000", "context_window = 20000"))
-        with pytest.raises(UserError, match=r"unit frame needs [\d,]+ tokens .* over openai/scripted's window of 20,000 by"):
+        with pytest.raises(UserError, match=rf"unit frame needs [\d,]+ tokens .* over {wire}/scripted's window of 20,000 by"):
             regenerate(BuildContext(options=RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out"),
                                     report=Reporter(quiet=True)))
         assert server.requests == []
@@ -329,7 +359,7 @@ def _failing_grace_tests(body):
     return Reply(json.dumps(answer))
 
 
-def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spec_and_plan):
+def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spec_and_plan, wire):
     import threading
 
     spec, plan = spec_and_plan
@@ -350,7 +380,7 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
         return Reply(reference_answer(body), delay=0.6 if unit_of(body) == "mad:turing" else 0.3)
 
     with ScriptedServer(slow) as server:
-        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))  # concurrency = 3
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), wire=wire))  # concurrency = 3
         client = Counting(pipeline.senior, pipeline.prices)
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
     assert state["most"] == 3
@@ -359,31 +389,31 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
     assert [e.request.unit for e in synthesis.exchanges] == order
 
 
-def test_concurrent_units_cannot_all_squeeze_under_one_budget(tmp_path, spec_and_plan):
+def test_concurrent_units_cannot_all_squeeze_under_one_budget(tmp_path, spec_and_plan, wire):
     """Every call reserves its worst case first, so five units in flight at once still stop in time."""
     with pytest.raises(OverBudget, match="the run's token budget of 80,000 tokens"):
-        _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_tokens = 80000\n")
+        _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_tokens = 80000\n", wire=wire)
 
 
-def test_a_cost_budget_uses_the_price_table_before_each_call(tmp_path, spec_and_plan):
+def test_a_cost_budget_uses_the_price_table_before_each_call(tmp_path, spec_and_plan, wire):
     # $1 in / $4 out per million: one call's worst case is about 5k prompt + 32k answer = $0.133.
     with pytest.raises(OverBudget, match=r"the run's cost budget of \$0\.2000") as err:
-        _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_cost_usd = 0.2\n")
+        _synthesise(tmp_path, Senior(), spec_and_plan, extra="[budgets]\nrun_cost_usd = 0.2\n", wire=wire)
     spent = float(re.search(r"Spent in this run: [\d,]+ tokens, \$(\d+\.\d+)", str(err.value)).group(1))
     assert spent <= 0.2
 
 
-def test_retry_after_is_honoured(tmp_path, spec_and_plan):
+def test_retry_after_is_honoured(tmp_path, spec_and_plan, wire):
     spec, plan = spec_and_plan
     slept = []
     with ScriptedServer(Senior({"mad:turing": [Fault.status(429, headers={"Retry-After": "7"})]})) as server:
-        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), wire=wire))
         client = LiteLLMClient(pipeline.senior, pipeline.prices, sleep=slept.append)
         SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
     assert slept and slept[0] == 7.0  # the server's wait, longer than our 0.01 s backoff
 
 
-def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
+def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan, wire):
     """A rejected answer must not come back on the next run; the accepted repair must."""
     from generator.senior.cache import ResponseCache
 
@@ -392,7 +422,7 @@ def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
     senior = Senior({"mad:turing": [bad]})
     cache = ResponseCache(tmp_path / "cache")
     with ScriptedServer(senior) as server:
-        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), wire=wire))
         client = LiteLLMClient(pipeline.senior, pipeline.prices)
         first = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens, cache).synthesise()
         asked = len(server.requests)
@@ -403,11 +433,11 @@ def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan):
     assert all(u.cached for u in again.units if u.unit != "mad:turing")
 
 
-def test_a_conversation_that_grows_past_the_window_stops_before_the_provider_refuses(tmp_path, spec_and_plan):
+def test_a_conversation_that_grows_past_the_window_stops_before_the_provider_refuses(tmp_path, spec_and_plan, wire):
     spec, plan = spec_and_plan
     huge = _answer_with("madgroup/mads/turing.py", "def broken(:\n" + "# padding\n" * 40_000)
     with ScriptedServer(Senior({"mad:turing": [huge]})) as server:
-        pipeline = load_pipeline(write_pipeline(tmp_path, server.base_url))
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), wire=wire))
         client = LiteLLMClient(pipeline.senior, pipeline.prices)
         run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens, window=80_000)
         with pytest.raises(BuildFailed, match="unit mad:turing: its conversation has grown to .* over the senior's window of 80,000"):

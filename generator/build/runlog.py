@@ -13,6 +13,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rich.markup import escape
+
 from ..progress import Reporter
 from ..senior.client import ModelEvent
 
@@ -37,9 +39,9 @@ class RunLog:
 
     def record(self, event: ModelEvent) -> None:
         if event.event == "retry":
-            self.report.say(f"  [yellow]↻[/] {event.line()}")
+            self.report.say(f"  [yellow]↻[/] {escape(event.line())}")
         elif event.event in ("gave_up", "fallback"):
-            self.report.warn(event.line())
+            self.report.warn(escape(event.line()))
         if self.path is None:
             return
         line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")} | event.model_dump(

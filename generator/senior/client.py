@@ -364,41 +364,47 @@ class _GaveUp(Exception):
 
 
 def _failure(litellm, exc: Exception) -> ModelFailure:
-    """What kind of failure a litellm exception is, with the provider's own words."""
-    status = getattr(exc, "status_code", None)
-    status = status if isinstance(status, int) else None
+    """What kind of failure a litellm exception is, with the provider's HTTP status and its own words."""
     detail = _message(exc)
-    causes = _causes(exc)
+    chain = _chain(exc)
+    names = {type(c).__name__ for c in chain}
+    # The status the provider sent, from the HTTP error litellm wraps (its own status may differ: a 503 from
+    # Anthropic is re-raised as a 500, a 502 from Gemini as a connection error); None when no response came.
+    status = next((c.status_code for c in reversed(chain) if "HTTPStatusError" in type(c).__name__
+                   and isinstance(getattr(c, "status_code", None), int)), None)
     if isinstance(exc, litellm.UnsupportedParamsError):
-        return ModelFailure("bad_request", detail, status)
-    if isinstance(exc, litellm.Timeout) or any(c in causes for c in ("ReadTimeout", "ConnectTimeout", "TimeoutException")):
-        return ModelFailure("timeout", detail, None)
-    if "ConnectError" in causes or "ConnectionRefusedError" in causes:
-        return ModelFailure("connection", detail, None)
-    if any(c in causes for c in ("RemoteProtocolError", "ReadError", "ConnectionResetError")):
-        return ModelFailure("dropped", detail, None)
+        return ModelFailure("bad_request", detail, 400)
+    if status is None and (isinstance(exc, litellm.Timeout) or names & {"ReadTimeout", "ConnectTimeout", "TimeoutException"}):
+        return ModelFailure("timeout", detail)
+    if status is None and names & {"ConnectError", "ConnectionRefusedError"}:
+        return ModelFailure("connection", detail)
+    if status is None and names & {"RemoteProtocolError", "ReadError", "ConnectionResetError"}:
+        return ModelFailure("dropped", detail)
     if isinstance(exc, litellm.AuthenticationError) or status in (401, 403):
-        return ModelFailure("key_refused", detail, status)
-    if isinstance(exc, litellm.NotFoundError) or status == 404:
+        return ModelFailure("key_refused", detail, status or 401)  # Gemini says 400 API_KEY_INVALID
+    if status is None:  # an answer came, and litellm could not read it (a 200 with a broken body)
+        if isinstance(exc, (litellm.APIConnectionError, litellm.BadRequestError, litellm.InternalServerError)):
+            return ModelFailure("bad_response", detail)
+        status = getattr(exc, "status_code", None) if isinstance(getattr(exc, "status_code", None), int) else None
+    if status == 404:
         return ModelFailure("unknown_model", detail, status)
-    if isinstance(exc, litellm.RateLimitError) or status == 429:
-        return ModelFailure("rate_limited", detail, 429, _retry_after(exc))
-    if isinstance(exc, litellm.APIConnectionError) or "Error converting to valid response" in str(exc):
-        # litellm reports a body it could not parse as a connection error (or, for Gemini, a 422)
-        return ModelFailure("bad_response", detail, None)
-    if status is not None and (status >= 500 or status == 408):
-        return ModelFailure("timeout" if status == 408 else "server_error", detail, status, _retry_after(exc))
+    if status == 429:
+        return ModelFailure("rate_limited", detail, status, _retry_after(exc))
+    if status == 408:
+        return ModelFailure("timeout", detail, status)
+    if status is not None and status >= 500:
+        return ModelFailure("server_error", detail, status, _retry_after(exc))
     return ModelFailure("bad_request", detail, status)
 
 
-def _causes(exc: BaseException) -> set[str]:
-    """The class names down an exception's chain of causes (litellm wraps httpx's)."""
-    names: set[str] = set()
+def _chain(exc: BaseException) -> list[BaseException]:
+    """An exception and its causes, outermost first (litellm wraps its provider's error, which wraps httpx's)."""
+    chain: list[BaseException] = []
     seen: BaseException | None = exc
-    while seen is not None and len(names) < 20:
-        names.add(type(seen).__name__)
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return names
+    return chain
 
 
 def _retry_after(exc: Exception) -> float | None:

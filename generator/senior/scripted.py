@@ -200,7 +200,7 @@ _PROVIDER_ERRORS: Mapping[int, tuple[str, str]] = MappingProxyType({
 def error_body(code: int, message: str | None = None, wire: str = "openai") -> dict[str, Any]:
     """The error body `wire`'s provider sends with HTTP `code`."""
     kind, err_code, default = _REASONS.get(code, ("server_error" if code >= 500 else "invalid_request_error", None, "Error."))
-    text = message or default
+    text = message or (KEY_REFUSED[wire] if code == 401 and wire != "openai" else default)
     anthropic_type, gemini_status = _PROVIDER_ERRORS.get(code, ("api_error" if code >= 500 else "invalid_request_error",
                                                                "INTERNAL" if code >= 500 else "FAILED_PRECONDITION"))
     if wire == "anthropic":

@@ -1,0 +1,180 @@
+"""Every model family the README names, over its own wire format, as senior, fallback and reviewer.
+
+One scripted server on 127.0.0.1 speaks OpenAI, Anthropic Messages, Gemini generateContent
+and Ollama /api/chat. For each of Anthropic, Gemini and Ollama a whole build runs with that
+family's senior and fallback, judged by a panel with a reviewer of each family; along the way
+the senior meets a 429 with Retry-After and then a 503, an answer cut off by the output limit
+and a refused key (so its fallback answers, after a 429 of its own), and every reviewer meets a
+503 and a cut-off verdict. The build must archive, verify byte for byte, record who answered,
+and show every retry and fallback on screen and in the run log.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from review_helpers import REPO, verdict, write_panel
+from rich.console import Console
+
+from generator.build.context import BuildContext
+from generator.build.pipeline import regenerate
+from generator.build.verify import verify
+from generator.config import RunOptions
+from generator.progress import Reporter
+from generator.senior.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
+
+pytestmark = pytest.mark.slow
+
+KEY = "SCRIPTED_API_KEY"
+
+# wire -> (senior, fallback, reviewer): litellm model strings of that family.
+FAMILIES = {
+    "anthropic": ("anthropic/claude-sonnet-4-5", "anthropic/claude-opus-4-1", "anthropic/claude-haiku-4-5"),
+    "gemini": ("gemini/gemini-2.5-pro", "gemini/gemini-2.5-flash", "gemini/gemini-2.0-flash"),
+    "ollama": ("ollama_chat/qwen2.5-coder", "ollama_chat/llama3.1", "ollama_chat/mistral"),
+}
+
+
+def _sent(model: str) -> str:
+    """The model name as the provider receives it."""
+    return model.split("/", 1)[1]
+
+
+def _cut(body):
+    whole = reference_answer(body)
+    return Reply(whole[: len(whole) // 2], finish_reason="length")
+
+
+def _rest(body):
+    whole = reference_answer({"messages": body["messages"][:2]})
+    return Reply(whole[len(whole) // 2:])
+
+
+class Providers:
+    """Every family at once: scripted faults per (unit, model as sent), good answers otherwise.
+
+    A request with a <unit-spec> is the senior's (answered as the reference senior would);
+    any other is a reviewer's (answered with an approving verdict)."""
+
+    def __init__(self, faults: dict[tuple[str, str], list]):
+        self.faults = {key: list(steps) for key, steps in faults.items()}
+        self.lock = threading.Lock()
+
+    def __call__(self, body):
+        unit = unit_of(body) or "review"
+        with self.lock:
+            queue = self.faults.get((unit, body["model"]))
+            step = queue.pop(0) if queue else None
+        if step is not None:
+            return step(body) if callable(step) else step
+        return Reply(reference_answer(body)) if unit != "review" else Reply(verdict())
+
+
+def _pipeline(tmp_path: Path, server: ScriptedServer, wire: str, panel: Path) -> Path:
+    senior, fallback, _ = FAMILIES[wire]
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f"""
+name = "{wire}"
+repair_rounds = 2
+concurrency = 3
+
+[senior]
+model = "{senior}"
+fallbacks = ["{fallback}"]
+api_base = "{server.api_base(wire)}"
+api_key_env = "{KEY}"
+max_tokens = 32000
+context_window = 1000000
+timeout_seconds = 60
+max_retries = 2
+backoff_seconds = 0.01
+
+[review]
+panel = "{panel}"
+""")
+    return path
+
+
+def _panel(tmp_path: Path, server: ScriptedServer) -> Path:
+    reviewers: dict[str, dict] = {"tests": {"kind": "tests", "focus": "tests"}}
+    for wire, (_, _, model) in FAMILIES.items():
+        reviewers[wire] = {
+            "kind": "llm", "focus": "correctness", "rubric": "../rubrics/rubric.md",
+            "model": {"model": model, "api_base": server.api_base(wire), "api_key_env": KEY, "max_tokens": 2000,
+                      "context_window": 200_000, "timeout_seconds": 20, "max_retries": 2, "backoff_seconds": 0.01},
+        }
+    return write_panel(tmp_path, reviewers, consensus={"rule": "unanimous"})
+
+
+@pytest.mark.parametrize("wire", sorted(FAMILIES))
+def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path, monkeypatch, wire):
+    monkeypatch.setenv(KEY, "sk-scripted")
+    senior, fallback, _ = FAMILIES[wire]
+    faults: dict[tuple[str, str], list] = {
+        ("mad:turing", _sent(senior)): [Fault.status(429, headers={"Retry-After": "1"}), Fault.status(503)],
+        ("mad:rogers", _sent(senior)): [_cut, _rest],
+        ("mad:fiedler", _sent(senior)): [Fault.status(401)],
+        ("mad:fiedler", _sent(fallback)): [Fault.status(429, headers={"Retry-After": "1"})],
+    }
+    for _, _, reviewer in FAMILIES.values():
+        faults[("review", _sent(reviewer))] = [Fault.status(503), Reply('{"decision": "appro', finish_reason="length")]
+    screen = io.StringIO()
+    report = Reporter(console=Console(file=screen, width=1000, color_system=None))
+    with ScriptedServer(Providers(faults)) as server:
+        panel = _panel(tmp_path, server)
+        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=_pipeline(tmp_path, server, wire, panel),
+                             out_dir=tmp_path / "out")
+        result = regenerate(BuildContext(options=options, report=report))
+    assert server.errors == []
+    assert {"anthropic", "gemini", "ollama"} <= set(server.wires)
+
+    # Archived, and rebuilt byte for byte from its own transcript, with no server and no key.
+    monkeypatch.delenv(KEY)
+    checked = verify(result.path, report=Reporter(quiet=True))
+    assert checked.ok, (checked.problems, checked.differences)
+
+    # The manifest says who answered each unit, and what the senior's provider was not sent.
+    units = {u.unit: u.answered_by for u in result.manifest.units}
+    assert units["mad:fiedler"] == (fallback,)
+    assert all(by == (senior,) for unit, by in units.items() if unit != "mad:fiedler")
+    left_out = result.manifest.parameters_left_out
+    assert left_out == ({senior: ("seed",), fallback: ("seed",)} if wire == "anthropic" else {})
+    if wire == "anthropic":
+        assert all("seed" not in body for body, w in zip(server.requests, server.wires) if w == "anthropic")
+
+    # The panel of three families decided, each reviewer after a 503 and a cut-off verdict.
+    review = json.loads((result.path / "review.json").read_text())
+    final = review["rounds"][-1]["verdicts"]
+    assert review["outcome"] == "approve"
+    assert {v["reviewer"]: v["decision"] for v in final} == {
+        "tests": "approve", "anthropic": "approve", "gemini": "approve", "ollama": "approve"}
+
+    # Every retry and fallback on screen as it happened, counted per unit in the summary ...
+    shown = screen.getvalue()
+    assert f"mad:turing: {senior} HTTP 429, retry 1 in 1.0s" in shown
+    assert f"mad:turing: {senior} HTTP 503, retry 2" in shown
+    assert f"mad:fiedler: {senior} gave up: HTTP 401: the key in {KEY} was refused" in shown
+    assert f"mad:fiedler: falling back from {senior} to {fallback}" in shown
+    assert f"mad:fiedler: {fallback} HTTP 429, retry 1 in 1.0s" in shown
+    assert f"answered by {senior} (4 units), {fallback} (1 unit, fallback)" in shown
+    turing = next(line for line in shown.splitlines() if line.strip().startswith("per unit"))
+    assert "mad:turing" in turing and "(2 retries)" in turing
+    assert f"(1 retry; 1 fallback; by {fallback})" in turing
+    seconds = float(turing.split("mad:turing ")[1].split("s (")[0].split("/")[1])
+    assert seconds >= 1.0, "the unit's time includes the wait the server asked for"
+
+    # ... and in the run log beside the build, which the signed artifact does not hold.
+    log_path = tmp_path / ".regen" / "runs" / "madgroup" / "1.0.0.jsonl"
+    assert "run log" in shown and str(log_path) in shown
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    retries = [(e["unit"], e["model"], e.get("status")) for e in log if e["event"] == "retry"]
+    assert ("mad:turing", senior, 429) in retries and ("mad:turing", senior, 503) in retries
+    assert ("mad:fiedler", fallback, 429) in retries
+    assert any(e["event"] == "retry" and e["unit"].startswith("review:") and e.get("status") == 503 for e in log)
+    assert [e["to_model"] for e in log if e["event"] == "fallback"] == [fallback]
+    assert {e["unit"] for e in log if e["event"] == "answered"} >= {"mad:turing", "mad:rogers", "frame"}
+    assert "run" not in {p.name for p in result.path.iterdir()} and ".regen" not in {p.name for p in result.path.iterdir()}
