@@ -28,7 +28,7 @@ class SeniorModel(Frozen):
         default=None, description="the environment variable holding the API key; default: litellm's own"
     )
     temperature: float = 0.0
-    seed: int | None = 0
+    seed: int | None = Field(default=0, description="sent to providers that take one; false: never sent")
     max_tokens: int = Field(default=16_000, gt=0)
     context_window: int | None = Field(default=None, gt=0, description="overrides litellm's model info")
     timeout_seconds: float = Field(default=600, gt=0)
@@ -44,6 +44,16 @@ class SeniorModel(Frozen):
             if model.startswith("offline/") and model not in offline_models:
                 raise ValueError(f"unknown offline model {model!r}; the only offline model is "
                                  f"{', '.join(repr(m) for m in offline_models)}")
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_off(cls, value: object) -> object:
+        """TOML has no null: `seed = false` switches the seed off (`true` means nothing, so it is refused)."""
+        if value is False:
+            return None
+        if value is True:
+            raise ValueError("seed = true is not a seed; give a number, or false to send none")
         return value
 
     @property

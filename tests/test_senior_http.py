@@ -443,3 +443,136 @@ def test_a_conversation_that_grows_past_the_window_stops_before_the_provider_ref
         with pytest.raises(BuildFailed, match="unit mad:turing: its conversation has grown to .* over the senior's window of 80,000"):
             run.synthesise()
     assert [unit_of(r) for r in server.requests].count("mad:turing") == 1, "the oversized repair was never sent"
+
+
+# --- failures a user can act on, fallbacks, prices ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        (Fault.status(401), "HTTP 401: the key in SCRIPTED_API_KEY was refused; check it is current"),
+        (Fault.status(403), "HTTP 403: the key in SCRIPTED_API_KEY was refused"),
+        (Fault.status(404), "HTTP 404: the model name 'scripted' is unknown to the provider at http://127.0.0.1:"),
+        (Fault.status(400, {"error": {"message": "max_tokens: too large"}}), "HTTP 400: the provider refused the request"),
+        (Fault.status(429), "HTTP 429: rate-limited after 4 tries over"),
+        (Fault.status(502), "HTTP 502: the provider failed after 4 tries over"),
+        (Fault.slow(3, then=Reply("{}")), "no answer within 2s (timeout_seconds) after 4 tries over"),
+        (Fault.disconnect(), "was dropped before an answer, after 4 tries over"),
+        (Fault.raw(b'{"id": "x", "choi'), "the provider's response could not be read, after 4 tries over"),
+    ],
+    ids=["401", "403", "404", "400", "429", "502", "timeout", "dropped", "broken-body"],
+)
+def test_a_failure_names_the_http_status_and_what_to_do(tmp_path, spec_and_plan, wire, fault, expected):
+    events: list = []
+    with pytest.raises(BuildFailed) as err:
+        _synthesise(tmp_path, Senior({"mad:turing": [fault] * 10}), spec_and_plan, timeout=2, repair_rounds=0,
+                    wire=wire, events=events)
+    message = str(err.value)
+    assert message.startswith(f"unit mad:turing: {wire}/scripted: ") and expected in message, message
+    assert "litellm" not in message.lower() and "proxy" not in message
+    gave_up = [e for e in events if e.event == "gave_up"]
+    assert len(gave_up) == 1 and gave_up[0].message in message
+    # A refusal is not retried: the same request would be refused again. Everything else is.
+    retried = [e for e in events if e.event == "retry"]
+    assert len(retried) == (0 if fault_kind(fault) == "refused" else 3)
+
+
+def fault_kind(fault) -> str:
+    return "refused" if getattr(fault, "code", 0) in (400, 401, 403, 404) else "transient"
+
+
+def test_a_connection_refused_names_the_api_base(tmp_path, spec_and_plan, wire):
+    spec, plan = spec_and_plan
+    pipeline = load_pipeline(write_pipeline(tmp_path, "http://127.0.0.1:9", wire=wire))
+    client = LiteLLMClient(pipeline.senior, pipeline.prices, sleep=lambda s: None)
+    run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens)
+    with pytest.raises(BuildFailed, match=r"connection refused to http://127\.0\.0\.1:9 after 4 tries"):
+        run.synthesise()
+
+
+@pytest.mark.parametrize("refusal", [Fault.status(401), Fault.status(400), Fault.status(404)], ids=["401", "400", "404"])
+def test_a_refused_senior_is_never_fatal_before_the_fallback_is_tried(tmp_path, spec_and_plan, wire, refusal):
+    spec, plan = spec_and_plan
+    events: list = []
+
+    def refuse_the_senior(body):
+        return refusal if body["model"] == "scripted" else Reply(reference_answer(body))
+
+    with ScriptedServer(refuse_the_senior) as server:
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), fallbacks=("openai/backup",), wire=wire))
+        client = LiteLLMClient(pipeline.senior, pipeline.prices, on_event=events.append)
+        synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens,
+                                 price=lambda model: price_per_token(model, pipeline.prices)).synthesise()
+    asked = [r["model"] for r in server.requests]
+    assert asked.count("scripted") == 5 and asked.count("backup") == 5, "one try each: a refusal is not retried"
+    assert all(u.fallbacks == 1 and u.retries == 0 for u in synthesis.units)
+    falls = [e for e in events if e.event == "fallback"]
+    assert len(falls) == 5 and {(e.model, e.to_model) for e in falls} == {(f"{wire}/scripted", f"{wire}/backup")}
+    assert all(f"HTTP {refusal.code}" in e.message for e in falls)
+    # Charged at the fallback's own price: $2 in, $8 out per million tokens.
+    for unit in synthesis.units:
+        assert unit.cost_usd == pytest.approx((2 * unit.prompt_tokens + 8 * unit.completion_tokens) / 1e6, abs=1e-6)
+
+
+def test_a_fallback_is_reserved_at_its_own_price(tmp_path, spec_and_plan, wire):
+    """The senior's worst case ($1/$4 per Mtok: ~$0.13) fits a $0.20 unit budget; the fallback's ($2/$8: ~$0.27)
+    does not, so when the senior is down the fallback is never called."""
+    spec, plan = spec_and_plan
+
+    def down_for_turing(body):
+        if unit_of(body) == "mad:turing" and body["model"] == "scripted":
+            return Fault.status(503)
+        return Reply(reference_answer(body))
+
+    with ScriptedServer(down_for_turing) as server:
+        path = write_pipeline(tmp_path, server.api_base(wire), "[budgets]\nunit_cost_usd = 0.2\n",
+                              fallbacks=("openai/backup",), wire=wire)
+        pipeline = load_pipeline(path)
+        client = LiteLLMClient(pipeline.senior, pipeline.prices, sleep=lambda s: None)
+        run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens,
+                           price=lambda model: price_per_token(model, pipeline.prices))
+        with pytest.raises(OverBudget, match=r"unit mad:turing's cost budget of \$0\.2000"):
+            run.synthesise()
+    assert not any(unit_of(r) == "mad:turing" and r["model"] == "backup" for r in server.requests)
+
+
+def test_a_cost_budget_refuses_to_start_with_a_model_of_unknown_price(tmp_path, wire):
+    with ScriptedServer(Senior()) as server:
+        path = write_pipeline(tmp_path, server.api_base(wire), "[budgets]\nrun_cost_usd = 5.0\n",
+                              fallbacks=("openai/unpriced",), wire=wire)
+        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out")
+        with pytest.raises(UserError, match=rf'no price is known for a fallback {wire}/unpriced.*'
+                                            rf'Add \[prices\."{wire}/unpriced"\]'):
+            regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+        # Budgets in tokens only need no price: the run gets past the check (and stops at the window here).
+        path.write_text(path.read_text().replace("run_cost_usd = 5.0", "run_tokens = 500000")
+                        .replace("context_window = 1000000", "context_window = 1000"))
+        with pytest.raises(UserError, match="over .* window of 1,000"):
+            regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+        assert server.requests == []
+
+
+def test_an_empty_key_is_told_apart_from_a_missing_one(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY, "  ")
+    pipeline = write_pipeline(tmp_path, "http://127.0.0.1:9/v1")
+    options = RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=tmp_path / "out")
+    with pytest.raises(UserError, match=f"needs the environment variable {KEY}, which is set but empty"):
+        regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+
+
+@pytest.mark.parametrize("seed_line, sent", [("", 0), ("seed = 7", 7), ("seed = false", None)])
+def test_the_seed_is_sent_where_taken_and_can_be_switched_off(tmp_path, wire, seed_line, sent):
+    from generator.senior.models import ModelRequest
+
+    with ScriptedServer([Reply("{}")]) as server:
+        path = write_pipeline(tmp_path, server.api_base(wire), wire=wire)
+        path.write_text(path.read_text().replace("max_tokens = 32000", f"max_tokens = 32000\n{seed_line}"))
+        pipeline = load_pipeline(path)
+        request = ModelRequest.for_unit("probe", pipeline.senior, [{"role": "user", "content": "hi"}])
+        LiteLLMClient(pipeline.senior, pipeline.prices).complete(request)
+    body = server.requests[0]
+    if wire == "anthropic":  # Anthropic takes no seed at all: never sent, whatever the pipeline says
+        assert "seed" not in body
+    else:
+        assert body.get("seed") == sent

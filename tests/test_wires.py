@@ -178,3 +178,91 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     assert [e["to_model"] for e in log if e["event"] == "fallback"] == [fallback]
     assert {e["unit"] for e in log if e["event"] == "answered"} >= {"mad:turing", "mad:rogers", "frame"}
     assert "run" not in {p.name for p in result.path.iterdir()} and ".regen" not in {p.name for p in result.path.iterdir()}
+
+
+# --- the shipped pipeline and reviewer files, each against its provider's format -------------
+
+
+def _wire_of(model: str) -> str:
+    provider = model.split("/", 1)[0]
+    return {"anthropic": "anthropic", "gemini": "gemini"}.get(provider, "ollama" if provider.startswith("ollama")
+                                                            else "openai")
+
+
+def _shipped_models():
+    """(file, SeniorModel, schema) for the frontier senior, its fallbacks, and every LLM reviewer in reviews/."""
+    from generator.config import load_pipeline, load_toml
+    from generator.review.models import VerdictAnswer
+    from generator.review.panel import ReviewerDefinition
+    from generator.senior.answer import Answer
+
+    frontier = load_pipeline(REPO / "pipelines" / "frontier.toml").senior
+    found = [("pipelines/frontier.toml", frontier.model_copy(update={"model": m, "fallbacks": []}),
+              Answer.model_json_schema()) for m in [frontier.model, *frontier.fallbacks]]
+    for path in sorted((REPO / "reviews" / "reviewers").glob("*.toml")):
+        reviewer = load_toml(path, ReviewerDefinition, "reviewer file", "reviews/reviewers/tests.toml")
+        if reviewer.kind == "llm":
+            found.append((f"reviews/reviewers/{path.name}", reviewer.model, VerdictAnswer.model_json_schema()))
+    return found
+
+
+def _valid_for_provider(wire: str, body: dict, headers: dict) -> list[str]:
+    """What the provider's API would refuse in this request (the parts regen decides)."""
+    problems = []
+    if wire == "anthropic":
+        problems += [f"Anthropic takes no {k!r}" for k in ("seed", "response_format", "random_seed") if k in body]
+        if not isinstance(body.get("max_tokens"), int):
+            problems.append("Anthropic needs max_tokens")
+        if any(m.get("role") not in ("user", "assistant") for m in body.get("messages", [])):
+            problems.append("Anthropic messages are user/assistant only; the system prompt goes in 'system'")
+        if not headers.get("x-api-key") or not headers.get("anthropic-version"):
+            problems.append("Anthropic needs x-api-key and anthropic-version")
+    elif wire == "gemini":
+        config = body.get("generationConfig", {})
+        allowed = {"temperature", "max_output_tokens", "seed", "response_mime_type", "response_json_schema",
+                   "response_schema"}
+        problems += [f"Gemini's generationConfig takes no {k!r}" for k in set(config) - allowed]
+        if not body.get("contents") or not headers.get("x-goog-api-key"):
+            problems.append("Gemini needs contents and x-goog-api-key")
+    elif wire == "openai":
+        if "response_format" in body and body["response_format"].get("type") != "json_schema":
+            problems.append("response_format must be a json_schema")
+        if body.get("model", "").startswith("mistral") and "seed" in body:
+            problems.append("Mistral takes random_seed, not seed")
+    return problems
+
+
+@pytest.mark.parametrize("where, model, schema", _shipped_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_shipped_model_file_makes_a_request_its_provider_takes(where, model, schema, monkeypatch):
+    from generator.senior.client import LiteLLMClient, price_per_token
+    from generator.senior.models import ModelRequest
+
+    monkeypatch.setenv(KEY, "sk-scripted")
+    wire = _wire_of(model.model)
+    answer = verdict() if "decision" in json.dumps(schema) else json.dumps({"files": [{"path": "a.py", "content": "x"}]})
+    with ScriptedServer([Reply(answer)]) as server:
+        pointed = model.model_copy(update={"api_base": server.api_base(wire), "api_key_env": KEY, "max_retries": 0})
+        request = ModelRequest.for_unit("probe", pointed, [{"role": "system", "content": "You review."},
+                                                           {"role": "user", "content": "Judge this."}], schema)
+        reply = LiteLLMClient(pointed).complete(request)
+    assert server.wires == [wire], f"{where}: {model.model} did not speak {wire}"
+    assert reply.content == answer and reply.model == model.model
+    assert _valid_for_provider(wire, server.requests[0], server.headers[0]) == [], where
+    # The frontier pipeline and panel have cost budgets: every model in them needs a known price.
+    assert price_per_token(model.model, {}) is not None, f"{where}: no price known for {model.model}"
+
+
+def test_the_local_pipeline_builds_against_ollama_archives_and_verifies(tmp_path):
+    """pipelines/local.toml as shipped, pointed at the scripted server's Ollama endpoint."""
+    text = (REPO / "pipelines" / "local.toml").read_text()
+    with ScriptedServer(lambda body: Reply(reference_answer(body))) as server:
+        assert 'api_base = "http://127.0.0.1:11434"' in text
+        pipeline = tmp_path / "local.toml"
+        pipeline.write_text(text.replace("http://127.0.0.1:11434", server.api_base("ollama"))
+                            .replace("../reviews/panels/offline.toml", str(REPO / "reviews/panels/offline.toml")))
+        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=tmp_path / "out")
+        result = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+    assert set(server.wires) == {"ollama"} and all(b["options"]["seed"] == 0 for b in server.requests)
+    assert {u.answered_by for u in result.manifest.units} == {("ollama_chat/qwen3-coder:30b",)}
+    checked = verify(result.path, report=Reporter(quiet=True))
+    assert checked.ok, (checked.problems, checked.differences)

@@ -90,12 +90,12 @@ def key_variable(model: SeniorModel, name: str) -> str | None:
         return model.api_key_env
     if name.startswith("offline/"):
         return None
-    missing = load_litellm().validate_environment(model=name).get("missing_keys") or []
-    if missing:
-        return missing[0]
     provider = provider_of(name)
-    # litellm names a provider's key PROVIDER_API_KEY; a local server (Ollama) has none.
-    return None if provider.startswith("ollama") else f"{provider.upper()}_API_KEY"
+    if provider.startswith("ollama"):  # a local server: no key
+        return None
+    missing = load_litellm().validate_environment(model=name, api_base=model.api_base).get("missing_keys") or []
+    # What litellm says is missing; when nothing is, the key it read is named PROVIDER_API_KEY.
+    return missing[0] if missing else f"{provider.upper()}_API_KEY"
 
 
 def missing_key(model: SeniorModel) -> str | None:
@@ -370,8 +370,7 @@ def _failure(litellm, exc: Exception) -> ModelFailure:
     names = {type(c).__name__ for c in chain}
     # The status the provider sent, from the HTTP error litellm wraps (its own status may differ: a 503 from
     # Anthropic is re-raised as a 500, a 502 from Gemini as a connection error); None when no response came.
-    status = next((c.status_code for c in reversed(chain) if "HTTPStatusError" in type(c).__name__
-                   and isinstance(getattr(c, "status_code", None), int)), None)
+    status = next((found for c in reversed(chain) if (found := _sent_status(c)) is not None), None)
     if isinstance(exc, litellm.UnsupportedParamsError):
         return ModelFailure("bad_request", detail, 400)
     if status is None and (isinstance(exc, litellm.Timeout) or names & {"ReadTimeout", "ConnectTimeout", "TimeoutException"}):
@@ -395,6 +394,17 @@ def _failure(litellm, exc: Exception) -> ModelFailure:
     if status is not None and status >= 500:
         return ModelFailure("server_error", detail, status, _retry_after(exc))
     return ModelFailure("bad_request", detail, status)
+
+
+def _sent_status(exc: BaseException) -> int | None:
+    """The HTTP status of a response that really came: from httpx's error, or the openai SDK's (which holds the
+    response); litellm's own exceptions carry statuses of their choosing and are not asked."""
+    if "HTTPStatusError" in type(exc).__name__ and isinstance(getattr(exc, "status_code", None), int):
+        return exc.status_code  # type: ignore[attr-defined]
+    if type(exc).__module__.startswith(("openai", "httpx")):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status if isinstance(status, int) else None
+    return None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
