@@ -25,7 +25,7 @@ from ..review.panel import Panel, panel_of
 from ..spec.load import load_spec
 from ..spec.model import Spec
 from .context import BuildContext
-from .runlog import RunLog, run_log_path
+from ..senior.runlog import RunLog, run_log_path
 
 if TYPE_CHECKING:  # the stages import these when they run: the up-to-date answer needs none of them
     from ..artifact.archived import Archive

@@ -24,6 +24,7 @@ from ..progress import Reporter
 from ..sandbox.run import run_tests
 from ..senior.cache import ResponseCache
 from ..senior.models import ModelClient
+from ..senior.runlog import RunLog
 from ..spec.load import load_spec
 from .material import material
 from .models import PanelReport, Subject
@@ -106,7 +107,8 @@ def gate(
     subject = Subject(artifact=artifact, parent=parent, spec=spec,
                       material=material(spec, artifact, parent, manifest.data(), tests))
     run = PanelRun(panel, clients, pipeline.prices, ResponseCache(cache_dir) if cache_dir else None,
-                   on_verdict=lambda v: report.progress("review", v.line))
+                   on_verdict=lambda v: report.progress("review", v.line),
+                   on_event=RunLog(report).record)  # retries and fallbacks on screen; a gate keeps no run log
     with report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
         result = panel_report(subject, panel, run.review(subject))
     if parent is not None:

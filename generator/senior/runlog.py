@@ -1,4 +1,5 @@
-"""The run log: every model attempt of a build, on screen as it happens and in `.regen/runs/<name>/<version>.jsonl`.
+"""The run log: every model attempt of a build, on screen as it happens and in `.regen/runs/<name>/<version>.jsonl`
+(`regen gate` shows them on screen only).
 
 Retries, waits and fallbacks vary from run to run, so they are kept out of the signed
 artifact (two builds of the same inputs write the same bytes) and go here instead: one
@@ -16,7 +17,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from ..progress import Reporter
-from ..senior.client import ModelEvent
+from .client import ModelEvent
 
 
 class RunLog:
