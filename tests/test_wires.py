@@ -4,8 +4,8 @@ One scripted server on 127.0.0.1 speaks OpenAI, Anthropic Messages, Gemini gener
 and Ollama /api/chat. For each of Anthropic, Gemini and Ollama a whole build runs with that
 family's senior and fallback, judged by a panel with a reviewer of each family; along the way
 the senior meets a 429 with Retry-After and then a 503, an answer cut off by the output limit
-and a refused key (so its fallback answers, after a 429 of its own), and every reviewer meets a
-503 and a cut-off verdict. The build must archive, verify byte for byte, record who answered,
+and a refused key (so its fallback answers: after a 429 of its own, or after a 503 and an
+answer cut off), and every reviewer meets a 429 with Retry-After, a 503 and a cut-off verdict. The build must archive, verify byte for byte, record who answered,
 and show every retry and fallback on screen and in the run log.
 """
 
@@ -54,6 +54,12 @@ def _rest(body):
     return Reply(whole[len(whole) // 2:])
 
 
+def _cut_or_rest(body):
+    """Cut off any first answer; give the rest to a request to continue. (A JSON tool call cut off is asked
+    again as plain text first, which is cut off in its turn.)"""
+    return _rest(body) if body["messages"][-1]["content"].startswith("Your answer was cut off") else _cut(body)
+
+
 class Providers:
     """Every family at once: scripted faults per (unit, model as sent), good answers otherwise.
 
@@ -72,6 +78,10 @@ class Providers:
         if step is not None:
             return step(body) if callable(step) else step
         return Reply(reference_answer(body)) if unit != "review" else Reply(verdict())
+
+
+def _transcript(artifact: Path) -> list[dict]:
+    return [json.loads(line) for line in (artifact / "transcript.jsonl").read_text().splitlines()]
 
 
 def _pipeline(tmp_path: Path, server: ScriptedServer, wire: str, panel: Path) -> Path:
@@ -116,12 +126,15 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     senior, fallback, _ = FAMILIES[wire]
     faults: dict[tuple[str, str], list] = {
         ("mad:turing", _sent(senior)): [Fault.status(429, headers={"Retry-After": "1"}), Fault.status(503)],
-        ("mad:rogers", _sent(senior)): [_cut, _rest],
+        ("mad:rogers", _sent(senior)): [_cut_or_rest] * 3,
         ("mad:fiedler", _sent(senior)): [Fault.status(401)],
         ("mad:fiedler", _sent(fallback)): [Fault.status(429, headers={"Retry-After": "1"})],
+        ("mad:grace", _sent(senior)): [Fault.status(401)] * 4,
+        ("mad:grace", _sent(fallback)): [Fault.status(503)] + [_cut_or_rest] * 3,
     }
     for _, _, reviewer in FAMILIES.values():
-        faults[("review", _sent(reviewer))] = [Fault.status(503), Reply('{"decision": "appro', finish_reason="length")]
+        faults[("review", _sent(reviewer))] = [Fault.status(429, headers={"Retry-After": "1"}), Fault.status(503),
+                                               Reply('{"decision": "appro', finish_reason="length")]
     screen = io.StringIO()
     report = Reporter(console=Console(file=screen, width=1000, color_system=None))
     with ScriptedServer(Providers(faults)) as server:
@@ -139,8 +152,10 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
 
     # The manifest says who answered each unit, and what the senior's provider was not sent.
     units = {u.unit: u.answered_by for u in result.manifest.units}
-    assert units["mad:fiedler"] == (fallback,)
-    assert all(by == (senior,) for unit, by in units.items() if unit != "mad:fiedler")
+    assert units["mad:fiedler"] == units["mad:grace"] == (fallback,)
+    assert all(by == (senior,) for unit, by in units.items() if unit not in ("mad:fiedler", "mad:grace"))
+    continued = [e["purpose"] for e in _transcript(result.path) if e["unit"] in ("mad:rogers", "mad:grace")]
+    assert continued.count("continue") == 2, "both cut-off answers were continued, never written half"
     left_out = result.manifest.parameters_left_out
     assert left_out == ({senior: ("seed",), fallback: ("seed",)} if wire == "anthropic" else {})
     if wire == "anthropic":
@@ -160,7 +175,7 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     assert f"mad:fiedler: {senior} gave up: HTTP 401: the key in {KEY} was refused" in shown
     assert f"mad:fiedler: falling back from {senior} to {fallback}" in shown
     assert f"mad:fiedler: {fallback} HTTP 429, retry 1 in 1.0s" in shown
-    assert f"answered by {senior} (4 units), {fallback} (1 unit, fallback)" in shown
+    assert f"answered by {senior} (3 units), {fallback} (2 units, fallback)" in shown
     turing = next(line for line in shown.splitlines() if line.strip().startswith("per unit"))
     assert "mad:turing" in turing and "(2 retries)" in turing
     assert f"(1 retry; 1 fallback; by {fallback})" in turing
@@ -175,7 +190,8 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     assert ("mad:turing", senior, 429) in retries and ("mad:turing", senior, 503) in retries
     assert ("mad:fiedler", fallback, 429) in retries
     assert any(e["event"] == "retry" and e["unit"].startswith("review:") and e.get("status") == 503 for e in log)
-    assert [e["to_model"] for e in log if e["event"] == "fallback"] == [fallback]
+    assert {e["to_model"] for e in log if e["event"] == "fallback"} == {fallback}
+    assert ("mad:grace", fallback, 503) in retries
     assert {e["unit"] for e in log if e["event"] == "answered"} >= {"mad:turing", "mad:rogers", "frame"}
     assert "run" not in {p.name for p in result.path.iterdir()} and ".regen" not in {p.name for p in result.path.iterdir()}
 

@@ -27,9 +27,14 @@ def regenerate(ctx: BuildContext) -> BuildResult:
     from .produce import produce
 
     prepared = prepare(ctx, given)  # everything decided before the first model call
-    with staging(prepared.ecosystem_dir) as stage:
-        produced = produce(ctx, prepared, stage / "src")
-        judged = judge(ctx, prepared, produced, stage)
-        archived = archive(ctx, prepared, judged, stage)
+    try:
+        with staging(prepared.ecosystem_dir) as stage:
+            produced = produce(ctx, prepared, stage / "src")
+            judged = judge(ctx, prepared, produced, stage)
+            archived = archive(ctx, prepared, judged, stage)
+    except BaseException:
+        if prepared.run_log.written:  # every model attempt up to the failure, for the post-mortem
+            ctx.report.say(f"  [dim]run log: {prepared.run_log.path}[/]")
+        raise
     summary.built(ctx, prepared, judged, archived)
     return archived.result
