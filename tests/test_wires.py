@@ -5,8 +5,9 @@ and Ollama /api/chat. For each of Anthropic, Gemini and Ollama a whole build run
 family's senior and fallback, judged by a panel with a reviewer of each family; along the way
 the senior meets a 429 with Retry-After and then a 503, an answer cut off by the output limit
 and a refused key (so its fallback answers: after a 429 of its own, or after a 503 and an
-answer cut off), and every reviewer meets a 429 with Retry-After, a 503 and a cut-off verdict. The build must archive, verify byte for byte, record who answered,
-and show every retry and fallback on screen and in the run log.
+answer cut off), and every reviewer meets a 429 with Retry-After, a 503 and a cut-off
+verdict. The build must archive, verify byte for byte, record who answered, and show every
+retry and fallback on screen and in the run log.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ..artifact.sbom import sbom
 from ..artifact.sign import sign_artifact, signing_record, write_provenance
 from ..artifact.store import publish, write_tree
 from ..artifact.surface import tool_surface
-from ..config import Pipeline
+from ..config import Pipeline, SeniorModel
 from ..errors import BuildFailed
 from ..hashing import canonical_json, sha256_bytes, tree_hashes
 from ..review.gate import write_report

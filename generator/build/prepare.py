@@ -22,10 +22,10 @@ from ..errors import UserError
 from ..frozen import Frozen
 from ..hashing import files_under, json_hash, sha256_bytes, sha256_file
 from ..review.panel import Panel, panel_of
+from ..senior.runlog import RunLog, run_log_path
 from ..spec.load import load_spec
 from ..spec.model import Spec
 from .context import BuildContext
-from ..senior.runlog import RunLog, run_log_path
 
 if TYPE_CHECKING:  # the stages import these when they run: the up-to-date answer needs none of them
     from ..artifact.archived import Archive

@@ -62,8 +62,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
-from urllib.parse import parse_qs
 from typing import Any, TypeAlias
+from urllib.parse import parse_qs
 
 HOST = "127.0.0.1"
 CREATED = 1_700_000_000  # fixed `created` timestamp: replies are byte-for-byte reproducible

@@ -327,7 +327,7 @@ class _Conversation:
 
     def _call(self, request: ModelRequest) -> ModelReply:
         if self.run.cache is not None and (hit := self.run.cache.get(request.hash)) is not None:
-            return hit.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0})
+            return hit.model_copy(update={"cached": True, "latency_ms": 0, "attempts": 0, "retries": 0, "fallbacks": 0})
         if self.run.stop.is_set():
             raise BuildFailed(f"unit {self.unit.name} stopped: another unit failed")
         prompt_tokens = self.run.estimate(request)

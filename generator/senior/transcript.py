@@ -3,8 +3,9 @@
 One JSON object a line, in plan order (unit, then round). A build's transcript holds every
 exchange its files came from, those of units reused from the parent included (marked with
 `reused_from`), so a version replays alone, copied anywhere. Only what the model was asked
-and answered is kept: wall time, retries and cache hits vary run to run and are shown on
-screen, never archived, so two builds of the same inputs write the same bytes.
+and answered is kept (and which model answered): wall time, retries and cache hits vary run
+to run and are shown on screen and in the run log (senior/runlog.py), never archived, so two
+builds of the same inputs write the same bytes.
 """
 
 from __future__ import annotations
