@@ -201,6 +201,7 @@ def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_p
     assert [e.purpose for e in exchanges] == expected
     assert "class Rogers(Mad)" in synthesis.files["madgroup/mads/rogers.py"]
     asked = [r for r in server.requests if unit_of(r) == "mad:rogers"]
+    assert _unit(synthesis, "mad:rogers").rounds == 1, "a continuation or a re-ask is not a repair round"
     if wire == "anthropic":
         assert asked[0]["tool_choice"]["type"] == "tool" and "tools" not in asked[1], "asked again as plain JSON text"
         assert exchanges[0].reply.finish_reason == "length" and exchanges[0].reply.content == "{}"
@@ -532,8 +533,9 @@ def test_a_fallback_is_reserved_at_its_own_price(tmp_path, spec_and_plan, wire):
         client = LiteLLMClient(pipeline.senior, pipeline.prices, sleep=lambda s: None)
         run = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens,
                            price=lambda model: price_per_token(model, pipeline.prices))
-        with pytest.raises(OverBudget, match=r"unit mad:turing's cost budget of \$0\.2000"):
+        with pytest.raises(OverBudget, match=r"unit mad:turing's cost budget of \$0\.2000") as err:
             run.synthesise()
+    assert f"It was to be the fallback {wire}/backup, after: {wire}/scripted: HTTP 503" in str(err.value)
     assert not any(unit_of(r) == "mad:turing" and r["model"] == "backup" for r in server.requests)
 
 
@@ -576,3 +578,44 @@ def test_the_seed_is_sent_where_taken_and_can_be_switched_off(tmp_path, wire, se
         assert "seed" not in body
     else:
         assert body.get("seed") == sent
+
+
+def test_a_misspelt_provider_is_named_with_the_nearest_before_any_call(tmp_path):
+    with ScriptedServer(Senior()) as server:
+        path = write_pipeline(tmp_path, server.api_base("anthropic"), wire="antropic")
+        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=path, out_dir=tmp_path / "out")
+        with pytest.raises(UserError, match=rf"{re.escape(str(path))}: litellm knows no provider 'antropic' "
+                                            r"\(model 'antropic/scripted'\); did you mean 'anthropic'"):
+            regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+        assert server.requests == []
+
+
+def test_what_litellm_would_refuse_to_send_is_left_out_not_fatal(tmp_path):
+    """OpenAI's o-series take only temperature 1: the pipeline's 0.0 is not sent (and the manifest would say so)."""
+    from generator.senior.client import left_out
+    from generator.senior.models import ModelRequest
+
+    assert left_out("openai/o3", 0.0, 0) == ("temperature",)
+    assert left_out("anthropic/claude-sonnet-4-5", 0.0, 0) == ("seed",)
+    assert left_out("openai/gpt-4.1", 0.0, 0) == ()
+    with ScriptedServer([Reply("{}")]) as server:
+        path = write_pipeline(tmp_path, server.base_url)
+        pipeline = load_pipeline(path)
+        senior = pipeline.senior.model_copy(update={"model": "openai/o3"})
+        request = ModelRequest.for_unit("probe", senior, [{"role": "user", "content": "hi"}])
+        LiteLLMClient(senior, pipeline.prices).complete(request)
+    assert "temperature" not in server.requests[0] and server.requests[0]["seed"] == 0
+
+
+def test_a_local_openai_compatible_server_needs_no_key(tmp_path, monkeypatch):
+    from generator.senior.client import missing_key
+    from generator.senior.models import ModelRequest
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with ScriptedServer([Reply("{}")]) as server:
+        path = write_pipeline(tmp_path, server.base_url)
+        path.write_text(path.read_text().replace(f'api_key_env = "{KEY}"\n', ""))
+        senior = load_pipeline(path).senior
+        assert senior.api_key_env is None and missing_key(senior) is None
+        LiteLLMClient(senior).complete(ModelRequest.for_unit("probe", senior, [{"role": "user", "content": "hi"}]))
+    assert server.headers[0]["authorization"].startswith("Bearer ")

@@ -158,7 +158,10 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     continued = [e["purpose"] for e in _transcript(result.path) if e["unit"] in ("mad:rogers", "mad:grace")]
     assert continued.count("continue") == 2, "both cut-off answers were continued, never written half"
     left_out = result.manifest.parameters_left_out
-    assert left_out == ({senior: ("seed",), fallback: ("seed",)} if wire == "anthropic" else {})
+    # Anthropic takes no seed: left out for the senior and fallback of that family, and for the panel's Claude.
+    claude = FAMILIES["anthropic"][2]
+    assert left_out == ({senior: ("seed",), fallback: ("seed",), claude: ("seed",)} if wire == "anthropic"
+                        else {claude: ("seed",)})
     if wire == "anthropic":
         assert all("seed" not in body for body, w in zip(server.requests, server.wires) if w == "anthropic")
 

@@ -133,13 +133,15 @@ def build_manifest(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, 
         fresh=ctx.options.fresh,
         carried=carried_records(prepared),
         migration_base=prepared.planned.migration_base,
-        parameters_left_out=parameters_left_out(pipeline.senior),
+        parameters_left_out=parameters_left_out(
+            [pipeline.senior] + [r.definition.model for r in (given.panel.reviewers if given.panel else ())
+                                 if r.kind == "llm" and r.definition.model is not None]),
     )
 
 
 def unit_records(synthesis: Synthesis) -> tuple[UnitRecord, ...]:
-    """What each unit's answers cost when they were made (a cache hit, a reuse or a replay costs that again on paper):
-    the same inputs give the same manifest, however the run went."""
+    """What each unit's answers cost when they were made (a cache hit, a reuse or a replay costs that again on paper),
+    and which models answered: the same answers give the same manifest, however many retries the run took."""
     records = []
     for u in synthesis.units:
         exchanges = [e for e in synthesis.exchanges if e.request.unit == u.unit]
@@ -153,12 +155,13 @@ def unit_records(synthesis: Synthesis) -> tuple[UnitRecord, ...]:
     return tuple(records)
 
 
-def parameters_left_out(senior: SeniorModel) -> dict[str, tuple[str, ...]]:
-    """For the senior and each fallback, the parameters of the pipeline its provider does not take."""
+def parameters_left_out(models: list[SeniorModel]) -> dict[str, tuple[str, ...]]:
+    """For the senior, each LLM reviewer and their fallbacks: the parameters set for it that are not sent."""
     from ..senior.client import left_out
 
-    found = {model: left_out(model, senior.temperature, senior.seed) for model in [senior.model, *senior.fallbacks]}
-    return {model: names for model, names in found.items() if names}
+    found = {name: left_out(name, model.temperature, model.seed)
+             for model in models for name in [model.model, *model.fallbacks]}
+    return {name: names for name, names in sorted(found.items()) if names}
 
 
 def carried_records(prepared: Prepared) -> dict:

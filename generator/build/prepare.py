@@ -22,7 +22,6 @@ from ..errors import UserError
 from ..frozen import Frozen
 from ..hashing import files_under, json_hash, sha256_bytes, sha256_file
 from ..review.panel import Panel, panel_of
-from ..senior.runlog import RunLog, run_log_path
 from ..spec.load import load_spec
 from ..spec.model import Spec
 from .context import BuildContext
@@ -35,6 +34,7 @@ if TYPE_CHECKING:  # the stages import these when they run: the up-to-date answe
     from ..senior.cache import ResponseCache
     from ..senior.carry import Carried
     from ..senior.models import ModelClient, ModelRequest
+    from ..senior.runlog import RunLog
     from ..senior.synthesise import UnitOutcome
     from ..senior.transcript import TranscriptModel
     from ..spec.plan import Plan
@@ -210,6 +210,7 @@ def prepare(ctx: BuildContext, given: Given) -> Prepared:
     archive = Archive(given.ecosystem_dir)
     try:
         with ctx.report.stage("plan", "start-up order, units and context windows") as info:
+            _require_providers(ctx, given)
             _require_key(ctx, given)
             _require_prices(ctx, given)
             planned = plan_units(ctx, given)
@@ -229,6 +230,8 @@ def prepare(ctx: BuildContext, given: Given) -> Prepared:
     parent = given.latest
     bump = version_bump(spec, parent, schema_of(spec))
     signing_key = _signing_key(ctx)
+    from ..senior.runlog import RunLog, run_log_path
+
     version = bumped(parent.version, bump.kind) if parent else "1.0.0"
     run_log = RunLog(ctx.report)
     run_log.start(run_log_path(ctx.options.runs, spec.ecosystem.name, version))
@@ -254,6 +257,22 @@ def _require_key(ctx: BuildContext, given: Given) -> None:
             f"export {variable}=... (keys never go in files of the repo), or replay a recorded build "
             "with --replay ecosystems/<name>/<version>"
         )
+
+
+def _require_providers(ctx: BuildContext, given: Given) -> None:
+    """Every model that may be called must be one litellm can route: a misspelt provider is named before any call."""
+    from ..senior.client import unknown_provider
+
+    pipeline, panel = given.pipeline, given.panel
+    named: list[tuple[str, Path]] = []
+    if ctx.senior is None and given.replayed is None:
+        named += [(m, ctx.options.pipeline_file) for m in [pipeline.senior.model, *pipeline.senior.fallbacks]]
+    for reviewer in panel.reviewers if panel is not None else ():
+        if reviewer.kind == "llm" and reviewer.name not in (ctx.reviewers or {}):
+            named += [(m, reviewer.file) for m in [reviewer.definition.model.model, *reviewer.definition.model.fallbacks]]
+    for model, where in named:
+        if not model.startswith("offline/") and (problem := unknown_provider(model)) is not None:
+            raise UserError(f"{where}: {problem}")
 
 
 def _require_prices(ctx: BuildContext, given: Given) -> None:

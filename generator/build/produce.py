@@ -76,7 +76,7 @@ def produce(ctx: BuildContext, prepared: Prepared, src: Path) -> Produced:
         previous_failures = failures
         with ctx.report.stage("repair", f"units {', '.join(sorted(failures))} from their test failures") as info:
             synthesis = run.repair_units(synthesis, failures, test_round + 1)
-            info["note"] = spent(synthesis) + answered(synthesis, pipeline.senior.model)
+            info["note"] = spent(synthesis) + answered(synthesis, pipeline.senior.model, set(failures))
     raise AssertionError("unreachable")
 
 
@@ -130,16 +130,17 @@ def failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
     return failures
 
 
-def answered(synthesis: Synthesis, senior: str) -> str:
-    """Who answered the units asked in this run, when it was not the senior alone, and how often it took retries."""
-    asked = {u.unit for u in synthesis.units if not u.cached}
+def answered(synthesis: Synthesis, senior: str, only: set[str] | None = None) -> str:
+    """Who answered the units asked in this run (or `only` these), when it was not the senior alone, and how often
+    it took retries and fallbacks."""
+    asked = {u.unit for u in synthesis.units if not u.cached and (only is None or u.unit in only)}
     by_model: dict[str, int] = {}
     for outcome in synthesis.outcomes:
         if outcome.result.unit in asked:
             for model in dict.fromkeys(e.reply.model for e in outcome.exchanges if not e.reply.cached and e.reply.model):
                 by_model[model] = by_model.get(model, 0) + 1
-    retries = sum(u.retries for u in synthesis.units)
-    fallbacks = sum(u.fallbacks for u in synthesis.units)
+    retries = sum(u.retries for u in synthesis.units if u.unit in asked)
+    fallbacks = sum(u.fallbacks for u in synthesis.units if u.unit in asked)
     note = ""
     if set(by_model) - {senior}:
         note += "; answered by " + ", ".join(

@@ -18,16 +18,18 @@ litellm takes seconds to import, so it is imported on the first call, never at C
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Literal
 
 from ..config import Price, SeniorModel
-from ..errors import BuildFailed, UserError
+from ..errors import BuildFailed, OverBudget, UserError
 from ..frozen import Frozen
 from .models import ModelReply, ModelRequest, Reserve
 
@@ -36,9 +38,6 @@ from .models import ModelReply, ModelRequest, Reserve
 ALLOW_MODEL_REQUESTS = True
 
 MAX_RETRY_AFTER = 60.0
-
-# Parameters a pipeline sets that a provider may not take; max_tokens every provider needs.
-OPTIONAL_PARAMETERS = ("temperature", "seed")
 
 # Providers whose litellm adapter turns `response_format` into the provider's own structured
 # output (Anthropic: output_format or a forced tool; Gemini: a response schema; Ollama: `format`),
@@ -72,6 +71,21 @@ def provider_of(model: str) -> str:
     return model.split("/", 1)[0] if "/" in model else "openai"
 
 
+def unknown_provider(model: str) -> str | None:
+    """Why litellm cannot route `model` (a misspelt provider, say), with the nearest providers it knows; None if it can."""
+    litellm = load_litellm()
+    try:
+        litellm.get_llm_provider(model)
+    except Exception:
+        import difflib
+
+        known = [str(getattr(p, "value", p)) for p in litellm.provider_list] + ["offline"]
+        near = difflib.get_close_matches(provider_of(model), known, n=3)
+        return (f"litellm knows no provider {provider_of(model)!r} (model {model!r})"
+                + (f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else "; write it as <provider>/<model>"))
+    return None
+
+
 def price_per_token(model: str, prices: dict[str, Price]) -> tuple[float, float] | None:
     """USD per input and per output token: the pipeline's table first, then litellm's; None if unknown."""
     if model.startswith("offline/"):
@@ -91,8 +105,8 @@ def key_variable(model: SeniorModel, name: str) -> str | None:
     if name.startswith("offline/"):
         return None
     provider = provider_of(name)
-    if provider.startswith("ollama"):  # a local server: no key
-        return None
+    if provider.startswith("ollama") or (provider == "openai" and _loopback(model.api_base)):
+        return None  # a local server (Ollama, or OpenAI-compatible on this machine) takes no key
     missing = load_litellm().validate_environment(model=name, api_base=model.api_base).get("missing_keys") or []
     # What litellm says is missing; when nothing is, the key it read is named PROVIDER_API_KEY.
     return missing[0] if missing else f"{provider.upper()}_API_KEY"
@@ -113,17 +127,28 @@ def missing_key(model: SeniorModel) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def left_out(model: str, temperature: float | None, seed: int | None) -> tuple[str, ...]:
-    """The parameters set for `model` that its provider does not take, by litellm's table (none for an unknown provider)."""
+    """The parameters set for `model` that litellm would refuse to send it: its own check of each parameter
+    against the provider and model (Anthropic takes no seed; OpenAI's o-series and gpt-5 only temperature 1)."""
     litellm = load_litellm()
+    from litellm.utils import get_optional_params
+
     try:
-        supported = litellm.get_supported_openai_params(model=model)
-    except Exception:  # a provider litellm has no table for takes what it is given
-        supported = None
-    if not supported:
+        name, provider = litellm.get_llm_provider(model)[:2]
+    except Exception:  # a provider litellm does not know is sent what it is given
         return ()
-    wanted = {"temperature": temperature, "seed": seed}
-    return tuple(name for name in OPTIONAL_PARAMETERS if wanted[name] is not None and name not in supported)
+    refused = []
+    for parameter, value in (("temperature", temperature), ("seed", seed)):
+        if value is None:
+            continue
+        try:
+            get_optional_params(model=name, custom_llm_provider=provider, max_tokens=1, **{parameter: value})
+        except litellm.UnsupportedParamsError:
+            refused.append(parameter)
+        except Exception:  # litellm could not tell (a custom provider): the parameter is sent
+            pass
+    return tuple(refused)
 
 
 def structured_output(model: str) -> bool:
@@ -216,6 +241,11 @@ class LiteLLMClient:
                 raise UserError(f"model requests are disabled here; refusing to call {model}")
             try:
                 reply, tries = self._with_retries(request, model, reserve, started)
+            except OverBudget as exc:
+                if not failures:
+                    raise
+                # Why the fallback was needed belongs with why it was not called.
+                raise OverBudget(f"{exc}\nIt was to be the fallback {model}, after: " + "; ".join(failures)) from exc
             except _GaveUp as gave_up:
                 retries += gave_up.tries - 1
                 failures.append(f"{model}: {gave_up.message}")
@@ -284,11 +314,14 @@ class LiteLLMClient:
             return (f"no answer within {self.senior.timeout_seconds:g}s (timeout_seconds) {over}; "
                     "raise timeout_seconds or lower max_tokens")
         if failure.kind == "connection":
-            return f"connection refused to {where} {over}; is the server running, and api_base right?"
+            return (f"connection refused to {where} {over}; is the server running, and api_base right? "
+                    f"({failure.detail})")
         if failure.kind == "dropped":
-            return f"the connection to {where} was dropped before an answer, {over}"
+            return f"the connection to {where} was dropped before an answer, {over} ({failure.detail})"
         if failure.kind == "bad_response":
             return f"{status}the provider's response could not be read, {over}: {failure.detail}"
+        if failure.status is None:  # litellm's own check, before anything was sent
+            return f"litellm would not send the request: {failure.detail}"
         return f"{status}the provider refused the request: {failure.detail}"
 
     def _call(self, request: ModelRequest, model: str) -> ModelReply:
@@ -310,6 +343,8 @@ class LiteLLMClient:
             kwargs["api_base"] = request.api_base
         if self.senior.api_key_env:
             kwargs["api_key"] = os.environ.get(self.senior.api_key_env, "")
+        elif provider_of(model) == "openai" and _loopback(request.api_base) and not os.environ.get("OPENAI_API_KEY"):
+            kwargs["api_key"] = "local"  # a local server takes any key; the OpenAI SDK insists on one
         if request.response_schema and structured_output(model):
             kwargs["response_format"] = {
                 "type": "json_schema",
@@ -371,8 +406,8 @@ def _failure(litellm, exc: Exception) -> ModelFailure:
     # The status the provider sent, from the HTTP error litellm wraps (its own status may differ: a 503 from
     # Anthropic is re-raised as a 500, a 502 from Gemini as a connection error); None when no response came.
     status = next((found for c in reversed(chain) if (found := _sent_status(c)) is not None), None)
-    if isinstance(exc, litellm.UnsupportedParamsError):
-        return ModelFailure("bad_request", detail, 400)
+    if isinstance(exc, litellm.UnsupportedParamsError):  # raised by litellm before anything is sent
+        return ModelFailure("bad_request", detail)
     if status is None and (isinstance(exc, litellm.Timeout) or names & {"ReadTimeout", "ConnectTimeout", "TimeoutException"}):
         return ModelFailure("timeout", detail)
     if status is None and names & {"ConnectError", "ConnectionRefusedError"}:
@@ -381,9 +416,12 @@ def _failure(litellm, exc: Exception) -> ModelFailure:
         return ModelFailure("dropped", detail)
     if isinstance(exc, litellm.AuthenticationError) or status in (401, 403):
         return ModelFailure("key_refused", detail, status or 401)  # Gemini says 400 API_KEY_INVALID
-    if status is None:  # an answer came, and litellm could not read it (a 200 with a broken body)
-        if isinstance(exc, (litellm.APIConnectionError, litellm.BadRequestError, litellm.InternalServerError)):
-            return ModelFailure("bad_response", detail)
+    if status is None and (names & {"JSONDecodeError", "ValidationError", "UnicodeDecodeError", "KeyError"}
+                           or any(s in str(exc) for s in UNREADABLE)):
+        return ModelFailure("bad_response", detail)  # an answer came, and could not be read: worth another try
+    if status is None and isinstance(exc, (litellm.BadRequestError, litellm.APIConnectionError)):
+        return ModelFailure("bad_request", detail)  # litellm refused before sending (an unknown provider, say)
+    if status is None:
         status = getattr(exc, "status_code", None) if isinstance(getattr(exc, "status_code", None), int) else None
     if status == 404:
         return ModelFailure("unknown_model", detail, status)
@@ -405,6 +443,11 @@ def _sent_status(exc: BaseException) -> int | None:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return status if isinstance(status, int) else None
     return None
+
+
+# How litellm's adapters say a response arrived and could not be read (their own words, not the provider's).
+UNREADABLE = ("Unable to get json response", "Error converting to valid response", "Expecting value",
+              "Expecting property name", "Unterminated string", "Invalid control character")
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -440,7 +483,8 @@ def _loopback(api_base: str | None) -> bool:
 
 def _message(exc: Exception) -> str:
     """The provider's own words: litellm's prefixes, its proxy advice and the JSON wrapping taken off."""
-    text = str(exc).split("To drop these", 1)[0].split("\nTraceback", 1)[0]
+    text = str(exc).split("To drop these", 1)[0].split("To drop unsupported", 1)[0].split("\nTraceback", 1)[0]
+    text = re.sub(r"\blitellm\.(?=[A-Z])", "", text)  # litellm.BadRequestError -> BadRequestError
     text = text.split(" - ", 1)[-1].strip()
     try:
         body = json.loads(text)

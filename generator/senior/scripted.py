@@ -35,7 +35,8 @@ test fails loudly instead of hanging.
 Besides the script the server enforces what a real endpoint would:
 - the key, where the provider sends it: `Authorization: Bearer` (OpenAI), `x-api-key`
   (Anthropic), `x-goog-api-key` or `?key=` (Gemini); else 401 (this proves the key is sent).
-  Ollama takes no key. A key listed in `refused_keys` is answered 401 (403 for Gemini).
+  Ollama takes no key. A key listed in `refused_keys` is answered 401 (for Gemini, 400
+  API_KEY_INVALID, as Google does).
 - `GET /v1/models` lists the one model; any other path is 404;
 - a body that is not a JSON object is 400, and streaming is 400: this fake does not
   stream (neither does the compiler). Neither consumes a step.

@@ -339,6 +339,9 @@ class _Conversation:
             )
 
         def reserve(model: str):
+            # Before every attempt (retries and fallbacks too): a build that has failed elsewhere spends no more.
+            if self.run.stop.is_set():
+                raise BuildFailed(f"unit {self.unit.name} stopped: another unit failed")
             # Each model asked (the senior, then each fallback) is reserved at its own price.
             price = self.run.price(model)
             worst_cost = (prompt_tokens * price[0] + request.max_tokens * price[1]) if price else 0.0
@@ -380,7 +383,7 @@ class _Conversation:
                 if reply.finish_reason == "length":
                     raise AnswerRejected(self.unit.name, [
                         "the answer was cut off by the output limit"
-                        + (" with nothing written" if not reply.content else f" after {MAX_CONTINUATIONS} continuations")
+                        + (" with nothing written" if not reply.content else " even after it was continued")
                         + ": write fewer or shorter files"
                     ])
                 answer = parse_answer(self.unit.name, reply)
@@ -427,7 +430,7 @@ class _Conversation:
             unit=self.unit.name,
             request_hash=every[0].request.hash,
             files=tuple(sorted(files)),
-            rounds=sum(1 for e in every if e.purpose != "continue"),
+            rounds=sum(1 for e in every if e.purpose not in ("continue", "unstructured")),
             prompt_tokens=sum(e.reply.prompt_tokens for e in paid),
             completion_tokens=sum(e.reply.completion_tokens for e in paid),
             cost_usd=round(sum(e.reply.cost_usd for e in paid), 6),
