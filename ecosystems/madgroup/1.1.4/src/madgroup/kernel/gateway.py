@@ -1,0 +1,428 @@
+"""The HTTP face of the ecosystem: the MCP gateway at /mcp, Grace's web UI (`grace.py`), /healthz and /metrics.
+
+- One `MCPServer` (mcp SDK 2.x) over streamable HTTP exposes every MAD tool as `<mad>.<tool>`
+  with the tool's real parameter schema; a call dispatches to the MAD method through
+  `Runtime.invoke_tool` with principal "client:<token-name>".
+- /mcp requires `Authorization: Bearer <token>` of a client that is not revoked (`kernel/clients.py`,
+  re-read on every request); otherwise 401. Every tools/call is then admitted for its client
+  (`allow` patterns, rate limit, daily quota), its arguments are checked strictly against the
+  schema tools/list advertises, and it is logged with client, tool, correlation id, outcome and
+  duration (a JSON log line and a `gateway_calls` row; the result's `_meta` carries the
+  correlation id). Every denial is written to the hash-chained audit log (`kernel/audit.py`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.types import CallToolResult
+from pydantic import ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import logs
+from .clients import CallLedger, ClientRegistry, RateLimiter
+from .errors import KernelError
+from .grace import Grace, SecurityHeaders
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import scrape_allowed
+from .runtime import Runtime
+
+log = logs.get("gateway")
+
+CLIENT_SCOPE_KEY = "regen.client"
+
+
+class GatewayAudit:
+    """Gateway denials, written to the ecosystem's hash-chained audit log as `gateway.<event>`."""
+
+    def __init__(self, runtime: Runtime):
+        self.audit = runtime.audit
+
+    def record(self, client: str, event: str, detail: str = "", remote: str = "") -> None:
+        self.audit.append(client, f"gateway.{event}", "mcp", False, detail, remote=remote)
+        log.warning("gateway denial", extra={"client": client, "event": event, "detail": detail, "remote": remote})
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.audit.recent(limit, action_prefix="gateway.")
+
+
+class BearerGate:
+    """ASGI wrapper: only requests bearing the token of a current (not revoked) client reach the MCP app.
+
+    The registry is asked on every request (it re-reads tokens.json when the file changes), so a
+    revocation also shuts out sessions that are already open.
+    """
+
+    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit):
+        self.app = app
+        self.clients = clients
+        self.audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = ""
+        for key, value in scope.get("headers", []):
+            if key.lower() == b"authorization":
+                header = value.decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        peer = scope.get("client") or ("", 0)
+        remote = f"{peer[0]}:{peer[1]}"
+        try:
+            found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
+        except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
+            log.error("client registry unreadable", extra={"error": str(exc)})
+            response = JSONResponse({"error": "unavailable", "message": "the gateway cannot read its clients; see the server log"},
+                                    status_code=503)
+            await response(scope, receive, send)
+            return
+        if found is None or found.revoked:
+            if found is None:
+                actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
+                detail = "missing bearer token" if not header else "invalid bearer token"
+            else:
+                actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
+                detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
+            self.audit.record(actor, event, detail, remote)
+            response = JSONResponse({"error": "unauthorized", "message": message}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="mcp"'})
+            await response(scope, receive, send)
+            return
+        scope = dict(scope)
+        scope[CLIENT_SCOPE_KEY] = found.name
+        await self.app(scope, receive, send)
+
+
+def _caller(ctx: Context | None) -> tuple[str | None, str]:
+    """(client name set by BearerGate or None, "host:port" of the peer) of an MCP request."""
+    try:
+        request = getattr(ctx.request_context, "request", None) if ctx is not None else None
+    except ValueError:  # a Context outside a request
+        request = None
+    scope = getattr(request, "scope", None)
+    if not isinstance(scope, dict):
+        return None, ""
+    peer = scope.get("client") or ("", 0)
+    return scope.get(CLIENT_SCOPE_KEY), f"{peer[0]}:{peer[1]}"
+
+
+class _MadToolError(ToolError):
+    """A MAD's KernelError on its way through the SDK's tool wrapper, keeping its code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class _Refused(Exception):
+    """The gateway refuses a call before it runs; `outcome` is what the call log records."""
+
+    def __init__(self, outcome: str, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+CORRELATION_META_KEY = "regen/correlation_id"
+
+_JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+               "array": "an array", "object": "an object", "null": "null"}
+_JSON_PLURALS = {"string": "strings", "integer": "integers", "number": "numbers", "boolean": "booleans",
+                 "array": "arrays", "object": "objects"}
+
+
+def _expected(schema: dict[str, Any]) -> str:
+    """What a JSON schema asks for, in words: 'an integer', 'an array of strings', 'a string or null'."""
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return " or ".join(_expected(s) for s in schema[key])
+    if "enum" in schema:
+        return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array" and isinstance(schema.get("items"), dict) and schema["items"].get("type") in _JSON_PLURALS:
+        return f"an array of {_JSON_PLURALS[schema['items']['type']]}"
+    return _JSON_TYPES.get(str(kind), "a value of another kind")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for py, word in ((int, "an integer"), (float, "a number"), (str, "a string"), (list, "an array"), (dict, "an object")):
+        if isinstance(value, py):
+            return word
+    return type(value).__name__
+
+
+def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) -> str:
+    """A validation error of the SDK's argument model as one line naming the tool, each argument and what it
+    expects; argument values are never echoed (they may be secrets)."""
+    props: dict[str, Any] = schema.get("properties", {})
+    problems = []
+    for err in error.errors(include_url=False):
+        loc = err["loc"]
+        arg = str(loc[0]) if loc else ""
+        where = arg + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+        sub: dict[str, Any] = props.get(arg, {})
+        for part in loc[1:]:  # walk into arrays and objects for nested problems
+            sub = sub.get("items", {}) if isinstance(part, int) else sub.get("properties", {}).get(str(part), {})
+        kind = err["type"]
+        if kind == "missing":
+            problems.append(f"argument '{where}' is required ({_expected(sub)})")
+        elif kind == "extra_forbidden":
+            problems.append(f"'{where}' is not an argument of {tool}; it takes: {', '.join(props) or 'no arguments'}")
+        elif sub and (kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float"):
+            problems.append(f"argument '{where}' must be {_expected(sub)}, not {_json_kind(err.get('input'))}")
+        else:
+            problems.append(f"argument '{where}': {err['msg']}")
+    return f"invalid_argument: {tool}: " + "; ".join(problems)
+
+
+def _explain(tool: str, exc: ToolError, schema: dict[str, Any]) -> tuple[str, str]:
+    """(outcome, message) for a ToolError out of the SDK's call of a tool."""
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError):
+        return "invalid", describe_invalid(tool, schema, cause)
+    if isinstance(cause, _MadToolError):
+        return cause.code, str(cause)
+    if isinstance(exc, UnexpectedToolError):  # the traceback is in the log; the caller gets no internals
+        return "internal_error", f"internal_error: {tool} failed unexpectedly; the server log has the details"
+    return "error", str(exc)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _until_utc_midnight() -> str:
+    left = 86400 - int(time.time()) % 86400
+    return f"{left // 3600} h {left % 3600 // 60} min"
+
+
+class GatewayServer(MCPServer):
+    """The gateway's MCP server. Every tools/call, whatever the tool, goes through `call_tool`:
+
+    1. admission for the client BearerGate identified: its `allow` patterns, its rate limit (token
+       bucket) and its daily quota; a refusal is audited;
+    2. the SDK's call of the tool, whose argument model is strict (see `_strict_tool`);
+    3. a JSON log line and a `gateway_calls` row: client, tool, correlation id, outcome, duration.
+    Errors come back as MCP tool errors (isError) whose text starts with a code (access_denied,
+    rate_limited, quota_exceeded, unknown_tool, invalid_argument, a MAD's error code, internal_error)
+    and ends with the correlation id; a successful result carries it in `_meta`.
+    """
+
+    def __init__(self, runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit, tools: list[Tool], **kwargs: Any):
+        super().__init__(tools=tools, **kwargs)
+        self.clients = clients
+        self.audit = audit
+        self.ledger = CallLedger(runtime.db)
+        self.metrics = runtime.metrics
+        self.limiter = RateLimiter()
+        self.schemas = {t.name: t.parameters for t in tools}
+
+    def _admit(self, client: str | None, tool: str, remote: str) -> None:
+        if client is None:  # BearerGate sets the client on every request that gets here
+            self.audit.record("anonymous", "no-identity", tool, remote)
+            raise _Refused("denied", "access_denied: no authenticated client")
+        record = self.clients.get(client)
+        if record is None or not record.may_call(tool):
+            self.audit.record(f"client:{client}", "tool-denied", tool, remote)
+            why = "is revoked" if record is None or record.revoked else f"may not call {tool} (it may call: {', '.join(record.allow)})"
+            raise _Refused("denied", f"access_denied: client {client!r} {why}")
+        if record.rate is not None:
+            wait = self.limiter.take(client, record.rate)
+            if wait > 0:
+                message = (f"rate_limited: client {client!r} may make {_plural(record.rate.calls, 'call')} per "
+                           f"{record.rate.unit}; retry in {max(wait, 0.1):.1f} s")
+                self.audit.record(f"client:{client}", "rate-limited", f"{tool}: {message}", remote)
+                raise _Refused("rate_limited", message)
+        if record.quota is not None and not self.ledger.take_quota(client, record.quota):
+            message = (f"quota_exceeded: client {client!r} has made its {_plural(record.quota, 'call')} for today; "
+                       f"the quota resets at 00:00 UTC (in {_until_utc_midnight()})")
+            self.audit.record(f"client:{client}", "quota-exceeded", f"{tool}: {message}", remote)
+            raise _Refused("quota_exceeded", message)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        client, remote = _caller(context)
+        cid = logs.new_id()
+        tok_c = logs.correlation_id.set(cid)
+        tok_p = logs.principal.set(f"client:{client}" if client else "")
+        t0 = time.perf_counter()
+        outcome, counted, detail = "ok", False, ""
+        try:
+            self._admit(client, name, remote)
+            counted = True  # from here on the call counts against the client's quota
+            if name not in self.schemas:
+                raise _Refused("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named <mad>.<tool> "
+                                               "and tools/list lists them")
+            result = await super().call_tool(name, arguments, context)
+        except _Refused as exc:
+            outcome, detail = exc.outcome, str(exc)
+            self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
+        except ToolError as exc:
+            outcome, detail = _explain(name, exc, self.schemas.get(name, {}))
+        except MCPError as exc:
+            outcome, detail = "protocol_error", str(exc)
+            raise
+        finally:
+            ms = (time.perf_counter() - t0) * 1000
+            self.ledger.record(client or "anonymous", name, cid, outcome, counted, ms, detail)
+            extra: dict[str, Any] = {"client": client or "anonymous", "tool": name, "outcome": outcome, "ms": round(ms, 1)}
+            if detail:
+                extra["error"] = detail
+            log.info("gateway call", extra=extra)
+            logs.principal.reset(tok_p)
+            logs.correlation_id.reset(tok_c)
+        if outcome != "ok":
+            raise ToolError(f"{detail} (correlation id {cid})")
+        if isinstance(result, CallToolResult):
+            result.meta = {**(result.meta or {}), CORRELATION_META_KEY: cid}
+        return result
+
+
+def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str):
+    """An async function with the MAD tool's signature (plus the MCP context) that runs it for the calling client."""
+    qualified = f"{mad_cls.name}.{tool_name}"
+    sig = mad_cls.tool_signature(tool_name)
+
+    async def call(mcp_context: Context, **kwargs: Any) -> Any:
+        client, _ = _caller(mcp_context)  # admitted by GatewayServer.call_tool
+        try:
+            return await runtime.invoke_tool(mad_cls.name, tool_name, kwargs, principal=f"client:{client}")
+        except KernelError as exc:
+            raise _MadToolError(exc.code, str(exc)) from exc
+
+    params = [inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    call.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    call.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
+    if sig.return_annotation is not inspect.Signature.empty:
+        call.__annotations__["return"] = sig.return_annotation
+    call.__name__ = f"{mad_cls.name}_{tool_name}"
+    call.__qualname__ = call.__name__
+    call.__doc__ = inspect.getdoc(mad_cls.tool_methods()[tool_name]) or qualified
+    return call
+
+
+def _strict_tool(fn: Any, name: str) -> Tool:
+    """The SDK's Tool for `fn` with a strict argument model: no coercion ("5" is not an integer, true is
+    not 1) and no unknown arguments, so a call is checked against exactly the schema tools/list
+    advertises, which says so (`additionalProperties: false`). The SDK's own model is lax and
+    silently drops unknown arguments."""
+    tool = Tool.from_function(fn, name=name, description=fn.__doc__)
+    lax = tool.fn_metadata.arg_model
+    strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+    return tool
+
+
+def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) -> GatewayServer:
+    cfg = runtime.config
+    tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name), f"{mad_cls.name}.{tool_name}")
+             for mad_cls in cfg.mads for tool_name in mad_cls.tool_methods()]
+    return GatewayServer(
+        runtime,
+        clients,
+        audit,
+        tools,
+        name=cfg.name,
+        description=cfg.description or None,
+        instructions=f"The {cfg.name} ecosystem. Tools are named <mad>.<tool>.",
+        version=cfg.version or "0",
+        log_level="WARNING",
+    )
+
+
+def _security(host: str) -> TransportSecuritySettings:
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+        )
+    # Bound to a routable address: bearer tokens are the guard; Host checks would break proxies.
+    return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+
+
+def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1") -> Starlette:
+    """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager."""
+    audit = GatewayAudit(runtime)
+    mcp = build_mcp(runtime, tokens, audit)
+    mcp.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=_security(host))
+    session_manager = mcp.session_manager
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit)
+
+    grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
+
+    async def healthz(request: Request) -> Response:
+        try:
+            status = await runtime.ecosystem_status("grace")
+        except Exception:
+            log.exception("health check failed")
+            return JSONResponse({"status": "error"}, status_code=503)
+        body = {
+            "status": status["status"],
+            "name": status["name"],
+            "uptime_s": status["uptime_s"],
+            "database": status["database"],
+            # per MAD: state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py);
+            # not what a MAD's own health() hook says: this route is unauthenticated
+            "mads": {m["name"]: {k: v for k, v in m.items() if k not in ("name", "health")} for m in status["mads"]},
+        }
+        return Response(json.dumps(body), status_code=200 if status["healthy"] else 503, media_type="application/json")
+
+    metrics_env = f"{runtime.config.env_prefix}_METRICS_TOKEN"
+    metrics_token = os.environ.get(metrics_env, "")
+
+    async def metrics(request: Request) -> Response:
+        if not scrape_allowed(request.headers.get("authorization", ""), host, metrics_token):
+            message = (f"/metrics needs 'Authorization: Bearer <token>' with the value of {metrics_env}" if metrics_token else
+                       f"/metrics is closed on a non-loopback address until {metrics_env} is set; scrape with it as bearer token")
+            return JSONResponse({"error": "unauthorized", "message": message},
+                                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+        return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        await runtime.start()
+        try:
+            async with session_manager.run():
+                yield
+        finally:
+            mcp.ledger.close()
+            await runtime.stop()
+
+    app = Starlette(
+        routes=[
+            *grace.routes(),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/mcp", mcp_asgi),
+        ],
+        middleware=[Middleware(SecurityHeaders)],  # CSP, nosniff, frame and referrer rules on every response
+        lifespan=lifespan,
+    )
+    app.state.grace = grace
+    app.state.runtime = runtime
+    app.state.audit = audit
+    app.state.mcp = mcp
+    app.state.tokens = tokens
+    return app
