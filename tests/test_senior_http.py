@@ -217,11 +217,12 @@ def _answer_with(path: str, content: str):
         (Reply(""), "the answer was empty"),
         (Reply("Sure, here is the code!"), 'the answer is not {"files"'),
         (_answer_with("../outside.py", "x = 1\n"), "must stay inside the tree"),
+        (_answer_with("/etc/cron.d/evil", "* * * * * root true\n"), "absolute paths are not allowed"),
         (_answer_with(".git/config", "[core]\n"), "nothing may be written under .git"),
         (_answer_with("madgroup/mads/turing.py", "def broken(:\n"), "does not parse"),
         (_answer_with("madgroup/mads/turing.py", "x" * (5 * 1024 * 1024)), "over the"),
     ],
-    ids=["empty", "prose", "traversal", "dot-git", "no-parse", "oversized"],
+    ids=["empty", "prose", "traversal", "absolute", "dot-git", "no-parse", "oversized"],
 )
 def test_a_bad_answer_gets_a_focused_repair_round(tmp_path, spec_and_plan, bad, problem, wire):
     synthesis, server = _synthesise(tmp_path, Senior({"mad:turing": [bad]}), spec_and_plan, wire=wire)
@@ -619,3 +620,45 @@ def test_a_local_openai_compatible_server_needs_no_key(tmp_path, monkeypatch):
         assert senior.api_key_env is None and missing_key(senior) is None
         LiteLLMClient(senior).complete(ModelRequest.for_unit("probe", senior, [{"role": "user", "content": "hi"}]))
     assert server.headers[0]["authorization"].startswith("Bearer ")
+
+
+def test_every_retry_and_fallback_is_on_screen_and_in_the_run_log(tmp_path, spec_and_plan, wire):
+    """429 with Retry-After, then 500, then an answer for one unit; a refused senior and its fallback for another."""
+    import io
+
+    from rich.console import Console
+
+    from generator.senior.runlog import RunLog
+
+    spec, plan = spec_and_plan
+    queues = {("mad:turing", "scripted"): [Fault.status(429, headers={"Retry-After": "1"}), Fault.status(500)],
+              ("mad:grace", "scripted"): [Fault.status(401)]}
+
+    def script(body):
+        queue = queues.get((unit_of(body), body["model"]))
+        return queue.pop(0) if queue else Reply(reference_answer(body))
+
+    screen = io.StringIO()
+    log = RunLog(Reporter(console=Console(file=screen, width=500, color_system=None)))
+    log.start(tmp_path / "runs" / "madgroup" / "1.0.0.jsonl")
+    with ScriptedServer(script) as server:
+        pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), fallbacks=("openai/backup",), wire=wire))
+        client = LiteLLMClient(pipeline.senior, pipeline.prices, on_event=log.record)
+        synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
+    turing, grace = _unit(synthesis, "mad:turing"), _unit(synthesis, "mad:grace")
+    assert (turing.retries, turing.fallbacks, grace.retries, grace.fallbacks) == (2, 0, 0, 1)
+    assert turing.latency_ms >= 1000, "the unit's time includes the wait the server asked for"
+    shown = screen.getvalue()
+    assert f"mad:turing: {wire}/scripted HTTP 429, retry 1 in 1.0s" in shown
+    assert f"mad:turing: {wire}/scripted HTTP 500, retry 2 in " in shown
+    assert f"mad:grace: {wire}/scripted gave up: HTTP 401: the key in {KEY} was refused" in shown
+    assert f"mad:grace: falling back from {wire}/scripted to {wire}/backup" in shown
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    turing_events = [e for e in lines if e["unit"] == "mad:turing"]
+    assert [(e["event"], e.get("status")) for e in turing_events] == [("retry", 429), ("retry", 500), ("answered", None)]
+    assert turing_events[0]["wait_s"] == 1.0 and turing_events[1]["wait_s"] >= 0
+    assert [(e["event"], e.get("to_model")) for e in lines if e["unit"] == "mad:grace"] == [
+        ("gave_up", None), ("fallback", f"{wire}/backup"), ("answered", None)]
+    answered = {e["unit"]: e for e in lines if e["event"] == "answered"}
+    assert answered["mad:turing"]["attempt"] == 3 and answered["mad:grace"]["model"] == f"{wire}/backup"
+    assert all(e["time"].endswith("+00:00") for e in lines)
