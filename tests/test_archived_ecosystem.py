@@ -91,3 +91,19 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}
         refused = httpx.post(url + "/mcp", json=body, headers={"Accept": "application/json, text/event-stream"})
         assert refused.status_code == 401
+
+
+def test_the_generated_readmes_test_command_works_as_written(tmp_path):
+    """`## Test it` in the generated README, run word for word in a fresh copy from a clean shell."""
+    from uv import find_uv_bin
+
+    latest = versions(ECOSYSTEM)[-1]
+    src = shutil.copytree(ECOSYSTEM / latest / "src", tmp_path / "src")
+    readme = (src / "README.md").read_text()
+    command = readme.split("## Test it", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert command.startswith("uv sync --locked") and "pytest" in command
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT", "PYTHONPATH"))}
+    env["PATH"] = f"{Path(find_uv_bin()).parent}:{env['PATH']}"
+    done = subprocess.run(["bash", "-c", command], cwd=src, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "error" not in done.stdout.splitlines()[-1]

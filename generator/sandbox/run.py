@@ -263,9 +263,10 @@ def run_tests(
         (work / folder).mkdir()
     make_venv(project, venv, settings.timeout_seconds)
     junit = work / "junit.xml"
+    # The venv's `pytest`, as the generated README's `uv run --locked pytest -q` runs it (not `python -m pytest`,
+    # which would put the project on sys.path and hide a project that only works that way).
     pytest = [
-        str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        f"--junitxml={junit}", "tests",
+        str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests",
     ]
     code, output = run_fenced(pytest, project, venv, work, level, settings)
     if code is None:
