@@ -192,11 +192,16 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     app = build_app(runtime, tokens, host=args.host)
 
     class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT, new tool calls are refused (and /healthz says 503 "draining") while the calls
-        in flight finish, up to --drain-timeout; only then does uvicorn stop listening and close connections."""
+        """On SIGTERM/SIGINT, new requests get 503 with Retry-After (and /healthz says 503 "draining") while
+        the tool calls and every other response in flight finish, up to --drain-timeout; only then does
+        uvicorn stop listening and close connections, and the lifespan stop the MADs."""
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            app.state.gate.begin()
             await runtime.drain()
+            if not await app.state.gate.wait_idle(runtime.supervisor.drain_deadline):
+                logs.get("cli").warning("shutdown: responses still in flight at the drain deadline",
+                                        extra={"in_flight": app.state.gate.in_flight})
             await super().shutdown(sockets)
 
     server = DrainingServer(

@@ -362,6 +362,79 @@ def _security(host: str) -> TransportSecuritySettings:
     return TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 
+class DrainGate:
+    """Every HTTP request in flight, counted, so a graceful shutdown can let each response finish; once
+    draining, new requests get 503 with Retry-After (except /healthz, which says "draining" itself).
+
+    MCP's standing GET stream (server-to-client notifications) is not a response to wait for: it is
+    not counted, and closed with the connections."""
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, deadline: float) -> bool:
+        """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
+        import asyncio
+
+        remaining = deadline - time.monotonic()
+        if self.in_flight and remaining > 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.in_flight == 0
+
+    def middleware(self, app):
+        gate = self
+
+        async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            if gate.draining and scope["path"] != "/healthz":
+                message = (f"unavailable: the ecosystem is shutting down; retry after {gate.RETRY_AFTER_S} s "
+                           "(on another instance, or this one once restarted)")
+                # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
+                refusal = ({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}}
+                           if scope["path"].rstrip("/") == "/mcp" else {"error": "unavailable", "message": message})
+                body = json.dumps(refusal).encode()
+                # Read the request first: a socket closed with unread data is reset, and the reset can
+                # overtake the 503 on its way to the client (which then sees a dropped connection).
+                read, more = 0, True
+                while more and read < 1 << 20:
+                    message = await receive()
+                    read += len(message.get("body", b""))
+                    more = message.get("more_body", False) and message["type"] == "http.request"
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(gate.RETRY_AFTER_S).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return None
+            standing = scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp"
+            if not standing:
+                gate.in_flight += 1
+                gate._idle.clear()
+            try:
+                await app(scope, receive, send)
+            finally:
+                if not standing:
+                    gate.in_flight -= 1
+                    if gate.in_flight == 0:
+                        gate._idle.set()
+            return None
+
+        return gated
+
+
 def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1") -> Starlette:
     """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager."""
     audit = GatewayAudit(runtime)
@@ -371,6 +444,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1")
     mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit)
 
     grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
+    gate = DrainGate()
 
     async def healthz(request: Request) -> Response:
         try:
@@ -417,9 +491,12 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1")
             Route("/metrics", metrics, methods=["GET"]),
             Route("/mcp", mcp_asgi),
         ],
-        middleware=[Middleware(SecurityHeaders)],  # CSP, nosniff, frame and referrer rules on every response
+        # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
+        # and referrer rules on every response.
+        middleware=[Middleware(gate.middleware), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
+    app.state.gate = gate
     app.state.grace = grace
     app.state.runtime = runtime
     app.state.audit = audit

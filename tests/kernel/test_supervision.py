@@ -418,8 +418,12 @@ def test_server_healthz_breaker_restart_and_sigterm_drain(flaky_ecosystem, tmp_p
             while body["status"] != "draining":
                 code, body = await asyncio.to_thread(healthz)
             assert code == 503
-            with pytest.raises(testing.ToolCallError, match="unavailable: the ecosystem is shutting down"):
+            # New requests are turned away at the door (503, Retry-After), in words an MCP client shows.
+            with pytest.raises(Exception, match="unavailable: the ecosystem is shutting down; retry after 5 s"):
                 await testing.call_tool(eco.url, eco.token, "rogers.list_conversations")
+            door = await asyncio.to_thread(httpx.get, f"{eco.url}/metrics", timeout=10)
+            assert door.status_code == 503 and door.headers["retry-after"] == "5"
+            assert door.json()["message"].startswith("unavailable: the ecosystem is shutting down")
             assert not call.done() and proc.poll() is None
             flag.touch()
             return await call
@@ -428,3 +432,65 @@ def test_server_healthz_breaker_restart_and_sigterm_drain(flaky_ecosystem, tmp_p
         assert proc.wait(timeout=30) == 0, eco.logs()[-3000:]
         # the operator's log has what the caller did not get: the exception, message and traceback
         assert "Traceback" in eco.logs() and f"RuntimeError: the database said {DETAIL}" in eco.logs()
+
+
+def test_sigterm_under_load_completes_every_response_and_refuses_new_ones_503(flaky_ecosystem, tmp_path, eco_modules):
+    """Clients keep calling while the server is told to stop: every response already begun completes; new
+    requests get 503 with Retry-After; nothing is cut off (no half response, no dropped connection)."""
+    root, name = flaky_ecosystem
+    _, kernel, _ = eco_modules
+    testing = importlib.import_module(kernel.__name__ + ".testing")
+    flag = tmp_path / "finish"
+    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+        proc = eco.process
+        outcomes: list[str] = []
+
+        def classify(exc: BaseException) -> str:
+            leaf = exc
+            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                leaf = leaf.exceptions[0]
+            text = f"{type(leaf).__name__}: {leaf}"
+            if "shutting down" in text:
+                return "refused"
+            if type(leaf).__name__ in ("ConnectError", "ConnectionRefusedError"):
+                return "closed"  # the port was closed: nothing was begun, nothing cut
+            return f"cut: {text}"
+
+        async def busy(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                try:
+                    await testing.call_tool(eco.url, eco.token, "rogers.list_conversations")
+                    outcomes.append("ok")
+                except BaseException as exc:  # noqa: BLE001 - every outcome is classified
+                    outcomes.append(classify(exc))
+                    if outcomes[-1] != "refused":
+                        return
+
+        async def slow() -> str:
+            async with testing.mcp_client(eco.url, eco.token) as client:
+                await client.list_tools()  # else the client lists them after the result, to check it
+                return testing.result_value(await client.call_tool("flaky.wait_for", {"path": str(flag)}))
+
+        async def scenario():
+            stop = asyncio.Event()
+            workers = [asyncio.create_task(busy(stop)) for _ in range(24)]
+            slows = [asyncio.create_task(slow()) for _ in range(6)]
+            while httpx.get(f"{eco.url}/healthz", timeout=10).json()["mads"]["flaky"]["in_flight"] < 6:
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.5)  # the busy clients keep knocking while the slow calls hold the drain open
+            refused = httpx.post(f"{eco.url}/mcp", json={}, headers={"Authorization": f"Bearer {eco.token}"}, timeout=10)
+            stop.set()  # (a request sent at the very instant the port closes meets a closed port: no response begun)
+            await asyncio.gather(*workers)
+            assert proc.poll() is None, "the drain waits for the calls in flight"
+            flag.touch()
+            done = await asyncio.gather(*slows, return_exceptions=True)
+            return refused, done
+
+        refused, done = asyncio.run(scenario())
+        assert proc.wait(timeout=60) == 0
+        assert done == ["done"] * 6, done
+        assert [o for o in outcomes if o.startswith("cut")] == [], outcomes
+        assert "ok" in outcomes and "refused" in outcomes
+        assert "ASGI callable returned without completing response" not in eco.logs()
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
