@@ -435,6 +435,41 @@ class DrainGate:
         return gated
 
 
+def observed(runtime: Runtime):
+    """ASGI middleware factory: one access-log line and one `regen_http_requests` count per HTTP request.
+
+    The line has the method, the path (never the query: a token could ride in it), the status, the
+    time taken and the peer; the MCP client's name when the bearer gate identified one."""
+    access = logs.get("access")
+
+    def middleware(app):
+        async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            started = time.monotonic()
+            status = [0]
+
+            async def sending(message) -> None:
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, sending)
+            finally:
+                code = status[0] or 500  # no response begun: the server failed it
+                runtime.metrics.http_request(scope["path"], code)
+                peer = scope.get("client") or ("", 0)
+                access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
+                                           "ms": round((time.monotonic() - started) * 1000, 1),
+                                           "remote": f"{peer[0]}:{peer[1]}"})
+            return None
+
+        return logged
+
+    return middleware
+
+
 def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1") -> Starlette:
     """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager."""
     audit = GatewayAudit(runtime)
@@ -445,6 +480,9 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1")
 
     grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
     gate = DrainGate()
+    # Only the session manager knows its sessions (a private table of the SDK's; 0 if that ever moves).
+    runtime.metrics.watch("regen_mcp_sessions_open", "MCP sessions open now",
+                          lambda: len(getattr(session_manager, "_server_instances", {}) or {}))
 
     async def healthz(request: Request) -> Response:
         try:
@@ -493,7 +531,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1")
         ],
         # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
         # and referrer rules on every response.
-        middleware=[Middleware(gate.middleware), Middleware(SecurityHeaders)],
+        middleware=[Middleware(observed(runtime)), Middleware(gate.middleware), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
     app.state.gate = gate

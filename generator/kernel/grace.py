@@ -543,6 +543,7 @@ class Grace:
         addr = _remote(request)
         wait = self.limiter.retry_after(addr)
         if wait:
+            self.runtime.metrics.signin_failure("locked_out")
             self._audit("anonymous", "grace.signin", "", False, "refused: too many failed sign-ins", request)
             html = signin_page(self._name, s.csrf, next_path,
                                error=f"Too many failed sign-ins from your address. Try again in {wait} seconds.")
@@ -550,6 +551,7 @@ class Grace:
         token = form.get("token", "").strip()
         client = self.clients.verify(token) if token else None
         if client is None:
+            self.runtime.metrics.signin_failure("invalid_token" if token else "empty_token")
             self.limiter.failed(addr)
             self._audit("anonymous", "grace.signin", "", False, "invalid token" if token else "empty token", request)
             log.warning("sign-in refused", extra={"remote": addr})

@@ -15,7 +15,7 @@ import hmac
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -26,6 +26,8 @@ OUTCOMES = ("ok", "refused", "crashed", "denied", "rate_limited", "quota_exceede
 WHERES = ("tool", "bus", "model", "start", "stop")
 TOKEN_KINDS = ("prompt", "completion")
 MESSAGE_KINDS = ("message", "request", "reply", "error", "event", "thought")
+ROUTES = ("mcp", "healthz", "metrics", "grace")  # HTTP requests by where they went: MCP, health, metrics, the web UI
+SIGNIN_FAILURES = ("invalid_token", "empty_token", "locked_out")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -44,6 +46,16 @@ class _MadUp:
         for mad, up in sorted(self._states().items()):
             family.add_metric([mad], 1.0 if up else 0.0)
         yield family
+
+
+class _Gauge:
+    """A gauge read at scrape time from a callable (e.g. how many MCP sessions are open)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]):
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=float(self._read()))
 
 
 class Metrics:
@@ -66,7 +78,16 @@ class Metrics:
                                ["mad", "where"], registry=r)
         self._tokens = Counter("regen_llm_tokens", "Model tokens used, by MAD and kind (prompt, completion)",
                                ["mad", "kind"], registry=r)
+        self._http = Counter("regen_http_requests", "HTTP requests answered, by route (mcp, healthz, metrics, grace) "
+                             "and status code", ["route", "status"], registry=r)
+        self._signin_failures = Counter("regen_signin_failures", "Refused sign-ins to the web UI, by reason",
+                                        ["reason"], registry=r)
         r.register(_MadUp(mad_up))
+        self._watched: dict[str, _Gauge] = {}
+        # The process's CPU, memory, open files and start time, and the Python version: what an operator
+        # reads first when a process misbehaves (on Linux; elsewhere the process collector is empty).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def _mad(self, mad: str) -> str:
         return _closed(mad, self._tools)
@@ -88,6 +109,22 @@ class Metrics:
     def llm_tokens(self, mad: str, n: int, *, kind: Literal["prompt", "completion"]) -> None:
         if n > 0:
             self._tokens.labels(self._mad(mad), _closed(kind, TOKEN_KINDS)).inc(n)
+
+    def http_request(self, path: str, status: int) -> None:
+        route = path.strip("/").split("/", 1)[0]
+        self._http.labels(route if route in ROUTES else "grace", str(status) if 100 <= status < 600 else OTHER).inc()
+
+    def signin_failure(self, reason: str) -> None:
+        self._signin_failures.labels(_closed(reason, SIGNIN_FAILURES)).inc()
+
+    def watch(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A gauge read at each scrape (e.g. open MCP sessions, which only the session manager knows); watching
+        the same name again (a new app on this runtime) reads the new source."""
+        if name in self._watched:
+            self._watched[name]._read = read
+            return
+        self._watched[name] = _Gauge(name, documentation, read)
+        self.registry.register(self._watched[name])
 
     def render(self) -> bytes:
         """Every metric of this runtime in the Prometheus text format (`CONTENT_TYPE`)."""

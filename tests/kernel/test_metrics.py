@@ -91,6 +91,13 @@ def served(relay_eco, tmp_path_factory):
                     await call(f"rogers.{MADE_UP}")
 
         asyncio.run(calls())
+        # A wrong token at the web UI's sign-in, and one at the MCP door (the query string stays out of logs).
+        page = httpx.get(f"{eco.url}/signin")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        refused = httpx.post(f"{eco.url}/signin", data={"csrf": csrf, "token": "not-a-token", "next": "/"},
+                             cookies=page.cookies, headers={"origin": eco.url})
+        assert refused.status_code == 401
+        assert httpx.post(f"{eco.url}/mcp?probe=query-must-not-be-logged", json={}).status_code == 401
         response = httpx.get(f"{eco.url}/metrics")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -248,3 +255,26 @@ def test_metrics_on_loopback_are_open_like_healthz(runtime, gateway, monkeypatch
     answer = client.get("/metrics")
     assert answer.status_code == 200
     assert value(samples(answer.text), "regen_mad_up", mad="turing") == 1
+
+
+def test_http_requests_sessions_sign_ins_and_the_process_are_in_metrics(served):
+    found = samples(served[0])
+    assert value(found, "regen_http_requests_total", route="mcp", status="200") >= 8
+    assert value(found, "regen_http_requests_total", route="mcp", status="401") == 1
+    assert value(found, "regen_http_requests_total", route="grace", status="401") == 1
+    assert value(found, "regen_http_requests_total", route="grace", status="200") >= 1
+    assert value(found, "regen_signin_failures_total", reason="invalid_token") == 1
+    assert ("regen_mcp_sessions_open", frozenset()) in found  # the client above has closed its session
+    assert value(found, "regen_mcp_sessions_open") == 0
+    assert value(found, "process_resident_memory_bytes") > 0 and value(found, "process_open_fds") > 0
+    assert any(name == "python_info" for name, _ in found)
+
+
+def test_every_http_request_has_an_access_log_line(served):
+    _, lines, token = served
+    access = [line for line in lines if line.get("logger") == "kernel.access"]
+    assert {(a["method"], a["path"], a["status"]) for a in access} >= {
+        ("POST", "/signin", 401), ("GET", "/signin", 200), ("POST", "/mcp", 401), ("POST", "/mcp", 200)}
+    assert all(isinstance(a["ms"], float) and a["remote"].startswith("127.0.0.1:") for a in access)
+    text = "\n".join(json.dumps(a) for a in access)
+    assert "query-must-not-be-logged" not in text and token not in text and "not-a-token" not in text
