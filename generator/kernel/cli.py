@@ -240,6 +240,18 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None:
+    """An operator's change to who may call in, in the state's hash-chained audit log (never a token)."""
+    from .audit import AuditLog
+    from .db import Database
+
+    db = Database(Path(state) / "ecosystem.db")
+    try:
+        AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
+    finally:
+        db.close()
+
+
 def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
     registry = ClientRegistry(args.state)
     if args.clients_command == "add":
@@ -248,12 +260,14 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         tools = [f"{m.name}.{t}" for m in config.mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools)
         limits = "".join(f"; {label} {value}" for label, value in (("rate", args.rate), ("quota", args.quota)) if value)
+        _operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
         print(token, flush=True)
         return 0
     if args.clients_command == "revoke":
         client = registry.revoke(args.name)
+        _operator_audit(args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
         print(f"client {client.name!r} revoked at {client.revoked_at}; running servers refuse its token from the next request")
         return 0
     today = calls_today_by_client(args.state)

@@ -26,7 +26,7 @@ import pytest
 @pytest.fixture
 def kernel(tiny_ecosystem):
     _, name = tiny_ecosystem
-    mods = ("clients", "gateway", "cli", "logs", "testing")
+    mods = ("clients", "gateway", "cli", "logs", "testing", "db", "audit")
     return SimpleNamespace(**{m: importlib.import_module(f"{name}.kernel.{m}") for m in mods})
 
 
@@ -47,7 +47,9 @@ def test_clients_add_prints_the_token_once_and_stores_only_its_hash(kernel, eco_
     assert code == 0
     token = out.strip()
     assert len(token) >= 32 and "will not be shown again" in err and token not in err
-    assert [p.name for p in state.iterdir() if not p.name.startswith(".")] == ["tokens.json"]  # no token file
+    # No token file: the registry, and the database whose audit log records the change.
+    assert {p.name for p in state.iterdir() if not p.name.startswith(".")} <= {
+        "tokens.json", "ecosystem.db", "ecosystem.db-wal", "ecosystem.db-shm"}
     stored = (state / "tokens.json").read_text()
     assert token not in stored
     assert stat.S_IMODE((state / "tokens.json").stat().st_mode) == 0o600
@@ -109,6 +111,24 @@ def test_a_revocation_reaches_a_registry_that_is_already_loaded(kernel, eco_modu
                                               "--allow", "*")[2]
     path, problem = server_side.ensure("ci")
     assert "was revoked" in problem and not path.exists() and server_side.verify(token) is None
+
+
+def test_adding_and_revoking_a_client_is_in_the_audit_log_without_its_token(kernel, eco_modules, capsys, tmp_path):
+    state = tmp_path / "state"
+    token = _cli(kernel, eco_modules, capsys, "clients", "add", "ci", "--state", state, "--allow", "rogers.*",
+                 "--rate", "10/s")[1].strip()
+    assert _cli(kernel, eco_modules, capsys, "clients", "revoke", "ci", "--state", state)[0] == 0
+    db = kernel.db.Database(state / "ecosystem.db")
+    try:
+        rows = [r for r in db.query("SELECT * FROM audit_log ORDER BY id") if r["action"].startswith("clients.")]
+    finally:
+        db.close()
+    assert [(r["actor"], r["action"], r["subject"], r["ok"]) for r in rows] == [
+        ("operator", "clients.add", "ci", 1), ("operator", "clients.revoke", "ci", 1)]
+    assert rows[0]["detail"] == "allow rogers.*; rate 10/s"
+    assert token not in str(rows)
+    count, _, problems = kernel.audit.verify_file(state / "ecosystem.db")
+    assert problems == [] and count >= 2
 
 
 def test_token_command_creates_the_client_once_and_never_rotates_it(kernel, tmp_path):
