@@ -278,6 +278,8 @@ class GatewayServer(MCPServer):
             self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
         except ToolError as exc:
             outcome, detail = _explain(name, exc, self.schemas.get(name, {}))
+            if outcome == "invalid":  # a client probing a tool's arguments: the message names them, never a value
+                self.audit.record(f"client:{client}", "invalid-argument", f"{name}: {detail}", remote)
         except MCPError as exc:
             outcome, detail = "protocol_error", str(exc)
             raise

@@ -276,6 +276,10 @@ def test_arguments_are_checked_against_the_advertised_schema_with_clear_errors(g
     assert message in text and "(correlation id " in text
     assert "12345" not in text  # values are not echoed: they may be secrets
     assert gateway.rows()[-1]["outcome"] == ("unknown_tool" if tool == "nope.tool" else "invalid")
+    if tool != "nope.tool":  # a refused argument is an audited event, named without its value
+        actor, action, detail = gateway.audited()[-1]
+        assert (actor, action) == ("client:ci", "gateway.invalid-argument") and message in detail
+        assert "12345" not in detail and "many" not in detail
 
 
 def test_tools_list_advertises_the_strict_schemas(gateway):
