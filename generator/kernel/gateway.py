@@ -237,6 +237,14 @@ class GatewayServer(MCPServer):
         self.limiter = RateLimiter()
         self.schemas = {t.name: t.parameters for t in tools}
 
+    async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:
+        """tools/list lists only what the calling client may call (the SDK's own handler lists every tool)."""
+        listed = await super()._handle_list_tools(ctx, params)
+        client, _ = _caller(Context(request_context=ctx, mcp_server=self))
+        record = self.clients.get(client) if client else None
+        listed.tools = [t for t in listed.tools if record is not None and record.may_call(t.name)]
+        return listed
+
     def _admit(self, client: str | None, tool: str, remote: str) -> None:
         if client is None:  # BearerGate sets the client on every request that gets here
             self.audit.record("anonymous", "no-identity", tool, remote)

@@ -517,7 +517,27 @@ class Grace:
         return form
 
     def _context(self, s: Session, active: str) -> PageContext:
-        return PageContext(self._name, self.runtime.config.version, s.client, s.csrf, active)
+        pages = {"/", "/chat", "/mads", "/health"}
+        if self._may(s, self._conversation_tools()[0]):
+            pages.add("/conversations")
+        if self.clients.allowed(s.client, AUDIT_PERMISSION):
+            pages.add("/audit")
+        return PageContext(self._name, self.runtime.config.version, s.client, s.csrf, active, frozenset(pages))
+
+    def _conversation_tools(self) -> tuple[str, str]:
+        """The tools whose permission the conversation pages need: listing them, and reading one's messages."""
+        tools = self.runtime.config.capability_tools
+        return tools.get("conversations.list", ""), tools.get("conversations.history", "")
+
+    def _may(self, s: Session, tool: str) -> bool:
+        return bool(tool) and self.clients.allowed(s.client, tool)
+
+    def _require(self, s: Session, tool: str, what: str, request: Request) -> None:
+        """403 (and an audit entry) unless the client may call `tool`, which `what` shows the data of."""
+        if not self._may(s, tool):
+            self._audit(f"client:{s.client}", "grace.view-denied", tool or what, False, what, request)
+            needs = f"{tool}, which {what} needs" if tool else f"the tool that serves {what}, and this ecosystem has none"
+            raise self._error(403, "Not allowed", f"Your token does not allow {needs}.")
 
     # ---- sign-in and sign-out ----------------------------------------------------------------
 
@@ -583,14 +603,18 @@ class Grace:
         s = self._signed_in(request)
         status = await self.runtime.ecosystem_status("grace")
         mads = await self.runtime.ecosystem_mads("grace")
-        return self._html(overview_page(self._context(s, "/"), status, mads, self.runtime.bus.list(10)))
+        ctx = self._context(s, "/")
+        recent = self.runtime.bus.list(10) if "/conversations" in ctx.pages else []
+        return self._html(overview_page(ctx, status, mads, recent))
 
     async def conversations(self, request: Request) -> Response:
         s = self._signed_in(request)
+        self._require(s, self._conversation_tools()[0], "the list of conversations", request)
         return self._html(conversations_page(self._context(s, "/conversations"), self.runtime.bus.list(200)))
 
     async def conversation(self, request: Request) -> Response:
         s = self._signed_in(request)
+        self._require(s, self._conversation_tools()[1], "a conversation's messages", request)
         cid = request.path_params["conversation_id"]
         try:
             conv = self.runtime.bus.get(cid)
@@ -611,9 +635,7 @@ class Grace:
 
     async def audit(self, request: Request) -> Response:
         s = self._signed_in(request)
-        if not self.clients.allowed(s.client, AUDIT_PERMISSION):
-            self._audit(f"client:{s.client}", "grace.view-denied", AUDIT_PERMISSION, False, "", request)
-            raise self._error(403, "Not allowed", f"Your token does not allow {AUDIT_PERMISSION}, which the audit log needs.")
+        self._require(s, AUDIT_PERMISSION, "the audit log", request)
         return self._html(audit_page(self._context(s, "/audit"), self.runtime.audit.recent(limit=200)))
 
     # ---- chat --------------------------------------------------------------------------------

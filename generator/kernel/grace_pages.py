@@ -28,6 +28,8 @@ class PageContext:
     client: str
     csrf: str
     active: str
+    pages: frozenset[str] = frozenset(href for href, _ in NAV)
+    """The pages this client may open: the others are left out of the navigation."""
 
 
 def e(value: Any) -> str:
@@ -60,6 +62,7 @@ def csrf_field(token: str) -> str:
 def layout(ctx: PageContext, title: str, body: str) -> str:
     links = "".join(
         f'<a href="{href}"{" class=active" if href == ctx.active else ""}>{e(label)}</a>' for href, label in NAV
+        if href in ctx.pages
     )
     return (
         _head(title, ctx.ecosystem)
@@ -185,7 +188,8 @@ def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str,
         '<p class="lead">The ecosystem at a glance. <a href="/chat">Chat with it</a> in prose, or run a tool as a '
         "<code>/mad.tool</code> command.</p>"
         f"{cards}<section><h2>MADs</h2>{mad_table}</section>"
-        f"<section><h2>Recent conversations</h2>{conversations_table(convs)}</section>"
+        + (f"<section><h2>Recent conversations</h2>{conversations_table(convs)}</section>"
+           if "/conversations" in ctx.pages else "")
     )
     return layout(ctx, "Overview", body)
 

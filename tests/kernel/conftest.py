@@ -189,7 +189,8 @@ def build_ecosystem(root: Path, name: str, client_budget_tokens: int = 100000) -
         "from .kernel import EcosystemConfig, ModelAlias\nfrom .mads import MADS\n\n"
         f'CONFIG = EcosystemConfig(name="{name}", description="A tiny <test> ecosystem & friends", '
         'models={"default": ModelAlias(provider="echo", model="", api_base="", api_key_secret="")}, '
-        f"client_budget_tokens={client_budget_tokens}, mads=MADS)\n"
+        f"client_budget_tokens={client_budget_tokens}, mads=MADS, capability_tools="
+        '{"conversations.list": "rogers.list_conversations", "conversations.history": "rogers.history"})\n'
     )
     (pkg / "__main__.py").write_text(
         "from .kernel.cli import main\nfrom .ecosystem import CONFIG\n\nraise SystemExit(main(CONFIG))\n"

@@ -362,3 +362,35 @@ def test_recorded_commands_hide_secret_values_however_quoted(eco):
     unreadable = record('/turing.set_secret name=db value="unclosed two')
     assert unreadable == "/turing.set_secret [arguments not recorded: the command could not be read]"
     assert record("/rogers.search query='a b' limit=5") == "/rogers.search query='a b' limit=5"
+
+
+@pytest.mark.parametrize(
+    ("allow", "may_list", "may_read", "may_audit"),
+    [
+        (["grace.status"], False, False, False),  # a status probe reads no conversation
+        (["grace.*"], False, False, True),  # the auditor: the audit log, not the conversations
+        (["rogers.list_conversations"], True, False, False),  # the titles, not what was said
+        (["rogers.list_conversations", "rogers.history"], True, True, False),
+    ],
+    ids=["status-only", "auditor", "titles-only", "reader"],
+)
+def test_pages_show_only_what_the_clients_tools_allow(eco, client, allow, may_list, may_read, may_audit):
+    token = eco.clients.add("limited", allow)
+    sign_in(client, token)
+    general = next(c for c in eco.runtime.bus.list(50) if c["title"] == "general")
+    posted = eco.runtime.bus.post(general["id"], "rogers", "the words only a reader may see")
+    assert posted
+    nav = client.get("/").text.split('<nav aria-label="Main">', 1)[1].split("</nav>", 1)[0]
+    overview = client.get("/").text
+    assert ('href="/conversations"' in nav) is may_list and ("Recent conversations" in overview) is may_list
+    assert ('href="/audit"' in nav) is may_audit
+    listing = client.get("/conversations")
+    assert listing.status_code == (200 if may_list else 403)
+    reading = client.get(f"/conversations/{general['id']}")
+    assert reading.status_code == (200 if may_read else 403)
+    assert ("the words only a reader may see" in reading.text) is may_read
+    if not may_read:
+        assert "rogers.history" in reading.text  # the refusal names what would allow it
+    assert client.get("/audit").status_code == (200 if may_audit else 403)
+    denied = {a["subject"] for a in eco.audit("grace.view-denied") if a["actor"] == "client:limited"}
+    assert ("rogers.history" in denied) is not may_read and ("rogers.list_conversations" in denied) is not may_list

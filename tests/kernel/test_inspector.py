@@ -6,6 +6,7 @@ wait on a download. Without `npx` the test is skipped, saying why; any other fai
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -37,6 +38,13 @@ def served(tiny_ecosystem, tmp_path_factory):
         yield eco, eco.token, added.stdout.strip()
 
 
+async def _call_as(eco, token: str, tool: str, args: dict):
+    """A tool call with a plain MCP client, past the Inspector's own check against tools/list."""
+    module = type(eco).__module__  # <package>.kernel.testing
+    testing = importlib.import_module(module)
+    return await testing.call_tool(eco.url, token, tool, args)
+
+
 def inspector(eco, token: str, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = ["npx", "-y", INSPECTOR, "--cli", eco.mcp_url, "--transport", "http",
            "--header", f"Authorization: Bearer {token}", "--stored-auth-only", *args]
@@ -65,11 +73,15 @@ def test_inspector_calls_a_tool_and_gets_its_correlation_id(served):
 
 def test_inspector_sees_clear_errors_for_denied_invalid_and_unauthenticated_calls(served):
     eco, token, viewer = served
-    denied = inspector(eco, viewer, "--method", "tools/call", "--tool-name", "turing.get_secret", "--tool-arg", "name=db")
-    assert denied.returncode != 0
-    result = json.loads(denied.stdout)
-    assert result["isError"] and result["content"][0]["text"].startswith(
-        "access_denied: client 'viewer' may not call turing.get_secret (it may call: grace.*)")
+    # A client sees only the tools it may call: the Inspector does not even find the others ...
+    listed = inspector(eco, viewer, "--method", "tools/list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert {t["name"] for t in json.loads(listed.stdout)["tools"]} == {"grace.status", "grace.mads", "grace.chat"}
+    hidden = inspector(eco, viewer, "--method", "tools/call", "--tool-name", "turing.get_secret", "--tool-arg", "name=db")
+    assert hidden.returncode != 0 and "Tool 'turing.get_secret' not found" in hidden.stdout + hidden.stderr
+    # ... and a client that calls one anyway is refused by the server, clearly.
+    with pytest.raises(Exception, match=r"access_denied: client 'viewer' may not call turing.get_secret \(it may call: grace.\*\)"):
+        asyncio.run(_call_as(eco, viewer, "turing.get_secret", {"name": "db"}))
 
     invalid = inspector(eco, token, "--method", "tools/call", "--tool-name", "rogers.history",
                         "--tool-args-json", '{"conversation_id": 5, "limt": 3}')
