@@ -70,6 +70,9 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
                      help="tool pattern the client may call (fnmatch over <mad>.<tool>, e.g. 'rogers.*'); repeatable; '*' for all")
     add.add_argument("--rate", metavar="N/UNIT", help="rate limit, e.g. 10/s, 600/min or 5000/h (bursts of up to N)")
     add.add_argument("--quota", metavar="N/day", help="calls per UTC day, e.g. 1000/day (counted in the database)")
+    add.add_argument("--secret", action="append", metavar="PATTERN", dest="secret_patterns",
+                     help="secret names its calls may read or write, e.g. 'db.*' (repeatable; default: every secret "
+                          "the tools it may call reach)")
     listing = clients_sub.add_parser("list", help="clients with their patterns, limits and calls today (never a token)")
     listing.add_argument("--state", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
@@ -258,8 +261,10 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         from .grace import AUDIT_PERMISSION  # Grace's audit-log page, granted like a tool
 
         tools = [f"{m.name}.{t}" for m in config.mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
-        token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools)
+        token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
         limits = "".join(f"; {label} {value}" for label, value in (("rate", args.rate), ("quota", args.quota)) if value)
+        if args.secret_patterns:
+            limits += f"; secrets {' '.join(args.secret_patterns)}"
         _operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
@@ -278,9 +283,9 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
     if not rows:
         print(f"no clients in {registry.path}; add one with `clients add NAME --state DIR --allow PATTERN`")
         return 0
-    table = [["NAME", "ALLOW", "RATE", "QUOTA", "CALLS TODAY", "CREATED", "REVOKED"]]
+    table = [["NAME", "ALLOW", "RATE", "QUOTA", "CALLS TODAY", "CREATED", "REVOKED", "SECRETS"]]
     table += [[r["name"], " ".join(r["allow"]), r["rate"] or "-", r["quota"] or "-", str(r["calls_today"]),
-               r["created_at"][:19], r["revoked_at"][:19] or "-"] for r in rows]
+               r["created_at"][:19], r["revoked_at"][:19] or "-", " ".join(r["secrets"]) or "*"] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -112,6 +112,19 @@ def check_pattern(pattern: str, known_tools: Iterable[str] | None = None) -> str
     return pattern
 
 
+_SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
+
+
+def check_secret_pattern(pattern: str) -> str:
+    """A secret-name pattern as the operator wrote it (`--secret 'db.*'`)."""
+    if not isinstance(pattern, str) or not _SECRET_PATTERN.match(pattern) or pattern.count("[") != pattern.count("]"):
+        raise InvalidArgument(
+            f"bad secret pattern {pattern!r}: patterns are fnmatch patterns over secret names (letters, digits, "
+            "_ . : - and the wildcards * ? [...]), e.g. 'db.*' or 'api_key'"
+        )
+    return pattern
+
+
 # ---- clients -----------------------------------------------------------------------------
 
 
@@ -124,6 +137,7 @@ class Client:
     quota: int | None  # calls per UTC day
     created_at: str
     revoked_at: str = ""
+    secrets: tuple[str, ...] = ()  # secret-name patterns its calls may touch; () = every secret its tools reach
 
     @property
     def revoked(self) -> bool:
@@ -132,11 +146,15 @@ class Client:
     def may_call(self, tool: str) -> bool:
         return not self.revoked and any(fnmatch.fnmatchcase(tool, p) for p in self.allow)
 
+    def may_touch_secret(self, name: str) -> bool:
+        return not self.secrets or any(fnmatch.fnmatchcase(name, p) for p in self.secrets)
+
     def describe(self) -> dict[str, Any]:
         """What `clients list` shows: never the token or its hash."""
         return {
             "name": self.name,
             "allow": list(self.allow),
+            "secrets": list(self.secrets),
             "rate": str(self.rate) if self.rate else "",
             "quota": f"{self.quota}/day" if self.quota else "",
             "created_at": self.created_at,
@@ -154,6 +172,7 @@ def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
             quota=parse_quota(entry["quota"]) if entry.get("quota") else None,
             created_at=str(entry.get("created_at", "")),
             revoked_at=str(entry.get("revoked_at", "")),
+            secrets=tuple(entry.get("secrets") or ()),
         )
     except (KeyError, TypeError, InvalidArgument) as exc:
         raise KernelError(f"client {name!r} in tokens.json is malformed ({exc}); fix or restore the file") from None
@@ -234,6 +253,16 @@ class ClientRegistry:
     def clients(self) -> list[Client]:
         return sorted(self._current().values(), key=lambda c: c.name)
 
+    def secret_scope(self, principal: str) -> tuple[str, ...] | None:
+        """The secret-name patterns a call made for `principal` ("client:<name>") may touch; None: no limit
+        (a MAD acting for itself, or a client added without --secret). A revoked or unknown client: nothing."""
+        if not principal.startswith("client:"):
+            return None
+        client = self.get(principal.removeprefix("client:"))
+        if client is None or client.revoked:
+            return ()
+        return client.secrets or None
+
     # ---- writing (the CLI) -------------------------------------------------------------------
 
     @contextmanager
@@ -261,6 +290,7 @@ class ClientRegistry:
         rate: str | None = None,
         quota: str | None = None,
         known_tools: Iterable[str] | None = None,
+        secrets: list[str] | None = None,
     ) -> str:
         """Register a client; returns its token, which is not stored anywhere."""
         check_name(name)
@@ -269,6 +299,8 @@ class ClientRegistry:
         known = list(known_tools) if known_tools is not None else None
         patterns = [check_pattern(p, known) for p in allow]
         entry: dict[str, Any] = {"allow": patterns, "created_at": now_iso()}
+        if secrets:
+            entry["secrets"] = [check_secret_pattern(p) for p in secrets]
         if rate:
             entry["rate"] = str(parse_rate(rate))
         if quota:

@@ -346,6 +346,7 @@ def _strict_tool(fn: Any, name: str) -> Tool:
 
 def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) -> GatewayServer:
     cfg = runtime.config
+    runtime.secrets.client_scope = clients.secret_scope  # a client's --secret patterns, over MCP and in Grace alike
     tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name), f"{mad_cls.name}.{tool_name}")
              for mad_cls in cfg.mads for tool_name in mad_cls.tool_methods()]
     return GatewayServer(

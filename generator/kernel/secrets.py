@@ -26,12 +26,13 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
+import fnmatch
 import hashlib
 import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,9 @@ class SecretsManager:
         self.db = db
         self.keys = keys
         self._policy = policy
+        # principal -> the secret-name patterns calls made for it may touch (None: no limit); the gateway
+        # sets it to its client registry's, since only it knows the clients.
+        self.client_scope: Callable[[str], tuple[str, ...] | None] = lambda principal: None
         self._audit = audit
         # Held while sealing or re-sealing, so no write in this process uses a key a rotation is retiring.
         self._lock = threading.RLock()
@@ -310,6 +314,14 @@ class SecretsManager:
         if not isinstance(name, str) or not SECRET_NAME.match(name):
             raise InvalidArgument("secret names are 1-128 characters of letters, digits and _ . : -")
 
+    def _in_scope(self, caller: str, action: str, name: str, on_behalf_of: str) -> None:
+        """A call made for a client touches only the secrets its --secret patterns name (audited when refused)."""
+        scope = self.client_scope(on_behalf_of) if on_behalf_of else None
+        if scope is not None and not any(fnmatch.fnmatchcase(name, p) for p in scope):
+            allowed = ", ".join(scope) or "none"
+            raise self._deny(caller, action, name, f"outside the secrets {on_behalf_of} may touch ({allowed})",
+                             on_behalf_of)
+
     def _deny(self, caller: str, action: str, name: str, why: str, on_behalf_of: str) -> AccessDenied:
         self.audit_entry(caller, action, name, False, why, on_behalf_of)
         return AccessDenied(f"{caller} may not {action} secret {name!r}: {why}")
@@ -326,6 +338,7 @@ class SecretsManager:
         is_owner, _ = self._policy(caller)
         if not is_owner:
             raise self._deny(caller, action, name, "only the keeper of secrets may write them", on_behalf_of)
+        self._in_scope(caller, action, name, on_behalf_of)
         if not isinstance(value, str) or not value:
             self.audit_entry(caller, action, name, False, "empty value", on_behalf_of)
             raise InvalidArgument("a secret value must be a non-empty string")
@@ -368,6 +381,7 @@ class SecretsManager:
         is_owner, readable = self._policy(caller)
         if not (is_owner or name in readable):
             raise self._deny(caller, "get", name, "not in its secrets list", on_behalf_of)
+        self._in_scope(caller, "get", name, on_behalf_of)
         row = self._latest(name)
         if row is None:
             self.audit_entry(caller, "get", name, False, "no such secret", on_behalf_of)
@@ -392,6 +406,9 @@ class SecretsManager:
         )
         if not is_owner:
             rows = [r for r in rows if r["name"] in readable]
+        scope = self.client_scope(on_behalf_of) if on_behalf_of else None
+        if scope is not None:  # a client sees only the names its --secret patterns cover
+            rows = [r for r in rows if any(fnmatch.fnmatchcase(r["name"], p) for p in scope)]
         self.audit_entry(caller, "list", "*", True, f"{len(rows)} names", on_behalf_of)
         return [{"name": r["name"], "version": r["version"], "updated_at": r["updated_at"]} for r in rows]
 

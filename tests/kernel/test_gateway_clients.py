@@ -26,7 +26,7 @@ import pytest
 @pytest.fixture
 def kernel(tiny_ecosystem):
     _, name = tiny_ecosystem
-    mods = ("clients", "gateway", "cli", "logs", "testing", "db", "audit")
+    mods = ("clients", "gateway", "cli", "logs", "testing", "db", "audit", "errors")
     return SimpleNamespace(**{m: importlib.import_module(f"{name}.kernel.{m}") for m in mods})
 
 
@@ -66,7 +66,8 @@ def test_clients_add_prints_the_token_once_and_stores_only_its_hash(kernel, eco_
     assert row.split()[:7] == ["ci", "rogers.*", "turing.get_secret", "10/s", "1000/day", "0", row.split()[6]]
     code, out, _ = _cli(kernel, eco_modules, capsys, "clients", "list", "--state", state, "--json")
     [listed] = json.loads(out)
-    assert listed == {"name": "ci", "allow": ["rogers.*", "turing.get_secret"], "rate": "10/s", "quota": "1000/day",
+    assert listed == {"name": "ci", "allow": ["rogers.*", "turing.get_secret"], "secrets": [], "rate": "10/s",
+                      "quota": "1000/day",
                       "created_at": listed["created_at"], "revoked_at": "", "calls_today": 0}
     assert token not in out and registry.get("ci").sha256 not in out
 
@@ -116,7 +117,9 @@ def test_a_revocation_reaches_a_registry_that_is_already_loaded(kernel, eco_modu
 def test_adding_and_revoking_a_client_is_in_the_audit_log_without_its_token(kernel, eco_modules, capsys, tmp_path):
     state = tmp_path / "state"
     token = _cli(kernel, eco_modules, capsys, "clients", "add", "ci", "--state", state, "--allow", "rogers.*",
-                 "--rate", "10/s")[1].strip()
+                 "--rate", "10/s", "--secret", "db.*")[1].strip()
+    assert json.loads(_cli(kernel, eco_modules, capsys, "clients", "list", "--state", state, "--json")[1])[0][
+        "secrets"] == ["db.*"]
     assert _cli(kernel, eco_modules, capsys, "clients", "revoke", "ci", "--state", state)[0] == 0
     db = kernel.db.Database(state / "ecosystem.db")
     try:
@@ -125,7 +128,7 @@ def test_adding_and_revoking_a_client_is_in_the_audit_log_without_its_token(kern
         db.close()
     assert [(r["actor"], r["action"], r["subject"], r["ok"]) for r in rows] == [
         ("operator", "clients.add", "ci", 1), ("operator", "clients.revoke", "ci", 1)]
-    assert rows[0]["detail"] == "allow rogers.*; rate 10/s"
+    assert rows[0]["detail"] == "allow rogers.*; rate 10/s; secrets db.*"
     assert token not in str(rows)
     count, _, problems = kernel.audit.verify_file(state / "ecosystem.db")
     assert problems == [] and count >= 2
@@ -340,3 +343,25 @@ def test_revoke_takes_effect_on_a_running_server(tiny_ecosystem, kernel, eco_mod
     assert actions[0] == "gateway.tool-denied" and "gateway.revoked" in actions
     logged = [json.loads(line) for line in eco.logs().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "gateway call" and line.get("correlation_id") == cid and line["client"] == "ci" for line in logged)
+
+
+def test_a_clients_secret_patterns_bound_what_its_calls_read_write_and_list(gateway, kernel, eco_modules, capsys):
+    gateway.registry.add("ops", ["turing.*"], secrets=["db.*"])
+    gateway.registry.add("admin", ["turing.*"])
+    assert gateway.call("admin", "turing.set_secret", name="api_key", value="k-123")
+    assert gateway.call("ops", "turing.set_secret", name="db.password", value="p-456")
+    value = kernel.testing.result_value
+    assert value(gateway.call("ops", "turing.get_secret", name="db.password"))["value"] == "p-456"
+    for tool, args in (("turing.get_secret", {"name": "api_key"}), ("turing.set_secret", {"name": "api_key", "value": "x"})):
+        text = gateway.refusal("ops", tool, **args)
+        assert "access_denied" in text and "outside the secrets client:ops may touch (db.*)" in text
+        assert "k-123" not in text
+    names = [s["name"] for s in value(gateway.call("ops", "turing.list_secrets"))]
+    assert names == ["db.password"]
+    admin_names = [s["name"] for s in value(gateway.call("admin", "turing.list_secrets"))]
+    assert admin_names == ["api_key", "db.password"]  # a client without --secret: every secret its tools reach
+    refused = [a for a in gateway.runtime.audit.recent(50) if a["action"].startswith("secrets.") and not a["ok"]]
+    assert {(a["action"], a["subject"], a["on_behalf_of"]) for a in refused} == {
+        ("secrets.get", "api_key", "client:ops"), ("secrets.set", "api_key", "client:ops")}
+    with pytest.raises(kernel.errors.InvalidArgument, match="bad secret pattern 'db password'"):
+        gateway.registry.add("bad", ["turing.*"], secrets=["db password"])
