@@ -223,6 +223,9 @@ class _NoClients:
     def allowed(self, name: str, tool: str) -> bool:
         return False
 
+    def secret_scope(self, principal: str) -> tuple[str, ...] | None:
+        return ()
+
 
 @pytest.fixture
 def gateway(tiny_ecosystem):
