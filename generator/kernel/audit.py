@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,8 +109,20 @@ def entry_hash(entry: dict[str, Any], prev_hash: str) -> str:
     return hashlib.sha256((canonical + prev_hash).encode("utf-8")).hexdigest()
 
 
+ANCHOR_FILE = "audit-anchor.json"
+
+
+def anchor_path(db: Database) -> Path:
+    """Where the log's head is anchored: beside the database (ship copies of it elsewhere)."""
+    return Path(db.path).parent / ANCHOR_FILE
+
+
 class AuditLog:
-    """The hash-chained, append-only audit log of one state database."""
+    """The hash-chained, append-only audit log of one state database.
+
+    After each append the newest entry's id and hash are written to `audit-anchor.json` beside the
+    database. The chain alone cannot show that its newest entries were deleted (what is left is a
+    valid chain); a copy of an anchor kept elsewhere can: `audit verify --anchor FILE`."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -131,7 +145,22 @@ class AuditLog:
     ) -> dict[str, Any]:
         """Append one entry (its own transaction); returns it with id and hash."""
         with self.db.transaction() as conn:
-            return self.append_in(conn, actor, action, subject, ok, detail, on_behalf_of, remote)
+            entry = self.append_in(conn, actor, action, subject, ok, detail, on_behalf_of, remote)
+        self.anchor()
+        return entry
+
+    def anchor(self) -> dict[str, Any]:
+        """Write the newest entry's id, hash and time to the anchor file (atomically); returns what was written."""
+        row = self.db.one("SELECT id, ts, hash FROM audit_log ORDER BY id DESC LIMIT 1") or {"id": 0, "ts": "", "hash": ""}
+        path = anchor_path(self.db)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(row, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return row
+
+    def head_id(self) -> int:
+        row = self.db.one("SELECT MAX(id) AS id FROM audit_log")
+        return int(row["id"] or 0) if row else 0
 
     def append_in(
         self,
@@ -238,8 +267,24 @@ def walk_chain(query: Query) -> tuple[int, str, list[str]]:
             prev_hash, prev_id = entry["hash"], entry["id"]
 
 
-def verify_file(db_path: Path) -> tuple[int, str, list[str]]:
-    """Verify the chain of a state database opened read-only (nothing is written): (entries, head, problems)."""
+def check_anchor(query: Query, anchor: dict[str, Any], where: str) -> list[str]:
+    """An anchored entry must still be in the chain, unchanged: else the log was truncated or rewritten."""
+    try:
+        anchored_id, anchored_hash = int(anchor["id"]), str(anchor["hash"])
+    except (KeyError, TypeError, ValueError):
+        return [f"{where} is not an audit anchor (expected {{\"id\", \"hash\", \"ts\"}})"]
+    rows = query("SELECT hash FROM audit_log WHERE id = ?", (anchored_id,))
+    when = f" (anchored {anchor.get('ts', '')})" if anchor.get("ts") else ""
+    if not rows:
+        return [f"entry {anchored_id}{when}, named by {where}, is gone: the newest entries were deleted"]
+    if rows[0]["hash"] != anchored_hash:
+        return [f"entry {anchored_id}{when} differs from {where}: the log was rewritten from there"]
+    return []
+
+
+def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, list[str]]:
+    """Verify the chain of a state database opened read-only (nothing is written): (entries, head, problems).
+    With `anchor` (an audit-anchor.json, perhaps a copy kept elsewhere), its entry must still be there."""
     if not db_path.is_file():
         raise KernelError(f"no database at {db_path}: pass the ecosystem's state directory as --state")
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
@@ -248,6 +293,14 @@ def verify_file(db_path: Path) -> tuple[int, str, list[str]]:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone() is None:
             raise KernelError(f"{db_path} has no hash-chained audit log yet: start the ecosystem once with this "
                               "version to open the chain (earlier audit entries are copied into it)")
-        return walk_chain(lambda sql, params: [dict(r) for r in conn.execute(sql, params)])
+        query: Query = lambda sql, params: [dict(r) for r in conn.execute(sql, params)]  # noqa: E731
+        count, head, problems = walk_chain(query)
+        if anchor is not None:
+            try:
+                anchored = json.loads(anchor.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise KernelError(f"cannot read the audit anchor {anchor}: {exc}") from None
+            problems += check_anchor(query, anchored if isinstance(anchored, dict) else {}, str(anchor))
+        return count, head, problems
     finally:
         conn.close()

@@ -84,6 +84,9 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
     verify.add_argument("--state", required=True, type=Path)
+    verify.add_argument("--anchor", type=Path, metavar="FILE",
+                        help="a copy of audit-anchor.json kept elsewhere: its entry must still be in the chain, unchanged "
+                             "(detects deleted newest entries, which leave a valid chain); default: the state's own")
 
     secrets = sub.add_parser("secrets", help="the secrets store")
     secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
@@ -149,7 +152,10 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     from .audit import verify_file
 
-    count, head, problems = verify_file(Path(args.state) / "ecosystem.db")
+    from .audit import ANCHOR_FILE
+
+    anchor = args.anchor or (Path(args.state) / ANCHOR_FILE)
+    count, head, problems = verify_file(Path(args.state) / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
     if problems:
         more = f" ({len(problems) - 1} more problems follow it)" if len(problems) > 1 else ""
         print(f"audit log broken: {problems[0]}{more}", file=sys.stderr)

@@ -148,6 +148,9 @@ class Runtime:
         self.supervisor = Supervisor(config.mads, self._restart_slot, self._slot_state, supervision)
         self.metrics = Metrics({m.name: m.tool_methods() for m in config.mads},
                                lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
+        # The audit log's length, recorded outside the database: a drop in this series is a truncation.
+        self.metrics.watch("regen_audit_entries", "Entries in the hash-chained audit log (its newest id)",
+                           self.audit.head_id)
         self._impls: dict[str, Callable[..., Any]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr)

@@ -218,3 +218,43 @@ def test_a_state_from_the_previous_kernel_opens_and_its_audit_rows_join_the_chai
     assert entries[2]["remote"] == "10.0.0.9:1" and entries[2]["ok"] is False
     assert [e["action"] for e in entries].count("audit.genesis") == 1
     assert _verify(kit, state, capsys)[0] == 0
+
+
+def test_deleting_the_newest_entries_is_caught_by_the_anchor_kept_elsewhere(kit, tmp_path, capsys):
+    """A truncated chain is still a valid chain: only an anchor of its head, kept outside the database, shows it."""
+    config, _, cli, audit_mod, _ = kit
+    state = tmp_path / "state"
+    _activity(kit, state)
+    anchor = state / audit_mod.ANCHOR_FILE
+    head = sqlite3.connect(state / "ecosystem.db").execute("SELECT MAX(id), (SELECT hash FROM audit_log "
+                                                           "ORDER BY id DESC LIMIT 1) FROM audit_log").fetchone()
+    import json
+
+    anchored = json.loads(anchor.read_text())
+    assert (anchored["id"], anchored["hash"]) == head and anchored["ts"]
+    shipped = tmp_path / "elsewhere.json"
+    shipped.write_text(anchor.read_text())
+    assert _verify(kit, state, capsys)[0] == 0
+
+    _tamper(state, f"DELETE FROM audit_log WHERE id >= {head[0] - 1}")  # the intruder's last two entries
+    code, _, err = _verify(kit, state, capsys)  # the state's own anchor, if the intruder left it
+    assert code == 1 and f"entry {head[0]}" in err and "is gone: the newest entries were deleted" in err
+
+    anchor.unlink()  # a careful intruder removes it too: the walk alone then finds nothing wrong ...
+    assert _verify(kit, state, capsys)[0] == 0
+    code = cli.main(config, ["audit", "verify", "--state", str(state), "--anchor", str(shipped)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"entry {head[0]}" in err and "elsewhere.json" in err  # ... the copy kept elsewhere does
+
+
+def test_the_audit_log_length_is_a_metric(kit, tmp_path):
+    config, runtime_mod, *_ = kit
+    rt = runtime_mod.Runtime(config, tmp_path / "state")
+    asyncio.run(rt.start())
+    try:
+        before = rt.audit.head_id()
+        rt.audit.append("anonymous", "gateway.unauthorized", "mcp", False, "probe")
+        text = rt.metrics.render().decode()
+        assert f"regen_audit_entries {float(before + 1)}" in text
+    finally:
+        asyncio.run(rt.stop())
