@@ -150,9 +150,7 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_file
-
-    from .audit import ANCHOR_FILE
+    from .audit import ANCHOR_FILE, verify_file
 
     anchor = args.anchor or (Path(args.state) / ANCHOR_FILE)
     count, head, problems = verify_file(Path(args.state) / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
