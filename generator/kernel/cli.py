@@ -17,6 +17,16 @@ from .errors import KernelError
 from .supervisor import SupervisionPolicy
 
 
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        days = -1
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (0 or more)")
+    return days
+
+
 def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=config.name, description=config.description or f"The {config.name} ecosystem.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +38,9 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
                        help="on SIGTERM, how long calls in flight get to finish before the MADs stop (default 20)")
+    serve.add_argument("--call-retention-days", type=_days, default=90, metavar="DAYS",
+                       help="keep the per-call log (gateway_calls) this many UTC days, pruned at start and hourly; "
+                            "0 keeps it for ever (default 90)")
     _bus_arguments(serve, config)
     serve.add_argument("--mads", type=_names, default=None, metavar="MAD,MAD",
                        help="run only these MADs; the others run in processes sharing the --bus (default: all)")
@@ -196,7 +209,7 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
                       bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
     tokens = ClientRegistry(runtime.state_dir)
-    app = build_app(runtime, tokens, host=args.host)
+    app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days)
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT, new requests get 503 with Retry-After (and /healthz says 503 "draining") while

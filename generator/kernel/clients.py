@@ -446,6 +446,13 @@ class CallLedger:
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.db.query("SELECT * FROM gateway_calls ORDER BY id DESC LIMIT ?", (max(1, int(limit)),))
 
+    def prune(self, keep_days: int, now: float | None = None) -> int:
+        """Delete the rows of the UTC days more than `keep_days` ago (today's, which quotas count, always stay);
+        returns how many went. The audit log keeps what matters for accountability: denials, secret accesses."""
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime((now if now is not None else time.time()) - keep_days * 86400))
+        with self._lock:
+            return self._conn.execute("DELETE FROM gateway_calls WHERE day < ?", (min(cutoff, utc_day()),)).rowcount
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -481,8 +481,13 @@ def observed(runtime: Runtime):
     return middleware
 
 
-def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1") -> Starlette:
-    """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager."""
+CALL_RETENTION_DAYS = 90
+
+
+def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
+              call_retention_days: int = CALL_RETENTION_DAYS) -> Starlette:
+    """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager, and keeps
+    `gateway_calls` to its last `call_retention_days` days (0: for ever), pruned at start and hourly."""
     audit = GatewayAudit(runtime)
     mcp = build_mcp(runtime, tokens, audit)
     mcp.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=_security(host))
@@ -523,13 +528,29 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1")
                                 status_code=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
         return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    async def prune_calls() -> None:
+        import asyncio
+
+        while call_retention_days > 0:
+            try:
+                gone = mcp.ledger.prune(call_retention_days)
+                if gone:
+                    log.info("gateway calls pruned", extra={"rows": gone, "keep_days": call_retention_days})
+            except Exception:  # a busy or broken database: try again within the hour
+                log.exception("pruning gateway calls failed")
+            await asyncio.sleep(3600)
+
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        import asyncio
+
         await runtime.start()
+        pruning = asyncio.create_task(prune_calls())
         try:
             async with session_manager.run():
                 yield
         finally:
+            pruning.cancel()
             mcp.ledger.close()
             await runtime.stop()
 

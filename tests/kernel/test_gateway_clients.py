@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import io
 import json
+import time
 import logging
 import os
 import sqlite3
@@ -49,7 +50,7 @@ def test_clients_add_prints_the_token_once_and_stores_only_its_hash(kernel, eco_
     assert len(token) >= 32 and "will not be shown again" in err and token not in err
     # No token file: the registry, and the database whose audit log records the change.
     assert {p.name for p in state.iterdir() if not p.name.startswith(".")} <= {
-        "tokens.json", "ecosystem.db", "ecosystem.db-wal", "ecosystem.db-shm"}
+        "tokens.json", "ecosystem.db", "ecosystem.db-wal", "ecosystem.db-shm", "audit-anchor.json"}
     stored = (state / "tokens.json").read_text()
     assert token not in stored
     assert stat.S_IMODE((state / "tokens.json").stat().st_mode) == 0o600
@@ -365,3 +366,21 @@ def test_a_clients_secret_patterns_bound_what_its_calls_read_write_and_list(gate
         ("secrets.get", "api_key", "client:ops"), ("secrets.set", "api_key", "client:ops")}
     with pytest.raises(kernel.errors.InvalidArgument, match="bad secret pattern 'db password'"):
         gateway.registry.add("bad", ["turing.*"], secrets=["db password"])
+
+
+def test_the_call_log_keeps_its_last_days_and_todays_quota(gateway):
+    ledger = gateway.server.ledger
+    gateway.registry.add("ci", ["grace.*"], quota="5/day")
+    gateway.call("ci", "grace.status")
+    day = 86400
+    now = time.time()
+    old = [(time.strftime("%Y-%m-%d", time.gmtime(now - n * day)), n) for n in (1, 30, 89, 90, 91, 400)]
+    for stamp, n in old:
+        gateway.runtime.db.execute(
+            "INSERT INTO gateway_calls (ts, day, client, tool, correlation_id, outcome, counted, duration_ms) "
+            "VALUES (?, ?, 'ci', 'grace.status', ?, 'ok', 1, 1.0)", (stamp + "T00:00:00Z", stamp, f"c{n}"))
+    assert ledger.prune(90, now=now) == 2  # 91 and 400 days ago
+    kept = {r["correlation_id"] for r in gateway.runtime.db.query("SELECT correlation_id FROM gateway_calls")}
+    assert {"c1", "c30", "c89", "c90"} <= kept and not {"c91", "c400"} & kept
+    assert ledger.calls_today("ci") == 1  # today's calls, which the quota counts, stay
+    assert ledger.prune(0, now=now) == 4 and ledger.calls_today("ci") == 1  # even "keep 0 days" keeps today
