@@ -11,13 +11,13 @@ import asyncio
 import importlib
 import io
 import json
-import time
 import logging
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import httpx
