@@ -272,11 +272,19 @@ def conversations_page(ctx: PageContext, convs: list[dict[str, Any]]) -> str:
     return layout(ctx, "Conversations", body)
 
 
+def sender_html(message: dict[str, Any]) -> str:
+    """Who said it: the client a MAD posted for (an MCP client's rogers.post), then the MAD; else the sender."""
+    payload = message.get("payload")
+    on_behalf = payload.get("on_behalf_of") if isinstance(payload, dict) else None
+    sender = e(message.get("sender", ""))
+    return f'{e(on_behalf)} <span class="muted small">via {sender}</span>' if on_behalf else sender
+
+
 def conversation_page(ctx: PageContext, conv: dict[str, Any], history: list[dict[str, Any]]) -> str:
     rows = "".join(
         "<tr>"
         f"<td class=\"muted\">{short_time(m.get('created_at', ''))}</td>"
-        f"<td>{e(m.get('sender', ''))}</td>"
+        f"<td>{sender_html(m)}</td>"
         f"<td>{badge(str(m.get('kind', '')), 'kind-' + str(m.get('kind', '')))}</td>"
         f"<td><pre>{e(m.get('content', ''))}</pre></td>"
         "</tr>"

@@ -394,3 +394,15 @@ def test_pages_show_only_what_the_clients_tools_allow(eco, client, allow, may_li
     assert client.get("/audit").status_code == (200 if may_audit else 403)
     denied = {a["subject"] for a in eco.audit("grace.view-denied") if a["actor"] == "client:limited"}
     assert ("rogers.history" in denied) is not may_read and ("rogers.list_conversations" in denied) is not may_list
+
+
+def test_a_post_made_for_a_client_shows_the_client_as_its_sender(eco, client):
+    import asyncio
+
+    general = next(c for c in eco.runtime.bus.list(50) if c["title"] == "general")
+    asyncio.run(eco.runtime.invoke_tool("rogers", "post", {"conversation_id": general["id"], "content": "from ci"},
+                                        principal="client:ci"))
+    sign_in(client, eco.admin)
+    page = client.get(f"/conversations/{general['id']}").text
+    row = next(r for r in page.split("<tr>") if "from ci" in r)
+    assert "client:ci" in row and "via rogers" in row
