@@ -38,6 +38,10 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
                        help="on SIGTERM, how long calls in flight get to finish before the MADs stop (default 20)")
+    serve.add_argument("--sessions-per-client", type=int, default=16, metavar="N",
+                       help="open MCP sessions a client may hold at once (default 16); all clients together: 1000")
+    serve.add_argument("--session-idle", type=float, default=1800.0, metavar="SECONDS",
+                       help="an MCP session idle this long is closed (default 1800)")
     serve.add_argument("--call-retention-days", type=_days, default=90, metavar="DAYS",
                        help="keep the per-call log (gateway_calls) this many UTC days, pruned at start and hourly; "
                             "0 keeps it for ever (default 90)")
@@ -209,7 +213,8 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
                       bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
     tokens = ClientRegistry(runtime.state_dir)
-    app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days)
+    app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days,
+                    sessions_per_client=args.sessions_per_client, session_idle_s=args.session_idle)
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT, new requests get 503 with Retry-After (and /healthz says 503 "draining") while

@@ -69,10 +69,13 @@ class BearerGate:
     revocation also shuts out sessions that are already open.
     """
 
-    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit):
+    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits | None = None,
+                 limiter: RateLimiter | None = None):
         self.app = app
         self.clients = clients
         self.audit = audit
+        self.sessions = sessions
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,7 +110,71 @@ class BearerGate:
             return
         scope = dict(scope)
         scope[CLIENT_SCOPE_KEY] = found.name
+        opening = scope["method"] == "POST" and not any(k.lower() == b"mcp-session-id" for k, _ in scope["headers"])
+        if opening and (refusal := self._refuse_opening(found, remote)) is not None:
+            await refusal(scope, receive, send)
+            return
+        if opening and self.sessions is not None:
+            send = self.sessions.recording(found.name, send)
         await self.app(scope, receive, send)
+
+    def _refuse_opening(self, client: Any, remote: str) -> Response | None:
+        """A new session counts against the client's rate limit, and its open sessions against their cap."""
+        if self.limiter is not None and client.rate is not None and (wait := self.limiter.take(client.name, client.rate)):
+            message = f"rate_limited: client {client.name!r} opens sessions too fast; retry in {max(wait, 0.1):.1f} s"
+            self.audit.record(f"client:{client.name}", "rate-limited", f"initialize: {message}", remote)
+            return _jsonrpc_refusal(429, message, {"Retry-After": str(max(1, round(wait)))})
+        if self.sessions is not None and (cap := self.sessions.full(client.name)):
+            message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
+                       f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
+            self.audit.record(f"client:{client.name}", "sessions-exhausted", message, remote)
+            return _jsonrpc_refusal(429, message, {"Retry-After": "30"})
+        return None
+
+
+def _jsonrpc_refusal(status: int, message: str, headers: dict[str, str]) -> Response:
+    """An HTTP refusal an MCP client shows: a JSON-RPC error body with the message."""
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
+                        status_code=status, headers=headers)
+
+
+class SessionLimits:
+    """Open MCP sessions per client: at most `per_client` each, idle ones closed after `idle_s` (by the SDK).
+
+    The session manager knows its sessions, not whose they are: the id each new session is given is
+    read off its opening response and remembered with the client; a session the manager no longer
+    holds (closed, idled out) stops counting."""
+
+    def __init__(self, manager: Any, per_client: int = 16, idle_s: float = 30 * 60):
+        self.manager = manager
+        self.per_client = per_client
+        self.idle_s = idle_s
+        manager.session_idle_timeout = idle_s  # the SDK closes a session idle this long
+        self._owner: dict[str, str] = {}
+
+    def open(self) -> dict[str, str]:
+        live = getattr(self.manager, "_server_instances", {})
+        self._owner = {sid: who for sid, who in self._owner.items() if sid in live}
+        return self._owner
+
+    def count(self) -> int:
+        """Every open session, whoever holds it."""
+        return len(getattr(self.manager, "_server_instances", {}) or {})
+
+    def full(self, client: str) -> int:
+        """The cap when `client` has reached it, else 0."""
+        held = sum(1 for who in self.open().values() if who == client)
+        return self.per_client if held >= self.per_client else 0
+
+    def recording(self, client: str, send: Send) -> Send:
+        async def remembering(message) -> None:
+            if message["type"] == "http.response.start":
+                for key, value in message.get("headers", []):
+                    if key.lower() == b"mcp-session-id":
+                        self._owner[value.decode("latin-1")] = client
+            await send(message)
+
+        return remembering
 
 
 def _caller(ctx: Context | None) -> tuple[str | None, str]:
@@ -238,10 +305,15 @@ class GatewayServer(MCPServer):
         self.schemas = {t.name: t.parameters for t in tools}
 
     async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:
-        """tools/list lists only what the calling client may call (the SDK's own handler lists every tool)."""
-        listed = await super()._handle_list_tools(ctx, params)
-        client, _ = _caller(Context(request_context=ctx, mcp_server=self))
+        """tools/list lists only what the calling client may call (the SDK's own handler lists every tool), and
+        counts against the client's rate limit like a call."""
+        client, remote = _caller(Context(request_context=ctx, mcp_server=self))
         record = self.clients.get(client) if client else None
+        if record is not None and record.rate is not None and (wait := self.limiter.take(client, record.rate)):
+            message = f"rate_limited: client {client!r} lists tools too fast; retry in {max(wait, 0.1):.1f} s"
+            self.audit.record(f"client:{client}", "rate-limited", f"tools/list: {message}", remote)
+            raise MCPError(code=-32000, message=message)
+        listed = await super()._handle_list_tools(ctx, params)
         listed.tools = [t for t in listed.tools if record is not None and record.may_call(t.name)]
         return listed
 
@@ -485,20 +557,22 @@ CALL_RETENTION_DAYS = 90
 
 
 def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
-              call_retention_days: int = CALL_RETENTION_DAYS) -> Starlette:
+              call_retention_days: int = CALL_RETENTION_DAYS, sessions_per_client: int = 16,
+              session_idle_s: float = 30 * 60, max_sessions: int = 1000) -> Starlette:
     """The Starlette app; its lifespan starts the runtime (MADs) and the MCP session manager, and keeps
     `gateway_calls` to its last `call_retention_days` days (0: for ever), pruned at start and hourly."""
     audit = GatewayAudit(runtime)
     mcp = build_mcp(runtime, tokens, audit)
     mcp.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=_security(host))
     session_manager = mcp.session_manager
-    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit)
+    session_manager.max_sessions = max_sessions  # all clients together; the SDK answers 503 beyond it
+    sessions = SessionLimits(session_manager, sessions_per_client, session_idle_s)
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter)
 
     grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
     gate = DrainGate()
     # Only the session manager knows its sessions (a private table of the SDK's; 0 if that ever moves).
-    runtime.metrics.watch("regen_mcp_sessions_open", "MCP sessions open now",
-                          lambda: len(getattr(session_manager, "_server_instances", {}) or {}))
+    runtime.metrics.watch("regen_mcp_sessions_open", "MCP sessions open now", sessions.count)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -506,8 +580,12 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         except Exception:
             log.exception("health check failed")
             return JSONResponse({"status": "error"}, status_code=503)
+        open_sessions = sessions.count()
+        if open_sessions >= max_sessions and status["healthy"]:  # no new MCP client could connect
+            status = {**status, "status": "degraded", "healthy": False}
         body = {
             "status": status["status"],
+            "mcp_sessions": {"open": open_sessions, "max": max_sessions},
             "name": status["name"],
             "uptime_s": status["uptime_s"],
             "database": status["database"],

@@ -384,3 +384,53 @@ def test_the_call_log_keeps_its_last_days_and_todays_quota(gateway):
     assert {"c1", "c30", "c89", "c90"} <= kept and not {"c91", "c400"} & kept
     assert ledger.calls_today("ci") == 1  # today's calls, which the quota counts, stay
     assert ledger.prune(0, now=now) == 4 and ledger.calls_today("ci") == 1  # even "keep 0 days" keeps today
+
+
+def _initialize(http, token: str):
+    return http.post("/mcp", headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
+                     json={"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                      "clientInfo": {"name": "probe", "version": "1"}}})
+
+
+def test_a_client_holds_at_most_its_cap_of_sessions_and_others_still_get_in(runtime, kernel):
+    from starlette.testclient import TestClient
+
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    hog, other = registry.add("hog", ["grace.*"]), registry.add("other", ["grace.*"])
+    app = kernel.gateway.build_app(runtime, registry, sessions_per_client=2)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        opened = [_initialize(http, hog) for _ in range(2)]
+        assert all(r.status_code == 200 and r.headers.get("mcp-session-id") for r in opened)
+        refused = _initialize(http, hog)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert refused.json()["error"]["message"].startswith("too_many_sessions: client 'hog' has 2 sessions open")
+        assert _initialize(http, other).status_code == 200  # one client's sessions do not shut the others out
+        closed = http.delete("/mcp", headers={"Authorization": f"Bearer {hog}",
+                                              "mcp-session-id": opened[0].headers["mcp-session-id"]})
+        assert closed.status_code in (200, 204)
+        assert _initialize(http, hog).status_code == 200  # a closed session frees its place
+        health = http.get("/healthz").json()
+        assert health["mcp_sessions"] == {"open": 3, "max": 1000}
+        denied = [a for a in runtime.audit.recent(50) if a["action"] == "gateway.sessions-exhausted"]
+        assert [a["actor"] for a in denied] == ["client:hog"]
+
+
+def test_opening_sessions_and_listing_tools_count_against_the_rate_limit(runtime, kernel):
+    from starlette.testclient import TestClient
+
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    token = registry.add("slow", ["grace.*"], rate="2/min")
+    app = kernel.gateway.build_app(runtime, registry)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        opened = _initialize(http, token)
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                   "mcp-session-id": opened.headers["mcp-session-id"]}
+        http.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        listed = http.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+        assert "grace.status" in listed.text  # the second of its two calls a minute
+        again = http.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+        assert "rate_limited: client 'slow' lists tools too fast" in again.text and "grace.status" not in again.text
+        assert _initialize(http, token).status_code == 429  # and a new session is no way round it
+        limited = [a["detail"] for a in runtime.audit.recent(20) if a["action"] == "gateway.rate-limited"]
+        assert any(d.startswith("tools/list") for d in limited) and any(d.startswith("initialize") for d in limited)
