@@ -62,6 +62,53 @@ class GatewayAudit:
         return self.audit.recent(limit, action_prefix="gateway.")
 
 
+class Unauthenticated:
+    """Requests without a valid token, per source address: throttled (a token bucket: bursts of `burst`,
+    refilled at `per_second`), and audited coalesced: the first refusal of a source in each `interval_s`
+    is an audit row, the others of that interval are counted into the next row ("and N more").
+    A flood of bad tokens costs the server a counter increment, not an fsynced row each."""
+
+    def __init__(self, audit: GatewayAudit, per_second: float = 5.0, burst: int = 20, interval_s: float = 60.0,
+                 max_sources: int = 10_000, clock: Any = time.monotonic):
+        self.audit, self.per_second, self.burst, self.interval_s = audit, per_second, burst, interval_s
+        self.max_sources, self.clock = max_sources, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
+        self._open: dict[str, tuple[float, int]] = {}  # source -> (interval start, refusals not yet written)
+
+    def admit(self, source: str) -> float:
+        """0.0 when a request from `source` may be looked at; else the seconds until it may."""
+        now = self.clock()
+        if len(self._buckets) > self.max_sources:  # a spray of addresses cannot grow this without bound
+            self._buckets.clear()
+        tokens, at = self._buckets.get(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
+        if tokens >= 1.0:
+            self._buckets[source] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[source] = (tokens, now)
+        return (1.0 - tokens) / self.per_second
+
+    def refused(self, source: str, actor: str, event: str, detail: str, remote: str) -> None:
+        """Audit a refusal: at once if it opens an interval for its source, else counted into the next row."""
+        now = self.clock()
+        start, pending = self._open.get(source, (None, 0))
+        if start is not None and now - start < self.interval_s:
+            self._open[source] = (start, pending + 1)
+            return
+        more = f"; and {pending} more from {source} in the {self.interval_s:g} s before" if pending else ""
+        if len(self._open) > self.max_sources:
+            self._open.clear()
+        self._open[source] = (now, 0)
+        self.audit.record(actor, event, detail + more, remote)
+
+    def flush(self) -> None:
+        """Write the counts still pending (at shutdown)."""
+        for source, (_, pending) in sorted(self._open.items()):
+            if pending:
+                self.audit.record("anonymous", "unauthorized", f"{pending} more refused requests from {source}", source)
+        self._open.clear()
+
+
 class BearerGate:
     """ASGI wrapper: only requests bearing the token of a current (not revoked) client reach the MCP app.
 
@@ -70,10 +117,11 @@ class BearerGate:
     """
 
     def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits | None = None,
-                 limiter: RateLimiter | None = None):
+                 limiter: RateLimiter | None = None, unauthenticated: Unauthenticated | None = None):
         self.app = app
         self.clients = clients
         self.audit = audit
+        self.unauthenticated = unauthenticated or Unauthenticated(audit)
         self.sessions = sessions
         self.limiter = limiter
 
@@ -90,6 +138,13 @@ class BearerGate:
         remote = f"{peer[0]}:{peer[1]}"
         try:
             found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
+            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(str(peer[0]))):
+                # Too many refused requests from this address: answered without looking further or writing.
+                self.unauthenticated.refused(str(peer[0]), "anonymous", "unauthorized", "throttled", remote)
+                await JSONResponse({"error": "rate_limited", "message": "too many requests without a valid token "
+                                    f"from this address; retry in {max(wait, 0.1):.1f} s"}, status_code=429,
+                                   headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
+                return
         except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
             log.error("client registry unreadable", extra={"error": str(exc)})
             response = JSONResponse({"error": "unavailable", "message": "the gateway cannot read its clients; see the server log"},
@@ -103,7 +158,7 @@ class BearerGate:
             else:
                 actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
                 detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
-            self.audit.record(actor, event, detail, remote)
+            self.unauthenticated.refused(str(peer[0]), actor, event, detail, remote)
             response = JSONResponse({"error": "unauthorized", "message": message}, status_code=401,
                                     headers={"WWW-Authenticate": 'Bearer realm="mcp"'})
             await response(scope, receive, send)
@@ -567,7 +622,8 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     session_manager = mcp.session_manager
     session_manager.max_sessions = max_sessions  # all clients together; the SDK answers 503 beyond it
     sessions = SessionLimits(session_manager, sessions_per_client, session_idle_s)
-    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter)
+    unauthenticated = Unauthenticated(audit)
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter, unauthenticated)
 
     grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
     gate = DrainGate()
@@ -629,6 +685,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
                 yield
         finally:
             pruning.cancel()
+            unauthenticated.flush()
             mcp.ledger.close()
             await runtime.stop()
 

@@ -434,3 +434,24 @@ def test_opening_sessions_and_listing_tools_count_against_the_rate_limit(runtime
         assert _initialize(http, token).status_code == 429  # and a new session is no way round it
         limited = [a["detail"] for a in runtime.audit.recent(20) if a["action"] == "gateway.rate-limited"]
         assert any(d.startswith("tools/list") for d in limited) and any(d.startswith("initialize") for d in limited)
+
+
+def test_a_flood_of_bad_tokens_is_throttled_per_address_and_audited_in_a_few_rows(runtime, kernel):
+    from starlette.testclient import TestClient
+
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    good = registry.add("ci", ["grace.*"])
+    app = kernel.gateway.build_app(runtime, registry)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        before = runtime.audit.head_id()
+        codes = [http.post("/mcp", json={}, headers={"Authorization": f"Bearer wrong-{n}"}).status_code
+                 for n in range(200)]
+        assert codes[:20] == [401] * 20 and codes.count(429) >= 150  # a burst, then the address waits
+        written = runtime.audit.head_id() - before
+        assert written == 1, "one row for the flood's first minute; the rest are counted"
+        assert _initialize(http, good).status_code == 200  # a valid token is never throttled with them
+    conn = sqlite3.connect(runtime.state_dir / "ecosystem.db")
+    rows = [{"action": a, "detail": d} for a, d in conn.execute(
+        "SELECT action, detail FROM audit_log WHERE action = 'gateway.unauthorized' ORDER BY id")]
+    conn.close()
+    assert len(rows) == 2 and rows[1]["detail"] == "199 more refused requests from testclient"
