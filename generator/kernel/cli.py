@@ -13,7 +13,7 @@ from pathlib import Path
 from . import logs
 from .clients import ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
-from .errors import KernelError
+from .errors import InvalidArgument, KernelError
 from .supervisor import SupervisionPolicy
 
 
@@ -93,6 +93,10 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     listing = clients_sub.add_parser("list", help="clients with their patterns, limits and calls today (never a token)")
     listing.add_argument("--state", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    unlock = clients_sub.add_parser("unlock", help="lift the web UI's sign-in lock of an address (after failed sign-ins)")
+    unlock.add_argument("address", nargs="?", help="the address as the audit log names it (its remote, without the port)")
+    unlock.add_argument("--all", action="store_true", help="every locked address")
+    unlock.add_argument("--state", required=True, type=Path)
     revoke = clients_sub.add_parser("revoke", help="revoke a client: running servers refuse its token from the next request")
     revoke.add_argument("name")
     revoke.add_argument("--state", required=True, type=Path)
@@ -291,6 +295,22 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
         print(token, flush=True)
+        return 0
+    if args.clients_command == "unlock":
+        from .db import Database
+        from .grace import unlock
+
+        if bool(args.address) == bool(args.all):
+            raise InvalidArgument("name one address to unlock, or pass --all")
+        db = Database(Path(args.state) / "ecosystem.db")
+        try:
+            forgotten = unlock(db, None if args.all else args.address)
+        finally:
+            db.close()
+        _operator_audit(args.state, "clients.unlock", "*" if args.all else args.address,
+                        f"{forgotten} failed sign-ins forgotten")
+        print(f"unlocked {'every address' if args.all else args.address} ({forgotten} failed sign-ins forgotten); "
+              "it may sign in again at once")
         return 0
     if args.clients_command == "revoke":
         client = registry.revoke(args.name)

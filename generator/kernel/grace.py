@@ -26,7 +26,6 @@ import math
 import re
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -186,36 +185,52 @@ class SessionStore:
         return self.new(client, token)
 
 
-class SignInLimiter:
-    """At most `max_failures` failed sign-ins per address in a sliding window; then wait."""
+SIGNIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signin_failures (address TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS signin_failures_address ON signin_failures (address, ts);
+"""
 
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0, max_addresses: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+
+class SignInLimiter:
+    """At most `max_failures` failed sign-ins per address in a sliding window; then that address waits.
+
+    The lock stops *unknown* tokens: a client's valid token signs in from a locked address too, so one
+    guesser behind a proxy cannot lock everyone behind it out (and guessing a 256-bit token is hopeless
+    anyway). Failures are kept in the state database, so `clients unlock` can lift a lock from outside."""
+
+    def __init__(self, db: Any, max_failures: int = 5, window_s: float = 300.0,
+                 clock: Callable[[], float] = time.time):
+        self.db = db
         self.max_failures = max_failures
         self.window_s = window_s
-        self.max_addresses = max_addresses
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        db.script(SIGNIN_SCHEMA)
 
     def retry_after(self, addr: str) -> int:
-        """Seconds until `addr` may try again (0: now)."""
-        times = self._failures.get(addr)
-        if not times:
-            return 0
+        """Seconds until an unknown token from `addr` may be tried again (0: now)."""
         now = self.clock()
-        while times and now - times[0] > self.window_s:
-            times.popleft()
-        if len(times) < self.max_failures:
+        row = self.db.one("SELECT COUNT(*) AS n, MIN(ts) AS first FROM signin_failures WHERE address = ? AND ts > ?",
+                          (addr, now - self.window_s))
+        if not row or row["n"] < self.max_failures:
             return 0
-        return max(1, math.ceil(times[0] + self.window_s - now))
+        return max(1, math.ceil(row["first"] + self.window_s - now))
 
     def failed(self, addr: str) -> None:
-        if addr not in self._failures and len(self._failures) >= self.max_addresses:
-            del self._failures[next(iter(self._failures))]
-        self._failures.setdefault(addr, deque()).append(self.clock())
+        now = self.clock()
+        with self.db.transaction() as conn:  # the window's history only: the table cannot grow without bound
+            conn.execute("DELETE FROM signin_failures WHERE ts <= ?", (now - self.window_s,))
+            conn.execute("INSERT INTO signin_failures (address, ts) VALUES (?, ?)", (addr, now))
 
     def succeeded(self, addr: str) -> None:
-        self._failures.pop(addr, None)
+        self.db.execute("DELETE FROM signin_failures WHERE address = ?", (addr,))
+
+
+def unlock(db: Any, address: str | None) -> int:
+    """Lift the sign-in lock of `address` (None: of every address); returns the failures forgotten."""
+    db.script(SIGNIN_SCHEMA)
+    if address is None:
+        return db.execute("DELETE FROM signin_failures").rowcount
+    return db.execute("DELETE FROM signin_failures WHERE address = ?", (address,)).rowcount
 
 
 # ---- deterministic commands ----------------------------------------------------------------------
@@ -402,7 +417,7 @@ class Grace:
         self.runtime = runtime
         self.clients = clients
         self.sessions = SessionStore()
-        self.limiter = SignInLimiter()
+        self.limiter = SignInLimiter(runtime.db)
         self.catalog = tool_catalog(runtime.config.mads)
 
     def routes(self) -> list[BaseRoute]:
@@ -561,15 +576,15 @@ class Grace:
         s = self._check_csrf(request, self.sessions.get(request.cookies.get(SESSION_COOKIE, "")), form, "anonymous")
         next_path = _safe_next(form.get("next", "/"))
         addr = _remote(request)
-        wait = self.limiter.retry_after(addr)
+        token = form.get("token", "").strip()
+        client = self.clients.verify(token) if token else None
+        wait = self.limiter.retry_after(addr) if client is None else 0
         if wait:
             self.runtime.metrics.signin_failure("locked_out")
             self._audit("anonymous", "grace.signin", "", False, "refused: too many failed sign-ins", request)
             html = signin_page(self._name, s.csrf, next_path,
                                error=f"Too many failed sign-ins from your address. Try again in {wait} seconds.")
             return self._html(html, 429, {"retry-after": str(wait)})
-        token = form.get("token", "").strip()
-        client = self.clients.verify(token) if token else None
         if client is None:
             self.runtime.metrics.signin_failure("invalid_token" if token else "empty_token")
             self.limiter.failed(addr)
