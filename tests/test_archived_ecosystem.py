@@ -1,6 +1,7 @@
 """The committed build, used as its README says: `cd src && ./deploy/run.sh`, then an MCP client."""
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -86,6 +87,13 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
     assert {name.split(".")[0] for name in names} == {"rogers", "fiedler", "turing", "grace"}
     assert secret["value"] == "correct horse"
     assert [m["content"] for m in history] == ["deploying 1.0.0"]
+
+    # It says which build it is: the version the archive has, in /metrics and its pyproject.
+    manifest = json.loads((ECOSYSTEM / versions(ECOSYSTEM)[-1] / "manifest.json").read_text())
+    metrics = httpx.get(url + "/metrics").text
+    assert (f'regen_build_info{{ecosystem="madgroup",inputs_hash="{manifest["inputs_hash"]}",'
+            f'version="{manifest["version"]}"}} 1.0') in metrics
+    assert f'version = "{manifest["version"]}"' in (tmp_path / "src" / "pyproject.toml").read_text()
 
     for tool, args in [("turing.get_secret", {"name": "db-password"}), ("rogers.history", {"conversation_id": "x"})]:
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}

@@ -1,5 +1,6 @@
 """Emit: nothing lands outside the tree, and an archived version is never touched."""
 
+import json
 import os
 
 import pytest
@@ -65,3 +66,17 @@ def test_versions_sort_as_semver(tmp_path):
     for v in ["1.0.10", "1.0.2", "2.0.0", ".staging-1-x", "notes"]:
         (tmp_path / v).mkdir()
     assert versions(tmp_path) == ["1.0.2", "1.0.10", "2.0.0"]
+
+
+def test_the_build_stamp_sets_the_projects_version_and_no_other():
+    from generator.build.produce import BuildStamp, stamped
+
+    stamp = BuildStamp(ecosystem="notes", version="1.4.2", inputs_hash="ab" * 32)
+    pyproject = '[project]\nname = "notes"\nversion = "0"\n\n[tool.other]\nversion = "7"\n'
+    files = stamped({"pyproject.toml": pyproject, "notes/x.py": "x = 1\n"}, "notes", stamp)
+    assert files["pyproject.toml"] == pyproject.replace('version = "0"', 'version = "1.4.2"')
+    assert json.loads(files["notes/build.json"]) == {"ecosystem": "notes", "version": "1.4.2", "inputs_hash": "ab" * 32}
+    assert files["notes/x.py"] == "x = 1\n"
+    # A [project] table without a version keeps none; a later table's version is not the project's.
+    unversioned = '[project]\nname = "notes"\n\n[tool.other]\nversion = "7"\n'
+    assert stamped({"pyproject.toml": unversioned}, "notes", stamp)["pyproject.toml"] == unversioned

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -19,6 +20,7 @@ from ..artifact.migrate import migration_files
 from ..artifact.overrides import apply_overrides
 from ..artifact.store import write_tree
 from ..errors import BuildFailed
+from ..frozen import Frozen
 from ..kernel_contract import kernel_files
 from ..sandbox.run import SandboxResult, run_uv
 from ..senior import context
@@ -82,18 +84,48 @@ def produce(ctx: BuildContext, prepared: Prepared, src: Path) -> Produced:
 
 def write(ctx: BuildContext, prepared: Prepared, synthesis: Synthesis, src: Path) -> None:
     with ctx.report.stage("write", "src/ and uv.lock") as info:
-        write_src(src, synthesis, prepared.planned, prepared.preferred_lock)
+        stamp = BuildStamp(ecosystem=prepared.spec.ecosystem.name, version=prepared.version,
+                           inputs_hash=prepared.given.fingerprint.hash)
+        write_src(src, synthesis, prepared.planned, prepared.preferred_lock, stamp)
         info["note"] = f"{sum(1 for p in src.rglob('*') if p.is_file())} files"
 
 
-def write_src(src: Path, synthesis: Synthesis, planned: Planned, preferred_lock: Path | None) -> None:
-    """The ecosystem's files: synthesised, the kernel, the migrations, then the spec's pinned overrides; then
-    `uv lock`, keeping the pins of `preferred_lock` (the parent's, or the replayed artifact's) where it can."""
+class BuildStamp(Frozen):
+    """What a running ecosystem says it is: its name, version and the hash of the inputs it was built from.
+
+    Written at write time, not by any unit (a unit's answer would change with every version and never be
+    reused): `<package>/build.json`, and the version in pyproject.toml's [project] table."""
+
+    ecosystem: str
+    version: str
+    inputs_hash: str
+
+
+# The `version = "…"` line of the [project] table, never one of a later table.
+PROJECT_VERSION = re.compile(r'(?ms)(^\[project\][ \t]*$(?:(?!^\[).)*?^version[ \t]*=[ \t]*)"[^"\n]*"')
+
+
+def stamped(files: dict[str, str], package: str, stamp: BuildStamp) -> dict[str, str]:
+    """`files` with build.json added and the project's version set (when pyproject.toml states one)."""
+    out = dict(files)
+    out[f"{package}/build.json"] = json.dumps(stamp.model_dump(), indent=1, sort_keys=True) + "\n"
+    if "pyproject.toml" in out:
+        out["pyproject.toml"] = PROJECT_VERSION.sub(lambda m: f'{m.group(1)}"{stamp.version}"', out["pyproject.toml"],
+                                                    count=1)
+    return out
+
+
+def write_src(src: Path, synthesis: Synthesis, planned: Planned, preferred_lock: Path | None,
+              stamp: BuildStamp) -> None:
+    """The ecosystem's files: synthesised, the kernel, the migrations, the build stamp, then the spec's pinned
+    overrides; then `uv lock`, keeping the pins of `preferred_lock` (the parent's, or the replayed artifact's)
+    where it can."""
     if src.exists():
         shutil.rmtree(src)
     package = planned.plan.package
-    files, _ = apply_overrides({**synthesis.files, **kernel_files(package),
-                                **migration_files(package, planned.migrations)}, planned.overrides, package)
+    built = stamped({**synthesis.files, **kernel_files(package), **migration_files(package, planned.migrations)},
+                    package, stamp)
+    files, _ = apply_overrides(built, planned.overrides, package)
     write_tree(src, files, executable=EXECUTABLE)
     if preferred_lock is not None and preferred_lock.is_file():
         shutil.copyfile(preferred_lock, src / "uv.lock")

@@ -100,7 +100,7 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
 def _replay(artifact: Path, spec_dir: Path, report: Reporter, src: Path, scratch: str) -> None:
     """Rebuild src/ from the transcript on the build's own stages; nothing is written outside `scratch`."""
     from ..senior.transcript import TRANSCRIPT, TranscriptModel
-    from .produce import synthesis_run, write_src
+    from .produce import BuildStamp, synthesis_run, write_src
 
     ctx = BuildContext(options=RunOptions(spec_dir=spec_dir, pipeline_file=Path("pipelines/replayed.toml"),
                                           out_dir=Path(scratch) / "out", replay=artifact), report=report)
@@ -128,7 +128,10 @@ def _replay(artifact: Path, spec_dir: Path, report: Reporter, src: Path, scratch
         except BuildFailed as exc:
             raise BuildFailed(f"the recorded answers do not rebuild {artifact}: {exc}") from exc
     with report.stage("write", "src/ and uv.lock"):
-        write_src(src, synthesis, planned, artifact / "src" / "uv.lock")
+        recorded_build = given.replayed
+        stamp = BuildStamp(ecosystem=recorded_build.ecosystem, version=recorded_build.version,
+                           inputs_hash=recorded_build.inputs_hash)
+        write_src(src, synthesis, planned, artifact / "src" / "uv.lock", stamp)
 
 
 def _sbom_problems(artifact: Path) -> list[str]:

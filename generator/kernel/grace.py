@@ -537,7 +537,7 @@ class Grace:
             pages.add("/conversations")
         if self.clients.allowed(s.client, AUDIT_PERMISSION):
             pages.add("/audit")
-        return PageContext(self._name, self.runtime.config.version, s.client, s.csrf, active, frozenset(pages))
+        return PageContext(self._name, self.runtime.version, s.client, s.csrf, active, frozenset(pages))
 
     def _conversation_tools(self) -> tuple[str, str]:
         """The tools whose permission the conversation pages need: listing them, and reading one's messages."""

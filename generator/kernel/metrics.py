@@ -15,7 +15,7 @@ import hmac
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -109,6 +109,10 @@ class Metrics:
     def llm_tokens(self, mad: str, n: int, *, kind: Literal["prompt", "completion"]) -> None:
         if n > 0:
             self._tokens.labels(self._mad(mad), _closed(kind, TOKEN_KINDS)).inc(n)
+
+    def build_info(self, **labels: str) -> None:
+        """`regen_build_info{ecosystem, version, inputs_hash} 1`: which build this process runs."""
+        Info("regen_build", "The build this process runs", registry=self.registry).info(labels)
 
     def http_request(self, path: str, status: int) -> None:
         route = path.strip("/").split("/", 1)[0]

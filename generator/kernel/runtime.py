@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -82,6 +83,19 @@ class MadSlot:
         self.started_at = ""
 
 
+BUILD_FILE = Path(__file__).resolve().parent.parent / "build.json"
+
+
+def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
+    """What the compiler stamped on this build (`<package>/build.json`): ecosystem, version, inputs hash;
+    {} for a tree that was not built by it (a test's package, a source checkout)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k, v in data.items() if k in ("ecosystem", "version", "inputs_hash")} if isinstance(data, dict) else {}
+
+
 class Runtime:
     def __init__(
         self,
@@ -102,6 +116,8 @@ class Runtime:
         needs a Redis bus); `claim_idle_s`: how long a Redis delivery whose process went silent (dead, or
         frozen) waits before another process takes it over; a live process renews its claims."""
         self.config = config
+        self.build = read_build_info()
+        self.version = self.build.get("version") or config.version or "unreleased"
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
@@ -148,6 +164,8 @@ class Runtime:
         self.supervisor = Supervisor(config.mads, self._restart_slot, self._slot_state, supervision)
         self.metrics = Metrics({m.name: m.tool_methods() for m in config.mads},
                                lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
+        self.metrics.build_info(ecosystem=config.name, version=self.version,
+                                inputs_hash=str(self.build.get("inputs_hash", "")))
         # The audit log's length, recorded outside the database: a drop in this series is a truncation.
         self.metrics.watch("regen_audit_entries", "Entries in the hash-chained audit log (its newest id)",
                            self.audit.head_id)
@@ -622,7 +640,7 @@ class Runtime:
         return {
             "name": self.config.name,
             "description": self.config.description,
-            "version": self.config.version,
+            "version": self.version,
             "status": "draining" if draining else "ok" if healthy else "degraded",
             "healthy": healthy,
             "started_at": self.started_at,

@@ -281,3 +281,18 @@ def test_every_http_request_has_an_access_log_line(served):
     assert all(isinstance(a["ms"], float) and a["remote"].startswith("127.0.0.1:") for a in access)
     text = "\n".join(json.dumps(a) for a in access)
     assert "query-must-not-be-logged" not in text and token not in text and "not-a-token" not in text
+
+
+def test_the_build_says_what_it_is_in_metrics_and_health(runtime, eco_modules, tmp_path):
+    _, _, runtime_mod = eco_modules
+    stamp = tmp_path / "build.json"
+    stamp.write_text(json.dumps({"ecosystem": "notes", "version": "2.3.4", "inputs_hash": "ab" * 32, "other": 1}))
+    assert runtime_mod.read_build_info(stamp) == {"ecosystem": "notes", "version": "2.3.4", "inputs_hash": "ab" * 32}
+    assert runtime_mod.read_build_info(tmp_path / "missing.json") == {}
+    stamp.write_text("not json")
+    assert runtime_mod.read_build_info(stamp) == {}
+    # The tiny test ecosystem was not stamped by the compiler: it says so rather than show nothing.
+    assert runtime.version == "unreleased"
+    found = samples(runtime.metrics.render().decode())
+    assert value(found, "regen_build_info", ecosystem=runtime.config.name, version="unreleased", inputs_hash="") == 1
+    assert asyncio.run(runtime.ecosystem_status("grace"))["version"] == "unreleased"
