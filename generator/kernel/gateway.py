@@ -62,6 +62,11 @@ class GatewayAudit:
         return self.audit.recent(limit, action_prefix="gateway.")
 
 
+# What the MCP layer refuses before a tool runs, by status: audited like a tool's refusal.
+BAD_REQUESTS = {400: "malformed request", 406: "unacceptable Accept header", 413: "body over the size limit",
+                415: "not JSON"}
+
+
 class Unauthenticated:
     """Requests without a valid token, per source address: throttled (a token bucket: bursts of `burst`,
     refilled at `per_second`), and audited coalesced: the first refusal of a source in each `interval_s`
@@ -171,7 +176,17 @@ class BearerGate:
             return
         if opening and self.sessions is not None:
             send = self.sessions.recording(found.name, send)
-        await self.app(scope, receive, send)
+        status = [0]
+
+        async def observed(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, observed)
+        if status[0] in BAD_REQUESTS:  # refused by the MCP layer before any tool: still the client's doing
+            self.audit.record(f"client:{found.name}", "bad-request",
+                              f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", remote)
 
     def _refuse_opening(self, client: Any, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""

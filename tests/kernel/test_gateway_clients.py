@@ -455,3 +455,19 @@ def test_a_flood_of_bad_tokens_is_throttled_per_address_and_audited_in_a_few_row
         "SELECT action, detail FROM audit_log WHERE action = 'gateway.unauthorized' ORDER BY id")]
     conn.close()
     assert len(rows) == 2 and rows[1]["detail"] == "199 more refused requests from testclient"
+
+
+def test_requests_the_mcp_layer_refuses_are_audited_too(runtime, kernel):
+    from starlette.testclient import TestClient
+
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    token = registry.add("ci", ["grace.*"])
+    app = kernel.gateway.build_app(runtime, registry)
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        assert http.post("/mcp", headers=headers, content=b"{not json").status_code == 400
+        assert http.post("/mcp", headers=headers, content=b'{"pad": "' + b"x" * (5 << 20) + b'"}').status_code == 413
+        refused = [(a["actor"], a["detail"]) for a in runtime.audit.recent(20) if a["action"] == "gateway.bad-request"]
+    assert ("client:ci", "HTTP 413 (body over the size limit) on POST /mcp") in refused
+    assert ("client:ci", "HTTP 400 (malformed request) on POST /mcp") in refused
