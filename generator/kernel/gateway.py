@@ -499,7 +499,7 @@ def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) ->
         name=cfg.name,
         description=cfg.description or None,
         instructions=f"The {cfg.name} ecosystem. Tools are named <mad>.<tool>.",
-        version=cfg.version or "0",
+        version=runtime.version,
         log_level="WARNING",
     )
 

@@ -402,6 +402,7 @@ def test_a_client_holds_at_most_its_cap_of_sessions_and_others_still_get_in(runt
     with TestClient(app, base_url="http://127.0.0.1:8000") as http:
         opened = [_initialize(http, hog) for _ in range(2)]
         assert all(r.status_code == 200 and r.headers.get("mcp-session-id") for r in opened)
+        assert '"version":"unreleased"' in opened[0].text.replace(" ", "")  # serverInfo: the build's version
         refused = _initialize(http, hog)
         assert refused.status_code == 429 and refused.headers["retry-after"]
         assert refused.json()["error"]["message"].startswith("too_many_sessions: client 'hog' has 2 sessions open")
