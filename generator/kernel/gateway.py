@@ -67,6 +67,31 @@ BAD_REQUESTS = {400: "malformed request", 406: "unacceptable Accept header", 413
                 415: "not JSON"}
 
 
+PROTECTED_RESOURCE_PATH = "/.well-known/oauth-protected-resource"
+
+
+def _origin(scope: Scope) -> str:
+    """scheme://host[:port] as the client addressed this server (its Host header)."""
+    host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), "")
+    if not host:
+        server = scope.get("server") or ("127.0.0.1", 80)
+        host = f"{server[0]}:{server[1]}"
+    return f"{scope.get('scheme', 'http')}://{host}"
+
+
+def protected_resource(request: Request, name: str) -> Response:
+    """RFC 9728 metadata for /mcp: a bearer token in the Authorization header, and no authorization server.
+    A client that discovers it learns there is no OAuth flow to start: it sends the token it was given."""
+    origin = _origin(request.scope)
+    return JSONResponse({
+        "resource": origin + "/mcp",
+        "resource_name": f"{name} MCP gateway",
+        "bearer_methods_supported": ["header"],
+        "authorization_servers": [],
+        "resource_documentation": origin + "/",
+    }, headers={"Cache-Control": "max-age=3600"})
+
+
 class Unauthenticated:
     """Requests without a valid token, per source address: throttled (a token bucket: bursts of `burst`,
     refilled at `per_second`), and audited coalesced: the first refusal of a source in each `interval_s`
@@ -164,8 +189,9 @@ class BearerGate:
                 actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
                 detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
             self.unauthenticated.refused(str(peer[0]), actor, event, detail, remote)
+            metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
             response = JSONResponse({"error": "unauthorized", "message": message}, status_code=401,
-                                    headers={"WWW-Authenticate": 'Bearer realm="mcp"'})
+                                    headers={"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'})
             await response(scope, receive, send)
             return
         scope = dict(scope)
@@ -710,6 +736,9 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/mcp", mcp_asgi),
+            # Both forms: RFC 9728's (the resource's path appended) and the bare one some clients probe.
+            Route(PROTECTED_RESOURCE_PATH + "/mcp", lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
+            Route(PROTECTED_RESOURCE_PATH, lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
         ],
         # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
         # and referrer rules on every response.

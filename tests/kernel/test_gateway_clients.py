@@ -472,3 +472,25 @@ def test_requests_the_mcp_layer_refuses_are_audited_too(runtime, kernel):
         refused = [(a["actor"], a["detail"]) for a in runtime.audit.recent(20) if a["action"] == "gateway.bad-request"]
     assert ("client:ci", "HTTP 413 (body over the size limit) on POST /mcp") in refused
     assert ("client:ci", "HTTP 400 (malformed request) on POST /mcp") in refused
+
+
+def test_a_client_that_discovers_the_gateway_finds_a_bearer_token_and_no_oauth(runtime, kernel):
+    """RFC 9728: the 401 names the protected-resource metadata, which lists no authorization server."""
+    from starlette.testclient import TestClient
+
+    registry = kernel.clients.ClientRegistry(runtime.state_dir)
+    app = kernel.gateway.build_app(runtime, registry)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as http:
+        refused = http.post("/mcp", json={})
+        assert refused.status_code == 401
+        challenge = refused.headers["www-authenticate"]
+        assert challenge.startswith("Bearer ") and 'realm="mcp"' in challenge
+        url = challenge.split('resource_metadata="', 1)[1].split('"', 1)[0]
+        assert url == "http://127.0.0.1:8000/.well-known/oauth-protected-resource/mcp"
+        for path in (url.removeprefix("http://127.0.0.1:8000"), "/.well-known/oauth-protected-resource"):
+            metadata = http.get(path)
+            assert metadata.status_code == 200, path
+            assert metadata.json() == {
+                "resource": "http://127.0.0.1:8000/mcp", "resource_name": f"{runtime.config.name} MCP gateway",
+                "bearer_methods_supported": ["header"], "authorization_servers": [],
+                "resource_documentation": "http://127.0.0.1:8000/"}
