@@ -38,4 +38,14 @@ def environment(folder: str) -> jinja2.Environment:
     env.filters["pystr"] = python_string
     # JSON strings are valid TOML basic strings; jinja's own tojson escapes for HTML.
     env.filters["tomlstr"] = lambda v: json.dumps(v, ensure_ascii=False)
+    env.globals["tool_hints"] = _tool_hints
     return env
+
+
+def _tool_hints(tool: dict) -> dict[str, bool]:
+    """A spec'd tool's MCP annotations (its unit-spec JSON): the bound capability's, then the spec's own hints."""
+    from .kernel.capabilities import tool_hints
+
+    names = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "idempotent": "idempotentHint"}
+    spec = {names[k]: v for k, v in (tool.get("hints") or {}).items() if v is not None}
+    return {**(tool_hints(tool["builtin"]) if tool.get("builtin") else {}), **spec}

@@ -70,7 +70,13 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
 
     async def session():
         async with mcp_client(url, token) as client:
-            names = [t.name for t in (await client.list_tools()).tools]
+            listed = (await client.list_tools()).tools
+            names = [t.name for t in listed]
+            hints = {t.name: t.annotations for t in listed}
+            # MCP clients are told which tools only read: those bound to a read capability.
+            assert hints["rogers.history"].read_only_hint is True and hints["rogers.history"].idempotent_hint is True
+            assert hints["turing.set_secret"].read_only_hint is False
+            assert hints["rogers.post"].destructive_hint is False and hints["rogers.post"].idempotent_hint is False
 
             async def call(tool, /, **args):
                 return result_value(await client.call_tool(tool, args))

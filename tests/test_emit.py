@@ -80,3 +80,38 @@ def test_the_build_stamp_sets_the_projects_version_and_no_other():
     # A [project] table without a version keeps none; a later table's version is not the project's.
     unversioned = '[project]\nname = "notes"\n\n[tool.other]\nversion = "7"\n'
     assert stamped({"pyproject.toml": unversioned}, "notes", stamp)["pyproject.toml"] == unversioned
+
+
+def test_mcp_annotations_come_from_the_capability_and_the_specs_hints(tmp_path):
+    """A tool bound to a read capability is read-only for MCP clients; a spec's `hints` say so of any tool."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from generator.senior.offline import render_unit
+    from generator.senior.synthesise import unit_spec
+    from generator.spec.load import load_spec
+    from generator.spec.plan import make_plan
+
+    repo = Path(__file__).resolve().parents[1]
+    spec_dir = tmp_path / "spec"
+    shutil.copytree(repo / "spec", spec_dir)
+    rogers = spec_dir / "mads" / "rogers.yaml"
+    mad = yaml.safe_load(rogers.read_text())
+    for tool in mad["tools"]:
+        if tool["name"] == "summarise":
+            tool["hints"] = {"read_only": True, "idempotent": True}
+    rogers.write_text(yaml.safe_dump(mad, sort_keys=False))
+    spec = load_spec(spec_dir)
+    plan = make_plan(spec)
+    frame = next(u for u in plan.units if u.name == "frame")
+    files = {f["path"]: f["content"] for f in render_unit(unit_spec(spec, plan, frame))}
+    config = files["madgroup/ecosystem.py"]
+    assert "'rogers.history': {'readOnlyHint': True, 'destructiveHint': False, 'idempotentHint': True}" in config
+    assert "'turing.set_secret': {'readOnlyHint': False, 'destructiveHint': False, 'idempotentHint': True}" in config
+    assert "'rogers.summarise': {'readOnlyHint': True, 'idempotentHint': True}" in config  # the spec's own, unbound
+    assert "'fiedler.compare_models'" not in config  # no capability, no hints: MCP's cautious defaults
+    # A spec without hints asks what it always asked: the key is left out of the unit's JSON.
+    plain = load_spec(repo / "spec")
+    assert '"hints"' not in json.dumps(unit_spec(plain, make_plan(plain), frame))

@@ -129,3 +129,23 @@ ALWAYS_GRANTED: frozenset[str] = frozenset(
 def granted(owns: tuple[str, ...] | frozenset[str]) -> frozenset[str]:
     """The capabilities a MAD may call: every one of the families it owns, plus the always-granted ones."""
     return frozenset({name for name in CAPABILITIES if name.split(".", 1)[0] in owns} | ALWAYS_GRANTED)
+
+
+# What MCP clients are told about a tool bound to each capability (MCP tool annotations): whether it
+# only reads, whether it may destroy (overwrite or delete what was there), and whether calling it twice
+# with the same arguments does no more than once. Writes here keep history (a secret's old versions
+# stay, a post is added), so none is destructive.
+READ_ONLY: frozenset[str] = frozenset({
+    "conversations.history", "conversations.search", "conversations.list", "models.list", "models.budget",
+    "secrets.get", "secrets.list", "secrets.audit", "ecosystem.status", "ecosystem.mads",
+})
+IDEMPOTENT_WRITES: frozenset[str] = frozenset({"secrets.set"})
+
+
+def tool_hints(capability: str) -> dict[str, bool]:
+    """The MCP annotations of a tool bound to `capability` ({} for an unknown one)."""
+    if capability not in CAPABILITIES:
+        return {}
+    read_only = capability in READ_ONLY
+    return {"readOnlyHint": read_only, "destructiveHint": False,
+            "idempotentHint": read_only or capability in IDEMPOTENT_WRITES}

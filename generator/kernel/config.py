@@ -45,6 +45,9 @@ class EcosystemConfig(BaseModel):
     models: dict[str, ModelAlias] = Field(default_factory=lambda: {"default": ModelAlias()})
     client_budget_tokens: int = 100_000
     mads: tuple[Any, ...] = ()
+    tool_hints: dict[str, dict[str, bool]] = Field(
+        default_factory=dict, description="'<mad>.<tool>' -> its MCP annotations (readOnlyHint, destructiveHint, "
+                                          "idempotentHint); a tool not named here gets none (MCP's cautious defaults)")
     capability_tools: dict[str, str] = Field(
         default_factory=dict, description="kernel capability -> the '<mad>.<tool>' bound to it: what a client must be "
                                           "allowed to see that capability's data anywhere, Grace's pages included")

@@ -26,7 +26,7 @@ from mcp.server.mcpserver.tools import Tool
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import ConfigDict, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -499,12 +499,13 @@ def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str):
     return call
 
 
-def _strict_tool(fn: Any, name: str) -> Tool:
+def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> Tool:
     """The SDK's Tool for `fn` with a strict argument model: no coercion ("5" is not an integer, true is
     not 1) and no unknown arguments, so a call is checked against exactly the schema tools/list
     advertises, which says so (`additionalProperties: false`). The SDK's own model is lax and
     silently drops unknown arguments."""
-    tool = Tool.from_function(fn, name=name, description=fn.__doc__)
+    annotations = ToolAnnotations(**hints) if hints else None
+    tool = Tool.from_function(fn, name=name, description=fn.__doc__, annotations=annotations)
     lax = tool.fn_metadata.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
     tool.fn_metadata.arg_model = strict
@@ -515,7 +516,8 @@ def _strict_tool(fn: Any, name: str) -> Tool:
 def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) -> GatewayServer:
     cfg = runtime.config
     runtime.secrets.client_scope = clients.secret_scope  # a client's --secret patterns, over MCP and in Grace alike
-    tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name), f"{mad_cls.name}.{tool_name}")
+    tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name), f"{mad_cls.name}.{tool_name}",
+                          cfg.tool_hints.get(f"{mad_cls.name}.{tool_name}"))
              for mad_cls in cfg.mads for tool_name in mad_cls.tool_methods()]
     return GatewayServer(
         runtime,

@@ -140,7 +140,8 @@ class Spend:
 def _tool_json(tool: Tool) -> dict:
     # Parameters as a list: their order is the signature's, and JSON objects get sorted.
     # A parameter carries "default" only when it has one: absence means required.
-    data = tool.model_dump(mode="json", exclude={"params"})
+    # Hints only when the spec sets them: a spec without any asks exactly what it asked before.
+    data = tool.model_dump(mode="json", exclude={"params"} | (set() if tool.hints else {"hints"}))
     data["params"] = [
         {"name": name} | p.model_dump(mode="json", exclude=set() if p.optional else {"default"})
         for name, p in tool.params.items()

@@ -118,6 +118,15 @@ class Param(Frozen):
         return "default" in self.model_fields_set
 
 
+class ToolHints(Frozen):
+    """What MCP clients are told of a tool (its annotations); unset, the bound capability decides."""
+
+    read_only: bool | None = Field(default=None, description="it changes nothing")
+    destructive: bool | None = Field(default=None, description="it may overwrite or delete what was there")
+    idempotent: bool | None = Field(default=None, description="calling it twice with the same arguments does "
+                                                              "no more than once")
+
+
 class Tool(Frozen):
     """A tool of a MAD's Action Engine, exposed over MCP as `<mad>.<tool>`."""
 
@@ -127,6 +136,10 @@ class Tool(Frozen):
     returns: TypeName = "dict"
     builtin: str | None = Field(
         default=None, description="a kernel capability this tool is bound to, e.g. secrets.get"
+    )
+    hints: ToolHints | None = Field(
+        default=None, description="read_only, destructive, idempotent: what MCP clients are told; "
+                                  "default: what the bound capability implies"
     )
 
 

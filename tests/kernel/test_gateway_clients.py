@@ -494,3 +494,15 @@ def test_a_client_that_discovers_the_gateway_finds_a_bearer_token_and_no_oauth(r
                 "resource": "http://127.0.0.1:8000/mcp", "resource_name": f"{runtime.config.name} MCP gateway",
                 "bearer_methods_supported": ["header"], "authorization_servers": [],
                 "resource_documentation": "http://127.0.0.1:8000/"}
+
+
+def test_tools_carry_the_mcp_annotations_their_capability_implies(gateway, kernel):
+    tools = {t.name: t for t in asyncio.run(gateway.server.list_tools())}
+    history, post = tools["rogers.history"].annotations, tools["rogers.post"].annotations
+    assert (history.read_only_hint, history.destructive_hint, history.idempotent_hint) == (True, False, True)
+    assert (post.read_only_hint, post.idempotent_hint) == (False, False)
+    assert tools["grace.status"].annotations is None  # not hinted: MCP's cautious defaults apply
+    caps = importlib.import_module(kernel.clients.__name__.rsplit(".", 1)[0] + ".capabilities")
+    assert caps.READ_ONLY <= set(caps.CAPABILITIES) and caps.IDEMPOTENT_WRITES <= set(caps.CAPABILITIES)
+    assert caps.tool_hints("secrets.get") == {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}
+    assert caps.tool_hints("conversations.post")["readOnlyHint"] is False and caps.tool_hints("nope") == {}
