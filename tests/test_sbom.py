@@ -60,7 +60,7 @@ def test_every_locked_package_is_a_component_with_its_version_purl_and_hashes(bo
 
 def test_the_project_is_the_metadata_component_not_a_component(bom):
     subject = bom["metadata"]["component"]
-    assert (subject["name"], subject["version"], subject["type"]) == ("madgroup", "0", "application")
+    assert (subject["name"], subject["version"], subject["type"]) == ("madgroup", SRC.parent.name, "application")
     assert "madgroup" not in _components(bom)
     assert [t["name"] for t in bom["metadata"]["tools"]["components"]] == ["regen"]
     assert (bom["bomFormat"], bom["specVersion"]) == ("CycloneDX", "1.6")
@@ -80,10 +80,10 @@ def test_the_dependency_graph_is_the_locks(bom):
     root = next(p for p in lock["package"] if p["name"] == "madgroup")
     direct = [d["name"] for d in root["dependencies"]] + [d["name"] for ds in root.get("dev-dependencies", {}).values() for d in ds]
     assert {"mcp", "cryptography", "redis", "pytest"} <= set(direct)
-    assert graph["madgroup@0"] == sorted(f"pkg:pypi/{name}@{versions[name]}" for name in direct)
+    assert graph[f"madgroup@{SRC.parent.name}"] == sorted(f"pkg:pypi/{name}@{versions[name]}" for name in direct)
     assert graph["pkg:pypi/pyjwt@2.15.1"] == ["pkg:pypi/cryptography@48.0.0"]  # mcp asks for pyjwt[crypto]
     assert graph["pkg:pypi/idna@3.20"] == []
-    assert set(graph) == {c["bom-ref"] for c in bom["components"]} | {"madgroup@0"}
+    assert set(graph) == {c["bom-ref"] for c in bom["components"]} | {f"madgroup@{SRC.parent.name}"}
 
 
 def test_the_sbom_is_the_same_bytes_every_time_and_from_any_folder(text, tmp_path, monkeypatch):
