@@ -121,7 +121,12 @@ def test_a_lone_copy_replays_into_another_archive(edited, tmp_path):
                                    str(tmp_path / "other")], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     rebuilt = Manifest.read(tmp_path / "other" / "madgroup" / "1.0.0")
-    assert rebuilt.src_outputs == result.manifest.src_outputs
+    # The same files, but for the build stamp: in the other archive the replay is version 1.0.0, and says so.
+    stamped = {"pyproject.toml", "uv.lock", "madgroup/build.json"}
+    assert {k: v for k, v in rebuilt.src_outputs.items() if k not in stamped} == {
+        k: v for k, v in result.manifest.src_outputs.items() if k not in stamped}
+    build = json.loads((tmp_path / "other" / "madgroup" / "1.0.0" / "src" / "madgroup" / "build.json").read_text())
+    assert build["version"] == "1.0.0" and build["inputs_hash"] == rebuilt.inputs_hash
     assert rebuilt.replayed_from == f"madgroup@{result.version}"
 
 
