@@ -162,6 +162,11 @@ def failures_by_unit(plan: Plan, tests: SandboxResult) -> dict[str, list[str]]:
     return failures
 
 
+def counted(n: int, one: str, many: str = "") -> str:
+    """`n` things, in words: 1 retry, 2 retries."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def answered(synthesis: Synthesis, senior: str, only: set[str] | None = None) -> str:
     """Who answered the units asked in this run (or `only` these), when it was not the senior alone, and how often
     it took retries and fallbacks."""
@@ -176,10 +181,10 @@ def answered(synthesis: Synthesis, senior: str, only: set[str] | None = None) ->
     note = ""
     if set(by_model) - {senior}:
         note += "; answered by " + ", ".join(
-            f"{model} ({count} unit{'s' if count > 1 else ''}{'' if model == senior else ', fallback'})"
+            f"{model} ({counted(count, 'unit')}{'' if model == senior else ', fallback'})"
             for model, count in by_model.items())
     if retries or fallbacks:
-        note += f"; {retries} retr{'y' if retries == 1 else 'ies'}, {fallbacks} fallback{'' if fallbacks == 1 else 's'}"
+        note += f"; {counted(retries, 'retry', 'retries')}, {counted(fallbacks, 'fallback')}"
     return note
 
 

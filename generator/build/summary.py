@@ -66,11 +66,13 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
 
 def _trouble(unit, answered_by: tuple[str, ...], senior: str) -> str:
     """What it took to get a unit's answer, when it was not one clean call to the senior."""
+    from .produce import counted
+
     parts = []
     if unit.retries:
-        parts.append(f"{unit.retries} retr{'y' if unit.retries == 1 else 'ies'}")
+        parts.append(counted(unit.retries, "retry", "retries"))
     if unit.fallbacks:
-        parts.append(f"{unit.fallbacks} fallback{'' if unit.fallbacks == 1 else 's'}")
+        parts.append(counted(unit.fallbacks, "fallback"))
     if set(answered_by) - {senior}:
         parts.append("by " + ", ".join(answered_by))
     return f" ({'; '.join(parts)})" if parts else ""

@@ -357,13 +357,16 @@ class ClientRegistry:
 class RateLimiter:
     """A token bucket per client (in memory): bursts of up to `rate.calls`, refilled at `rate.per_second`."""
 
-    def __init__(self, clock: Any = time.monotonic):
+    def __init__(self, clock: Any = time.monotonic, max_keys: int | None = None):
         self._clock = clock
+        self._max_keys = max_keys  # keyed by something callers choose (an address): never without bound
         self._buckets: dict[str, tuple[Rate, float, float]] = {}  # client -> (rate, tokens, at)
 
     def take(self, client: str, rate: Rate) -> float:
         """0.0 when the call may go ahead (a token is taken); else the seconds until one is available."""
         now = self._clock()
+        if self._max_keys is not None and client not in self._buckets and len(self._buckets) >= self._max_keys:
+            self._buckets.clear()
         held = self._buckets.get(client)
         if held is None or held[0] != rate:
             tokens = float(rate.calls)

@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,7 +37,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import logs
-from .clients import CallLedger, ClientRegistry, RateLimiter
+from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
 from .grace import Grace, SecurityHeaders
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -60,6 +61,22 @@ class GatewayAudit:
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.audit.recent(limit, action_prefix="gateway.")
+
+
+def watching(send: Send, seen: Callable[[dict], None]) -> Send:
+    """`send`, telling `seen` the http.response.start message (status, headers) on its way out."""
+    async def watched(message) -> None:
+        if message["type"] == "http.response.start":
+            seen(message)
+        await send(message)
+
+    return watched
+
+
+def jsonrpc_refusal(status: int, message: str, headers: dict[str, str]) -> Response:
+    """An HTTP refusal an MCP client shows: a JSON-RPC error body with the message."""
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
+                        status_code=status, headers=headers)
 
 
 # What the MCP layer refuses before a tool runs, by status: audited like a tool's refusal.
@@ -93,30 +110,22 @@ def protected_resource(request: Request, name: str) -> Response:
 
 
 class Unauthenticated:
-    """Requests without a valid token, per source address: throttled (a token bucket: bursts of `burst`,
-    refilled at `per_second`), and audited coalesced: the first refusal of a source in each `interval_s`
-    is an audit row, the others of that interval are counted into the next row ("and N more").
+    """Requests without a valid token, per source address: throttled (the clients' token bucket: bursts of
+    20, then 5 a second), and audited coalesced: the first refusal of a source in each `interval_s` is an
+    audit row, the others of that interval are counted into the next row ("and N more").
     A flood of bad tokens costs the server a counter increment, not an fsynced row each."""
 
-    def __init__(self, audit: GatewayAudit, per_second: float = 5.0, burst: int = 20, interval_s: float = 60.0,
-                 max_sources: int = 10_000, clock: Any = time.monotonic):
-        self.audit, self.per_second, self.burst, self.interval_s = audit, per_second, burst, interval_s
-        self.max_sources, self.clock = max_sources, clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
+    RATE = Rate(calls=20, seconds=4.0, unit="second")
+
+    def __init__(self, audit: GatewayAudit, interval_s: float = 60.0, max_sources: int = 10_000,
+                 clock: Any = time.monotonic):
+        self.audit, self.interval_s, self.max_sources, self.clock = audit, interval_s, max_sources, clock
+        self.limiter = RateLimiter(clock, max_keys=max_sources)
         self._open: dict[str, tuple[float, int]] = {}  # source -> (interval start, refusals not yet written)
 
     def admit(self, source: str) -> float:
         """0.0 when a request from `source` may be looked at; else the seconds until it may."""
-        now = self.clock()
-        if len(self._buckets) > self.max_sources:  # a spray of addresses cannot grow this without bound
-            self._buckets.clear()
-        tokens, at = self._buckets.get(source, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
-        if tokens >= 1.0:
-            self._buckets[source] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[source] = (tokens, now)
-        return (1.0 - tokens) / self.per_second
+        return self.limiter.take(source, self.RATE)
 
     def refused(self, source: str, actor: str, event: str, detail: str, remote: str) -> None:
         """Audit a refusal: at once if it opens an interval for its source, else counted into the next row."""
@@ -203,13 +212,7 @@ class BearerGate:
         if opening and self.sessions is not None:
             send = self.sessions.recording(found.name, send)
         status = [0]
-
-        async def observed(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, observed)
+        await self.app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
         if status[0] in BAD_REQUESTS:  # refused by the MCP layer before any tool: still the client's doing
             self.audit.record(f"client:{found.name}", "bad-request",
                               f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", remote)
@@ -219,19 +222,13 @@ class BearerGate:
         if self.limiter is not None and client.rate is not None and (wait := self.limiter.take(client.name, client.rate)):
             message = f"rate_limited: client {client.name!r} opens sessions too fast; retry in {max(wait, 0.1):.1f} s"
             self.audit.record(f"client:{client.name}", "rate-limited", f"initialize: {message}", remote)
-            return _jsonrpc_refusal(429, message, {"Retry-After": str(max(1, round(wait)))})
+            return jsonrpc_refusal(429, message, {"Retry-After": str(max(1, round(wait)))})
         if self.sessions is not None and (cap := self.sessions.full(client.name)):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
                        f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
             self.audit.record(f"client:{client.name}", "sessions-exhausted", message, remote)
-            return _jsonrpc_refusal(429, message, {"Retry-After": "30"})
+            return jsonrpc_refusal(429, message, {"Retry-After": "30"})
         return None
-
-
-def _jsonrpc_refusal(status: int, message: str, headers: dict[str, str]) -> Response:
-    """An HTTP refusal an MCP client shows: a JSON-RPC error body with the message."""
-    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
-                        status_code=status, headers=headers)
 
 
 class SessionLimits:
@@ -263,14 +260,12 @@ class SessionLimits:
         return self.per_client if held >= self.per_client else 0
 
     def recording(self, client: str, send: Send) -> Send:
-        async def remembering(message) -> None:
-            if message["type"] == "http.response.start":
-                for key, value in message.get("headers", []):
-                    if key.lower() == b"mcp-session-id":
-                        self._owner[value.decode("latin-1")] = client
-            await send(message)
+        def remember(start: dict) -> None:
+            for key, value in start.get("headers", []):
+                if key.lower() == b"mcp-session-id":
+                    self._owner[value.decode("latin-1")] = client
 
-        return remembering
+        return watching(send, remember)
 
 
 def _caller(ctx: Context | None) -> tuple[str | None, str]:
@@ -584,21 +579,18 @@ class DrainGate:
             if gate.draining and scope["path"] != "/healthz":
                 message = (f"unavailable: the ecosystem is shutting down; retry after {gate.RETRY_AFTER_S} s "
                            "(on another instance, or this one once restarted)")
-                # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
-                refusal = ({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}}
-                           if scope["path"].rstrip("/") == "/mcp" else {"error": "unavailable", "message": message})
-                body = json.dumps(refusal).encode()
                 # Read the request first: a socket closed with unread data is reset, and the reset can
                 # overtake the 503 on its way to the client (which then sees a dropped connection).
                 read, more = 0, True
                 while more and read < 1 << 20:
-                    message = await receive()
-                    read += len(message.get("body", b""))
-                    more = message.get("more_body", False) and message["type"] == "http.request"
-                await send({"type": "http.response.start", "status": 503, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(gate.RETRY_AFTER_S).encode()), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
+                    received = await receive()
+                    read += len(received.get("body", b""))
+                    more = received.get("more_body", False) and received["type"] == "http.request"
+                headers = {"Retry-After": str(gate.RETRY_AFTER_S), "Connection": "close"}
+                # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
+                refusal = (jsonrpc_refusal(503, message, headers) if scope["path"].rstrip("/") == "/mcp"
+                           else JSONResponse({"error": "unavailable", "message": message}, 503, headers))
+                await refusal(scope, receive, send)
                 return None
             standing = scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp"
             if not standing:
@@ -629,14 +621,8 @@ def observed(runtime: Runtime):
                 return await app(scope, receive, send)
             started = time.monotonic()
             status = [0]
-
-            async def sending(message) -> None:
-                if message["type"] == "http.response.start":
-                    status[0] = message["status"]
-                await send(message)
-
             try:
-                await app(scope, receive, sending)
+                await app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
             finally:
                 code = status[0] or 500  # no response begun: the server failed it
                 runtime.metrics.http_request(scope["path"], code)

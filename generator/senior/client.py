@@ -151,6 +151,7 @@ def left_out(model: str, temperature: float | None, seed: int | None) -> tuple[s
     return tuple(refused)
 
 
+@functools.lru_cache(maxsize=256)
 def structured_output(model: str) -> bool:
     """Whether to ask `model` for the answer's JSON schema (else the prompt alone asks for the JSON)."""
     if model.startswith("offline/"):
