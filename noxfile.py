@@ -5,12 +5,14 @@ runs here is what was locked.
 """
 
 import contextlib
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["regenerate"]
@@ -53,14 +55,40 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "--numprocesses", "auto", "--dist", "loadfile", *session.posargs)
 
 
+def gate_exit(failed: CommandFailed) -> int | None:
+    """The code `nox -s gate` exits with itself when `regen gate` failed so, or None to let nox fail
+    the session as usual (nox then exits 1, whatever the command's exit code).
+
+    Only 2, undecided, is kept: 1 (reject) is what nox says anyway, and any other code (a crash,
+    130 interrupted) is a failed session like any other.
+    """
+    code = getattr(failed, "return_code", None)  # nox 2026.07 and later; before, only the reason says it
+    if code is None:
+        said = re.fullmatch(r"Returned code (-?\d+)", str(getattr(failed, "reason", None) or ""))
+        code = int(said[1]) if said else None
+    return 2 if code == 2 else None
+
+
 @nox.session
 def gate(session: nox.Session) -> None:
     """Judge the newest build with the pipeline's review panel: exit 0 approve, 1 reject, 2 undecided.
 
     `nox -s gate -- ecosystems/madgroup/1.0.3 --report DIR --pipeline pipelines/frontier.toml`
+    `nox -s gate -- --sarif regen.sarif` also writes the findings as SARIF (CI: .github/workflows/regen.yml).
+
+    nox exits 1 when any session fails, whatever its command's exit code; so that CI can tell a
+    rejection from a panel that could not decide, an undecided gate ends nox at once with exit 2
+    (nox prints no summary then, and sessions named after this one do not run).
     """
     _sync(session)
-    session.run("regen", "gate", *session.posargs)
+    try:
+        session.run("regen", "gate", *session.posargs)
+    except CommandFailed as failed:
+        code = gate_exit(failed)
+        if code is None:
+            raise
+        session.log(f"the gate is undecided: nox exits {code}")
+        raise SystemExit(code) from None  # nox catches Exception in a session, not SystemExit
 
 
 # What decides a replay besides the artifact itself: a version built by other compiler sources is

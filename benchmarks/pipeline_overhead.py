@@ -27,7 +27,8 @@ from generator.config import Pipeline, SeniorModel  # noqa: E402
 from generator.senior import context  # noqa: E402
 from generator.senior.models import ModelReply  # noqa: E402
 from generator.senior.scripted import reference_answer  # noqa: E402
-from generator.senior.synthesise import Spend, SynthesisRun, first_request  # noqa: E402
+from generator.senior.spend import Spend  # noqa: E402
+from generator.senior.synthesise import SynthesisRun, first_request  # noqa: E402
 from generator.spec.load import load_spec  # noqa: E402
 from generator.spec.plan import make_plan  # noqa: E402
 

@@ -8,6 +8,7 @@ or a panel that could not decide, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,8 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--out", type=Path, default=Path("ecosystems"), help="archive folder (default: ecosystems)")
     gate.add_argument("--trust-tests", action="store_true",
                       help="read the artifact's tests.json instead of running its tests in the sandbox again")
-    gate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
+    gate.add_argument("--no-cache", action="store_true",
+                      help="ask every reviewer afresh: without it, a verdict already in .regen/cache is reused (and "
+                           "the gate says so)")
+    gate.add_argument("--scope", choices=("parent", "approved", "full"),
+                      help="what LLM reviewers see of src/: the diff against the parent, against the newest ancestor "
+                           "a panel at least this strict approved (the whole tree when none did), or every file "
+                           "(default: the pipeline's [review] scope, approved)")
+    gate.add_argument("--trust", type=Path, metavar="PUBKEY",
+                      help="judge the artifact only if it is signed by this public key (a .pub.pem file)")
     gate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+    gate.add_argument("--sarif", type=Path, metavar="FILE",
+                      help="also write the final round's findings as SARIF 2.1.0 to FILE (for code scanning), "
+                           "whatever the outcome; with GITHUB_ACTIONS=true they are printed as annotations too")
 
     history = commands.add_parser("versions", help="list the archived versions of an ecosystem with their bumps")
     history.add_argument("name", help="the ecosystem, e.g. madgroup")
@@ -178,27 +190,49 @@ def _verify(args: argparse.Namespace) -> int:
     if not result.ok:
         return 1
     print(f"{args.artifact}: verified: signed by {result.signed_by}; every file matches its manifest; the SBOM matches "
-          f"the lock; all {result.files} files of src/ reproduced byte for byte from its transcript")
+          f"the lock; all {result.files} files of src/ reproduced byte for byte from its transcript; {result.review}")
     return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from .errors import BuildFailed
+    from .errors import ArtifactRefused, BuildFailed, UserError
     from .progress import Reporter
     from .review.gate import gate
     from .review.report import one_line
+    from .review.sarif import github_annotations, outcome_annotation, write_sarif
 
+    annotate = os.environ.get("GITHUB_ACTIONS") == "true"  # GitHub reads workflow commands from stdout
     try:
         result, folder = gate(
             args.artifact, args.spec, args.pipeline, panel_file=args.panel, report_dir=args.report, out_dir=args.out,
             trust_tests=args.trust_tests, cache_dir=None if args.no_cache else Path(".regen/cache"),
-            report=Reporter(quiet=args.quiet),
+            report=Reporter(quiet=args.quiet), scope=args.scope, trust=args.trust,
         )
-    except BuildFailed as exc:  # the tests could not run: no verdict either way
-        print(f"gate: undecided: {str(exc).splitlines()[0]}")
+    except ArtifactRefused as exc:  # tampered or unsigned: judged by nobody, exit 1
+        if annotate:
+            print(outcome_annotation("reject", f"gate: refused: {str(exc).splitlines()[0]}"))
+        raise
+    except BuildFailed as exc:  # the tests could not run: no verdict either way, no report, no SARIF
+        line = f"gate: undecided: {str(exc).splitlines()[0]}"
+        if annotate:
+            print(outcome_annotation("undecided", line))
+        print(line)
         return 2
+    # The artifact the gate judged (the newest build when none was named): finding paths are relative to it.
+    artifact = args.artifact or args.out / result.ecosystem / result.version
+    if annotate:
+        for annotation in github_annotations(result, artifact, Path.cwd()):
+            print(annotation)
     print(f"gate: {one_line(result)}")
+    if result.bound is not None:
+        print(f"scope: {result.bound.scope.reason}")
     print(f"report: {folder}/review.md (review.json, review.html)")
+    if args.sarif:
+        try:
+            write_sarif(result, artifact, Path.cwd(), args.sarif)
+        except OSError as exc:
+            raise UserError(f"{args.sarif}: cannot write the SARIF ({exc.strerror or exc})") from None
+        print(f"sarif: {args.sarif}")
     return result.exit_code
 
 
@@ -268,7 +302,12 @@ def _check(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     tools = sum(len(m.tools) for m in spec.mads)
-    print(f"{args.spec}: ok — ecosystem {spec.ecosystem.name}, {len(spec.mads)} MADs, {tools} tools")
+    items = spec.requirement_items
+    named = f", {len(items)} requirements with ids" if items else ", requirements without ids (no coverage matrix)"
+    print(f"{args.spec}: ok — ecosystem {spec.ecosystem.name}, {len(spec.mads)} MADs, {tools} tools{named}")
+    for requirement in spec.unreferenced_requirements():
+        print(f"  note: {args.spec / 'requirements.md'}:{requirement.line}: {requirement.id} is named by no MAD and no "
+              "acceptance area: only a model-written test that names it can cover it")
     return 0
 
 

@@ -93,6 +93,11 @@ class ReviewSettings(Frozen):
         description="the panel file that judges each build, relative to the pipeline file; "
                     "default: regen's deterministic panel, reviews/panels/offline.toml",
     )
+    scope: Literal["parent", "approved", "full"] = Field(
+        default="approved",
+        description="what LLM reviewers see of src/: the diff against the parent, against the newest ancestor a panel "
+                    "at least this strict approved (the whole tree when none did), or every file",
+    )
 
 
 class Pipeline(Frozen):

@@ -7,6 +7,7 @@
      │    ├── AnswerRejected        an answer that failed its checks (goes back to the senior)
      │    ├── OverBudget            the next model call could cross a budget of the run
      │    └── RepairFromReviewFailed  a repair the review asked for failed
+     ├── ArtifactRefused      exit 1: an artifact that does not verify (tampered, unsigned) is not judged
      └── ReviewUndecided      exit 2: the review panel could not decide; nothing ships
 
 None is shown as a traceback unless `--debug` is given.
@@ -77,6 +78,12 @@ class RepairFromReviewFailed(BuildFailed):
     def __init__(self, message: str, review: object):
         super().__init__(message)
         self.review = review
+
+
+class ArtifactRefused(RegenError):
+    """`regen gate` refuses an artifact whose signature or file hashes do not hold: nothing is judged. Exit code 1."""
+
+    exit_code = 1
 
 
 class ReviewUndecided(RegenError):

@@ -35,6 +35,7 @@ class Reporter:
         if self.quiet:
             yield info
             return
+        doing = _plain(doing)  # names, paths and model text are shown as written, never read as markup
         with self.console.status(f"[bold]{name}[/] {doing}…") as self._status:
             try:
                 yield info
@@ -44,14 +45,14 @@ class Reporter:
             finally:
                 self._status = None
         elapsed = time.monotonic() - started
-        note = f" — {info['note']}" if info["note"] else ""
+        note = f" — {_plain(info['note'])}" if info["note"] else ""
         mark = "[red]✗[/]" if info["failed"] else "[green]✓[/]"
         self.console.print(f"  {mark} [bold]{name:<11}[/] {doing}{note} [dim]({elapsed:.1f}s)[/]", emoji=False)
 
     def progress(self, name: str, doing: str) -> None:
         """Replace the spinner's text while a stage is running (e.g. which unit is being written)."""
         if self._status is not None:
-            self._status.update(f"[bold]{name}[/] {doing}…")
+            self._status.update(f"[bold]{name}[/] {_plain(doing)}…")
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -59,7 +60,7 @@ class Reporter:
 
     def warn(self, text: str) -> None:
         # Warnings are shown even when quiet: they are never to be dropped silently.
-        self.console.print(f"[bold yellow]warning:[/] {text}", emoji=False)
+        self.console.print(f"[bold yellow]warning:[/] {_plain(text)}", emoji=False)
 
     def summary(self, title: str, rows: list[tuple[str, str]]) -> None:
         if self.quiet:
@@ -73,3 +74,10 @@ class Reporter:
             table.add_row(key, value)
         self.console.print()
         self.console.print(table, emoji=False)
+
+
+def _plain(text: object) -> str:
+    """Text rich prints as it is: `[prices]` or `[/x]` in a message is not markup."""
+    from rich.markup import escape
+
+    return escape(str(text))

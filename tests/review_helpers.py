@@ -7,7 +7,7 @@ from pathlib import Path
 
 from generator.artifact.store import versions
 from generator.review.material import material
-from generator.review.models import Subject
+from generator.review.models import ReviewScope, Subject
 from generator.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,4 +76,31 @@ def archived_subject(version: str | None = None, root: Path = REPO / "ecosystems
         manifest["parent"] = None
     parent = root / manifest["parent"] if manifest.get("parent") else None
     tests = json.loads((artifact / "tests.json").read_text())
-    return Subject(artifact=artifact, parent=parent, spec=spec, material=material(spec, artifact, parent, manifest, tests))
+    scope = ReviewScope(mode="parent", baseline=parent.name if parent else None,
+                        reason=f"the changes since the parent {parent.name}" if parent else "a first build")
+    return Subject(artifact=artifact, parent=parent, spec=spec, material=material(spec, artifact, parent, manifest, tests, scope))
+
+
+
+def resign(artifact: Path) -> str:
+    """Re-hash and re-sign an edited artifact with a throwaway key, as someone building a bad artifact of their own
+    would: it verifies (by an untrusted key), so the gate judges it. Returns the new key's id."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from generator.artifact import sign
+    from generator.artifact.manifest import root_hash
+    from generator.hashing import canonical_json, tree_hashes
+
+    private = Ed25519PrivateKey.generate()
+    key = sign.SigningKey(private_key=private, public_pem=sign.public_pem(private.public_key()),
+                          key_id=sign.key_id(private.public_key()), development=False)
+    data = json.loads((artifact / sign.MANIFEST).read_text())
+    for name in sign.SIDECARS:
+        (artifact / name).unlink(missing_ok=True)
+    data["outputs"] = tree_hashes(artifact)
+    data["root_hash"] = root_hash(data["outputs"])
+    data["signing"] = sign.signing_record(key)
+    (artifact / sign.MANIFEST).write_text(canonical_json(data), encoding="utf-8")
+    sign.sign_artifact(artifact, key)
+    sign.write_provenance(artifact)
+    return key.key_id

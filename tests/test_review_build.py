@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from review_helpers import REPO, finding, scripted_reviewer, verdict, write_panel
+from review_helpers import REPO, finding, resign, scripted_reviewer, verdict, write_panel
 from test_regenerate import builtin_only_spec
 
 from generator.artifact.store import versions
 from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
+from generator.build.verify import verify
 from generator.config import RunOptions, SeniorModel
 from generator.errors import BuildFailed, ReviewUndecided
 from generator.progress import Reporter
@@ -79,6 +81,26 @@ def test_a_rejection_goes_back_to_the_senior_and_the_repaired_build_ships_with_b
     transcript = [json.loads(line) for line in (result.path / "transcript.jsonl").read_text().splitlines()]
     assert any(e["unit"] == "mad:grace" and e["purpose"] == "repair-review" for e in transcript)
     assert "review.md" in result.manifest.outputs and "review.html" in result.manifest.outputs
+    # The reviewers' exchanges are in the transcript, and the panel's files in the artifact: the review replays.
+    assert [e["unit"] for e in transcript if e["purpose"] == "review"] == ["review:alpha:1.1:chunk1",
+                                                                         "review:alpha:2.1:chunk1"]
+    assert {"reviews/panels/test.toml", "reviews/reviewers/alpha.toml", "reviews/rubrics/rubric.md"} <= set(
+        result.manifest.outputs)
+    assert review["bound"]["artifact"] == f"{result.ecosystem}@{result.version}"
+    assert review["bound"]["scope"]["reason"] == "a first build: there is no earlier version"
+    checked = verify(result.path)
+    assert checked.ok, checked.problems
+    assert checked.review.startswith("the review (its last review; 1 earlier one(s) judged code the repairs replaced) "
+                                     "replayed byte for byte: approve, 2 reviewers")
+    # A review.json swapped for another (re-signed, so every hash holds) does not belong to the artifact.
+    forged = tmp_path / "forged" / result.version
+    shutil.copytree(result.path, forged)
+    data = json.loads((forged / "review.json").read_text())
+    data["bound"]["reviewed_hash"] = "0" * 64
+    (forged / "review.json").write_text(json.dumps(data))
+    resign(forged)
+    checked = verify(forged)
+    assert not checked.ok and any("judged other code" in p for p in checked.problems)
 
 
 def test_the_offline_panel_rejects_a_build_that_logs_a_secret_and_nothing_ships(tmp_path, offline_spec):

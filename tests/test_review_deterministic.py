@@ -9,7 +9,7 @@ from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.errors import UserError
 from generator.review.deterministic import run_check
-from generator.review.models import Finding, Material, Subject, VerdictAnswer
+from generator.review.models import Finding, Material, ReviewScope, Subject, VerdictAnswer
 from generator.review.panel import DETERMINISTIC_KINDS
 from generator.spec.load import load_spec
 
@@ -34,6 +34,7 @@ def subject(artifact: Path, spec, parent: Path | None = None) -> Subject:
     material = Material(
         ecosystem="madgroup", version="1.0.2", parent="1.0.1" if parent else None, requirements="", principles="",
         manifest={}, tests=json.loads((artifact / "tests.json").read_text()), changed=(),
+        scope=ReviewScope(mode="full", baseline=None, reason="every file"),
     )
     return Subject(artifact=artifact, parent=parent, spec=spec, material=material)
 
@@ -324,3 +325,56 @@ def test_changes_against_the_parent_inform_but_do_not_block(artifact, spec, tmp_
 def test_bad_options_are_user_errors_naming_the_key(artifact, spec, kind, options, named):
     with pytest.raises(UserError, match=named):
         run_check(kind, subject(artifact, spec), options)
+
+
+# --- requirements: each one proven by a passing test that names it -----------------------------
+
+
+def test_every_requirement_of_the_newest_build_is_named_by_a_passing_test(artifact, spec):
+    results = _results(artifact)
+    named = {r for t in results["tests"] if t["outcome"] == "passed" for r in t["requirements"]}
+    assert {r.id for r in spec.requirement_items} <= named
+
+
+def test_a_requirement_whose_only_tests_fail_or_that_no_test_names_is_major_at_its_line(artifact, spec):
+    results = _results(artifact)
+    r9 = spec.requirement("R9")
+    for test in results["tests"]:
+        if "R9" in test["requirements"]:
+            test.update(outcome="failed", message="boom")
+        test["requirements"] = [r for r in test["requirements"] if r != "R11"]
+    _write_results(artifact, results)
+    answer = run_check("tests", subject(artifact, spec), {})
+    uncovered = {f.message.split()[1]: f for f in answer.findings if f.rule == "uncovered-requirement"}
+    assert set(uncovered) == {"R9", "R11"}
+    assert (uncovered["R9"].file, uncovered["R9"].line, uncovered["R9"].severity) == ("spec/requirements.md", r9.line, "major")
+    assert "the tests that name it did not pass (tests.test_ecosystem::" in uncovered["R9"].message
+    assert uncovered["R11"].message == "requirement R11 is not proven by a passing test: no test names it"
+    assert "`acceptance:`" in uncovered["R11"].suggestion
+
+
+def test_a_test_naming_an_unknown_requirement_is_minor_at_the_test(artifact, spec):
+    results = _results(artifact)
+    test = next(t for t in results["tests"] if t["id"] == "tests.test_turing::test_rotate_secret")
+    test["requirements"] = [*test["requirements"], "R99"]
+    _write_results(artifact, results)
+    answer = run_check("tests", subject(artifact, spec), {})
+    unknown = only(answer, "unknown-requirement")
+    assert (unknown.severity, unknown.file) == ("minor", "src/tests/test_turing.py")
+    assert unknown.message == "tests.test_turing::test_rotate_secret names requirement 'R99', which spec/requirements.md does not have"
+
+
+def test_an_uncovered_requirement_goes_to_the_units_whose_tests_are_to_prove_it(spec):
+    from generator.build.judge import findings_by_unit
+    from generator.review.models import Verdict
+    from generator.spec.plan import make_plan
+
+    def uncovered(requirement_id):
+        return Finding(file="spec/requirements.md", line=spec.requirement(requirement_id).line, severity="major",
+                       rule="uncovered-requirement", message=f"requirement {requirement_id} is not proven")
+
+    verdict = Verdict(reviewer="tests", kind="tests", round=1, decision="request_changes", summary="s",
+                      findings=(uncovered("R1"), uncovered("R9")))
+    routed = findings_by_unit(make_plan(spec), (verdict,), spec)
+    assert set(routed) == {"mad:rogers", "frame"}  # R1 is Rogers's; R9 an acceptance area of the frame's tests
+    assert "requirement R1 is not proven" in routed["mad:rogers"][0]

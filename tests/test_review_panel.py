@@ -10,10 +10,12 @@ import pytest
 from review_helpers import archived_subject, finding, scripted_reviewer, verdict, write_panel
 
 from generator.artifact.history import ChangedFile
+from generator.config import Price
 from generator.errors import UserError
 from generator.review.llm import pack
 from generator.review.models import Finding, Verdict
 from generator.review.panel import ConsensusRule, decide, load_panel
+from generator.review.report import review_markdown
 from generator.review.run import PanelRun, panel_report
 from generator.senior.scripted import Fault, Reply, ScriptedServer
 
@@ -212,11 +214,12 @@ def test_review_json_is_the_whole_story(tmp_path, subject):
     assert data["rounds"][0]["verdicts"][0]["findings"][0]["rule"] == "wrong-result"
 
 
-def test_a_spent_review_budget_makes_the_reviewers_still_asking_abstain(tmp_path, subject):
-    report, servers = _run(tmp_path, subject, {"alpha": [Reply("not a verdict"), Reply(verdict())]}, budget_tokens=1)
+def test_a_call_that_could_cross_the_review_budget_is_not_made(tmp_path, subject):
+    report, servers = _run(tmp_path, subject, {"alpha": [Reply(verdict())]}, budget_tokens=1)
     alpha = report.final.verdicts[0]
-    assert alpha.decision == "abstain" and "review budget of 1 tokens spent" in alpha.error
-    assert len(servers["alpha"].requests) == 1  # the re-ask that would cross the budget is not made
+    assert alpha.decision == "abstain" and "could cross the review's token budget of 1 tokens" in alpha.error
+    assert "Raise budget_usd or budget_tokens in the panel file" in alpha.error
+    assert servers["alpha"].requests == []  # reserved before the call, so never sent
     assert report.outcome == "undecided" and report.exit_code == 2
 
 
@@ -270,3 +273,145 @@ def test_a_failed_second_round_keeps_the_first_rounds_verdict(tmp_path, subject)
     alpha = report.rounds[1].verdicts[0]
     assert alpha.decision == "approve" and not alpha.revised and alpha.error.startswith("round 2 failed")
     assert report.outcome == "approve"
+
+
+# --- the gate keeps its rules under concurrency, with abstainers, with its own findings ------------
+
+
+def test_a_round_one_abstainer_stays_out_of_round_two(tmp_path, subject):
+    # gamma times out in round 1 and would approve in round 2 without ever having seen the build.
+    def gamma(body):
+        if "Second round" in body["messages"][-1]["content"]:
+            return Reply(verdict(summary="Everyone else seems fine."))
+        return Fault.slow(5, Reply(verdict()))
+
+    def alpha(body):
+        return Reply(verdict("request_changes", finding("minor"), summary="Small thing.") if "Second round" not in
+                     body["messages"][-1]["content"] else verdict(summary="Fine after all."))
+
+    report, servers = _run(tmp_path, subject, {"alpha": alpha, "beta": lambda body: Reply(verdict()), "gamma": gamma},
+                           second_round=True, gamma_model={"timeout_seconds": 0.5})
+    first, second = report.rounds
+    assert first.verdicts[2].decision == "abstain"
+    assert second.verdicts[2].decision == "abstain" and second.verdicts[2] == first.verdicts[2].model_copy(
+        update={"round": 2})  # the same abstention, not a vote
+    assert not any("Second round" in r["messages"][-1]["content"] for r in servers["gamma"].requests)
+    assert (report.outcome, report.exit_code) == ("undecided", 2)  # never approve with an abstainer below quorum
+
+
+def test_an_approval_with_a_major_finding_is_counted_as_request_changes(tmp_path, subject):
+    report, _ = _run(tmp_path, subject, {
+        "alpha": [Reply(verdict("approve", finding("major"), summary="LGTM overall."))],
+        "beta": [Reply(verdict())],
+    })
+    alpha = report.final.verdicts[0]
+    assert alpha.decision == "request_changes"
+    assert alpha.correction == "said approve with 1 major finding; counted as request changes, as the rubric asks"
+    assert (report.outcome, report.exit_code) == ("reject", 1)
+    data = json.loads(report.model_dump_json())
+    assert data["rounds"][0]["verdicts"][0]["correction"].startswith("said approve with 1 major")
+
+
+def test_an_approval_with_only_minor_findings_stays_an_approval(tmp_path, subject):
+    report, _ = _run(tmp_path, subject, {"alpha": [Reply(verdict("approve", finding("minor"), finding("info")))]})
+    assert report.final.verdicts[0].decision == "approve" and report.final.verdicts[0].correction is None
+    assert report.outcome == "approve"
+
+
+PRICED = {"input_per_mtok": 3.0, "output_per_mtok": 15.0}
+
+
+def _priced_run(tmp_path, subject, budget_usd, scripts, **panel):
+    servers = _servers(**scripts)
+    for server in servers.values():
+        server.start()
+    try:
+        reviewers = {name: scripted_reviewer(server.base_url) for name, server in servers.items()}
+        budget = {"budget_usd": budget_usd} if budget_usd is not None else {}
+        loaded = load_panel(write_panel(tmp_path, reviewers, **budget, **panel))
+        prices = {"openai/scripted-reviewer": Price.model_validate(PRICED)}
+        run = PanelRun(loaded, prices=prices)
+        return panel_report(subject, loaded, run.review(subject)), servers, run
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_a_tiny_review_budget_is_a_ceiling_even_for_reviewers_that_start_at_once(tmp_path, subject):
+    # The issue's case: $0.0001 with three priced reviewers started together approved after spending $0.67.
+    report, servers, run = _priced_run(tmp_path, subject, 0.0001, {n: [Reply(verdict())] for n in ("a", "b", "c")})
+    assert (report.outcome, report.exit_code) == ("undecided", 2)
+    assert all(v.decision == "abstain" and "could cross the review's cost budget of $0.0001" in v.error
+               for v in report.final.verdicts)
+    assert sum(len(s.requests) for s in servers.values()) == 0 and run.spend.cost_usd == 0
+
+
+def test_a_budget_for_about_one_call_is_never_crossed_and_never_approves(tmp_path, subject):
+    # Each request reserves prompt + max_tokens at its price before it is sent; the three start at once, so
+    # however their calls interleave, no call starts that could take the spend over the budget.
+    probe, _, _ = _priced_run(tmp_path / "probe", subject, None, {"a": [Reply(verdict())]})
+    one_call = probe.final.verdicts[0].prompt_tokens * 3e-6 + 2000 * 15e-6
+    budget = one_call * 1.2
+    report, servers, run = _priced_run(tmp_path, subject, budget, {n: [Reply(verdict())] for n in ("a", "b", "c")})
+    asked = sum(len(s.requests) for s in servers.values())
+    assert 1 <= asked < 3 and run.spend.cost_usd <= budget
+    assert report.outcome == "undecided"
+    stopped = [v for v in report.final.verdicts if v.decision == "abstain"]
+    assert stopped and all("could cross the review's cost budget" in v.error for v in stopped)
+
+
+def test_an_unknown_price_under_a_cost_budget_abstains_and_an_unbudgeted_one_says_unknown(tmp_path, subject):
+    with ScriptedServer([Reply(verdict())], model="scripted-reviewer") as server:
+        loaded = load_panel(write_panel(tmp_path, {"a": scripted_reviewer(server.base_url)}, budget_usd=1.0))
+        report = panel_report(subject, loaded, PanelRun(loaded).review(subject))
+        assert "the price of openai/scripted-reviewer is unknown" in report.final.verdicts[0].error
+        assert "add it to [prices] in the pipeline file" in report.final.verdicts[0].error
+        assert server.requests == []
+        loaded = load_panel(write_panel(tmp_path / "free", {"a": scripted_reviewer(server.base_url)}))
+        report = panel_report(subject, loaded, PanelRun(loaded).review(subject))
+    assert report.outcome == "approve" and not report.final.verdicts[0].price_known
+    assert any("price unknown for a (openai/scripted-reviewer)" in line for line in report.uncertainties)
+    assert "| unknown |" in review_markdown(report) and "$0.0000" not in review_markdown(report).split("Cost:**")[1]
+
+
+def test_an_unknown_window_is_said_with_the_size_of_the_request(tmp_path, subject):
+    with ScriptedServer([Reply(verdict())], model="scripted-reviewer") as server:
+        reviewer = scripted_reviewer(server.base_url)
+        del reviewer["model"]["context_window"]  # litellm knows no window for this model
+        loaded = load_panel(write_panel(tmp_path, {"alpha": reviewer}))
+        report = panel_report(subject, loaded, PanelRun(loaded).review(subject))
+    note = report.final.verdicts[0].notes[0]
+    assert note.startswith("context window of openai/scripted-reviewer unknown: sent 1 request(s) unsplit, the largest")
+    assert any(line.startswith("alpha: context window") for line in report.uncertainties)
+    assert "context window of" in review_markdown(report)
+
+
+def test_a_verdict_from_the_cache_is_said_and_costs_what_it_cost(tmp_path, subject):
+    from generator.senior.cache import ResponseCache
+
+    cache = ResponseCache(tmp_path / "cache")
+    with ScriptedServer([Reply(verdict()), Reply(verdict())], model="scripted-reviewer") as server:
+        loaded = load_panel(write_panel(tmp_path, {"alpha": scripted_reviewer(server.base_url)}))
+        first = panel_report(subject, loaded, PanelRun(loaded, cache=cache).review(subject))
+        again = panel_report(subject, loaded, PanelRun(loaded, cache=cache).review(subject))
+        assert len(server.requests) == 1
+    assert first.final.verdicts[0].cached == 0 and again.final.verdicts[0].cached == 1
+    assert again.final.verdicts[0].prompt_tokens == first.final.verdicts[0].prompt_tokens
+    assert any("reused from the response cache" in line and "--no-cache" in line for line in again.uncertainties)
+    assert again.archived() == first.archived()  # what an artifact keeps does not depend on the cache
+
+
+def test_reviewer_exchanges_are_kept_for_the_transcript_in_panel_order(tmp_path, subject):
+    servers = _servers(alpha=[Reply("nope"), Reply(verdict())], beta=[Reply(verdict())])
+    for server in servers.values():
+        server.start()
+    try:
+        loaded = load_panel(write_panel(tmp_path, {n: scripted_reviewer(s.base_url) for n, s in servers.items()}))
+        run = PanelRun(loaded)
+        run.review(subject)
+    finally:
+        for server in servers.values():
+            server.stop()
+    assert [(e.request.unit, e.purpose, e.reply.content[:4]) for e in run.exchanges] == [
+        ("review:alpha:1.1:chunk1", "review", "nope"), ("review:alpha:1.1:chunk1", "review", '{"de'),
+        ("review:beta:1.1:chunk1", "review", '{"de')]

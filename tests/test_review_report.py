@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from generator.review.models import Consensus, Finding, PanelReport, Round, Verdict
 from generator.review.report import md_cell, md_code, one_line, review_html, review_json, review_markdown
 
@@ -244,10 +246,25 @@ def test_markdown_table_is_not_broken_by_pipes_or_newlines():
 def test_markdown_neutralises_html_links_and_mentions():
     md = review_markdown(vetoed())
     assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
-    assert "[link](" not in md and "\\[link\\](https://evil.example/x.png)" in md
+    assert "[link](" not in md and "\\[link\\](https:\u200b//evil.example/x.png)" in md
     assert "@octocat" not in md and "@\u200boctocat" in md
+    assert "://" not in md, "no bare URL GitHub would turn into a link"
     html_tags = set(re.findall(r"</?([a-zA-Z]+)", md))
     assert html_tags <= {"details", "summary"}, "the template's own tags only"
+
+
+@pytest.mark.parametrize(("text", "inert"), [
+    ("see https://evil.example/x now", "https:\u200b//evil.example/x"),
+    ("HTTP://EVIL.EXAMPLE", "HTTP:\u200b//EVIL.EXAMPLE"),
+    ("go to www.evil.example", "www\u200b.evil.example"),
+    ("mail mailto:x@evil.example", "mailto\u200b:x@\u200bevil.example"),
+    ("write to x@evil.example", "x@\u200bevil.example"),
+    ("<https://evil.example>", "&lt;https:\u200b//evil.example&gt;"),
+    ("ftp://files.example/a", "ftp:\u200b//files.example/a"),
+])
+def test_markdown_neutralises_bare_urls_and_autolinks(text, inert):
+    assert inert in md_cell(text)
+    assert re.search(r"(?i)(https?|ftp)://|www\.|mailto:", md_cell(text)) is None
 
 
 def test_markdown_keeps_code_spans_and_escapes_the_rest():
@@ -275,3 +292,26 @@ def test_markdown_and_html_are_deterministic():
     for built in (approved(), vetoed(), undecided(), revised()):
         assert review_markdown(built) == review_markdown(PanelReport.model_validate_json(review_json(built)))
         assert review_html(built) == review_html(built)
+
+
+def test_the_requirement_matrix_shows_each_requirement_its_tests_and_their_outcome():
+    from generator.review.models import RequirementCoverage, TestProof
+
+    matrix = (
+        RequirementCoverage(id="R1", text="**Conversations.** Any MAD can post <b>messages</b>.", line=6, covered=True,
+                            tests=tuple(TestProof(id=f"tests.test_x::test_refused[{i}]", outcome="passed") for i in range(3))
+                            + (TestProof(id="tests.test_rogers::test_post", outcome="passed"),)),
+        RequirementCoverage(id="R2", text="Budgets with `python -m madgroup budget " + "x" * 200 + "`", line=9,
+                            covered=False, tests=(TestProof(id="tests.test_fiedler::test_budget", outcome="failed"),)),
+        RequirementCoverage(id="observability", text="Metrics.", line=12, covered=False),
+    )
+    r = approved().model_copy(update={"requirements": matrix})
+    md, html = review_markdown(r), review_html(r)
+    assert "### Requirements (1 of 3 covered)" in md and "<h2>Requirements (1 of 3 covered)</h2>" in html
+    row = next(line for line in md.splitlines() if line.startswith("| `R1`"))
+    assert "Conversations. Any MAD can post &lt;b&gt;messages&lt;/b&gt;." in row and "| 6 | ✅ yes |" in row
+    assert "✅ `tests.test_x::test_refused` (3 cases)<br>✅ `tests.test_rogers::test_post`" in row
+    r2 = next(line for line in md.splitlines() if line.startswith("| `R2`"))
+    assert "| ❌ no | ❌ `tests.test_fiedler::test_budget` |" in r2 and r2.count("`") % 2 == 0 and "..." in r2
+    assert "| `observability` Metrics. | 12 | ❌ no | none |" in md
+    assert "<b>" not in html and "&lt;b&gt;messages&lt;/b&gt;" in html

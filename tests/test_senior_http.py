@@ -25,7 +25,8 @@ from generator.progress import Reporter
 from generator.senior.client import LiteLLMClient, price_per_token
 from generator.senior.context import count_tokens
 from generator.senior.scripted import Fault, Reply, ScriptedServer, reference_answer, unit_of
-from generator.senior.synthesise import Spend, SynthesisRun
+from generator.senior.spend import Spend
+from generator.senior.synthesise import SynthesisRun
 from generator.spec.load import load_spec
 from generator.spec.plan import make_plan
 

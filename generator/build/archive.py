@@ -38,6 +38,7 @@ from ..config import Pipeline, SeniorModel
 from ..errors import BuildFailed
 from ..hashing import canonical_json, sha256_bytes, tree_hashes
 from ..review.gate import write_report
+from ..review.replay import REVIEWS, panel_files
 from ..sandbox.run import SandboxResult
 from ..sandbox.upgrade import run_upgrade_test
 from ..senior.synthesise import Synthesis
@@ -58,11 +59,14 @@ class Archived:
 
 def archive(ctx: BuildContext, prepared: Prepared, judged: Judged, stage: Path) -> Archived:
     upgrade = upgrade_test(ctx, prepared, judged.tests, stage / "src")
-    write_transcript(stage / TRANSCRIPT, list(judged.synthesis.exchanges))
-    # The spec it was built from, so `regen diff` can show what changed in it.
+    # The senior's exchanges, then the reviewers': the build and its review replay from this alone.
+    write_transcript(stage / TRANSCRIPT, [*judged.synthesis.exchanges, *judged.review_exchanges])
+    # The spec it was built from, so `regen diff` can show what changed in it; the panel that judged it,
+    # so `regen verify` can replay the review.
     write_tree(stage / "spec", spec_files(ctx, prepared))
+    write_tree(stage / REVIEWS, panel_files(prepared.given.panel))
     (stage / "tests.json").write_text(canonical_json(judged.tests.record()))
-    write_report(judged.review, stage)
+    write_report(judged.review.archived(), stage)
     (stage / "sbom.cdx.json").write_text(sbom(stage / "src"), encoding="utf-8")
     outputs = tree_hashes(stage)  # once: every file the manifest vouches for
     review = judged.review

@@ -14,12 +14,16 @@ from pathlib import Path
 
 from ..artifact.history import changes
 from ..errors import BuildFailed, RepairFromReviewFailed, ReviewUndecided
-from ..review.gate import write_report
+from ..hashing import canonical_json, sha256_text, tree_hashes
+from ..review.gate import gate_reports_dir, write_report
 from ..review.material import material
-from ..review.models import BLOCKING, PanelReport, Subject, Verdict
+from ..review.models import BLOCKING, Finding, PanelReport, ReviewBinding, Subject, Verdict
 from ..review.run import PanelRun, panel_report
+from ..review.scope import choose, panel_hash, reviewed_hash
 from ..sandbox.run import SandboxResult
+from ..senior.models import Exchange
 from ..senior.synthesise import Synthesis
+from ..spec.model import Spec
 from ..spec.plan import Plan
 from .archive import draft, side
 from .context import BuildContext
@@ -34,6 +38,8 @@ class Judged:
     review: PanelReport
     synthesis: Synthesis
     tests: SandboxResult
+    review_exchanges: tuple[Exchange, ...] = ()
+    """The LLM reviewers' requests and answers, for the transcript (the review replays from it)."""
 
 
 def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path) -> Judged:
@@ -41,16 +47,19 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
     run = PanelRun(panel, ctx.reviewers, prepared.pipeline.prices, prepared.cache,
                    on_verdict=lambda v: ctx.report.progress("review", v.line), on_event=prepared.run_log.record)
     parent = prepared.ecosystem_dir / prepared.parent.version if prepared.parent else None
+    baseline, scope = choose(prepared.pipeline.review.scope, panel, prepared.ecosystem_dir,
+                             prepared.parent.version if prepared.parent else None, gate_reports_dir(ctx.options.out_dir))
     synthesis, tests = produced.synthesis, produced.tests
     rounds: list = []
     repairs, previous = 0, None
     while True:
         subject = Subject(artifact=stage, parent=parent, spec=prepared.spec,
-                          material=material(prepared.spec, stage, parent, draft(prepared, synthesis, tests), tests.record()))
+                          material=material(prepared.spec, stage, baseline, draft(prepared, synthesis, tests),
+                                            tests.record(), scope))
         with ctx.report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
             rounds += run.review(subject, first_round=len(rounds) + 1, review=repairs + 1)
             info["note"] = f"{rounds[-1].consensus.outcome}: {rounds[-1].consensus.arithmetic}"
-        blocking = findings_by_unit(prepared.plan, rounds[-1].verdicts)
+        blocking = findings_by_unit(prepared.plan, rounds[-1].verdicts, prepared.spec)
         if rounds[-1].consensus.outcome != "reject" or repairs == panel.definition.repair_rounds:
             break
         if not blocking or blocking == previous:  # nothing a unit can fix, or the repair changed nothing
@@ -69,6 +78,13 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
     review = panel_report(subject, panel, rounds, repairs)
     if parent is not None:  # what changed goes into the report people read instead of the tree
         review = review.model_copy(update={"changes": changes(parent, stage, side(prepared)).summary()})
+    read = {f"src/{path}": digest for path, digest in tree_hashes(stage / "src").items()}
+    read["tests.json"] = sha256_text(canonical_json(tests.record()))  # as archive() will write it
+    review = review.model_copy(update={"bound": ReviewBinding(
+        artifact=f"{prepared.spec.ecosystem.name}@{prepared.version}", reviewed_hash=reviewed_hash(read),
+        panel_hash=panel_hash(panel), scope=scope)})
+    for line in review.uncertainties:
+        ctx.report.warn(line)
     if review.outcome != "approve":  # kept outside the archive, where the user can read why
         folder = _report_folder(ctx, prepared)
         write_report(review, folder)
@@ -79,7 +95,7 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
     if prepared.replay is not None and (left := [u.name for u in prepared.plan.units if prepared.replay.unanswered(u.name)]):
         ctx.report.warn(f"the replay needed fewer repairs than the recorded build (units {', '.join(left)}): "
                         "its tests passed earlier, so this artifact may differ from the one replayed")
-    return Judged(review=review, synthesis=synthesis, tests=tests)
+    return Judged(review=review, synthesis=synthesis, tests=tests, review_exchanges=tuple(run.exchanges))
 
 
 def _repair(ctx: BuildContext, prepared: Prepared, produced: Produced, synthesis: Synthesis,
@@ -107,19 +123,30 @@ def _src_path(file: str | None) -> str:
     return path.split("src/", 1)[1] if "src/" in path else path.removeprefix("./")
 
 
-def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...]) -> dict[str, list[str]]:
+def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...], spec: Spec | None = None) -> dict[str, list[str]]:
     """Blocking findings of the reviewers that did not approve (critical ones of any reviewer), by the unit
-    that wrote the file. A finding in a file no unit writes (the kernel, the lock) is for people, not the senior."""
+    that wrote the file. A requirement no test covers goes to the units whose tests are to prove it (the MADs
+    that name it, else the frame, whose end-to-end tests prove the acceptance areas). A finding in a file no
+    unit writes (the kernel, the lock) is for people, not the senior."""
     blocking: dict[str, list[str]] = {}
     for verdict in verdicts:
         for f in verdict.findings:
             if f.severity not in BLOCKING or (verdict.decision == "approve" and f.severity != "critical"):
                 continue
-            rel = _src_path(f.file)
-            owner = next((u.name for u in plan.units if u.may_write(rel)), None)
-            if owner is None:
-                continue
             fix = f" Fix: {f.suggestion}" if f.suggestion else ""
-            blocking.setdefault(owner, []).append(f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
+            for owner in _owners(plan, f, spec):
+                blocking.setdefault(owner, []).append(
+                    f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
     return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
 
+
+def _owners(plan: Plan, finding: Finding, spec: Spec | None) -> list[str]:
+    if finding.rule == "uncovered-requirement" and spec is not None:
+        requirement = next((r for r in spec.requirement_items if r.line == finding.line), None)
+        if requirement is not None:
+            mads = {ref.split(":", 1)[1] for ref in spec.requirement_references().get(requirement.id, ())
+                    if ref.startswith("mad:")}
+            owners = [u.name for u in plan.units if u.mad in mads]
+            return owners or [u.name for u in plan.units if u.kind == "frame"]
+    rel = _src_path(finding.file)
+    return [u.name for u in plan.units if u.may_write(rel)][:1]

@@ -27,7 +27,8 @@ from ..senior import context
 from ..senior.cache import ResponseCache
 from ..senior.client import price_per_token
 from ..senior.models import ModelClient
-from ..senior.synthesise import Spend, Synthesis, SynthesisRun
+from ..senior.spend import Spend
+from ..senior.synthesise import Synthesis, SynthesisRun
 from ..spec.plan import Plan
 from .context import BuildContext
 from .prepare import Given, Planned, Prepared

@@ -25,6 +25,8 @@ from ..errors import BuildFailed, RegenError, UserError
 from ..frozen import Frozen
 from ..hashing import tree_hashes
 from ..progress import Reporter
+from ..review.replay import CannotReplay, binding_problems
+from ..review.replay import replay as replay_review
 from .context import BuildContext
 from .prepare import load_inputs, plan_units
 
@@ -35,7 +37,9 @@ class Verification(Frozen):
     artifact: Path
     files: int
     signed_by: str = Field(description="the key, trusted or not, development or not")
-    problems: tuple[str, ...] = Field(description="signature, provenance, file hashes, root hash, SBOM, transcript")
+    problems: tuple[str, ...] = Field(description="signature, provenance, file hashes, root hash, SBOM, transcript, "
+                                                  "a review that does not belong to the artifact or replays otherwise")
+    review: str = Field(default="", description="what the review replay did, or exactly why it could not run")
     first_difference: str | None
     differences: tuple[str, ...] = Field(description="files of src/ the replay did not reproduce")
 
@@ -93,8 +97,22 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
     on_disk = tree_hashes(artifact / "src") if (artifact / "src").is_dir() else {}
     paths = set(rebuilt) | set(recorded) | set(on_disk)
     differences = tuple(sorted(p for p in paths if not rebuilt.get(p) == recorded.get(p) == on_disk.get(p)))
+    problems += binding_problems(artifact, manifest)
+    review = ""
+    if not problems and not differences:  # a review is replayed only on the code it judged
+        with report.stage("review", "the panel again, LLM reviewers answered from the transcript") as info:
+            try:
+                same, review = replay_review(artifact, manifest)
+            except CannotReplay as exc:
+                review = f"the review was not replayed: {exc}"
+            else:
+                if not same:
+                    problems.append(review)
+                    info["failed"] = True
+            info["note"] = review
     return Verification(artifact=artifact, files=len(recorded), signed_by=signed_by, problems=tuple(problems),
-                        first_difference=differences[0] if differences else None, differences=differences)
+                        first_difference=differences[0] if differences else None, differences=differences,
+                        review=review)
 
 
 def _replay(artifact: Path, spec_dir: Path, report: Reporter, src: Path, scratch: str) -> None:

@@ -10,6 +10,9 @@ tests         the sandbox results in tests.json (`subject.material.tests`)
               no-tests (critical)        no test passed, or no readable results
               test-run-failed (critical) pytest exited non-zero with no failing test
               weak-sandbox (minor)       the tests ran under less than bubblewrap
+              uncovered-requirement (major) a requirement of spec/requirements.md with an id that no
+                                         passing test names (@pytest.mark.requirement), at its line
+              unknown-requirement (minor) a test names an id requirements.md does not have
               skipped-test (info)        a skipped test
     options:  require_level = "bubblewrap" | "unshare" | "none" (default "none"): a sandbox
               weaker than this makes weak-sandbox major.
@@ -169,10 +172,40 @@ def _tests(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
             + (f"; the panel requires '{require}'" if weaker else ""),
             suggestion="Install bubblewrap (apt-get install -y bubblewrap) on the build machine and rebuild.",
         ))
+    findings += _requirement_findings(subject, result)
     counted = [f"{n} {label}" for n, label in
                ((result.failed, "failed"), (result.errors, "errors"), (result.skipped, "skipped")) if n]
     facts = f"{result.passed} tests passed" + "".join(f", {c}" for c in counted) + f" in the sandbox ({result.level})"
     return facts, findings
+
+
+def _requirement_findings(subject: Subject, result: SandboxResult) -> list[Finding]:
+    """A requirement no passing test names is a major finding at its line; a test naming an id that
+    requirements.md does not have is a minor one at the test."""
+    findings = []
+    known = {r.id for r in subject.spec.requirement_items}
+    for requirement in subject.spec.requirement_items:
+        proofs = result.proving(requirement.id)
+        if any(t.outcome == "passed" for t in proofs):
+            continue
+        named = (f"the tests that name it did not pass ({', '.join(t.id for t in proofs[:3])})" if proofs
+                 else "no test names it")
+        findings.append(Finding(
+            file="spec/requirements.md", line=requirement.line, severity="major", rule="uncovered-requirement",
+            message=f"requirement {requirement.id} is not proven by a passing test: {named}",
+            suggestion=(f'Write a test that proves it, marked @pytest.mark.requirement("{requirement.id}"); with the '
+                        f"offline senior, name {requirement.id} in the `requirements:` of the MAD whose tools prove it, "
+                        "or in ecosystem.yaml's `acceptance:`, and its generated tests carry it."),
+        ))
+    for test in result.tests:
+        for unknown in sorted(set(test.requirements) - known):
+            file, line = _locate_test(subject.artifact, test.id)
+            findings.append(Finding(
+                file=file, line=line, severity="minor", rule="unknown-requirement",
+                message=f"{test.id} names requirement {unknown!r}, which spec/requirements.md does not have",
+                suggestion="Name an id of spec/requirements.md, or give the requirement that id.",
+            ))
+    return findings
 
 
 # --- static: principles, forbidden imports and calls, secrets in logs -------------------

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..artifact.history import changes
 from ..artifact.manifest import Manifest
+from ..artifact.sign import verify_artifact
 from ..artifact.store import versions
 from ..config import SandboxSettings, load_pipeline
-from ..errors import UserError
+from ..errors import ArtifactRefused, UserError
 from ..progress import Reporter
 from ..sandbox.run import run_tests
 from ..senior.cache import ResponseCache
@@ -27,10 +28,11 @@ from ..senior.models import ModelClient
 from ..senior.runlog import RunLog
 from ..spec.load import load_spec
 from .material import material
-from .models import PanelReport, Subject
+from .models import PanelReport, ReviewBinding, ScopeMode, Subject
 from .panel import load_panel, panel_of
 from .report import review_html, review_json, review_markdown
 from .run import PanelRun, panel_report
+from .scope import choose, panel_hash, reviewed_hash
 
 
 def newest_artifact(out_dir: Path, ecosystem: str) -> Path:
@@ -71,8 +73,11 @@ def gate(
     clients: Mapping[str, ModelClient] | None = None,
     sandbox_level: str | None = None,
     report: Reporter | None = None,
+    scope: ScopeMode | None = None,
+    trust: Path | None = None,
 ) -> tuple[PanelReport, Path]:
-    """Review `artifact` (default: the newest build of the spec's ecosystem); the report and where it went."""
+    """Review `artifact` (default: the newest build of the spec's ecosystem); the report and where it went.
+    The artifact is verified first: a tampered or unsigned one is refused before anything is judged."""
     report = report or Reporter()
     with report.stage("load", "spec, pipeline, panel and artifact") as info:
         spec = load_spec(spec_dir)
@@ -91,11 +96,25 @@ def gate(
             changed = sorted(k for k in built_from.keys() | current.keys() if built_from.get(k) != current.get(k))
             report.warn(f"{artifact} was built from another version of the spec ({', '.join(changed[:5])} differ): "
                         "it is judged against the spec as it is now")
-        parent = artifact.parent / manifest.parent if manifest.parent else None
-        if parent is not None and not (parent / "src").is_dir():
-            report.warn(f"the parent version {parent} is not here: reviewers see every file, not the diff")
-            parent = None
         info["note"] = f"{artifact}, panel {panel.name} ({len(panel.reviewers)} reviewers)"
+    with report.stage("check", "the artifact's signature and every file hash, before judging it") as info:
+        integrity = verify_artifact(artifact, trust)
+        if not integrity.signature.signed:
+            raise ArtifactRefused(f"{artifact} is not signed ({integrity.signature.problem}): a gate judges only "
+                                  "signed artifacts; rebuild it with `nox -s regenerate`")
+        if not integrity.ok:
+            problems = integrity.problems
+            raise ArtifactRefused(f"{artifact} does not verify, so it is not judged: " + "; ".join(problems[:5])
+                                  + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+                                  + f". Run `regen verify {artifact}` for the whole list.")
+        info["note"] = f"signed by key {integrity.signature.key_id}; {len(manifest.outputs)} files hold"
+    parent = artifact.parent / manifest.parent if manifest.parent else None
+    if parent is not None and not (parent / "src").is_dir():
+        report.warn(f"the parent version {parent} is not here: the dependencies reviewer cannot compare locks")
+        parent = None
+    baseline, chosen = choose(scope or pipeline.review.scope, panel, artifact.parent, manifest.parent,
+                              gate_reports_dir(out_dir))
+    report.progress("review", f"scope: {chosen.reason}")
     if trust_tests or not any(r.kind == "tests" for r in panel.reviewers):
         try:
             tests = json.loads((artifact / "tests.json").read_text(encoding="utf-8"))
@@ -105,15 +124,25 @@ def gate(
     else:
         tests = sandbox_tests(artifact / "src", pipeline.sandbox, sandbox_level, report)
     subject = Subject(artifact=artifact, parent=parent, spec=spec,
-                      material=material(spec, artifact, parent, manifest.data(), tests))
+                      material=material(spec, artifact, baseline, manifest.data(), tests, chosen))
     run = PanelRun(panel, clients, pipeline.prices, ResponseCache(cache_dir) if cache_dir else None,
                    on_verdict=lambda v: report.progress("review", v.line),
                    on_event=RunLog(report).record)  # retries and fallbacks on screen; a gate keeps no run log
     with report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
         result = panel_report(subject, panel, run.review(subject))
+        info["note"] = f"{result.outcome}: {result.final.consensus.arithmetic}"
     if parent is not None:
         result = result.model_copy(update={"changes": changes(parent, artifact).summary()})
-        info["note"] = f"{result.outcome}: {result.final.consensus.arithmetic}"
-    folder = report_dir or Path(".regen/gate") / spec.ecosystem.name / artifact.name
+    result = result.model_copy(update={"bound": ReviewBinding(
+        artifact=f"{manifest.ecosystem}@{manifest.version}", reviewed_hash=reviewed_hash(manifest.outputs),
+        artifact_root_hash=manifest.root_hash, panel_hash=panel_hash(panel), scope=chosen)})
+    for line in result.uncertainties:
+        report.warn(line)
+    folder = report_dir or gate_reports_dir(out_dir) / spec.ecosystem.name / artifact.name
     write_report(result, folder)
     return result, folder
+
+
+def gate_reports_dir(out_dir: Path) -> Path:
+    """Where `regen gate` keeps its reports by default: `.regen/gate` beside the archive folder."""
+    return out_dir.parent / ".regen" / "gate"

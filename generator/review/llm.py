@@ -13,56 +13,58 @@ from __future__ import annotations
 
 import json
 import re
-import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from ..artifact.history import ChangedFile
+from ..artifact.manifest import BumpRecord, CarriedTool, SandboxRecord, UnitRecord
+from ..config import Price
 from ..errors import BuildFailed, OverBudget, UserError
+from ..frozen import Frozen
 from ..render import environment
 from ..senior import context
 from ..senior.answer import unfenced
 from ..senior.cache import ResponseCache
-from ..senior.models import ModelClient, ModelReply, ModelRequest
-from .models import SEVERITIES, Material, Verdict, VerdictAnswer
+from ..senior.client import price_per_token
+from ..senior.models import Exchange, ModelClient, ModelReply, ModelRequest, complete_within
+from ..senior.spend import Spend
+from .models import BLOCKING, SEVERITIES, Finding, Material, Verdict, VerdictAnswer
 from .panel import Reviewer
 
 # Room left in each request for the answer's own framing and the counter's error.
 CHUNK_MARGIN_TOKENS = 1_000
 
 
-@dataclass
-class ReviewSpend:
-    """Tokens and cost of one review, shared by its concurrent reviewers."""
+class ManifestSummary(Frozen):
+    """The parts of the manifest a reviewer can judge, read through the manifest's own models (a key the
+    manifest does not have is an error here, not a null in the prompt); hashes of every file are noise to it."""
 
-    budget_tokens: int | None
-    budget_usd: float | None
-    tokens: int = 0
-    cost_usd: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    def check(self) -> None:
-        with self._lock:
-            if self.budget_tokens is not None and self.tokens >= self.budget_tokens:
-                raise OverBudget(f"review budget of {self.budget_tokens:,} tokens spent ({self.tokens:,})")
-            if self.budget_usd is not None and self.cost_usd >= self.budget_usd:
-                raise OverBudget(f"review budget of ${self.budget_usd:.2f} spent (${self.cost_usd:.4f})")
+    ecosystem: str
+    version: str
+    parent: str | None = None
+    bump: BumpRecord | None = None
+    offline: bool
+    startup_order: tuple[str, ...] = ()
+    sandbox: SandboxRecord
+    units: tuple[UnitRecord, ...]
+    carried: dict[str, CarriedTool] = {}
 
-    def add(self, reply: ModelReply) -> None:
-        with self._lock:
-            self.tokens += reply.tokens
-            self.cost_usd += reply.cost_usd
+    def shown(self) -> dict:
+        summary = self.model_dump(mode="json", exclude={"units"})
+        summary["units"] = [u.model_dump(mode="json", include={"unit", "rounds", "reused_from", "answered_by",
+                                                               "prompt_tokens", "completion_tokens", "cost_usd"})
+                            for u in self.units]
+        return summary
 
 
 def _manifest_summary(manifest: dict) -> dict:
-    """The parts of the manifest a reviewer can judge; hashes of every file are noise to it."""
-    keep = ("ecosystem", "version", "parent", "bump", "offline", "startup_order", "sandbox", "tokens", "cost_usd",
-            "carried")
-    summary = {k: manifest[k] for k in keep if k in manifest}
-    summary["units"] = [{k: u.get(k) for k in ("unit", "rounds", "reused_from")} for u in manifest.get("units", [])]
-    return summary
+    return ManifestSummary.model_validate(manifest).shown()
 
 
 def _tests_summary(tests: dict) -> dict:
@@ -161,20 +163,31 @@ def _text_tokens(model: str) -> Callable[[str], int]:
 
 @dataclass
 class LLMReviewer:
-    """One LLM reviewer over one review: asks, re-asks once on a malformed verdict, else abstains."""
+    """One LLM reviewer over one review: asks, re-asks once on a malformed verdict, else abstains.
+
+    Every call reserves its worst case in the review's `Spend` first (the prompt's tokens plus
+    max_tokens, at the price of the model asked), so reviewers running at once cannot all slip
+    under the budget; a reviewer whose price is unknown cannot be bounded by a cost budget and
+    abstains rather than spend without a ceiling.
+    """
 
     reviewer: Reviewer
     client: ModelClient
-    spend: ReviewSpend
+    spend: Spend
     cache: ResponseCache | None = None
+    prices: dict[str, Price] | None = None
+    review: int = 1
+    """Which review of the build this is (2 after the first repair, ...): part of each request's transcript name."""
+    exchanges: list[Exchange] = field(default_factory=list)
+    """Every request and its answer, in order: the build's transcript keeps them, so the review replays."""
 
     @property
     def model(self):  # the SeniorModel; the validator guarantees it for llm reviewers
         assert self.reviewer.definition.model is not None
         return self.reviewer.definition.model
 
-    def requests(self, material: Material) -> list[list[dict[str, str]]]:
-        """The first-round conversations: one per chunk of the diff."""
+    def requests(self, material: Material) -> tuple[list[list[dict[str, str]]], tuple[str, ...]]:
+        """The first-round conversations (one per chunk of the material), and what is uncertain about them."""
         system = system_message(self.reviewer)
         count = _text_tokens(self.model.model)
         window = context.window_of(self.model)
@@ -189,27 +202,39 @@ class LLMReviewer:
                     f"{window:,}; give it a model with a larger window or lower max_tokens"
                 )
         chunks = pack(material.changed, budget, count)
-        return [[{"role": "system", "content": system},
-                 {"role": "user", "content": chunk_message(material, files, i, len(chunks))}]
-                for i, files in enumerate(chunks, 1)]
+        conversations = [[{"role": "system", "content": system},
+                          {"role": "user", "content": chunk_message(material, files, i, len(chunks))}]
+                         for i, files in enumerate(chunks, 1)]
+        notes = ()
+        if window is None and not self.model.is_offline:
+            largest = max(count(m[0]["content"]) + count(m[1]["content"]) for m in conversations)
+            notes = (f"context window of {self.model.model} unknown: sent {len(conversations)} request(s) unsplit, "
+                     f"the largest {largest:,} tokens; set context_window in the reviewer's [model] to split to it",)
+        return conversations, notes
 
     def first_round(self, material: Material) -> Verdict:
         try:
-            conversations = self.requests(material)
+            conversations, notes = self.requests(material)
         except UserError as exc:
             return self._abstain(1, str(exc), 0)
-        return self._verdict(conversations, 1)
+        verdict = self._verdict(conversations, 1)
+        return verdict.model_copy(update={"notes": notes + verdict.notes}) if notes else verdict
 
     def second_round(self, material: Material, own: Verdict, everyone: list[Verdict]) -> Verdict:
+        if own.decision == "abstain":
+            # It never saw the build (round-2 prompts carry only the verdicts): its abstention stands.
+            return own
         conversation = [{"role": "system", "content": system_message(self.reviewer)},
                         {"role": "user", "content": second_round_message(material, own, everyone)}]
         verdict = self._verdict([conversation], 2)
-        if verdict.decision == "abstain" and own.decision != "abstain":
+        if verdict.decision == "abstain":
             # A failed revision (timeout, budget) does not unsay round 1: the first verdict stands.
             return own.model_copy(update={"error": f"round 2 failed, round-1 verdict kept: {verdict.error}",
                                           "prompt_tokens": own.prompt_tokens + verdict.prompt_tokens,
                                           "completion_tokens": own.completion_tokens + verdict.completion_tokens,
-                                          "cost_usd": round(own.cost_usd + verdict.cost_usd, 6)})
+                                          "cost_usd": round(own.cost_usd + verdict.cost_usd, 6),
+                                          "cached": own.cached + verdict.cached,
+                                          "price_known": own.price_known and verdict.price_known})
         return verdict.model_copy(update={"revised": verdict.decision != own.decision})
 
     def _verdict(self, conversations: list[list[dict[str, str]]], round_: int) -> Verdict:
@@ -217,7 +242,8 @@ class LLMReviewer:
         replies: list[ModelReply] = []
         for number, messages in enumerate(conversations, 1):
             try:
-                answer = self._ask(messages, f"review:{self.reviewer.name}:round{round_}:chunk{number}", replies)
+                answer = self._ask(messages, round_, f"review:{self.reviewer.name}:{self.review}.{round_}:chunk{number}",
+                                   replies)
             except (BuildFailed, UserError) as exc:  # model errors after retries, timeouts, the budget, a refused call
                 return self._abstain(round_, str(exc), len(conversations), replies, answers)
             except Exception as exc:  # a provider error litellm did not map: still this reviewer's abstention
@@ -226,26 +252,38 @@ class LLMReviewer:
                 return self._abstain(round_, "malformed verdict twice: " + replies[-1].content[:200].replace("\n", " "),
                                      len(conversations), replies, answers)
             answers.append(answer)
-        decision = "approve" if all(a.decision == "approve" for a in answers) else "request_changes"
+        findings = tuple(f for a in answers for f in a.findings)
+        said = "approve" if all(a.decision == "approve" for a in answers) else "request_changes"
+        decision, correction = follow_findings(said, findings)
         summaries = [a.summary for a in answers]
         return Verdict(
-            reviewer=self.reviewer.name, kind="llm", round=round_, decision=decision,
+            reviewer=self.reviewer.name, kind="llm", round=round_, decision=decision, correction=correction,
             summary=summaries[0] if len(summaries) == 1 else " / ".join(f"[{i}] {s}" for i, s in enumerate(summaries, 1)),
-            findings=tuple(f for a in answers for f in a.findings), model=self.model.model,
-            weight=self.reviewer.definition.weight, chunks=len(conversations), **_spent(replies),
+            findings=findings, model=self.model.model,
+            weight=self.reviewer.definition.weight, chunks=len(conversations), **self._spent(replies),
         )
 
-    def _ask(self, messages: list[dict[str, str]], unit: str, replies: list[ModelReply]) -> VerdictAnswer | None:
+    def _reserve(self, model: str, prompt_tokens: int):
+        """Reserve one call's worst case at the price of `model` (the reviewer's, or a fallback's)."""
+        price = price_per_token(model, self.prices or {})
+        if price is None and self.spend.budgets.run_cost_usd is not None:
+            raise OverBudget(f"the price of {model} is unknown, so the review's cost budget of "
+                             f"${self.spend.budgets.run_cost_usd:.4f} cannot bound it; add it to [prices] "
+                             "in the pipeline file")
+        cost = (prompt_tokens * price[0] + self.model.max_tokens * price[1]) if price else 0.0
+        return self.spend.reservation(self.reviewer.name, prompt_tokens + self.model.max_tokens, cost)
+
+    def _ask(self, messages: list[dict[str, str]], round_: int, unit: str, replies: list[ModelReply]) -> VerdictAnswer | None:
         """A valid verdict, or None after one re-ask; the malformed reply is kept for the record."""
         for attempt in (1, 2):
             request = ModelRequest.for_unit(unit, self.model, messages, VerdictAnswer.model_json_schema())
             cached = self.cache.get(request.hash) if self.cache else None
             reply = cached.model_copy(update={"cached": True}) if cached else None
             if reply is None:
-                self.spend.check()
-                reply = self.client.complete(request)
-                self.spend.add(reply)
+                prompt_tokens = context.count_tokens(request)
+                reply = complete_within(self.client, request, partial(self._reserve, prompt_tokens=prompt_tokens))
             replies.append(reply)
+            self.exchanges.append(Exchange(request=request, reply=reply, round=round_, purpose="review"))
             try:
                 answer = VerdictAnswer.model_validate_json(unfenced(reply.content))
             except ValidationError as exc:
@@ -270,14 +308,29 @@ class LLMReviewer:
                        summary=f"no verdict ({len(answered)} of {chunks} parts answered)" if answered else "no verdict",
                        findings=found, error=error.splitlines()[0][:500] if error else "unknown error",
                        model=self.model.model, weight=self.reviewer.definition.weight, chunks=max(chunks, 1),
-                       **_spent(list(replies)))
+                       **self._spent(list(replies)))
+
+    def _spent(self, replies: list[ModelReply]) -> dict:
+        """What the answers cost when they were made (a cache hit costs that again on paper, as in the manifest, so
+        the same answers give the same review.json), how many came from the cache; a reply from a model of unknown
+        price cost an unknown amount, not $0."""
+        return {
+            "prompt_tokens": sum(r.prompt_tokens for r in replies),
+            "completion_tokens": sum(r.completion_tokens for r in replies),
+            "cost_usd": round(sum(r.cost_usd for r in replies), 6),
+            "cached": sum(1 for r in replies if r.cached),
+            "price_known": all(price_per_token(r.model or self.model.model, self.prices or {}) is not None
+                               for r in replies),
+        }
 
 
-def _spent(replies: list[ModelReply]) -> dict:
-    """What the replies cost; answers from the cache cost nothing this time."""
-    paid = [r for r in replies if not r.cached]
-    return {
-        "prompt_tokens": sum(r.prompt_tokens for r in paid),
-        "completion_tokens": sum(r.completion_tokens for r in paid),
-        "cost_usd": round(sum(r.cost_usd for r in paid), 6),
-    }
+def follow_findings(decision: str, findings: tuple[Finding, ...]) -> tuple[str, str | None]:
+    """A verdict's decision as its findings have it: a blocking finding (critical, major) requests changes,
+    whatever the reviewer said; the correction says so, for review.json."""
+    blocking = [f for f in findings if f.severity in BLOCKING]
+    if decision == "approve" and blocking:
+        counts = Counter(f.severity for f in blocking)
+        found = " and ".join(f"{counts[s]} {s}" for s in SEVERITIES if counts[s])
+        return "request_changes", (f"said approve with {found} finding{'s' if len(blocking) > 1 else ''}; "
+                                   "counted as request changes, as the rubric asks")
+    return decision, None

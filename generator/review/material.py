@@ -1,7 +1,8 @@
-"""What reviewers see: the build's src/ as a diff against its parent, plus what it must do.
+"""What reviewers see: the build's src/ as a diff against the scope's baseline, plus what it must do.
 
-Review burden should shrink with the change: files identical to the parent's are counted,
-not shown. Lockfiles are summarised (the dependencies reviewer reads them whole).
+Review burden should shrink with the change: files identical to the baseline's are counted,
+not shown (review/scope.py picks the baseline). Lockfiles are summarised (the dependencies
+reviewer reads them whole).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from pathlib import Path
 
 from ..artifact.history import changed_files
 from ..spec.model import Spec
-from .models import Material
+from .models import Material, ReviewScope
 
 
-def material(spec: Spec, artifact: Path, parent: Path | None, manifest: dict, tests: dict) -> Material:
-    """The review material of the build in `artifact` (its src/), against `parent` (its src/) if any."""
-    changed, unchanged = changed_files(artifact / "src", parent / "src" if parent else None)
+def material(spec: Spec, artifact: Path, baseline: Path | None, manifest: dict, tests: dict, scope: ReviewScope) -> Material:
+    """The review material of the build in `artifact` (its src/), against `baseline` (its src/) if any."""
+    changed, unchanged = changed_files(artifact / "src", baseline / "src" if baseline else None)
     return Material(
         ecosystem=spec.ecosystem.name,
         version=manifest.get("version", artifact.name),
@@ -26,4 +27,5 @@ def material(spec: Spec, artifact: Path, parent: Path | None, manifest: dict, te
         tests=tests,
         changed=changed,
         unchanged=unchanged,
+        scope=scope,
     )

@@ -60,6 +60,11 @@ class Verdict(Frozen):
     cost_usd: float = 0.0
     chunks: int = Field(default=1, description="how many focused requests the material was split into")
     revised: bool = Field(default=False, description="round 2 changed this reviewer's round-1 decision")
+    correction: str | None = Field(default=None, description="why the decision differs from what the reviewer said: "
+                                                             "an approval with a blocking finding requests changes")
+    cached: int = Field(default=0, description="answers taken from the response cache (they cost nothing this time)")
+    price_known: bool = Field(default=True, description="False when a model's price is unknown: cost_usd is then a floor")
+    notes: tuple[str, ...] = Field(default=(), description="what is uncertain about this verdict: an unknown window, ...")
 
     @property
     def critical(self) -> tuple[Finding, ...]:
@@ -72,6 +77,18 @@ class Verdict(Frozen):
         return f"{self.reviewer}: {self.decision}{found}" + (f" ({self.error})" if self.error else "")
 
 
+ScopeMode = Literal["parent", "approved", "full"]
+
+
+class ReviewScope(Frozen):
+    """What LLM reviewers were shown of `src/`, and why (review/scope.py)."""
+
+    mode: ScopeMode = Field(description="parent: the diff against the parent; approved: against the last version a "
+                                        "panel at least this strict approved; full: every file")
+    baseline: str | None = Field(description="the version the diff is against; None: the whole tree was shown")
+    reason: str = Field(description="in words: why this baseline (or none)")
+
+
 class Material(Frozen):
     """Everything reviewers see about one build: what it must do, what changed, how it tested."""
 
@@ -82,8 +99,39 @@ class Material(Frozen):
     principles: str
     manifest: dict
     tests: dict = Field(description="tests.json: the sandbox results")
-    changed: tuple[ChangedFile, ...] = Field(description="src/ against the parent; every file on a first build")
-    unchanged: int = Field(default=0, description="files identical to the parent's, not shown")
+    changed: tuple[ChangedFile, ...] = Field(description="src/ against the scope's baseline; every file without one")
+    unchanged: int = Field(default=0, description="files identical to the baseline's, not shown")
+    scope: ReviewScope
+
+
+class TestProof(Frozen):
+    __test__ = False  # not a pytest class
+
+    id: str = Field(description="the test, as tests.json names it")
+    outcome: str = Field(description="passed, failed, error or skipped")
+
+
+class RequirementCoverage(Frozen):
+    """One requirement of spec/requirements.md and the sandbox tests that name it."""
+
+    id: str
+    text: str = Field(description="the requirement's Markdown, as written")
+    line: int = Field(description="its line in spec/requirements.md")
+    tests: tuple[TestProof, ...] = ()
+    covered: bool = Field(description="at least one test that names it passed")
+
+
+class ReviewBinding(Frozen):
+    """What a review judged, so that it cannot be passed off as the review of anything else."""
+
+    artifact: str = Field(description="<ecosystem>@<version>")
+    reviewed_hash: str = Field(description="root hash over what the panel read: every file of src/ and tests.json, "
+                                           "by artifact path (the manifest's outputs restricted to those)")
+    artifact_root_hash: str | None = Field(default=None, description="the judged artifact's manifest root_hash: set "
+                                           "when an archived artifact was judged (`regen gate`); a build's own review "
+                                           "is inside the artifact, and the signature covers it")
+    panel_hash: str = Field(description="hash of the panel's files: the panel, its reviewer files and rubrics")
+    scope: ReviewScope
 
 
 Outcome = Literal["approve", "reject", "undecided"]
@@ -137,10 +185,42 @@ class PanelReport(Frozen):
                                                            "dependencies, files (history.Changes.summary())")
     carried: tuple[str, ...] = Field(default=(), description="a line per model-written tool the offline senior "
                                                              "carried from an archived build: from where, by whom")
+    bound: ReviewBinding | None = Field(default=None, description="what was judged; None in reviews before regen 0.12")
+    requirements: tuple[RequirementCoverage, ...] = Field(
+        default=(), description="every requirement with an id, the tests that name it, and whether one passed")
 
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.outcome]
+
+    def archived(self) -> PanelReport:
+        """The report as an artifact keeps it: cache hits vary run to run (they are shown on screen), the verdicts
+        do not, so the same answers give the same review.json."""
+        return self.model_copy(update={"rounds": tuple(
+            r.model_copy(update={"verdicts": tuple(v.model_copy(update={"cached": 0}) for v in r.verdicts)})
+            for r in self.rounds)})
+
+    @property
+    def price_known(self) -> bool:
+        return all(v.price_known for r in self.rounds for v in r.verdicts)
+
+    @property
+    def uncertainties(self) -> list[str]:
+        """What the report cannot vouch for, a line each: verdicts reused from the cache, costs of models whose
+        price is unknown, requests sent without knowing the window. Shown on screen and in review.md/html."""
+        lines: list[str] = []
+        verdicts = [v for r in self.rounds for v in r.verdicts]
+        cached = sorted({v.reviewer for v in verdicts if v.cached})
+        if cached:
+            lines.append(f"verdicts of {', '.join(cached)} were reused from the response cache (.regen/cache), not asked "
+                         "again; run with --no-cache to ask every reviewer afresh")
+        unpriced = sorted({f"{v.reviewer} ({v.model})" for v in verdicts if not v.price_known})
+        if unpriced:
+            lines.append(f"price unknown for {', '.join(unpriced)}: their cost is not counted, so the total is a floor; "
+                         "add the models to [prices] in the pipeline file")
+        lines += sorted({f"{v.reviewer}: {note}" for v in verdicts for note in v.notes})
+        return lines
+
 
     @property
     def final(self) -> Round:

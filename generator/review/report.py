@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from ..hashing import canonical_json
-from .models import SEVERITIES, Finding, PanelReport, Round, Verdict
+from .models import SEVERITIES, Finding, PanelReport, RequirementCoverage, Round, Verdict
 
 __all__ = ["one_line", "review_html", "review_json", "review_markdown"]
 
@@ -26,6 +26,7 @@ OUTCOME_WORDS = {"approve": "APPROVED", "reject": "REJECTED", "undecided": "UNDE
 OUTCOME_ICONS = {"approve": "✅", "reject": "❌", "undecided": "⚠️"}
 DECISION_WORDS = {"approve": "approve", "request_changes": "request changes", "abstain": "abstain"}
 DECISION_ICONS = {"approve": "✅", "request_changes": "❌", "abstain": "⚪"}
+OUTCOME_TEST_ICONS = {"passed": "✅", "failed": "❌", "error": "❌", "skipped": "⚪"}
 SEVERITY_ICONS = {"critical": "🔴", "major": "🟠", "minor": "🟡", "info": "🔵"}
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -94,8 +95,51 @@ def _view(report: PanelReport) -> dict:
         "prompt_tokens": _int(report.prompt_tokens),
         "completion_tokens": _int(report.completion_tokens),
         "total_tokens": _int(report.prompt_tokens + report.completion_tokens),
-        "cost": _usd(report.cost_usd),
+        "cost": _usd(report.cost_usd, report.price_known),
+        "scope": report.bound.scope.reason if report.bound else None,
+        "bound": _bound_view(report),
+        "requirements": [_requirement_view(c) for c in report.requirements],
+        "requirements_covered": sum(1 for c in report.requirements if c.covered),
+        "uncertain": report.uncertainties,
     }
+
+
+def _bound_view(report: PanelReport) -> dict | None:
+    b = report.bound
+    if b is None:
+        return None
+    return {"artifact": b.artifact, "reviewed_hash": b.reviewed_hash, "panel_hash": b.panel_hash,
+            "artifact_root_hash": b.artifact_root_hash or "", "baseline": b.scope.baseline or "", "mode": b.scope.mode}
+
+
+def _requirement_view(c: RequirementCoverage) -> dict:
+    title = _one_line_text(re.sub(r"(\*\*|__)(.+?)\1", r"\2", c.text))  # the matrix shows prose, not emphasis
+    cases: dict[str, list[str]] = {}  # a parametrised test is one row: its cases counted, its worst outcome shown
+    for t in c.tests:
+        cases.setdefault(t.id.split("[", 1)[0], []).append(t.outcome)
+    tests = []
+    for test_id, outcomes in cases.items():
+        worst = next((o for o in ("failed", "error", "skipped") if o in outcomes), "passed")
+        tests.append({"id": test_id, "outcome": worst, "icon": OUTCOME_TEST_ICONS[worst],
+                      "cases": f" ({len(outcomes)} cases)" if len(outcomes) > 1 else ""})
+    return {
+        "id": c.id,
+        "line": c.line,
+        "title": _shortened(title, 140),
+        "covered": c.covered,
+        "icon": "✅" if c.covered else "❌",
+        "tests": tests,
+    }
+
+
+def _shortened(text: str, limit: int) -> str:
+    """At most `limit` characters; a code span the cut would open is left out whole."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3]
+    if cut.count("`") % 2:
+        cut = cut[:cut.rindex("`")]
+    return cut.rstrip() + "..."
 
 
 def _round_view(rnd: Round, previous: Round | None, final: bool) -> dict:
@@ -138,8 +182,10 @@ def _verdict_view(v: Verdict, before: str | None, revision: bool) -> dict:
         "weight": f"{v.weight:g}",
         "tokens": _int(v.prompt_tokens + v.completion_tokens),
         "chunks": v.chunks,
-        "cost": _usd(v.cost_usd),
+        "cost": _usd(v.cost_usd, v.price_known),
         "error": error,
+        "correction": v.correction or "",
+        "cached": v.cached,
         "summary": v.summary,
     }
 
@@ -195,8 +241,9 @@ def _int(n: int) -> str:
     return f"{n:,}"
 
 
-def _usd(x: float) -> str:
-    return f"${x:.4f}"
+def _usd(x: float, known: bool = True) -> str:
+    """Dollars; where a price is unknown the sum is a floor and says so, never a plain $0."""
+    return f"${x:.4f}" if known else ("unknown" if x == 0 else f"${x:.4f} + unknown")
 
 
 def _one_line_text(text: str) -> str:
@@ -208,13 +255,17 @@ def _one_line_text(text: str) -> str:
 _CODE_SPAN = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
 _MD_PUNCT = re.compile(r"([\\`*_\[\]|~])")
 _MENTION = re.compile(r"@(?=[A-Za-z0-9])")
+# What GitHub turns into a link with no markup at all: scheme://..., www...., mailto:/xmpp: addresses.
+_BARE_LINK = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:)(?=//)|\b(www)(?=\.)|\b(mailto|xmpp)(?=:)")
 
 
 def _md_plain(text: str) -> str:
-    """One line of text that renders as itself: no HTML, no emphasis, links, images, table breaks or @mentions."""
+    """One line of text that renders as itself: no HTML, emphasis, links (bare ones too), images, table breaks or @mentions."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = _MD_PUNCT.sub(r"\\\1", text)
-    return _MENTION.sub("@\u200b", text)  # a zero-width space: shown as written, notifies nobody
+    # A zero-width space: shown as written, but no longer a mention (notifies nobody) or a bare link.
+    text = _BARE_LINK.sub(lambda m: next(g for g in m.groups() if g) + "\u200b", text)
+    return _MENTION.sub("@\u200b", text)
 
 
 def md_code(text: object, table: bool = True) -> str:

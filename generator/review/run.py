@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from pydantic import ValidationError
+
 from ..artifact.manifest import CarriedTool
-from ..config import Price
+from ..config import Budgets, Price
 from ..errors import UserError
+from ..sandbox.run import SandboxResult
 from ..senior.cache import ResponseCache
 from ..senior.client import LiteLLMClient, ModelEvent, missing_key
-from ..senior.models import ModelClient
+from ..senior.models import Exchange, ModelClient
+from ..senior.spend import Spend
 from .deterministic import run_check
-from .llm import LLMReviewer, ReviewSpend
-from .models import PanelReport, Round, Subject, Verdict
+from .llm import LLMReviewer
+from .models import PanelReport, RequirementCoverage, Round, Subject, TestProof, Verdict
 from .panel import Panel, Reviewer, decide
 
 
@@ -46,7 +50,9 @@ class PanelRun:
         on_event: Callable[[ModelEvent], None] = lambda event: None,
     ):
         self.panel = panel
-        self.spend = ReviewSpend(panel.definition.budget_tokens, panel.definition.budget_usd)
+        self.spend = Spend(Budgets(run_tokens=panel.definition.budget_tokens, run_cost_usd=panel.definition.budget_usd),
+                           scope="review", caller="reviewer",
+                           hint="Raise budget_usd or budget_tokens in the panel file to let the reviewers finish.")
         self.on_verdict = on_verdict
         self.llm: dict[str, LLMReviewer | str] = {}  # a reviewer, or why it cannot be asked
         for reviewer in panel.reviewers:
@@ -59,7 +65,7 @@ class PanelRun:
                 self.llm[reviewer.name] = f"{model.model} needs the environment variable {problem}"
                 continue
             client = client or LiteLLMClient(model, prices, on_event=on_event)
-            self.llm[reviewer.name] = LLMReviewer(reviewer, client, self.spend, cache)
+            self.llm[reviewer.name] = LLMReviewer(reviewer, client, self.spend, cache, prices)
 
     def _first(self, reviewer: Reviewer, subject: Subject) -> Verdict:
         if reviewer.kind != "llm":
@@ -84,8 +90,16 @@ class PanelRun:
                 self.on_verdict(future.result())
             return [future.result() for future in futures]
 
+    @property
+    def exchanges(self) -> list[Exchange]:
+        """Every LLM reviewer's requests and answers so far, reviewer by reviewer in panel order: for the transcript."""
+        return [e for asked in self.llm.values() if isinstance(asked, LLMReviewer) for e in asked.exchanges]
+
     def review(self, subject: Subject, first_round: int = 1, review: int = 1) -> list[Round]:
         """Round 1 (and 2, if the panel has one and it can change something); numbered on from `first_round`."""
+        for asked in self.llm.values():
+            if isinstance(asked, LLMReviewer):
+                asked.review = review
         reviewers = self.panel.reviewers
         rule = self.panel.definition.consensus
         verdicts = self._concurrently([lambda r=r: self._first(r, subject) for r in reviewers])
@@ -124,4 +138,20 @@ def panel_report(subject: Subject, panel: Panel, rounds: list[Round], repairs: i
         cost_usd=round(sum(v.cost_usd for v in verdicts), 6),
         carried=tuple(CarriedTool.model_validate(c).line(tool)
                       for tool, c in sorted(subject.material.manifest.get("carried", {}).items())),
+        requirements=coverage(subject),
     )
+
+
+def coverage(subject: Subject) -> tuple[RequirementCoverage, ...]:
+    """The requirement matrix: each requirement with an id, the tests of tests.json that name it, covered when one
+    passed. Unreadable results cover nothing (the tests reviewer says why)."""
+    try:
+        tests = SandboxResult.model_validate(subject.material.tests).tests
+    except ValidationError:
+        tests = ()
+    matrix = []
+    for requirement in subject.spec.requirement_items:
+        proofs = tuple(TestProof(id=t.id, outcome=t.outcome) for t in tests if requirement.id in t.requirements)
+        matrix.append(RequirementCoverage(id=requirement.id, text=requirement.text, line=requirement.line, tests=proofs,
+                                          covered=any(p.outcome == "passed" for p in proofs)))
+    return tuple(matrix)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from ..config import SandboxLevel, SandboxSettings
 from ..errors import BuildFailed
 from ..frozen import Frozen
@@ -36,6 +38,7 @@ class TestOutcome(Frozen):
     id: str
     outcome: Outcome
     message: str = ""
+    requirements: tuple[str, ...] = Field(default=(), description="ids the test names with @pytest.mark.requirement")
 
 
 class SandboxResult(Frozen):
@@ -55,6 +58,10 @@ class SandboxResult(Frozen):
     def record(self) -> dict:
         """tests.json: the results without the run's raw output (paths and timings vary run to run)."""
         return self.model_dump(mode="json", exclude={"output_tail"})
+
+    def proving(self, requirement: str) -> tuple[TestOutcome, ...]:
+        """The tests that name `requirement`."""
+        return tuple(t for t in self.tests if requirement in t.requirements)
 
 
 def run_uv(args: list[str], doing: str, timeout: int, env: dict[str, str] | None = None) -> None:
@@ -262,13 +269,17 @@ def run_tests(
     for folder in ("home", "tmp"):
         (work / folder).mkdir()
     make_venv(project, venv, settings.timeout_seconds)
+    plugins = work / "plugins"  # regen's own pytest plugin: which requirements each test names
+    plugins.mkdir()
+    shutil.copyfile(Path(__file__).with_name("requirements_plugin.py"), plugins / "regen_requirements.py")
     junit = work / "junit.xml"
     # The venv's `pytest`, as the generated README's `uv run --locked pytest -q` runs it (not `python -m pytest`,
     # which would put the project on sys.path and hide a project that only works that way).
     pytest = [
-        str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests",
+        str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", "-p", "regen_requirements",
+        f"--junitxml={junit}", "tests",
     ]
-    code, output = run_fenced(pytest, project, venv, work, level, settings)
+    code, output = run_fenced(pytest, project, venv, work, level, settings, {"PYTHONPATH": str(plugins)})
     if code is None:
         raise BuildFailed(f"the ecosystem's tests ran over the {settings.timeout_seconds}s sandbox time limit")
     tests = _read_junit(junit) if junit.exists() else ()
@@ -286,13 +297,13 @@ def run_tests(
 
 
 def run_fenced(argv: list[str], cwd: Path, venv: Path, work: Path, level: SandboxLevel,
-               settings: SandboxSettings) -> tuple[int | None, str]:
+               settings: SandboxSettings, env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """Run `argv` (with the venv's python) inside the fence, scrubbed and limited: (exit code, output);
     the code is None when it ran over the time limit and was killed."""
     proc = subprocess.Popen(
         fence(level, work, venv / "bin" / "python", cwd=cwd) + argv,
         cwd=cwd,
-        env=_scrubbed_env(work, venv),
+        env=_scrubbed_env(work, venv) | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -317,5 +328,6 @@ def _read_junit(path: Path) -> tuple[TestOutcome, ...]:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
                 message = (child.get("message") or "")[:500]
-        outcomes.append(TestOutcome(id=test_id, outcome=outcome, message=message))
+        named = sorted({p.get("value", "") for p in case.iter("property") if p.get("name") == "requirement"} - {""})
+        outcomes.append(TestOutcome(id=test_id, outcome=outcome, message=message, requirements=tuple(named)))
     return tuple(sorted(outcomes, key=lambda t: t.id))

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..artifact.manifest import UnitRecord
-from ..config import Budgets, Pipeline
-from ..errors import AnswerRejected, BuildFailed, OverBudget
+from ..config import Pipeline
+from ..errors import AnswerRejected, BuildFailed
 from ..frozen import Frozen
 from ..kernel.capabilities import CAPABILITIES
 from ..kernel_contract import api_text
@@ -36,6 +35,7 @@ from . import check
 from .answer import Answer, parse_answer
 from .cache import ResponseCache
 from .models import Exchange, ModelClient, ModelReply, ModelRequest, complete_within
+from .spend import Spend
 
 MAX_CONTINUATIONS = 3
 
@@ -66,72 +66,6 @@ class Synthesis(Frozen):
     units: tuple[UnitResult, ...]
     exchanges: tuple[Exchange, ...]
     outcomes: tuple[UnitOutcome, ...]
-
-
-class Spend:
-    """Tokens and dollars spent, per run and per unit, with what calls in flight may still spend.
-
-    A call reserves its worst case (prompt + max_tokens, priced when the price is known)
-    before it is made, so concurrent units cannot all squeeze under a budget at once.
-    """
-
-    def __init__(self, budgets: Budgets):
-        self.budgets = budgets
-        self.tokens = 0
-        self.cost_usd = 0.0
-        self.by_unit: dict[str, tuple[int, float]] = {}
-        self._reserved: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def reservation(self, unit: str, tokens: int, cost_usd: float) -> Iterator[Callable[[ModelReply], None]]:
-        """Reserve a call's worst case; the body settles it with the reply (unsettled: nothing spent)."""
-        with self._lock:
-            self._check(unit, tokens, cost_usd)
-            self._add(self._reserved, unit, tokens, cost_usd)
-            self._add(self._reserved, "", tokens, cost_usd)
-
-        def settle(reply: ModelReply) -> None:
-            if reply.cached:
-                return
-            with self._lock:
-                self.tokens += reply.tokens
-                self.cost_usd += reply.cost_usd
-                self._add(self.by_unit, unit, reply.tokens, reply.cost_usd)
-
-        try:
-            yield settle
-        finally:
-            with self._lock:
-                self._add(self._reserved, unit, -tokens, -cost_usd)
-                self._add(self._reserved, "", -tokens, -cost_usd)
-
-    @staticmethod
-    def _add(table: dict[str, tuple[int, float]], key: str, tokens: int, cost: float) -> None:
-        old_tokens, old_cost = table.get(key, (0, 0.0))
-        table[key] = (old_tokens + tokens, old_cost + cost)
-
-    def _check(self, unit: str, tokens: int, cost_usd: float) -> None:
-        b = self.budgets
-        run_reserved = self._reserved.get("", (0, 0.0))
-        unit_reserved = self._reserved.get(unit, (0, 0.0))
-        unit_spent = self.by_unit.get(unit, (0, 0.0))
-        limits = [
-            ("the run's token budget", b.run_tokens, self.tokens + run_reserved[0], tokens, "{:,} tokens"),
-            (f"unit {unit}'s token budget", b.unit_tokens, unit_spent[0] + unit_reserved[0], tokens, "{:,} tokens"),
-            ("the run's cost budget", b.run_cost_usd, self.cost_usd + run_reserved[1], cost_usd, "${:.4f}"),
-            (f"unit {unit}'s cost budget", b.unit_cost_usd, unit_spent[1] + unit_reserved[1], cost_usd, "${:.4f}"),
-        ]
-        for what, limit, committed, this_call, unit_format in limits:
-            # A cost budget also stops once it is reached: any further call costs something.
-            if limit is not None and (committed + this_call > limit or (this_call == 0 and committed >= limit)):
-                raise OverBudget(
-                    f"stopped before the next call for unit {unit}: it could cross {what} of "
-                    f"{unit_format.format(limit)} ({unit_format.format(committed)} spent or in flight, "
-                    f"+ up to {unit_format.format(this_call)} for this call). Spent in this run: "
-                    f"{self.tokens:,} tokens, ${self.cost_usd:.4f}. Raise [budgets] in the pipeline file to go on; "
-                    "nothing was archived."
-                )
 
 
 # --- prompts ------------------------------------------------------------------------------
@@ -199,6 +133,7 @@ def prompt_messages(spec: Spec, plan: Plan, unit: Unit) -> list[dict[str, str]]:
         package=plan.package,
         startup_order=plan.startup_order,
         unit_spec=json.dumps(unit_spec(spec, plan, unit), sort_keys=True, indent=1),
+        requirement_ids=[r.id for r in spec.requirement_items],
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 

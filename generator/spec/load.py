@@ -9,7 +9,9 @@ first one, so the user sees everything wrong in one run:
 3. models - each document is validated by its pydantic model; errors are rephrased
             for people and located through those remembered lines;
 4. cross  - checks that span files: names, tools, capabilities, dependencies, models,
-            storage tables; names the kernel reserves are read from the kernel's own source.
+            storage tables, requirement ids (requirements.md's, see `requirements.py`, against
+            those MADs and `acceptance:` name); names the kernel reserves are read from the
+            kernel's own source.
 
 `load_spec` returns a `Spec` or raises `SpecError`. `explain_errors` and `Phrasing` word
 pydantic errors for people; `generator.config` reuses them for pipeline files.
@@ -54,6 +56,7 @@ from .model import (
     Tool,
 )
 from .plan import dependency_graph
+from .requirements import ID_FORMS, parse_requirements
 
 __all__ = ["MAX_FILE_BYTES", "Phrasing", "explain_errors", "load_spec", "problem_at"]
 
@@ -106,6 +109,9 @@ def load_spec(root: str | Path) -> Spec:
     if ecosystem_doc is not None and ecosystem is not None:
         problems += _check_ecosystem(ecosystem_doc, ecosystem)
     problems += _check_mads(mads, known_names, ecosystem)
+    if requirements is not None:
+        problems += _check_requirements(folder.show("requirements.md"), requirements, mads,
+                                        (ecosystem_doc, ecosystem) if ecosystem_doc is not None and ecosystem is not None else None)
 
     if problems or ecosystem is None or requirements is None or principles is None:
         if not problems:  # every refusal above records why; an empty SpecError would print nothing
@@ -825,6 +831,44 @@ def _check_tables(mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:
             else:
                 owners[sql] = (doc, doc.line(at), mad.name, table.name)
     return problems
+
+
+def _check_requirements(file: str, text: str, mads: list[tuple[_Document, MadSpec]],
+                        ecosystem: tuple[_Document, EcosystemSpec] | None) -> list[SpecProblem]:
+    """requirements.md's ids are well formed and unique; MADs and acceptance areas name only those."""
+    parsed = parse_requirements(text)
+    problems = [SpecProblem(file, line, message) for line, message in parsed.problems]
+    known = list(dict.fromkeys(item.id for item in parsed.requirements))
+    claims: list[tuple[_Document, tuple, list[str], str]] = [
+        (doc, ("requirements",), mad.requirements, f"MAD '{mad.name}'") for doc, mad in mads]
+    if ecosystem is not None:
+        doc, spec = ecosystem
+        claims += [(doc, ("acceptance", area), ids, f"acceptance area '{area}'")
+                   for area, ids in spec.acceptance.items()]
+    for doc, at, ids, owner in claims:
+        seen: set[str] = set()
+        for index, requirement_id in enumerate(ids):
+            if requirement_id in seen:
+                problems.append(doc.problem(at + (index,), f"requirement '{requirement_id}' is listed twice "
+                                            f"for {owner}; expected each id once"))
+            elif requirement_id not in known:
+                problems.append(doc.problem(at + (index,), _unknown_requirement(requirement_id, known)))
+            seen.add(requirement_id)
+    return problems
+
+
+def _unknown_requirement(requirement_id: str, known: list[str]) -> str:
+    said = f"requirement '{requirement_id}' is not an id of requirements.md"
+    if not known:
+        return f"{said}, which gives none; expected requirements.md to mark it with {ID_FORMS}"
+    # The usual slips: a trailing '.', a lower-case 'r' or none, a '#' or braces around a slug.
+    plain = requirement_id.strip().rstrip(".").strip("{}").lstrip("#")
+    if number := re.fullmatch(r"[rR]?([1-9][0-9]*)", plain):
+        plain = f"R{number[1]}"
+    close = [plain] if plain in known else difflib.get_close_matches(requirement_id, [k for k in known
+                                                                                     if not k.startswith("R")], n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{said}; expected one of: {', '.join(known)}{hint}"
 
 
 def _check_talks_to(doc: _Document, mad: MadSpec, known: set[str]) -> list[SpecProblem]:

@@ -4,14 +4,20 @@ A spec folder holds `ecosystem.yaml`, `requirements.md`, `principles.md` and one
 `mads/<name>.yaml` per MAD. `generator.load` reads the folder into these models;
 every later stage takes them as its input. All models are immutable and reject
 unknown keys, so a typo in a spec is an error, never silently ignored.
+
+Requirements are traced by id: `Spec.requirement_items` are requirements.md's requirements
+(`Requirement`, parsed by `requirements.py`), a MAD's `requirements` and the ecosystem's
+`acceptance` (keyed by `ACCEPTANCE_AREAS`) name the ones they prove.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import keyword
 import re
+from functools import cached_property
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
@@ -29,6 +35,21 @@ PINNED_REQUIREMENT = re.compile(
     r"(?:\[\s*[A-Za-z0-9][A-Za-z0-9._-]*(?:\s*,\s*[A-Za-z0-9][A-Za-z0-9._-]*)*\s*\])?"
     r"\s*==\s*[A-Za-z0-9][A-Za-z0-9.+!_-]*$"
 )
+# The areas of the kernel's own acceptance tests, and what each proves of every ecosystem built.
+# ecosystem.yaml `acceptance:` maps some of them to the requirements (of requirements.md) they prove.
+ACCEPTANCE_AREAS: dict[str, str] = {
+    "tools": "every spec tool is exposed over MCP as <mad>.<tool>",
+    "web": "the web UI signs in with a client token, escapes content, refuses CSRF; /healthz answers",
+    "gateway": "MCP requests without a valid bearer token are refused",
+    "persistence": "conversations and secrets survive a restart",
+    "secrets_at_rest": "no secret value is stored in plaintext",
+    "clients": "the operator adds, lists and revokes clients; calls are logged and denials audited",
+    "privilege": "a MAD is refused every capability its spec does not grant",
+    "durability": "a request between MADs is delivered at least once and handled once across a crash",
+    "isolation": "a MAD that raises or hangs does not take the process down; health per MAD",
+    "audit": "the audit log is hash-chained and verifies; secrets re-encrypt under a new key",
+    "observability": "JSON logs carry correlation ids; /metrics counts messages, tool calls and errors",
+}
 # The error type of a rule whose message is complete as written; the loader shows it as is.
 SPEC_RULE = "spec_rule"
 
@@ -211,6 +232,11 @@ class MadSpec(Frozen):
     )
     budget_tokens: int = Field(default=100_000, ge=0, description="per-MAD LLM token budget")
     imperator: Imperator
+    # Dumped (into prompts) only when given: a spec without it asks exactly what it asked before.
+    requirements: list[str] = Field(
+        default_factory=list, exclude_if=lambda ids: not ids,
+        description="ids of requirements.md that this MAD's tools and their tests prove, e.g. [R1, R4]",
+    )
 
     @property
     def class_name(self) -> str:
@@ -264,6 +290,14 @@ def _supported_python(version: str) -> str:
     return version
 
 
+def _acceptance_area(area: str) -> str:
+    if area not in ACCEPTANCE_AREAS:
+        close = difflib.get_close_matches(area, list(ACCEPTANCE_AREAS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise spec_rule(f"unknown acceptance area '{area}'; expected one of: {', '.join(ACCEPTANCE_AREAS)}{hint}")
+    return area
+
+
 class EcosystemSpec(Frozen):
     name: str = Field(pattern=IDENTIFIER)
     description: str
@@ -274,6 +308,12 @@ class EcosystemSpec(Frozen):
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     client_budget_tokens: int = Field(default=100_000, ge=0)
     principles: list[PrincipleRule] = Field(default_factory=list)
+    # Dumped (into prompts) only when given, like MadSpec.requirements.
+    acceptance: dict[Annotated[str, AfterValidator(_acceptance_area)], list[str]] = Field(
+        default_factory=dict, exclude_if=lambda areas: not areas,
+        description="kernel acceptance-test area -> ids of requirements.md it proves; areas: "
+                    + ", ".join(ACCEPTANCE_AREAS),
+    )
 
 
 class SpecFile(Frozen):
@@ -283,15 +323,54 @@ class SpecFile(Frozen):
     sha256: str
 
 
+class Requirement(Frozen):
+    """One requirement of requirements.md, found by its id (see generator/spec/requirements.py)."""
+
+    id: str = Field(description="'R1', 'R12', ... or a slug like 'conversations-persist'")
+    text: str = Field(description="its Markdown, without the list or heading marker and the id")
+    line: int = Field(description="the line of requirements.md it starts on (1-based)")
+
+
 class Spec(Frozen):
     """A whole, validated spec: what every later stage starts from."""
 
     root: str = Field(description="the spec folder, as given")
     ecosystem: EcosystemSpec
-    requirements: str
+    requirements: str = Field(description="requirements.md as written; its requirements are `requirement_items`")
     principles: str
     mads: tuple[MadSpec, ...]
     files: tuple[SpecFile, ...]
 
     def mad(self, name: str) -> MadSpec:
         return next(m for m in self.mads if m.name == name)
+
+    @cached_property
+    def requirement_items(self) -> tuple[Requirement, ...]:
+        """The requirements of requirements.md that have an id, in file order; () when it gives none."""
+        from .requirements import parse_requirements
+
+        return parse_requirements(self.requirements).requirements
+
+    def requirement(self, requirement_id: str) -> Requirement:
+        """The requirement of that id; KeyError when requirements.md has none."""
+        for item in self.requirement_items:
+            if item.id == requirement_id:
+                return item
+        raise KeyError(requirement_id)
+
+    def requirement_references(self) -> dict[str, tuple[str, ...]]:
+        """Every requirement id -> what says it proves it: 'mad:<name>' and 'acceptance:<area>' (maybe none)."""
+        found: dict[str, list[str]] = {item.id: [] for item in self.requirement_items}
+        for mad in self.mads:
+            for requirement_id in dict.fromkeys(mad.requirements):
+                found.setdefault(requirement_id, []).append(f"mad:{mad.name}")
+        for area, ids in self.ecosystem.acceptance.items():
+            for requirement_id in dict.fromkeys(ids):
+                found.setdefault(requirement_id, []).append(f"acceptance:{area}")
+        return {requirement_id: tuple(refs) for requirement_id, refs in found.items()}
+
+    def unreferenced_requirements(self) -> tuple[Requirement, ...]:
+        """The requirements no MAD and no acceptance area claims to prove (not an error: a
+        model-written test may prove them), in file order."""
+        references = self.requirement_references()
+        return tuple(item for item in self.requirement_items if not references[item.id])
