@@ -125,7 +125,8 @@ def test_an_llm_gate_reads_the_whole_tree_no_llm_approved_and_binds_its_report(t
         result = regen_gate("--trust-tests", "--panel", str(panel), "--report", str(tmp_path / "report"), env=KEYED)
         prompts = ["\n".join(m["content"] for m in r["messages"]) for r in server.requests]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "scope: the whole tree: no ancestor was approved by a panel with every reviewer of test" in result.stdout
+    whole = "the whole tree: no ancestor's code was read and approved by a panel with every reviewer of test"
+    assert f"scope: {whole}" in result.stdout
     assert all("Every file of `src/` is shown as added: the whole tree" in p for p in prompts)
     shown = "".join(prompts)
     assert "added: src/madgroup/kernel/bus.py" in shown and "added: src/madgroup/mads/rogers.py" in shown
@@ -133,8 +134,8 @@ def test_an_llm_gate_reads_the_whole_tree_no_llm_approved_and_binds_its_report(t
     manifest = json.loads((ARCHIVE / NEWEST / "manifest.json").read_text())
     assert review["bound"]["artifact"] == f"madgroup@{NEWEST}"
     assert review["bound"]["artifact_root_hash"] == manifest["root_hash"]
-    assert review["bound"]["scope"] == {"mode": "approved", "baseline": None, "reason": (
-        "the whole tree: no ancestor was approved by a panel with every reviewer of test")}
+    assert review["bound"]["scope"] == {"mode": "approved", "baseline": None, "baseline_root_hash": None,
+                                        "reason": whole}
     # --scope parent narrows it to the diff, and says so.
     with ScriptedServer(lambda body: Reply(verdict()), model="scripted-reviewer") as server:
         panel = write_panel(tmp_path / "p", {"alpha": scripted_reviewer(server.base_url)})

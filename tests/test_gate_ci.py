@@ -311,3 +311,31 @@ def test_the_gate_session_exits_2_when_undecided_and_fails_as_usual_otherwise(no
     assert exited.value.code == 2
     with pytest.raises(CommandFailed):
         noxfile.gate(FakeSession(1))
+
+
+@pytest.mark.parametrize(("written", "shown"), [
+    ("src/madgroup/mads/rogers.py (part 2 of 3)", "src/madgroup/mads/rogers.py"),
+    ("b/src/madgroup/mads/rogers.py", "src/madgroup/mads/rogers.py"),
+    ("./src/madgroup/mads/rogers.py", "src/madgroup/mads/rogers.py"),
+    ("madgroup/mads/rogers.py", "src/madgroup/mads/rogers.py"),
+    ("../../../.github/workflows/regen.yml", None),
+    ("/etc/passwd", None),
+])
+def test_finding_paths_are_read_as_paths_inside_the_artifact(written, shown):
+    from generator.review.sarif import inside
+
+    artifact = ARCHIVE / NEWEST
+    assert inside(artifact, written) == shown
+
+
+def test_a_finding_outside_the_artifact_points_at_the_whole_build_and_says_where(layout):
+    artifact, root = layout
+    report = panel_report()
+    escaping = Finding(file="../../.github/workflows/regen.yml", line=3, severity="major", rule="odd", message="edit me")
+    final = report.final.model_copy(update={"verdicts": (report.final.verdicts[0].model_copy(
+        update={"findings": (escaping,)}),)})
+    log = json.loads(sarif(report.model_copy(update={"rounds": (final,)}), artifact, root))
+    result = log["runs"][0]["results"][0]
+    location = result["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"].endswith("/manifest.json") and "region" not in location
+    assert result["message"]["text"].startswith("../../.github/workflows/regen.yml: edit me")

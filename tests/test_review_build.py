@@ -18,7 +18,7 @@ from generator.config import RunOptions, SeniorModel
 from generator.errors import BuildFailed, ReviewUndecided
 from generator.progress import Reporter
 from generator.senior.client import LiteLLMClient
-from generator.senior.scripted import Reply, ScriptedServer
+from generator.senior.scripted import Fault, Reply, ScriptedServer
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +132,22 @@ def test_an_undecided_panel_ships_nothing(tmp_path, offline_spec, monkeypatch):
         regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert "could not decide" in str(err.value) and "SCRIPTED_API_KEY" in str(err.value)
     assert versions(tmp_path / "out" / "madgroup") == []
+
+
+def test_a_review_with_an_abstainer_replays_with_the_abstention_as_it_was(tmp_path, offline_spec, monkeypatch):
+    # alpha has no key (it abstains, quorum 1 lets the tests reviewer decide); beta times out in round 1.
+    monkeypatch.delenv("SCRIPTED_API_KEY")
+    monkeypatch.setenv("BETA_KEY", "scripted")
+    with ScriptedServer([Fault.slow(5, Reply(verdict()))], model="scripted-reviewer") as slow:
+        panel = write_panel(tmp_path, {"tests": {"kind": "tests", "focus": "tests"},
+                                       "alpha": scripted_reviewer("http://127.0.0.1:9/v1"),
+                                       "beta": scripted_reviewer(slow.base_url, api_key_env="BETA_KEY",
+                                                                 timeout_seconds=0.5)},
+                            consensus={"rule": "unanimous", "quorum": 1})
+        options = RunOptions(spec_dir=offline_spec, pipeline_file=_pipeline(tmp_path, panel), out_dir=tmp_path / "out")
+        result = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+    review = json.loads((result.path / "review.json").read_text())
+    assert [v["decision"] for v in review["rounds"][-1]["verdicts"]] == ["approve", "abstain", "abstain"]
+    checked = verify(result.path)
+    assert checked.ok, checked.problems
+    assert checked.review.startswith("the review replayed byte for byte: approve, 3 reviewers")

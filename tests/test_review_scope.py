@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from review_helpers import REPO, scripted_reviewer, write_panel
 
@@ -24,63 +22,91 @@ def llm_panel(tmp_path):
 
 
 def test_parent_scope_diffs_against_the_parent(llm_panel):
-    baseline, scope = choose("parent", llm_panel, ARCHIVE, PARENT, None)
+    baseline, scope = choose("parent", llm_panel, ARCHIVE, PARENT)
     assert baseline == ARCHIVE / PARENT and scope.baseline == PARENT and scope.reason == f"the changes since the parent {PARENT}"
 
 
 def test_full_scope_shows_every_file(llm_panel):
-    assert choose("full", llm_panel, ARCHIVE, PARENT, None) == (None, choose("full", llm_panel, ARCHIVE, PARENT, None)[1])
-    assert choose("full", llm_panel, ARCHIVE, PARENT, None)[1].reason.startswith("the whole tree, as asked")
+    baseline, scope = choose("full", llm_panel, ARCHIVE, PARENT)
+    assert baseline is None and scope.reason.startswith("the whole tree, as asked")
 
 
 def test_approved_scope_with_the_offline_panel_is_the_parent_it_approved():
-    baseline, scope = choose("approved", load_panel(DEFAULT_PANEL), ARCHIVE, PARENT, None)
-    assert baseline == ARCHIVE / PARENT and scope.reason == (
-        f"the changes since {PARENT}, the newest ancestor approved by a panel (offline) with every reviewer of offline")
+    # The offline panel read the first build whole and every diff since: the chain anchors the parent.
+    baseline, scope = choose("approved", load_panel(DEFAULT_PANEL), ARCHIVE, PARENT)
+    assert baseline == ARCHIVE / PARENT and scope.baseline_root_hash == Manifest.read(ARCHIVE / PARENT).root_hash
+    assert scope.reason == (f"the changes since {PARENT}, the newest ancestor whose whole code a panel with every "
+                            "reviewer of offline has read and approved")
 
 
 def test_approved_scope_shows_the_whole_tree_when_no_ancestor_passed_a_panel_this_strict(llm_panel):
     # Only the offline panel ever approved madgroup: no LLM has read its code, so an LLM panel reads all of it.
-    baseline, scope = choose("approved", llm_panel, ARCHIVE, PARENT, None)
+    baseline, scope = choose("approved", llm_panel, ARCHIVE, PARENT)
     assert baseline is None and scope.baseline is None
-    assert scope.reason == "the whole tree: no ancestor was approved by a panel with every reviewer of test"
+    assert scope.reason == "the whole tree: no ancestor's code was read and approved by a panel with every reviewer of test"
 
 
-def _gate_report(reports, version, panel, outcome="approve", root=None):
-    folder = reports / "madgroup" / version
-    folder.mkdir(parents=True)
-    root = root or Manifest.read(ARCHIVE / version).root_hash
-    (folder / "review.json").write_text(json.dumps({
-        "outcome": outcome, "panel": "test", "panel_definition": panel.describe(),
-        "bound": {"artifact_root_hash": root},
-    }))
+def _copy(tmp_path, *versions_):
+    import shutil
+    out = tmp_path / "madgroup"
+    for version in versions_:
+        shutil.copytree(ARCHIVE / version, out / version)
+    return out
 
 
-def test_an_approving_gate_report_bound_to_an_ancestor_makes_it_the_baseline(tmp_path, llm_panel):
+def test_an_ancestor_that_does_not_verify_is_not_a_baseline(tmp_path):
     grandparent = Manifest.read(ARCHIVE / PARENT).parent
-    _gate_report(tmp_path / "gate", grandparent, llm_panel)
-    baseline, scope = choose("approved", llm_panel, ARCHIVE, PARENT, tmp_path / "gate")
-    assert baseline == ARCHIVE / grandparent and scope.baseline == grandparent
+    out = _copy(tmp_path, *versions(ARCHIVE))
+    planted = out / PARENT / "src" / "madgroup" / "mads" / "rogers.py"
+    planted.write_text(planted.read_text() + "\nEVIL = __import__('os').system\n")  # not re-signed
+    baseline, scope = choose("approved", load_panel(DEFAULT_PANEL), out, PARENT)
+    assert scope.baseline == grandparent  # the tampered parent's code is shown, against what was really read
 
 
-@pytest.mark.parametrize("how", ["rejected", "bound elsewhere", "other reviewer"])
-def test_a_gate_report_that_does_not_vouch_is_passed_over(tmp_path, llm_panel, how):
-    other = load_panel(write_panel(tmp_path / "other", {"alpha": scripted_reviewer("http://127.0.0.1:9/v1",
-                                                                                   model="openai/another")}))
-    _gate_report(tmp_path / "gate", PARENT, other if how == "other reviewer" else llm_panel,
-                 outcome="reject" if how == "rejected" else "approve",
-                 root="0" * 64 if how == "bound elsewhere" else None)
-    assert choose("approved", llm_panel, ARCHIVE, PARENT, tmp_path / "gate")[0] is None
+def test_a_chain_of_diffs_is_only_as_good_as_its_first_tree(tmp_path):
+    # Without the first build, nothing proves that a panel ever read the code the diffs start from.
+    chain = []
+    version = PARENT
+    while version:
+        chain.append(version)
+        version = Manifest.read(ARCHIVE / version).parent
+    out = _copy(tmp_path, *chain[:-1])  # every ancestor but the first build
+    assert choose("approved", load_panel(DEFAULT_PANEL), out, PARENT)[0] is None
+
+
+def test_an_ancestor_whose_reviewer_abstained_or_sat_elsewhere_does_not_count(tmp_path, llm_panel):
+    from generator.review.models import Consensus, PanelReport, Round, Verdict
+    from generator.review.scope import _as_strict
+
+    def review(decision, definition=None):
+        described = llm_panel.describe()
+        if definition is not None:
+            described["reviewers"]["alpha"] = definition
+        verdict = Verdict(reviewer="alpha", kind="llm", round=1, decision=decision, summary="s", error=None
+                          if decision != "abstain" else "no key")
+        consensus = Consensus(rule="unanimous", outcome="approve", reason="r", arithmetic="a", approvals=1,
+                              rejections=0, abstentions=0, quorum=1)
+        return PanelReport(ecosystem="madgroup", version="1", parent=None, panel="test", panel_definition=described,
+                           rounds=(Round(number=1, verdicts=(verdict,), consensus=consensus),), outcome="approve",
+                           reason="r")
+
+    assert _as_strict(review("approve"), llm_panel)
+    assert not _as_strict(review("abstain"), llm_panel)
+    other = {**llm_panel.describe()["reviewers"]["alpha"], "model": {"model": "openai/another"}}
+    assert not _as_strict(review("approve", other), llm_panel)
+    slower = {**llm_panel.describe()["reviewers"]["alpha"]}
+    slower["model"] = {**slower["model"], "timeout_seconds": 600}
+    assert _as_strict(review("approve", slower), llm_panel)  # a longer timeout reads the same code
 
 
 def test_a_missing_parent_or_a_first_build_shows_everything(tmp_path, llm_panel):
-    assert "is not beside this build" in choose("approved", llm_panel, tmp_path, PARENT, None)[1].reason
-    assert choose("parent", llm_panel, ARCHIVE, None, None)[1].reason == "a first build: there is no earlier version"
+    assert "is not beside this build" in choose("approved", llm_panel, tmp_path, PARENT)[1].reason
+    assert choose("parent", llm_panel, ARCHIVE, None)[1].reason == "a first build: there is no earlier version"
 
 
 def test_an_unknown_scope_is_a_usage_error(llm_panel):
     with pytest.raises(UserError, match="unknown review scope 'everything'; expected one of parent, approved, full"):
-        choose("everything", llm_panel, ARCHIVE, PARENT, None)
+        choose("everything", llm_panel, ARCHIVE, PARENT)
 
 
 def test_the_reviewed_hash_covers_src_and_tests_json_only():

@@ -38,7 +38,7 @@ from ..config import Pipeline, SeniorModel
 from ..errors import BuildFailed
 from ..hashing import canonical_json, sha256_bytes, tree_hashes
 from ..review.gate import write_report
-from ..review.replay import REVIEWS, panel_files
+from ..review.replay import REVIEWS
 from ..sandbox.run import SandboxResult
 from ..sandbox.upgrade import run_upgrade_test
 from ..senior.synthesise import Synthesis
@@ -64,8 +64,8 @@ def archive(ctx: BuildContext, prepared: Prepared, judged: Judged, stage: Path) 
     # The spec it was built from, so `regen diff` can show what changed in it; the panel that judged it,
     # so `regen verify` can replay the review.
     write_tree(stage / "spec", spec_files(ctx, prepared))
-    write_tree(stage / REVIEWS, panel_files(prepared.given.panel))
-    (stage / "tests.json").write_text(canonical_json(judged.tests.record()))
+    write_tree(stage / REVIEWS, prepared.given.panel.files)
+    (stage / "tests.json").write_text(canonical_json(judged.tests.record()), encoding="utf-8")
     write_report(judged.review.archived(), stage)
     (stage / "sbom.cdx.json").write_text(sbom(stage / "src"), encoding="utf-8")
     outputs = tree_hashes(stage)  # once: every file the manifest vouches for

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..artifact.history import changes
 from ..errors import BuildFailed, RepairFromReviewFailed, ReviewUndecided
 from ..hashing import canonical_json, sha256_text, tree_hashes
-from ..review.gate import gate_reports_dir, write_report
+from ..review.gate import write_report
 from ..review.material import material
 from ..review.models import BLOCKING, Finding, PanelReport, ReviewBinding, Subject, Verdict
 from ..review.run import PanelRun, panel_report
@@ -48,7 +48,7 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
                    on_verdict=lambda v: ctx.report.progress("review", v.line), on_event=prepared.run_log.record)
     parent = prepared.ecosystem_dir / prepared.parent.version if prepared.parent else None
     baseline, scope = choose(prepared.pipeline.review.scope, panel, prepared.ecosystem_dir,
-                             prepared.parent.version if prepared.parent else None, gate_reports_dir(ctx.options.out_dir))
+                             prepared.parent.version if prepared.parent else None)
     synthesis, tests = produced.synthesis, produced.tests
     rounds: list = []
     repairs, previous = 0, None

@@ -21,6 +21,7 @@ from ..artifact.sign import verify_artifact
 from ..artifact.store import versions
 from ..config import SandboxSettings, load_pipeline
 from ..errors import ArtifactRefused, UserError
+from ..hashing import canonical_json, sha256_text
 from ..progress import Reporter
 from ..sandbox.run import run_tests
 from ..senior.cache import ResponseCache
@@ -108,12 +109,23 @@ def gate(
                                   + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
                                   + f". Run `regen verify {artifact}` for the whole list.")
         info["note"] = f"signed by key {integrity.signature.key_id}; {len(manifest.outputs)} files hold"
+    if integrity.signature.development:
+        report.warn(f"{artifact} is signed by a development key ({integrity.signature.key_id}): anyone with this "
+                    "checkout can sign with it")
+    elif trust is None:
+        report.warn(f"{artifact} is signed by key {integrity.signature.key_id}, which was not checked against a key "
+                    "you trust; pass --trust KEY.pub.pem to require yours")
     parent = artifact.parent / manifest.parent if manifest.parent else None
     if parent is not None and not (parent / "src").is_dir():
         report.warn(f"the parent version {parent} is not here: the dependencies reviewer cannot compare locks")
         parent = None
-    baseline, chosen = choose(scope or pipeline.review.scope, panel, artifact.parent, manifest.parent,
-                              gate_reports_dir(out_dir))
+    if parent is not None:
+        try:
+            Manifest.read(parent)
+        except UserError as exc:  # found out now, before anyone is paid to review
+            report.warn(f"the parent version {parent} cannot be read ({str(exc).splitlines()[0]}): it is left out")
+            parent = None
+    baseline, chosen = choose(scope or pipeline.review.scope, panel, artifact.parent, manifest.parent, trust)
     report.progress("review", f"scope: {chosen.reason}")
     if trust_tests or not any(r.kind == "tests" for r in panel.reviewers):
         try:
@@ -134,7 +146,9 @@ def gate(
     if parent is not None:
         result = result.model_copy(update={"changes": changes(parent, artifact).summary()})
     result = result.model_copy(update={"bound": ReviewBinding(
-        artifact=f"{manifest.ecosystem}@{manifest.version}", reviewed_hash=reviewed_hash(manifest.outputs),
+        artifact=f"{manifest.ecosystem}@{manifest.version}",
+        # the tests the panel judged: the artifact's tests.json, or the results of running them again
+        reviewed_hash=reviewed_hash({**manifest.outputs, "tests.json": sha256_text(canonical_json(tests))}),
         artifact_root_hash=manifest.root_hash, panel_hash=panel_hash(panel), scope=chosen)})
     for line in result.uncertainties:
         report.warn(line)

@@ -35,6 +35,7 @@ from ..senior.spend import Spend
 from .models import BLOCKING, SEVERITIES, Finding, Material, Verdict, VerdictAnswer
 from .panel import Reviewer
 
+ROUND_TWO_FAILED = "round 2 failed, round-1 verdict kept: "
 # Room left in each request for the answer's own framing and the counter's error.
 CHUNK_MARGIN_TOKENS = 1_000
 
@@ -81,12 +82,23 @@ def system_message(reviewer: Reviewer) -> str:
     )
 
 
+def fence(text: str) -> str:
+    """A code fence no line of `text` can close: longer than its longest run of backticks."""
+    return "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+
+
+def _frame(item: ChangedFile) -> str:
+    """What a file costs in a request besides its diff: its heading and its fence."""
+    mark = fence(item.diff)
+    return f"### {item.status}: {item.path}\n\n{mark}diff\n\n{mark}\n\n"
+
+
 def chunk_message(material: Material, files: list[ChangedFile], number: int, total: int) -> str:
     return environment("review/prompts").get_template("review_chunk.md.j2").render(
         material=material,
         manifest=json.dumps(_manifest_summary(material.manifest), sort_keys=True, indent=1),
         tests=json.dumps(_tests_summary(material.tests), sort_keys=True, indent=1),
-        files=files,
+        files=[(f, fence(f.diff)) for f in files],
         number=number,
         total=total,
     )
@@ -140,8 +152,9 @@ def pack(files: tuple[ChangedFile, ...], budget: int | None, count: Callable[[st
     chunks: list[list[ChangedFile]] = [[]]
     size = 0
     for item in files:
-        for piece in _split(item, budget, count) if count(item.diff) > budget else [item]:
-            cost = count(piece.diff)
+        frame = count(_frame(item))  # the heading and fence every piece repeats
+        for piece in _split(item, max(budget - frame, 1), count) if count(item.diff) + frame > budget else [item]:
+            cost = count(piece.diff) + frame
             if chunks[-1] and size + cost > budget:
                 chunks.append([])
                 size = 0
@@ -229,12 +242,12 @@ class LLMReviewer:
         verdict = self._verdict([conversation], 2)
         if verdict.decision == "abstain":
             # A failed revision (timeout, budget) does not unsay round 1: the first verdict stands.
-            return own.model_copy(update={"error": f"round 2 failed, round-1 verdict kept: {verdict.error}",
-                                          "prompt_tokens": own.prompt_tokens + verdict.prompt_tokens,
-                                          "completion_tokens": own.completion_tokens + verdict.completion_tokens,
-                                          "cost_usd": round(own.cost_usd + verdict.cost_usd, 6),
-                                          "cached": own.cached + verdict.cached,
-                                          "price_known": own.price_known and verdict.price_known})
+            # Its round-1 spend is on its round-1 verdict already: this one carries round 2's alone.
+            return own.model_copy(update={"error": f"{ROUND_TWO_FAILED}{verdict.error}",
+                                          "prompt_tokens": verdict.prompt_tokens,
+                                          "completion_tokens": verdict.completion_tokens,
+                                          "cost_usd": verdict.cost_usd, "cached": verdict.cached,
+                                          "price_known": verdict.price_known, "notes": ()})
         return verdict.model_copy(update={"revised": verdict.decision != own.decision})
 
     def _verdict(self, conversations: list[list[dict[str, str]]], round_: int) -> Verdict:

@@ -86,6 +86,8 @@ class ReviewScope(Frozen):
     mode: ScopeMode = Field(description="parent: the diff against the parent; approved: against the last version a "
                                         "panel at least this strict approved; full: every file")
     baseline: str | None = Field(description="the version the diff is against; None: the whole tree was shown")
+    baseline_root_hash: str | None = Field(default=None, description="that version's manifest root_hash, so the "
+                                                                     "diff can be checked against the very same code")
     reason: str = Field(description="in words: why this baseline (or none)")
 
 

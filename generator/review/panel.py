@@ -11,7 +11,7 @@ panel's folder. Rubric paths are relative to the reviewer's file.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -88,18 +88,9 @@ class Panel:
     file: Path
     definition: PanelDefinition
     reviewers: tuple[Reviewer, ...]
-
-    @property
-    def files(self) -> dict[str, bytes]:
-        """Every file the panel is made of, by path relative to the reviews/ folder: inputs of a build."""
-        root = self.file.parent.parent
-        found = {self.file: self.file.read_bytes()}
-        for reviewer in self.reviewers:
-            found[reviewer.file] = reviewer.file.read_bytes()
-            if reviewer.definition.rubric:
-                rubric = (reviewer.file.parent / reviewer.definition.rubric).resolve()
-                found[rubric] = rubric.read_bytes()
-        return {_relative(path, root): data for path, data in sorted(found.items())}
+    files: dict[str, bytes] = field(default_factory=dict, compare=False)
+    """Every file the panel is made of, read once when loaded (the build's inputs and the artifact's copy are
+    these bytes), by path relative to the reviews/ folder: panels/x.toml, reviewers/y.toml, rubrics/z.md."""
 
     def describe(self) -> dict:
         """The panel as loaded, for review.json: definitions and rubric hashes."""
@@ -112,13 +103,6 @@ class Panel:
                 for r in self.reviewers
             },
         }
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 # The deterministic checks (review/deterministic.py) and the options each accepts in a reviewer file.
@@ -172,7 +156,27 @@ def load_panel(path: Path) -> Panel:
     for label, value in (("k", rule.k), ("quorum", rule.quorum)):
         if value is not None and value > n:
             raise UserError(f"{path}: consensus.{label} = {value} but the panel has only {n} reviewers")
-    return Panel(name=path.stem, file=path, definition=definition, reviewers=tuple(reviewers))
+    return Panel(name=path.stem, file=path, definition=definition, reviewers=tuple(reviewers),
+                 files=_files(path, reviewers))
+
+
+def _files(path: Path, reviewers: list[Reviewer]) -> dict[str, bytes]:
+    """The panel's files by path under its reviews/ folder; one outside it could not be kept with an artifact."""
+    root = path.parent.parent.resolve()
+    found = {path: path.read_bytes()}
+    for reviewer in reviewers:
+        found[reviewer.file] = reviewer.file.read_bytes()
+        if reviewer.definition.rubric:
+            rubric = (reviewer.file.parent / reviewer.definition.rubric).resolve()
+            found[rubric] = rubric.read_bytes()
+    files = {}
+    for file, data in sorted(found.items()):
+        try:
+            files[file.resolve().relative_to(root).as_posix()] = data
+        except ValueError:
+            raise UserError(f"{file} lies outside {root}, the folder of the panel's panels/, reviewers/ and rubrics/: "
+                            "an artifact keeps a copy of its panel to replay its review, so keep every file in it") from None
+    return files
 
 
 def rule_text(rule: ConsensusRule, n: int, veto: bool = True) -> str:

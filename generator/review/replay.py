@@ -22,11 +22,13 @@ from ..artifact.history import changes
 from ..artifact.manifest import Manifest
 from ..errors import BuildFailed, RegenError
 from ..hashing import json_hash
+from ..senior.models import ModelReply, ModelRequest
 from ..senior.transcript import TRANSCRIPT, TranscriptModel
 from ..spec.load import load_spec
+from .llm import ROUND_TWO_FAILED
 from .material import material
 from .models import PanelReport, ReviewBinding, Subject
-from .panel import Panel, load_panel
+from .panel import load_panel
 from .report import review_json
 from .run import PanelRun, panel_report
 from .scope import panel_hash, reviewed_hash
@@ -51,21 +53,13 @@ def binding_problems(artifact: Path, manifest: Manifest) -> list[str]:
         problems.append(f"{REVIEW}: judged other code: its reviewed hash is not that of this artifact's src/ and tests.json")
     recorded = {k.removeprefix(f"{REVIEWS}/"): v for k, v in manifest.inputs.items() if k.startswith(f"{REVIEWS}/")}
     copied = {k.removeprefix(f"{REVIEWS}/"): v for k, v in manifest.outputs.items() if k.startswith(f"{REVIEWS}/")}
-    if copied and copied != recorded:
+    if not copied:
+        problems.append(f"{REVIEW}: is bound to a panel, but the artifact keeps no copy of it under {REVIEWS}/")
+    elif copied != recorded:
         problems.append(f"{REVIEWS}/: the panel's files differ from those the build recorded as its inputs")
     if copied and json_hash(copied) != bound.panel_hash:
         problems.append(f"{REVIEW}: was given by another panel: its panel hash is not that of {REVIEWS}/")
     return problems
-
-
-def panel_files(panel: Panel) -> dict[str, bytes]:
-    """The panel's files as an artifact keeps them; a rubric outside the reviews/ folder cannot be kept."""
-    files = panel.files
-    outside = sorted(path for path in files if path.startswith(("/", "..")))
-    if outside:
-        raise BuildFailed(f"the panel's file {outside[0]} lies outside its reviews/ folder, so the artifact cannot keep "
-                          "a copy to replay the review from; move it under the folder of the panel file's parent")
-    return files
 
 
 def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
@@ -77,8 +71,8 @@ def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
         raise CannotReplay(f"{REVIEW} cannot be read as a review ({str(exc).splitlines()[0]})") from None
     if recorded.bound is None:
         raise CannotReplay(f"{REVIEW} is not bound to what it judged (a review from before regen 0.12)")
-    panel_file = next((k for k in manifest.outputs if k.startswith(f"{REVIEWS}/panels/") and
-                       Path(k).stem == recorded.panel), None)
+    panel_file = next((k for k in manifest.outputs if k.startswith(f"{REVIEWS}/") and k.endswith(".toml")
+                       and Path(k).stem == recorded.panel and Path(k).parent.name != "reviewers"), None)
     if panel_file is None:
         raise CannotReplay(f"the artifact keeps no copy of the panel {recorded.panel} under {REVIEWS}/")
     folder = artifact.parent
@@ -86,6 +80,15 @@ def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
     for needed, why in ((baseline, "the reviewers' diff was against it"), (manifest.parent, "it is the parent")):
         if needed and not (folder / needed / "src").is_dir():
             raise CannotReplay(f"{folder / needed} is not beside this artifact ({why})")
+    expected = recorded.bound.scope.baseline_root_hash
+    if baseline and expected:
+        try:
+            found = Manifest.read(folder / baseline).root_hash
+        except RegenError:
+            found = None
+        if found != expected:
+            raise CannotReplay(f"{folder / baseline} beside it is not the build the reviewers' diff was against "
+                               "(its root hash differs)")
     try:
         panel = load_panel(artifact / panel_file)
         spec = load_spec(artifact / "spec")
@@ -96,7 +99,7 @@ def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
     subject = Subject(artifact=artifact, parent=parent, spec=spec,
                       material=material(spec, artifact, folder / baseline if baseline else None, manifest.data(), tests,
                                         recorded.bound.scope))
-    answers = TranscriptModel(artifact / TRANSCRIPT)
+    answers = RecordedReviewers(TranscriptModel(artifact / TRANSCRIPT), recorded)
     clients = {r.name: answers for r in panel.reviewers if r.kind == "llm"}
     run = PanelRun(panel, clients, manifest.pipeline.prices)
     last = recorded.rounds[-1].review
@@ -104,7 +107,10 @@ def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
     rounds = earlier + run.review(subject, first_round=len(earlier) + 1, review=last)
     report = panel_report(subject, panel, rounds, recorded.repairs)
     if parent is not None:
-        report = report.model_copy(update={"changes": changes(parent, artifact).summary()})
+        try:
+            report = report.model_copy(update={"changes": changes(parent, artifact).summary()})
+        except RegenError as exc:
+            raise CannotReplay(f"what changed since the parent cannot be read: {str(exc).splitlines()[0]}") from None
     report = report.model_copy(update={"bound": ReviewBinding(
         artifact=f"{manifest.ecosystem}@{manifest.version}", reviewed_hash=reviewed_hash(manifest.outputs),
         panel_hash=panel_hash(panel), scope=recorded.bound.scope)})
@@ -118,4 +124,30 @@ def replay(artifact: Path, manifest: Manifest) -> tuple[bool, str]:
 
 class CannotReplay(Exception):
     """The review cannot be replayed here; the message says exactly why."""
+
+
+class RecordedReviewers:
+    """The LLM reviewers of a recorded review: each request is answered from the transcript; a request the build
+    got no answer to (a timeout, a refused key, the budget) fails as it failed then, with the recorded reason."""
+
+    def __init__(self, transcript: TranscriptModel, recorded: PanelReport):
+        self.transcript = transcript
+        self.failures: dict[tuple[str, int], str] = {}  # (reviewer, round of its review) -> why it got no verdict
+        for rnd in recorded.rounds:
+            for v in rnd.verdicts:
+                reason = v.error or ""
+                if rnd.phase == "revision" and reason.startswith(ROUND_TWO_FAILED):
+                    self.failures[(v.reviewer, 2)] = reason.removeprefix(ROUND_TWO_FAILED)
+                elif v.decision == "abstain" and reason:
+                    self.failures[(v.reviewer, 1 if rnd.phase == "independent" else 2)] = reason
+
+    def complete(self, request: ModelRequest) -> ModelReply:
+        try:
+            return self.transcript.complete(request)
+        except BuildFailed:
+            _, reviewer, number, _ = request.unit.split(":", 3)  # review:<reviewer>:<review>.<round>:chunk<n>
+            reason = self.failures.get((reviewer, int(number.rsplit(".", 1)[1])))
+            if reason is None:
+                raise
+            raise BuildFailed(reason) from None
 

@@ -50,9 +50,7 @@ class PanelRun:
         on_event: Callable[[ModelEvent], None] = lambda event: None,
     ):
         self.panel = panel
-        self.spend = Spend(Budgets(run_tokens=panel.definition.budget_tokens, run_cost_usd=panel.definition.budget_usd),
-                           scope="review", caller="reviewer",
-                           hint="Raise budget_usd or budget_tokens in the panel file to let the reviewers finish.")
+        self.spend = self._new_spend()
         self.on_verdict = on_verdict
         self.llm: dict[str, LLMReviewer | str] = {}  # a reviewer, or why it cannot be asked
         for reviewer in panel.reviewers:
@@ -90,6 +88,14 @@ class PanelRun:
                 self.on_verdict(future.result())
             return [future.result() for future in futures]
 
+    def _new_spend(self) -> Spend:
+        """The budget of one review (a repair's review has its own): reviewers running at once wait for each
+        other's calls to settle rather than be refused while the budget still has room."""
+        definition = self.panel.definition
+        return Spend(Budgets(run_tokens=definition.budget_tokens, run_cost_usd=definition.budget_usd),
+                     scope="review", caller="reviewer", wait=True,
+                     hint="Raise budget_usd or budget_tokens in the panel file to let the reviewers finish.")
+
     @property
     def exchanges(self) -> list[Exchange]:
         """Every LLM reviewer's requests and answers so far, reviewer by reviewer in panel order: for the transcript."""
@@ -97,9 +103,10 @@ class PanelRun:
 
     def review(self, subject: Subject, first_round: int = 1, review: int = 1) -> list[Round]:
         """Round 1 (and 2, if the panel has one and it can change something); numbered on from `first_round`."""
+        self.spend = self._new_spend()
         for asked in self.llm.values():
             if isinstance(asked, LLMReviewer):
-                asked.review = review
+                asked.review, asked.spend = review, self.spend
         reviewers = self.panel.reviewers
         rule = self.panel.definition.consensus
         verdicts = self._concurrently([lambda r=r: self._first(r, subject) for r in reviewers])

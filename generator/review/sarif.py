@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
@@ -35,6 +36,25 @@ def text(finding: Finding) -> str:
     return f"{finding.message} Fix: {finding.suggestion}" if finding.suggestion else finding.message
 
 
+_PART = re.compile(r" \(part \d+ of \d+\)$")
+
+
+def inside(artifact: Path, file: str | None) -> str | None:
+    """A finding's file as a path inside the artifact, however a reviewer wrote it (`b/src/x.py`, `./src/x.py`,
+    `src/x.py (part 2 of 3)`, `madgroup/x.py` for `src/madgroup/x.py`); None when it is no path inside it."""
+    if not file:
+        return None
+    path = _PART.sub("", file.strip()).removeprefix("./")
+    if path.startswith(("a/", "b/")) and not (artifact / path).exists():
+        path = path[2:]
+    if not (artifact / path).exists() and (artifact / "src" / path).exists():
+        path = f"src/{path}"
+    normal = os.path.normpath(path)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith("../"):
+        return None
+    return PurePosixPath(*Path(normal).parts).as_posix()
+
+
 class _Located:
     """A finding of the final round with where CI shows it."""
 
@@ -42,7 +62,11 @@ class _Located:
         self.reviewer = reviewer
         self.finding = finding
         self.rule = rule_id(reviewer, finding)
-        target = Path(os.path.normpath(artifact / (finding.file or WHOLE_BUILD)))
+        file = inside(artifact, finding.file)
+        if file is None and finding.file is not None:  # a path CI cannot show: the whole build, the path in words
+            finding = finding.model_copy(update={"message": f"{finding.file}: {finding.message}"})
+            self.finding = finding
+        target = Path(os.path.normpath(artifact / (file or WHOLE_BUILD)))
         try:
             relative = PurePosixPath(*target.relative_to(root).parts)
         except ValueError:  # outside the repository: the absolute path
@@ -51,7 +75,7 @@ class _Located:
         else:
             self.path = relative.as_posix()
             self.uri = quote(self.path)
-        self.line = finding.line if finding.file is not None else None
+        self.line = finding.line if file is not None else None
 
     @property
     def key(self) -> tuple:

@@ -25,20 +25,34 @@ class Spend:
     """
 
     def __init__(self, budgets: Budgets, scope: str = "run", caller: str = "unit",
-                 hint: str = "Raise [budgets] in the pipeline file to go on; nothing was archived."):
+                 hint: str = "Raise [budgets] in the pipeline file to go on; nothing was archived.",
+                 wait: bool = False):
         self.budgets = budgets
         self.scope, self.caller, self.hint = scope, caller, hint
+        self.wait = wait
         self.tokens = 0
         self.cost_usd = 0.0
         self.by_unit: dict[str, tuple[int, float]] = {}
         self._reserved: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     @contextmanager
     def reservation(self, unit: str, tokens: int, cost_usd: float) -> Iterator[Callable[[ModelReply], None]]:
-        """Reserve a call's worst case; the body settles it with the reply (unsettled: nothing spent)."""
+        """Reserve a call's worst case; the body settles it with the reply (unsettled: nothing spent).
+
+        With `wait`, a call that fits what is spent but not what is in flight waits for those calls to settle
+        (they usually cost far less than their worst case) instead of being refused: which callers get through
+        then depends on what was spent, not on who asked first."""
         with self._lock:
-            self._check(unit, tokens, cost_usd)
+            while True:
+                try:
+                    self._check(unit, tokens, cost_usd)
+                    break
+                except OverBudget:
+                    if not (self.wait and self._reserved.get("", (0, 0.0)) != (0, 0.0)):
+                        raise
+                    self._check(unit, tokens, cost_usd, in_flight=False)  # over even when all has settled: refuse
+                    self._lock.wait()
             self._add(self._reserved, unit, tokens, cost_usd)
             self._add(self._reserved, "", tokens, cost_usd)
 
@@ -56,16 +70,17 @@ class Spend:
             with self._lock:
                 self._add(self._reserved, unit, -tokens, -cost_usd)
                 self._add(self._reserved, "", -tokens, -cost_usd)
+                self._lock.notify_all()
 
     @staticmethod
     def _add(table: dict[str, tuple[int, float]], key: str, tokens: int, cost: float) -> None:
         old_tokens, old_cost = table.get(key, (0, 0.0))
         table[key] = (old_tokens + tokens, old_cost + cost)
 
-    def _check(self, unit: str, tokens: int, cost_usd: float) -> None:
+    def _check(self, unit: str, tokens: int, cost_usd: float, in_flight: bool = True) -> None:
         b = self.budgets
-        run_reserved = self._reserved.get("", (0, 0.0))
-        unit_reserved = self._reserved.get(unit, (0, 0.0))
+        run_reserved = self._reserved.get("", (0, 0.0)) if in_flight else (0, 0.0)
+        unit_reserved = self._reserved.get(unit, (0, 0.0)) if in_flight else (0, 0.0)
         unit_spent = self.by_unit.get(unit, (0, 0.0))
         who = f"{self.caller} {unit}"
         limits = [
