@@ -55,6 +55,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +397,15 @@ def _beyond_principles(names: tuple[str, ...], rules: list[PrincipleRule]) -> li
     return [n for n in names if not any(n == b or n.startswith(b + ".") for b in banned)]
 
 
+@lru_cache(maxsize=256)
+def _parsed(source: str, path: str) -> MetadataWrapper:
+    """A file read for the static check; the same text is parsed once per process (a gate, a test run judge the
+    same kernel files again and again). CPython compiles it first: it refuses what libcst accepts (a late
+    `from __future__`), and places errors better."""
+    compile(source, path, "exec", dont_inherit=True)
+    return MetadataWrapper(cst.parse_module(source), unsafe_skip_copy=True)  # read only: no copy
+
+
 def _python_files(artifact: Path) -> list[str]:
     src = artifact / "src"
     files = (p.relative_to(artifact).as_posix() for p in src.rglob("*.py") if p.is_file())
@@ -423,9 +433,7 @@ def _static(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
     for path in files:
         try:
             source = (subject.artifact / path).read_text(encoding="utf-8")
-            # CPython first: it refuses what libcst accepts (a late `from __future__`), and places errors better.
-            compile(source, path, "exec", dont_inherit=True)
-            wrapper = MetadataWrapper(cst.parse_module(source), unsafe_skip_copy=True)  # read only: no copy
+            wrapper = _parsed(source, path)
         except (UnicodeDecodeError, ValueError, SyntaxError, cst.ParserSyntaxError) as exc:
             add(_syntax_finding(path, exc))
             continue

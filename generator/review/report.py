@@ -26,7 +26,9 @@ OUTCOME_WORDS = {"approve": "APPROVED", "reject": "REJECTED", "undecided": "UNDE
 OUTCOME_ICONS = {"approve": "✅", "reject": "❌", "undecided": "⚠️"}
 DECISION_WORDS = {"approve": "approve", "request_changes": "request changes", "abstain": "abstain"}
 DECISION_ICONS = {"approve": "✅", "request_changes": "❌", "abstain": "⚪"}
-OUTCOME_TEST_ICONS = {"passed": "✅", "failed": "❌", "error": "❌", "skipped": "⚪"}
+OUTCOME_TEST_ICONS = {"passed": "✅", "failed": "❌", "error": "❌", "skipped": "⚪"}  # review.md: GitHub has emoji
+OUTCOME_TEST_GLYPHS = {"passed": "✓", "failed": "✗", "error": "✗", "skipped": "–"}  # review.html: any system font
+TEST_MARKS = {"passed": "ok", "failed": "bad", "error": "bad", "skipped": "skip"}
 SEVERITY_ICONS = {"critical": "🔴", "major": "🟠", "minor": "🟡", "info": "🔵"}
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -121,6 +123,7 @@ def _requirement_view(c: RequirementCoverage) -> dict:
     for test_id, outcomes in cases.items():
         worst = next((o for o in ("failed", "error", "skipped") if o in outcomes), "passed")
         tests.append({"id": test_id, "outcome": worst, "icon": OUTCOME_TEST_ICONS[worst],
+                      "glyph": OUTCOME_TEST_GLYPHS[worst], "mark": TEST_MARKS[worst],
                       "cases": f" ({len(outcomes)} cases)" if len(outcomes) > 1 else ""})
     return {
         "id": c.id,

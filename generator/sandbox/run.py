@@ -150,7 +150,9 @@ def _scrubbed_env(work: Path, venv: Path) -> dict[str, str]:
         "TMPDIR": str(work / "tmp"),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
+        # Bytecode is written, once per run and only inside `work`: every server a test starts would
+        # otherwise compile each module it imports again (seconds per start).
+        "PYTHONPYCACHEPREFIX": str(work / "pycache"),
         "PYTHONHASHSEED": "0",
         "PYTHONUNBUFFERED": "1",
         "VIRTUAL_ENV": str(venv),
