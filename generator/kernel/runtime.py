@@ -458,11 +458,13 @@ class Runtime:
         self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None, conversation_id: str,
         *, want_reply: bool,
     ) -> tuple[dict[str, Any], Any]:
+        # Every way onto the bus refuses alike and audits the refusal (a MAD's ask, Grace, the operator's CLI).
         grants = self._grants.get(sender)
         if grants is None:
-            raise AccessDenied(f"unknown sender {sender!r}")
+            raise self._denied(sender, "bus.ask", target, f"unknown sender {sender!r}")
         if target not in grants.talks_to:
-            raise AccessDenied(f"MAD {sender!r} does not talk to {target!r} (talks_to: {sorted(grants.talks_to)})")
+            raise self._denied(sender, "bus.ask", target,
+                               f"MAD {sender!r} does not talk to {target!r} (talks_to: {sorted(grants.talks_to)})")
         payload: dict[str, Any] = {"to": target}
         if tool:
             payload.update(tool=tool, args=dict(args or {}))

@@ -175,6 +175,18 @@ def test_asks_only_the_mads_it_talks_to(rogue_rt):
     assert ("bus.ask", "turing") in _denials(rt)
 
 
+def test_a_request_onto_the_bus_from_outside_a_mad_is_refused_and_audited_alike(rogue_rt):
+    # Not through its handle: the runtime's own request, as Grace or the operator's CLI reach the bus.
+    rt, run, kernel = rogue_rt
+    before = _denials(rt).count(("bus.ask", "turing"))
+    with pytest.raises(kernel.AccessDenied, match="does not talk to 'turing'"):
+        run(rt.request("rogue", "turing", tool="list_secrets", args={}))
+    assert _denials(rt).count(("bus.ask", "turing")) == before + 1
+    with pytest.raises(kernel.AccessDenied, match="unknown sender 'nobody'"):
+        run(rt.request("nobody", "turing", tool="list_secrets", args={}))
+    assert _denials(rt, actor="nobody") == [("bus.ask", "turing")]
+
+
 def test_acts_only_as_itself_and_its_grants_are_fixed_at_start(rogue_rt):
     rt, run, kernel = rogue_rt
     with pytest.raises(kernel.AccessDenied, match="rogue may not get"):
