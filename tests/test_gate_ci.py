@@ -322,10 +322,10 @@ def test_the_gate_session_exits_2_when_undecided_and_fails_as_usual_otherwise(no
     ("/etc/passwd", None),
 ])
 def test_finding_paths_are_read_as_paths_inside_the_artifact(written, shown):
-    from generator.review.sarif import inside
+    from generator.review.models import artifact_path
 
     artifact = ARCHIVE / NEWEST
-    assert inside(artifact, written) == shown
+    assert artifact_path(artifact, written) == shown
 
 
 def test_a_finding_outside_the_artifact_points_at_the_whole_build_and_says_where(layout):

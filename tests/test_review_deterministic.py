@@ -375,6 +375,6 @@ def test_an_uncovered_requirement_goes_to_the_units_whose_tests_are_to_prove_it(
 
     verdict = Verdict(reviewer="tests", kind="tests", round=1, decision="request_changes", summary="s",
                       findings=(uncovered("R1"), uncovered("R9")))
-    routed = findings_by_unit(make_plan(spec), (verdict,), spec)
+    routed = findings_by_unit(make_plan(spec), (verdict,), ARCHIVE / NEWEST, spec)
     assert set(routed) == {"mad:rogers", "frame"}  # R1 is Rogers's; R9 an acceptance area of the frame's tests
     assert "requirement R1 is not proven" in routed["mad:rogers"][0]

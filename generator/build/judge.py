@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..errors import BuildFailed, RepairFromReviewFailed, ReviewUndecided
 from ..hashing import canonical_json, sha256_text, tree_hashes
 from ..review.gate import write_report
 from ..review.material import material
-from ..review.models import BLOCKING, Finding, PanelReport, ReviewBinding, Subject, Verdict
+from ..review.models import BLOCKING, Finding, PanelReport, ReviewBinding, Subject, Verdict, artifact_path
 from ..review.run import PanelRun, panel_report
 from ..review.scope import choose, panel_hash, reviewed_hash
 from ..sandbox.run import SandboxResult
@@ -59,7 +58,7 @@ def judge(ctx: BuildContext, prepared: Prepared, produced: Produced, stage: Path
         with ctx.report.stage("review", f"panel {panel.name}: {', '.join(r.name for r in panel.reviewers)}") as info:
             rounds += run.review(subject, first_round=len(rounds) + 1, review=repairs + 1)
             info["note"] = f"{rounds[-1].consensus.outcome}: {rounds[-1].consensus.arithmetic}"
-        blocking = findings_by_unit(prepared.plan, rounds[-1].verdicts, prepared.spec)
+        blocking = findings_by_unit(prepared.plan, rounds[-1].verdicts, stage, prepared.spec)
         if rounds[-1].consensus.outcome != "reject" or repairs == panel.definition.repair_rounds:
             break
         if not blocking or blocking == previous:  # nothing a unit can fix, or the repair changed nothing
@@ -117,13 +116,8 @@ def _refuse(ctx: BuildContext, prepared: Prepared, failed: RepairFromReviewFaile
     raise BuildFailed(f"{failed}\nNothing archived; the review that asked for the repair is in {folder}/review.md") from failed
 
 
-def _src_path(file: str | None) -> str:
-    """A finding's file as a path inside src/, however the reviewer wrote it (b/src/x.py, ./src/x.py, x (part 2 of 3))."""
-    path = re.sub(r" \(part \d+ of \d+\)$", "", (file or "").strip())
-    return path.split("src/", 1)[1] if "src/" in path else path.removeprefix("./")
-
-
-def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...], spec: Spec | None = None) -> dict[str, list[str]]:
+def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...], artifact: Path,
+                     spec: Spec | None = None) -> dict[str, list[str]]:
     """Blocking findings of the reviewers that did not approve (critical ones of any reviewer), by the unit
     that wrote the file. A requirement no test covers goes to the units whose tests are to prove it (the MADs
     that name it, else the frame, whose end-to-end tests prove the acceptance areas). A finding in a file no
@@ -134,13 +128,13 @@ def findings_by_unit(plan: Plan, verdicts: tuple[Verdict, ...], spec: Spec | Non
             if f.severity not in BLOCKING or (verdict.decision == "approve" and f.severity != "critical"):
                 continue
             fix = f" Fix: {f.suggestion}" if f.suggestion else ""
-            for owner in _owners(plan, f, spec):
+            for owner in _owners(plan, f, artifact, spec):
                 blocking.setdefault(owner, []).append(
                     f"{f.where} [{f.severity}] {f.rule}: {f.message}{fix} ({verdict.reviewer})")
     return {unit: sorted(problems) for unit, problems in sorted(blocking.items())}
 
 
-def _owners(plan: Plan, finding: Finding, spec: Spec | None) -> list[str]:
+def _owners(plan: Plan, finding: Finding, artifact: Path, spec: Spec | None) -> list[str]:
     if finding.rule == "uncovered-requirement" and spec is not None:
         requirement = next((r for r in spec.requirement_items if r.line == finding.line), None)
         if requirement is not None:
@@ -148,5 +142,7 @@ def _owners(plan: Plan, finding: Finding, spec: Spec | None) -> list[str]:
                     if ref.startswith("mad:")}
             owners = [u.name for u in plan.units if u.mad in mads]
             return owners or [u.name for u in plan.units if u.kind == "frame"]
-    rel = _src_path(finding.file)
-    return [u.name for u in plan.units if u.may_write(rel)][:1]
+    path = artifact_path(artifact, finding.file)  # however the reviewer wrote it: b/src/x.py, x.py (part 2 of 3)
+    if path is None or not path.startswith("src/"):
+        return []
+    return [u.name for u in plan.units if u.may_write(path.removeprefix("src/"))][:1]

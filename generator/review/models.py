@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import Field
@@ -33,6 +35,25 @@ class Finding(Frozen):
         if self.file is None:
             return "(artifact)"
         return f"{self.file}:{self.line}" if self.line else self.file
+
+
+_PART = re.compile(r" \(part \d+ of \d+\)$")
+
+
+def artifact_path(artifact: Path, file: str | None) -> str | None:
+    """A finding's file as a path inside the artifact, however a reviewer wrote it (`b/src/x.py`, `./src/x.py`,
+    `src/x.py (part 2 of 3)`, `madgroup/x.py` for `src/madgroup/x.py`); None when it is no path inside it."""
+    if not file:
+        return None
+    path = _PART.sub("", file.strip()).removeprefix("./")
+    if path.startswith(("a/", "b/")) and not (artifact / path).exists():
+        path = path[2:]
+    if not (artifact / path).exists() and (artifact / "src" / path).exists():
+        path = f"src/{path}"
+    normal = os.path.normpath(path)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith("../"):
+        return None
+    return PurePosixPath(*Path(normal).parts).as_posix()
 
 
 class VerdictAnswer(Frozen):

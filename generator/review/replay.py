@@ -43,6 +43,11 @@ def binding_problems(artifact: Path, manifest: Manifest) -> list[str]:
         review = PanelReport.model_validate_json((artifact / REVIEW).read_bytes())
     except (OSError, ValidationError):
         return []  # the file hashes vouch for its bytes; `replay` says why it cannot be read as a review
+    return review_problems(review, manifest)
+
+
+def review_problems(review: PanelReport, manifest: Manifest) -> list[str]:
+    """What does not tie `review` (an artifact's review.json, read) to the artifact of `manifest`."""
     bound = review.bound
     if bound is None:
         return []  # a review from before bound reviews: nothing to check it against (said by `replay`)

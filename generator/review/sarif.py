@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from .. import __version__
-from .models import SEVERITIES, Finding, PanelReport, Severity
+from .models import SEVERITIES, Finding, PanelReport, Severity, artifact_path
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 LEVELS: dict[Severity, str] = {"critical": "error", "major": "error", "minor": "warning", "info": "note"}
@@ -36,25 +35,6 @@ def text(finding: Finding) -> str:
     return f"{finding.message} Fix: {finding.suggestion}" if finding.suggestion else finding.message
 
 
-_PART = re.compile(r" \(part \d+ of \d+\)$")
-
-
-def inside(artifact: Path, file: str | None) -> str | None:
-    """A finding's file as a path inside the artifact, however a reviewer wrote it (`b/src/x.py`, `./src/x.py`,
-    `src/x.py (part 2 of 3)`, `madgroup/x.py` for `src/madgroup/x.py`); None when it is no path inside it."""
-    if not file:
-        return None
-    path = _PART.sub("", file.strip()).removeprefix("./")
-    if path.startswith(("a/", "b/")) and not (artifact / path).exists():
-        path = path[2:]
-    if not (artifact / path).exists() and (artifact / "src" / path).exists():
-        path = f"src/{path}"
-    normal = os.path.normpath(path)
-    if os.path.isabs(normal) or normal == ".." or normal.startswith("../"):
-        return None
-    return PurePosixPath(*Path(normal).parts).as_posix()
-
-
 class _Located:
     """A finding of the final round with where CI shows it."""
 
@@ -62,7 +42,7 @@ class _Located:
         self.reviewer = reviewer
         self.finding = finding
         self.rule = rule_id(reviewer, finding)
-        file = inside(artifact, finding.file)
+        file = artifact_path(artifact, finding.file)
         if file is None and finding.file is not None:  # a path CI cannot show: the whole build, the path in words
             finding = finding.model_copy(update={"message": f"{finding.file}: {finding.message}"})
             self.finding = finding

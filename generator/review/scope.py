@@ -78,15 +78,17 @@ def _as_strict(review: PanelReport, panel: Panel) -> bool:
 
 def _approving_review(folder: Path, manifest: Manifest, panel: Panel, trust: Path | None) -> PanelReport | None:
     """The ancestor's own review when the ancestor verifies, the review belongs to it, approves and is as strict."""
-    from .replay import binding_problems
+    from .replay import review_problems  # replay builds on this module
 
-    if not verify_artifact(folder, trust).ok or binding_problems(folder, manifest):
+    if not verify_artifact(folder, trust).ok:
         return None
     try:
         review = PanelReport.model_validate_json((folder / "review.json").read_bytes())
     except (OSError, ValidationError):
         return None
-    return review if review.outcome == "approve" and _as_strict(review, panel) else None
+    if review_problems(review, manifest) or review.outcome != "approve":
+        return None
+    return review if _as_strict(review, panel) else None
 
 
 def choose(mode: ScopeMode, panel: Panel, ecosystem_dir: Path, parent: str | None,
