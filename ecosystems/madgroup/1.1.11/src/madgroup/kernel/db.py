@@ -1,0 +1,240 @@
+"""The ecosystem's single SQLite database (WAL mode), shared by the bus, secrets, budgets and MAD storage.
+
+Calls are synchronous and short; one lock serialises them so the connection can be used
+from the event loop and from worker threads alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+_COLUMN_TYPES = {
+    "integer": "INTEGER",
+    "int": "INTEGER",
+    "bool": "INTEGER",
+    "boolean": "INTEGER",
+    "text": "TEXT",
+    "str": "TEXT",
+    "string": "TEXT",
+    "json": "TEXT",
+    "timestamp": "TEXT",
+    "datetime": "TEXT",
+    "real": "REAL",
+    "float": "REAL",
+    "blob": "BLOB",
+    "bytes": "BLOB",
+}
+
+
+def ident(name: str) -> str:
+    """Validate an SQL identifier (table or column name) built from spec'd names."""
+    if not isinstance(name, str) or not IDENT.match(name):
+        raise InvalidArgument(f"invalid identifier {name!r}")
+    return name
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # The database (and its -wal/-shm files) holds ciphertexts and audit records: owner only.
+        previous_umask = os.umask(0o077)
+        try:
+            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            os.umask(previous_umask)
+        os.chmod(self.path, 0o600)
+        # FULL: a call that returned has its write on disk, even across a power loss.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self.fts5 = self._probe_fts5()
+
+    def _probe_fts5(self) -> bool:
+        try:
+            self._conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp._fts5_probe USING fts5(x)")
+            self._conn.execute("DROP TABLE IF EXISTS temp._fts5_probe")
+            return True
+        except sqlite3.OperationalError:
+            return False
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self._conn.execute(sql, params).fetchall()]
+
+    def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(sql, params).fetchone()
+            return dict(row) if row is not None else None
+
+    def script(self, sql: str) -> None:
+        with self._lock:
+            self._conn.executescript(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); yields the raw connection."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def healthy(self) -> bool:
+        try:
+            return self.one("SELECT 1 AS ok") == {"ok": 1}
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+
+    # ---- MAD storage -------------------------------------------------------------------------
+
+    def create_table(self, table: str, columns: Sequence[dict[str, Any]]) -> None:
+        """Create a MAD table from its spec'd columns unless it exists (migrations change existing ones)."""
+        self.execute(table_ddl(table, columns))
+
+    def table_shape(self, table: str) -> dict[str, tuple[str, bool, int]]:
+        """The columns of `table` as stored: name -> (SQL type, NOT NULL, position in the primary key)."""
+        with self._lock:
+            return _shape(self._conn, table)
+
+
+def sql_type(type_name: str) -> str:
+    """The SQL type a spec'd column type is stored as."""
+    found = _COLUMN_TYPES.get(str(type_name).lower())
+    if found is None:
+        raise InvalidArgument(f"unknown column type {type_name!r}")
+    return found
+
+
+def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: bool = True) -> str:
+    """CREATE TABLE from a spec'd column list ({name, type, primary_key, nullable}).
+
+    Shared by the kernel (tables of packages without migrations) and the compiler (migrations),
+    so a table created either way is the same table.
+    """
+    ident(table)
+    if not columns:
+        raise InvalidArgument(f"table {table!r} has no columns")
+    pks = [c for c in columns if c.get("primary_key")]
+    parts = []
+    for col in columns:
+        try:
+            col_type = sql_type(col.get("type", "text"))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"table {table!r}: {exc}") from None
+        part = f"{ident(col['name'])} {col_type}"
+        single_pk = len(pks) == 1 and col.get("primary_key")
+        if single_pk:
+            part += " PRIMARY KEY"
+        # An INTEGER PRIMARY KEY is the rowid: never NULL, SQLite assigns it.
+        if not col.get("nullable", True) and not (single_pk and col_type == "INTEGER"):
+            part += " NOT NULL"
+        parts.append(part)
+    if len(pks) > 1:
+        parts.append(f"PRIMARY KEY ({', '.join(ident(c['name']) for c in pks)})")
+    return f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ({', '.join(parts)})"
+
+
+def declared_shape(table: str, columns: Sequence[dict[str, Any]]) -> dict[str, tuple[str, bool, int]]:
+    """The shape `table_ddl` gives these columns, read back from a scratch in-memory table."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        scratch.execute(table_ddl(table, columns))
+        return _shape(scratch, table)
+    finally:
+        scratch.close()
+
+
+def _shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
+    rows = conn.execute(f"PRAGMA table_info({ident(table)})").fetchall()
+    return {row[1]: (str(row[2]).upper(), bool(row[3]), int(row[5])) for row in rows}
+
+
+class TableStore:
+    """A MAD's view of its own tables (`<mad>_<table>`): simple CRUD with validated identifiers."""
+
+    def __init__(self, db: Database, mad: str, tables: dict[str, list[str]]):
+        self._db = db
+        self._mad = mad
+        self._tables = tables  # short name -> column names
+
+    def table_name(self, table: str) -> str:
+        if table not in self._tables:
+            raise InvalidArgument(f"MAD {self._mad!r} has no table {table!r}; it has {sorted(self._tables)}")
+        return f"{self._mad}_{table}"
+
+    def _columns(self, table: str, names: Sequence[str]) -> list[str]:
+        known = self._tables[table]
+        for name in names:
+            if name not in known:
+                raise InvalidArgument(f"table {table!r} has no column {name!r}")
+        return list(names)
+
+    def insert(self, table: str, **values: Any) -> int:
+        full = self.table_name(table)
+        cols = self._columns(table, list(values))
+        if not cols:
+            cur = self._db.execute(f"INSERT INTO {full} DEFAULT VALUES")
+        else:
+            marks = ", ".join("?" for _ in cols)
+            cur = self._db.execute(f"INSERT INTO {full} ({', '.join(cols)}) VALUES ({marks})", [values[c] for c in cols])
+        return int(cur.lastrowid or 0)
+
+    def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
+        full = self.table_name(table)
+        cols = self._columns(table, list(where))
+        desc = order_by.startswith("-")
+        order_col = order_by.lstrip("-")
+        if order_col != "rowid":
+            self._columns(table, [order_col])
+        clause = " AND ".join(f"{c} = ?" for c in cols) or "1=1"
+        sql = f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {'DESC' if desc else 'ASC'} LIMIT ?"
+        return self._db.query(sql, [where[c] for c in cols] + [max(0, int(limit))])
+
+    def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
+        full = self.table_name(table)
+        wcols = self._columns(table, list(where))
+        vcols = self._columns(table, list(values))
+        if not vcols:
+            return 0
+        sets = ", ".join(f"{c} = ?" for c in vcols)
+        clause = " AND ".join(f"{c} = ?" for c in wcols) or "1=1"
+        cur = self._db.execute(
+            f"UPDATE {full} SET {sets} WHERE {clause}", [values[c] for c in vcols] + [where[c] for c in wcols]
+        )
+        return cur.rowcount
+
+    def delete(self, table: str, **where: Any) -> int:
+        full = self.table_name(table)
+        cols = self._columns(table, list(where))
+        clause = " AND ".join(f"{c} = ?" for c in cols) or "1=1"
+        return self._db.execute(f"DELETE FROM {full} WHERE {clause}", [where[c] for c in cols]).rowcount
