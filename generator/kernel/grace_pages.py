@@ -8,6 +8,7 @@ placed in a URL scheme position: links are built from fixed paths and quoted ids
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -138,6 +139,163 @@ def short_time(ts: str) -> str:
     return f'<span class="nowrap" title="{e(ts)}">{e(str(ts)[:19].replace("T", " "))}</span>'
 
 
+def stack_table(heads: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """A table whose rows become labelled blocks on a narrow screen (the `data-label` of each cell).
+
+    `heads` are plain text (escaped here); the cells are HTML already escaped by the caller. Long
+    names may wrap after an underscore."""
+    head = "".join(f'<th scope="col">{e(h).replace("_", "_<wbr>")}</th>' for h in heads)
+    labels = [e(h).replace("_", "_\u200b") for h in heads]
+    body = "".join(
+        "<tr>" + "".join(f'<td data-label="{label}">' + (f"<div>{cell}</div>" if cell else "") + "</td>"
+                         for label, cell in zip(labels, row, strict=True)) + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{e(" ".join(["stack", cls]).strip())}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# ---- tool results and stored replies -------------------------------------------------------------
+# A tool's answer is shown as what it is: a list of objects as a table (a column per key), an object
+# as a field list, with the raw JSON behind a <details> toggle (no script needed). Stored replies are
+# decoded first (Grace's are JSON text, a MAD's keep the result in the payload), so a value reaches
+# the page escaped exactly once: never JSON-quoted inside JSON, never HTML-escaped twice.
+
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?")
+_MAX_DEPTH = 3  # tables and field lists nest this deep inside a result; deeper values are compact JSON
+_OPEN_FIELDS = 4  # an object in a table cell with more fields than this is folded
+
+
+def stored_value(message: dict[str, Any]) -> tuple[bool, Any]:
+    """What a bus message carries: (True, the value) for a tool's structured answer, else (False, its text)."""
+    payload = message.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
+    content = message.get("content")
+    text = "" if content is None else str(content)
+    if payload.get("format") == "json":  # Grace's record of a command's answer: JSON text
+        try:
+            return True, json.loads(text)
+        except ValueError:  # cut when stored: only the text is left
+            return False, text
+    if message.get("kind") == "reply" and "result" in payload and not isinstance(payload["result"], str):
+        return True, payload["result"]  # a MAD's answer over the bus: the content is its JSON
+    return False, text
+
+
+def _is_message(row: dict[str, Any]) -> bool:
+    return all(k in row for k in ("sender", "kind", "content"))
+
+
+def _scalar_html(value: Any) -> str:
+    if isinstance(value, bool):
+        return state_badge(value, "yes" if value else "no")
+    if value is None or value == "":
+        return '<span class="muted">—</span>'
+    if isinstance(value, str):
+        if _ISO_TIME.fullmatch(value):
+            return short_time(value)
+        if len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL: may break anywhere
+            return f'<span class="long">{e(value)}</span>'
+        return e(value)
+    return e(value)
+
+
+def _count(n: int) -> str:
+    return f"{n} {'item' if n == 1 else 'items'}"
+
+
+def inline_html(value: Any, depth: int = 0) -> str:
+    """A value inside a table cell, compact: an object as `key value` lines, a list of plain values
+    comma-separated, a list of objects folded (`N items`), anything deeper as compact JSON."""
+    if not isinstance(value, dict | list | tuple):
+        return _scalar_html(value)
+    if not value:
+        return '<span class="muted">none</span>'
+    if depth >= _MAX_DEPTH:
+        return f'<code class="json">{e(json.dumps(value, ensure_ascii=False, default=str))}</code>'
+    if isinstance(value, dict):
+        pairs = "".join(f'<div class="pair"><span class="key">{e(k)}</span> {inline_html(v, depth + 1)}</div>'
+                        for k, v in value.items())
+        if len(value) <= _OPEN_FIELDS:
+            return pairs
+        return f'<details class="nested"><summary>{len(value)} fields</summary>{pairs}</details>'
+    if all(not isinstance(v, dict | list | tuple) for v in value):
+        return ", ".join(_scalar_html(v) for v in value)
+    items = "".join(f"<li>{inline_html(v, depth + 1)}</li>" for v in value)
+    return f'<details class="nested"><summary>{_count(len(value))}</summary><ul class="items">{items}</ul></details>'
+
+
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def fields_html(obj: dict[str, Any], depth: int = 0) -> str:
+    """An object as a definition list: a field per key; a nested object as fields, a list of objects
+    as a table under its name (the full width)."""
+    rows = []
+    for k, v in obj.items():
+        if depth < _MAX_DEPTH and _is_records(v):
+            rows.append(f'<dt class="wide">{e(k)}</dt><dd class="wide">{records_html(list(v), depth + 1)}</dd>')
+        elif depth < _MAX_DEPTH and isinstance(v, dict) and v:
+            rows.append(f"<dt>{e(k)}</dt><dd>{fields_html(v, depth + 1)}</dd>")
+        else:
+            rows.append(f"<dt>{e(k)}</dt><dd>{inline_html(v, depth)}</dd>")
+    return f'<dl class="kv fields">{"".join(rows)}</dl>'
+
+
+def _record_cell(row: dict[str, Any], key: str, depth: int) -> str:
+    if key not in row:
+        return ""
+    value = row[key]
+    if _is_message(row):  # a bus message (history, search): who it was for, and what it carries, decoded
+        if key == "sender":
+            return sender_html(row)
+        if key == "content":
+            structured, content = stored_value(row)
+            return inline_html(content, depth) if structured else f'<span class="text">{e(content)}</span>'
+        if key == "payload" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "result"}  # a reply's result is its content, shown there
+    if isinstance(value, str) and len(value) >= 16 and key.endswith("id") and " " not in value:
+        return f'<code class="id">{e(value)}</code>'
+    return inline_html(value, depth)
+
+
+def records_html(rows: list[dict[str, Any]], depth: int = 0) -> str:
+    """A list of objects as a table: a column per key, in the order the keys first appear."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [str(k) for k in row if str(k) not in columns]
+    cells = [[_record_cell(row, c, depth) for c in columns] for row in rows]
+    return f'<div class="scroll">{stack_table(columns, cells, "records")}</div>'
+
+
+def result_html(value: Any) -> str:
+    """A tool's structured answer: a table, fields or text, and the raw JSON behind a toggle."""
+    if _is_records(value):
+        count = f'<p class="muted small">{len(value)} {"row" if len(value) == 1 else "rows"}</p>'
+        shown = records_html(value) + count
+    elif isinstance(value, dict) and value:
+        shown = fields_html(value)
+    elif isinstance(value, list | dict) and not value:
+        shown = '<p class="muted">No results: the answer is empty.</p>'
+    else:
+        shown = f'<div class="text">{inline_html(value)}</div>'
+    return (f'<div class="result">{shown}<details class="raw"><summary>Raw JSON</summary>'
+            f"<pre>{e(json_text(value))}</pre></details></div>")
+
+
+def message_body_html(message: dict[str, Any], text: str | None = None, pre: bool = False) -> tuple[bool, str]:
+    """(structured?, the body of a message): a tool's answer as `result_html`, else its text, escaped
+    (`pre`: in a monospace block). `text` replaces the stored content (the full answer shown once)."""
+    shown = message if text is None else {**message, "content": text}
+    structured, value = stored_value(shown)
+    if structured:
+        return True, result_html(value)
+    payload = message.get("payload")
+    if isinstance(payload, dict) and payload.get("format") == "json":  # JSON that was cut when stored
+        return False, f'<pre>{e(value)}</pre><p class="muted small">The stored answer was cut; the raw text is shown.</p>'
+    return False, f"<pre>{e(value)}</pre>" if pre else f'<div class="text">{e(value)}</div>'
+
+
 # ---- overview ------------------------------------------------------------------------------------
 
 def _conv_link(conv: dict[str, Any]) -> str:
@@ -147,17 +305,12 @@ def _conv_link(conv: dict[str, Any]) -> str:
 def conversations_table(convs: list[dict[str, Any]]) -> str:
     if not convs:
         return '<p class="muted">No conversations yet.</p>'
-    rows = "".join(
-        "<tr>"
-        f"<td>{_conv_link(c)}</td>"
-        f"<td>{e(', '.join(c.get('participants', [])))}</td>"
-        f"<td>{int(c.get('message_count', 0))}</td>"
-        f"<td class=\"muted\">{short_time(c.get('created_at', ''))}</td>"
-        "</tr>"
+    rows = [
+        [_conv_link(c), e(", ".join(c.get("participants", []))), str(int(c.get("message_count", 0))),
+         f'<span class="muted">{short_time(c.get("created_at", ""))}</span>']
         for c in convs
-    )
-    return ("<table><thead><tr><th>Title</th><th>Participants</th><th>Messages</th><th>Created</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>")
+    ]
+    return stack_table(["Title", "Participants", "Messages", "Created"], rows)
 
 
 def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str, Any]], convs: list[dict[str, Any]]) -> str:
@@ -174,16 +327,12 @@ def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str,
         f'<p class="muted small">search: {e(status.get("search", ""))} · up since {short_time(status.get("started_at", ""))}</p></section>'
         "</div>"
     )
-    rows = "".join(
-        "<tr>"
-        f"<td><strong>{e(m['name'])}</strong></td><td>{e(m.get('role', ''))}</td><td>{e(m.get('level', ''))}</td>"
-        f"<td>{state_badge(m.get('state') in ('running', 'idle'), str(m.get('state', 'unknown')))}</td>"
-        f"<td>{len(m.get('tools', []))}</td>"
-        "</tr>"
+    rows = [
+        [f"<strong>{e(m['name'])}</strong>", e(m.get("role", "")), e(m.get("level", "")),
+         state_badge(m.get("state") in ("running", "idle"), str(m.get("state", "unknown"))), str(len(m.get("tools", [])))]
         for m in mads
-    )
-    mad_table = ("<table><thead><tr><th>Name</th><th>Role</th><th>Level</th><th>State</th><th>Tools</th></tr></thead>"
-                 f"<tbody>{rows}</tbody></table>")
+    ]
+    mad_table = stack_table(["Name", "Role", "Level", "State", "Tools"], rows)
     body = (
         '<p class="lead">The ecosystem at a glance. <a href="/chat">Chat with it</a> in prose, or run a tool as a '
         "<code>/mad.tool</code> command.</p>"
@@ -211,12 +360,19 @@ def _message(env: dict[str, Any], mine: str, shown: dict[str, str]) -> str:
     text = shown.get(str(env.get("id")), str(env.get("content", "")))
     if kind == "request" and env.get("sender") == "grace":
         return f'<div class="hop">grace → {e(payload.get("to", ""))} · {short_time(env.get("created_at", ""))}</div>'
-    is_mine = env.get("sender") == mine
-    who = "You" if is_mine else str(payload.get("tool") or env.get("sender", ""))
-    classes = "msg" + (" mine" if is_mine else "") + (" error" if kind == "error" else "")
-    body = f"<pre>{e(text)}</pre>" if payload.get("format") == "json" else f'<div class="text">{e(text)}</div>'
+    on_behalf = str(payload.get("on_behalf_of") or "")
+    is_mine = mine in (env.get("sender"), on_behalf)
+    if payload.get("tool"):
+        who = f"<strong>{e(payload['tool'])}</strong>"
+    elif on_behalf:  # posted for a client by a MAD (an MCP client's rogers.post): the client, via the MAD
+        who = f'<strong>{"You" if is_mine else e(on_behalf)}</strong> via {e(env.get("sender", ""))}'
+    else:
+        who = f'<strong>{"You" if is_mine else e(env.get("sender", ""))}</strong>'
+    structured, body = message_body_html(env, text)
+    classes = ("msg" + (" mine" if is_mine else "") + (" error" if kind == "error" else "")
+               + (" result" if structured else ""))
     kind_badge = "" if kind == "message" else f' {badge(kind, "kind-" + kind)} ·'
-    return (f'<div class="{classes}"><div class="meta"><strong>{e(who)}</strong> ·{kind_badge} '
+    return (f'<div class="{classes}"><div class="meta">{who} ·{kind_badge} '
             f"{short_time(env.get('created_at', ''))}</div>{body}</div>")
 
 
@@ -281,19 +437,13 @@ def sender_html(message: dict[str, Any]) -> str:
 
 
 def conversation_page(ctx: PageContext, conv: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        "<tr>"
-        f"<td class=\"muted\">{short_time(m.get('created_at', ''))}</td>"
-        f"<td>{sender_html(m)}</td>"
-        f"<td>{badge(str(m.get('kind', '')), 'kind-' + str(m.get('kind', '')))}</td>"
-        f"<td><pre>{e(m.get('content', ''))}</pre></td>"
-        "</tr>"
+    rows = [
+        [f'<span class="muted">{short_time(m.get("created_at", ""))}</span>', sender_html(m),
+         badge(str(m.get("kind", "")), "kind-" + str(m.get("kind", ""))), message_body_html(m, pre=True)[1]]
         for m in history
-    )
-    table = (
-        "<table><thead><tr><th>Time</th><th>Sender</th><th>Kind</th><th>Content</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>" if rows else '<p class="muted">No messages in this conversation yet.</p>'
-    )
+    ]
+    table = (f'<div class="scroll">{stack_table(["Time", "Sender", "Kind", "Content"], rows, "messages")}</div>' if rows
+             else '<p class="muted">No messages in this conversation yet.</p>')
     meta = (f'<dl class="kv"><dt>Participants</dt><dd>{value_html(conv.get("participants", []))}</dd>'
             f'<dt>Created</dt><dd>{short_time(conv.get("created_at", ""))} by {e(conv.get("created_by", ""))}</dd>'
             f'<dt>Id</dt><dd><code>{e(conv.get("id", ""))}</code></dd></dl>')
@@ -315,14 +465,9 @@ def mads_page(ctx: PageContext, mads: list[dict[str, Any]], tools: dict[str, lis
                 f"{p['name']}: {p.get('type') or 'any'}" + ("" if p.get("required") else f" = {p.get('default')!r}")
                 for p in t.get("params", [])
             )
-            items.append(
-                f"<tr><td><code>{e(t['qualified_name'])}({e(params)})</code></td>"
-                f"<td>{e(t.get('description', ''))}</td><td>{mark}</td></tr>"
-            )
-        tool_table = (
-            "<table><thead><tr><th>Tool</th><th>Description</th><th>Your token</th></tr></thead>"
-            f"<tbody>{''.join(items)}</tbody></table>" if items else '<p class="muted">No tools.</p>'
-        )
+            items.append([f"<code>{e(t['qualified_name'])}({e(params)})</code>", e(t.get("description", "")), mark])
+        tool_table = (stack_table(["Tool", "Description", "Your token"], items) if items
+                      else '<p class="muted">No tools.</p>')
         facts = {
             "role": m.get("role", ""), "level": m.get("level", ""), "lifecycle": m.get("lifecycle", ""),
             "talks to": m.get("talks_to", []), "conversations": m.get("conversations", []), "owns": m.get("owns", []),
@@ -364,25 +509,17 @@ def health_page(ctx: PageContext, status: dict[str, Any]) -> str:
 # ---- audit ---------------------------------------------------------------------------------------
 
 def audit_page(ctx: PageContext, entries: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        "<tr>"
-        f"<td class=\"muted\">{e(a.get('id', ''))}</td>"
-        f"<td class=\"muted\">{short_time(a.get('ts', ''))}</td>"
-        f"<td>{e(a.get('actor', ''))}</td>"
-        f"<td><code>{e(a.get('action', ''))}</code></td>"
-        f"<td>{e(a.get('subject', ''))}</td>"
-        f"<td>{state_badge(bool(a.get('ok')), 'ok' if a.get('ok') else 'refused')}</td>"
-        f"<td>{e(a.get('detail', ''))}</td>"
-        f"<td>{e(a.get('on_behalf_of', ''))}</td>"
-        f"<td class=\"muted\">{e(a.get('remote', ''))}</td>"
-        "</tr>"
+    rows = [
+        [f'<span class="muted">{e(a.get("id", ""))}</span>', f'<span class="muted">{short_time(a.get("ts", ""))}</span>',
+         e(a.get("actor", "")), f'<code>{e(a.get("action", ""))}</code>', e(a.get("subject", "")),
+         state_badge(bool(a.get("ok")), "ok" if a.get("ok") else "refused"), e(a.get("detail", "")),
+         e(a.get("on_behalf_of", "")), f'<span class="muted">{e(a["remote"])}</span>' if a.get("remote") else ""]
         for a in entries
-    )
-    table = (
-        "<table><thead><tr><th>#</th><th>Time</th><th>Actor</th><th>Action</th><th>Subject</th><th>Outcome</th>"
-        f"<th>Detail</th><th>On behalf of</th><th>Remote</th></tr></thead><tbody>{rows}</tbody></table>"
-        if rows else '<p class="muted">The audit log is empty.</p>'
-    )
+    ]
+    # Columns sized in the stylesheet (table.audit): long subjects, details and addresses wrap.
+    heads = ["#", "Time", "Actor", "Action", "Subject", "Outcome", "Detail", "On behalf of", "Remote"]
+    table = (f'<div class="scroll">{stack_table(heads, rows, "audit")}</div>' if rows
+             else '<p class="muted">The audit log is empty.</p>')
     body = ('<p class="lead">The newest entries of the hash-chained audit log; '
             "<code>python -m &lt;ecosystem&gt; audit verify</code> checks the whole chain.</p>"
             f"<section>{table}</section>")

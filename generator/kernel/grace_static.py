@@ -41,7 +41,7 @@ pre{margin:0;white-space:pre-wrap;word-break:break-word;font-family:ui-monospace
 .badge.kind-error{background:#fce8e6;color:#b3261e}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(15rem,1fr));gap:1rem;margin:1rem 0}
 .cards section{margin:0}.stat{font-size:1.6rem;font-weight:700;margin:.1rem 0}
-dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.25rem .9rem;margin:0;font-size:.9rem}
+dl.kv{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:.25rem .9rem;margin:0;font-size:.9rem}
 dl.kv dt{color:#5a6272}dl.kv dd{margin:0;word-break:break-word}
 button,.button{font:inherit;font-size:.93rem;border:1px solid #1f5fbf;background:#1f5fbf;color:#fff;border-radius:6px;
  padding:.45rem 1rem;cursor:pointer}
@@ -78,6 +78,45 @@ label{display:block;font-weight:600;margin:0 0 .35rem;font-size:.92rem}
  font-size:.83rem;text-align:left}
 .tools button.insert:hover{text-decoration:underline;background:none}
 footer{padding:0 2rem 1.5rem;color:#8a91a0;font-size:.8rem}
+/* tool answers: a table per list of objects, fields per object, the raw JSON folded */
+.scroll{overflow-x:auto;max-width:100%}
+table.records{word-break:normal;overflow-wrap:normal}table.records th,table.records td{font-size:.84rem;padding:.3rem .35rem}
+table.records th{white-space:normal;font-size:.78rem}table.records td{overflow-wrap:break-word}
+table.records .text,.result .long{overflow-wrap:anywhere}
+.pair .key{color:#5a6272;font-size:.78rem}
+table.records .nowrap{white-space:normal}
+table.records td .text{white-space:pre-wrap;display:inline-block;min-width:12ch}
+code.id{font-size:.75rem;overflow-wrap:anywhere;background:none;padding:0;color:#3d4555;display:inline-block;
+ min-width:11ch;max-width:100%}
+code.json{overflow-wrap:anywhere;font-size:.78rem}
+dl.fields{font-size:.88rem}dl.fields dl.fields{font-size:.84rem}dl.fields>.wide{grid-column:1/-1}
+ul.items{margin:0;padding-left:1.1rem}
+details.nested>summary,details.raw>summary{cursor:pointer;color:#1f5fbf;font-size:.8rem;width:max-content}
+details.raw{margin-top:.5rem}
+details.raw>pre{margin-top:.35rem;max-height:22rem;overflow:auto;background:#f6f7f9;border:1px solid #eef0f4;
+ border-radius:4px;padding:.4rem .5rem}
+.result .muted.small{margin:.35rem 0 0}
+.msg.result{max-width:100%;align-self:stretch}
+/* the audit log fits its box: long subjects, details and addresses wrap */
+table.audit td:nth-child(1),table.audit td:nth-child(2),table.audit td:nth-child(6){white-space:nowrap}
+table.audit td:nth-child(3),table.audit td:nth-child(4){overflow-wrap:break-word}
+table.audit td:nth-child(5),table.audit td:nth-child(8),table.audit td:nth-child(9){overflow-wrap:anywhere;min-width:6.5rem}
+table.audit td:nth-child(7){overflow-wrap:anywhere;min-width:14rem}
+table.messages td:nth-child(4){width:70%}table.messages td:nth-child(1) .nowrap{white-space:normal}
+/* a phone: each table row becomes a block of labelled lines */
+@media (max-width:40rem){
+ header.top{padding:.6rem .75rem;gap:.6rem}main{padding:.5rem .75rem 1.5rem}footer{padding:0 .75rem 1rem}
+ section{padding:.75rem}.msg{max-width:100%}
+ table.stack>thead{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%)}
+ table.stack,table.stack>tbody,table.stack>tbody>tr,table.stack>tbody>tr>td{display:block;width:100%}
+ table.stack>tbody>tr{border-bottom:1px solid #dde1e8;padding:.4rem 0}table.stack>tbody>tr:last-child{border-bottom:0}
+ table.stack>tbody>tr>td:nth-child(n){border:0;padding:.1rem 0;min-width:0;width:100%;display:grid;
+  grid-template-columns:6.5rem minmax(0,1fr);column-gap:.5rem;overflow-wrap:anywhere;white-space:normal}
+ table.stack>tbody>tr>td::before{content:attr(data-label);color:#5a6272;font-weight:600;font-size:.8rem;overflow-wrap:anywhere}
+ table.stack>tbody>tr>td:empty{display:none}
+ table.stack table.stack>tbody>tr>td:nth-child(n){grid-template-columns:5.6rem minmax(0,1fr)}
+ .result .nowrap{white-space:normal}
+}
 """
 
 JS = """'use strict';

@@ -1,8 +1,11 @@
 """Model aliases and token budgets (Fiedler's side of the kernel).
 
 Providers:
-- "echo": deterministic and offline. The answer is "echo: <prompt>" cut to `max_tokens`
-  words; tokens are counted as whitespace-separated words.
+- "echo": deterministic and offline. The answer is "[offline echo model] <last message>": the
+  prompt's last paragraph (a MAD's prompt is its imperator prompt, a blank line, then the message;
+  the system prompt is never repeated), cut so the whole answer is at most `max_tokens` words
+  (under 4, the label alone; its completion tokens never exceed `max_tokens`).
+  Tokens are counted as whitespace-separated words.
 - "openai": POST `{api_base}/chat/completions` (httpx), key from the Turing secret named
   by the alias's `api_key_secret`.
 
@@ -13,6 +16,7 @@ spent + prompt tokens + max_tokens would exceed the budget; after it, actual usa
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +54,10 @@ CREATE TABLE IF NOT EXISTS model_calls (
     latency_ms INTEGER NOT NULL
 );
 """
+
+
+ECHO_LABEL = "[offline echo model]"
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def count_tokens(text: str) -> int:
@@ -181,9 +189,11 @@ class ModelGateway:
 
     @staticmethod
     def _echo(prompt: str, max_tokens: int, system: str) -> tuple[str, dict[str, int]]:
-        words = prompt.split()[: max(0, max_tokens - 1)]
-        text = "echo: " + " ".join(words)
-        return text, {"prompt_tokens": count_tokens(system) + count_tokens(prompt), "completion_tokens": count_tokens(text)}
+        paragraphs = [p for p in _PARAGRAPH_BREAK.split(prompt) if p.strip()]
+        words = (paragraphs[-1] if paragraphs else "").split()[: max(0, max_tokens - count_tokens(ECHO_LABEL))]
+        text = " ".join([ECHO_LABEL, *words])
+        completion = min(count_tokens(text), max_tokens)  # never more than the caller reserved
+        return text, {"prompt_tokens": count_tokens(system) + count_tokens(prompt), "completion_tokens": completion}
 
     async def _openai(
         self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int, system: str

@@ -119,7 +119,8 @@ def test_sign_in_chat_and_commands(ui, server):
 
     ui.say("What is the state of the group?")
     log = ui.page.locator("#chat-log")
-    assert "echo: You are Fiedler. What is the state of the group?" in log.inner_text()
+    assert "[offline echo model] What is the state of the group?" in log.inner_text()
+    assert "You are Fiedler" not in log.inner_text()  # the system prompt is not echoed
     assert "grace → fiedler" in log.inner_text()
 
     ui.page.click('button.insert[data-command="/rogers.search"]')  # the command list fills the box
@@ -148,7 +149,7 @@ def test_browse_conversations_mads_health_audit_and_sign_out(ui, server):
     ui.page.click("text=Grace chat · default")
     rows = ui.page.locator("tbody tr").all_inner_texts()
     assert any("hello from the browser" in r and "client:default" in r for r in rows)
-    assert any("fiedler" in r and "echo: You are Fiedler. hello from the browser" in r for r in rows)
+    assert any("fiedler" in r and "[offline echo model] hello from the browser" in r for r in rows)
     ui.shot("conversation")
 
     ui.page.click("nav >> text=MADs")
@@ -185,7 +186,7 @@ def test_xss_attempts_render_as_inert_text(ui, server):
     log = ui.page.locator("#chat-log")
     text = log.inner_text()
     assert XSS_IMG in text and XSS_SCRIPT in text and XSS_LINK in text  # shown as typed, as text
-    assert f"echo: You are Fiedler. {XSS_IMG}" in text
+    assert f"[offline echo model] {XSS_IMG}" in text
     ui.shot("xss-chat")
     pages = ["/chat", "/conversations", "/"]
     ui.go("/conversations")
@@ -203,4 +204,94 @@ def test_xss_attempts_render_as_inert_text(ui, server):
     ui.go(pages[-1])
     ui.page.get_by_text("click me", exact=False).first.click()  # clicking the text runs nothing
     assert ui.page.url.endswith(pages[-1])
+    ui.assert_clean()
+
+
+def test_tool_answers_read_as_tables_with_the_raw_json_folded_even_without_javascript(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, java_script_enabled=False)
+    try:
+        ui = Watched(context.new_page(), server.url)
+        ui.sign_in(server.token)
+        for command in ("/turing.set_secret name=shown_as_a_table value=v1", "/turing.list_secrets", "/grace.status"):
+            ui.go("/chat")
+            ui.page.fill("#message", command)
+            ui.submit("#send")  # no script: the form posts as it is
+        listing = ui.page.locator(".msg.result").nth(-2)  # the answer to /turing.list_secrets
+        assert listing.locator("table.records thead th").all_inner_texts() == ["name", "version", "updated_at"]
+        assert "shown_as_a_table" in listing.locator("table.records tbody").inner_text()
+        raw = listing.locator("details.raw pre")
+        assert not raw.is_visible()  # the JSON is folded away...
+        listing.locator("details.raw summary").click()
+        assert raw.is_visible() and '"name": "shown_as_a_table"' in raw.inner_text()  # ...and opens with no script
+        status = ui.page.locator(".msg.result").last
+        fields = status.locator("dl.fields").first.locator(":scope > dt").all_inner_texts()
+        assert "status" in fields and "mads" in fields
+        assert status.locator("table.records tbody tr").count() == 4  # a row per MAD
+        ui.shot("chat-tool-tables")
+        ui.assert_clean()
+    finally:
+        context.close()
+
+
+def _mcp(server, tool: str, **args):
+    """A tool call over MCP, as the client "default" (in a thread: Playwright's loop runs in this one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(server.call, tool, **args).result(timeout=30)
+
+
+def test_stored_content_reads_literally_once_and_names_the_client_an_mcp_post_was_for(ui, server):
+    marker = "once-" + os.urandom(4).hex()
+    literal = f"<b>&\"' {marker}"
+    conv = _mcp(server, "rogers.create_conversation", title=f"escaping {marker}")
+    _mcp(server, "rogers.post", conversation_id=conv["id"], content=literal)
+    ui.sign_in(server.token)
+    ui.say(f"/rogers.history conversation_id={conv['id']}")
+    reply = ui.page.locator(".msg").last
+    text = reply.inner_text()  # what the browser shows: the raw JSON is folded away
+    assert text.count(literal) == 1, text
+    assert "\\\"" not in text and "&amp;" not in text and "&lt;" not in text and "&quot;" not in text
+    row = reply.locator("table.records tbody tr", has_text=marker)
+    assert "client:default via rogers" in row.locator('td[data-label="sender"]').inner_text()
+    ui.go(f"/conversations/{conv['id']}")
+    main = ui.page.locator("main").inner_text()
+    assert main.count(literal) == 1 and "client:default via rogers" in main and "\\\"" not in main
+    ui.go("/conversations")
+    ui.page.click("text=Grace chat · default")  # Grace's stored record of the answer reads the same
+    rows = ui.page.locator("main tr", has_text=marker).all_inner_texts()  # grace's reply to /rogers.history
+    assert rows and all(r.count(literal) == 1 and "\\\"" not in r and "&amp;" not in r for r in rows), rows
+    ui.assert_clean()
+
+
+def _overflow(page) -> int:
+    """How far the page is wider than the window (0: it fits)."""
+    return page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_the_audit_log_fits_1280_and_every_page_reads_at_390(ui, server):
+    ui.sign_in(server.token)
+    # The audit entries that used to push the table wide: a long unbroken subject and detail.
+    ui.say("/turing.get_secret name=" + "aSecretNameNobodyStored" * 3)
+    ui.page.request.post(server.url + "/chat", form={"message": "x"},
+                         headers={"origin": "http://" + "evilhost" * 14 + ".example"})
+    ui.say("/rogers.search query=secret limit=5")  # a wide table answer in the chat
+    ui.go("/audit")
+    assert "grace.origin-rejected" in ui.page.locator("main table").inner_text()
+    assert _overflow(ui.page) == 0
+    section = ui.page.locator("main section").last.bounding_box()
+    table = ui.page.locator("main table").bounding_box()
+    assert table["x"] + table["width"] <= section["x"] + section["width"]  # inside its box, no scrolling
+    ui.shot("audit-1280")
+    ui.go("/conversations")
+    ui.page.click("text=Grace chat · default")
+    conversation = ui.page.url.removeprefix(server.url)
+    assert _overflow(ui.page) == 0
+    ui.page.set_viewport_size({"width": 390, "height": 844})
+    for path in ["/", "/chat", "/conversations", conversation, "/mads", "/health", "/audit"]:
+        ui.go(path)
+        assert _overflow(ui.page) == 0, path
+        ui.shot(f"390{path.replace('/', '-')[:20]}")
+    head = ui.page.locator("table.audit thead").bounding_box()
+    assert head["width"] <= 1  # on a phone each entry is a block of labelled lines
     ui.assert_clean()

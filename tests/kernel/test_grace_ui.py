@@ -293,7 +293,7 @@ def test_all_user_content_is_escaped(eco, client):
         assert "<img src=x" not in html and "<script>window" not in html, path
     assert "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in pages["/conversations"]
     assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in pages["/chat"]
-    assert "echo: You are Fiedler. &lt;img" in pages["/chat"]
+    assert "[offline echo model] &lt;img" in pages["/chat"]
     assert "&lt;script&gt;" in pages["/audit"]
     assert "Secrets keeper &lt;of the group&gt;" in pages["/mads"]
     assert "A tiny &lt;test&gt; ecosystem &amp; friends" in pages["/"]
@@ -304,14 +304,15 @@ def test_all_user_content_is_escaped(eco, client):
 def test_prose_goes_to_fiedler_and_is_recorded_on_the_bus(eco, client):
     sign_in(client, eco.admin)
     page = say(client, "hello there")
-    assert "echo: You are Fiedler. hello there" in page
+    assert "[offline echo model] hello there" in page
+    assert "You are Fiedler" not in page  # the echo model never repeats the system (imperator) prompt
     [conv] = [c for c in eco.runtime.bus.list(50) if c["title"] == "Grace chat · admin"]
     history = eco.runtime.bus.history(conv["id"], 50)
     assert [(m["sender"], m["kind"]) for m in history] == [("client:admin", "message"), ("grace", "request"),
                                                           ("fiedler", "reply")]
     assert len({m["correlation_id"] for m in history}) == 1
     assert conv["id"] in client.get("/conversations").text
-    assert "echo: You are Fiedler. hello there" in client.get(f"/conversations/{conv['id']}").text
+    assert "[offline echo model] hello there" in client.get(f"/conversations/{conv['id']}").text
 
 
 def test_commands_route_to_tools(eco, client):
@@ -334,7 +335,7 @@ def test_a_token_only_reaches_what_it_allows(eco, client):
     page = say(client, "/turing.list_secrets")
     assert "access_denied: your token does not allow turing.list_secrets" in page
     assert "access_denied: your token does not allow fiedler.send" in say(client, "please answer")
-    assert "echo:" not in client.get("/chat").text
+    assert "[offline echo model]" not in client.get("/chat").text
     assert "/rogers.search" in page and "/turing.get_secret" not in page  # only allowed commands are offered
     r = client.get("/audit")
     assert r.status_code == 403 and "grace.audit" in r.text
@@ -422,3 +423,61 @@ def test_a_post_made_for_a_client_shows_the_client_as_its_sender(eco, client):
     page = client.get(f"/conversations/{general['id']}").text
     row = next(r for r in page.split("<tr>") if "from ci" in r)
     assert "client:ci" in row and "via rogers" in row
+
+
+# ---- tool answers as people read them -------------------------------------------------------
+
+LITERAL = "<b>&\"'"  # what a person typed: it must reach the page escaped once, and read back as typed
+ONCE = "&lt;b&gt;&amp;&quot;&#x27;"
+
+
+def test_tool_answers_are_tables_or_fields_with_the_raw_json_behind_a_toggle(eco, client):
+    sign_in(client, eco.admin)
+    say(client, "/turing.set_secret name=listed value=v1")
+    page = say(client, "/turing.list_secrets")
+    reply = page.rsplit('<div class="msg', 1)[1]  # the newest message: the answer to /turing.list_secrets
+    assert '<table class="stack records">' in reply
+    assert [h for h in re.findall(r'<th scope="col">(.*?)</th>', reply)] == ["name", "version", "updated_<wbr>at"]
+    assert '<td data-label="name"><div>listed</div></td>' in reply
+    raw = reply.split('<details class="raw"><summary>Raw JSON</summary>', 1)[1]  # JSON only behind the toggle
+    assert raw.startswith("<pre>[\n  {\n    &quot;name&quot;: &quot;listed&quot;")
+    assert "&quot;name&quot;" not in reply.split('<details class="raw">', 1)[0]
+    status = say(client, "/grace.status").rsplit('<div class="msg', 1)[1]
+    assert '<dl class="kv fields"><dt>name</dt>' in status and '<dt class="wide">mads</dt>' in status
+    [conv] = [c for c in eco.runtime.bus.list(50) if c["title"] == "Grace chat · admin"]
+    stored = client.get(f"/conversations/{conv['id']}").text  # the stored replies read the same way
+    assert '<td data-label="name"><div>listed</div></td>' in stored and '<dl class="kv fields"><dt>name</dt>' in stored
+    assert stored.count('<details class="raw">') == 3  # set_secret, list_secrets, status
+
+
+def test_stored_content_is_escaped_exactly_once_wherever_it_is_shown(eco, client):
+    import asyncio
+
+    general = next(c for c in eco.runtime.bus.list(50) if c["title"] == "general")
+    asyncio.run(eco.runtime.invoke_tool("rogers", "post", {"conversation_id": general["id"], "content": LITERAL},
+                                        principal="client:ci"))
+    sign_in(client, eco.admin)
+    chat = say(client, f"/rogers.history conversation_id={general['id']}")
+    [conv] = [c for c in eco.runtime.bus.list(50) if c["title"] == "Grace chat · admin"]
+    pages = {"chat": chat, "conversation": client.get(f"/conversations/{general['id']}").text,
+             "chat record": client.get(f"/conversations/{conv['id']}").text}
+    for name, html in pages.items():
+        shown = html.split('<details class="raw">', 1)[0]  # what is on show (the raw JSON is JSON, folded)
+        assert ONCE in shown, name
+        for twice in ("&amp;lt;", "&amp;amp;", "&amp;quot;", "&amp;#x27;", "\\&quot;", "\\u0026"):
+            assert twice not in shown, (name, twice)
+    # The history's rows name the client the post was made for, via the MAD that made it.
+    row = next(r for r in chat.split("<tr>") if ONCE in r)
+    assert 'client:ci <span class="muted small">via rogers</span>' in row
+
+
+def test_a_post_made_for_a_client_in_the_chat_shows_the_client_via_the_mad(eco, client):
+    import asyncio
+
+    sign_in(client, eco.admin)
+    say(client, "/help")  # the chat's conversation exists from the first message
+    [conv] = [c for c in eco.runtime.bus.list(50) if c["title"] == "Grace chat · admin"]
+    asyncio.run(eco.runtime.invoke_tool("rogers", "post", {"conversation_id": conv["id"], "content": "from ci"},
+                                        principal="client:ci"))
+    message = client.get("/chat").text.rsplit('<div class="msg', 1)[1]
+    assert "from ci" in message and "<strong>client:ci</strong> via rogers" in message

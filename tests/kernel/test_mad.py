@@ -13,7 +13,7 @@ def test_handle_routes_tool_payloads_and_prose(runtime):
     grace = runtime.mad("grace")
     status = asyncio.run(grace.handle({"content": "", "payload": {"tool": "status", "args": {}}}))
     assert status["name"] == runtime.config.name and status["status"] == "ok"
-    assert asyncio.run(grace.handle({"content": "how are you", "payload": {}})) == "echo: You are Grace. how are you"
+    assert asyncio.run(grace.handle({"content": "how are you", "payload": {}})) == "[offline echo model] how are you"
     errors = _errors(runtime)
     with pytest.raises(errors.NotFound):
         asyncio.run(grace.handle({"payload": {"tool": "nope"}}))

@@ -115,9 +115,9 @@ def test_metrics_count_each_mads_tool_calls_bus_messages_and_tokens(served):
     assert value(found, "regen_bus_messages_total", mad="rogers", kind="request") == 1
     assert value(found, "regen_bus_messages_total", mad="turing", kind="reply") == 1
     assert value(found, "regen_bus_messages_total", mad="rogers", kind="message") == 1
-    # The echo model counts words: the prompt's four, and "echo:" plus the four in its answer.
+    # The echo model counts words: the prompt's four, and its three-word label plus the four in its answer.
     assert value(found, "regen_llm_tokens_total", mad="fiedler", kind="prompt") == len(PROMPT.split())
-    assert value(found, "regen_llm_tokens_total", mad="fiedler", kind="completion") == len(PROMPT.split()) + 1
+    assert value(found, "regen_llm_tokens_total", mad="fiedler", kind="completion") == len(PROMPT.split()) + 3
     assert value(found, "regen_llm_tokens_total", mad="turing", kind="prompt") == 0
     assert all(value(found, "regen_mad_up", mad=m) == 1 for m in ("turing", "rogers", "fiedler"))
 

@@ -14,12 +14,26 @@ def _errors(runtime):
 def test_echo_is_deterministic_and_counts_words(runtime):
     r1 = asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt="hello big world", max_tokens=10))
     r2 = asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt="hello big world", max_tokens=10))
-    assert r1["text"] == r2["text"] == "echo: hello big world"
-    assert (r1["prompt_tokens"], r1["completion_tokens"], r1["total_tokens"]) == (3, 4, 7)
+    assert r1["text"] == r2["text"] == "[offline echo model] hello big world"
+    assert (r1["prompt_tokens"], r1["completion_tokens"], r1["total_tokens"]) == (3, 6, 9)
     b = asyncio.run(runtime.use("models.budget", caller="fiedler"))
-    assert b["mads"]["grace"]["spent"] == 14 and b["mads"]["grace"]["calls"] == 2
-    assert b["mads"]["grace"]["remaining"] == 100000 - 14
+    assert b["mads"]["grace"]["spent"] == 18 and b["mads"]["grace"]["calls"] == 2
+    assert b["mads"]["grace"]["remaining"] == 100000 - 18
     assert [m["alias"] for m in asyncio.run(runtime.use("models.list", caller="fiedler"))] == ["default"]
+
+
+def test_echo_is_labelled_and_answers_the_last_message_not_the_system_prompt(runtime):
+    mad = runtime.mad("grace")  # its imperator prompt is "You are Grace."
+    assert asyncio.run(mad.think("what\nis new?")) == "[offline echo model] what is new?"
+    prompt = "You are Grace.\nBe brief.\n\nearlier paragraph\n  \none two three four five six"
+    send = lambda n: asyncio.run(runtime.use("models.send", caller="grace", model="default", prompt=prompt, max_tokens=n))  # noqa: E731
+    assert send(5)["text"] == "[offline echo model] one two"  # the whole answer fits max_tokens
+    assert (send(5)["completion_tokens"], send(2)["completion_tokens"]) == (5, 2)
+    assert send(2)["text"] == "[offline echo model]"
+    assert send(100)["text"] == "[offline echo model] one two three four five six"
+    gateway = type(runtime.models)
+    text, usage = gateway._echo("hello", 10, "You are Fiedler, the model gateway.")
+    assert text == "[offline echo model] hello" and usage["prompt_tokens"] == 7  # the system prompt counted, not echoed
 
 
 def test_budget_refuses_clearly_and_persists(runtime, eco_modules):
@@ -51,7 +65,7 @@ def test_client_calls_are_charged_to_the_client_too(eco_modules, tmp_path):
     errors = _errors(rt)
     try:
         out = asyncio.run(rt.invoke_tool("grace", "chat", {"message": "hi"}, principal="client:alice"))
-        assert out == "echo: You are Grace. hi"
+        assert out == "[offline echo model] hi"
         budgets = asyncio.run(rt.use("models.budget", caller="fiedler"))
         assert budgets["clients"]["client:alice"]["spent"] == budgets["mads"]["grace"]["spent"] > 0
         with pytest.raises(errors.BudgetExceeded, match="client:alice"):
