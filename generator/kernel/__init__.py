@@ -2,7 +2,8 @@
 
 Copied verbatim into each ecosystem as `<pkg>/kernel/`; it imports only the standard
 library, mcp, starlette, uvicorn, httpx, cryptography, pydantic and prometheus_client
-(and redis, lazily, when the Redis transport is configured).
+(and redis, lazily, when the Redis transport is configured; and opentelemetry, the
+opentelemetry-sdk and its OTLP/HTTP exporter, lazily, when traces are: `tracing.py`).
 """
 
 from __future__ import annotations

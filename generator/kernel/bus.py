@@ -27,9 +27,11 @@ first write. Kernel capabilities that append (conversations.post, a new secret v
 again on a second run; read before you append when a duplicate matters.
 
 fsync policy: the database runs in WAL mode with `synchronous=FULL` (`db.py`): every commit
-is fsynced before it returns, so an accepted request, and every ack, survives a process
-crash (SIGKILL) and a power loss or kernel panic. That fsync is most of the cost of a bus
-hop (see `benchmarks/bus_hop.py`).
+is fsynced before it returns. The local bus's accept and ack are group commits instead: they
+are written without their own fsync, and a request's reply is handed back (a `submit`
+returns) only after `Database.durable()`, one fdatasync shared by every hop in flight. So an
+acknowledged request or reply survives a process crash (SIGKILL) and a power loss or kernel
+panic alike, and concurrent hops pay for one fsync between them (see `benchmarks/bus_hop.py`).
 """
 
 from __future__ import annotations
@@ -291,25 +293,28 @@ class ConversationBus:
             self._insert(conn, env)
         return env.as_dict()
 
-    def record(self, env: Envelope) -> bool:
-        """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already."""
-        with self.db.transaction() as conn:
+    def record(self, env: Envelope, *, group_commit: bool = False) -> bool:
+        """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already.
+        With `group_commit`, await `db.durable()` before relying on it."""
+        with self.db.transaction(group_commit=group_commit) as conn:
             return self._insert(conn, env, or_ignore=True)
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
-    def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
-        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
-        with self.db.transaction() as conn:
+    def accept(self, request: Envelope, target: str, sealed: bytes, *, group_commit: bool = False) -> None:
+        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction
+        (a group commit: await `db.durable()` before acknowledging it)."""
+        with self.db.transaction(group_commit=group_commit) as conn:
             self._insert(conn, request)
             conn.execute(
                 "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
                 (request.id, target, sealed, now_iso()),
             )
 
-    def complete(self, request_id: str, reply: Envelope) -> bool:
-        """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
-        with self.db.transaction() as conn:
+    def complete(self, request_id: str, reply: Envelope, *, group_commit: bool = False) -> bool:
+        """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked
+        already. With `group_commit`, await `db.durable()` before handing the reply on."""
+        with self.db.transaction(group_commit=group_commit) as conn:
             acked = conn.execute(
                 "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
                 " WHERE envelope_id = ? AND state = 'pending'",

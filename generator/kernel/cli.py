@@ -51,15 +51,27 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     serve.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
                        help="Redis bus: a delivery whose process has been silent this long (dead, frozen) is "
                             "taken over by a live one (default 30; live processes renew their claims)")
+    serve.add_argument("--drill-hold", type=float, default=0.0, metavar="SECONDS",
+                       help="failover drills only (deploy/failover.sh drill), never in production: hold each Redis "
+                            "bus delivery this long before running it, so the replica is killed while it holds some")
+    serve.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                       help="send traces (OpenTelemetry, OTLP over HTTP) to this collector, e.g. http://127.0.0.1:4318 "
+                            "(/v1/traces is appended); default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else "
+                            "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces")
 
     bus = sub.add_parser("bus", help="the bus shared by several processes (Redis): status, forget, send")
     bus_sub = bus.add_subparsers(dest="bus_command", required=True)
-    status = bus_sub.add_parser("status", help="per MAD: entries queued and pending, and each consumer (process) "
-                                               "with its pending entries and idle time; JSON on stdout")
+    status = bus_sub.add_parser("status", help="per MAD: entries queued and pending, requests added and deliveries "
+                                               "taken over, and each consumer (process) with its pending entries, "
+                                               "idle time and whether it is alive; JSON on stdout")
     _bus_arguments(status, config, required=True)
-    forget = bus_sub.add_parser("forget", help="remove a dead process's consumer (see status) once it holds no delivery")
+    forget = bus_sub.add_parser("forget", help="remove a dead process's consumer (see status) once it holds no delivery "
+                                               "(live replicas remove those of the MADs they run themselves)")
     _bus_arguments(forget, config, required=True)
-    forget.add_argument("consumer", help="the consumer name, host:pid:tag, as status shows it")
+    forget.add_argument("consumer", nargs="+", help="the consumer name, host:pid:tag, as status shows it (several: each)")
+    forget.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="a process killed moments ago counts as alive until its heartbeat lapses (its "
+                             "--claim-idle): wait up to this long for that (default 0: refuse at once)")
     send = bus_sub.add_parser("send", help="send requests as one MAD to another over the bus and wait for the "
                                            "replies (a drill, a smoke test): one JSON line per reply")
     _bus_arguments(send, config, required=True)
@@ -140,9 +152,19 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
         print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))
         return 0
     if args.bus_command == "forget":
-        gone = bus_forget(args.bus, config.name, mads, args.consumer)
-        print(f"consumer {args.consumer!r} removed from the groups of {', '.join(gone) or 'no MAD'}")
-        return 0
+        refused = 0
+        for consumer in args.consumer:
+            try:
+                gone = bus_forget(args.bus, config.name, mads, consumer, wait_s=args.wait)
+            except KernelError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                refused += 1
+                continue
+            if gone:
+                print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}")
+            else:
+                print(f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
+        return 2 if refused else 0
     import asyncio
 
     from .runtime import Runtime
@@ -210,15 +232,26 @@ def _rotate_key(config: EcosystemConfig, args: argparse.Namespace) -> int:
 def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import tracing
     from .gateway import build_app
     from .runtime import Runtime
 
     logs.configure(args.log_level)
     runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
                       bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
+    if args.drill_hold:
+        if runtime.transport.name != "redis" or args.drill_hold < 0:
+            runtime.db.close()
+            raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
+        runtime.transport.hold_s = args.drill_hold
     tokens = ClientRegistry(runtime.state_dir)
     app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days,
                     sessions_per_client=args.sessions_per_client, session_idle_s=args.session_idle)
+    try:  # off unless an OTLP endpoint is configured (kernel/tracing.py)
+        tracing.configure(config.name, runtime.version, otlp_endpoint=args.otlp_endpoint)
+    except KernelError:
+        runtime.db.close()
+        raise
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT, new requests get 503 with Retry-After (and /healthz says 503 "draining") while
@@ -256,6 +289,7 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        tracing.shutdown()  # the spans still batched go out before the process ends
     if received:
         logs.get("cli").info("stopped by signal", extra={"signal": signal.Signals(received[0]).name})
     return 0 if server.started else 1

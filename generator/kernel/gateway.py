@@ -1,7 +1,8 @@
 """The HTTP face of the ecosystem: the MCP gateway at /mcp, Grace's web UI (`grace.py`), /healthz and /metrics.
 
 - One `MCPServer` (mcp SDK 2.x) over streamable HTTP exposes every MAD tool as `<mad>.<tool>`
-  with the tool's real parameter schema; a call dispatches to the MAD method through
+  with the tool's real parameter schema and an outputSchema (a tool bound to a kernel capability:
+  the capability's shape, `kernel/capabilities.py`); a call dispatches to the MAD method through
   `Runtime.invoke_tool` with principal "client:<token-name>".
 - /mcp requires `Authorization: Bearer <token>` of a client that is not revoked (`kernel/clients.py`,
   re-read on every request); otherwise 401. Every tools/call is then admitted for its client
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -24,11 +26,12 @@ from typing import Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, PrivateAttr, ValidationError, create_model
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -36,7 +39,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import logs
+from . import logs, tracing
+from .capabilities import CAPABILITIES
 from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
 from .grace import Grace, SecurityHeaders
@@ -356,12 +360,14 @@ def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) 
 def _explain(tool: str, exc: ToolError, schema: dict[str, Any]) -> tuple[str, str]:
     """(outcome, message) for a ToolError out of the SDK's call of a tool."""
     cause = exc.__cause__
+    # First: a crash is the server's fault even when what crashed was a pydantic model inside the tool
+    # (the SDK raises a plain ToolError only for arguments that fail the input schema).
+    if isinstance(exc, UnexpectedToolError):  # the traceback is in the log; the caller gets no internals
+        return "internal_error", f"internal_error: {tool} failed unexpectedly; the server log has the details"
     if isinstance(cause, ValidationError):
         return "invalid", describe_invalid(tool, schema, cause)
     if isinstance(cause, _MadToolError):
         return cause.code, str(cause)
-    if isinstance(exc, UnexpectedToolError):  # the traceback is in the log; the caller gets no internals
-        return "internal_error", f"internal_error: {tool} failed unexpectedly; the server log has the details"
     return "error", str(exc)
 
 
@@ -437,6 +443,10 @@ class GatewayServer(MCPServer):
         tok_p = logs.principal.set(f"client:{client}" if client else "")
         t0 = time.perf_counter()
         outcome, counted, detail = "ok", False, ""
+        span = tracing.start(f"tools/call {name}" if name in self.schemas else "tools/call", {
+            "regen.correlation_id": cid, "regen.client": client or "anonymous", "regen.tool": name,
+            "regen.mad": name.partition(".")[0] if name in self.schemas else "", "mcp.method.name": "tools/call",
+        }, kind="server") if tracing.tracer is not None else tracing.OFF  # the parent of the MAD's spans
         try:
             self._admit(client, name, remote)
             counted = True  # from here on the call counts against the client's quota
@@ -454,7 +464,13 @@ class GatewayServer(MCPServer):
         except MCPError as exc:
             outcome, detail = "protocol_error", str(exc)
             raise
+        except BaseException as exc:  # cancelled (the client went away), or a fault outside the tool: recorded, raised
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            outcome = "cancelled" if cancelled else "internal_error"
+            detail = f"{outcome}: {type(exc).__name__}"
+            raise
         finally:
+            span.end(outcome, detail)
             ms = (time.perf_counter() - t0) * 1000
             self.ledger.record(client or "anonymous", name, cid, outcome, counted, ms, detail)
             extra: dict[str, Any] = {"client": client or "anonymous", "tool": name, "outcome": outcome, "ms": round(ms, 1)}
@@ -470,10 +486,25 @@ class GatewayServer(MCPServer):
         return result
 
 
-def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str):
-    """An async function with the MAD tool's signature (plus the MCP context) that runs it for the calling client."""
+def _output_type(annotation: Any) -> Any:
+    """The return type the SDK derives a tool's outputSchema from. A bare `dict` or `list` it takes for a
+    class without fields, and publishes no schema (nor structuredContent) for: they mean `dict[str, Any]`
+    and `list[Any]`."""
+    if annotation is dict:
+        return dict[str, Any]
+    if annotation is list:
+        return list[Any]
+    return annotation
+
+
+def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str, output: Any = None):
+    """An async function with the MAD tool's signature (plus the MCP context) that runs it for the calling client.
+
+    Its return annotation is `output` when given (the shape of the kernel capability the tool is bound to,
+    which is what it returns whatever its own annotation says), else the tool's own (see `_output_type`)."""
     qualified = f"{mad_cls.name}.{tool_name}"
     sig = mad_cls.tool_signature(tool_name)
+    returns = output if output is not None else _output_type(sig.return_annotation)
 
     async def call(mcp_context: Context, **kwargs: Any) -> Any:
         client, _ = _caller(mcp_context)  # admitted by GatewayServer.call_tool
@@ -484,23 +515,56 @@ def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str):
 
     params = [inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
-    call.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    call.__signature__ = sig.replace(parameters=params, return_annotation=returns)  # type: ignore[attr-defined]
     call.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
-    if sig.return_annotation is not inspect.Signature.empty:
-        call.__annotations__["return"] = sig.return_annotation
+    if returns is not inspect.Signature.empty:
+        call.__annotations__["return"] = returns
     call.__name__ = f"{mad_cls.name}_{tool_name}"
     call.__qualname__ = call.__name__
     call.__doc__ = inspect.getdoc(mad_cls.tool_methods()[tool_name]) or qualified
     return call
 
 
+class _OutputMismatch(Exception):
+    """A tool's result does not fit its outputSchema: the server's fault, never the caller's."""
+
+
+class _CheckedOutput(FuncMetadata):
+    """The SDK's tool metadata, logging why a result does not fit the tool's outputSchema when the SDK's check
+    fails. The call then fails as internal_error (not as the caller's invalid_argument, which a ValidationError
+    would read as); the log names the fields, never their values."""
+
+    _tool: str = PrivateAttr(default="")
+
+    def convert_result(self, result: Any) -> Any:
+        try:
+            return super().convert_result(result)
+        except ValidationError as exc:
+            problems = ["/".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors(include_input=False)]
+            log.error("tool result does not fit its outputSchema", extra={"tool": self._tool, "problems": problems[:20]})
+            raise _OutputMismatch(f"{self._tool}: the result does not fit its outputSchema") from None
+
+
 def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> Tool:
     """The SDK's Tool for `fn` with a strict argument model: no coercion ("5" is not an integer, true is
     not 1) and no unknown arguments, so a call is checked against exactly the schema tools/list
     advertises, which says so (`additionalProperties: false`). The SDK's own model is lax and
-    silently drops unknown arguments."""
+    silently drops unknown arguments.
+
+    Every tool has an outputSchema too, and every successful call a structuredContent the SDK has checked
+    against it (the MCP spec requires both together). The SDK derives the schema from `fn`'s return
+    annotation; for one it cannot describe (none, `Any`, a class without fields) the result goes out
+    wrapped as the SDK wraps a list, `{"result": <any JSON value>}`."""
     annotations = ToolAnnotations(**hints) if hints else None
     tool = Tool.from_function(fn, name=name, description=fn.__doc__, annotations=annotations)
+    meta = tool.fn_metadata
+    if meta.output_schema is None:
+        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, wrap_output=True,
+                                          output_model=create_model(f"{fn.__name__}Output", result=(Any, ...)))
+    else:
+        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, output_model=meta.output_model,
+                                          output_schema=meta.output_schema, wrap_output=meta.wrap_output)
+    tool.fn_metadata._tool = name
     lax = tool.fn_metadata.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
     tool.fn_metadata.arg_model = strict
@@ -511,8 +575,10 @@ def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> To
 def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) -> GatewayServer:
     cfg = runtime.config
     runtime.secrets.client_scope = clients.secret_scope  # a client's --secret patterns, over MCP and in Grace alike
-    tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name), f"{mad_cls.name}.{tool_name}",
-                          cfg.tool_hints.get(f"{mad_cls.name}.{tool_name}"))
+    # A tool bound to a kernel capability returns what the capability does: its outputSchema is the capability's shape.
+    bound = {tool: CAPABILITIES[cap].output for cap, tool in cfg.capability_tools.items() if cap in CAPABILITIES}
+    tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name, bound.get(f"{mad_cls.name}.{tool_name}")),
+                          f"{mad_cls.name}.{tool_name}", cfg.tool_hints.get(f"{mad_cls.name}.{tool_name}"))
              for mad_cls in cfg.mads for tool_name in mad_cls.tool_methods()]
     return GatewayServer(
         runtime,
@@ -548,8 +614,6 @@ class DrainGate:
     RETRY_AFTER_S = 5
 
     def __init__(self) -> None:
-        import asyncio
-
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -560,8 +624,6 @@ class DrainGate:
 
     async def wait_idle(self, deadline: float) -> bool:
         """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
-        import asyncio
-
         remaining = deadline - time.monotonic()
         if self.in_flight and remaining > 0:
             try:
@@ -692,8 +754,6 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def prune_calls() -> None:
-        import asyncio
-
         while call_retention_days > 0:
             try:
                 gone = mcp.ledger.prune(call_retention_days)
@@ -705,8 +765,6 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        import asyncio
-
         await runtime.start()
         pruning = asyncio.create_task(prune_calls())
         try:

@@ -9,6 +9,7 @@ reference to the runtime, the database, the secrets manager or any other MAD.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
@@ -104,12 +105,7 @@ class Mad:
     @classmethod
     def tool_methods(cls) -> dict[str, Callable[..., Any]]:
         """name -> unbound function of every @tool, in definition order (base classes first)."""
-        found: dict[str, Callable[..., Any]] = {}
-        for klass in reversed(cls.__mro__):
-            for attr, value in vars(klass).items():
-                if callable(value) and getattr(value, _TOOL_FLAG, False):
-                    found[attr] = value
-        return found
+        return dict(_tool_methods(cls))
 
     @classmethod
     def tool_signature(cls, name: str) -> inspect.Signature:
@@ -199,7 +195,7 @@ class Mad:
         if name not in methods:
             raise NotFound(f"MAD {self.name!r} has no tool {name!r}; it has {', '.join(methods) or 'none'}")
         args = dict(args or {})
-        sig = inspect.signature(methods[name])
+        sig = _signature(methods[name])
         try:
             sig.bind(self, **args)
         except TypeError as exc:
@@ -224,3 +220,19 @@ class Mad:
     async def health(self) -> dict[str, Any]:
         """Override to report more; the runtime adds state and errors."""
         return {"ok": True}
+
+
+# Read on every bus delivery: a class's tools and their signatures are fixed once it is defined.
+@functools.cache
+def _tool_methods(cls: type[Mad]) -> dict[str, Callable[..., Any]]:
+    found: dict[str, Callable[..., Any]] = {}
+    for klass in reversed(cls.__mro__):
+        for attr, value in vars(klass).items():
+            if callable(value) and getattr(value, _TOOL_FLAG, False):
+                found[attr] = value
+    return found
+
+
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)

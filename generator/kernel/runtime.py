@@ -22,7 +22,7 @@ try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brin
 except ImportError:  # pragma: no cover
     import httpx2 as httpx  # type: ignore[no-redef]
 
-from . import logs
+from . import logs, tracing
 from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
 from .capabilities import CAPABILITIES, granted
@@ -395,7 +395,7 @@ class Runtime:
             with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
                 if mad in self.slots or mad not in self._grants:
                     instance = await self._ready(mad)
-                    result = await self.supervisor.call(mad, tool, lambda: instance.call_tool(tool, args))
+                    result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args))
                 else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
                     result = await self._remote_tool(mad, tool, args)
             log.info("tool call", extra={"tool": f"{mad}.{tool}", "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
@@ -491,7 +491,17 @@ class Runtime:
             payload["on_behalf_of"] = who
         request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
-        pending = await self.transport.submit(request, stored, want_reply=want_reply)
+        span = tracing.start(f"bus send {target}", {
+            "regen.correlation_id": request.correlation_id, "regen.sender": sender, "regen.mad": target,
+            "regen.tool": payload.get("tool"), "regen.client": tracing.client_of(who), "regen.envelope_id": request.id,
+        }, kind="producer", current=False) if tracing.tracer is not None else tracing.OFF
+        span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
+        try:
+            pending = await self.transport.submit(request, stored, want_reply=want_reply)
+        except BaseException as exc:
+            span.end(tracing.outcome_of(exc), exc)
+            raise
+        span.end()
         self.metrics.message(sender, "request")
         return request.model_copy(update={"payload": stored}).as_dict(), pending
 
@@ -506,24 +516,51 @@ class Runtime:
             current_delivery.set(request.id),
         )
         envelope = request.as_dict()
+        tool = str(request.payload.get("tool", ""))
+        span = tracing.start(f"bus deliver {target}", {
+            "regen.correlation_id": request.correlation_id, "regen.sender": request.sender, "regen.mad": target,
+            "regen.tool": tool, "regen.client": tracing.client_of(logs.principal.get()), "regen.envelope_id": request.id,
+        }, kind="consumer", carrier=request.payload) if tracing.tracer is not None else tracing.OFF
+        outcome: tuple[str, BaseException | None] = ("interrupted", None)  # until it answers, or refuses
         try:
             receiver = await self._ready(target)
-            result = await self.supervisor.call(target, "handle", lambda: receiver.handle(envelope))
+            result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool)
             reply = reply_to(request, result, redact(result))
+            outcome = ("ok", None)
             log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})
         except KernelError as exc:  # a refusal, or a fault the supervisor contained and logged
             reply = error_to(request, exc.code, str(exc))
+            outcome = (exc.code, exc)
             log.info("bus delivery refused", extra={"sender": request.sender, "tool": request.payload.get("tool", ""),
                                                     "ok": False, "error": exc.code})
             if isinstance(exc, MadFault):
                 self.metrics.error(target, "bus")
         finally:
+            span.end(*outcome)
             current_delivery.reset(tokens[3])
             logs.mad.reset(tokens[2])
             logs.principal.reset(tokens[1])
             logs.correlation_id.reset(tokens[0])
         self.metrics.message(target, reply.envelope.kind)
         return reply
+
+    async def _handler(self, mad: str, op: str, run: Callable[[], Any], tool: str = "") -> Any:
+        """Run a MAD's handler under the supervisor (`op`: the tool, or "handle" for a bus request), in a
+        span of its own (`<mad>.<tool>`) when tracing is on."""
+        if tracing.tracer is None:
+            return await self.supervisor.call(mad, op, run)
+        tool = tool or op
+        span = tracing.start(f"{mad}.{tool}", {
+            "regen.correlation_id": logs.correlation_id.get(), "regen.mad": mad, "regen.tool": tool,
+            "regen.client": tracing.client_of(logs.principal.get()),
+        })
+        try:
+            result = await self.supervisor.call(mad, op, run)
+        except BaseException as exc:
+            span.end(tracing.outcome_of(exc), exc)
+            raise
+        span.end()
+        return result
 
     # ---- capabilities: conversations ---------------------------------------------------------
 

@@ -5,7 +5,9 @@ Two transports, chosen by configuration (`serve --bus URL`, or `<ECO>_BUS_URL`):
 - `LocalTransport` (the default, no URL or `local`): one process, the SQLite bus. A request is
   accepted once its envelope and delivery row are committed (`ConversationBus.accept`); the
   delivery then runs as a task on the sender's event loop, and its reply is recorded and the
-  delivery acked in one transaction. Deliveries left pending by a crash run again at start-up.
+  delivery acked in one transaction. Both are group commits (db.py): the reply is handed back,
+  or a `submit` returns, only after an fdatasync that covers them, shared by every hop in flight.
+  Deliveries left pending by a crash run again at start-up.
 - `RedisTransport` (`redis://host:port/db`, `rediss://...`, `unix://...`): several processes,
   on one host or several, share one Redis. Each MAD has a stream (`regen:<eco>:bus:<mad>`)
   and a consumer group ("mads"); every process serving that MAD is a consumer of the group
@@ -18,6 +20,12 @@ Two transports, chosen by configuration (`serve --bus URL`, or `<ECO>_BUS_URL`):
   not a second run. Durability is Redis's: run it with `appendonly yes` (and
   `appendfsync always` for the guarantee the SQLite bus gives; `everysec` may lose the
   last second on a power loss).
+  Every process joins the groups of the MADs it serves at its start (XGROUP CREATECONSUMER)
+  and keeps a heartbeat key while it lives; a consumer whose heartbeat lapsed and that holds
+  no entry (its entries were taken over, or it had none) is removed by a live process
+  (XGROUP DELCONSUMER, checked and done in one script). Under load, commands share a bounded
+  pool (BlockingConnectionPool) and wait for a free connection; the two blocking reads have
+  connections of their own, so a busy pool never delays a delivery or a reply.
 
 Everything a transport keeps outside the secrets store is sealed (AES-GCM, a key derived from
 the secrets key with HKDF): a pending delivery's real payload in SQLite, and every envelope and
@@ -36,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import socket
 import time
@@ -276,14 +285,21 @@ class LocalTransport(Transport):
         if target not in self._hosted:
             raise TransportError(f"no process serves MAD {target!r}: with the local bus every MAD runs in this process")
         sealed = self._sealer.seal(_json(request.payload), request.id)
-        self._bus.accept(request.model_copy(update={"payload": stored_payload}), target, sealed)
+        # A group commit (db.py): durable before the sender is acknowledged, which for a request that
+        # waits for its reply is when the reply (committed after it, in the same log) is.
+        self._bus.accept(request.model_copy(update={"payload": stored_payload}), target, sealed, group_commit=True)
         task = self._spawn(self._deliver(request))
+        if not want_reply:
+            await self._bus.db.durable(alone=len(self._inflight) <= 1)
+            return None
         # Shielded: a sender that stops waiting (cancelled) does not cut the delivery short.
-        return asyncio.shield(task) if want_reply else None
+        return asyncio.shield(task)
 
     async def _deliver(self, request: Envelope) -> Reply:
         reply = await self._dispatch(request)
-        if not self._bus.complete(request.id, reply.stored):  # acked meanwhile: the first reply stands
+        acked = self._bus.complete(request.id, reply.stored, group_commit=True)
+        await self._bus.db.durable(alone=len(self._inflight) <= 1)  # just this delivery: nothing to batch with
+        if not acked:  # acked meanwhile: the first reply stands
             row = self._bus.delivery(request.id)
             return Reply.recorded(self._bus.message(row["reply_id"])) if row else reply
         return reply
@@ -308,6 +324,16 @@ class LocalTransport(Transport):
                 continue
             # A delivery that fails outside its handler is logged (_ended) and stays pending; start-up goes on.
             await asyncio.wait({self._spawn(self._deliver(request))})
+
+
+def takeovers_key(prefix: str) -> str:
+    """The hash counting, per MAD, the deliveries taken over from a process that went silent."""
+    return f"{prefix}:takeovers"
+
+
+def heartbeat_key(prefix: str, consumer: str) -> str:
+    """Exists while the process of this consumer lives (see RedisTransport.heartbeat)."""
+    return f"{prefix}:alive:{consumer}"
 
 
 def redact_url(url: str) -> str:
@@ -336,6 +362,20 @@ class RedisTransport(Transport):
     """Redis Streams shared by several processes (see the module docstring)."""
 
     name = "redis"
+    SENDING_CONNECTIONS = 16  # the pool's room beyond one connection per delivery in flight
+    BLOCKING_CONNECTIONS = 2  # the deliveries' and the replies' blocking reads, one each
+    # redis-py gives up on a connect or a reply after 5 s by default; a burst of thousands of requests
+    # can keep this process's event loop busy that long, and a reply that arrived in time then counts
+    # as lost. 30 s still tells a Redis that is gone; ?socket_timeout=... in the URL overrides it.
+    SOCKET_TIMEOUT_S = 30.0
+    # Removes consumer ARGV[2] from group ARGV[1] of stream KEYS[1], atomically, only if its process is
+    # gone (no heartbeat at KEYS[2]: -2) and it holds no entry (-1): a consumer removed while holding
+    # entries would drop them from the pending list, and no process would ever run them.
+    DROP_DEAD_CONSUMER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
 
     def __init__(
         self,
@@ -350,10 +390,16 @@ class RedisTransport(Transport):
         batch: int = 16,
         max_in_flight: int = 64,
         block_s: float = 1.0,
+        max_connections: int = 0,
+        pool_timeout_s: float = 60.0,
     ):
+        """`max_in_flight`: deliveries this process runs at once; `max_connections`: the pool every
+        command but the blocking reads shares (0: `max_in_flight` + SENDING_CONNECTIONS). A command
+        finding every connection busy waits up to `pool_timeout_s` for one (backpressure) instead of
+        failing; the two blocking reads (deliveries, replies) have connections of their own."""
         super().__init__(bus, sealer, dispatch)
-        if not claim_idle_s > 0 or not reply_timeout_s > 0:
-            raise InvalidArgument("claim_idle_s and reply_timeout_s must be > 0 seconds")
+        if not claim_idle_s > 0 or not reply_timeout_s > 0 or not pool_timeout_s > 0:
+            raise InvalidArgument("claim_idle_s, reply_timeout_s and pool_timeout_s must be > 0 seconds")
         self._aioredis = _redis_module()
         self.url = url
         self.prefix = f"regen:{ecosystem}"
@@ -361,12 +407,21 @@ class RedisTransport(Transport):
         # pending entries are taken over like any dead consumer's.
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.replies = f"{self.prefix}:replies:{self.consumer}"
+        # Set while this process lives (renewed with its claims, expires claim_idle_s after its last
+        # renewal): a consumer without one belongs to a process that is gone (`bus status`: alive).
+        self.heartbeat = heartbeat_key(self.prefix, self.consumer)
         self.claim_idle_s = claim_idle_s
         self.reply_timeout_s = reply_timeout_s
         self._batch = batch
         self._max_in_flight = max_in_flight
         self._block_ms = int(block_s * 1000)
+        self.max_connections = max_connections or max_in_flight + self.SENDING_CONNECTIONS
+        self.pool_timeout_s = pool_timeout_s
+        # Drills only (`serve --drill-hold`): each delivery waits this long, pending here, before it runs.
+        self.hold_s = 0.0
         self._redis: Redis | None = None
+        self._blocking: Redis | None = None  # XREADGROUP BLOCK and XREAD BLOCK, off the shared pool
+        self._drop_consumer: Any = None  # the DROP_DEAD_CONSUMER script, registered at start
         self._mad_of: dict[str, str] = {}
         self._working: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -388,6 +443,19 @@ class RedisTransport(Transport):
             raise TransportError("the Redis bus is not started")
         return self._redis
 
+    @property
+    def blocking(self) -> Redis:
+        if self._blocking is None:
+            raise TransportError("the Redis bus is not started")
+        return self._blocking
+
+    def _client(self, max_connections: int) -> Redis:
+        """A client on a pool of its own: at most `max_connections`, a command waits for a free one."""
+        pool = self._aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=max_connections, timeout=self.pool_timeout_s,
+            socket_timeout=self.SOCKET_TIMEOUT_S, socket_connect_timeout=self.SOCKET_TIMEOUT_S)
+        return self._aioredis.Redis.from_pool(pool)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "url": redact_url(self.url), "consumer": self.consumer,
                 "key_fingerprint": self._sealer.fingerprint.hex()}
@@ -395,13 +463,17 @@ class RedisTransport(Transport):
     async def start(self, hosted: Sequence[str]) -> None:
         self._hosted = list(hosted)
         self._mad_of = {self.stream(m): m for m in self._hosted}
-        self._redis = self._aioredis.Redis.from_url(self.url)
+        self._redis = self._client(self.max_connections)
+        self._blocking = self._client(self.BLOCKING_CONNECTIONS)
+        self._drop_consumer = self._redis.register_script(self.DROP_DEAD_CONSUMER)
         try:
             await self.redis.ping()
+            await self._beat()
             await self._ensure_groups()
         except self._aioredis.RedisError as exc:
             await self.redis.aclose()
-            self._redis = None
+            await self.blocking.aclose()
+            self._redis = self._blocking = None
             raise TransportError(
                 f"cannot reach the bus at {redact_url(self.url)} ({type(exc).__name__}: {exc}); "
                 "start redis-server there, or fix serve --bus / the <ECO>_BUS_URL variable"
@@ -422,6 +494,13 @@ class RedisTransport(Transport):
             except self._aioredis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        await self._ensure_consumer()
+
+    async def _ensure_consumer(self) -> None:
+        """Join each group now, not at the first entry read (Redis 7.0 creates a reading consumer only
+        then): `bus status` lists a live process from its start, and again if it was removed meanwhile."""
+        for stream in self._mad_of:
+            await self.redis.xgroup_createconsumer(stream, GROUP, self.consumer)
 
     # ---- sending -----------------------------------------------------------------------------
 
@@ -429,7 +508,9 @@ class RedisTransport(Transport):
         self._check_open()
         target = str(request.payload["to"])
         stream = self.stream(target)
-        self._bus.record(request.model_copy(update={"payload": stored_payload}))  # the sender's history
+        # The sender's history; Redis holds the request itself. A group commit: on disk by the time its reply
+        # is handed back (the reply reader syncs), or with the next fsync of anything else.
+        self._bus.record(request.model_copy(update={"payload": stored_payload}), group_commit=True)
         future: asyncio.Future[Reply] | None = None
         if want_reply:
             future = asyncio.get_running_loop().create_future()
@@ -460,30 +541,35 @@ class RedisTransport(Transport):
         # lands as a blocking read returns, and the loop must still end within one block_s.
         while not self._closed:
             try:
-                got = await self.redis.xread({self.replies: last}, count=100, block=self._block_ms)
+                got = await self.blocking.xread({self.replies: last}, count=100, block=self._block_ms)
                 for _stream, entries in got:
+                    answered = []
                     for entry_id, fields in entries:
                         last = _s(entry_id)
-                        self._take_reply(fields)
-                    await self.redis.xdel(self.replies, *[e[0] for e in entries])
+                        answered.append(self._take_reply(fields))
+                    await self._bus.db.durable()  # the batch's history rows share one fsync (group commit)
+                    for future, reply in filter(None, answered):
+                        if not future.done():
+                            future.set_result(reply)
+                    await self.blocking.xdel(self.replies, *[e[0] for e in entries])
             except self._aioredis.RedisError as exc:
                 log.warning("bus unreachable while reading replies; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
 
-    def _take_reply(self, fields: dict[bytes, bytes]) -> None:
+    def _take_reply(self, fields: dict[bytes, bytes]) -> tuple[asyncio.Future[Reply], Reply] | None:
+        """Record a reply in the local history (a group commit); the waiting sender and its reply, if any."""
         request_id = _s(fields.get(b"id", b""))
         try:
             reply = Reply.model_validate_json(self._sealer.open(fields.get(b"r"), f"reply:{request_id}"))
         except SealError as exc:
             log.error("a reply on the bus does not open; dropped", extra={"in_reply_to": request_id, "error": str(exc)})
-            return
+            return None
         try:
-            self._bus.record(reply.stored)
+            self._bus.record(reply.stored, group_commit=True)
         except KernelError as exc:  # history is best effort here; the reply still reaches its sender
             log.warning("reply not recorded in the local history", extra={"in_reply_to": request_id, "error": str(exc)})
         future = self._waiting.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        return (future, reply) if future is not None else None
 
     # ---- delivering --------------------------------------------------------------------------
 
@@ -496,7 +582,8 @@ class RedisTransport(Transport):
                 await asyncio.sleep(0.01)
                 continue
             try:
-                got = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=min(room, self._batch), block=self._block_ms)
+                got = await self.blocking.xreadgroup(GROUP, self.consumer, streams, count=min(room, self._batch),
+                                                     block=self._block_ms)
             except self._aioredis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -523,6 +610,8 @@ class RedisTransport(Transport):
 
     async def _handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, claimed: bool) -> None:
         mad = self._mad_of[stream]
+        if self.hold_s > 0:  # a drill: the entry stays pending here, its claim renewed, until the kill
+            await asyncio.sleep(self.hold_s)
         try:
             body = json.loads(self._sealer.open(fields.get(b"e"), stream))
             request = Envelope.model_validate(body["request"])
@@ -552,7 +641,7 @@ class RedisTransport(Transport):
                 log.error("request abandoned: every delivery died", extra={"mad": mad, "envelope_id": request.id})
                 reply = abandoned(request, attempts)
             else:
-                reply = await self._dispatch(request)
+                reply = await self._dispatch_when_admitted(request)
             blob = self._sealer.seal(_json(reply.model_dump()), f"reply:{request.id}")
         # Result first, ack last, in one MULTI/EXEC: an entry is never acked without its result.
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -562,6 +651,19 @@ class RedisTransport(Transport):
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
+
+    async def _dispatch_when_admitted(self, request: Envelope) -> Reply:
+        """Dispatch; a MAD at its max_concurrent_calls answers `overloaded`, which for a queued delivery
+        means "not yet": it waits (pending here, its claim renewed) and runs once the MAD has room, up to
+        reply_timeout_s (by then its sender stopped waiting), instead of failing under load."""
+        deadline = time.monotonic() + self.reply_timeout_s
+        wait = 0.02
+        reply = await self._dispatch(request)
+        while reply.code == "overloaded" and time.monotonic() < deadline:
+            await asyncio.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 2, 1.0)
+            reply = await self._dispatch(request)
+        return reply
 
     async def _deliveries(self, stream: str, entry_id: str) -> int:
         rows = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
@@ -580,11 +682,29 @@ class RedisTransport(Transport):
             await asyncio.sleep(interval)
             try:
                 await self._renew()
+                await self._beat()
                 if not self._paused:
+                    await self._ensure_consumer()
                     for stream in self._mad_of:
                         await self._take_over(stream)
+                        await self._sweep(stream)
             except self._aioredis.RedisError as exc:
                 log.warning("bus unreachable while claiming; retrying", extra={"error": str(exc)})
+
+    async def _beat(self) -> None:
+        if self._mad_of:
+            await self.redis.set(self.heartbeat, b"1", px=max(int(self.claim_idle_s * 1000), 1000))
+
+    async def _sweep(self, stream: str) -> None:
+        """Remove the consumers of processes that are gone (no heartbeat) and hold nothing more: those
+        whose deliveries were taken over, and those of a dead process in groups where it held none."""
+        for row in await self.redis.xinfo_consumers(stream, GROUP):
+            name = _s(row["name"])
+            if name == self.consumer or int(row["pending"]) > 0:
+                continue
+            if await self._drop_consumer(keys=[stream, heartbeat_key(self.prefix, name)], args=[GROUP, name]) >= 0:
+                log.info("removed the consumer of a process that is gone; it held nothing",
+                         extra={"mad": self._mad_of[stream], "consumer": name})
 
     async def _renew(self) -> None:
         by_stream: dict[str, list[str]] = {}
@@ -594,19 +714,32 @@ class RedisTransport(Transport):
             await self.redis.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
 
     async def _take_over(self, stream: str) -> None:
-        start = "0-0"
+        """Claim the entries idle for claim_idle_s (their process is dead, or frozen), run them, and
+        count them in `bus status` (taken_over); `_sweep` then removes the consumer they came from."""
         idle_ms = int(self.claim_idle_s * 1000)
-        while len(self._working) < self._max_in_flight:
-            found = await self.redis.xautoclaim(stream, GROUP, self.consumer, idle_ms, start, count=self._batch)
-            next_start, entries = _s(found[0]), found[1]
-            for entry_id, fields in entries:
-                if fields:  # an entry deleted meanwhile comes back without fields
-                    log.info("taking over a delivery a dead process left pending",
-                             extra={"mad": self._mad_of[stream], "entry": _s(entry_id)})
-                    self._start(stream, _s(entry_id), fields, claimed=True)
-            if next_start == "0-0":
+        start = "-"
+        while (room := min(self._batch, self._max_in_flight - len(self._working))) > 0:
+            rows = await self.redis.xpending_range(stream, GROUP, start, "+", room, idle=idle_ms)
+            if not rows:
                 return
-            start = next_start
+            start = "(" + _s(rows[-1]["message_id"])
+            owners = {_s(r["message_id"]): _s(r["consumer"]) for r in rows}
+            # XCLAIM with the idle time: an entry renewed since XPENDING (its process lives) stays put.
+            claimed = await self.redis.xclaim(stream, GROUP, self.consumer, idle_ms, list(owners))
+            taken = 0
+            for entry_id, fields in claimed:
+                if not fields:  # an entry deleted meanwhile comes back without fields (or not at all)
+                    continue
+                owner = owners.get(_s(entry_id), "")
+                if owner != self.consumer:
+                    taken += 1
+                    log.info("taking over a delivery a dead process left pending",
+                             extra={"mad": self._mad_of[stream], "entry": _s(entry_id), "from": owner})
+                self._start(stream, _s(entry_id), fields, claimed=True)
+            if taken:
+                await self.redis.hincrby(takeovers_key(self.prefix), self._mad_of[stream], taken)
+            if len(rows) < room:
+                return
 
     # ---- shutdown ----------------------------------------------------------------------------
 
@@ -634,13 +767,15 @@ class RedisTransport(Transport):
                 log.warning("could not leave the consumer groups cleanly", extra={"error": str(exc)})
             await self._redis.aclose()
             self._redis = None
+        if self._blocking is not None:
+            await self._blocking.aclose()
+            self._blocking = None
 
     async def _forget_self(self) -> None:
-        """Leave each group, unless entries are still pending here (others must be able to take them)."""
+        """Leave each group, unless entries are still pending here (others take them over, then remove it)."""
+        await self.redis.delete(self.heartbeat)
         for stream in self._mad_of:
-            pending = await self.redis.xpending_range(stream, GROUP, "-", "+", 1, consumername=self.consumer)
-            if not pending:
-                await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+            await self._drop_consumer(keys=[stream, self.heartbeat], args=[GROUP, self.consumer])
         await self.redis.delete(self.replies)
 
 
@@ -667,25 +802,34 @@ def make_transport(
 
 
 def bus_status(url: str, ecosystem: str, mads: Sequence[str]) -> dict[str, Any]:
-    """What an operator needs during a failover: per MAD, the entries waiting, and per consumer
-    (one per process start) how many it holds pending and how long it has been idle."""
+    """What an operator needs during a failover, per MAD: `queued` (entries on its stream, handled
+    ones are deleted), `pending` (read by a process, not yet answered), `added` (requests ever sent
+    to it over this Redis; None before Redis 7), `taken_over` (deliveries taken over from a process
+    that went silent), and per consumer (one per process start, listed from the start) how many it
+    holds pending, how long it has been idle (since it last got or claimed an entry) and whether its
+    process is alive (its heartbeat, renewed with its claims)."""
     import redis
 
     prefix = f"regen:{ecosystem}:bus:"
     client = redis.Redis.from_url(url)
     try:
         out: dict[str, Any] = {"bus": redact_url(url), "mads": {}}
+        taken = client.hgetall(takeovers_key(f"regen:{ecosystem}"))
         for mad in mads:
             stream = prefix + mad
-            entry: dict[str, Any] = {"queued": client.xlen(stream), "pending": 0, "consumers": []}
+            entry: dict[str, Any] = {"queued": client.xlen(stream), "pending": 0, "added": 0,
+                                     "taken_over": int(taken.get(mad.encode(), 0)), "consumers": []}
             try:
+                info = client.xinfo_stream(stream)
+                entry["added"] = int(info["entries-added"]) if "entries-added" in info else None
                 groups = {_s(g["name"]): g for g in client.xinfo_groups(stream)}
             except redis.ResponseError:  # no stream yet: no process ever served this MAD
                 groups = {}
             if GROUP in groups:
                 entry["pending"] = int(groups[GROUP]["pending"])
                 entry["consumers"] = [
-                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_s": round(int(c["idle"]) / 1000, 1)}
+                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_s": round(int(c["idle"]) / 1000, 1),
+                     "alive": bool(client.exists(heartbeat_key(f"regen:{ecosystem}", _s(c["name"]))))}
                     for c in client.xinfo_consumers(stream, GROUP)
                 ]
             out["mads"][mad] = entry
@@ -696,34 +840,47 @@ def bus_status(url: str, ecosystem: str, mads: Sequence[str]) -> dict[str, Any]:
         client.close()
 
 
-def bus_forget(url: str, ecosystem: str, mads: Sequence[str], consumer: str) -> list[str]:
-    """Remove a dead process's consumer from every MAD's group; refused while it still holds entries
-    (removing it would drop them from the pending lists, and no process would ever run them)."""
+def bus_forget(url: str, ecosystem: str, mads: Sequence[str], consumer: str, wait_s: float = 0.0) -> list[str]:
+    """Remove a dead process's consumer from every MAD's group it is in; returns those MADs. Refused
+    while its process lives (heartbeat; `wait_s`: how long to wait for it to lapse, as it does
+    claim_idle_s after the process died), and while it still holds entries (removing it would drop
+    them from the pending lists, and no process would ever run them): checked and removed atomically."""
     import redis
 
     prefix = f"regen:{ecosystem}:bus:"
     client = redis.Redis.from_url(url)
     try:
-        holding = {}
+        drop = client.register_script(RedisTransport.DROP_DEAD_CONSUMER)
+        heartbeat = heartbeat_key(f"regen:{ecosystem}", consumer)
+        deadline = time.monotonic() + wait_s
+        while client.exists(heartbeat) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if client.exists(heartbeat):
+            raise TransportError(f"consumer {consumer!r} belongs to a live process (its heartbeat is renewed): stop "
+                                 "that process instead; it leaves the bus when it stops")
+        member, holding = [], []
         for mad in mads:
             try:
-                rows = client.xpending_range(prefix + mad, GROUP, "-", "+", 1, consumername=consumer)
+                names = {_s(c["name"]) for c in client.xinfo_consumers(prefix + mad, GROUP)}
             except redis.ResponseError:  # no such stream or group
                 continue
-            if rows:
-                holding[mad] = int(client.xpending(prefix + mad, GROUP)["pending"])
+            if consumer not in names:
+                continue
+            member.append(mad)
+            if client.xpending_range(prefix + mad, GROUP, "-", "+", 1, consumername=consumer):
+                holding.append(mad)
+        forgotten = []
+        for mad in [] if holding else member:
+            if drop(keys=[prefix + mad, heartbeat], args=[GROUP, consumer]) < 0:  # it took an entry meanwhile: alive
+                holding.append(mad)
+            else:
+                forgotten.append(mad)
         if holding:
             raise TransportError(
                 f"consumer {consumer!r} still holds deliveries ({', '.join(sorted(holding))}): a live process takes "
-                f"them over once they are idle for its --claim-idle; run `bus status` until they are gone, then retry"
+                f"them over once they are idle for its --claim-idle, and then removes it; run `bus status` until "
+                f"they are gone, then retry"
             )
-        forgotten = []
-        for mad in mads:
-            try:
-                client.xgroup_delconsumer(prefix + mad, GROUP, consumer)
-            except redis.ResponseError:
-                continue
-            forgotten.append(mad)
         return forgotten
     except redis.RedisError as exc:
         raise TransportError(f"cannot reach the bus at {redact_url(url)}: {exc}") from None

@@ -6,6 +6,7 @@ plus two MADs: `clerk`, which talks to `ledger`, and `ledger`, whose `record(n, 
 row per request (keyed by the request's envelope id, as bus.py asks MAD authors to) and then waits
 `hold_s`, so a crash or a takeover can land between the effect and the ack. It also logs every
 run in `ledger_runs` (not idempotent, on purpose), so a test can count how often a handler ran.
+`ledger.echo(n)` answers n and writes nothing (load tests).
 
 Fixtures (import them into a test module): `bus_eco` (the built, importable ecosystem),
 `redis_url` (one redis-server for the session) and `shared_key` (one secrets key in the
@@ -78,6 +79,11 @@ class Ledger(Mad):
             self.store.insert("entries", envelope_id=key, n=n, pid=os.getpid())
         await asyncio.sleep(hold_s)
         return {"n": n, "envelope_id": key, "pid": os.getpid()}
+
+    @tool
+    async def echo(self, n: int) -> dict:
+        """Answer n, writing nothing: load tests measure the bus, not the disk."""
+        return {"n": n}
 '''
 
 CLERK = '''from __future__ import annotations

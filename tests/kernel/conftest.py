@@ -172,6 +172,17 @@ class Grace(Mad):
 ''',
 }
 
+# The tool bound to each capability, as the generator writes `capability_tools` into ecosystem.py.
+CAPABILITY_TOOLS = {
+    "conversations.create": "rogers.create_conversation", "conversations.post": "rogers.post",
+    "conversations.history": "rogers.history", "conversations.search": "rogers.search",
+    "conversations.list": "rogers.list_conversations",
+    "secrets.set": "turing.set_secret", "secrets.get": "turing.get_secret", "secrets.rotate": "turing.rotate_secret",
+    "secrets.list": "turing.list_secrets", "secrets.audit": "turing.audit",
+    "models.send": "fiedler.send", "models.list": "fiedler.models", "models.budget": "fiedler.budget",
+    "ecosystem.status": "grace.status", "ecosystem.mads": "grace.mads",
+}
+
 
 def build_ecosystem(root: Path, name: str, client_budget_tokens: int = 100000) -> Path:
     """Write a tiny ecosystem package `<root>/<name>/` like the generator does; return its dir."""
@@ -189,8 +200,7 @@ def build_ecosystem(root: Path, name: str, client_budget_tokens: int = 100000) -
         "from .kernel import EcosystemConfig, ModelAlias\nfrom .mads import MADS\n\n"
         f'CONFIG = EcosystemConfig(name="{name}", description="A tiny <test> ecosystem & friends", '
         'models={"default": ModelAlias(provider="echo", model="", api_base="", api_key_secret="")}, '
-        f"client_budget_tokens={client_budget_tokens}, mads=MADS, capability_tools="
-        '{"conversations.list": "rogers.list_conversations", "conversations.history": "rogers.history"}, '
+        f"client_budget_tokens={client_budget_tokens}, mads=MADS, capability_tools={CAPABILITY_TOOLS!r}, "
         'tool_hints={"rogers.history": {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}, '
         '"rogers.post": {"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False}})\n'
     )

@@ -163,6 +163,63 @@ def test_an_ack_is_recorded_once(bus_eco, fresh_key, tmp_path):  # noqa: F811
         rt.db.close()
 
 
+def test_concurrent_hops_share_fsyncs_and_no_reply_comes_before_its_fsync(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
+    """Group commit: 30 requests in flight (under the MAD's max_concurrent_calls) are made durable by a
+    few shared fdatasyncs of the log, and none is answered before the fdatasync covering its reply returned."""
+    import threading
+
+    disk = threading.Event()
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def slow_disk(fd: int) -> None:
+        calls.append(fd)
+        assert disk.wait(10), "the test never let the disk finish"
+        real(fd)
+
+    async def scenario():
+        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+        await rt.start()
+        try:
+            monkeypatch.setattr(os, "fdatasync", slow_disk)
+            hops = [asyncio.ensure_future(rt.request("clerk", "ledger", tool="record", args={"n": n})) for n in range(30)]
+            await asyncio.sleep(0.3)
+            answered_early = [h for h in hops if h.done()]
+            disk.set()
+            results = await asyncio.gather(*hops)
+            return answered_early, results, rt.db.fsyncs
+        finally:
+            monkeypatch.setattr(os, "fdatasync", real)
+            await rt.stop()
+
+    answered_early, results, fsyncs = asyncio.run(scenario())
+    assert calls, "the hops were never fdatasynced"
+    assert answered_early == []
+    assert len(results) == 30
+    assert fsyncs <= 8, f"{fsyncs} fdatasyncs for 30 concurrent hops: nothing was grouped"
+    assert query(tmp_path / "state", "SELECT COUNT(*) FROM bus_deliveries WHERE state = 'acked'") == [(30,)]
+
+
+def test_a_submit_returns_once_its_request_is_on_disk(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
+    """`submit` acknowledges a request only after an fdatasync that covers it (one per request when
+    nothing else is in flight)."""
+    synced: list[int] = []
+    real = os.fdatasync
+
+    async def scenario():
+        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+        await rt.start()
+        try:
+            monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+            await rt.submit("clerk", "ledger", tool="record", args={"n": 1, "hold_s": 0.2})
+            return len(synced)
+        finally:
+            monkeypatch.setattr(os, "fdatasync", real)
+            await rt.stop()
+
+    assert asyncio.run(scenario()) == 1
+
+
 def test_stop_drains_deliveries_in_flight_and_then_refuses(bus_eco, fresh_key, tmp_path):  # noqa: F811
     errors = module(bus_eco, "errors")
 

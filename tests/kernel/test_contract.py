@@ -36,7 +36,8 @@ def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_m
 
 
 def test_kernel_imports_nothing_outside_its_allowed_dependencies():
-    allowed = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic", "prometheus_client", "redis"}
+    allowed = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic", "prometheus_client", "redis",
+               "opentelemetry"}
     import sys
 
     stdlib = set(sys.stdlib_module_names)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,60 @@ def test_failover_drill_two_servers_one_redis(bus_eco, redis_url, bus, tmp_path)
     assert bus.xpending(stream, "mads")["pending"] == 0 and bus.xlen(stream) == 0
     assert bus.xinfo_consumers(stream, "mads") == []  # A forgotten, B left when it stopped
     assert not list(tmp_path.glob(f"{bus_eco.name}-failover.*")), "the drill cleans up after itself"
+
+
+@pytest.fixture
+def work(tmp_path):
+    """The drill's TMPDIR (its replicas' state directories): in memory when there is a tmpfs, so a drill
+    with many requests measures the bus, not the disk's fsyncs (every request and reply is recorded)."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _drill(eco, url: str, tmp_path: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
+    script = render_failover(eco, tmp_path)
+    return subprocess.run(["bash", str(script), "drill", "--bus", url, *options],
+                          capture_output=True, text=True, env=dict(eco_env(eco, tmp_path), TMPDIR=str(work)), timeout=240)
+
+
+def _consumers(bus, eco) -> dict[str, list[str]]:
+    streams = [k.decode() for k in bus.keys(f"regen:{eco.config.name}:bus:*")]
+    return {s: [c["name"].decode() for c in bus.xinfo_consumers(s, "mads")] for s in streams}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_default_drill_kills_a_while_it_holds_deliveries_and_b_takes_them_over(bus_eco, redis_url, bus, tmp_path, work):  # noqa: F811
+    """The drill as users run it (the pair and the fast tool the script picks, no --args), with 1,500 requests:
+    A holds deliveries when it is killed (it holds each one until then), B takes every one of them over
+    and removes A's consumer, and the drill says how many; nothing is left on the bus."""
+    done = _drill(bus_eco, redis_url, tmp_path, work, "--count", "1500", "--claim-idle", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"A held (\d+) deliveries when it was killed; B took over (\d+), answered all 1500", done.stdout)
+    assert found, done.stdout
+    held, taken = int(found.group(1)), int(found.group(2))
+    assert 1 <= held <= taken, done.stdout
+    stream = f"regen:{bus_eco.config.name}:bus:turing"  # the spec's first pair: rogers -> turing
+    assert bus.xpending(stream, "mads")["pending"] == 0 and bus.xlen(stream) == 0
+    assert int(bus.hget(f"regen:{bus_eco.config.name}:takeovers", "turing")) == taken
+    assert all(names == [] for names in _consumers(bus, bus_eco).values()), _consumers(bus, bus_eco)
+    assert not list(work.glob(f"{bus_eco.name}-failover.*")), "the drill cleans up after itself"
+
+
+@pytest.mark.timeout(300)
+def test_a_drill_in_which_b_takes_nothing_over_fails_and_leaves_no_consumer_behind(bus_eco, redis_url, bus, tmp_path, work):  # noqa: F811
+    """With --hold 0 and a fast tool, A answers every request before it is killed: the takeover is not
+    exercised, so the drill fails instead of claiming it; it still stops its processes and removes the
+    consumers of A and B (they hold nothing) from the bus."""
+    done = _drill(bus_eco, redis_url, tmp_path, work, "--count", "2", "--hold", "0", "--claim-idle", "1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "B took over none of A's deliveries (A held 0 when it was killed)" in done.stderr, done.stderr
+    assert "drill passed" not in done.stdout
+    assert _consumers(bus, bus_eco) and all(names == [] for names in _consumers(bus, bus_eco).values()), _consumers(bus, bus_eco)
+    assert bus.keys(f"regen:{bus_eco.config.name}:alive:*") == []  # B stopped (it left), A is dead
+    logs = next(work.glob(f"{bus_eco.name}-failover.*"))  # a failed drill keeps its logs
+    assert (logs / "a.log").exists() and (logs / "b.log").exists()

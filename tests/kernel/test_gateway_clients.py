@@ -506,3 +506,61 @@ def test_tools_carry_the_mcp_annotations_their_capability_implies(gateway, kerne
     assert caps.READ_ONLY <= set(caps.CAPABILITIES) and caps.IDEMPOTENT_WRITES <= set(caps.CAPABILITIES)
     assert caps.tool_hints("secrets.get") == {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}
     assert caps.tool_hints("conversations.post")["readOnlyHint"] is False and caps.tool_hints("nope") == {}
+
+
+def test_every_tool_has_an_output_schema_and_a_bound_tool_its_capabilitys_shape(gateway, kernel):
+    """The SDK publishes no outputSchema, nor structuredContent, for a bare `dict` return annotation (it takes
+    `dict` for a class without fields); the gateway gives every tool one (test_output_schemas.py checks them)."""
+    tools = {t.name: t for t in asyncio.run(gateway.server.list_tools())}
+    assert [name for name, t in tools.items() if not t.output_schema] == []
+    caps = importlib.import_module(kernel.clients.__name__.rsplit(".", 1)[0] + ".capabilities")
+    assert [name for name, c in caps.CAPABILITIES.items() if c.shape is None] == []
+    assert tools["turing.get_secret"].output_schema == caps.SecretValue.model_json_schema()
+    assert tools["rogers.search"].output_schema["properties"]["result"]["items"] == {"$ref": "#/$defs/Message"}
+    assert tools["grace.chat"].output_schema["properties"]["result"]["type"] == "string"  # not bound: its annotation
+    gateway.registry.add("ci", ["*"])
+    created = gateway.call("ci", "rogers.create_conversation", title="shapes").structured_content
+    assert created["title"] == "shapes" and set(created) == {"id", "title", "participants", "created_by", "created_at"}
+
+
+def test_a_result_that_does_not_fit_its_output_schema_fails_the_call_and_the_log_says_why(gateway, kernel, monkeypatch):
+    gateway.registry.add("ci", ["*"])
+
+    async def wrong_shape(mad, tool, args, principal=""):
+        return {"id": 7, "title": "s3cret-title"}  # id not a string; participants, created_by, created_at missing
+
+    monkeypatch.setattr(gateway.runtime, "invoke_tool", wrong_shape)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(kernel.logs.JsonFormatter())
+    logger = logging.getLogger("kernel.gateway")
+    logger.addHandler(handler)
+    try:
+        text = gateway.refusal("ci", "rogers.create_conversation", title="shapes")
+    finally:
+        logger.removeHandler(handler)
+    assert text.startswith("internal_error: rogers.create_conversation failed unexpectedly")
+    assert gateway.rows()[-1]["outcome"] == "internal_error"  # the server's fault: not audited as the client's
+    assert not [a for a in gateway.audited() if a[1] == "gateway.invalid-argument"]
+    [line] = [json.loads(line) for line in stream.getvalue().splitlines()
+              if json.loads(line)["msg"] == "tool result does not fit its outputSchema"]
+    assert line["tool"] == "rogers.create_conversation" and line["correlation_id"] == gateway.rows()[-1]["correlation_id"]
+    assert "id: Input should be a valid string" in line["problems"] and "created_by: Field required" in line["problems"]
+    assert "s3cret" not in stream.getvalue()  # what the tool returned may be secret: never logged
+
+
+def test_a_tool_that_crashes_on_its_own_validation_error_is_the_servers_fault_not_the_clients(gateway, monkeypatch):
+    """A pydantic ValidationError raised inside a tool is a crash (internal_error, not audited against the
+    client); only arguments that fail the input schema are the client's invalid_argument."""
+    import pydantic
+
+    gateway.registry.add("ci", ["*"])
+
+    async def crashes(mad, tool, args, principal=""):
+        pydantic.TypeAdapter(int).validate_python("not a number")
+
+    monkeypatch.setattr(gateway.runtime, "invoke_tool", crashes)
+    text = gateway.refusal("ci", "rogers.create_conversation", title="x")
+    assert text.startswith("internal_error: rogers.create_conversation failed unexpectedly")
+    assert gateway.rows()[-1]["outcome"] == "internal_error"
+    assert not [a for a in gateway.audited() if a[1] == "gateway.invalid-argument"]

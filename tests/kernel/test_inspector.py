@@ -60,6 +60,9 @@ def test_inspector_lists_every_namespaced_tool_with_portable_strict_schemas(serv
     assert {"turing.get_secret", "rogers.history", "grace.status", "fiedler.send"} <= set(tools)
     schema = tools["rogers.history"]["inputSchema"]
     assert schema["required"] == ["conversation_id"] and schema["additionalProperties"] is False
+    # and an outputSchema, an object, for every tool: bound ones their capability's shape
+    assert [name for name, t in tools.items() if t.get("outputSchema", {}).get("type") != "object"] == []
+    assert {"id", "title", "participants"} <= set(tools["rogers.create_conversation"]["outputSchema"]["required"])
 
 
 def test_inspector_calls_a_tool_and_gets_its_correlation_id(served):
@@ -69,6 +72,8 @@ def test_inspector_calls_a_tool_and_gets_its_correlation_id(served):
     result = json.loads(called.stdout)
     assert not result.get("isError") and len(result["_meta"]["regen/correlation_id"]) == 32
     assert {c["title"] for c in result["structuredContent"]["result"]} >= {"general", "security"}
+    status = json.loads(inspector(eco, token, "--method", "tools/call", "--tool-name", "grace.status").stdout)
+    assert not status.get("isError") and status["structuredContent"]["status"] == "ok"  # a `dict` tool: structured too
 
 
 def test_inspector_sees_clear_errors_for_denied_invalid_and_unauthenticated_calls(served):

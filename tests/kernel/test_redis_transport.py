@@ -11,7 +11,10 @@ import asyncio
 import base64
 import importlib
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,7 +96,8 @@ def test_a_request_crosses_processes_and_the_bus_never_holds_a_secret_in_clear(b
 
 def test_a_delivery_left_pending_by_a_dead_consumer_is_taken_over(bus_eco, redis_url, shared_key, bus, tmp_path):  # noqa: F811
     """B1 takes a request and stops in the middle of it (as a dead process would: no ack, no more
-    renewals); B2 takes the entry over after claim_idle_s, runs it, and A gets B2's reply."""
+    renewals); B2 takes the entry over after claim_idle_s, runs it, and A gets B2's reply; B1's
+    consumer, left holding nothing, is removed from the group (XGROUP DELCONSUMER)."""
 
     async def scenario():
         a = bus_eco.Runtime(bus_eco.config, tmp_path / "a", bus_url=redis_url, serve_mads=["clerk"])
@@ -120,9 +124,11 @@ def test_a_delivery_left_pending_by_a_dead_consumer_is_taken_over(bus_eco, redis
     assert [r[0] for r in ledger_rows(tmp_path / "b2")] == [result["envelope_id"]]
     stream = f"regen:{bus_eco.config.name}:bus:ledger"
     assert bus.xpending(stream, "mads")["pending"] == 0 and bus.xlen(stream) == 0
-    # B1 stopped holding an entry, so it stayed in the group (for others to take it over), now holding
-    # nothing; B2 stopped holding nothing and left.
-    assert {c["name"].decode(): c["pending"] for c in bus.xinfo_consumers(stream, "mads")} == {dead: 0}
+    # B1 stopped holding an entry, so it stayed in the group (for others to take it over); B2 took the
+    # entry over and then removed B1's consumer, which held nothing more; B2 stopped holding nothing and left.
+    assert dead.split(":")[1].isdigit()  # host:pid:tag
+    assert [c["name"].decode() for c in bus.xinfo_consumers(stream, "mads")] == []
+    assert bus.hget(f"regen:{bus_eco.config.name}:takeovers", "ledger") == b"1"  # `bus status` counts it
 
 
 def test_a_request_delivered_twice_runs_once_and_both_get_the_reply(bus_eco, redis_url, shared_key, bus, tmp_path):  # noqa: F811
@@ -227,3 +233,101 @@ def test_a_slow_delivery_on_a_live_process_is_not_taken_over(bus_eco, redis_url,
     assert longest_idle_ms < 900 * claim_idle_s, "the entry looked abandoned while its handler ran"
     assert len(ledger_rows(tmp_path / "b1", "runs")) == 1
     assert ledger_rows(tmp_path / "b2", "runs") == []
+
+
+def test_two_thousand_requests_in_flight_all_succeed_on_a_bounded_pool(bus_eco, redis_url, shared_key, bus, tmp_path):  # noqa: F811
+    """2,000 requests sent at once through two runtimes that share one redis-server (both run the ledger,
+    so they share the work): every one is answered, once, none fails with "Too many connections" nor
+    with "overloaded" (more deliveries than the MAD's max_concurrent_calls wait for room); each
+    process waits for a pooled connection instead (backpressure), so Redis never sees more than the
+    pools' bound of connections, and the blocking reads keep connections of their own."""
+    count = 2000
+    ran: dict[str, list[str]] = {"a": [], "b": []}
+
+    def counted(rt, name: str) -> None:  # the request ids each runtime answered (not "overloaded")
+        inner = rt.transport._dispatch
+
+        async def dispatch(request):
+            reply = await inner(request)
+            if reply.code != "overloaded":
+                ran[name].append(request.id)
+            return reply
+
+        rt.transport._dispatch = dispatch
+
+    # The state directories in memory when there is a tmpfs: this measures the bus, not the disk's fsyncs
+    # (each process records every request and reply in its history, one fsync each).
+    state = Path(tempfile.mkdtemp(dir="/dev/shm")) if os.access("/dev/shm", os.W_OK) else tmp_path
+
+    async def scenario():
+        a = bus_eco.Runtime(bus_eco.config, state / "a", bus_url=redis_url, serve_mads=["clerk", "ledger"])
+        b = bus_eco.Runtime(bus_eco.config, state / "b", bus_url=redis_url, serve_mads=["ledger"])
+        counted(a, "a")
+        counted(b, "b")
+        await a.start()
+        await b.start()
+        most = 0
+        sent = [asyncio.create_task(a.request("clerk", "ledger", tool="echo", args={"n": i})) for i in range(count)]
+        try:
+            while not all(t.done() for t in sent):
+                most = max(most, len(bus.client_list()))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*sent, return_exceptions=True), a.transport, most
+        finally:
+            await a.stop()
+            await b.stop()
+
+    try:
+        results, transport, most = asyncio.run(scenario())
+    finally:
+        if state != tmp_path:
+            shutil.rmtree(state, ignore_errors=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of {count} failed, e.g. {failed[0]!r}"
+    assert sorted(r["n"] for r in results) == list(range(count))
+    bound = 2 * (transport.max_connections + transport.BLOCKING_CONNECTIONS) + 1  # two runtimes, and this test's client
+    assert most <= bound, f"{most} connections to Redis, more than the pools allow ({bound})"
+    assert len(ran["a"]) + len(ran["b"]) == len(set(ran["a"]) | set(ran["b"])) == count  # each ran once
+    assert ran["a"] and ran["b"], "both replicas took a share"
+
+
+def test_one_process_on_a_redis_bus_uses_it_and_bus_status_tells_the_truth(bus_eco, redis_url, shared_key, bus, tmp_path, capsys):  # noqa: F811
+    """`serve --bus redis://` in one process: bus status lists the process as a live consumer of every
+    MAD's group from its start (Redis 7.0 creates a reading consumer only at its first entry), a request
+    between its MADs goes over Redis (its stream counts it), and the process leaves the bus when it stops.
+    A client's tool call on a MAD the process runs is run in the process (RUNBOOK), not over the bus."""
+    cli = module(bus_eco, "cli")
+
+    def status() -> dict:
+        assert cli.main(bus_eco.config, ["bus", "status", "--bus", redis_url]) == 0
+        return json.loads(capsys.readouterr().out)["mads"]
+
+    async def scenario():
+        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "one", bus_url=redis_url)
+        await rt.start()
+        try:
+            me = rt.transport.consumer
+            first = status()
+            await rt.request("clerk", "ledger", tool="record", args={"n": 1})
+            await rt.invoke_tool("ledger", "record", {"n": 2}, principal="client:ops")
+            return me, first, status()
+        finally:
+            await rt.stop()
+
+    me, first, after = asyncio.run(scenario())
+    assert set(first) == set(ALL)
+    for mad, entry in first.items():
+        assert entry["consumers"] == [{"name": me, "pending": 0, "idle_s": entry["consumers"][0]["idle_s"], "alive": True}], mad
+        assert entry["added"] == 0 and entry["taken_over"] == 0
+    assert after["ledger"]["added"] == 1 and after["ledger"]["queued"] == after["ledger"]["pending"] == 0
+    assert [c["name"] for c in after["ledger"]["consumers"]] == [me]
+    gone = status()  # stopped: it left every group, and its heartbeat is gone
+    assert all(entry["consumers"] == [] for entry in gone.values()), gone
+    assert bus.keys(f"regen:{bus_eco.config.name}:alive:*") == []
+
+
+def test_drill_hold_needs_a_redis_bus(bus_eco, shared_key, tmp_path, capsys):  # noqa: F811
+    """`serve --drill-hold` (failover drills) holds Redis deliveries; on the local bus it is refused before serving."""
+    cli = module(bus_eco, "cli")
+    assert cli.main(bus_eco.config, ["serve", "--state", str(tmp_path / "s"), "--drill-hold", "5"]) == 2
+    assert "--drill-hold takes a number of seconds and needs a Redis bus" in capsys.readouterr().err
