@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import DurabilityError, InvalidArgument
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -76,7 +76,9 @@ class Database:
         self._synced = 0
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
-        self._sync: asyncio.Future[None] | None = None  # the fdatasync under way, if any
+        self._syncs: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}  # the fdatasync under way, per loop
+        self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
+        self._closed = False
         self.fsyncs = 0  # group fsyncs run, for tests and benchmarks
 
     def _probe_fts5(self) -> bool:
@@ -112,6 +114,7 @@ class Database:
         with self._lock:
             if group_commit:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+            changes_before = self._conn.total_changes
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -122,7 +125,9 @@ class Database:
                 self._conn.execute("COMMIT")
                 if group_commit:
                     self._committed += 1
-                else:  # fsynced: so is every group commit before it in the WAL
+                elif self._conn.total_changes != changes_before:
+                    # This commit wrote, so SQLite fsynced the WAL: every group commit before it is on disk too.
+                    # (A transaction that changed nothing writes and fsyncs nothing.)
                     self._synced = self._committed
             finally:
                 if group_commit:
@@ -131,33 +136,50 @@ class Database:
     async def durable(self, *, alone: bool = False) -> None:
         """Return once every commit made so far is on disk, sharing one fdatasync with every caller
         that waits at the same time (group commit). `alone`: the caller knows no other commit is on
-        its way, so there is nothing to batch with: sync inline and skip the hand-off to a thread."""
+        its way, so there is nothing to batch with: sync inline and skip the hand-off to a thread.
+
+        Raises DurabilityError once an fdatasync has failed: after a failed fdatasync Linux may have
+        dropped the dirty pages and a later one succeeds without them, so no later commit can be
+        vouched for; the process must restart (healthy() turns false)."""
         wanted = self._committed
-        if alone and self._synced < wanted and self._sync is None:
-            self._fdatasync_wal()
-            self._synced = max(self._synced, wanted)
-            self.fsyncs += 1
+        loop = asyncio.get_running_loop()
+        if alone and self._synced < wanted and loop not in self._syncs:
+            self._sync_now(wanted)
             return
         while self._synced < wanted:
-            if self._sync is None or self._sync.get_loop() is not asyncio.get_running_loop():
-                self._sync = asyncio.ensure_future(self._sync_wal())
+            self._raise_if_failed()
+            sync = self._syncs.get(loop)
+            if sync is None:
+                sync = self._syncs[loop] = loop.create_task(self._sync_wal(loop))
             # Shielded: a caller that stops waiting does not cancel the fsync others wait for.
-            await asyncio.shield(self._sync)
+            await asyncio.shield(sync)
 
-    async def _sync_wal(self) -> None:
+    async def _sync_wal(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             covered = self._committed  # every commit so far is in the WAL file: one fdatasync covers them
-            await asyncio.to_thread(self._fdatasync_wal)
-            self._synced = max(self._synced, covered)
-            self.fsyncs += 1
+            await asyncio.to_thread(self._sync_now, covered)
         finally:
-            self._sync = None
+            self._syncs.pop(loop, None)
+
+    def _sync_now(self, covered: int) -> None:
+        self._raise_if_failed()
+        with self._wal_lock:
+            try:
+                self._fdatasync_wal()
+            except OSError as exc:
+                self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
+                self._raise_if_failed()
+        self._synced = max(self._synced, covered)
+        self.fsyncs += 1
+
+    def _raise_if_failed(self) -> None:
+        if self._sync_failure:
+            raise DurabilityError(f"{self._sync_failure}; nothing written since can be acknowledged as durable: "
+                                  "check the disk, then restart the process")
 
     def _fdatasync_wal(self) -> None:
-        with self._wal_lock:
-            self._fdatasync_wal_locked()
-
-    def _fdatasync_wal_locked(self) -> None:
+        if self._closed:
+            raise OSError("the database is closed")
         # The WAL lives as long as a connection is open (a checkpoint rewinds it in place and fsyncs it
         # first); reopen if it was replaced anyway (unlinked: no links left).
         if self._wal_fd is not None and os.fstat(self._wal_fd).st_nlink == 0:
@@ -171,6 +193,8 @@ class Database:
         os.fdatasync(self._wal_fd)
 
     def healthy(self) -> bool:
+        if self._sync_failure:
+            return False
         try:
             return self.one("SELECT 1 AS ok") == {"ok": 1}
         except sqlite3.Error:
@@ -183,9 +207,11 @@ class Database:
             except sqlite3.Error:
                 pass
             self._conn.close()
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
-                self._wal_fd = None
+            with self._wal_lock:  # not under an fdatasync still running in a worker thread
+                self._closed = True
+                if self._wal_fd is not None:
+                    os.close(self._wal_fd)
+                    self._wal_fd = None
 
     # ---- MAD storage -------------------------------------------------------------------------
 

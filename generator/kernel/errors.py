@@ -40,3 +40,9 @@ class ModelError(KernelError):
     """A model provider failed (HTTP error, malformed answer, missing key)."""
 
     code = "model_error"
+
+
+class DurabilityError(KernelError):
+    """An fdatasync of the database's log failed: what was written since cannot be acknowledged."""
+
+    code = "not_durable"

@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
 from .secrets import KeySource, SecretsManager
-from .supervisor import MadFault, SupervisionPolicy, Supervisor, Unavailable
+from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable
 from .transport import Reply, Sealer, error_to, make_transport, reply_to
 
 log = logs.get("runtime")
@@ -530,6 +530,7 @@ class Runtime:
             log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})
         except KernelError as exc:  # a refusal, or a fault the supervisor contained and logged
             reply = error_to(request, exc.code, str(exc))
+            reply.admitted = not isinstance(exc, NotAdmitted)
             outcome = (exc.code, exc)
             log.info("bus delivery refused", extra={"sender": request.sender, "tool": request.payload.get("tool", ""),
                                                     "ok": False, "error": exc.code})

@@ -80,6 +80,11 @@ class Overloaded(KernelError):
     code = "overloaded"
 
 
+class NotAdmitted(Overloaded):
+    """Overloaded, raised by the supervisor before the handler ran: a queued delivery may simply wait
+    and try again (an `Overloaded` raised from inside a handler came after its effects)."""
+
+
 class Unavailable(KernelError):
     """The MAD is not running (failed to start, restarting), or the ecosystem is shutting down."""
 
@@ -227,7 +232,7 @@ class Supervisor:
             log.info("circuit half-open: the next call is a trial", extra={"mad": mad})
         if rec.in_flight >= rec.limit:
             leaked = f", {len(rec.leaked)} of them leaked past their timeout" if rec.leaked else ""
-            raise Overloaded(f"MAD {mad!r} has {rec.in_flight} calls in flight (its max_concurrent_calls){leaked}; retry later")
+            raise NotAdmitted(f"MAD {mad!r} has {rec.in_flight} calls in flight (its max_concurrent_calls){leaked}; retry later")
         if rec.breaker == HALF_OPEN:
             if rec.trial:
                 raise CircuitOpen(f"MAD {mad!r} is failing ({rec.failures} failures in a row); a trial call is running, retry shortly")

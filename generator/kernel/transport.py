@@ -24,8 +24,9 @@ Two transports, chosen by configuration (`serve --bus URL`, or `<ECO>_BUS_URL`):
   and keeps a heartbeat key while it lives; a consumer whose heartbeat lapsed and that holds
   no entry (its entries were taken over, or it had none) is removed by a live process
   (XGROUP DELCONSUMER, checked and done in one script). Under load, commands share a bounded
-  pool (BlockingConnectionPool) and wait for a free connection; the two blocking reads have
-  connections of their own, so a busy pool never delays a delivery or a reply.
+  pool (BlockingConnectionPool) and wait for a free connection; the two blocking reads, the claim
+  renewals and the heartbeat have connections of their own, so a busy pool never delays a
+  delivery or a reply, nor lets a live process's work be taken over.
 
 Everything a transport keeps outside the secrets store is sealed (AES-GCM, a key derived from
 the secrets key with HKDF): a pending delivery's real payload in SQLite, and every envelope and
@@ -47,6 +48,7 @@ import os
 import random
 import secrets
 import socket
+import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -61,7 +63,7 @@ from pydantic import BaseModel
 
 from . import logs
 from .bus import MAX_ATTEMPTS, ConversationBus, Envelope
-from .errors import InvalidArgument, KernelError
+from .errors import DurabilityError, InvalidArgument, KernelError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -136,6 +138,7 @@ class Reply(BaseModel):
     envelope: Envelope
     stored_payload: dict[str, Any]
     code: str = ""
+    admitted: bool = True  # False: refused before the handler ran (NotAdmitted), so it may be tried again
 
     @property
     def stored(self) -> Envelope:
@@ -249,7 +252,11 @@ class Transport(ABC):
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), DurabilityError):  # acked, but not known to be on disk: not acknowledged
+            log.error("bus delivery done but not acknowledged: the disk did not confirm it", extra={"error": str(task.exception())})
+        else:
             log.error("bus delivery failed; it stays pending and runs again", exc_info=task.exception())
 
     async def _drain(self, timeout_s: float) -> None:
@@ -363,7 +370,10 @@ class RedisTransport(Transport):
 
     name = "redis"
     SENDING_CONNECTIONS = 16  # the pool's room beyond one connection per delivery in flight
-    BLOCKING_CONNECTIONS = 2  # the deliveries' and the replies' blocking reads, one each
+    # Off the shared pool, so bulk traffic never delays them: the deliveries' and the replies' blocking
+    # reads, one each, and the claim renewals and heartbeat, whose lateness would let another process
+    # take this one's deliveries over (and run them twice) while it is alive.
+    BLOCKING_CONNECTIONS = 3
     # redis-py gives up on a connect or a reply after 5 s by default; a burst of thousands of requests
     # can keep this process's event loop busy that long, and a reply that arrived in time then counts
     # as lost. 30 s still tells a Redis that is gone; ?socket_timeout=... in the URL overrides it.
@@ -396,7 +406,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
         """`max_in_flight`: deliveries this process runs at once; `max_connections`: the pool every
         command but the blocking reads shares (0: `max_in_flight` + SENDING_CONNECTIONS). A command
         finding every connection busy waits up to `pool_timeout_s` for one (backpressure) instead of
-        failing; the two blocking reads (deliveries, replies) have connections of their own."""
+        failing; the blocking reads, claim renewals and heartbeat have connections of their own."""
         super().__init__(bus, sealer, dispatch)
         if not claim_idle_s > 0 or not reply_timeout_s > 0 or not pool_timeout_s > 0:
             raise InvalidArgument("claim_idle_s, reply_timeout_s and pool_timeout_s must be > 0 seconds")
@@ -420,7 +430,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
         # Drills only (`serve --drill-hold`): each delivery waits this long, pending here, before it runs.
         self.hold_s = 0.0
         self._redis: Redis | None = None
-        self._blocking: Redis | None = None  # XREADGROUP BLOCK and XREAD BLOCK, off the shared pool
+        self._blocking: Redis | None = None  # blocking reads, claim renewals, heartbeat: off the shared pool
         self._drop_consumer: Any = None  # the DROP_DEAD_CONSUMER script, registered at start
         self._mad_of: dict[str, str] = {}
         self._working: dict[tuple[str, str], asyncio.Task[Any]] = {}
@@ -542,19 +552,36 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
         while not self._closed:
             try:
                 got = await self.blocking.xread({self.replies: last}, count=100, block=self._block_ms)
-                for _stream, entries in got:
-                    answered = []
-                    for entry_id, fields in entries:
-                        last = _s(entry_id)
-                        answered.append(self._take_reply(fields))
-                    await self._bus.db.durable()  # the batch's history rows share one fsync (group commit)
-                    for future, reply in filter(None, answered):
-                        if not future.done():
-                            future.set_result(reply)
-                    await self.blocking.xdel(self.replies, *[e[0] for e in entries])
             except self._aioredis.RedisError as exc:
                 log.warning("bus unreachable while reading replies; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
+                continue
+            for _stream, entries in got:
+                last = _s(entries[-1][0])
+                await self._hand_back([self._take_reply(fields) for _entry_id, fields in entries])
+                try:
+                    await self.blocking.xdel(self.replies, *[e[0] for e in entries])
+                except self._aioredis.RedisError as exc:  # they expire with the stream (REPLY_TTL_S)
+                    log.warning("replies read but not deleted from the bus", extra={"error": str(exc)})
+
+    async def _hand_back(self, answered: list[tuple[asyncio.Future[Reply], Reply] | None]) -> None:
+        """Give a batch of replies to their senders once their history rows are on disk (one shared fsync);
+        if that fails, or this loop is stopped meanwhile, the senders get the error, not a hang."""
+        waiting = [pair for pair in answered if pair is not None]
+        try:
+            await self._bus.db.durable()
+        except BaseException as exc:
+            for future, _reply in waiting:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, KernelError) else TransportError(
+                        f"the reply arrived but could not be recorded here ({type(exc).__name__}: {exc})"))
+            if isinstance(exc, Exception):
+                log.error("replies not handed back: recording them failed", extra={"error": str(exc)})
+                return
+            raise
+        for future, reply in waiting:
+            if not future.done():
+                future.set_result(reply)
 
     def _take_reply(self, fields: dict[bytes, bytes]) -> tuple[asyncio.Future[Reply], Reply] | None:
         """Record a reply in the local history (a group commit); the waiting sender and its reply, if any."""
@@ -566,7 +593,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
             return None
         try:
             self._bus.record(reply.stored, group_commit=True)
-        except KernelError as exc:  # history is best effort here; the reply still reaches its sender
+        except (KernelError, sqlite3.Error) as exc:  # history is best effort here; the reply still reaches its sender
             log.warning("reply not recorded in the local history", extra={"in_reply_to": request_id, "error": str(exc)})
         future = self._waiting.pop(request_id, None)
         return (future, reply) if future is not None else None
@@ -653,13 +680,14 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
             await pipe.execute()
 
     async def _dispatch_when_admitted(self, request: Envelope) -> Reply:
-        """Dispatch; a MAD at its max_concurrent_calls answers `overloaded`, which for a queued delivery
-        means "not yet": it waits (pending here, its claim renewed) and runs once the MAD has room, up to
-        reply_timeout_s (by then its sender stopped waiting), instead of failing under load."""
+        """Dispatch; a MAD at its max_concurrent_calls refuses it before its handler runs (`overloaded`, not
+        admitted), which for a queued delivery means "not yet": it waits (pending here, its claim renewed)
+        and runs once the MAD has room, up to reply_timeout_s (by then its sender stopped waiting), instead
+        of failing under load. An `overloaded` raised by the handler itself is its answer: never run twice."""
         deadline = time.monotonic() + self.reply_timeout_s
         wait = 0.02
         reply = await self._dispatch(request)
-        while reply.code == "overloaded" and time.monotonic() < deadline:
+        while not reply.admitted and time.monotonic() < deadline:
             await asyncio.sleep(wait * (0.5 + random.random()))
             wait = min(wait * 2, 1.0)
             reply = await self._dispatch(request)
@@ -693,7 +721,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
     async def _beat(self) -> None:
         if self._mad_of:
-            await self.redis.set(self.heartbeat, b"1", px=max(int(self.claim_idle_s * 1000), 1000))
+            await self.blocking.set(self.heartbeat, b"1", px=max(int(self.claim_idle_s * 1000), 1000))
 
     async def _sweep(self, stream: str) -> None:
         """Remove the consumers of processes that are gone (no heartbeat) and hold nothing more: those
@@ -711,7 +739,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
         for stream, entry_id in list(self._working):
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            await self.redis.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
+            await self.blocking.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
 
     async def _take_over(self, stream: str) -> None:
         """Claim the entries idle for claim_idle_s (their process is dead, or frozen), run them, and

@@ -84,6 +84,14 @@ class Ledger(Mad):
     async def echo(self, n: int) -> dict:
         """Answer n, writing nothing: load tests measure the bus, not the disk."""
         return {"n": n}
+
+    @tool
+    async def busy(self, n: int) -> dict:
+        """Write a run, then answer "overloaded" itself (its own backpressure, after an effect)."""
+        from ..kernel.supervisor import Overloaded
+
+        self.store.insert("runs", envelope_id=current_delivery.get() or f"direct:{n}")
+        raise Overloaded("the ledger's own queue is full")
 '''
 
 CLERK = '''from __future__ import annotations

@@ -220,6 +220,60 @@ def test_a_submit_returns_once_its_request_is_on_disk(bus_eco, fresh_key, tmp_pa
     assert asyncio.run(scenario()) == 1
 
 
+def test_a_transaction_that_wrote_nothing_does_not_vouch_for_group_commits(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
+    """SQLite fsyncs nothing for a transaction that changed nothing: it must not mark earlier group commits
+    as on disk (a reply would then be acknowledged without any fdatasync behind it)."""
+    rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+    synced: list[int] = []
+    real = os.fdatasync
+    try:
+        conv = rt.bus.create("c", ["clerk", "ledger"], "clerk")
+        request = rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"})
+        rt.bus.accept(request, "ledger", b"sealed", group_commit=True)
+        rt.bus.join(conv["id"], "ledger")  # already a member: a transaction that writes nothing
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+        asyncio.run(rt.db.durable())
+        assert len(synced) == 1
+        rt.bus.post(conv["id"], "clerk", "a real write")  # this one fsyncs: nothing is left to sync
+        rt.bus.accept(rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"}), "ledger", b"s",
+                      group_commit=True)
+        rt.bus.post(conv["id"], "clerk", "another real write")
+        asyncio.run(rt.db.durable())
+        assert len(synced) == 1
+    finally:
+        monkeypatch.setattr(os, "fdatasync", real)
+        rt.db.close()
+
+
+def test_when_the_disk_fails_an_fdatasync_nothing_more_is_acknowledged(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
+    """A failed fdatasync fails the request that waited on it, and every later one (Linux may have dropped
+    the pages, and a later fdatasync would succeed without them); the process reports itself unhealthy."""
+    errors = module(bus_eco, "errors")
+    real = os.fdatasync
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario():
+        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+        await rt.start()
+        try:
+            monkeypatch.setattr(os, "fdatasync", broken)
+            with pytest.raises(errors.DurabilityError, match="Input/output error"):
+                await rt.request("clerk", "ledger", tool="record", args={"n": 1})
+            monkeypatch.setattr(os, "fdatasync", real)  # the disk "recovers": still nothing is vouched for
+            with pytest.raises(errors.DurabilityError, match="restart"):
+                await rt.request("clerk", "ledger", tool="record", args={"n": 2})
+            with pytest.raises(errors.DurabilityError):
+                await rt.submit("clerk", "ledger", tool="record", args={"n": 3})
+            return rt.healthy()
+        finally:
+            monkeypatch.setattr(os, "fdatasync", real)
+            await rt.stop()
+
+    assert asyncio.run(scenario()) is False
+
+
 def test_stop_drains_deliveries_in_flight_and_then_refuses(bus_eco, fresh_key, tmp_path):  # noqa: F811
     errors = module(bus_eco, "errors")
 

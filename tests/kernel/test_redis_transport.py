@@ -291,6 +291,27 @@ def test_two_thousand_requests_in_flight_all_succeed_on_a_bounded_pool(bus_eco, 
     assert ran["a"] and ran["b"], "both replicas took a share"
 
 
+def test_an_overloaded_answer_from_the_handler_itself_is_not_run_again(bus_eco, redis_url, shared_key, bus, tmp_path):  # noqa: F811
+    """Only the supervisor's refusal before a handler ran is retried on the Redis bus; a handler that
+    answers "overloaded" after writing something has answered, and runs once."""
+    errors = module(bus_eco, "errors")
+
+    async def scenario():
+        a = bus_eco.Runtime(bus_eco.config, tmp_path / "a", bus_url=redis_url, serve_mads=["clerk"])
+        b = bus_eco.Runtime(bus_eco.config, tmp_path / "b", bus_url=redis_url, serve_mads=["ledger"])
+        await a.start()
+        await b.start()
+        try:
+            with pytest.raises(errors.KernelError, match="own queue is full"):
+                await a.request("clerk", "ledger", tool="busy", args={"n": 1})
+            return b.db.query("SELECT envelope_id FROM ledger_runs")
+        finally:
+            await a.stop()
+            await b.stop()
+
+    assert len(asyncio.run(scenario())) == 1
+
+
 def test_one_process_on_a_redis_bus_uses_it_and_bus_status_tells_the_truth(bus_eco, redis_url, shared_key, bus, tmp_path, capsys):  # noqa: F811
     """`serve --bus redis://` in one process: bus status lists the process as a live consumer of every
     MAD's group from its start (Redis 7.0 creates a reading consumer only at its first entry), a request
