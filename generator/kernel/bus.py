@@ -114,19 +114,25 @@ CREATE TABLE IF NOT EXISTS bus_deliveries (
 CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target);
 """
 
+# The search index is kept in batches (`ConversationBus.index_new`), not by a trigger per insert: a bus hop
+# writes no index pages, and a search first indexes whatever is new, so it always sees every message.
+# Messages are never updated or deleted by the kernel; if one is, an indexed row's tokens follow it.
 _FTS_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(content, content='messages', content_rowid='seq');
-CREATE TRIGGER IF NOT EXISTS messages_fts_ai AFTER INSERT ON messages BEGIN
-    INSERT INTO messages_fts(rowid, content) VALUES (new.seq, new.content);
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_ad AFTER DELETE ON messages BEGIN
+DROP TRIGGER IF EXISTS messages_fts_ai;
+DROP TRIGGER IF EXISTS messages_fts_ad;
+DROP TRIGGER IF EXISTS messages_fts_au;
+CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages
+WHEN EXISTS (SELECT 1 FROM messages_fts_docsize WHERE id = old.seq) BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.seq, old.content);
 END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_au AFTER UPDATE ON messages BEGIN
+CREATE TRIGGER messages_fts_au AFTER UPDATE ON messages
+WHEN EXISTS (SELECT 1 FROM messages_fts_docsize WHERE id = old.seq) BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.seq, old.content);
     INSERT INTO messages_fts(rowid, content) VALUES (new.seq, new.content);
 END;
 """
+INDEX_BATCH = 500  # messages indexed per transaction; also how many may wait for the next search
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -142,8 +148,30 @@ class ConversationBus:
         self.db = db
         db.script(_SCHEMA)
         self.fts = db.fts5
+        self._unindexed = 0  # messages stored by this process since the last index_new
         if self.fts:
             db.script(_FTS_SCHEMA)
+            self.index_new()
+
+    def index_new(self) -> int:
+        """Add every message stored since the last call to the search index, INDEX_BATCH per transaction
+        (group commits: the index is derived, and the log keeps it in step with the messages)."""
+        indexed = 0
+        while True:
+            with self.db.transaction(group_commit=True) as conn:
+                done = conn.execute("SELECT coalesce(max(id), 0) FROM messages_fts_docsize").fetchone()[0]
+                added = conn.execute("INSERT INTO messages_fts(rowid, content) SELECT seq, content FROM messages"
+                                     " WHERE seq > ? ORDER BY seq LIMIT ?", (done, INDEX_BATCH)).rowcount
+            indexed += added
+            if added < INDEX_BATCH:
+                self._unindexed = 0
+                return indexed
+
+    def _stored(self, count: int = 1) -> None:
+        """Count messages stored; a full batch is indexed at once, so a search never has much to catch up on."""
+        self._unindexed += count
+        if self.fts and self._unindexed >= INDEX_BATCH:
+            self.index_new()
 
     # ---- conversations -----------------------------------------------------------------------
 
@@ -291,38 +319,61 @@ class ConversationBus:
         env = self.envelope(conversation_id, sender, content, kind, correlation_id, payload)
         with self.db.transaction() as conn:
             self._insert(conn, env)
+        self._stored()
         return env.as_dict()
 
     def record(self, env: Envelope, *, group_commit: bool = False) -> bool:
         """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already.
         With `group_commit`, await `db.durable()` before relying on it."""
         with self.db.transaction(group_commit=group_commit) as conn:
-            return self._insert(conn, env, or_ignore=True)
+            stored = self._insert(conn, env, or_ignore=True)
+        self._stored()
+        return stored
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
-    def accept(self, request: Envelope, target: str, sealed: bytes, *, group_commit: bool = False) -> None:
-        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction
-        (a group commit: await `db.durable()` before acknowledging it)."""
-        with self.db.transaction(group_commit=group_commit) as conn:
-            self._insert(conn, request)
-            conn.execute(
-                "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
-                (request.id, target, sealed, now_iso()),
-            )
+    def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
+        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
+        with self.db.transaction() as conn:
+            self._accept(conn, request, target, sealed)
+        self._stored()
 
-    def complete(self, request_id: str, reply: Envelope, *, group_commit: bool = False) -> bool:
-        """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked
-        already. With `group_commit`, await `db.durable()` before handing the reply on."""
-        with self.db.transaction(group_commit=group_commit) as conn:
-            acked = conn.execute(
-                "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
-                " WHERE envelope_id = ? AND state = 'pending'",
-                (reply.id, now_iso(), request_id),
-            ).rowcount
-            if acked != 1:
-                return False
-            self._insert(conn, reply)
+    async def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, alone: bool = False) -> None:
+        """`accept`, in the transaction the other bus writes of this event-loop turn share (a group commit:
+        await `db.durable()` before acknowledging it; `alone`: see `Database.shared_transaction`)."""
+        await self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed), alone=alone)
+        self._stored()
+
+    def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes) -> None:
+        self._insert(conn, request)
+        conn.execute(
+            "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
+            (request.id, target, sealed, now_iso()),
+        )
+
+    def complete(self, request_id: str, reply: Envelope) -> bool:
+        """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
+        with self.db.transaction() as conn:
+            acked = self._complete(conn, request_id, reply)
+        self._stored()
+        return acked
+
+    async def complete_shared(self, request_id: str, reply: Envelope, *, alone: bool = False) -> bool:
+        """`complete`, in the transaction the other bus writes of this event-loop turn share (a group commit:
+        await `db.durable()` before handing the reply on; `alone`: see `Database.shared_transaction`)."""
+        acked = await self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply), alone=alone)
+        self._stored()
+        return acked
+
+    def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope) -> bool:
+        acked = conn.execute(
+            "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
+            " WHERE envelope_id = ? AND state = 'pending'",
+            (reply.id, now_iso(), request_id),
+        ).rowcount
+        if acked != 1:
+            return False
+        self._insert(conn, reply)
         return True
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
@@ -372,6 +423,7 @@ class ConversationBus:
             return []
         limit = _limit(limit)
         if self.fts:
+            self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
             rows = self.db.query(

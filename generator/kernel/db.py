@@ -18,12 +18,14 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import DurabilityError, InvalidArgument
+
+T = TypeVar("T")
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -66,8 +68,10 @@ class Database:
         finally:
             os.umask(previous_umask)
         os.chmod(self.path, 0o600)
-        # FULL: a call that returned has its write on disk, even across a power loss.
+        # FULL: a call that returned has its write on disk, even across a power loss. Group commits run
+        # at NORMAL; the mode is switched only when the kind of write changes (`_sync_mode`).
         self._conn.execute("PRAGMA synchronous=FULL")
+        self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self.fts5 = self._probe_fts5()
@@ -78,6 +82,8 @@ class Database:
         self._wal_lock = threading.Lock()
         self._syncs: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}  # the fdatasync under way, per loop
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
+        # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
+        self._shared: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]] = {}
         self._closed = False
         self.fsyncs = 0  # group fsyncs run, for tests and benchmarks
 
@@ -91,6 +97,7 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         with self._lock:
+            self._sync_mode(full=True)  # it may write, in autocommit
             return self._conn.execute(sql, params)
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
@@ -104,7 +111,14 @@ class Database:
 
     def script(self, sql: str) -> None:
         with self._lock:
+            self._sync_mode(full=True)
             self._conn.executescript(sql)
+
+    def _sync_mode(self, *, full: bool) -> None:
+        """FULL for a write that must be on disk when it returns, NORMAL for a group commit (under the lock)."""
+        if self._full != full:
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._full = full
 
     @contextmanager
     def transaction(self, *, group_commit: bool = False) -> Iterator[sqlite3.Connection]:
@@ -112,26 +126,62 @@ class Database:
 
         With `group_commit` the COMMIT does not fsync: await `durable()` before anyone relies on it."""
         with self._lock:
-            if group_commit:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._sync_mode(full=not group_commit)
             changes_before = self._conn.total_changes
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-                if group_commit:
-                    self._committed += 1
-                elif self._conn.total_changes != changes_before:
-                    # This commit wrote, so SQLite fsynced the WAL: every group commit before it is on disk too.
-                    # (A transaction that changed nothing writes and fsyncs nothing.)
-                    self._synced = self._committed
-            finally:
-                if group_commit:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            if group_commit:
+                self._committed += 1
+            elif self._conn.total_changes != changes_before:
+                # This commit wrote, so SQLite fsynced the WAL: every group commit before it is on disk too.
+                # (A transaction that changed nothing writes and fsyncs nothing.)
+                self._synced = self._committed
+
+    async def shared_transaction(self, write: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
+        """Run `write(conn)` in one transaction with every other write queued here in the same event-loop
+        turn, and return what it returned. Each write has a savepoint of its own, so one that raises takes
+        back only itself (its caller gets the exception). A group commit: committed when this returns, on
+        disk after `durable()`. Concurrent bus hops so share their commits as well as their fsyncs.
+        `alone`: the caller knows nothing else is on its way: commit now, without waiting for the turn's end."""
+        loop = asyncio.get_running_loop()
+        queue = self._shared.get(loop)
+        if alone and queue is None:
+            with self.transaction(group_commit=True) as conn:
+                return write(conn)
+        done: asyncio.Future[T] = loop.create_future()
+        if queue is None:
+            queue = self._shared[loop] = []
+            loop.call_soon(self._commit_shared, loop)
+        queue.append((write, done))
+        return await done
+
+    def _commit_shared(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._shared.pop(loop, [])
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            with self.transaction(group_commit=True) as conn:
+                for write, done in batch:
+                    conn.execute("SAVEPOINT shared_write")
+                    try:
+                        outcomes.append((write(conn), None))
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
+                        conn.execute("ROLLBACK TO shared_write")
+                        outcomes.append((None, exc))
+                    conn.execute("RELEASE shared_write")
+        except Exception as exc:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is written
+            outcomes = [(None, exc)] * len(batch)
+        for (_write, done), (value, exc) in zip(batch, outcomes, strict=True):
+            if done.done():  # its caller stopped waiting; what it wrote stands
+                continue
+            if exc is None:
+                done.set_result(value)
+            else:
+                done.set_exception(exc)
 
     async def durable(self, *, alone: bool = False) -> None:
         """Return once every commit made so far is on disk, sharing one fdatasync with every caller

@@ -292,20 +292,28 @@ class LocalTransport(Transport):
         if target not in self._hosted:
             raise TransportError(f"no process serves MAD {target!r}: with the local bus every MAD runs in this process")
         sealed = self._sealer.seal(_json(request.payload), request.id)
-        # A group commit (db.py): durable before the sender is acknowledged, which for a request that
-        # waits for its reply is when the reply (committed after it, in the same log) is.
-        self._bus.accept(request.model_copy(update={"payload": stored_payload}), target, sealed, group_commit=True)
-        task = self._spawn(self._deliver(request))
+        if not self._inflight:  # nothing to share a commit with: accepted at once (no await, nothing to cancel)
+            task = await self._accept_then_deliver(request, stored_payload, target, sealed, alone=True)
+        else:  # shielded: a sender that stops waiting (cancelled) cuts neither the accept nor the delivery short
+            task = await asyncio.shield(self._accept_then_deliver(request, stored_payload, target, sealed))
         if not want_reply:
             await self._bus.db.durable(alone=len(self._inflight) <= 1)
             return None
-        # Shielded: a sender that stops waiting (cancelled) does not cut the delivery short.
         return asyncio.shield(task)
+
+    async def _accept_then_deliver(self, request: Envelope, stored_payload: dict[str, Any], target: str,
+                                   sealed: bytes, *, alone: bool = False) -> asyncio.Task[Reply]:
+        # A group commit (db.py), in the transaction of this turn's other bus writes: committed before the
+        # handler runs, on disk before the sender is acknowledged, which for a request that waits for its
+        # reply is when the reply (committed after it, in the same log) is.
+        await self._bus.accept_shared(request.model_copy(update={"payload": stored_payload}), target, sealed, alone=alone)
+        return self._spawn(self._deliver(request))
 
     async def _deliver(self, request: Envelope) -> Reply:
         reply = await self._dispatch(request)
-        acked = self._bus.complete(request.id, reply.stored, group_commit=True)
-        await self._bus.db.durable(alone=len(self._inflight) <= 1)  # just this delivery: nothing to batch with
+        alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit or an fsync with
+        acked = await self._bus.complete_shared(request.id, reply.stored, alone=alone)
+        await self._bus.db.durable(alone=alone)
         if not acked:  # acked meanwhile: the first reply stands
             row = self._bus.delivery(request.id)
             return Reply.recorded(self._bus.message(row["reply_id"])) if row else reply

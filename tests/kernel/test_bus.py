@@ -86,3 +86,44 @@ def test_bus_persists_across_restart(eco_modules, tmp_path):
         assert rt2.db.one("PRAGMA journal_mode")["journal_mode"] == "wal"
     finally:
         asyncio.run(rt2.stop())
+
+
+def test_search_sees_every_message_though_the_index_is_kept_in_batches(eco_modules, tmp_path):
+    """The search index is written in batches off the hot path: a search still finds a message stored just
+    before it, a full batch is indexed without any search, and a database whose index was kept by the
+    older per-insert trigger is taken over (its triggers replaced, nothing indexed twice)."""
+    import sqlite3
+
+    config, _, runtime_mod = eco_modules
+    state = tmp_path / "st"
+    rt = runtime_mod.Runtime(config, state)
+    asyncio.run(rt.start())
+    try:
+        bus_mod = type(rt.bus)
+        conv = asyncio.run(rt.use("conversations.create", caller="rogers", title="batches"))
+        asyncio.run(rt.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="zebra crossing"))
+        assert [h["content"] for h in rt.bus.search("zebra")] == ["zebra crossing"]
+        batch = __import__(bus_mod.__module__, fromlist=["INDEX_BATCH"]).INDEX_BATCH
+        for i in range(batch):
+            rt.bus.post(conv["id"], "rogers", f"filler {i}")
+        indexed = rt.db.one("SELECT count(*) AS n FROM messages_fts_docsize")["n"]
+        total = rt.db.one("SELECT count(*) AS n FROM messages")["n"]
+        assert total - indexed < batch  # a full batch went in without a search
+    finally:
+        asyncio.run(rt.stop())
+    with sqlite3.connect(state / "ecosystem.db") as db:  # as an older kernel left it: a trigger per insert
+        db.execute("DROP TRIGGER messages_fts_ad")
+        db.execute("CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN"
+                   " INSERT INTO messages_fts(rowid, content) VALUES (new.seq, new.content); END")
+        seq = db.execute("INSERT INTO messages (id, sender, conversation_id, kind, content, created_at)"
+                         " VALUES ('old-kernel', 'rogers', ?, 'message', 'okapi sighting', 'then')", (conv["id"],)).lastrowid
+    rt2 = runtime_mod.Runtime(config, state)
+    asyncio.run(rt2.start())
+    try:
+        assert rt2.db.one("SELECT name FROM sqlite_master WHERE name = 'messages_fts_ai'") is None
+        assert [h["content"] for h in rt2.bus.search("okapi")] == ["okapi sighting"]
+        assert rt2.db.one("SELECT count(*) AS n FROM messages_fts_docsize WHERE id = ?", (seq,))["n"] == 1
+        assert rt2.db.one("PRAGMA integrity_check")["integrity_check"] == "ok"
+        rt2.db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")  # raises if the index is off
+    finally:
+        asyncio.run(rt2.stop())
