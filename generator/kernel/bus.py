@@ -27,11 +27,13 @@ first write. Kernel capabilities that append (conversations.post, a new secret v
 again on a second run; read before you append when a duplicate matters.
 
 fsync policy: the database runs in WAL mode with `synchronous=FULL` (`db.py`): every commit
-is fsynced before it returns. The local bus's accept and ack are group commits instead: they
-are written without their own fsync, and a request's reply is handed back (a `submit`
-returns) only after `Database.durable()`, one fdatasync shared by every hop in flight. So an
-acknowledged request or reply survives a process crash (SIGKILL) and a power loss or kernel
-panic alike, and concurrent hops pay for one fsync between them (see `benchmarks/bus_hop.py`).
+is fsynced before it returns. The local bus's accept and ack are group commits instead: the
+writes of one event-loop turn share one transaction (`Database.shared_transaction`), written
+without its own fsync, and a request's reply is handed back (a `submit` returns) only after
+`Database.durable()`, one fdatasync shared by every hop in flight. So an acknowledged request
+or reply survives a process crash (SIGKILL) and a power loss or kernel panic alike, and
+concurrent hops pay for one commit and one fsync between them (see `benchmarks/bus_hop.py`).
+The search index is kept in batches, not per message (`index_new`).
 """
 
 from __future__ import annotations

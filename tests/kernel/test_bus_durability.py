@@ -276,6 +276,27 @@ def test_when_the_disk_fails_an_fdatasync_nothing_more_is_acknowledged(bus_eco, 
     assert asyncio.run(scenario()) is False
 
 
+def test_writes_that_share_a_transaction_fail_alone(bus_eco, fresh_key, tmp_path):  # noqa: F811
+    """Bus writes of one event-loop turn share a transaction; one that fails (here a request accepted twice)
+    takes back only itself: its caller gets the error, the others are stored."""
+    rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+    try:
+        conv = rt.bus.create("c", ["clerk", "ledger"], "clerk")
+        first, second = (rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"}) for _ in range(2))
+        rt.bus.accept(first, "ledger", b"sealed")
+
+        async def together():
+            return await asyncio.gather(rt.bus.accept_shared(first, "ledger", b"again"),
+                                        rt.bus.accept_shared(second, "ledger", b"sealed"), return_exceptions=True)
+
+        duplicate, stored = asyncio.run(together())
+        assert isinstance(duplicate, sqlite3.IntegrityError) and stored is None
+        assert rt.bus.delivery(second.id)["state"] == "pending"
+        assert rt.bus.delivery(first.id)["sealed"] == b"sealed"  # the failed write left the first one as it was
+    finally:
+        rt.db.close()
+
+
 def test_stop_drains_deliveries_in_flight_and_then_refuses(bus_eco, fresh_key, tmp_path):  # noqa: F811
     errors = module(bus_eco, "errors")
 
