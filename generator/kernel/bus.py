@@ -60,9 +60,17 @@ MAX_ATTEMPTS = 5  # starts of one delivery that never completed before it is giv
 current_delivery: contextvars.ContextVar[str] = contextvars.ContextVar("regen_current_delivery", default="")
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text: a bus hop stamps four times
+
+
 def now_iso() -> str:
+    global _second
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1_000_000):06d}Z"
+    whole = int(t)
+    second = _second  # one read: another thread may replace it meanwhile
+    if second[0] != whole:
+        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{int((t - whole) * 1_000_000):06d}Z"
 
 
 class Envelope(BaseModel):

@@ -4,11 +4,12 @@ Calls are synchronous and short; one lock serialises them so the connection can 
 from the event loop and from worker threads alike.
 
 Durability: every commit is fsynced before it returns (`synchronous=FULL`), except the bus's
-hot path, which commits with `transaction(group_commit=True)` and then awaits `durable()`
-before it tells anyone: one fdatasync of the write-ahead log, run off the event loop, covers
-every commit made before it started, so concurrent bus hops share fsyncs (group commit). A
-group commit is on disk before `durable()` returns; before that it is already in the OS
-page cache, so a crashed process (SIGKILL) loses nothing; only a power loss could.
+hot path: the writes of one event-loop turn share one transaction (`shared_transaction`), a
+group commit written without its own fsync, and nobody is told until `durable()`: one
+fdatasync of the write-ahead log covers every commit made before it, so concurrent bus hops
+share their commits and their fsyncs. A group commit is on disk before `durable()` returns;
+before that it is already in the OS page cache, so a crashed process (SIGKILL) loses nothing;
+only a power loss could.
 """
 
 from __future__ import annotations
@@ -80,12 +81,10 @@ class Database:
         self._synced = 0
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
-        self._syncs: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}  # the fdatasync under way, per loop
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
         # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
         self._shared: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]] = {}
         self._closed = False
-        self.fsyncs = 0  # group fsyncs run, for tests and benchmarks
 
     def _probe_fts5(self) -> bool:
         try:
@@ -183,33 +182,18 @@ class Database:
             else:
                 done.set_exception(exc)
 
-    async def durable(self, *, alone: bool = False) -> None:
-        """Return once every commit made so far is on disk, sharing one fdatasync with every caller
-        that waits at the same time (group commit). `alone`: the caller knows no other commit is on
-        its way, so there is nothing to batch with: sync inline and skip the hand-off to a thread.
+    async def durable(self) -> None:
+        """Return once every commit made so far is on disk. Group commit: one fdatasync covers every
+        commit before it, so of the hops whose commits one event-loop turn made, the first to get here
+        syncs for all, and the others find their commits on disk already. (It runs on the loop, as a
+        FULL commit's fsync does: a hand-off to a thread costs more than it overlaps.)
 
         Raises DurabilityError once an fdatasync has failed: after a failed fdatasync Linux may have
         dropped the dirty pages and a later one succeeds without them, so no later commit can be
         vouched for; the process must restart (healthy() turns false)."""
-        wanted = self._committed
-        loop = asyncio.get_running_loop()
-        if alone and self._synced < wanted and loop not in self._syncs:
-            self._sync_now(wanted)
-            return
-        while self._synced < wanted:
-            self._raise_if_failed()
-            sync = self._syncs.get(loop)
-            if sync is None:
-                sync = self._syncs[loop] = loop.create_task(self._sync_wal(loop))
-            # Shielded: a caller that stops waiting does not cancel the fsync others wait for.
-            await asyncio.shield(sync)
-
-    async def _sync_wal(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            covered = self._committed  # every commit so far is in the WAL file: one fdatasync covers them
-            await asyncio.to_thread(self._sync_now, covered)
-        finally:
-            self._syncs.pop(loop, None)
+        if self._synced < self._committed:
+            self._sync_now(self._committed)
+        self._raise_if_failed()
 
     def _sync_now(self, covered: int) -> None:
         self._raise_if_failed()
@@ -220,7 +204,6 @@ class Database:
                 self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
                 self._raise_if_failed()
         self._synced = max(self._synced, covered)
-        self.fsyncs += 1
 
     def _raise_if_failed(self) -> None:
         if self._sync_failure:
@@ -257,7 +240,7 @@ class Database:
             except sqlite3.Error:
                 pass
             self._conn.close()
-            with self._wal_lock:  # not under an fdatasync still running in a worker thread
+            with self._wal_lock:  # not under an fdatasync running on another thread
                 self._closed = True
                 if self._wal_fd is not None:
                     os.close(self._wal_fd)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("regen_correlation_id", default="")
 principal: contextvars.ContextVar[str] = contextvars.ContextVar("regen_principal", default="")
@@ -21,7 +21,10 @@ _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"messag
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits, like a UUIDv7. Ids made later
+    sort later, so the bus's indexes on them grow at their end instead of touching a random page per
+    message: a batch of concurrent hops writes a few pages, not one per id."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 class JsonFormatter(logging.Formatter):

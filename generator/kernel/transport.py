@@ -297,7 +297,7 @@ class LocalTransport(Transport):
         else:  # shielded: a sender that stops waiting (cancelled) cuts neither the accept nor the delivery short
             task = await asyncio.shield(self._accept_then_deliver(request, stored_payload, target, sealed))
         if not want_reply:
-            await self._bus.db.durable(alone=len(self._inflight) <= 1)
+            await self._bus.db.durable()
             return None
         return asyncio.shield(task)
 
@@ -311,9 +311,9 @@ class LocalTransport(Transport):
 
     async def _deliver(self, request: Envelope) -> Reply:
         reply = await self._dispatch(request)
-        alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit or an fsync with
+        alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit with
         acked = await self._bus.complete_shared(request.id, reply.stored, alone=alone)
-        await self._bus.db.durable(alone=alone)
+        await self._bus.db.durable()
         if not acked:  # acked meanwhile: the first reply stands
             row = self._bus.delivery(request.id)
             return Reply.recorded(self._bus.message(row["reply_id"])) if row else reply

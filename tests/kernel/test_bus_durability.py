@@ -165,41 +165,41 @@ def test_an_ack_is_recorded_once(bus_eco, fresh_key, tmp_path):  # noqa: F811
         rt.db.close()
 
 
-def test_concurrent_hops_share_fsyncs_and_no_reply_comes_before_its_fsync(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
-    """Group commit: 30 requests in flight (under the MAD's max_concurrent_calls) are made durable by a
-    few shared fdatasyncs of the log, and none is answered before the fdatasync covering its reply returned."""
-    import threading
-
-    disk = threading.Event()
+def test_concurrent_hops_share_fsyncs_and_no_reply_comes_without_one(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
+    """Group commit: 30 requests in flight (under the MAD's max_concurrent_calls) are made durable by a few
+    shared fdatasyncs of the log; and when that fdatasync fails, not one of them is answered."""
+    errors = module(bus_eco, "errors")
     calls: list[int] = []
     real = os.fdatasync
 
-    def slow_disk(fd: int) -> None:
-        calls.append(fd)
-        assert disk.wait(10), "the test never let the disk finish"
-        real(fd)
+    async def hops(rt, broken: bool):
+        def disk(fd: int) -> None:
+            calls.append(fd)
+            if broken:
+                raise OSError(5, "Input/output error")
+            real(fd)
 
-    async def scenario():
-        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
-        await rt.start()
+        monkeypatch.setattr(os, "fdatasync", disk)
         try:
-            monkeypatch.setattr(os, "fdatasync", slow_disk)
-            hops = [asyncio.ensure_future(rt.request("clerk", "ledger", tool="record", args={"n": n})) for n in range(30)]
-            await asyncio.sleep(0.3)
-            answered_early = [h for h in hops if h.done()]
-            disk.set()
-            results = await asyncio.gather(*hops)
-            return answered_early, results, rt.db.fsyncs
+            return await asyncio.gather(*(rt.request("clerk", "ledger", tool="record", args={"n": n}) for n in range(30)),
+                                        return_exceptions=True)
         finally:
             monkeypatch.setattr(os, "fdatasync", real)
+
+    async def scenario(state, broken: bool):
+        rt = bus_eco.Runtime(bus_eco.config, state)
+        await rt.start()
+        try:
+            return await hops(rt, broken)
+        finally:
             await rt.stop()
 
-    answered_early, results, fsyncs = asyncio.run(scenario())
-    assert calls, "the hops were never fdatasynced"
-    assert answered_early == []
-    assert len(results) == 30
-    assert fsyncs <= 8, f"{fsyncs} fdatasyncs for 30 concurrent hops: nothing was grouped"
-    assert query(tmp_path / "state", "SELECT COUNT(*) FROM bus_deliveries WHERE state = 'acked'") == [(30,)]
+    results = asyncio.run(scenario(tmp_path / "good", broken=False))
+    assert [r["n"] for r in results] == list(range(30))
+    assert 1 <= len(calls) <= 8, f"{len(calls)} fdatasyncs for 30 concurrent hops: nothing was grouped"
+    assert query(tmp_path / "good", "SELECT COUNT(*) FROM bus_deliveries WHERE state = 'acked'") == [(30,)]
+    failed = asyncio.run(scenario(tmp_path / "bad", broken=True))
+    assert all(isinstance(r, errors.DurabilityError) for r in failed), failed
 
 
 def test_a_submit_returns_once_its_request_is_on_disk(bus_eco, fresh_key, tmp_path, monkeypatch):  # noqa: F811
