@@ -279,13 +279,17 @@ class ConversationBus:
         kind: str = "message",
         correlation_id: str = "",
         payload: dict[str, Any] | None = None,
+        *,
+        known_conversation: bool = False,
     ) -> Envelope:
-        """A new, checked envelope (not yet stored); its correlation id defaults to its own id."""
+        """A new, checked envelope (not yet stored); its correlation id defaults to its own id.
+        `known_conversation`: the caller got the conversation from the bus itself, so it is not looked up."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown envelope kind {kind!r}; expected one of {', '.join(KINDS)}")
         if not isinstance(content, str) or len(content) > MAX_CONTENT:
             raise InvalidArgument(f"content must be a string of at most {MAX_CONTENT} characters")
-        self.get(conversation_id)  # NotFound when missing
+        if not known_conversation:
+            self.get(conversation_id)  # NotFound when missing
         env = Envelope(
             correlation_id=correlation_id or "",
             sender=sender,

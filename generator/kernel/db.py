@@ -143,8 +143,9 @@ class Database:
 
     async def shared_transaction(self, write: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
         """Run `write(conn)` in one transaction with every other write queued here in the same event-loop
-        turn, and return what it returned. Each write has a savepoint of its own, so one that raises takes
-        back only itself (its caller gets the exception). A group commit: committed when this returns, on
+        turn, and return what it returned. If one raises, the batch is taken back and each write runs again
+        alone, so only that one fails (its caller gets the exception): a write must do nothing but write
+        through `conn`. A group commit: committed when this returns, on
         disk after `durable()`. Concurrent bus hops so share their commits as well as their fsyncs.
         `alone`: the caller knows nothing else is on its way: commit now, without waiting for the turn's end."""
         loop = asyncio.get_running_loop()
@@ -161,19 +162,17 @@ class Database:
 
     def _commit_shared(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._shared.pop(loop, [])
-        outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             with self.transaction(group_commit=True) as conn:
-                for write, done in batch:
-                    conn.execute("SAVEPOINT shared_write")
-                    try:
+                outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, _done in batch]
+        except Exception:  # noqa: BLE001 - the batch was taken back: each write again, alone, so only a failing one fails
+            outcomes = []
+            for write, _done in batch:
+                try:
+                    with self.transaction(group_commit=True) as conn:
                         outcomes.append((write(conn), None))
-                    except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
-                        conn.execute("ROLLBACK TO shared_write")
-                        outcomes.append((None, exc))
-                    conn.execute("RELEASE shared_write")
-        except Exception as exc:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is written
-            outcomes = [(None, exc)] * len(batch)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
+                    outcomes.append((None, exc))
         for (_write, done), (value, exc) in zip(batch, outcomes, strict=True):
             if done.done():  # its caller stopped waiting; what it wrote stands
                 continue

@@ -451,13 +451,13 @@ class Runtime:
         """Queue a request without waiting for its reply: returns the request envelope (payload as stored)
         once the bus has accepted it durably. The reply is recorded in the conversation. On the local bus
         the delivery runs on the caller's event loop; if that loop ends first, it runs at the next start."""
-        request, _ = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=False)
-        return request
+        stored, _ = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=False)
+        return stored()
 
     async def _send(
         self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None, conversation_id: str,
         *, want_reply: bool,
-    ) -> tuple[dict[str, Any], Any]:
+    ) -> tuple[Callable[[], dict[str, Any]], Any]:
         # Every way onto the bus refuses alike and audits the refusal (a MAD's ask, Grace, the operator's CLI).
         grants = self._grants.get(sender)
         if grants is None:
@@ -479,7 +479,8 @@ class Runtime:
 
     async def _submit(
         self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *, want_reply: bool,
-    ) -> tuple[dict[str, Any], Any]:
+    ) -> tuple[Callable[[], dict[str, Any]], Any]:
+        known = not conversation_id  # the pair's own conversation, which this runtime made or found: it exists
         if not conversation_id:
             conversation_id = self._conversations.get((sender, target), "")
             if not conversation_id:
@@ -489,7 +490,8 @@ class Runtime:
         who = logs.principal.get()
         if who and who != sender:
             payload["on_behalf_of"] = who
-        request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload)
+        request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload,
+                                    known_conversation=known)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
         span = tracing.start(f"bus send {target}", {
             "regen.correlation_id": request.correlation_id, "regen.sender": sender, "regen.mad": target,
@@ -503,7 +505,8 @@ class Runtime:
             raise
         span.end()
         self.metrics.message(sender, "request")
-        return request.model_copy(update={"payload": stored}).as_dict(), pending
+        # The envelope as stored, made only for a caller that wants it (`submit`): a hop need not pay for it.
+        return (lambda: request.model_copy(update={"payload": stored}).as_dict()), pending
 
     async def _deliver(self, request: Envelope) -> Reply:
         """Run one request on the MAD it is addressed to (the transports call this); every outcome
