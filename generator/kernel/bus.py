@@ -38,18 +38,22 @@ The search index is kept in batches, not per message (`index_new`).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import re
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
 from .db import Database
 from .errors import InvalidArgument, NotFound
 from .logs import new_id
+
+T = TypeVar("T")
 
 KINDS = ("message", "request", "reply", "error", "event", "thought")
 MAX_CONTENT = 1_000_000
@@ -352,11 +356,17 @@ class ConversationBus:
             self._accept(conn, request, target, sealed)
         self._stored()
 
-    async def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, alone: bool = False) -> None:
+    def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, alone: bool = False,
+                      then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
         """`accept`, in the transaction the other bus writes of this event-loop turn share (a group commit:
-        await `db.durable()` before acknowledging it; `alone`: see `Database.shared_transaction`)."""
-        await self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed), alone=alone)
-        self._stored()
+        await `db.durable()` before acknowledging it). `then()` runs once it is committed, and the future
+        gives what it returned; `alone`: see `Database.shared_transaction`."""
+        def committed(_: None) -> T | None:
+            self._stored()
+            return then() if then is not None else None
+
+        return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed), alone=alone,
+                                          then=committed)
 
     def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes) -> None:
         self._insert(conn, request)
@@ -372,12 +382,15 @@ class ConversationBus:
         self._stored()
         return acked
 
-    async def complete_shared(self, request_id: str, reply: Envelope, *, alone: bool = False) -> bool:
+    def complete_shared(self, request_id: str, reply: Envelope, *, alone: bool = False) -> asyncio.Future[bool]:
         """`complete`, in the transaction the other bus writes of this event-loop turn share (a group commit:
         await `db.durable()` before handing the reply on; `alone`: see `Database.shared_transaction`)."""
-        acked = await self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply), alone=alone)
-        self._stored()
-        return acked
+        def committed(acked: bool) -> bool:
+            self._stored()
+            return acked
+
+        return self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply), alone=alone,
+                                          then=committed)
 
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope) -> bool:
         acked = conn.execute(

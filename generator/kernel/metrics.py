@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -84,6 +84,7 @@ class Metrics:
                                         ["reason"], registry=r)
         r.register(_MadUp(mad_up))
         self._watched: dict[str, _Gauge] = {}
+        self._message_children: dict[tuple[str, str], Any] = {}
         # The process's CPU, memory, open files and start time, and the Python version: what an operator
         # reads first when a process misbehaves (on Linux; elsewhere the process collector is empty).
         ProcessCollector(registry=r)
@@ -93,7 +94,11 @@ class Metrics:
         return _closed(mad, self._tools)
 
     def message(self, mad: str, kind: str) -> None:
-        self._messages.labels(self._mad(mad), _closed(kind, MESSAGE_KINDS)).inc()
+        # Counted twice per bus hop: the labelled child is looked up once per (mad, kind).
+        child = self._message_children.get((mad, kind))
+        if child is None:
+            child = self._message_children[(mad, kind)] = self._messages.labels(self._mad(mad), _closed(kind, MESSAGE_KINDS))
+        child.inc()
 
     def tool_call(self, mad: str, tool: str, outcome: str, seconds: float | None = None) -> None:
         """One call of `<mad>.<tool>` and its outcome (one of OUTCOMES); `seconds` when it reached the MAD."""

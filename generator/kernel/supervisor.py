@@ -261,8 +261,7 @@ class Supervisor:
     async def _wait(self, mad: str, op: str, rec: _Record, task: asyncio.Task[Any], timeout: float) -> bool:
         """Wait for the call; False when it timed out (then it is cancelled, and leaked if it does not end)."""
         try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-            if done:
+            if await _finished_within(task, timeout):
                 return True
             task.cancel()
             await asyncio.wait({task}, timeout=self.policy.cancel_grace_s)
@@ -431,3 +430,25 @@ class Supervisor:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _finished_within(task: asyncio.Task[Any], timeout: float) -> bool:
+    """asyncio.wait({task}, timeout) for one task, without its per-call set and bookkeeping: every bus
+    delivery and tool call waits like this. True when the task finished in time."""
+    if task.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()

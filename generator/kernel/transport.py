@@ -292,22 +292,18 @@ class LocalTransport(Transport):
         if target not in self._hosted:
             raise TransportError(f"no process serves MAD {target!r}: with the local bus every MAD runs in this process")
         sealed = self._sealer.seal(_json(request.payload), request.id)
-        if not self._inflight:  # nothing to share a commit with: accepted at once (no await, nothing to cancel)
-            task = await self._accept_then_deliver(request, stored_payload, target, sealed, alone=True)
-        else:  # shielded: a sender that stops waiting (cancelled) cuts neither the accept nor the delivery short
-            task = await asyncio.shield(self._accept_then_deliver(request, stored_payload, target, sealed))
+        # A group commit (db.py), in the transaction of this turn's other bus writes (at once when nothing else
+        # is in flight): committed before the handler runs, on disk before the sender is acknowledged, which
+        # for a request that waits for its reply is when the reply (committed after it, in the same log) is.
+        # The delivery starts from the commit itself, so a sender that stops waiting (cancelled) cuts neither
+        # the accept nor the delivery short.
+        accepted = self._bus.accept_shared(request.model_copy(update={"payload": stored_payload}), target, sealed,
+                                           alone=not self._inflight, then=lambda: self._spawn(self._deliver(request)))
+        task = await asyncio.shield(accepted)
         if not want_reply:
             await self._bus.db.durable()
             return None
         return asyncio.shield(task)
-
-    async def _accept_then_deliver(self, request: Envelope, stored_payload: dict[str, Any], target: str,
-                                   sealed: bytes, *, alone: bool = False) -> asyncio.Task[Reply]:
-        # A group commit (db.py), in the transaction of this turn's other bus writes: committed before the
-        # handler runs, on disk before the sender is acknowledged, which for a request that waits for its
-        # reply is when the reply (committed after it, in the same log) is.
-        await self._bus.accept_shared(request.model_copy(update={"payload": stored_payload}), target, sealed, alone=alone)
-        return self._spawn(self._deliver(request))
 
     async def _deliver(self, request: Envelope) -> Reply:
         reply = await self._dispatch(request)

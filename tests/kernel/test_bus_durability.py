@@ -33,6 +33,10 @@ def query(state: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return db.execute(sql, params).fetchall()
 
 
+async def accepted_shared(bus, request, target: str, sealed: bytes) -> None:
+    await bus.accept_shared(request, target, sealed)
+
+
 @pytest.fixture
 def fresh_key(bus_eco, monkeypatch):  # noqa: F811
     """The key file in the state directory, as a single-process ecosystem keeps it."""
@@ -231,14 +235,14 @@ def test_a_transaction_that_wrote_nothing_does_not_vouch_for_group_commits(bus_e
     try:
         conv = rt.bus.create("c", ["clerk", "ledger"], "clerk")
         request = rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"})
-        asyncio.run(rt.bus.accept_shared(request, "ledger", b"sealed"))  # a group commit
+        asyncio.run(accepted_shared(rt.bus, request, "ledger", b"sealed"))  # a group commit
         rt.bus.join(conv["id"], "ledger")  # already a member: a transaction that writes nothing
         monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
         asyncio.run(rt.db.durable())
         assert len(synced) == 1
         rt.bus.post(conv["id"], "clerk", "a real write")  # this one fsyncs: nothing is left to sync
-        asyncio.run(rt.bus.accept_shared(rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"}),
-                                         "ledger", b"s"))
+        asyncio.run(accepted_shared(rt.bus, rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"}),
+                                    "ledger", b"s"))
         rt.bus.post(conv["id"], "clerk", "another real write")
         asyncio.run(rt.db.durable())
         assert len(synced) == 1
