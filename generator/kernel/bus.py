@@ -307,7 +307,9 @@ class ConversationBus:
         return env
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False) -> bool:
+    def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False,
+                payload: dict[str, Any] | None = None) -> bool:
+        """Store `env`, with `payload` in place of its own when given (what may be persisted of it)."""
         cur = conn.execute(
             f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages"
             " (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
@@ -319,7 +321,7 @@ class ConversationBus:
                 env.conversation_id,
                 env.kind,
                 env.content,
-                json.dumps(env.payload, default=str),
+                json.dumps(env.payload if payload is None else payload, default=str),
                 env.created_at,
             ),
         )
@@ -356,20 +358,21 @@ class ConversationBus:
             self._accept(conn, request, target, sealed)
         self._stored()
 
-    def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, alone: bool = False,
+    def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
-        """`accept`, in the transaction the other bus writes of this event-loop turn share (a group commit:
-        await `db.durable()` before acknowledging it). `then()` runs once it is committed, and the future
-        gives what it returned; `alone`: see `Database.shared_transaction`."""
+        """`accept` (storing `stored_payload` in place of the request's own, when given), in the transaction
+        the other bus writes of this event-loop turn share (a group commit: await `db.durable()` before
+        acknowledging it). `then()` runs once it is committed, and the future gives what it returned."""
         def committed(_: None) -> T | None:
             self._stored()
             return then() if then is not None else None
 
-        return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed), alone=alone,
+        return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed, stored_payload),
                                           then=committed)
 
-    def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes) -> None:
-        self._insert(conn, request)
+    def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes,
+                stored_payload: dict[str, Any] | None = None) -> None:
+        self._insert(conn, request, payload=stored_payload)
         conn.execute(
             "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
             (request.id, target, sealed, now_iso()),
@@ -382,17 +385,20 @@ class ConversationBus:
         self._stored()
         return acked
 
-    def complete_shared(self, request_id: str, reply: Envelope, *, alone: bool = False) -> asyncio.Future[bool]:
-        """`complete`, in the transaction the other bus writes of this event-loop turn share (a group commit:
-        await `db.durable()` before handing the reply on; `alone`: see `Database.shared_transaction`)."""
+    def complete_shared(self, request_id: str, reply: Envelope, *, stored_payload: dict[str, Any] | None = None,
+                        alone: bool = False) -> asyncio.Future[bool]:
+        """`complete` (storing `stored_payload` in place of the reply's own, when given), in the transaction the
+        other bus writes of this event-loop turn share (a group commit: await `db.durable()` before handing the
+        reply on; `alone`: see `Database.shared_transaction`)."""
         def committed(acked: bool) -> bool:
             self._stored()
             return acked
 
-        return self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply), alone=alone,
-                                          then=committed)
+        return self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply, stored_payload),
+                                          alone=alone, then=committed)
 
-    def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope) -> bool:
+    def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
+                  stored_payload: dict[str, Any] | None = None) -> bool:
         acked = conn.execute(
             "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
             " WHERE envelope_id = ? AND state = 'pending'",
@@ -400,7 +406,7 @@ class ConversationBus:
         ).rowcount
         if acked != 1:
             return False
-        self._insert(conn, reply)
+        self._insert(conn, reply, payload=stored_payload)
         return True
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:

@@ -195,11 +195,12 @@ class Mad:
         if name not in methods:
             raise NotFound(f"MAD {self.name!r} has no tool {name!r}; it has {', '.join(methods) or 'none'}")
         args = dict(args or {})
-        sig = _signature(methods[name])
-        try:
-            sig.bind(self, **args)
-        except TypeError as exc:
-            raise InvalidArgument(f"{self.name}.{name}: {exc}") from None
+        names, required = _parameters(methods[name])
+        if not (args.keys() <= names and required <= args.keys()):  # the usual case checked cheaply, the rest by bind
+            try:
+                _signature(methods[name]).bind(self, **args)
+            except TypeError as exc:
+                raise InvalidArgument(f"{self.name}.{name}: {exc}") from None
         return await getattr(self, name)(**args)
 
     async def handle(self, envelope: dict[str, Any]) -> Any:
@@ -236,3 +237,14 @@ def _tool_methods(cls: type[Mad]) -> dict[str, Callable[..., Any]]:
 @functools.cache
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(fn)
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """The keyword names a tool takes and those it requires (any name, when it takes **kwargs: bind decides)."""
+    params = list(_signature(fn).parameters.values())[1:]
+    if any(p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) for p in params):
+        return frozenset(), frozenset({"\0"})  # never the cheap path
+    names = frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    return names, frozenset(p.name for p in params if p.default is inspect.Parameter.empty
+                            and p.kind is not inspect.Parameter.VAR_POSITIONAL)

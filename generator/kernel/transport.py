@@ -76,6 +76,7 @@ REPLY_TTL_S = 24 * 3600  # a reply stream nobody reads (its process died) expire
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
+
 class TransportError(KernelError):
     """The bus cannot take or carry a request (shutting down, Redis unreachable, no reply in time)."""
 
@@ -292,14 +293,13 @@ class LocalTransport(Transport):
         if target not in self._hosted:
             raise TransportError(f"no process serves MAD {target!r}: with the local bus every MAD runs in this process")
         sealed = self._sealer.seal(_json(request.payload), request.id)
-        # A group commit (db.py), in the transaction of this turn's other bus writes (at once when nothing else
-        # is in flight): committed before the handler runs, on disk before the sender is acknowledged, which
-        # for a request that waits for its reply is when the reply (committed after it, in the same log) is.
-        # The delivery starts from the commit itself, so a sender that stops waiting (cancelled) cuts neither
-        # the accept nor the delivery short.
-        accepted = self._bus.accept_shared(request.model_copy(update={"payload": stored_payload}), target, sealed,
-                                           alone=not self._inflight, then=lambda: self._spawn(self._deliver(request)))
-        task = await asyncio.shield(accepted)
+        # A group commit (db.py), in the transaction of this turn's other bus writes (always: requests come in
+        # bursts, and the first of one would otherwise commit alone): committed before the handler runs, on
+        # disk before the sender is acknowledged, which for a request that waits for its reply is when the
+        # reply (committed after it, in the same log) is. The delivery starts from the commit itself (`then`
+        # runs whether anyone still waits or not): a sender that stops waiting cuts neither short.
+        task = await self._bus.accept_shared(request, target, sealed, stored_payload=stored_payload,
+                                             then=lambda: self._spawn(self._deliver(request)))
         if not want_reply:
             await self._bus.db.durable()
             return None
@@ -308,7 +308,7 @@ class LocalTransport(Transport):
     async def _deliver(self, request: Envelope) -> Reply:
         reply = await self._dispatch(request)
         alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit with
-        acked = await self._bus.complete_shared(request.id, reply.stored, alone=alone)
+        acked = await self._bus.complete_shared(request.id, reply.envelope, stored_payload=reply.stored_payload, alone=alone)
         await self._bus.db.durable()
         if not acked:  # acked meanwhile: the first reply stands
             row = self._bus.delivery(request.id)

@@ -301,6 +301,31 @@ def test_writes_that_share_a_transaction_fail_alone(bus_eco, fresh_key, tmp_path
         rt.db.close()
 
 
+def test_a_sender_that_stops_waiting_cuts_neither_the_accept_nor_the_delivery_short(bus_eco, fresh_key, tmp_path):  # noqa: F811
+    """Requests wait for the commit they share with their event-loop turn; senders cancelled meanwhile (a
+    client gone) leave their requests accepted, delivered and acked all the same."""
+
+    async def scenario():
+        rt = bus_eco.Runtime(bus_eco.config, tmp_path / "state")
+        await rt.start()
+        try:
+            senders = [asyncio.ensure_future(rt.request("clerk", "ledger", tool="record", args={"n": n})) for n in range(5)]
+            await asyncio.sleep(0)  # each has queued its accept for this turn's commit
+            for sender in senders:
+                sender.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
+            for _ in range(100):
+                if not rt.transport._inflight:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await rt.stop()
+
+    asyncio.run(scenario())
+    assert query(tmp_path / "state", "SELECT state, COUNT(*) FROM bus_deliveries GROUP BY state") == [("acked", 5)]
+    assert query(tmp_path / "state", "SELECT COUNT(*) FROM ledger_entries") == [(5,)]
+
+
 def test_stop_drains_deliveries_in_flight_and_then_refuses(bus_eco, fresh_key, tmp_path):  # noqa: F811
     errors = module(bus_eco, "errors")
 
