@@ -359,16 +359,17 @@ class ConversationBus:
         self._stored()
 
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
-                      then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
+                      alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
         """`accept` (storing `stored_payload` in place of the request's own, when given), in the transaction
         the other bus writes of this event-loop turn share (a group commit: await `db.durable()` before
-        acknowledging it). `then()` runs once it is committed, and the future gives what it returned."""
+        acknowledging it). `then()` runs once it is committed, and the future gives what it returned;
+        `alone`: see `Database.shared_transaction`."""
         def committed(_: None) -> T | None:
             self._stored()
             return then() if then is not None else None
 
         return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed, stored_payload),
-                                          then=committed)
+                                          alone=alone, then=committed, tag="accept")
 
     def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes,
                 stored_payload: dict[str, Any] | None = None) -> None:

@@ -83,8 +83,10 @@ class Database:
         self._wal_lock = threading.Lock()
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
         # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
-        self._shared: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Future[Any]]]] = {}
+        self._shared: dict[asyncio.AbstractEventLoop,
+                           list[tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Future[Any], str]]] = {}
         self._closed = False
+        self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
 
     def _probe_fts5(self) -> bool:
         try:
@@ -142,7 +144,7 @@ class Database:
                 self._synced = self._committed
 
     def shared_transaction(self, write: Callable[[sqlite3.Connection], Any], *, alone: bool = False,
-                           then: Callable[[Any], T] | None = None) -> asyncio.Future[T]:
+                           then: Callable[[Any], T] | None = None, tag: str = "") -> asyncio.Future[T]:
         """Run `write(conn)` in one transaction with every other write queued here in the same event-loop turn;
         the future gives what it returned, or what `then` made of it. `then` runs as soon as the batch is
         committed, whether anyone still waits or not: what must follow the commit (a delivery) goes there.
@@ -150,7 +152,8 @@ class Database:
         If a write raises, the batch is taken back and each write runs again alone, so only that one fails
         (its caller gets the exception): a write must do nothing but write through `conn`. A group commit:
         committed when the future is done, on disk after `durable()`. Concurrent bus hops so share their
-        commits as well as their fsyncs. `alone`: the caller knows nothing else is on its way: commit now."""
+        commits as well as their fsyncs. `alone`: the caller knows nothing else is on its way: commit now.
+        `tag`: a kind of write whose batch sizes `last_batch` keeps."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         queue = self._shared.get(loop)
@@ -158,6 +161,8 @@ class Database:
             try:
                 with self.transaction(group_commit=True) as conn:
                     value = write(conn)
+                if tag:
+                    self.last_batch[tag] = 1
                 done.set_result(then(value) if then else value)
             except Exception as exc:  # noqa: BLE001 - the caller's, through the future
                 done.set_exception(exc)
@@ -165,23 +170,25 @@ class Database:
         if queue is None:
             queue = self._shared[loop] = []
             loop.call_soon(self._commit_shared, loop)
-        queue.append((write, then, done))
+        queue.append((write, then, done, tag))
         return done
 
     def _commit_shared(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._shared.pop(loop, [])
+        for tag in {tag for _write, _then, _done, tag in batch if tag}:
+            self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
         try:
             with self.transaction(group_commit=True) as conn:
-                outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, _then, _done in batch]
+                outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, *_ in batch]
         except Exception:  # noqa: BLE001 - the batch was taken back: each write again, alone, so only a failing one fails
             outcomes = []
-            for write, _then, _done in batch:
+            for write, *_ in batch:
                 try:
                     with self.transaction(group_commit=True) as conn:
                         outcomes.append((write(conn), None))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
                     outcomes.append((None, exc))
-        for (_write, then, done), (value, exc) in zip(batch, outcomes, strict=True):
+        for (_write, then, done, _tag), (value, exc) in zip(batch, outcomes, strict=True):
             if exc is None and then is not None:
                 try:
                     value = then(value)

@@ -293,12 +293,14 @@ class LocalTransport(Transport):
         if target not in self._hosted:
             raise TransportError(f"no process serves MAD {target!r}: with the local bus every MAD runs in this process")
         sealed = self._sealer.seal(_json(request.payload), request.id)
-        # A group commit (db.py), in the transaction of this turn's other bus writes (always: requests come in
-        # bursts, and the first of one would otherwise commit alone): committed before the handler runs, on
-        # disk before the sender is acknowledged, which for a request that waits for its reply is when the
-        # reply (committed after it, in the same log) is. The delivery starts from the commit itself (`then`
-        # runs whether anyone still waits or not): a sender that stops waiting cuts neither short.
-        task = await self._bus.accept_shared(request, target, sealed, stored_payload=stored_payload,
+        # A group commit (db.py), in the transaction of this turn's other bus writes: committed before the
+        # handler runs, on disk before the sender is acknowledged, which for a request that waits for its
+        # reply is when the reply (committed after it, in the same log) is. At once when nothing is in flight
+        # and requests came one at a time lately; when they come in bursts, even the first of a burst waits
+        # for the turn's commit (else it commits, and later syncs, alone). The delivery starts from the commit
+        # itself (`then` runs whether anyone still waits or not): a sender that stops waiting cuts neither short.
+        alone = not self._inflight and self._bus.db.last_batch.get("accept", 1) <= 1
+        task = await self._bus.accept_shared(request, target, sealed, stored_payload=stored_payload, alone=alone,
                                              then=lambda: self._spawn(self._deliver(request)))
         if not want_reply:
             await self._bus.db.durable()
