@@ -305,15 +305,20 @@ def test_a_callable_that_fails_is_a_loud_500():
     assert server.errors and "ValueError" in server.errors[0]
 
 
-def test_cli_serves_the_replies_until_interrupted(tmp_path):
+@pytest.mark.parametrize("started_as", ["foreground", "background job"])
+def test_cli_serves_the_replies_until_interrupted(tmp_path, started_as):
+    """SIGINT stops it, also when it was started the way a shell starts a background job: with SIGINT
+    ignored (which Python would otherwise keep)."""
     replies = tmp_path / "replies.json"
     replies.write_text(json.dumps(["first reply"]))
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_as == "background job" else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "generator.senior.scripted", "--port", "0", "--replies", str(replies)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ignore_sigint,  # noqa: PLW1509 - a test's child, no threads to worry about
     )
     try:
         banner = proc.stdout.readline()
@@ -327,7 +332,7 @@ def test_cli_serves_the_replies_until_interrupted(tmp_path):
         )
         assert response.json()["choices"][0]["message"]["content"] == "first reply"
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)  # generous: a loaded CI machine, not a hang
+        out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

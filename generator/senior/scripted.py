@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -726,6 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"cannot listen on {HOST}:{args.port}: {exc}")
     print(f"scripted server: {server.base_url}  ({what})", flush=True)
+    # "Until interrupted" whatever started it: a shell starts a background job with SIGINT ignored, and
+    # Python then keeps it ignored, so `kill -INT` (or a script's Ctrl-C) would never stop the server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if command:
             return subprocess.run(command).returncode
