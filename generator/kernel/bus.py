@@ -181,9 +181,9 @@ class ConversationBus:
                 self._unindexed = 0
                 return indexed
 
-    def _stored(self, count: int = 1) -> None:
-        """Count messages stored; a full batch is indexed at once, so a search never has much to catch up on."""
-        self._unindexed += count
+    def _stored(self) -> None:
+        """Count a message stored; a full batch is indexed at once, so a search never has much to catch up on."""
+        self._unindexed += 1
         if self.fts and self._unindexed >= INDEX_BATCH:
             self.index_new()
 

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 from .errors import DurabilityError, InvalidArgument
 
 T = TypeVar("T")
+# A write queued for a shared transaction: the write, what follows its commit, its future, its tag.
+SharedWrite = tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Future[Any], str]
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -83,8 +85,7 @@ class Database:
         self._wal_lock = threading.Lock()
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
         # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
-        self._shared: dict[asyncio.AbstractEventLoop,
-                           list[tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Future[Any], str]]] = {}
+        self._shared: dict[asyncio.AbstractEventLoop, list[SharedWrite]] = {}
         self._closed = False
         self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
 
@@ -157,30 +158,24 @@ class Database:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         queue = self._shared.get(loop)
-        if alone and queue is None:
-            try:
-                with self.transaction(group_commit=True) as conn:
-                    value = write(conn)
-                if tag:
-                    self.last_batch[tag] = 1
-                done.set_result(then(value) if then else value)
-            except Exception as exc:  # noqa: BLE001 - the caller's, through the future
-                done.set_exception(exc)
+        if alone and queue is None:  # a batch of one, committed now
+            self._commit_batch([(write, then, done, tag)])
             return done
         if queue is None:
             queue = self._shared[loop] = []
-            loop.call_soon(self._commit_shared, loop)
+            loop.call_soon(lambda: self._commit_batch(self._shared.pop(loop, [])))
         queue.append((write, then, done, tag))
         return done
 
-    def _commit_shared(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._shared.pop(loop, [])
+    def _commit_batch(self, batch: list[SharedWrite]) -> None:
         for tag in {tag for _write, _then, _done, tag in batch if tag}:
             self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
         try:
             with self.transaction(group_commit=True) as conn:
                 outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, *_ in batch]
-        except Exception:  # noqa: BLE001 - the batch was taken back: each write again, alone, so only a failing one fails
+        except Exception as exc:  # noqa: BLE001 - handed to its caller, through the future
+            outcomes = [(None, exc)]
+        if len(outcomes) < len(batch):  # the batch was taken back: each write again, alone, so only a failing one fails
             outcomes = []
             for write, *_ in batch:
                 try:
