@@ -17,8 +17,11 @@ Measured side by side in one run, each on a fresh state:
 Latency is p50/p99 of ROUNDS sequential hops; hops per second is the throughput with
 CONCURRENCY requests in flight. Targets (issue 13), judged against the parallel Redis worker, the
 stronger of the two: the in-process p50 at most half of its p50 (`durable_over_redis_fsync_always_p50`
-<= 0.5) and at least twice its throughput (`durable_throughput_over_redis_fsync_always` >= 2.0). Prints a table and writes
-benchmarks/results/bus_hop.json.
+<= 0.5) and at least twice its throughput (`durable_throughput_over_redis_fsync_always` >= 2.0).
+On a shared virtual machine the disk's fsync time and the CPU drift by tens of percent within seconds,
+so the two judged transports are measured PAIRS times, each pair on fresh state, in alternating order,
+and each ratio is the median of the pairs' ratios (every pair's is in the JSON); the other rows are
+measured once, for context. Prints a table and writes benchmarks/results/bus_hop.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import importlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +48,7 @@ ROUNDS = 400
 WARMUP = 40
 CONCURRENCY = 32
 BATCHES = 60
+PAIRS = 3  # measurements of the two judged transports side by side (see the docstring)
 LATENCY_TARGET = 0.5  # ours over Redis's p50, at most
 THROUGHPUT_TARGET = 2.0  # ours over Redis's hops/s, at least
 
@@ -149,14 +154,14 @@ async def redis_stream_hop(Runtime, config, state: Path, url: str) -> dict[str, 
         await b.stop()
 
 
-async def redis_streams_request_reply(url: str, *, parallel: bool) -> dict[str, object]:
+async def redis_streams_request_reply(url: str, *, parallel: bool, run: int = 0) -> dict[str, object]:
     """A request/reply service written directly on Redis Streams, as one would without our kernel: the
     worker replies to what one read gave it one entry at a time (a plain consumer loop), or all in
-    parallel on a connection each, so that Redis fsyncs their writes together."""
+    parallel on a connection each, so that Redis fsyncs their writes together. `run`: fresh streams each time."""
     from redis.asyncio import Redis
 
     requester, consumer, worker, collector = (Redis.from_url(url) for _ in range(4))
-    prefix = f"bench:{'parallel' if parallel else 'serial'}"
+    prefix = f"bench:{'parallel' if parallel else 'serial'}:{run}"
     await consumer.xgroup_create(f"{prefix}:req", "workers", id="0", mkstream=True)
     waiting: dict[str, asyncio.Future[bytes]] = {}
     # The readers stop on this flag (they block 100 ms at most): a blocked redis-py read does not take cancellation.
@@ -223,8 +228,16 @@ async def main() -> None:
         redis_proc, url = start_redis(work)  # its append-only file on the same disk as the SQLite state
         shm = Path("/dev/shm")
         try:
-            rows = {IN_PROCESS: await local_hop(Runtime, config, work / "local")}
-            rows[REDIS] = await redis_streams_request_reply(url, parallel=True)
+            pairs = []
+            for run in range(PAIRS):  # alternating which goes first, so neither always meets the other's wake
+                ours = lambda: local_hop(Runtime, config, work / f"local-{run}")  # noqa: B023, E731
+                theirs = lambda: redis_streams_request_reply(url, parallel=True, run=run)  # noqa: B023, E731
+                if run % 2 == 0:
+                    pair = {IN_PROCESS: await ours(), REDIS: await theirs()}
+                else:
+                    pair = {REDIS: await theirs(), IN_PROCESS: await ours()}
+                pairs.append(pair)
+            rows = dict(pairs[0])
             rows[REDIS_SERIAL] = await redis_streams_request_reply(url, parallel=False)
             if shm.is_dir():
                 with tempfile.TemporaryDirectory(prefix="bus-hop-", dir=shm) as ram:
@@ -233,13 +246,22 @@ async def main() -> None:
         finally:
             redis_proc.terminate()
             redis_proc.wait()
-    # The targets are judged against the stronger Redis service (parallel replies); the plain loop is shown too.
-    latency = rows[IN_PROCESS]["latency_us"]["p50"] / rows[REDIS]["latency_us"]["p50"]
-    throughput = rows[IN_PROCESS]["msgs_per_s"] / rows[REDIS]["msgs_per_s"]
+    # The targets are judged against the stronger Redis service (parallel replies), pair by pair; the
+    # table shows the pair whose latency ratio is the median, and the plain loop for context.
+    judged = [{
+        "in_process_p50_us": pair[IN_PROCESS]["latency_us"]["p50"], "redis_p50_us": pair[REDIS]["latency_us"]["p50"],
+        "p50_ratio": round(pair[IN_PROCESS]["latency_us"]["p50"] / pair[REDIS]["latency_us"]["p50"], 3),
+        "in_process_hops_per_s": pair[IN_PROCESS]["msgs_per_s"], "redis_hops_per_s": pair[REDIS]["msgs_per_s"],
+        "throughput_ratio": round(pair[IN_PROCESS]["msgs_per_s"] / pair[REDIS]["msgs_per_s"], 3),
+    } for pair in pairs]
+    latency = statistics.median(p["p50_ratio"] for p in judged)
+    throughput = statistics.median(p["throughput_ratio"] for p in judged)
+    rows.update(pairs[sorted(range(PAIRS), key=lambda i: judged[i]["p50_ratio"])[PAIRS // 2]])
     serial_throughput = rows[IN_PROCESS]["msgs_per_s"] / rows[REDIS_SERIAL]["msgs_per_s"]
     results = {
         "rounds": ROUNDS,
         "concurrency": CONCURRENCY,
+        "pairs": judged,
         "transports": rows,
         "durable_over_redis_fsync_always_p50": round(latency, 3),
         "durable_throughput_over_redis_fsync_always": round(throughput, 3),
@@ -250,9 +272,13 @@ async def main() -> None:
     }
     print_table(["bus hop (request -> handler -> reply)", "p50 µs", "p99 µs", f"hops/s ({CONCURRENCY} in flight)"],
                 [[label, row["latency_us"]["p50"], row["latency_us"]["p99"], row["msgs_per_s"]] for label, row in rows.items()])
-    print(f"\nin-process p50 / Redis fsync-always p50: {latency:.3f} (target <= {LATENCY_TARGET:g}: "
+    print()
+    print_table(["pair (in process vs Redis, parallel replies)", "p50 µs", "Redis p50 µs", "ratio", "hops/s", "Redis hops/s", "ratio"],
+                [[f"pair {i + 1}", p["in_process_p50_us"], p["redis_p50_us"], p["p50_ratio"], p["in_process_hops_per_s"],
+                  p["redis_hops_per_s"], p["throughput_ratio"]] for i, p in enumerate(judged)])
+    print(f"\nin-process p50 / Redis fsync-always p50, median of {PAIRS} pairs: {latency:.3f} (target <= {LATENCY_TARGET:g}: "
           f"{'met' if latency <= LATENCY_TARGET else 'NOT met'})")
-    print(f"in-process hops/s / Redis fsync-always hops/s: {throughput:.3f} (target >= {THROUGHPUT_TARGET:g}: "
+    print(f"in-process hops/s / Redis fsync-always hops/s, median of {PAIRS} pairs: {throughput:.3f} (target >= {THROUGHPUT_TARGET:g}: "
           f"{'met' if throughput >= THROUGHPUT_TARGET else 'NOT met'})")
     print(f"(against a Redis worker replying one entry at a time: {serial_throughput:.3f})")
     print(f"\nwrote {write_results('bus_hop', results).relative_to(REPO)}")

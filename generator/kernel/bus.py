@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
+from . import logs
 from .db import Database
 from .errors import InvalidArgument, NotFound
 from .logs import new_id
@@ -63,6 +64,11 @@ MAX_ATTEMPTS = 5  # starts of one delivery that never completed before it is giv
 # that makes a handler's writes idempotent (see the module docstring).
 current_delivery: contextvars.ContextVar[str] = contextvars.ContextVar("regen_current_delivery", default="")
 
+
+# One encoder for what the bus stores (json.dumps with `default` builds a new encoder per call).
+to_json = json.JSONEncoder(default=str).encode
+
+log = logs.get("bus")
 
 _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text: a bus hop stamps four times
 
@@ -93,17 +99,13 @@ class Envelope(BaseModel):
         return self.model_dump()
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id TEXT PRIMARY KEY,
-    title TEXT NOT NULL,
-    participants TEXT NOT NULL DEFAULT '[]',
-    created_by TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS conversations_title ON conversations(title);
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+# Each b-tree a hop writes is a page in the write-ahead log, written with two system calls, which on a
+# journaling file system cost more than the SQL: so the layout keeps them few. No AUTOINCREMENT (a page of
+# sqlite_sequence per insert; the kernel never deletes a message, so a seq is never reused), deliveries
+# keyed by their envelope id alone (WITHOUT ROWID: no second b-tree for the key), and only pending
+# deliveries indexed. A database made by an older kernel is rebuilt into this layout once (`_relayout`).
+_MESSAGES = """(
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     correlation_id TEXT NOT NULL DEFAULT '',
     sender TEXT NOT NULL,
@@ -112,10 +114,8 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL DEFAULT '',
     payload TEXT NOT NULL DEFAULT '{}',
     created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_conv ON messages(conversation_id, seq);
-CREATE INDEX IF NOT EXISTS messages_corr ON messages(correlation_id);
-CREATE TABLE IF NOT EXISTS bus_deliveries (
+)"""
+_DELIVERIES = """(
     envelope_id TEXT PRIMARY KEY REFERENCES messages(id),
     target TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'acked')),
@@ -124,8 +124,36 @@ CREATE TABLE IF NOT EXISTS bus_deliveries (
     reply_id TEXT NOT NULL DEFAULT '',
     accepted_at TEXT NOT NULL,
     acked_at TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    participants TEXT NOT NULL DEFAULT '[]',
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target);
+CREATE INDEX IF NOT EXISTS conversations_title ON conversations(title);
+CREATE TABLE IF NOT EXISTS messages {_MESSAGES};
+CREATE INDEX IF NOT EXISTS messages_conv ON messages(conversation_id, seq);
+CREATE INDEX IF NOT EXISTS messages_corr ON messages(correlation_id);
+CREATE TABLE IF NOT EXISTS bus_deliveries {_DELIVERIES};
+CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target) WHERE state = 'pending';
+"""
+
+_RELAYOUT = f"""
+CREATE TABLE messages_relayout {_MESSAGES};
+INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at
+    FROM messages ORDER BY seq;
+DROP TABLE messages;
+ALTER TABLE messages_relayout RENAME TO messages;
+DELETE FROM sqlite_sequence WHERE name = 'messages';
+CREATE TABLE bus_deliveries_relayout {_DELIVERIES};
+INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at
+    FROM bus_deliveries;
+DROP TABLE bus_deliveries;
+ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries;
 """
 
 # The search index is kept in batches (`ConversationBus.index_new`), not by a trigger per insert: a bus hop
@@ -160,12 +188,23 @@ def _limit(limit: int, cap: int = 1000) -> int:
 class ConversationBus:
     def __init__(self, db: Database):
         self.db = db
+        self._relayout()
         db.script(_SCHEMA)
         self.fts = db.fts5
         self._unindexed = 0  # messages stored by this process since the last index_new
         if self.fts:
             db.script(_FTS_SCHEMA)
             self.index_new()
+
+    def _relayout(self) -> None:
+        """Rebuild the bus tables of a database an older kernel made into today's layout (see _RELAYOUT),
+        in one transaction: the indexes and the search triggers are made again by the schema after it."""
+        row = self.db.one("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'")
+        if row is None or "AUTOINCREMENT" not in row["sql"].upper():
+            return
+        count = self.db.one("SELECT count(*) AS n FROM messages")
+        log.info("rebuilding the bus tables in the leaner layout (once)", extra={"messages": count["n"] if count else 0})
+        self.db.rebuild(_RELAYOUT)
 
     def index_new(self) -> int:
         """Add every message stored since the last call to the search index, INDEX_BATCH per transaction
@@ -321,7 +360,7 @@ class ConversationBus:
                 env.conversation_id,
                 env.kind,
                 env.content,
-                json.dumps(env.payload if payload is None else payload, default=str),
+                to_json(env.payload if payload is None else payload),
                 env.created_at,
             ),
         )

@@ -116,6 +116,28 @@ class Database:
             self._sync_mode(full=True)
             self._conn.executescript(sql)
 
+    def rebuild(self, sql: str) -> None:
+        """Run `sql` (tables made anew, copied, dropped and renamed: SQLite's way to change a table's layout) in
+        one transaction with foreign keys off, as that recipe asks; taken back, changing nothing, if the result
+        breaks a foreign key."""
+        with self._lock:
+            self._sync_mode(full=True)
+            self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
+            try:
+                try:
+                    self._conn.executescript("BEGIN IMMEDIATE;\n" + sql)  # (executescript commits what is open first)
+                    broken = self._conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise sqlite3.IntegrityError(f"rebuilding tables would break {len(broken)} foreign keys, "
+                                                     f"first in table {broken[0][0]}; nothing was changed")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                self._conn.execute("PRAGMA foreign_keys=ON")
+
     def _sync_mode(self, *, full: bool) -> None:
         """FULL for a write that must be on disk when it returns, NORMAL for a group commit (under the lock)."""
         if self._full != full:

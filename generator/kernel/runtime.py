@@ -395,7 +395,8 @@ class Runtime:
             with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
                 if mad in self.slots or mad not in self._grants:
                     instance = await self._ready(mad)
-                    result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args))
+                    result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
+                                                 at_once=instance.answers_at_once(tool))
                 else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
                     result = await self._remote_tool(mad, tool, args)
             log.info("tool call", extra={"tool": f"{mad}.{tool}", "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
@@ -527,7 +528,8 @@ class Runtime:
         outcome: tuple[str, BaseException | None] = ("interrupted", None)  # until it answers, or refuses
         try:
             receiver = await self._ready(target)
-            result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool)
+            result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool,
+                                         at_once=bool(tool) and receiver.answers_at_once(tool))
             reply = reply_to(request, result, redact(result))
             outcome = ("ok", None)
             log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})
@@ -548,18 +550,18 @@ class Runtime:
         self.metrics.message(target, reply.envelope.kind)
         return reply
 
-    async def _handler(self, mad: str, op: str, run: Callable[[], Any], tool: str = "") -> Any:
+    async def _handler(self, mad: str, op: str, run: Callable[[], Any], tool: str = "", *, at_once: bool = False) -> Any:
         """Run a MAD's handler under the supervisor (`op`: the tool, or "handle" for a bus request), in a
-        span of its own (`<mad>.<tool>`) when tracing is on."""
+        span of its own (`<mad>.<tool>`) when tracing is on. `at_once`: it cannot suspend (Mad.answers_at_once)."""
         if tracing.tracer is None:
-            return await self.supervisor.call(mad, op, run)
+            return await self.supervisor.call(mad, op, run, at_once=at_once)
         tool = tool or op
         span = tracing.start(f"{mad}.{tool}", {
             "regen.correlation_id": logs.correlation_id.get(), "regen.mad": mad, "regen.tool": tool,
             "regen.client": tracing.client_of(logs.principal.get()),
         })
         try:
-            result = await self.supervisor.call(mad, op, run)
+            result = await self.supervisor.call(mad, op, run, at_once=at_once)
         except BaseException as exc:
             span.end(tracing.outcome_of(exc), exc)
             raise

@@ -36,7 +36,7 @@ import contextvars
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -169,17 +169,19 @@ class Supervisor:
 
     # ---- calls -------------------------------------------------------------------------------
 
-    async def call(self, mad: str, op: str, fn: Callable[[], Awaitable[T]], *, timeout_s: float | None = None) -> T:
+    async def call(self, mad: str, op: str, fn: Callable[[], Coroutine[Any, Any, T]], *, timeout_s: float | None = None,
+                   at_once: bool = False) -> T:
         """Run `fn()` (MAD code doing `op`) under the MAD's timeout, breaker and bound.
 
         Returns its result or re-raises its `KernelError`; anything else it raises, and a
-        timeout, becomes a `MadFault` that counts against the breaker.
+        timeout, becomes a `MadFault` that counts against the breaker. `at_once`: the caller knows
+        the coroutine cannot suspend (Mad.answers_at_once), so it runs in place (`_run_at_once`).
         """
         rec = self._record(mad)
         trial = self._admit(mad, rec)
         timeout = rec.timeout_s if timeout_s is None else timeout_s
         try:
-            task = self._spawn(rec, fn)
+            task = self._run_at_once(rec, fn) if at_once else self._spawn(rec, fn)
             finished = await self._wait(mad, op, rec, task, timeout)
         except BaseException:  # the caller itself was cancelled: no verdict on the MAD
             if trial:
@@ -249,6 +251,35 @@ class Supervisor:
         rec.in_flight += 1
         task.add_done_callback(lambda t: self._ended(rec, t))
         return task
+
+    def _run_at_once(self, rec: _Record, fn: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Future[T]:
+        """Run a coroutine that cannot suspend to its end, here: as its own task would, in a copy of the
+        caller's context, but without the task, its scheduling and the wake-up of the waiter (a tool whose
+        code never awaits: the supervisor could not time it out in a task either, as it never yields the
+        loop). The outcome comes as a finished future, judged like a task's. Should it suspend after all,
+        the rest of it runs in a task of its own, as `_spawn` would have run all of it."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        coro = fn()
+        outcome: asyncio.Future[T] = loop.create_future()
+        rec.in_flight += 1
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration as stop:
+            outcome.set_result(stop.value)
+        except asyncio.CancelledError:
+            outcome.cancel()
+        except (KeyboardInterrupt, SystemExit):
+            rec.in_flight -= 1
+            raise
+        except BaseException as exc:  # noqa: BLE001 - judged by call(), as a task's exception would be
+            outcome.set_exception(exc)
+        else:
+            task = loop.create_task(_resume(coro, yielded), context=context)
+            task.add_done_callback(lambda t: self._ended(rec, t))
+            return task
+        rec.in_flight -= 1
+        return outcome
 
     def _ended(self, rec: _Record, task: asyncio.Task[Any]) -> None:
         rec.in_flight -= 1
@@ -430,6 +461,36 @@ class Supervisor:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _Yielded:
+    """Hands the event loop, from inside a task, what a coroutine stepped by hand yielded (`_resume`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.value)
+
+
+async def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
+    """Drive `coro`, stepped once already and suspended on `yielded`, to its end: what the task sends in,
+    and the cancellation it throws in, go on to the coroutine."""
+    while True:
+        try:
+            sent = await _Yielded(yielded)
+        except BaseException as exc:  # noqa: BLE001 - thrown into the task (a cancellation): the coroutine's to handle
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            yielded = coro.send(sent)
+        except StopIteration as stop:
+            return stop.value
 
 
 async def _finished_within(task: asyncio.Task[Any], timeout: float) -> bool:

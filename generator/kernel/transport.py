@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel
 
 from . import logs
-from .bus import MAX_ATTEMPTS, ConversationBus, Envelope
+from .bus import MAX_ATTEMPTS, ConversationBus, Envelope, to_json
 from .errors import DurabilityError, InvalidArgument, KernelError
 
 if TYPE_CHECKING:
@@ -128,8 +128,11 @@ class Sealer:
                             foreign_key=False) from None
 
 
+_compact = json.JSONEncoder(default=str, separators=(",", ":")).encode  # one encoder, not one per call
+
+
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, default=str, separators=(",", ":")).encode()
+    return _compact(obj).encode()
 
 
 class Reply(BaseModel):
@@ -174,7 +177,7 @@ def _error_class(code: str) -> type[KernelError]:
 
 def reply_to(request: Envelope, result: Any, stored_result: Any) -> Reply:
     """The reply envelope answering `request` with `result` (`stored_result`: its redacted form)."""
-    content = result if isinstance(result, str) else json.dumps(stored_result, default=str)[:10_000]
+    content = result if isinstance(result, str) else to_json(stored_result)[:10_000]
     base = {"to": request.sender, "in_reply_to": request.id}
     env = Envelope(correlation_id=request.correlation_id, sender=str(request.payload.get("to", "")),
                    conversation_id=request.conversation_id, kind="reply", content=content,

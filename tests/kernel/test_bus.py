@@ -127,3 +127,27 @@ def test_search_sees_every_message_though_the_index_is_kept_in_batches(eco_modul
         rt2.db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")  # raises if the index is off
     finally:
         asyncio.run(rt2.stop())
+
+
+def test_ids_are_time_ordered_and_unique_and_a_forked_child_draws_other_random_bits(eco_modules):
+    """Envelope ids come from a buffer of os.urandom bytes: a forked child must not reuse the parent's."""
+    import importlib
+    import os
+    import re
+
+    _, kernel, _ = eco_modules
+    logs = importlib.import_module(kernel.__name__ + ".logs")
+    ids = [logs.new_id() for _ in range(5000)]  # more than one buffer's worth
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)  # milliseconds first: later ids sort later
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out
+        os.write(write, ",".join(logs.new_id() for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    parent = [logs.new_id() for _ in range(20)]
+    assert len(child) == 20 and not {i[12:] for i in child} & {i[12:] for i in parent}

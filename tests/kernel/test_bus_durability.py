@@ -356,3 +356,96 @@ def test_sealed_envelopes_open_only_with_the_same_key_in_the_same_place(bus_eco)
         sealer.open(blob, "regen:eco:bus:rogers")
     assert not moved.value.foreign_key
     assert base64.b64encode(key) not in blob and key not in blob
+
+
+# The bus tables as kernels up to madgroup 1.1.15 made them (bus.py's _RELAYOUT takes them over).
+OLD_LAYOUT = """
+CREATE TABLE messages_old (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, correlation_id TEXT NOT NULL DEFAULT '',
+    sender TEXT NOT NULL, conversation_id TEXT NOT NULL REFERENCES conversations(id), kind TEXT NOT NULL,
+    content TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL
+);
+INSERT INTO messages_old SELECT * FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_old RENAME TO messages;
+CREATE INDEX messages_conv ON messages(conversation_id, seq);
+CREATE INDEX messages_corr ON messages(correlation_id);
+CREATE TABLE deliveries_old (
+    envelope_id TEXT PRIMARY KEY REFERENCES messages(id), target TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'acked')), attempts INTEGER NOT NULL DEFAULT 1,
+    sealed BLOB, reply_id TEXT NOT NULL DEFAULT '', accepted_at TEXT NOT NULL, acked_at TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO deliveries_old SELECT * FROM bus_deliveries;
+DROP TABLE bus_deliveries;
+ALTER TABLE deliveries_old RENAME TO bus_deliveries;
+CREATE INDEX bus_deliveries_pending ON bus_deliveries(state, target);
+"""
+
+
+def _layout(state: Path) -> dict[str, str]:
+    return dict(query(state, "SELECT name, sql FROM sqlite_master WHERE name IN"
+                             " ('messages', 'bus_deliveries', 'bus_deliveries_pending')"))
+
+
+def test_a_database_in_the_older_layout_is_rebuilt_once_keeping_every_message_and_delivery(bus_eco, fresh_key, tmp_path):  # noqa: F811
+    """Deliveries keyed by envelope id alone, no AUTOINCREMENT, only pending deliveries indexed: a database an
+    older kernel made is rebuilt into that layout at start, with its messages (same seq), its search index,
+    its acked deliveries and a pending one, which then runs; a second start changes nothing."""
+    state = tmp_path / "state"
+
+    async def hop_then_accept_only():
+        rt = bus_eco.Runtime(bus_eco.config, state)
+        await rt.start()
+        await rt.request("rogers", "turing", tool="set_secret", args={"name": "db_password", "value": "first"})
+        conv = await rt.use("conversations.create", caller="rogers", title="relayout")
+        await rt.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="quokka census")
+        sent = await rt.submit("rogers", "turing", tool="set_secret", args={"name": "db_password", "value": "second"})
+        return rt, sent
+
+    rt, sent = asyncio.run(hop_then_accept_only())
+    rt.db.close()
+    with sqlite3.connect(state / "ecosystem.db", isolation_level=None) as db:
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.executescript("BEGIN;" + OLD_LAYOUT + "COMMIT;")
+    assert "AUTOINCREMENT" in _layout(state)["messages"]
+    messages = query(state, "SELECT * FROM messages ORDER BY seq")
+    deliveries = query(state, "SELECT * FROM bus_deliveries ORDER BY envelope_id")
+    assert ("pending",) in [(d[2],) for d in deliveries] and ("acked",) in [(d[2],) for d in deliveries]
+
+    async def restart():
+        rt2 = bus_eco.Runtime(bus_eco.config, state)
+        await rt2.start()
+        try:
+            found = [h["content"] for h in rt2.bus.search("quokka")]
+            value = (await rt2.request("rogers", "turing", tool="get_secret", args={"name": "db_password"}))["value"]
+            return found, value
+        finally:
+            await rt2.stop()
+
+    found, value = asyncio.run(restart())
+    layout = _layout(state)
+    assert "AUTOINCREMENT" not in layout["messages"] and "WITHOUT ROWID" in layout["bus_deliveries"]
+    assert "WHERE state = 'pending'" in layout["bus_deliveries_pending"]
+    assert found == ["quokka census"] and value == "second"  # the pending request ran after the rebuild
+    assert query(state, "SELECT * FROM messages ORDER BY seq")[:len(messages)] == messages
+    after = dict((d[0], d) for d in query(state, "SELECT * FROM bus_deliveries"))
+    assert all(after[d[0]] == d for d in deliveries if d[2] == "acked")
+    assert after[sent["id"]][2:4] == ("acked", 2)
+    assert query(state, "SELECT count(*) FROM sqlite_sequence WHERE name = 'messages'") == [(0,)]
+    assert query(state, "PRAGMA foreign_key_check") == [] and query(state, "PRAGMA integrity_check") == [("ok",)]
+    query(state, "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")  # raises if the index is off
+    before_second = query(state, "SELECT * FROM messages ORDER BY seq")
+    asyncio.run(restart())
+    assert _layout(state) == layout and query(state, "SELECT * FROM messages ORDER BY seq")[:len(before_second)] == before_second
+
+
+def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811
+    db = module(bus_eco, "db").Database(tmp_path / "t.db")
+    db.script("CREATE TABLE parent (id TEXT PRIMARY KEY); CREATE TABLE child (p TEXT REFERENCES parent(id));"
+              "INSERT INTO parent VALUES ('a'); INSERT INTO child VALUES ('a');")
+    with pytest.raises(sqlite3.IntegrityError, match="break 1 foreign keys, first in table child; nothing was changed"):
+        db.rebuild("CREATE TABLE parent_new (id TEXT PRIMARY KEY); DROP TABLE parent; ALTER TABLE parent_new RENAME TO parent;")
+    assert db.query("SELECT id FROM parent") == [{"id": "a"}]
+    with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced again
+        db.execute("INSERT INTO child VALUES ('nobody')")
+    db.close()

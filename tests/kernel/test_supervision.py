@@ -494,3 +494,145 @@ def test_sigterm_under_load_completes_every_response_and_refuses_new_ones_503(fl
         assert "ok" in outcomes and "refused" in outcomes
         assert "ASGI callable returned without completing response" not in eco.logs()
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+
+
+# ---- tools whose code never awaits run in place (Mad.answers_at_once, Supervisor._run_at_once) ----
+
+
+def test_which_tools_run_in_place_is_read_from_their_code(eco_modules, tmp_path):
+    _, kernel, _ = eco_modules
+    ctl = SimpleNamespace(instances=[])
+    flaky = _flaky_class(kernel, ctl)
+
+    class Shapes(flaky):
+        @kernel.tool
+        async def loops(self) -> int:
+            """Awaits only inside an async for."""
+            total = 0
+            async for n in _numbers():
+                total += n
+            return total
+
+        @kernel.tool
+        async def guarded(self) -> str:
+            """Awaits only through an async with."""
+            async with asyncio.Lock():
+                return "held"
+
+        @kernel.tool
+        async def comprehends(self) -> list[int]:
+            """Awaits only in an async comprehension."""
+            return [n async for n in _numbers()]
+
+    mad = Shapes.__new__(Shapes)  # the check reads the class and the instance's own attributes, nothing else
+    assert mad.answers_at_once("ok") and mad.answers_at_once("boom") and mad.answers_at_once("refuse")
+    for tool in ("hang", "leak", "gated", "loops", "guarded", "comprehends", "no_such_tool", ""):
+        assert not mad.answers_at_once(tool), tool
+    mad.ok = lambda: asyncio.sleep(0)  # shadowed on the instance: not the code that was read
+    assert not mad.answers_at_once("ok")
+
+    class OwnHandle(flaky):
+        async def handle(self, envelope):
+            await asyncio.sleep(0)
+            return await super().handle(envelope)
+
+    assert not OwnHandle.__new__(OwnHandle).answers_at_once("ok")
+
+
+async def _numbers():
+    for n in (1, 2, 3):
+        await asyncio.sleep(0)
+        yield n
+
+
+def test_a_tool_run_in_place_is_judged_as_one_run_in_a_task(eco_modules, tmp_path, sup):
+    """Answer, refusal, crash and self-cancellation give the same verdicts, breaker and counts both ways."""
+    async def body(rt, ctl):
+        for at_once in (True, False):
+            run = lambda fn: rt.supervisor.call("flaky", "op", fn, at_once=at_once)  # noqa: E731
+            assert await run(_answer) == 42
+            with pytest.raises(sup.KernelError, match="nothing here") as refused:
+                await run(lambda: _refuse(sup))
+            assert refused.value.code == "not_found"
+            with pytest.raises(sup.MadFault, match=r"failed in 'op' \(RuntimeError\)"):
+                await run(_crash)
+            with pytest.raises(sup.MadFault, match=r"failed in 'op' \(CancelledError\)"):
+                await run(_cancel_itself)
+            health = rt.supervisor.health("flaky")
+            assert health["in_flight"] == 0, at_once
+        assert rt.supervisor.health("flaky")["failures_total"] == 4
+        # through a tool call, an answering tool and a crashing one, in place
+        assert await rt.invoke_tool("flaky", "ok", {}) == "fine"
+        with pytest.raises(sup.MadFault):
+            await rt.invoke_tool("flaky", "boom", {})
+        assert rt.supervisor.health("flaky")["failures_total"] == 5
+
+    _scenario(eco_modules, tmp_path, {**STILL, "failure_threshold": 100}, body)  # failures counted, the breaker shut
+
+
+async def _answer():
+    return 42
+
+
+async def _refuse(sup):
+    raise sup.NotFound("nothing here")
+
+
+async def _crash():
+    raise RuntimeError(DETAIL)
+
+
+async def _cancel_itself():
+    raise asyncio.CancelledError
+
+
+def test_a_tool_run_in_place_keeps_its_context_to_itself(eco_modules, tmp_path, sup):
+    """As in a task of its own: what the tool sets in a context variable does not reach the caller."""
+    import contextvars
+
+    var = contextvars.ContextVar("test_var", default="caller's")
+
+    async def sets():
+        seen = var.get()
+        var.set("tool's")
+        return seen
+
+    async def body(rt, ctl):
+        assert await rt.supervisor.call("flaky", "op", sets, at_once=True) == "caller's"
+        assert var.get() == "caller's"
+
+    _scenario(eco_modules, tmp_path, STILL, body)
+
+
+def test_a_coroutine_that_suspends_after_all_finishes_in_a_task_with_timeout_and_cancellation(eco_modules, tmp_path, sup):
+    """`at_once` given for code that does suspend: the rest runs in a task of its own, which the timeout
+    still cancels; values and the cancellation reach the coroutine."""
+    async def body(rt, ctl):
+        caller = asyncio.current_task()
+        seen = {}
+
+        async def suspends():
+            await asyncio.sleep(0)  # a bare yield
+            fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.01, fut.set_result, "sent in")
+            seen["value"] = await fut
+            seen["task"] = asyncio.current_task()
+            return "finished"
+
+        assert await rt.supervisor.call("flaky", "op", suspends, at_once=True) == "finished"
+        assert seen["value"] == "sent in" and seen["task"] is not caller
+
+        async def hangs():
+            await asyncio.sleep(0)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # thrown in, as into a task of its own
+                ctl.cancelled += 1
+                raise
+
+        with pytest.raises(sup.HandlerTimeout):
+            await rt.supervisor.call("flaky", "op", hangs, at_once=True, timeout_s=0.05)
+        assert ctl.cancelled == 1
+        assert rt.supervisor.health("flaky")["in_flight"] == 0
+
+    _scenario(eco_modules, tmp_path, STILL, body)
