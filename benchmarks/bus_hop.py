@@ -5,7 +5,8 @@ Measured side by side in one run, each on a fresh state:
   - in-process hop: `Runtime.request` on the default (SQLite) bus: the request and its delivery
     committed, the handler run under the supervisor, the reply recorded and the delivery acked,
     then one fdatasync of the write-ahead log before the reply is returned; concurrent hops share
-    their fdatasyncs (group commit, generator/kernel/db.py);
+    their fdatasyncs (group commit, generator/kernel/db.py). Its tool never awaits, so it runs in
+    place; the same hop to a tool that awaits once (run in a task of its own) is shown beside it;
   - the same hop with the state on tmpfs (/dev/shm), where an fsync costs nothing: the kernel's
     own work without the disk;
   - Redis Streams request/reply with `appendonly yes` and `appendfsync always` (every write is
@@ -60,7 +61,9 @@ class Ping(Mad):
     role = "asks"
     talks_to = ("pong",)
 '''
-PONG = '''from ..kernel import Mad, tool
+PONG = '''import asyncio
+
+from ..kernel import Mad, tool
 
 
 class Pong(Mad):
@@ -70,6 +73,12 @@ class Pong(Mad):
     @tool
     async def echo(self, n: int) -> int:
         """Return n."""
+        return n
+
+    @tool
+    async def echo_after_a_turn(self, n: int) -> int:
+        """Return n after one turn of the event loop."""
+        await asyncio.sleep(0)
         return n
 '''
 
@@ -133,11 +142,11 @@ async def measure(hop: Callable[[int], Awaitable[object]]) -> dict[str, object]:
     return {"latency_us": percentiles(samples, 1), "msgs_per_s": round(BATCHES * CONCURRENCY / (time.perf_counter() - t0), 1)}
 
 
-async def local_hop(Runtime, config, state: Path) -> dict[str, float]:
+async def local_hop(Runtime, config, state: Path, tool: str = "echo") -> dict[str, float]:
     rt = Runtime(config, state)
     await rt.start()
     try:
-        return await measure(lambda n: rt.request("ping", "pong", tool="echo", args={"n": n}))
+        return await measure(lambda n: rt.request("ping", "pong", tool=tool, args={"n": n}))
     finally:
         await rt.stop()
 
@@ -213,6 +222,8 @@ async def redis_streams_request_reply(url: str, *, parallel: bool, run: int = 0)
 
 IN_PROCESS = "in-process hop (SQLite, group commit)"
 TMPFS = "in-process hop (state on tmpfs)"
+# `echo` never awaits, so the supervisor runs it in place; a tool that awaits runs in a task of its own.
+AWAITING = "in-process hop, a tool that awaits (SQLite, group commit)"
 REDIS = "Redis Streams request/reply, parallel replies (appendfsync always)"
 REDIS_SERIAL = "Redis Streams request/reply, one reply at a time (appendfsync always)"
 KERNEL_REDIS = "kernel Redis transport (appendfsync always)"
@@ -238,6 +249,7 @@ async def main() -> None:
                     pair = {REDIS: await theirs(), IN_PROCESS: await ours()}
                 pairs.append(pair)
             rows = dict(pairs[0])
+            rows[AWAITING] = await local_hop(Runtime, config, work / "awaiting", tool="echo_after_a_turn")
             rows[REDIS_SERIAL] = await redis_streams_request_reply(url, parallel=False)
             if shm.is_dir():
                 with tempfile.TemporaryDirectory(prefix="bus-hop-", dir=shm) as ram:

@@ -142,19 +142,23 @@ CREATE TABLE IF NOT EXISTS bus_deliveries {_DELIVERIES};
 CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target) WHERE state = 'pending';
 """
 
-_RELAYOUT = f"""
+_RELAYOUT_MESSAGES = f"""
 CREATE TABLE messages_relayout {_MESSAGES};
 INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at
     FROM messages ORDER BY seq;
 DROP TABLE messages;
 ALTER TABLE messages_relayout RENAME TO messages;
 DELETE FROM sqlite_sequence WHERE name = 'messages';
+"""
+_RELAYOUT_DELIVERIES = f"""
 CREATE TABLE bus_deliveries_relayout {_DELIVERIES};
 INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at
     FROM bus_deliveries;
 DROP TABLE bus_deliveries;
 ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries;
 """
+COPIED_PER_S = 50_000  # messages a rebuild copies per second, about, on a VM's disk: for the log's estimate
+
 
 # The search index is kept in batches (`ConversationBus.index_new`), not by a trigger per insert: a bus hop
 # writes no index pages, and a search first indexes whatever is new, so it always sees every message.
@@ -197,14 +201,26 @@ class ConversationBus:
             self.index_new()
 
     def _relayout(self) -> None:
-        """Rebuild the bus tables of a database an older kernel made into today's layout (see _RELAYOUT),
-        in one transaction: the indexes and the search triggers are made again by the schema after it."""
-        row = self.db.one("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'")
-        if row is None or "AUTOINCREMENT" not in row["sql"].upper():
-            return
-        count = self.db.one("SELECT count(*) AS n FROM messages")
-        log.info("rebuilding the bus tables in the leaner layout (once)", extra={"messages": count["n"] if count else 0})
-        self.db.rebuild(_RELAYOUT)
+        """Rebuild the bus tables an older kernel made into today's layout (see _MESSAGES), each table on its
+        own (a database from before deliveries existed has only `messages` to rebuild); the indexes and the
+        search triggers are made again by the schema after it."""
+        def plan(conn: sqlite3.Connection) -> dict[str, str]:
+            layouts = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"
+                                        " AND name IN ('messages', 'bus_deliveries')").fetchall())
+            scripts = {}
+            if "AUTOINCREMENT" in layouts.get("messages", "").upper():
+                scripts["messages"] = _RELAYOUT_MESSAGES
+            if "bus_deliveries" in layouts and "WITHOUT ROWID" not in layouts["bus_deliveries"].upper():
+                scripts["bus_deliveries"] = _RELAYOUT_DELIVERIES
+            if scripts:
+                count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+                log.warning("rebuilding the bus tables in the leaner layout, once: other processes wait for the "
+                            "database meanwhile", extra={"tables": sorted(scripts), "messages": count,
+                                                         "expected_s": round(count / COPIED_PER_S, 1)})
+            return scripts
+
+        if rebuilt := self.db.rebuild(plan):
+            log.info("bus tables rebuilt", extra={"tables": rebuilt})
 
     def index_new(self) -> int:
         """Add every message stored since the last call to the search index, INDEX_BATCH per transaction

@@ -57,6 +57,19 @@ def ident(name: str) -> str:
     return name
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one by one (so they can run inside a transaction already open)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"the SQL script ends inside a statement: {pending.strip()[:80]!r}")
+
+
 class Database:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -116,27 +129,36 @@ class Database:
             self._sync_mode(full=True)
             self._conn.executescript(sql)
 
-    def rebuild(self, sql: str) -> None:
-        """Run `sql` (tables made anew, copied, dropped and renamed: SQLite's way to change a table's layout) in
-        one transaction with foreign keys off, as that recipe asks; taken back, changing nothing, if the result
-        breaks a foreign key."""
+    def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
+        """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
+        renamed), in one transaction with foreign keys off, as that recipe asks. `plan(conn)` runs inside the
+        transaction, so of two processes opening the database at once only the first rebuilds: it gives
+        {table: script} for the tables still in an old layout. Taken back, changing nothing, if a rebuilt
+        table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
         with self._lock:
             self._sync_mode(full=True)
             self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
             try:
+                self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._conn.executescript("BEGIN IMMEDIATE;\n" + sql)  # (executescript commits what is open first)
-                    broken = self._conn.execute("PRAGMA foreign_key_check").fetchall()
-                    if broken:
-                        raise sqlite3.IntegrityError(f"rebuilding tables would break {len(broken)} foreign keys, "
-                                                     f"first in table {broken[0][0]}; nothing was changed")
+                    scripts = plan(self._conn)
+                    for script in scripts.values():
+                        for statement in _statements(script):
+                            self._conn.execute(statement)
+                    for table in scripts:
+                        broken = self._conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall()
+                        if broken:
+                            raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
+                                                         "foreign keys; nothing was changed")
                 except BaseException:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
+                    self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
             finally:
                 self._conn.execute("PRAGMA foreign_keys=ON")
+            if scripts:  # the copy went through the write-ahead log: give its space back
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return list(scripts)
 
     def _sync_mode(self, *, full: bool) -> None:
         """FULL for a write that must be on disk when it returns, NORMAL for a group commit (under the lock)."""

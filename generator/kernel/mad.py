@@ -9,7 +9,6 @@ reference to the runtime, the database, the secrets manager or any other MAD.
 
 from __future__ import annotations
 
-import dis
 import functools
 import inspect
 import typing
@@ -204,15 +203,6 @@ class Mad:
                 raise InvalidArgument(f"{self.name}.{name}: {exc}") from None
         return await getattr(self, name)(**args)
 
-    def answers_at_once(self, tool: str) -> bool:
-        """True when running `tool` (through the kernel's own `handle` or `call_tool`) cannot suspend: its
-        code never awaits. The supervisor then runs it in place rather than in a task of its own, which
-        after the disk is a bus hop's largest fixed cost (supervisor.py); anything that may await runs
-        in its task as before."""
-        cls = type(self)
-        return (cls.handle is Mad.handle and cls.call_tool is Mad.call_tool
-                and tool not in getattr(self, "__dict__", {}) and _never_suspends(cls, tool))
-
     async def handle(self, envelope: dict[str, Any]) -> Any:
         """Deterministic requests (payload {"tool", "args"}) go to the tool; prose goes to think()."""
         payload = envelope.get("payload") or {}
@@ -242,16 +232,6 @@ def _tool_methods(cls: type[Mad]) -> dict[str, Callable[..., Any]]:
             if callable(value) and getattr(value, _TOOL_FLAG, False):
                 found[attr] = value
     return found
-
-
-@functools.cache
-def _never_suspends(cls: type[Mad], tool: str) -> bool:
-    """The tool is a coroutine function whose own code has no await, async for or async with: each of
-    those compiles to a YIELD_VALUE, so without one the coroutine ends at its first step."""
-    fn = _tool_methods(cls).get(tool)
-    code = getattr(fn, "__code__", None)
-    return (code is not None and inspect.iscoroutinefunction(fn)
-            and not any(op.opname == "YIELD_VALUE" for op in dis.get_instructions(code)))
 
 
 @functools.cache

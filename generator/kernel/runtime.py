@@ -9,6 +9,7 @@ catalogue exactly (a kernel test enforces it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import os
@@ -34,7 +35,7 @@ from .metrics import Metrics
 from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
 from .secrets import KeySource, SecretsManager
-from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable
+from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
 from .transport import Reply, Sealer, error_to, make_transport, reply_to
 
 log = logs.get("runtime")
@@ -59,6 +60,21 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
     return obj
+
+
+def _runs_in_place(mad: Mad, tool: str) -> bool:
+    """True when running `tool` on `mad` (through the kernel's own `handle` or `call_tool`) cannot suspend: its
+    code never awaits. The supervisor then runs it in place rather than in a task of its own, after the disk
+    a bus hop's largest fixed cost; anything that may await runs in its task as before."""
+    return tool not in getattr(mad, "__dict__", {}) and _class_runs_in_place(type(mad), tool)
+
+
+@functools.cache
+def _class_runs_in_place(cls: type[Mad], tool: str) -> bool:
+    fn = cls.tool_methods().get(tool)
+    # What call_tool runs is the attribute itself: judge that (an override without @tool is not the function flagged).
+    return (cls.handle is Mad.handle and cls.call_tool is Mad.call_tool and fn is not None
+            and inspect.getattr_static(cls, tool, None) is fn and never_suspends(fn))
 
 
 class Grants:
@@ -396,7 +412,7 @@ class Runtime:
                 if mad in self.slots or mad not in self._grants:
                     instance = await self._ready(mad)
                     result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
-                                                 at_once=instance.answers_at_once(tool))
+                                                 at_once=_runs_in_place(instance, tool))
                 else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
                     result = await self._remote_tool(mad, tool, args)
             log.info("tool call", extra={"tool": f"{mad}.{tool}", "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
@@ -529,7 +545,7 @@ class Runtime:
         try:
             receiver = await self._ready(target)
             result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool,
-                                         at_once=bool(tool) and receiver.answers_at_once(tool))
+                                         at_once=bool(tool) and _runs_in_place(receiver, tool))
             reply = reply_to(request, result, redact(result))
             outcome = ("ok", None)
             log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})

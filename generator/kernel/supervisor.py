@@ -32,7 +32,11 @@ long CPU work without awaiting) stalls every MAD; such work belongs in a thread 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
+import dis
+import functools
+import inspect
 import math
 import random
 import time
@@ -260,10 +264,10 @@ class Supervisor:
         the rest of it runs in a task of its own, as `_spawn` would have run all of it."""
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        coro = fn()
         outcome: asyncio.Future[T] = loop.create_future()
         rec.in_flight += 1
         try:
+            coro = fn()
             yielded = context.run(coro.send, None)
         except StopIteration as stop:
             outcome.set_result(stop.value)
@@ -275,7 +279,7 @@ class Supervisor:
         except BaseException as exc:  # noqa: BLE001 - judged by call(), as a task's exception would be
             outcome.set_exception(exc)
         else:
-            task = loop.create_task(_resume(coro, yielded), context=context)
+            task = loop.create_task(_Rest(coro, yielded), context=context)
             task.add_done_callback(lambda t: self._ended(rec, t))
             return task
         rec.in_flight -= 1
@@ -463,34 +467,43 @@ class Supervisor:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-class _Yielded:
-    """Hands the event loop, from inside a task, what a coroutine stepped by hand yielded (`_resume`)."""
+@functools.cache
+def never_suspends(fn: Callable[..., Any] | None) -> bool:
+    """`fn` is a coroutine function whose own code has no await, async for or async with: each of those
+    compiles to a YIELD_VALUE, so without one its coroutine ends at its first step (`call(..., at_once=True)`)."""
+    code = getattr(fn, "__code__", None)
+    return (code is not None and inspect.iscoroutinefunction(fn)
+            and not any(op.opname == "YIELD_VALUE" for op in dis.get_instructions(code)))
 
-    __slots__ = ("value",)
 
-    def __init__(self, value: Any):
-        self.value = value
+class _Rest(collections.abc.Coroutine):
+    """The rest of a coroutine stepped once by hand, for a task to drive: the task's first step gets what the
+    coroutine yielded, and everything after (values sent, a cancellation thrown in, even before that first
+    step) goes to the coroutine itself. What ran before it suspended ran in the caller's task: only code
+    `never_suspends` misjudged gets here."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any):
+        self._coro = coro
+        self._yielded: Any = yielded
+        self._handed = False
+
+    def send(self, value: Any) -> Any:
+        if not self._handed:
+            self._handed = True
+            return self._yielded
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._handed = True
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # pragma: no cover - the old three-argument form
+
+    def close(self) -> None:
+        self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        return (yield self.value)
-
-
-async def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
-    """Drive `coro`, stepped once already and suspended on `yielded`, to its end: what the task sends in,
-    and the cancellation it throws in, go on to the coroutine."""
-    while True:
-        try:
-            sent = await _Yielded(yielded)
-        except BaseException as exc:  # noqa: BLE001 - thrown into the task (a cancellation): the coroutine's to handle
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            yielded = coro.send(sent)
-        except StopIteration as stop:
-            return stop.value
+        return (yield from self._coro.__await__())  # pragma: no cover - tasks drive it by send and throw
 
 
 async def _finished_within(task: asyncio.Task[Any], timeout: float) -> bool:

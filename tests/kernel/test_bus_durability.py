@@ -440,12 +440,100 @@ def test_a_database_in_the_older_layout_is_rebuilt_once_keeping_every_message_an
 
 
 def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811
+    """Only the rebuilt table's own foreign keys are checked: an older, unrelated violation does not block it."""
     db = module(bus_eco, "db").Database(tmp_path / "t.db")
     db.script("CREATE TABLE parent (id TEXT PRIMARY KEY); CREATE TABLE child (p TEXT REFERENCES parent(id));"
+              "CREATE TABLE other (p TEXT REFERENCES parent(id));"
               "INSERT INTO parent VALUES ('a'); INSERT INTO child VALUES ('a');")
-    with pytest.raises(sqlite3.IntegrityError, match="break 1 foreign keys, first in table child; nothing was changed"):
-        db.rebuild("CREATE TABLE parent_new (id TEXT PRIMARY KEY); DROP TABLE parent; ALTER TABLE parent_new RENAME TO parent;")
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute("INSERT INTO other VALUES ('dangling')")  # an old violation elsewhere
+    db.execute("PRAGMA foreign_keys=ON")
+    drop_parent = "CREATE TABLE parent_new (id TEXT PRIMARY KEY);\nDROP TABLE parent;\nALTER TABLE parent_new RENAME TO parent;\n"
+    with pytest.raises(sqlite3.IntegrityError, match="rebuilding table child would break 1 of its foreign keys; nothing was changed"):
+        db.rebuild(lambda conn: {"child": drop_parent})
     assert db.query("SELECT id FROM parent") == [{"id": "a"}]
     with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced again
         db.execute("INSERT INTO child VALUES ('nobody')")
+    keep_child = "CREATE TABLE child_new (p TEXT REFERENCES parent(id));\nINSERT INTO child_new SELECT p FROM child;\n" \
+                 "DROP TABLE child;\nALTER TABLE child_new RENAME TO child;\n"
+    assert db.rebuild(lambda conn: {"child": keep_child}) == ["child"]  # 'other' is not its business
+    assert db.query("SELECT p FROM child") == [{"p": "a"}] and db.rebuild(lambda conn: {}) == []
     db.close()
+
+
+def test_a_database_from_before_deliveries_existed_is_rebuilt_and_given_them(bus_eco, fresh_key, tmp_path):  # noqa: F811
+    """madgroup 1.0.x had `messages` (with AUTOINCREMENT) and no `bus_deliveries`: it opens, keeps its messages,
+    and a hop works."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "ecosystem.db") as db:
+        db.executescript("""
+            CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL, participants TEXT NOT NULL DEFAULT '[]',
+                                        created_by TEXT NOT NULL, created_at TEXT NOT NULL);
+            CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                correlation_id TEXT NOT NULL DEFAULT '', sender TEXT NOT NULL,
+                conversation_id TEXT NOT NULL REFERENCES conversations(id), kind TEXT NOT NULL,
+                content TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL);
+            INSERT INTO conversations VALUES ('c1', 'old days', '["rogers"]', 'rogers', 'then');
+            INSERT INTO messages (id, sender, conversation_id, kind, content, created_at)
+                VALUES ('m1', 'rogers', 'c1', 'message', 'platypus memo', 'then');
+        """)
+
+    async def start_and_hop():
+        rt = bus_eco.Runtime(bus_eco.config, state)
+        await rt.start()
+        try:
+            await rt.request("rogers", "turing", tool="set_secret", args={"name": "k", "value": "v"})
+            return [h["content"] for h in rt.bus.search("platypus")]
+        finally:
+            await rt.stop()
+
+    assert asyncio.run(start_and_hop()) == ["platypus memo"]
+    layout = _layout(state)
+    assert "AUTOINCREMENT" not in layout["messages"] and "WITHOUT ROWID" in layout["bus_deliveries"]
+    assert query(state, "SELECT seq, content FROM messages WHERE id = 'm1'") == [(1, "platypus memo")]
+
+
+def test_two_processes_opening_an_old_database_at_once_rebuild_it_once(bus_eco, fresh_key, tmp_path):  # noqa: F811
+    """The layout is read inside the rebuild's transaction: the second opener finds it done."""
+    import threading
+
+    state = tmp_path / "state"
+
+    async def fill():
+        rt = bus_eco.Runtime(bus_eco.config, state)
+        await rt.start()
+        for n in range(30):
+            await rt.request("rogers", "turing", tool="set_secret", args={"name": f"k{n}", "value": "v"})
+        await rt.stop()
+
+    asyncio.run(fill())
+    with sqlite3.connect(state / "ecosystem.db", isolation_level=None) as db:
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.executescript("BEGIN;" + OLD_LAYOUT + "COMMIT;")
+    before = query(state, "SELECT * FROM messages ORDER BY seq")
+    db_mod, bus_mod = module(bus_eco, "db"), module(bus_eco, "bus")
+    rebuilt: list[list[str]] = []
+
+    class Counting(db_mod.Database):
+        def rebuild(self, plan):
+            done = super().rebuild(plan)
+            rebuilt.append(done)
+            return done
+
+    start = threading.Barrier(2)
+
+    def open_bus():
+        database = Counting(state / "ecosystem.db")
+        start.wait()
+        bus_mod.ConversationBus(database)
+        database.close()
+
+    threads = [threading.Thread(target=open_bus) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(rebuilt) == [[], ["messages", "bus_deliveries"]]
+    assert query(state, "SELECT * FROM messages ORDER BY seq") == before
+    assert query(state, "PRAGMA integrity_check") == [("ok",)]

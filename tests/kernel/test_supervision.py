@@ -524,19 +524,27 @@ def test_which_tools_run_in_place_is_read_from_their_code(eco_modules, tmp_path)
             """Awaits only in an async comprehension."""
             return [n async for n in _numbers()]
 
+    at_once = importlib.import_module(kernel.__name__ + ".runtime")._runs_in_place
     mad = Shapes.__new__(Shapes)  # the check reads the class and the instance's own attributes, nothing else
-    assert mad.answers_at_once("ok") and mad.answers_at_once("boom") and mad.answers_at_once("refuse")
+    assert at_once(mad, "ok") and at_once(mad, "boom") and at_once(mad, "refuse")
     for tool in ("hang", "leak", "gated", "loops", "guarded", "comprehends", "no_such_tool", ""):
-        assert not mad.answers_at_once(tool), tool
+        assert not at_once(mad, tool), tool
     mad.ok = lambda: asyncio.sleep(0)  # shadowed on the instance: not the code that was read
-    assert not mad.answers_at_once("ok")
+    assert not at_once(mad, "ok")
+
+    class Overrides(flaky):
+        async def ok(self) -> str:  # replaces the tool without @tool: call_tool runs this one
+            await asyncio.sleep(0)
+            return "overridden"
+
+    assert not at_once(Overrides.__new__(Overrides), "ok")
 
     class OwnHandle(flaky):
         async def handle(self, envelope):
             await asyncio.sleep(0)
             return await super().handle(envelope)
 
-    assert not OwnHandle.__new__(OwnHandle).answers_at_once("ok")
+    assert not at_once(OwnHandle.__new__(OwnHandle), "ok")
 
 
 async def _numbers():
@@ -636,3 +644,26 @@ def test_a_coroutine_that_suspends_after_all_finishes_in_a_task_with_timeout_and
         assert rt.supervisor.health("flaky")["in_flight"] == 0
 
     _scenario(eco_modules, tmp_path, STILL, body)
+
+
+def test_the_rest_of_a_coroutine_stepped_by_hand_gets_a_cancellation_that_comes_before_its_task_ran(sup):
+    """`_Rest`: a task cancelled before its first step still throws the cancellation into the coroutine."""
+    seen = []
+
+    async def tool():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def main():
+        coro = tool()
+        yielded = coro.send(None)  # stepped by hand: suspended on the event's future
+        task = asyncio.get_running_loop().create_task(sup._Rest(coro, yielded))
+        task.cancel()  # before the task's first step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert seen == ["cancelled"]
