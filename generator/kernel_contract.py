@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .hashing import files_under, json_hash
@@ -40,10 +41,23 @@ def kernel_folder(package: str) -> str:
     return f"{package}/kernel/"
 
 
-def kernel_files(package: str) -> dict[str, bytes]:
-    """The kernel's files as they go into src/, by path inside src/."""
+PACKS_FOLDER = "packs/"
+
+
+def kernel_files(package: str, packs: Iterable[str] = ()) -> dict[str, bytes]:
+    """The kernel's files as they go into src/, by path inside src/: the core, and of the capability packs
+    (kernel/packs/<name>.py) only those in `packs`; an artifact carries no code of a pack it does not use."""
+    wanted = {f"{PACKS_FOLDER}{name}.py" for name in packs}
     return {kernel_folder(package) + rel: path.read_bytes()
-            for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()}
+            for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()
+            if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel in wanted}
+
+
+def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
+    """The pinned packages the given capability packs need, beside RUNTIME_DEPENDENCIES."""
+    from .kernel.capabilities import PACKS
+
+    return tuple(sorted({dep for name in packs for dep in PACKS[name].dependencies}))
 
 
 @functools.cache
@@ -65,13 +79,14 @@ def api_text() -> str:
 
 
 @functools.cache
-def api_hash() -> str:
-    """What a unit was written against: the API text, the capability catalogue, the grants and reserved names."""
-    from .kernel.capabilities import ALWAYS_GRANTED, CAPABILITIES
+def api_hash(packs: frozenset[str] = frozenset()) -> str:
+    """What a unit was written against: the API text, the capability catalogue of the core and of the given
+    packs (a pack another spec uses changes nothing here), the grants and reserved names."""
+    from .kernel.capabilities import ALWAYS_GRANTED, available
 
     catalogue = {name: {"summary": c.summary, "returns": c.returns,
                         "params": [[p.name, p.type, p.required, repr(p.default)] for p in c.params]}
-                 for name, c in sorted(CAPABILITIES.items())}
+                 for name, c in sorted(available(packs).items())}
     return json_hash({"api": api_text(), "capabilities": catalogue, "always_granted": sorted(ALWAYS_GRANTED),
                       "reserved": sorted(reserved_names())})
 
@@ -110,8 +125,9 @@ def reserved_names() -> frozenset[str]:
 
 
 _CREATE_TABLE = re.compile(
-    r"CREATE\s+(?P<virtual>VIRTUAL\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+(?:\w+\.)?(?P<name>[A-Za-z_]\w*)"
-    r"(?:\s+USING\s+(?P<module>\w+)|(?=\s*\())",  # a column list or a module follows: not prose
+    r"CREATE\s+(?P<virtual>VIRTUAL\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(?P<name>[A-Za-z_]\w*)"
+    # a column list follows (or an f-string's {columns}), or a module: not prose
+    r"(?:\s+USING\s+(?P<module>\w+)|(?=\s*[({]))",
     re.IGNORECASE,
 )
 # The tables SQLite itself creates for an FTS5 virtual table `t`: t_data, t_idx, ...
@@ -122,9 +138,9 @@ _FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")
 def kernel_tables() -> dict[str, str]:
     """SQL table name -> the kernel file creating it (with the shadow tables of FTS5 ones)."""
     tables: dict[str, str] = {}
-    for path in sorted(KERNEL_DIR.glob("*.py")):
+    for path in sorted(KERNEL_DIR.rglob("*.py")):
         for match in _CREATE_TABLE.finditer(path.read_text(encoding="utf-8")):
-            name, where = match["name"], f"kernel/{path.name}"
+            name, where = match["name"], f"kernel/{path.relative_to(KERNEL_DIR).as_posix()}"
             tables.setdefault(name, where)
             if match["virtual"] and (match["module"] or "").lower() == "fts5":
                 for suffix in _FTS5_SHADOWS:

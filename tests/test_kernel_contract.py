@@ -106,3 +106,23 @@ def test_a_kernel_change_that_keeps_its_api_rebuilds_with_every_unit_reused(tmp_
     manifest = Manifest.read(out / "notes" / "1.0.2")
     assert not any(lock.reused_from for lock in manifest.lock.values())
     assert all("kernel_api" in lock.regenerated_because for lock in manifest.lock.values())
+
+
+def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
+    core = kernel_contract.kernel_files("eco")
+    assert "eco/kernel/packs/__init__.py" in core and "eco/kernel/runtime.py" in core
+    assert not [p for p in core if p.startswith("eco/kernel/packs/") and not p.endswith("__init__.py")]
+    with_files = kernel_contract.kernel_files("eco", {"files"})
+    assert set(with_files) - set(core) == {"eco/kernel/packs/files.py"}
+    assert kernel_contract.pack_dependencies({"files"}) == ()
+
+
+def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
+    from generator.kernel.capabilities import CAPABILITIES, PACKS, available
+
+    assert set(PACKS) == {c.pack for c in CAPABILITIES.values() if c.pack}
+    assert not [c for c in available(()).values() if c.pack]
+    assert {c.name for c in available({"files"}).values() if c.pack} == {
+        "files.write", "files.read", "files.list", "files.stat", "files.move", "files.delete"}
+    kernel_contract.api_hash.cache_clear()
+    assert kernel_contract.api_hash() != kernel_contract.api_hash(frozenset({"files"}))

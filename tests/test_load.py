@@ -294,8 +294,9 @@ def test_kernel_tables_follow_the_kernel_schemas() -> None:
 
     # Run every schema the kernel modules hold and list what SQLite really created.
     conn = sqlite3.connect(":memory:")
-    for path in sorted((TESTS.parent / "generator" / "kernel").glob("*.py")):
-        module = importlib.import_module(f"generator.kernel.{path.stem}")
+    for path in sorted((TESTS.parent / "generator" / "kernel").rglob("*.py")):
+        relative = path.relative_to(TESTS.parent / "generator" / "kernel").with_suffix("")
+        module = importlib.import_module(".".join(("generator", "kernel", *relative.parts)).removesuffix(".__init__"))
         for value in vars(module).values():
             if isinstance(value, str) and re.search(r"CREATE\s+(VIRTUAL\s+)?TABLE", value, re.IGNORECASE):
                 try:
@@ -305,8 +306,10 @@ def test_kernel_tables_follow_the_kernel_schemas() -> None:
     created = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                               "AND name NOT LIKE 'sqlite%'")}
     conn.close()
-    assert {"conversations", "messages", "secrets", "secrets_audit", "budgets", "model_calls"} <= created
+    assert {"conversations", "messages", "bus_deliveries", "secrets", "secrets_audit", "budgets", "model_calls"} <= created
     assert created <= set(kernel_tables())
+    # written as f-strings too (`CREATE TABLE IF NOT EXISTS messages {_MESSAGES}`): still found
+    assert {"messages", "bus_deliveries", "messages_relayout", "bus_deliveries_relayout"} <= set(kernel_tables())
     assert all(re.fullmatch(r"[A-Za-z_]\w*", name) for name in kernel_tables())
 
 

@@ -43,7 +43,7 @@ def unit_inputs(spec: Spec, plan: Plan, pipeline: Pipeline, unit: Unit, request:
         "request": request.hash,
         "prompts": subtree_hash(compiler, PROMPTS),
         "checks": compiler[CHECKS],
-        "kernel_api": api_hash(),
+        "kernel_api": api_hash(spec.packs),
         "model": json_hash(pipeline.senior.model_dump(mode="json", exclude={"timeout_seconds", "max_retries",
                                                                             "backoff_seconds"})),
         "repair_rounds": str(pipeline.repair_rounds),

@@ -134,6 +134,8 @@ class Planned:
     """Unit -> what its answer is made from (the build lock's inputs)."""
     migrations: list[Migration]
     migration_base: MigrationBase
+    packs: frozenset[str] = frozenset()
+    """The kernel's capability packs the ecosystem uses (and its artifact carries)."""
 
 
 def plan_units(ctx: BuildContext, given: Given) -> Planned:
@@ -150,7 +152,7 @@ def plan_units(ctx: BuildContext, given: Given) -> Planned:
         plan=plan, overrides=load_overrides(ctx.options.spec_dir, plan.package), requests=requests,
         inputs={u.name: unit_inputs(spec, plan, pipeline, u, requests[u.name], given.fingerprint.compiler)
                 for u in plan.units},
-        migrations=migrations, migration_base=base,
+        migrations=migrations, migration_base=base, packs=spec.packs,
     )
 
 

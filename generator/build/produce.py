@@ -124,7 +124,7 @@ def write_src(src: Path, synthesis: Synthesis, planned: Planned, preferred_lock:
     if src.exists():
         shutil.rmtree(src)
     package = planned.plan.package
-    built = stamped({**synthesis.files, **kernel_files(package), **migration_files(package, planned.migrations)},
+    built = stamped({**synthesis.files, **kernel_files(package, planned.packs), **migration_files(package, planned.migrations)},
                     package, stamp)
     files, _ = apply_overrides(built, planned.overrides, package)
     write_tree(src, files, executable=EXECUTABLE)

@@ -14,6 +14,7 @@ loads it to validate specs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class Capability:
     params: tuple[CapabilityParam, ...] = field(default_factory=tuple)
     returns: str = "dict"
     shape: type[Shape] | None = None  # the result's shape; of each item when `returns` is a list
+    pack: str = ""  # the capability pack that implements it (kernel/packs/<pack>.py); "" for the core
 
     def param(self, name: str) -> CapabilityParam | None:
         return next((p for p in self.params if p.name == name), None)
@@ -240,6 +242,42 @@ class MadInfo(Shape):
     tools: list[str]
 
 
+class FileWritten(Shape):
+    """A file as written: its path inside the ecosystem's file root, its size and its content's SHA-256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+class FileContent(FileWritten):
+    """A file's content (UTF-8 text, or base64 when asked for) with its size and SHA-256."""
+
+    content: str
+
+
+class FileInfo(Shape):
+    """An entry of the file root: its kind ("file", "dir"; "link" or "other" for what the pack shows but never
+    follows or opens), its size and when it last changed; a file's SHA-256 from `files.stat`."""
+
+    path: str
+    kind: str
+    size: int
+    modified_at: str
+    sha256: str | None = None
+
+
+class FileDeleted(Shape):
+    """What was deleted."""
+
+    path: str
+    deleted: bool
+
+
+def _files(op: str, summary: str, params: tuple[CapabilityParam, ...], returns: str, shape: type[Shape]) -> Capability:
+    return Capability(f"files.{op}", summary, params, returns, shape=shape, pack="files")
+
+
 CAPABILITIES: dict[str, Capability] = {
     c.name: c
     for c in [
@@ -322,10 +360,48 @@ CAPABILITIES: dict[str, Capability] = {
             "list[dict]",
             shape=SecretsAuditEntry,
         ),
+        _files("write", "Write a file under the ecosystem's file root (utf-8 text, or base64 bytes), atomically; "
+                        "returns {path, size, sha256}.",
+               (_p("path", "str"), _p("content", "str"), _p("encoding", "str", "utf-8")), "dict", FileWritten),
+        _files("read", "Read a file under the ecosystem's file root; returns {path, size, sha256, content}.",
+               (_p("path", "str"), _p("encoding", "str", "utf-8")), "dict", FileContent),
+        _files("list", "The entries of a folder of the file root (not recursive), by path.",
+               (_p("path", "str", ""), _p("limit", "int", 1000)), "list[dict]", FileInfo),
+        _files("stat", "A file's or folder's kind, size, time of change and (for a file) SHA-256.",
+               (_p("path", "str"),), "dict", FileInfo),
+        _files("move", "Move a file or folder inside the file root (never onto something that exists).",
+               (_p("source", "str"), _p("destination", "str")), "dict", FileInfo),
+        _files("delete", "Delete a file, or an empty folder, of the file root.", (_p("path", "str"),), "dict",
+               FileDeleted),
         Capability("ecosystem.status", "Health of the ecosystem and of each MAD.", (), shape=EcosystemStatus),
         Capability("ecosystem.mads", "Every MAD with its role, level and tools.", (), "list[dict]", shape=MadInfo),
     ]
 }
+
+# Each capability pack: what it is for and the pinned packages it needs in an artifact that uses it.
+@dataclass(frozen=True)
+class PackInfo:
+    name: str
+    summary: str
+    dependencies: tuple[str, ...] = ()
+
+
+PACKS: dict[str, PackInfo] = {p.name: p for p in [
+    PackInfo("files", "One file root per ecosystem: read, write, list, stat, move, delete; no way out of the root "
+                      "(.., absolute paths, symlinks, hard links), size quotas, content hashes"),
+]}
+
+
+def packs_of(capability_names: Iterable[str]) -> frozenset[str]:
+    """The packs these capabilities need (unknown names and core capabilities need none)."""
+    return frozenset(CAPABILITIES[n].pack for n in capability_names if n in CAPABILITIES and CAPABILITIES[n].pack)
+
+
+def available(packs: Iterable[str]) -> dict[str, Capability]:
+    """The catalogue an ecosystem with these packs has: the core's capabilities and its packs'."""
+    chosen = set(packs)
+    return {name: c for name, c in CAPABILITIES.items() if not c.pack or c.pack in chosen}
+
 
 # Granted to every MAD whatever it owns, each narrowed by the kernel per call: its own Thought
 # Engine (charged to its own budget); reading and posting in the conversations it joined; reading
@@ -342,13 +418,15 @@ def granted(owns: tuple[str, ...] | frozenset[str]) -> frozenset[str]:
 
 # What MCP clients are told about a tool bound to each capability (MCP tool annotations): whether it
 # only reads, whether it may destroy (overwrite or delete what was there), and whether calling it twice
-# with the same arguments does no more than once. Writes here keep history (a secret's old versions
-# stay, a post is added), so none is destructive.
+# with the same arguments does no more than once. The core's writes keep history (a secret's old
+# versions stay, a post is added); a file written over or deleted is gone.
 READ_ONLY: frozenset[str] = frozenset({
     "conversations.history", "conversations.search", "conversations.list", "models.list", "models.budget",
     "secrets.get", "secrets.list", "secrets.audit", "ecosystem.status", "ecosystem.mads",
+    "files.read", "files.list", "files.stat",
 })
-IDEMPOTENT_WRITES: frozenset[str] = frozenset({"secrets.set"})
+IDEMPOTENT_WRITES: frozenset[str] = frozenset({"secrets.set", "files.write"})
+DESTRUCTIVE: frozenset[str] = frozenset({"files.write", "files.delete"})  # overwrite or remove what was there
 
 
 def tool_hints(capability: str) -> dict[str, bool]:
@@ -356,5 +434,5 @@ def tool_hints(capability: str) -> dict[str, bool]:
     if capability not in CAPABILITIES:
         return {}
     read_only = capability in READ_ONLY
-    return {"readOnlyHint": read_only, "destructiveHint": False,
+    return {"readOnlyHint": read_only, "destructiveHint": capability in DESTRUCTIVE,
             "idempotentHint": read_only or capability in IDEMPOTENT_WRITES}

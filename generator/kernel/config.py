@@ -48,6 +48,8 @@ class EcosystemConfig(BaseModel):
     tool_hints: dict[str, dict[str, bool]] = Field(
         default_factory=dict, description="'<mad>.<tool>' -> its MCP annotations (readOnlyHint, destructiveHint, "
                                           "idempotentHint); a tool not named here gets none (MCP's cautious defaults)")
+    pack_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="capability pack -> its settings (e.g. files: quota_bytes, max_file_bytes)")
     capability_tools: dict[str, str] = Field(
         default_factory=dict, description="kernel capability -> the '<mad>.<tool>' bound to it: what a client must be "
                                           "allowed to see that capability's data anywhere, Grace's pages included")

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 from . import logs, tracing
 from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
-from .capabilities import CAPABILITIES, granted
+from .capabilities import CAPABILITIES, PACKS, available, granted
 from .config import EcosystemConfig
 from .db import Database, TableStore, ident
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
@@ -34,23 +34,15 @@ from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
 from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
+from .packs import IMPL_ATTR, Pack, PackContext, implements, load
 from .secrets import KeySource, SecretsManager
 from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
 from .transport import Reply, Sealer, error_to, make_transport, reply_to
 
 log = logs.get("runtime")
 
-_IMPL_ATTR = "__regen_capability__"
 REDACTED = "[redacted]"
 _SENSITIVE_KEYS = {"value", "secret", "password", "api_key", "apikey", "token", "key", "private_key", "credentials"}
-
-
-def implements(capability: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
-        setattr(fn, _IMPL_ATTR, capability)
-        return fn
-
-    return mark
 
 
 def redact(obj: Any) -> Any:
@@ -60,6 +52,16 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
     return obj
+
+
+def _implementations(owner: object) -> dict[str, Callable[..., Any]]:
+    """capability -> the bound method of `owner` marked `@implements(capability)`."""
+    found = {}
+    for attr in dir(type(owner)):
+        capability = getattr(getattr(type(owner), attr), IMPL_ATTR, None)
+        if capability:
+            found[capability] = getattr(owner, attr)
+    return found
 
 
 def _runs_in_place(mad: Mad, tool: str) -> bool:
@@ -185,13 +187,17 @@ class Runtime:
         # The audit log's length, recorded outside the database: a drop in this series is a truncation.
         self.metrics.watch("regen_audit_entries", "Entries in the hash-chained audit log (its newest id)",
                            self.audit.head_id)
-        self._impls: dict[str, Callable[..., Any]] = {}
-        for attr in dir(type(self)):
-            fn = getattr(type(self), attr)
-            cap = getattr(fn, _IMPL_ATTR, None)
-            if cap:
-                self._impls[cap] = getattr(self, attr)
-        missing = set(CAPABILITIES) - set(self._impls)
+        self._impls: dict[str, Callable[..., Any]] = _implementations(self)
+        # The capability packs of the families its MADs own, by name: the runtime imports no pack itself.
+        self.packs: dict[str, Pack] = {}
+        for name in sorted({family for m in config.mads for family in m.owns} & set(PACKS)):
+            self.packs[name] = load(name)(PackContext(
+                ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
+                audit=lambda actor, action, subject, ok, detail: self.audit.append(
+                    actor, action, subject, ok, detail, self._on_behalf_of(actor)),
+                denied=self._denied))
+            self._impls.update(_implementations(self.packs[name]))
+        missing = set(available(self.packs)) - set(self._impls)
         if missing:  # pragma: no cover - guarded by the kernel test
             raise RuntimeError(f"kernel does not implement: {sorted(missing)}")
         self.started_at = ""
@@ -296,6 +302,8 @@ class Runtime:
                     self.metrics.error(name, "stop")
                 slot.state = "stopped"
         self.running = False
+        for pack in self.packs.values():
+            await pack.close()
         self.db.close()
         log.info("ecosystem stopped", extra={"ecosystem": self.config.name})
 
@@ -375,6 +383,10 @@ class Runtime:
     def capability_impl(self, capability: str) -> Callable[..., Any]:
         impl = self._impls.get(capability)
         if impl is None:
+            pack = CAPABILITIES[capability].pack if capability in CAPABILITIES else ""
+            if pack:
+                raise NotFound(f"{capability} is in the {pack!r} capability pack, which no MAD of this ecosystem "
+                               f"owns: bind a tool of one MAD to a {pack}.* capability in its spec")
             raise NotFound(f"no kernel capability {capability!r}")
         return impl
 

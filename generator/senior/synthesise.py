@@ -26,7 +26,7 @@ from ..artifact.manifest import UnitRecord
 from ..config import Pipeline
 from ..errors import AnswerRejected, BuildFailed
 from ..frozen import Frozen
-from ..kernel.capabilities import CAPABILITIES
+from ..kernel.capabilities import available
 from ..kernel_contract import api_text
 from ..render import environment
 from ..spec.model import MadSpec, Spec, Tool
@@ -124,7 +124,7 @@ def prompt_messages(spec: Spec, plan: Plan, unit: Unit) -> list[dict[str, str]]:
         principles=spec.principles.strip(),
         rules=spec.ecosystem.principles,
         package=plan.package,
-        capabilities=list(CAPABILITIES.values()),
+        capabilities=list(available(spec.packs).values()),  # the core's and its packs': a pack unused asks nothing
         kernel_api=api_text(),
         answer_schema=json.dumps(Answer.model_json_schema(), sort_keys=True),
     )

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..frozen import Frozen
-from ..kernel.capabilities import TYPE_NAMES
+from ..kernel.capabilities import TYPE_NAMES, packs_of
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # The oldest Python the kernel runs on (its own code uses 3.11 features).
@@ -343,6 +343,11 @@ class Spec(Frozen):
 
     def mad(self, name: str) -> MadSpec:
         return next(m for m in self.mads if m.name == name)
+
+    @cached_property
+    def packs(self) -> frozenset[str]:
+        """The kernel's capability packs this ecosystem uses: those of the capabilities its tools are bound to."""
+        return packs_of(t.builtin for m in self.mads for t in m.tools if t.builtin)
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:

@@ -8,17 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from generator.kernel.capabilities import CAPABILITIES
-
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
 
 
-def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_modules):
-    config, _, runtime_mod = eco_modules
-    runtime = runtime_mod.Runtime(config, tmp_path / "state")
+@pytest.mark.parametrize("packs", [(), ("files",)])
+def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_modules, packs):
+    """The core alone, and the core with each pack a MAD owns (loaded by name: nothing else is)."""
+    from generator.kernel.capabilities import PACKS, available
+
+    config, kernel, runtime_mod = eco_modules
+    assert set(PACKS) == {"files"}  # a new pack: add it to the parameters above
+    owners = tuple(type(f"Owns_{p}", (kernel.Mad,), {"name": f"owns_{p}", "role": f"owns {p}", "owns": (p,)})
+                   for p in packs)
+    runtime = runtime_mod.Runtime(config.model_copy(update={"mads": (*config.mads, *owners)}), tmp_path / "state")
     try:
-        assert set(runtime._impls) == set(CAPABILITIES)
-        for name, cap in CAPABILITIES.items():
+        assert set(runtime.packs) == set(packs)
+        assert set(runtime._impls) == set(available(packs))
+        for name, cap in available(packs).items():
             impl = runtime.capability_impl(name)
             params = list(inspect.signature(impl).parameters.values())
             assert params[0].name == "caller", name
@@ -41,7 +47,7 @@ def test_kernel_imports_nothing_outside_its_allowed_dependencies():
     import sys
 
     stdlib = set(sys.stdlib_module_names)
-    for path in KERNEL.glob("*.py"):
+    for path in KERNEL.rglob("*.py"):
         tree = ast.parse(path.read_text())
         # redis is imported only where the Redis bus is configured, never when a module loads
         top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
@@ -96,3 +102,12 @@ def test_config_rejects_bad_names(eco_modules):
         kernel.EcosystemConfig(name="Bad-Name")
     with pytest.raises(ValueError):
         kernel.ModelAlias(provider="nope")
+
+
+def test_a_pack_missing_from_the_build_is_a_clear_error(eco_modules):
+    import importlib
+
+    _, kernel, _ = eco_modules
+    packs = importlib.import_module(kernel.__name__ + ".packs")
+    with pytest.raises(kernel.KernelError, match="the 'spreadsheets' capability pack is not in this build"):
+        packs.load("spreadsheets")
