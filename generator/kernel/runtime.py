@@ -391,15 +391,18 @@ class Runtime:
         return impl
 
     async def use(self, capability: str, caller: str, **kwargs: Any) -> Any:
-        impl = self.capability_impl(capability)
+        if capability not in CAPABILITIES:
+            raise NotFound(f"no kernel capability {capability!r}")
         if caller not in self.slots and not caller.startswith("client:"):
             raise AccessDenied(f"unknown caller {caller!r}")
         grants = self._grants.get(caller)
+        # Refused (and audited) before anything else, a capability of a pack this build lacks included.
         if grants is not None and capability not in grants.capabilities:
             family = capability.split(".", 1)[0]
             raise self._denied(caller, "kernel.use", capability,
                                f"MAD {caller!r} may not use {capability}: it owns {sorted(grants.owns) or 'no capability families'}, "
                                f"not {family!r}; ask the MAD that owns {family!r} over the bus")
+        impl = self.capability_impl(capability)
         try:
             inspect.signature(impl).bind(caller, **kwargs)
         except TypeError as exc:

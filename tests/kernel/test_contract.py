@@ -111,3 +111,25 @@ def test_a_pack_missing_from_the_build_is_a_clear_error(eco_modules):
     packs = importlib.import_module(kernel.__name__ + ".packs")
     with pytest.raises(kernel.KernelError, match="the 'spreadsheets' capability pack is not in this build"):
         packs.load("spreadsheets")
+
+
+def test_a_pack_capability_no_mad_owns_is_refused_and_audited_like_any_other(tmp_path, eco_modules):
+    """Without the pack in the build, files.read is still a capability MADs are refused (not an unknown name)."""
+    import asyncio
+
+    config, kernel, runtime_mod = eco_modules
+
+    async def main():
+        runtime = runtime_mod.Runtime(config, tmp_path / "state")
+        await runtime.start()
+        try:
+            assert runtime.packs == {}
+            with pytest.raises(kernel.AccessDenied, match="may not use files.read"):
+                await runtime.use("files.read", caller="rogers", path="notes.txt")
+            with pytest.raises(kernel.NotFound, match="no kernel capability 'files.shred'"):
+                await runtime.use("files.shred", caller="rogers")
+            return runtime.db.query("SELECT actor, action, subject, ok FROM audit_log WHERE subject = 'files.read'")
+        finally:
+            await runtime.stop()
+
+    assert asyncio.run(main()) == [{"actor": "rogers", "action": "kernel.use", "subject": "files.read", "ok": 0}]

@@ -495,3 +495,45 @@ def test_audit_and_denied_records(env: Env):
     assert env.denials == [("other-mad", "files.read", "../r.txt", env.denials[0][3])]
     assert caught.value is env.raised[0] and str(caught.value) == env.denials[0][3]
     assert len(env.audits) == 3  # a refusal is audited by `denied`, not as a success
+
+
+# ---- the pack in a runtime: loaded for the MAD that owns the family, settings from the config ----
+
+
+def test_a_mad_owning_files_uses_the_pack_through_the_runtime_and_others_are_refused(tmp_path, eco_modules):
+    config, kernel, runtime_mod = eco_modules
+
+    class Horace(kernel.Mad):
+        name = "horace"
+        role = "keeps the files"
+        owns = ("files",)
+
+    async def main():
+        runtime = runtime_mod.Runtime(
+            config.model_copy(update={"mads": (*config.mads, Horace),
+                                      "pack_settings": {"files": {"quota_bytes": 64, "max_file_bytes": 32}}}),
+            tmp_path / "state")
+        await runtime.start()
+        try:
+            assert set(runtime.packs) == {"files"}
+            horace = runtime.mad("horace")
+            written = await horace.use("files.write", path="notes/today.txt", content="hello")
+            assert written == {"path": "notes/today.txt", "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
+            assert (await horace.use("files.read", path="notes/today.txt"))["content"] == "hello"
+            with pytest.raises(kernel.AccessDenied, match="max_file_bytes"):  # the config's setting, not the default
+                await horace.use("files.write", path="big.txt", content="x" * 33)
+            with pytest.raises(kernel.AccessDenied):
+                await horace.use("files.read", path="../ecosystem.db")
+            with pytest.raises(kernel.AccessDenied, match="may not use files.read"):
+                await runtime.mad("rogers").use("files.read", path="notes/today.txt")
+            return runtime.db.query("SELECT actor, action, ok FROM audit_log WHERE action LIKE 'files.%' OR subject LIKE 'files.%'"
+                                    " ORDER BY id")
+        finally:
+            await runtime.stop()
+
+    rows = asyncio.run(main())
+    assert (tmp_path / "state" / "files" / "notes" / "today.txt").read_text() == "hello"  # the root: <state>/files
+    assert {"actor": "horace", "action": "files.write", "ok": 1} in rows
+    assert [r for r in rows if r["ok"] == 0 and r["actor"] == "horace"] == [
+        {"actor": "horace", "action": "files.write", "ok": 0}, {"actor": "horace", "action": "files.read", "ok": 0}]
+    assert {"actor": "rogers", "action": "kernel.use", "ok": 0} in rows
