@@ -90,7 +90,7 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
 
     names, secret, history = asyncio.run(session())
     assert len(names) >= 12
-    assert {name.split(".")[0] for name in names} == {"rogers", "fiedler", "turing", "grace"}
+    assert {name.split(".")[0] for name in names} == {"rogers", "fiedler", "turing", "grace", "horace"}
     assert secret["value"] == "correct horse"
     assert [m["content"] for m in history] == ["deploying 1.0.0"]
 

@@ -29,7 +29,7 @@ def test_help_does_not_import_litellm():
 def test_check_accepts_the_repo_spec():
     done = regen("check")
     assert done.returncode == 0
-    assert "ok — ecosystem madgroup, 4 MADs" in done.stdout
+    assert "ok — ecosystem madgroup, 5 MADs" in done.stdout
 
 
 def test_a_bad_spec_is_file_line_and_exit_2_never_a_traceback(tmp_path):
@@ -47,7 +47,7 @@ def test_a_bad_spec_is_file_line_and_exit_2_never_a_traceback(tmp_path):
 def test_plan_shows_the_start_up_order_and_units():
     done = regen("plan")
     assert done.returncode == 0
-    assert "start-up order: turing -> rogers -> fiedler -> grace" in done.stdout
+    assert "start-up order: horace -> turing -> rogers -> fiedler -> grace" in done.stdout
     assert "mad:turing" in done.stdout and "frame" in done.stdout
 
 

@@ -103,7 +103,7 @@ def test_the_artifact_tests_passed_in_the_sandbox_and_say_where(built):
 def test_every_exchange_is_in_the_transcript(built):
     _, result = built
     lines = [json.loads(line) for line in (result.path / "transcript.jsonl").read_text().splitlines()]
-    assert [line["unit"] for line in lines] == ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    assert [line["unit"] for line in lines] == ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert [u["request_hash"] for u in manifest["units"]] == [line["request_hash"] for line in lines]
     assert all(line["model"] == "offline/reference" for line in lines)
@@ -240,7 +240,7 @@ def test_failing_tests_go_back_to_their_unit_then_the_build_stops_and_archives_n
     assert "the same as before the last repair; stopped early" in message
     # One repair request, to the unit that wrote the failing test, and to no other.
     assert senior.units_asked.count("mad:grace") == 2
-    assert all(senior.units_asked.count(u) == 1 for u in ["mad:turing", "mad:rogers", "mad:fiedler", "frame"])
+    assert all(senior.units_asked.count(u) == 1 for u in ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "frame"])
     assert versions(tmp_path / "madgroup") == []
 
 

@@ -126,8 +126,8 @@ def _exchanges(synthesis, unit):
 
 def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and_plan, wire):
     synthesis, server = _synthesise(tmp_path, Senior(), spec_and_plan, wire=wire)
-    assert [u.unit for u in synthesis.units] == ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
-    assert len(server.requests) == 5
+    assert [u.unit for u in synthesis.units] == ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    assert len(server.requests) == len(spec_and_plan[1].units) == 6
     first = server.requests[0]
     assert first["temperature"] == 0.0 and first["max_tokens"] == 32000
     if wire == "openai":
@@ -181,7 +181,8 @@ def test_when_the_senior_is_down_the_fallback_model_answers(tmp_path, spec_and_p
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
     assert {e.reply.model for e in synthesis.exchanges} == {f"{wire}/backup"}
     asked = [r["model"] for r in server.requests]
-    assert asked.count("scripted") == 5 * 4 and asked.count("backup") == 5  # per unit: 1 try + 3 retries, then the fallback
+    units = len(plan.units)
+    assert asked.count("scripted") == units * 4 and asked.count("backup") == units  # per unit: 1 try + 3 retries, then the fallback
 
 
 def test_a_truncated_answer_is_continued_never_written_half(tmp_path, spec_and_plan, wire):
@@ -313,7 +314,7 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
         cached = subprocess.run(build + ["--out", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert cached.returncode == 0, cached.stderr
-        assert "5 answered from cache or a recorded build" in cached.stderr and len(server.requests) == asked
+        assert "6 answered from cache or a recorded build" in cached.stderr and len(server.requests) == asked
 
     artifact = tmp_path / "out" / "madgroup" / "1.0.0"
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -324,7 +325,7 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
     assert [(t["unit"], t["purpose"]) for t in transcript if t["unit"] == "mad:grace"] == [
         ("mad:grace", "synthesise"), ("mad:grace", "repair-tests")
     ]
-    assert len(transcript) == asked == 6
+    assert len(transcript) == asked == 7  # six units, and grace answered twice
 
     no_key = {k: v for k, v in env.items() if k != KEY}
     verified = subprocess.run(REGEN + ["verify", str(artifact), "--spec", str(REPO / "spec")], cwd=tmp_path,
@@ -380,14 +381,15 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
                     state["now"] -= 1
 
     def slow(body):  # the first unit answers last
-        return Reply(reference_answer(body), delay=0.6 if unit_of(body) == "mad:turing" else 0.3)
+        return Reply(reference_answer(body), delay=0.6 if unit_of(body) == plan.units[0].name else 0.3)
 
     with ScriptedServer(slow) as server:
         pipeline = load_pipeline(write_pipeline(tmp_path, server.api_base(wire), wire=wire))  # concurrency = 3
         client = Counting(pipeline.senior, pipeline.prices)
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
     assert state["most"] == 3
-    order = ["mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    order = [u.name for u in plan.units]
+    assert order == ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
     assert [u.unit for u in synthesis.units] == order
     assert [e.request.unit for e in synthesis.exchanges] == order
 
@@ -430,7 +432,8 @@ def test_only_accepted_answers_are_cached(tmp_path, spec_and_plan, wire):
         first = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens, cache).synthesise()
         asked = len(server.requests)
         again = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens, cache).synthesise()
-    assert asked == 6 and len(server.requests) == 7, "only turing's first, rejected, request is asked again"
+    assert asked == len(plan.units) + 1 and len(server.requests) == len(plan.units) + 2, \
+        "only turing's first, rejected, request is asked again"
     assert _unit(first, "mad:turing").rounds == 2 and _unit(again, "mad:turing").rounds == 1
     assert again.files == first.files
     assert all(u.cached for u in again.units if u.unit != "mad:turing")
@@ -508,10 +511,11 @@ def test_a_refused_senior_is_never_fatal_before_the_fallback_is_tried(tmp_path, 
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens,
                                  price=lambda model: price_per_token(model, pipeline.prices)).synthesise()
     asked = [r["model"] for r in server.requests]
-    assert asked.count("scripted") == 5 and asked.count("backup") == 5, "one try each: a refusal is not retried"
+    units = len(plan.units)
+    assert asked.count("scripted") == units and asked.count("backup") == units, "one try each: a refusal is not retried"
     assert all(u.fallbacks == 1 and u.retries == 0 for u in synthesis.units)
     falls = [e for e in events if e.event == "fallback"]
-    assert len(falls) == 5 and {(e.model, e.to_model) for e in falls} == {(f"{wire}/scripted", f"{wire}/backup")}
+    assert len(falls) == units and {(e.model, e.to_model) for e in falls} == {(f"{wire}/scripted", f"{wire}/backup")}
     assert all(f"HTTP {refusal.code}" in e.message for e in falls)
     # Charged at the fallback's own price: $2 in, $8 out per million tokens.
     for unit in synthesis.units:

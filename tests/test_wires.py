@@ -179,7 +179,7 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     assert f"mad:fiedler: {senior} gave up: HTTP 401: the key in {KEY} was refused" in shown
     assert f"mad:fiedler: falling back from {senior} to {fallback}" in shown
     assert f"mad:fiedler: {fallback} HTTP 429, retry 1 in 1.0s" in shown
-    assert f"answered by {senior} (3 units), {fallback} (2 units, fallback)" in shown
+    assert f"answered by {senior} (4 units), {fallback} (2 units, fallback)" in shown
     turing = next(line for line in shown.splitlines() if line.strip().startswith("per unit"))
     assert "mad:turing" in turing and "(2 retries)" in turing
     assert f"(1 retry; 1 fallback; by {fallback})" in turing
