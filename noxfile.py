@@ -49,7 +49,8 @@ def scripted(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The compiler's test suite, including a full offline build in the sandbox."""
-    _sync(session, "dev")
+    # packs: the capability packs' libraries (DuckDB, trafilatura, ...), which the kernel's pack tests import.
+    _sync(session, "dev", "packs")
     # One worker per core (pytest-xdist), a test module per worker: the module fixtures (built ecosystems,
     # servers) are made once, and most of the suite's time is subprocesses that use both cores this way.
     session.run("pytest", "--numprocesses", "auto", "--dist", "loadfile", *session.posargs)
@@ -151,7 +152,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, measured side by side in one run; results in benchmarks/results/<name>.json."""
     # The kernel benchmarks need the ecosystem's runtime dependencies (redis, prometheus-client); the no-op
     # build is measured beside dvc's, which the bench group pins.
-    _sync(session, "dev", "bench")
+    _sync(session, "dev", "bench", "packs")
     session.run("python", "benchmarks/cli_startup.py")
     session.run("python", "benchmarks/noop_regenerate.py")
     session.run("python", "benchmarks/pipeline_overhead.py")

@@ -61,6 +61,28 @@ def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
 
 
 @functools.cache
+def pack_settings(name: str) -> dict[str, type]:
+    """The settings pack `name` takes, with the type of each default: the keys of the `DEFAULTS` dict its module
+    defines, read from its source (the compiler never imports a pack: its libraries may not be installed)."""
+    tree = ast.parse((KERNEL_DIR / PACKS_FOLDER / f"{name}.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
+        if isinstance(target, ast.Name) and target.id == "DEFAULTS" and isinstance(node.value, ast.Dict):
+            return {key.value: _literal_type(value) for key, value in zip(node.value.keys, node.value.values, strict=True)
+                    if isinstance(key, ast.Constant) and isinstance(key.value, str)}
+    return {}
+
+
+def _literal_type(node: ast.expr) -> type:
+    """The type of a default as written: a constant's, int for integer arithmetic (64 << 20), list or dict."""
+    if isinstance(node, ast.Constant):
+        return type(node.value)
+    if isinstance(node, ast.BinOp):
+        return int
+    return {ast.List: list, ast.Tuple: list, ast.Dict: dict}.get(type(node), object)
+
+
+@functools.cache
 def api_text() -> str:
     """The public API of the kernel's MAD-facing classes, as the senior's prompt shows it."""
     lines = []

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 REGEN = [sys.executable, "-m", "generator.cli"]
 NEWEST = versions(ARCHIVE)[-1]
-LINE = "\nR13. **Retention.** Conversations older than a year may be archived on request.\n"
+LINE = "\nR30. **Retention.** Conversations older than a year may be archived on request.\n"
 
 
 def clone(folder: Path) -> tuple[Path, Path]:
@@ -38,7 +38,7 @@ def clone(folder: Path) -> tuple[Path, Path]:
     with (spec / "requirements.md").open("a") as f:
         f.write(LINE)
     rogers = spec / "mads" / "rogers.yaml"  # Rogers's tests are to prove it: the matrix must show it covered
-    rogers.write_text(rogers.read_text().replace("requirements: [R1]", "requirements: [R1, R13]"))
+    rogers.write_text(rogers.read_text().replace("requirements: [R1]", "requirements: [R1, R30]"))
     shutil.copytree(ARCHIVE, out / "madgroup", ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     return spec, out
 
@@ -73,7 +73,7 @@ def test_a_requirements_edit_builds_offline_carrying_the_model_written_tools(edi
     review = (result.path / "review.md").read_text()
     assert "rogers.summarise: carried from" in review and "requirements.md changed since" in review
     matrix = {r["id"]: r for r in json.loads((result.path / "review.json").read_text())["requirements"]}
-    assert matrix["R13"]["covered"] and all(t["id"].startswith("tests.test_rogers::") for t in matrix["R13"]["tests"])
+    assert matrix["R30"]["covered"] and all(t["id"].startswith("tests.test_rogers::") for t in matrix["R30"]["tests"])
     assert all(r["covered"] for r in matrix.values())
 
 

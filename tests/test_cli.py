@@ -1,5 +1,6 @@
 """The command line as a user meets it: fast help, clear errors, exit codes."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_help_does_not_import_litellm():
 def test_check_accepts_the_repo_spec():
     done = regen("check")
     assert done.returncode == 0
-    assert "ok — ecosystem madgroup, 5 MADs" in done.stdout
+    assert re.search(r"ok — ecosystem madgroup, \d+ MADs", done.stdout)
 
 
 def test_a_bad_spec_is_file_line_and_exit_2_never_a_traceback(tmp_path):
@@ -47,7 +48,8 @@ def test_a_bad_spec_is_file_line_and_exit_2_never_a_traceback(tmp_path):
 def test_plan_shows_the_start_up_order_and_units():
     done = regen("plan")
     assert done.returncode == 0
-    assert "start-up order: horace -> turing -> rogers -> fiedler -> grace" in done.stdout
+    # Dependencies first (Grace talks to Rogers, Fiedler and Turing; Fiedler to Rogers and Turing), ties by name.
+    assert re.search(r"start-up order: .*\bturing -> rogers -> fiedler -> grace\n", done.stdout), done.stdout
     assert "mad:turing" in done.stdout and "frame" in done.stdout
 
 

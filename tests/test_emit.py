@@ -108,8 +108,9 @@ def test_mcp_annotations_come_from_the_capability_and_the_specs_hints(tmp_path):
     frame = next(u for u in plan.units if u.name == "frame")
     files = {f["path"]: f["content"] for f in render_unit(unit_spec(spec, plan, frame))}
     config = files["madgroup/ecosystem.py"]
-    assert "'rogers.history': {'readOnlyHint': True, 'destructiveHint': False, 'idempotentHint': True}" in config
-    assert "'turing.set_secret': {'readOnlyHint': False, 'destructiveHint': False, 'idempotentHint': True}" in config
+    assert "'rogers.history': {'readOnlyHint': True, 'destructiveHint': False, 'idempotentHint': True, 'openWorldHint': False}" in config
+    assert ("'turing.set_secret': {'readOnlyHint': False, 'destructiveHint': False, 'idempotentHint': True,"
+            " 'openWorldHint': False}") in config
     assert "'rogers.summarise': {'readOnlyHint': True, 'idempotentHint': True}" in config  # the spec's own, unbound
     assert "'fiedler.compare_models'" not in config  # no capability, no hints: MCP's cautious defaults
     # A spec without hints asks what it always asked: the key is left out of the unit's JSON.

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
 from generator.config import RunOptions
 from generator.errors import UserError
+from generator.kernel.capabilities import PACKS
 from generator.progress import Reporter
 from generator.spec.load import load_spec
 from generator.spec.starter import FILES, init
@@ -88,6 +90,12 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
     options = RunOptions(spec_dir=tmp_path / "spec", pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
     first = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert first.version == "1.0.0" and first.manifest.sandbox.failed == 0 and first.manifest.sandbox.passed > 10
+    # The starter binds no capability pack: its artifact carries no pack code and none of the packs' libraries.
+    src = first.path / "src"
+    assert sorted(p.name for p in (src / "notes" / "kernel" / "packs").iterdir() if p.suffix == ".py") == ["__init__.py"]
+    locked = {package["name"] for package in tomllib.loads((src / "uv.lock").read_text())["package"]}
+    pack_libraries = {dep.split("==")[0] for info in PACKS.values() for dep in info.dependencies}
+    assert pack_libraries and not locked & pack_libraries, locked & pack_libraries
     # Nothing changed: the answer takes no model, reviewer, sandbox, signature or template, nor their imports.
     probe = ("import sys; from generator.cli import main; code = main(sys.argv[1:]); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "

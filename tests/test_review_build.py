@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from repo_specs import CORE_MADS, builtin_only_spec
 from review_helpers import REPO, finding, resign, scripted_reviewer, verdict, write_panel
-from test_regenerate import builtin_only_spec
 
 from generator.artifact.store import versions
 from generator.build.context import BuildContext
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def offline_spec(tmp_path_factory) -> Path:
-    return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec")
+    return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec", CORE_MADS)
 
 
 @pytest.fixture(autouse=True)

@@ -138,3 +138,27 @@ def test_a_lock_out_of_date_with_pyproject_fails_and_names_the_drift(tmp_path):
         "which uv.lock lacks; relock with `uv lock`"
     )
     assert not list((tmp_path / "venv").glob("lib/python*/site-packages/mcp"))  # nothing installed from the stale lock
+
+
+def test_the_memory_limit_stops_what_a_process_writes_not_what_it_reserves(tmp_path):
+    """RLIMIT_DATA at `memory_mb`: a test that fills more memory fails, an engine reserving address space it
+    never touches (V8's heap cage, the charts pack's renderer) starts."""
+    from generator.sandbox.run import _limits
+
+    script = tmp_path / "memory.py"
+    script.write_text(textwrap.dedent(
+        """
+        import mmap, sys
+        # 8 GiB of private address space, reserved and never written (prot 0: PROT_NONE)
+        reserved = mmap.mmap(-1, 8 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0)
+        try:
+            filled = bytearray(int(sys.argv[1]) << 20)
+        except MemoryError:
+            print("refused")
+        else:
+            print("filled")
+        """))
+    run = lambda mb: subprocess.run([str(PYTHON), str(script), str(mb)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=60, preexec_fn=_limits(256)).stdout.strip()
+    assert run(64) == "filled"
+    assert run(512) == "refused"

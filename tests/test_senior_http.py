@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo_specs import CORE_MADS, repo_spec
 
 from generator.artifact.store import versions
 from generator.build.context import BuildContext
@@ -126,8 +127,8 @@ def _exchanges(synthesis, unit):
 
 def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and_plan, wire):
     synthesis, server = _synthesise(tmp_path, Senior(), spec_and_plan, wire=wire)
-    assert [u.unit for u in synthesis.units] == ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
-    assert len(server.requests) == len(spec_and_plan[1].units) == 6
+    assert [u.unit for u in synthesis.units] == [u.name for u in spec_and_plan[1].units]
+    assert len(server.requests) == len(spec_and_plan[1].units) == len(spec_and_plan[0].mads) + 1
     first = server.requests[0]
     assert first["temperature"] == 0.0 and first["max_tokens"] == 32000
     if wire == "openai":
@@ -300,9 +301,10 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
     verify with the server stopped, replay on a machine without the key."""
     senior = Senior({"mad:grace": [_failing_grace_tests]})
     env = dict(os.environ, **{KEY: "sk-scripted"})
+    spec = repo_spec(tmp_path / "spec", CORE_MADS)
     with ScriptedServer(senior) as server:
         pipeline = write_pipeline(tmp_path, server.base_url)
-        build = REGEN + ["regenerate", "--spec", str(REPO / "spec"), "--pipeline", str(pipeline)]
+        build = REGEN + ["regenerate", "--spec", str(spec), "--pipeline", str(pipeline)]
         first = subprocess.run(build + ["--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
                                timeout=600)
         assert first.returncode == 0, first.stderr
@@ -314,7 +316,7 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
         cached = subprocess.run(build + ["--out", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert cached.returncode == 0, cached.stderr
-        assert "6 answered from cache or a recorded build" in cached.stderr and len(server.requests) == asked
+        assert "5 answered from cache or a recorded build" in cached.stderr and len(server.requests) == asked
 
     artifact = tmp_path / "out" / "madgroup" / "1.0.0"
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -325,10 +327,10 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
     assert [(t["unit"], t["purpose"]) for t in transcript if t["unit"] == "mad:grace"] == [
         ("mad:grace", "synthesise"), ("mad:grace", "repair-tests")
     ]
-    assert len(transcript) == asked == 7  # six units, and grace answered twice
+    assert len(transcript) == asked == 6  # five units, and grace answered twice
 
     no_key = {k: v for k, v in env.items() if k != KEY}
-    verified = subprocess.run(REGEN + ["verify", str(artifact), "--spec", str(REPO / "spec")], cwd=tmp_path,
+    verified = subprocess.run(REGEN + ["verify", str(artifact), "--spec", str(spec)], cwd=tmp_path,
                               env=no_key, capture_output=True, text=True, timeout=600)
     assert verified.returncode == 0, verified.stderr
     assert "reproduced byte for byte" in verified.stdout
@@ -336,12 +338,12 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
     shutil.copytree(artifact, tampered)
     with (tampered / "src" / "madgroup" / "mads" / "grace.py").open("a") as f:
         f.write("# edited by hand\n")
-    refused = subprocess.run(REGEN + ["verify", str(tampered), "--spec", str(REPO / "spec")], cwd=tmp_path,
+    refused = subprocess.run(REGEN + ["verify", str(tampered), "--spec", str(spec)], cwd=tmp_path,
                              env=no_key, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 1
     assert "NOT reproduced: 1 file(s) differ, first madgroup/mads/grace.py" in refused.stderr
     shutil.rmtree(tampered)
-    replayed = subprocess.run(REGEN + ["regenerate", "--spec", str(REPO / "spec"), "--replay", str(artifact),
+    replayed = subprocess.run(REGEN + ["regenerate", "--spec", str(spec), "--replay", str(artifact),
                                        "--out", "out3"], cwd=tmp_path, env=no_key, capture_output=True, text=True,
                               timeout=600)
     assert replayed.returncode == 0, replayed.stderr
@@ -389,7 +391,7 @@ def test_units_run_concurrently_bounded_and_come_out_in_plan_order(tmp_path, spe
         synthesis = SynthesisRun(spec, plan, pipeline, client, Spend(pipeline.budgets), count_tokens).synthesise()
     assert state["most"] == 3
     order = [u.name for u in plan.units]
-    assert order == ["mad:horace", "mad:turing", "mad:rogers", "mad:fiedler", "mad:grace", "frame"]
+    assert order == [f"mad:{name}" for name in plan.startup_order] + ["frame"]
     assert [u.unit for u in synthesis.units] == order
     assert [e.request.unit for e in synthesis.exchanges] == order
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_regenerate import REPO, builtin_only_spec
+from repo_specs import CORE_MADS, REPO, builtin_only_spec
 
 from generator.artifact.store import versions
 from generator.build.context import BuildContext
@@ -38,7 +38,7 @@ def _build(spec: Path, out: Path):
 
 
 def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(tmp_path):
-    spec = builtin_only_spec(tmp_path / "spec")
+    spec = builtin_only_spec(tmp_path / "spec", CORE_MADS)
     out = tmp_path / "out"
     _turing_storage(spec, [NOTES])
     first = _build(spec, out)

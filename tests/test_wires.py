@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from repo_specs import CORE_MADS, repo_spec
 from review_helpers import REPO, verdict, write_panel
 from rich.console import Console
 
@@ -140,7 +141,7 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     report = Reporter(console=Console(file=screen, width=1000, color_system=None))
     with ScriptedServer(Providers(faults)) as server:
         panel = _panel(tmp_path, server)
-        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=_pipeline(tmp_path, server, wire, panel),
+        options = RunOptions(spec_dir=repo_spec(tmp_path / "spec", CORE_MADS), pipeline_file=_pipeline(tmp_path, server, wire, panel),
                              out_dir=tmp_path / "out")
         result = regenerate(BuildContext(options=options, report=report))
     assert server.errors == []
@@ -179,7 +180,7 @@ def test_a_whole_build_with_each_family_as_senior_fallback_and_reviewer(tmp_path
     assert f"mad:fiedler: {senior} gave up: HTTP 401: the key in {KEY} was refused" in shown
     assert f"mad:fiedler: falling back from {senior} to {fallback}" in shown
     assert f"mad:fiedler: {fallback} HTTP 429, retry 1 in 1.0s" in shown
-    assert f"answered by {senior} (4 units), {fallback} (2 units, fallback)" in shown
+    assert f"answered by {senior} (3 units), {fallback} (2 units, fallback)" in shown
     turing = next(line for line in shown.splitlines() if line.strip().startswith("per unit"))
     assert "mad:turing" in turing and "(2 retries)" in turing
     assert f"(1 retry; 1 fallback; by {fallback})" in turing

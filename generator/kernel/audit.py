@@ -232,6 +232,15 @@ class AuditLog:
             r["ok"] = bool(r["ok"])
         return rows
 
+    def since(self, after_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Up to `limit` entries with an id above `after_id`, oldest first: a reader that keeps its place."""
+        limit = max(1, min(int(limit), 10_000))
+        cols = ", ".join(_FIELDS)
+        rows = self.db.query(f"SELECT {cols} FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), limit))
+        for r in rows:
+            r["ok"] = bool(r["ok"])
+        return rows
+
     def head(self) -> tuple[int, str]:
         """(number of entries, hash of the newest entry)."""
         row = self.db.one("SELECT COUNT(*) AS n, (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS h FROM audit_log")

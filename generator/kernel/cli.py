@@ -147,7 +147,7 @@ def _bus_arguments(parser: argparse.ArgumentParser, config: EcosystemConfig, req
 def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .transport import bus_forget, bus_status
 
-    mads = [m.name for m in config.mads]
+    mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
     if args.bus_command == "status":
         print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))
         return 0
@@ -320,7 +320,7 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
     if args.clients_command == "add":
         from .grace import AUDIT_PERMISSION  # Grace's audit-log page, granted like a tool
 
-        tools = [f"{m.name}.{t}" for m in config.mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
+        tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
         limits = "".join(f"; {label} {value}" for label, value in (("rate", args.rate), ("quota", args.quota)) if value)
         if args.secret_patterns:

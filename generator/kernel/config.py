@@ -78,6 +78,16 @@ class EcosystemConfig(BaseModel):
         return tuple(value)
 
     @property
+    def persistent_mads(self) -> tuple[Any, ...]:
+        """The MADs that run for the ecosystem's life: started, supervised, their tools served, asked over the bus."""
+        return tuple(m for m in self.mads if m.lifecycle != "ephemeral")
+
+    @property
+    def roles(self) -> tuple[Any, ...]:
+        """The MAD classes with lifecycle "ephemeral": roles, run an instance per task by the MADs that spawn them."""
+        return tuple(m for m in self.mads if m.lifecycle == "ephemeral")
+
+    @property
     def env_prefix(self) -> str:
         """Prefix of this ecosystem's environment variables, e.g. MADGROUP."""
         return self.name.upper()

@@ -579,7 +579,7 @@ def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) ->
     bound = {tool: CAPABILITIES[cap].output for cap, tool in cfg.capability_tools.items() if cap in CAPABILITIES}
     tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name, bound.get(f"{mad_cls.name}.{tool_name}")),
                           f"{mad_cls.name}.{tool_name}", cfg.tool_hints.get(f"{mad_cls.name}.{tool_name}"))
-             for mad_cls in cfg.mads for tool_name in mad_cls.tool_methods()]
+             for mad_cls in cfg.persistent_mads for tool_name in mad_cls.tool_methods()]
     return GatewayServer(
         runtime,
         clients,

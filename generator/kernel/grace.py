@@ -418,7 +418,7 @@ class Grace:
         self.clients = clients
         self.sessions = SessionStore()
         self.limiter = SignInLimiter(runtime.db)
-        self.catalog = tool_catalog(runtime.config.mads)
+        self.catalog = tool_catalog(runtime.config.persistent_mads)
 
     def routes(self) -> list[BaseRoute]:
         page = self._page
@@ -640,7 +640,7 @@ class Grace:
     async def mads(self, request: Request) -> Response:
         s = self._signed_in(request)
         mads = await self.runtime.ecosystem_mads("grace")
-        tools = {cls.name: cls.tools() for cls in self.runtime.config.mads}
+        tools = {cls.name: cls.tools() for cls in self.runtime.config.persistent_mads}  # a role's are not served
         allowed = {q for q in self.catalog if self.clients.allowed(s.client, q)}
         return self._html(mads_page(self._context(s, "/mads"), mads, tools, allowed))
 

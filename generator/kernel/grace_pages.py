@@ -466,13 +466,19 @@ def mads_page(ctx: PageContext, mads: list[dict[str, Any]], tools: dict[str, lis
                 for p in t.get("params", [])
             )
             items.append([f"<code>{e(t['qualified_name'])}({e(params)})</code>", e(t.get("description", "")), mark])
+        is_role = m.get("max_instances") is not None  # lifecycle ephemeral: instances spawned per task
         tool_table = (stack_table(["Tool", "Description", "Your token"], items) if items
-                      else '<p class="muted">No tools.</p>')
+                      else '<p class="muted">A role: MADs spawn an instance of it per task; its tools are not served.</p>'
+                      if is_role else '<p class="muted">No tools.</p>')
         facts = {
             "role": m.get("role", ""), "level": m.get("level", ""), "lifecycle": m.get("lifecycle", ""),
             "talks to": m.get("talks_to", []), "conversations": m.get("conversations", []), "owns": m.get("owns", []),
             "token budget": m.get("budget_tokens", ""),
         }
+        if m.get("spawns"):
+            facts["spawns"] = m["spawns"]
+        if is_role:
+            facts["instances"] = f"{m.get('instances', 0)} running (at most {m['max_instances']} at once)"
         ok = m.get("state") in ("running", "idle")
         sections.append(
             f'<section id="mad-{e(m["name"])}"><h2>{e(m["name"])} {state_badge(ok, str(m.get("state", "unknown")))}</h2>'

@@ -3,8 +3,9 @@
 A generated MAD subclasses `Mad`, sets its class attributes, and decorates its tools with
 `@tool`. The runtime instantiates it with a `Kernel` handle made for that MAD alone, so
 `self.use(...)` reaches the kernel capabilities it was granted, `self.ask(...)` reaches the
-MADs it talks to over the conversation bus, and `self.store` its own tables; it holds no
-reference to the runtime, the database, the secrets manager or any other MAD.
+MADs it talks to over the conversation bus, `self.spawn(...)` runs instances of the roles it
+spawns (eMADs, kernel/emads.py), and `self.store` its own tables; it holds no reference to the
+runtime, the database, the secrets manager or any other MAD.
 """
 
 from __future__ import annotations
@@ -60,20 +61,27 @@ class OwnTables:
 class Kernel:
     """What one MAD may reach of the kernel; the runtime makes one per MAD.
 
-    `use(capability, **kwargs)` and `ask(mad, prose, *, tool, args, conversation_id)` are
-    closures the runtime made with the MAD's name inside, so a MAD cannot choose whom it acts
-    as, and the runtime checks each call against the grants it recorded for that MAD at start
-    (changing the MAD's class attributes later grants nothing). `store` is its own tables.
+    `use(capability, **kwargs)`, `ask(mad, prose, *, tool, args, conversation_id)`,
+    `spawn(role, task, conversation_id)` and `earlier_reports(limit)` are closures the runtime
+    made with the MAD's name inside, so a MAD cannot choose whom it acts as, and the runtime
+    checks each call against the grants it recorded for that MAD at start (changing the MAD's
+    class attributes later grants nothing). `store` is its own tables (an eMAD's: its role's);
+    `instance` is an eMAD's own name (`<role>-<n>`), "" for a persistent MAD.
     Python cannot wall off objects inside one process: frame, traceback, closure and garbage-
     collector introspection can still find the runtime; the ecosystem's review rules forbid those.
     """
 
-    __slots__ = ("use", "ask", "store")
+    __slots__ = ("use", "ask", "spawn", "earlier_reports", "store", "instance")
 
-    def __init__(self, use: Callable[..., Awaitable[Any]], ask: Callable[..., Awaitable[Any]], store: OwnTables):
+    def __init__(self, use: Callable[..., Awaitable[Any]], ask: Callable[..., Awaitable[Any]],
+                 spawn: Callable[..., Awaitable[Any]], earlier_reports: Callable[..., Awaitable[Any]], store: OwnTables,
+                 instance: str = ""):
         self.use = use
         self.ask = ask
+        self.spawn = spawn
+        self.earlier_reports = earlier_reports
         self.store = store
+        self.instance = instance
 
 
 class Mad:
@@ -82,7 +90,12 @@ class Mad:
     name: ClassVar[str] = ""
     role: ClassVar[str] = ""
     level: ClassVar[str] = "V1"
+    # "persistent": one instance for the ecosystem's life, its tools served, asked over the bus.
+    # "ephemeral": a role; MADs whose `spawns` names it run an instance of it per task (kernel/emads.py).
     lifecycle: ClassVar[str] = "persistent"
+    spawns: ClassVar[tuple[str, ...]] = ()  # the roles this MAD may spawn
+    max_instances: ClassVar[int] = 1  # a role's instances running at once; more spawns wait their turn
+    task_timeout_s: ClassVar[float] = 300.0  # a role's instance running work() longer is cancelled and fails
     conversations: ClassVar[tuple[str, ...]] = ()
     talks_to: ClassVar[tuple[str, ...]] = ()
     secrets: ClassVar[tuple[str, ...]] = ()
@@ -167,6 +180,11 @@ class Mad:
         except KeyError:
             raise NotFound(f"MAD {self.name!r} did not join conversation {title!r}") from None
 
+    @property
+    def instance(self) -> str:
+        """This eMAD's own name, `<role>-<n>` (never reused); "" for a persistent MAD."""
+        return self._kernel.instance
+
     async def ask(
         self,
         mad: str,
@@ -178,6 +196,29 @@ class Mad:
     ) -> Any:
         """Ask another MAD (one of `talks_to`) over the bus: a tool call when `tool` is set, else prose."""
         return await self._kernel.ask(mad, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
+
+    # ---- eMADs (kernel/emads.py) -------------------------------------------------------------
+
+    async def spawn(self, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
+        """Run an instance of `role` (one of `spawns`) on `task` and wait for it: returns {"instance", "role",
+        "conversation_id", "state": "reported" or "failed", "report"}. It works, and posts its report, in
+        conversation `conversation_id` (one this MAD joined) or, when "", in a new one titled after the task.
+        Spawns may run at once (asyncio.gather); past the role's `max_instances` they wait their turn."""
+        return await self._kernel.spawn(role, task, conversation_id)
+
+    async def earlier_reports(self, limit: int = 20) -> list[dict[str, Any]]:
+        """For an eMAD: what earlier instances of its role reported, oldest first (the `limit` newest), each
+        {"instance", "task", "state": "reported" or "failed", "report", "started_at", "ended_at"}; refused
+        for a persistent MAD."""
+        return await self._kernel.earlier_reports(limit)
+
+    async def work(self, task: str) -> str:
+        """An eMAD's task; what it returns is its report. Override it; by default the Thought Engine answers
+        the task, told what the last five instances of its role reported."""
+        earlier = [f"- {r['instance']} ({r['state']}) on {r['task'][:200]!r}: {r['report'][:500]}"
+                   for r in await self.earlier_reports(5)]
+        memory = "What earlier instances of your role reported:\n" + "\n".join(earlier) + "\n\n" if earlier else ""
+        return await self.think(f"{memory}Your task: {task}")
 
     # ---- Thought Engine ----------------------------------------------------------------------
 
@@ -213,10 +254,10 @@ class Mad:
     # ---- lifecycle hooks ---------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        """Called once when the MAD starts (after its tables and conversations exist)."""
+        """Called once when the MAD starts (after its tables and conversations exist); an eMAD's, before work()."""
 
     async def on_stop(self) -> None:
-        """Called once at shutdown."""
+        """Called once at shutdown; an eMAD's, once its report is posted."""
 
     async def health(self) -> dict[str, Any]:
         """Override to report more; the runtime adds state and errors."""

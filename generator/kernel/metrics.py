@@ -25,7 +25,8 @@ OTHER = "other"
 OUTCOMES = ("ok", "refused", "crashed", "denied", "rate_limited", "quota_exceeded", "unknown_tool")
 WHERES = ("tool", "bus", "model", "start", "stop")
 TOKEN_KINDS = ("prompt", "completion")
-MESSAGE_KINDS = ("message", "request", "reply", "error", "event", "thought")
+MESSAGE_KINDS = ("message", "request", "reply", "error", "event", "thought", "report")
+SPAWN_OUTCOMES = ("reported", "failed")  # how an eMAD instance ended (kernel/emads.py)
 ROUTES = ("mcp", "healthz", "metrics", "grace")  # HTTP requests by where they went: MCP, health, metrics, the web UI
 SIGNIN_FAILURES = ("invalid_token", "empty_token", "locked_out")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -80,6 +81,8 @@ class Metrics:
                                ["mad", "kind"], registry=r)
         self._http = Counter("regen_http_requests", "HTTP requests answered, by route (mcp, healthz, metrics, grace) "
                              "and status code", ["route", "status"], registry=r)
+        self._spawns = Counter("regen_emad_spawns", "eMAD instances run, by role and how they ended (reported, failed)",
+                               ["role", "outcome"], registry=r)
         self._signin_failures = Counter("regen_signin_failures", "Refused sign-ins to the web UI, by reason",
                                         ["reason"], registry=r)
         r.register(_MadUp(mad_up))
@@ -114,6 +117,10 @@ class Metrics:
     def llm_tokens(self, mad: str, n: int, *, kind: Literal["prompt", "completion"]) -> None:
         if n > 0:
             self._tokens.labels(self._mad(mad), _closed(kind, TOKEN_KINDS)).inc(n)
+
+    def spawn(self, role: str, outcome: str) -> None:
+        """One eMAD instance of `role` ended: "reported" or "failed"."""
+        self._spawns.labels(self._mad(role), _closed(outcome, SPAWN_OUTCOMES)).inc()
 
     def build_info(self, **labels: str) -> None:
         """`regen_build_info{ecosystem, version, inputs_hash} 1`: which build this process runs."""

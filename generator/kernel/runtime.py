@@ -26,9 +26,10 @@ except ImportError:  # pragma: no cover
 from . import logs, tracing
 from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
-from .capabilities import CAPABILITIES, PACKS, available, granted
+from .capabilities import CAPABILITIES, PACKS, available, granted, with_required
 from .config import EcosystemConfig
 from .db import Database, TableStore, ident
+from .emads import Emads, check_lifecycles
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
@@ -52,6 +53,11 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
     return obj
+
+
+def _pack_depth(name: str) -> int:
+    """How many packs deep `name`'s requirements go: a pack is loaded after those it requires."""
+    return 1 + max((_pack_depth(r) for r in PACKS[name].requires), default=0)
 
 
 def _implementations(owner: object) -> dict[str, Callable[..., Any]]:
@@ -80,14 +86,15 @@ def _class_runs_in_place(cls: type[Mad], tool: str) -> bool:
 
 
 class Grants:
-    """What one MAD was granted by its spec, copied when the runtime is made."""
+    """What one MAD (or role: each of its eMAD instances) was granted by its spec, copied when the runtime is made."""
 
-    __slots__ = ("owns", "secrets", "talks_to", "capabilities")
+    __slots__ = ("owns", "secrets", "talks_to", "spawns", "capabilities")
 
     def __init__(self, cls: type[Mad]):
         self.owns = frozenset(cls.owns)
         self.secrets = frozenset(cls.secrets)
         self.talks_to = frozenset(cls.talks_to)
+        self.spawns = frozenset(cls.spawns)
         self.capabilities = granted(self.owns)
 
 
@@ -134,6 +141,7 @@ class Runtime:
         needs a Redis bus); `claim_idle_s`: how long a Redis delivery whose process went silent (dead, or
         frozen) waits before another process takes it over; a live process renews its claims."""
         self.config = config
+        self._roles = check_lifecycles(config.mads)  # name -> class of each role (lifecycle "ephemeral")
         self.build = read_build_info()
         self.version = self.build.get("version") or config.version or "unreleased"
         self.state_dir = Path(state_dir).resolve()
@@ -178,24 +186,29 @@ class Runtime:
         self.slots: dict[str, MadSlot] = {}
         # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.
         self._grants = {cls.name: Grants(cls) for cls in config.mads}
-        self._kernels = {cls.name: self._kernel_for(cls.name) for cls in config.mads}
         self.supervisor = Supervisor(config.mads, self._restart_slot, self._slot_state, supervision)
         self.metrics = Metrics({m.name: m.tool_methods() for m in config.mads},
                                lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
         self.metrics.build_info(ecosystem=config.name, version=self.version,
                                 inputs_hash=str(self.build.get("inputs_hash", "")))
+        self.emads = Emads(self.db, self._roles, self.bus, self.supervisor, self.metrics)
+        self._kernels = {cls.name: self._kernel_for(cls.name) for cls in config.persistent_mads}
         # The audit log's length, recorded outside the database: a drop in this series is a truncation.
         self.metrics.watch("regen_audit_entries", "Entries in the hash-chained audit log (its newest id)",
                            self.audit.head_id)
         self._impls: dict[str, Callable[..., Any]] = _implementations(self)
+        self._used: set[tuple[str, str, str]] = set()  # (actor, action, subject) audited once (_first_use)
         # The capability packs of the families its MADs own, by name: the runtime imports no pack itself.
         self.packs: dict[str, Pack] = {}
-        for name in sorted({family for m in config.mads for family in m.owns} & set(PACKS)):
+        # A pack another pack requires is loaded too (before it), though no MAD is granted its capabilities.
+        wanted = with_required(family for m in config.mads for family in m.owns)
+        for name in sorted(wanted, key=lambda n: (_pack_depth(n), n)):
             self.packs[name] = load(name)(PackContext(
                 ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
                 audit=lambda actor, action, subject, ok, detail: self.audit.append(
                     actor, action, subject, ok, detail, self._on_behalf_of(actor)),
-                denied=self._denied))
+                denied=self._denied, peer=self._peer_for(name), audit_entries=self.audit.since,
+                post=self._pack_post))
             self._impls.update(_implementations(self.packs[name]))
         missing = set(available(self.packs)) - set(self._impls)
         if missing:  # pragma: no cover - guarded by the kernel test
@@ -220,7 +233,8 @@ class Runtime:
         return tables
 
     async def start(self) -> None:
-        """Join conversations and start MADs in the configured order (their tables exist already)."""
+        """Join conversations and start the persistent MADs in the configured order (their tables exist already);
+        a role gets no slot: its instances are spawned per task (kernel/emads.py)."""
         self.started_at = now_iso()
         self._t0 = time.monotonic()
         for cls in self.config.mads:
@@ -231,10 +245,7 @@ class Runtime:
             self.slots[cls.name] = slot
             for title in cls.conversations:
                 mad.conversation_ids[title] = self.bus.ensure(title, cls.name)["id"]
-            if cls.lifecycle == "ephemeral":
-                slot.state = "idle"
-            else:
-                await self._start_slot(slot)
+            await self._start_slot(slot)
         self.running = True
         # Last: deliveries a crash left pending run now, on MADs that are up.
         await self.transport.start(list(self.slots))
@@ -302,7 +313,7 @@ class Runtime:
                     self.metrics.error(name, "stop")
                 slot.state = "stopped"
         self.running = False
-        for pack in self.packs.values():
+        for pack in reversed(self.packs.values()):  # a pack closes before those it requires
             await pack.close()
         self.db.close()
         log.info("ecosystem stopped", extra={"ecosystem": self.config.name})
@@ -312,6 +323,9 @@ class Runtime:
     def mad(self, name: str) -> Mad:
         slot = self.slots.get(name)
         if slot is None:
+            if name in self._roles:
+                raise NotFound(f"{name!r} is a role (lifecycle ephemeral), not a running MAD: the MADs whose spawns "
+                               "list it run an instance of it per task (spawn); its tools are not served")
             if name in self._grants and name not in self.serving:
                 raise NotFound(f"MAD {name!r} runs in another process of this ecosystem (this one serves "
                                f"{', '.join(self.serving) or 'no MAD'}); MADs reach it over the shared bus")
@@ -319,8 +333,8 @@ class Runtime:
         return slot.mad
 
     def _serving(self, serve_mads: Sequence[str] | None, bus_url: str) -> tuple[str, ...]:
-        """The MADs this process runs, in start-up order."""
-        names = [cls.name for cls in self.config.mads]
+        """The persistent MADs this process runs, in start-up order (a role's instances run where they are spawned)."""
+        names = [cls.name for cls in self.config.persistent_mads]
         if serve_mads is None:
             return tuple(names)
         unknown = sorted(set(serve_mads) - set(names))
@@ -335,27 +349,59 @@ class Runtime:
     def table_store(self, mad: str) -> TableStore:
         return TableStore(self.db, mad, self._tables.get(mad, {}))
 
+    def _grants_of(self, caller: str) -> Grants | None:
+        """What `caller` may do: a persistent MAD's grants, or a live eMAD instance's role's; None for anyone else
+        (an ended instance, a role's bare name, a client, a name nobody has)."""
+        role = self.emads.live.get(caller)
+        if role is not None:
+            return self._grants[role]
+        return None if caller in self._roles else self._grants.get(caller)
+
+    def _as_mad(self, caller: str) -> str:
+        """The MAD a caller counts as in budgets and metrics: a live eMAD instance counts as its role."""
+        return self.emads.live.get(caller, caller)
+
     def _secrets_policy(self, caller: str) -> tuple[bool, set[str]]:
-        grants = self._grants.get(caller)
+        grants = self._grants_of(caller)
         if grants is None:
             return False, set()
         return "secrets" in grants.owns, set(grants.secrets)
 
-    def _kernel_for(self, name: str) -> Kernel:
-        """The one handle MAD `name` gets: its name is fixed inside these closures, so it acts as itself only."""
+    def _kernel_for(self, name: str, task_conversation: str = "") -> Kernel:
+        """The one handle MAD `name` gets (a persistent MAD, or an eMAD instance whose asks go to its task
+        conversation unless it names another): its name is fixed inside these closures, so it acts as itself only."""
 
         async def use(capability: str, **kwargs: Any) -> Any:
             return await self.use(capability, caller=name, **kwargs)
 
         async def ask(target: str, prose: str = "", *, tool: str = "", args: dict[str, Any] | None = None,
                       conversation_id: str = "") -> Any:
-            talks_to = self._grants[name].talks_to
-            if target not in talks_to:
-                raise self._denied(name, "bus.ask", target,
-                                   f"MAD {name!r} does not talk to {target!r} (talks_to: {sorted(talks_to)})")
-            return await self.request(name, target, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
+            return await self.request(name, target, prose=prose, tool=tool, args=args,
+                                      conversation_id=conversation_id or task_conversation)
 
-        return Kernel(use, ask, OwnTables(self.table_store(name)))
+        async def spawn(role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
+            return await self.spawn(name, role, task, conversation_id)
+
+        async def earlier_reports(limit: int = 20) -> list[dict[str, Any]]:
+            return self.emads.reports(name, limit)
+
+        role = self.emads.live.get(name, "")  # an instance's tables are its role's
+        return Kernel(use, ask, spawn, earlier_reports, OwnTables(self.table_store(role or name)),
+                      instance=name if role else "")
+
+    def _peer_for(self, name: str) -> Callable[[str], Pack]:
+        """What pack `name` may reach of the others: only the packs it requires."""
+        def peer(other: str) -> Pack:
+            if other not in PACKS[name].requires or other not in self.packs:
+                raise KernelError(f"the {name!r} pack does not require the {other!r} pack")
+            return self.packs[other]
+
+        return peer
+
+    def _pack_post(self, actor: str, title: str, content: str) -> dict[str, Any]:
+        """A pack's post to the conversation titled `title` (made if missing), sent as `actor`."""
+        conversation = self.bus.ensure(title, actor)
+        return self.bus.post(conversation["id"], actor, content)
 
     def _denied(self, caller: str, action: str, subject: str, why: str) -> AccessDenied:
         """Audit and log a refused request of a MAD; the AccessDenied to raise."""
@@ -364,14 +410,14 @@ class Runtime:
         return AccessDenied(why)
 
     def _slot_state(self, name: str) -> str:
+        if name in self._roles:
+            return "running" if self.emads.running(name) else "idle"
         slot = self.slots.get(name)
         return slot.state if slot else "created"
 
     async def _ready(self, name: str) -> Mad:
-        self.mad(name)  # NotFound for an unknown MAD
+        self.mad(name)  # NotFound for an unknown MAD, or a role
         slot = self.slots[name]
-        if slot.state == "idle":
-            await self._start_slot(slot)
         if slot.state in ("failed", "restarting"):
             due = self.supervisor.health(name).get("restart_in_s")
             when = f"; the supervisor restarts it in {due} s" if due is not None else ""
@@ -393,9 +439,9 @@ class Runtime:
     async def use(self, capability: str, caller: str, **kwargs: Any) -> Any:
         if capability not in CAPABILITIES:
             raise NotFound(f"no kernel capability {capability!r}")
-        if caller not in self.slots and not caller.startswith("client:"):
+        if caller not in self.slots and caller not in self.emads.live and not caller.startswith("client:"):
             raise AccessDenied(f"unknown caller {caller!r}")
-        grants = self._grants.get(caller)
+        grants = self._grants_of(caller)
         # Refused (and audited) before anything else, a capability of a pack this build lacks included.
         if grants is not None and capability not in grants.capabilities:
             family = capability.split(".", 1)[0]
@@ -408,7 +454,16 @@ class Runtime:
         except TypeError as exc:
             raise InvalidArgument(f"{capability}: {exc}") from None
         log.debug("capability", extra={"capability": capability, "caller": caller})
+        self._first_use(caller, "kernel.use", capability)
         return await impl(caller, **kwargs)
+
+    def _first_use(self, actor: str, action: str, subject: str) -> None:
+        """Audit the first time in this process that `actor` does `action` on `subject`: the audit log then shows
+        who uses what (McNamara's baseline of usual use) at one entry per pair, not one per call."""
+        key = (actor, action, subject)
+        if key not in self._used:
+            self._used.add(key)
+            self.audit.append(actor, action, subject, True, "first use since start", self._on_behalf_of(actor))
 
     def _on_behalf_of(self, caller: str) -> str:
         who = logs.principal.get()
@@ -424,7 +479,9 @@ class Runtime:
         t0 = time.monotonic()
         try:
             with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
-                if mad in self.slots or mad not in self._grants:
+                if principal:
+                    self._first_use(principal, "tool.call", f"{mad}.{tool}")
+                if mad in self.slots or mad not in self._grants or mad in self._roles:
                     instance = await self._ready(mad)
                     result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
                                                  at_once=_runs_in_place(instance, tool))
@@ -470,6 +527,28 @@ class Runtime:
         reply: Reply = await pending  # want_reply=True: always an awaitable
         return reply.unwrap()
 
+    async def spawn(self, spawner: str, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
+        """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/emads.py): refused, and
+        audited, unless `role` is among the spawner's `spawns`; in `conversation_id` (the spawner must be in it)
+        or in a new conversation titled after the task."""
+        grants = self._grants_of(spawner)
+        if grants is None:
+            raise self._denied(spawner, "emads.spawn", role, f"unknown spawner {spawner!r}")
+        if role not in grants.spawns:
+            why = (f"{role!r} is a persistent MAD: ask it over the bus; only roles are spawned"
+                   if role in self._grants and role not in self._roles
+                   else f"MAD {spawner!r} may not spawn {role!r} (spawns: {sorted(grants.spawns)})")
+            raise self._denied(spawner, "emads.spawn", role, why)
+        if not isinstance(task, str) or not task.strip():
+            raise InvalidArgument("spawn needs a task: a non-empty string")
+        if conversation_id:
+            self._check_member(spawner, conversation_id, "spawn")
+        else:
+            conversation_id = self.bus.create(f"{role}: {task.strip().splitlines()[0][:100]}", [], spawner)["id"]
+        cls = self._roles[role]
+        return await self.emads.run(cls, spawner, task, conversation_id,
+                                    lambda instance: cls(self._kernel_for(instance, conversation_id)))
+
     async def submit(
         self,
         sender: str,
@@ -491,9 +570,12 @@ class Runtime:
         *, want_reply: bool,
     ) -> tuple[Callable[[], dict[str, Any]], Any]:
         # Every way onto the bus refuses alike and audits the refusal (a MAD's ask, Grace, the operator's CLI).
-        grants = self._grants.get(sender)
+        grants = self._grants_of(sender)
         if grants is None:
             raise self._denied(sender, "bus.ask", target, f"unknown sender {sender!r}")
+        if target in self._roles:
+            raise self._denied(sender, "bus.ask", target, f"{target!r} is a role (lifecycle ephemeral): roles are "
+                               "spawned, not asked; list it in the MAD's spawns and call spawn(role, task)")
         if target not in grants.talks_to:
             raise self._denied(sender, "bus.ask", target,
                                f"MAD {sender!r} does not talk to {target!r} (talks_to: {sorted(grants.talks_to)})")
@@ -536,7 +618,7 @@ class Runtime:
             span.end(tracing.outcome_of(exc), exc)
             raise
         span.end()
-        self.metrics.message(sender, "request")
+        self.metrics.message(self._as_mad(sender), "request")
         # The envelope as stored, made only for a caller that wants it (`submit`): a hop need not pay for it.
         return (lambda: request.model_copy(update={"payload": stored}).as_dict()), pending
 
@@ -613,7 +695,7 @@ class Runtime:
         who = logs.principal.get()
         payload = {"on_behalf_of": who} if who and who != caller else None
         posted = self.bus.post(conversation_id, caller, content, kind, correlation_id or logs.correlation_id.get(), payload)
-        self.metrics.message(caller, kind)
+        self.metrics.message(self._as_mad(caller), kind)
         return posted
 
     @implements("conversations.history")
@@ -623,7 +705,7 @@ class Runtime:
 
     def _check_member(self, caller: str, conversation_id: str, action: str) -> None:
         """A MAD reads and posts only in conversations it joined, unless it owns the conversations family."""
-        grants = self._grants.get(caller)
+        grants = self._grants_of(caller)
         if grants is None or "conversations" in grants.owns:
             return
         if caller not in self.bus.get(conversation_id)["participants"]:  # NotFound for an unknown id
@@ -646,17 +728,18 @@ class Runtime:
 
     @implements("models.send")
     async def models_send(self, caller: str, model: str, prompt: str, max_tokens: int = 256) -> dict:
-        accounts = [caller]
+        mad = self._as_mad(caller)  # an eMAD spends its role's budget
+        accounts = [mad]
         who = logs.principal.get()
         if who.startswith("client:") and who != caller:
             accounts.append(who)  # a client's request is charged to the client as well as to the MAD
         try:
             result = await self.models.send(accounts, model, prompt, max_tokens)
         except ModelError:
-            self.metrics.error(caller, "model")
+            self.metrics.error(mad, "model")
             raise
-        self.metrics.llm_tokens(caller, result["prompt_tokens"], kind="prompt")
-        self.metrics.llm_tokens(caller, result["completion_tokens"], kind="completion")
+        self.metrics.llm_tokens(mad, result["prompt_tokens"], kind="prompt")
+        self.metrics.llm_tokens(mad, result["completion_tokens"], kind="completion")
         return result
 
     @implements("models.budget")
@@ -707,6 +790,9 @@ class Runtime:
             if slot.state == "running" and entry["breaker"] == "closed":  # a probe must not be an open breaker's trial
                 probes.append((entry, self.supervisor.probe(name, slot.mad.health)))
             mads.append(entry)
+        for role, cls in self._roles.items():  # no slot and nothing to probe: its state is whether instances run
+            mads.append({"name": role, **self.supervisor.health(role), "lifecycle": "ephemeral",
+                         "instances": self.emads.running(role), "max_instances": cls.max_instances})
         for (entry, _), report in zip(probes, await asyncio.gather(*(p for _, p in probes)), strict=True):
             entry["health"] = report
             entry["ok"] = entry["ok"] and report.get("ok") is not False
@@ -732,18 +818,21 @@ class Runtime:
         out = []
         for cls in self.config.mads:
             slot = self.slots.get(cls.name)
-            out.append(
-                {
-                    "name": cls.name,
-                    "role": cls.role,
-                    "level": cls.level,
-                    "lifecycle": cls.lifecycle,
-                    "state": slot.state if slot else "stopped",
-                    "conversations": list(cls.conversations),
-                    "talks_to": list(cls.talks_to),
-                    "owns": list(cls.owns),
-                    "budget_tokens": cls.budget_tokens,
-                    "tools": [t["qualified_name"] for t in cls.tools()],
-                }
-            )
+            is_role = cls.name in self._roles
+            entry = {
+                "name": cls.name,
+                "role": cls.role,
+                "level": cls.level,
+                "lifecycle": cls.lifecycle,
+                "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
+                "conversations": list(cls.conversations),
+                "talks_to": list(cls.talks_to),
+                "owns": list(cls.owns),
+                "budget_tokens": cls.budget_tokens,
+                "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
+                "spawns": list(cls.spawns),
+            }
+            if is_role:
+                entry.update(max_instances=cls.max_instances, instances=self.emads.running(cls.name))
+            out.append(entry)
         return out

@@ -1,7 +1,8 @@
 """Fault isolation: a MAD whose code raises, hangs or leaks cannot take the process down.
 
 Every call into a MAD made for someone else (a client's tool call, a bus delivery, a health
-probe) goes through `Supervisor.call`; its on_start and on_stop through `Supervisor.start`/`stop`.
+probe) goes through `Supervisor.call`; its on_start and on_stop through `Supervisor.start`/`stop`,
+an eMAD instance's work through `Supervisor.task`.
 
 - **Timeout** (`Mad.handler_timeout_s`; `stop_timeout_s` for on_stop): the handler runs in a task
   of its own; at the deadline it is cancelled and the caller gets `timeout` at once, whether or
@@ -206,7 +207,12 @@ class Supervisor:
         """Run the MAD's on_stop under the policy's stop_timeout_s (at shutdown, before a restart)."""
         await self._lifecycle(mad, "on_stop", fn, self.policy.stop_timeout_s, "stop_timeout_s")
 
-    async def _lifecycle(self, mad: str, op: str, fn: Callable[[], Awaitable[None]], timeout: float, setting: str) -> None:
+    async def task(self, role: str, fn: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """Run an eMAD's work (kernel/emads.py) under its role's task_timeout_s, contained like a call but with
+        no breaker: each instance is new, and its failure is its spawner's answer, not the role's fault."""
+        return await self._lifecycle(role, "work", fn, timeout_s, "task_timeout_s")
+
+    async def _lifecycle(self, mad: str, op: str, fn: Callable[[], Awaitable[T]], timeout: float, setting: str) -> T:
         rec = self._record(mad)
         task = self._spawn(rec, fn)
         if not await self._wait(mad, op, rec, task, timeout):
@@ -214,7 +220,7 @@ class Supervisor:
         fault = self._fault(mad, op, rec, task)
         if fault is not None:
             raise fault
-        task.result()
+        return task.result()
 
     async def probe(self, mad: str, fn: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Run the MAD's `health()` hook as a supervised call, capped at `HEALTH_PROBE_S`: a hanging

@@ -29,9 +29,10 @@ static        every *.py under src/, read with libcst
               exclude: globs (fnmatch; `*` crosses folders) of artifact paths left out of the
               principle and forbidden-import/call rules, never out of syntax-error or
               secret-in-log; a given list replaces the default. Default
-              ["src/*/kernel/testing.py"]: the kernel's test harness starts the server with
-              subprocess. Generated tests are not excluded: the pipeline's own checks hold
-              them to the principles before they are written, and so does the review.
+              ["src/*/kernel/testing.py", "src/*/kernel/packs/charts.py"]: the kernel's test
+              harness starts the server, and the charts pack its renderer, with subprocess.
+              Generated tests are not excluded: the pipeline's own checks hold them to the
+              principles before they are written, and so does the review.
               A principle's own finding is not repeated as forbidden-import/-call.
 
 dependencies  src/pyproject.toml and src/uv.lock against the spec (and the parent's lock)
@@ -72,7 +73,9 @@ from .panel import check_options
 
 DEFAULT_FORBID_IMPORTS = ("pickle", "marshal", "shelve", "subprocess", "telnetlib", "ftplib")
 DEFAULT_FORBID_CALLS = ("eval", "exec", "os.system", "os.popen")
-DEFAULT_EXCLUDE = ("src/*/kernel/testing.py",)
+# The kernel's test harness starts the server, and the charts pack its renderer, as processes of their own
+# (sys.executable, never a shell): the only subprocess imports a kernel has.
+DEFAULT_EXCLUDE = ("src/*/kernel/testing.py", "src/*/kernel/packs/charts.py")
 
 
 def run_check(kind: str, subject: Subject, options: dict) -> VerdictAnswer:

@@ -136,7 +136,9 @@ def _limits(memory_mb: int) -> Callable[[], None]:
     def apply() -> None:
         os.setsid()
         limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        # The memory a process writes (heap and private writable mappings), not its address space: a V8
+        # engine (the charts pack's renderer) reserves tens of GiB it never touches, which RLIMIT_AS refuses.
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
 

@@ -47,6 +47,7 @@ class ToolContract(Frozen):
     capabilities: dict[str, str]
     storage: tuple[dict, ...]
     secrets: tuple[str, ...]
+    spawns: tuple[str, ...] = ()
     interfaces: tuple[dict, ...]
     rules: tuple[dict, ...]
     kernel_api: str
@@ -66,7 +67,8 @@ class ToolContract(Frozen):
                 changed.append(f"capability {name} no longer granted")
             elif self.capabilities[name] != older.capabilities[name]:
                 changed.append(f"capability {name} changed")
-        changed += [f"its MAD's {key} changed" for key in ("storage", "secrets") if getattr(self, key) != getattr(older, key)]
+        changed += [f"its MAD's {key} changed" for key in ("storage", "secrets", "spawns")
+                    if getattr(self, key) != getattr(older, key)]
         before = {i["name"]: i for i in older.interfaces}
         after = {i["name"]: i for i in self.interfaces}
         changed += [f"the interface of {name} {'added' if name not in before else 'removed' if name not in after else 'changed'}"
@@ -108,6 +110,7 @@ def contracts(messages: Iterable[dict[str, str]]) -> dict[str, ToolContract]:
         "capabilities": granted,
         "storage": tuple(mad.get("storage", [])),
         "secrets": tuple(mad.get("secrets", [])),
+        "spawns": tuple(mad.get("spawns", [])),
         "interfaces": tuple(sorted(unit.get("interfaces", []), key=lambda i: i["name"])),
         "rules": tuple(sorted(rules, key=lambda r: r["id"])),
         "kernel_api": sha256_text(section.group("api") if section else ""),

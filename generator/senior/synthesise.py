@@ -112,6 +112,12 @@ def unit_spec(spec: Spec, plan: Plan, unit: Unit) -> dict:
         mad = spec.mad(unit.mad)
         data["mad"] = _mad_json(mad)
         data["interfaces"] = [_interface(spec.mad(n)) for n in plan.startup_order if n in mad.talks_to]
+        # Given only when there are any: a spec without roles asks what it always asked.
+        if mad.spawns:
+            data["roles"] = [{"name": r, "role": spec.mad(r).role, "max_instances": spec.mad(r).max_instances or 1}
+                             for r in mad.spawns]
+        if spawners := sorted(m.name for m in spec.mads if mad.name in m.spawns):
+            data["spawners"] = spawners
     else:
         data["mads"] = [_mad_json(spec.mad(n)) for n in plan.startup_order]
     return data

@@ -35,8 +35,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, SpecProblem
-from ..kernel.capabilities import CAPABILITIES
-from ..kernel_contract import kernel_tables, reserved_names
+from ..kernel.capabilities import CAPABILITIES, PACKS, packs_of
+from ..kernel_contract import kernel_tables, pack_settings, reserved_names
 from .model import (
     IDENTIFIER,
     MAD_CHANGES,
@@ -108,6 +108,7 @@ def load_spec(root: str | Path) -> Spec:
 
     if ecosystem_doc is not None and ecosystem is not None:
         problems += _check_ecosystem(ecosystem_doc, ecosystem)
+        problems += _check_packs(ecosystem_doc, ecosystem, mads)
     problems += _check_mads(mads, known_names, ecosystem)
     if requirements is not None:
         problems += _check_requirements(folder.show("requirements.md"), requirements, mads,
@@ -661,6 +662,59 @@ def _check_ecosystem(doc: _Document, ecosystem: EcosystemSpec) -> list[SpecProbl
     return problems
 
 
+def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:
+    """A capability pack a tool is bound to brings its pinned libraries: ecosystem.yaml must list each, at the
+    pack's pin (the version its guards were tested with), so the artifact's pyproject and uv.lock carry them.
+    Settings under `packs:` are only for packs the ecosystem uses."""
+    used = packs_of(t.builtin for _, mad in mads for t in mad.tools if t.builtin)
+    problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
+                            f"a tool to a {name}.* capability, or remove these settings)")
+                for name in ecosystem.packs if name not in used]
+    for name, settings in ecosystem.packs.items():
+        known = pack_settings(name)
+        for key, value in settings.items():
+            want = known.get(key)
+            if want is None:
+                problems.append(doc.problem(("packs", name, key), f"unknown setting '{key}' of the {name!r} pack; "
+                                            + _closest(key, known, "expected one of")))
+            elif not _setting_fits(value, want):
+                problems.append(doc.problem(("packs", name, key), f"setting '{key}' of the {name!r} pack takes "
+                                            f"{_TYPE_WORDS.get(want, want.__name__)}, not {_describe(value)}"))
+    listed = {_requirement_name(r): (index, r.strip()) for index, r in enumerate(ecosystem.dependencies)}
+    for pack in sorted(used):
+        users = sorted({f"{mad.name}.{t.name}" for _, mad in mads for t in mad.tools
+                        if t.builtin and t.builtin.split(".", 1)[0] == pack})
+        why = f"tool {', '.join(users)}" if users else "a pack the bound packs require"
+        for pin in PACKS[pack].dependencies:
+            index, have = listed.get(_requirement_name(pin), (None, ""))
+            if index is None:
+                problems.append(doc.problem(("dependencies",), f"the {pack!r} capability pack ({why}) needs {pin}, "
+                                            f"which `dependencies` lacks; add `- {pin}`"))
+            elif have.replace(" ", "") != pin:
+                problems.append(doc.problem(("dependencies", index), f"the {pack!r} capability pack ({why}) is tested "
+                                            f"with {pin}, not {have}; pin `- {pin}`"))
+    return problems
+
+
+_TYPE_WORDS = {int: "a number", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+               bool: "true or false"}
+
+
+def _setting_fits(value: Any, want: type) -> bool:
+    if want is object:
+        return True
+    if isinstance(value, bool) or want is bool:
+        return isinstance(value, bool) and want is bool
+    # A number for a number: whether a whole one is needed, or a range, the pack says when the ecosystem starts.
+    return isinstance(value, (int, float)) if want in (int, float) else isinstance(value, want)
+
+
+def _requirement_name(requirement: str) -> str:
+    """A requirement's distribution name as PyPI compares them (case, -, _ and . alike), extras dropped."""
+    name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement)
+    return re.sub(r"[-_.]+", "-", name[1]).lower() if name else requirement
+
+
 def _secret_message(name: str) -> str:
     return (f"secret name {name!r} is not a plain identifier; "
             "expected letters, digits and _, not starting with a digit")
@@ -684,6 +738,7 @@ def _check_mads(mads: list[tuple[_Document, MadSpec]], known: set[str],
         problems += _check_tools(doc, mad)
         problems += _check_columns(doc, mad)
         problems += _check_talks_to(doc, mad, known)
+        problems += _check_lifecycle(doc, mad, {m.name: m for _, m in mads})
         if ecosystem is not None and mad.imperator.model not in ecosystem.models:
             alias = mad.imperator.model
             hint = (_closest(alias, ecosystem.models, "defined") if ecosystem.models
@@ -880,6 +935,37 @@ def _check_talks_to(doc: _Document, mad: MadSpec, known: set[str]) -> list[SpecP
         elif other not in known:
             problems.append(doc.problem(("talks_to", index), f"talks_to names unknown MAD '{other}'; "
                                         + _closest(other, known, "known MADs")))
+    return problems
+
+
+def _check_lifecycle(doc: _Document, mad: MadSpec, by_name: dict[str, MadSpec]) -> list[SpecProblem]:
+    """Roles (ephemeral MADs) are spawned for a task, never asked or served: what that rules out."""
+    problems = []
+    for index, role in enumerate(mad.spawns):
+        other = by_name.get(role)
+        if other is None:
+            problems.append(doc.problem(("spawns", index), f"spawns names unknown MAD '{role}'; "
+                                        + _closest(role, by_name, "known MADs")))
+        elif other.lifecycle != "ephemeral":
+            problems.append(doc.problem(("spawns", index), f"'{role}' is a persistent MAD, which runs once and is "
+                                        "asked over the bus; spawns names roles (lifecycle: ephemeral)"))
+    for index, other in enumerate(mad.talks_to):
+        if other in by_name and by_name[other].lifecycle == "ephemeral":
+            problems.append(doc.problem(("talks_to", index), f"'{other}' is a role (lifecycle: ephemeral): roles are "
+                                        "spawned for a task, not asked; list it under spawns"))
+    if mad.lifecycle == "ephemeral":
+        if mad.tools:
+            problems.append(doc.problem(("tools",), f"role '{mad.name}' (lifecycle: ephemeral) declares tools, which "
+                                        "no client could call: an instance works on its task through its Thought "
+                                        "Engine; remove the tools, or make the MAD persistent"))
+        if mad.conversations:
+            problems.append(doc.problem(("conversations",), f"role '{mad.name}' (lifecycle: ephemeral) joins only "
+                                        "the conversation of its task; remove `conversations`"))
+    else:
+        for key in ("max_instances", "task_timeout_seconds"):
+            if getattr(mad, key) is not None:
+                problems.append(doc.problem((key,), f"{key} is for roles (lifecycle: ephemeral); '{mad.name}' is "
+                                            "persistent: remove it"))
     return problems
 
 

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..frozen import Frozen
-from ..kernel.capabilities import TYPE_NAMES, packs_of
+from ..kernel.capabilities import PACKS, TYPE_NAMES, packs_of
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # The oldest Python the kernel runs on (its own code uses 3.11 features).
@@ -237,6 +237,13 @@ class MadSpec(Frozen):
         default_factory=list, exclude_if=lambda ids: not ids,
         description="ids of requirements.md that this MAD's tools and their tests prove, e.g. [R1, R4]",
     )
+    # Ephemeral MADs (roles) and who may spawn them; dumped only when given, like `requirements`.
+    spawns: list[str] = Field(default_factory=list, exclude_if=lambda roles: not roles,
+                              description="the roles (ephemeral MADs) this MAD may spawn for a task")
+    max_instances: int | None = Field(default=None, ge=1, le=64, exclude_if=lambda n: n is None,
+                                      description="a role's cap of instances running at once (default 1)")
+    task_timeout_seconds: float | None = Field(default=None, gt=0, le=86_400, exclude_if=lambda t: t is None,
+                                               description="how long one instance of a role may work (default 300)")
 
     @property
     def class_name(self) -> str:
@@ -290,6 +297,14 @@ def _supported_python(version: str) -> str:
     return version
 
 
+def _pack_name(name: str) -> str:
+    if name not in PACKS:
+        close = difflib.get_close_matches(name, list(PACKS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise spec_rule(f"unknown capability pack '{name}'; expected one of: {', '.join(sorted(PACKS))}{hint}")
+    return name
+
+
 def _acceptance_area(area: str) -> str:
     if area not in ACCEPTANCE_AREAS:
         close = difflib.get_close_matches(area, list(ACCEPTANCE_AREAS), n=1)
@@ -308,7 +323,12 @@ class EcosystemSpec(Frozen):
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     client_budget_tokens: int = Field(default=100_000, ge=0)
     principles: list[PrincipleRule] = Field(default_factory=list)
-    # Dumped (into prompts) only when given, like MadSpec.requirements.
+    # Dumped (into prompts) only when given, like MadSpec.requirements and `acceptance`.
+    packs: dict[Annotated[str, AfterValidator(_pack_name)], dict[str, Any]] = Field(
+        default_factory=dict, exclude_if=lambda packs: not packs,
+        description="capability pack -> its settings in the built ecosystem (e.g. web: {allow: [127.0.0.1]}, "
+                    "files: {quota_bytes: 1000000}); a pack's defaults apply to what is not set",
+    )
     acceptance: dict[Annotated[str, AfterValidator(_acceptance_area)], list[str]] = Field(
         default_factory=dict, exclude_if=lambda areas: not areas,
         description="kernel acceptance-test area -> ids of requirements.md it proves; areas: "

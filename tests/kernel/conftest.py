@@ -145,7 +145,7 @@ class Grace(Mad):
     name = "grace"
     role = "User interface"
     level = "V1"
-    lifecycle = "ephemeral"
+    lifecycle = "persistent"
     conversations = ("general",)
     talks_to = ("rogers",)
     secrets = ()

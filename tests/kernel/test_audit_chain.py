@@ -106,7 +106,7 @@ def test_the_database_refuses_updates_deletes_and_forks(kit, tmp_path):
 
 @pytest.mark.parametrize(("tampering", "first_broken"), [
     (["UPDATE audit_log SET detail = 'nothing to see' WHERE id = 3"], "entry 3 "),
-    (["UPDATE audit_log SET ok = 1 WHERE id = 4"], "entry 4 "),
+    (["UPDATE audit_log SET ok = 1 - ok WHERE id = 4"], "entry 4 "),
     (["DELETE FROM audit_log WHERE id = 3"], "entry 4 "),
     (["DELETE FROM audit_log WHERE id = 1"], "entry 2 "),
     # two entries swapped, each carrying its own chain fields along

@@ -8,22 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from generator.kernel.capabilities import PACKS, available, with_required
+
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
 
 
-@pytest.mark.parametrize("packs", [(), ("files",)])
+@pytest.mark.parametrize("packs", [(), *((name,) for name in PACKS), tuple(PACKS)], ids=lambda p: "+".join(p) or "core")
 def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_modules, packs):
-    """The core alone, and the core with each pack a MAD owns (loaded by name: nothing else is)."""
-    from generator.kernel.capabilities import PACKS, available
-
+    """The core alone, the core with each pack a MAD owns, and with every pack (loaded by name, with the packs
+    they require: nothing else is)."""
     config, kernel, runtime_mod = eco_modules
-    assert set(PACKS) == {"files"}  # a new pack: add it to the parameters above
     owners = tuple(type(f"Owns_{p}", (kernel.Mad,), {"name": f"owns_{p}", "role": f"owns {p}", "owns": (p,)})
                    for p in packs)
     runtime = runtime_mod.Runtime(config.model_copy(update={"mads": (*config.mads, *owners)}), tmp_path / "state")
     try:
-        assert set(runtime.packs) == set(packs)
-        assert set(runtime._impls) == set(available(packs))
+        assert set(runtime.packs) == with_required(packs)
+        assert set(runtime._impls) == set(available(with_required(packs)))
         for name, cap in available(packs).items():
             impl = runtime.capability_impl(name)
             params = list(inspect.signature(impl).parameters.values())
@@ -41,13 +41,30 @@ def test_every_capability_is_implemented_with_matching_signature(tmp_path, eco_m
         runtime.db.close()
 
 
+def _pack_imports() -> dict[str, set[str]]:
+    """Pack -> the import names its pinned dependencies provide (duckdb, docx, vl_convert, ...)."""
+    from importlib.metadata import packages_distributions
+
+    by_distribution: dict[str, set[str]] = {}
+    for module, distributions in packages_distributions().items():
+        for distribution in distributions:
+            by_distribution.setdefault(distribution.lower().replace("_", "-"), set()).add(module)
+    return {name: {module for dep in info.dependencies
+                   for module in by_distribution.get(dep.split("==")[0].lower().replace("_", "-"), set())}
+            for name, info in PACKS.items()}
+
+
 def test_kernel_imports_nothing_outside_its_allowed_dependencies():
-    allowed = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic", "prometheus_client", "redis",
-               "opentelemetry"}
+    """The core imports its runtime dependencies only; a pack module may add its own pinned dependencies."""
+    core = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic", "prometheus_client", "redis",
+            "opentelemetry"}
     import sys
 
     stdlib = set(sys.stdlib_module_names)
+    extra = _pack_imports()
     for path in KERNEL.rglob("*.py"):
+        pack = path.stem if path.parent.name == "packs" and path.stem in PACKS else ""
+        allowed = core | extra.get(pack, set())
         tree = ast.parse(path.read_text())
         # redis is imported only where the Redis bus is configured, never when a module loads
         top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]

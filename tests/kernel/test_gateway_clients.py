@@ -341,7 +341,8 @@ def test_revoke_takes_effect_on_a_running_server(tiny_ecosystem, kernel, eco_mod
     finally:
         db.close()
     assert rows[:2] == [("ci", "grace.status", "ok", cid), ("ci", "turing.get_secret", "denied", rows[1][3])]
-    assert actions[0] == "gateway.tool-denied" and "gateway.revoked" in actions
+    # Its first call of a tool is recorded once (what it uses), then the refusal and the revocation.
+    assert actions[:2] == ["tool.call", "gateway.tool-denied"] and "gateway.revoked" in actions
     logged = [json.loads(line) for line in eco.logs().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "gateway call" and line.get("correlation_id") == cid and line["client"] == "ci" for line in logged)
 
@@ -504,7 +505,9 @@ def test_tools_carry_the_mcp_annotations_their_capability_implies(gateway, kerne
     assert tools["grace.status"].annotations is None  # not hinted: MCP's cautious defaults apply
     caps = importlib.import_module(kernel.clients.__name__.rsplit(".", 1)[0] + ".capabilities")
     assert caps.READ_ONLY <= set(caps.CAPABILITIES) and caps.IDEMPOTENT_WRITES <= set(caps.CAPABILITIES)
-    assert caps.tool_hints("secrets.get") == {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}
+    assert caps.tool_hints("secrets.get") == {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True,
+                                              "openWorldHint": False}
+    assert caps.tool_hints("web.fetch")["openWorldHint"] is True
     assert caps.tool_hints("conversations.post")["readOnlyHint"] is False and caps.tool_hints("nope") == {}
 
 

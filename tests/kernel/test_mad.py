@@ -56,7 +56,7 @@ def test_status_and_mads(runtime):
     assert status["healthy"] is True
     assert [m["name"] for m in status["mads"]] == ["turing", "rogers", "fiedler", "grace"]
     states = {m["name"]: m["state"] for m in status["mads"]}
-    assert states["grace"] == "idle" and states["turing"] == "running"  # grace is ephemeral: started on first use
+    assert states["grace"] == "running" and states["turing"] == "running"
     mads = asyncio.run(runtime.use("ecosystem.mads", caller="grace"))
     turing = mads[0]
     assert turing["role"] == "Secrets keeper <of the group>" and turing["level"] == "V1"

@@ -225,3 +225,17 @@ def test_its_store_is_its_own_tables_only(rogue_rt):
         rt.mad("rogue").store.select("secrets")
     with pytest.raises(kernel.InvalidArgument, match="has no table 'notes'"):
         rt.mad("rogue").store.select("notes")
+
+
+def test_the_first_use_of_each_capability_and_tool_is_audited_once(rogue_rt):
+    """What each MAD and client uses is in the audit log (McNamara's baseline), once per pair, not per call."""
+    rt, run, _ = rogue_rt
+    lobby = rt.mad("rogue").conversation_id("lobby")
+    for n in range(3):
+        run(rt.invoke_tool("rogue", "post", {"conversation_id": lobby, "content": f"hi {n}"}, principal="client:ops"))
+    uses = [(e["actor"], e["action"], e["subject"], e["on_behalf_of"]) for e in rt.audit.recent(200) if e["ok"]
+            and e["action"] in ("kernel.use", "tool.call")]
+    assert uses.count(("rogue", "kernel.use", "conversations.post", "client:ops")) == 1
+    assert uses.count(("client:ops", "tool.call", "rogue.post", "")) == 1
+    assert ("turing", "kernel.use", "secrets.set", "") in uses  # the fixture's own calls, once though made twice
+    assert uses.count(("turing", "kernel.use", "secrets.set", "")) == 1

@@ -6,7 +6,8 @@ The core (this file) says what a pack is. A pack module (`packs/<name>.py`) defi
 (a MAD owns the family, or a tool is bound to one of its capabilities), with the pack's pinned
 dependencies; the runtime loads the packs of the families its MADs own, by name, and nothing else.
 A pack reaches the ecosystem only through its `PackContext`: its own folder in the state directory,
-its settings, and the audit log.
+its settings, the audit log, and the packs it requires (`PackInfo.requires`, through `peer`): the documents
+pack writes into the files pack's root that way, never around its guards.
 """
 
 from __future__ import annotations
@@ -36,13 +37,23 @@ class PackContext:
     """What a pack is given: the ecosystem's name, a folder of its own under the state directory, its
     settings (`EcosystemConfig.pack_settings[<pack>]`), and the two ways it tells the operator what
     happened: `audit(actor, action, subject, ok, detail)` and `denied(actor, action, subject, why)`,
-    which audits a refusal and returns the AccessDenied to raise."""
+    which audits a refusal and returns the AccessDenied to raise. `peer(name)` is another loaded pack this
+    one requires. `audit_entries(after_id, limit)` reads the audit log (entries with a larger id, oldest
+    first), and `post(actor, title, content)` posts to the conversation of that title (made if missing):
+    the security pack's view of the ecosystem."""
 
     ecosystem: str
     folder: Path
     settings: dict[str, Any] = field(default_factory=dict)
     audit: Callable[[str, str, str, bool, str], None] = lambda *_: None
     denied: Callable[[str, str, str, str], KernelError] = lambda _a, _c, _s, why: KernelError(why)
+    peer: Callable[[str], Pack] = field(default=lambda name: _no_peer(name))
+    audit_entries: Callable[[int, int], list[dict[str, Any]]] = lambda _after, _limit: []
+    post: Callable[[str, str, str], dict[str, Any]] = lambda _actor, _title, _content: {}
+
+
+def _no_peer(name: str) -> Pack:
+    raise KernelError(f"the {name!r} capability pack is not loaded in this ecosystem")
 
 
 class Pack:

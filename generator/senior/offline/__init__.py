@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from ...render import environment
 from .written import WrittenTool, splice_module, splice_tests
@@ -54,7 +55,9 @@ def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) ->
                 "pipeline, e.g. --pipeline pipelines/frontier.toml"
             )
         owns = sorted({t["builtin"].split(".")[0] for t in mad["tools"] if t.get("builtin")})
-        context = {"mad": mad, "owns": owns, "unit": unit, "package": package}
+        # The capabilities whose tests live in a pack's own case file (mad/cases/<pack>.py.j2).
+        pack_caps = [t["builtin"] for t in mad["tools"] if t.get("builtin") and t["builtin"].split(".")[0] in CASE_PACKS]
+        context = {"mad": mad, "owns": owns, "unit": unit, "package": package, "pack_caps": pack_caps}
         module = env.get_template("mad/module.py.j2").render(**context)
         tests = env.get_template("mad/test_mad.py.j2").render(**context)
         mine = {f"{mad['name']}.{t['name']}": written[f"{mad['name']}.{t['name']}"] for t in mad["tools"]
@@ -89,6 +92,9 @@ def unit_spec_of(messages: list[dict[str, str]] | tuple[dict[str, str], ...]) ->
         raise ValueError("the prompt has no <unit-spec> block; offline/reference only writes units")
     return json.loads(match.group(1))
 
+
+# Packs whose tools' end-to-end tests are written in a case file of their own, by capability.
+CASE_PACKS = frozenset(p.name.removesuffix(".py.j2") for p in (Path(__file__).parent / "templates" / "mad" / "cases").glob("*.py.j2"))
 
 FRAME_FILES = {
     "pyproject.toml": "pyproject.toml.j2",

@@ -169,7 +169,8 @@ def _is_tool(fn: cst.FunctionDef) -> bool:
 
 # Class attributes the templates write from the spec: a lifted tool never brings its own.
 TEMPLATE_ATTRIBUTES = frozenset({"name", "role", "level", "lifecycle", "conversations", "talks_to", "secrets", "owns",
-                                 "budget_tokens", "storage", "imperator_model", "imperator_prompt"})
+                                 "budget_tokens", "storage", "imperator_model", "imperator_prompt", "spawns",
+                                 "max_instances", "task_timeout_s"})
 
 
 def _member_names(statement: cst.CSTNode) -> set[str]:
