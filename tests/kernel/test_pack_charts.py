@@ -21,60 +21,39 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pack_helpers import CALLER, SECRET, SECRET_TEXT, Recorder, owner, refused, run, running
 
 from generator.kernel import capabilities
 from generator.kernel.capabilities import CAPABILITIES, PACKS, ChartRendered, tool_hints
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError
-from generator.kernel.packs import IMPL_ATTR, PackContext, load
+from generator.kernel.packs import IMPL_ATTR, load
 from generator.kernel.packs import charts as charts_module
 from generator.kernel.packs.charts import ChartsPack
 from generator.kernel.packs.files import FilesPack
 
-CALLER = "rogue"
 ROWS = [{"month": "Jan", "sales": 3, "region": "north"}, {"month": "Feb", "sales": 5.5, "region": "south"},
         {"month": "Mar", "sales": 2, "region": "north"}, {"month": "Apr", "sales": 0, "region": "south"}]
-SECRET = b"outside secret: never read me\n"
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 @dataclass
-class Env:
+class Env(Recorder):
     tmp: Path
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
-    raised: list[KernelError] = field(default_factory=list)
     files: FilesPack | None = None
 
-    def context(self, name: str, peer: Any = None, **settings: Any) -> PackContext:
-        def audit(actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-            self.audits.append((actor, action, subject, ok, detail))
-
-        def denied(actor: str, action: str, subject: str, why: str) -> KernelError:
-            self.denials.append((actor, action, subject, why))
-            self.raised.append(AccessDenied(why))
-            return self.raised[-1]
-
-        kwargs: dict[str, Any] = {"peer": peer} if peer else {}
-        return PackContext(ecosystem="eco", folder=self.tmp / "state" / name, settings=settings, audit=audit,
-                           denied=denied, **kwargs)
-
     def pack(self, **settings: Any) -> ChartsPack:
-        self.files = FilesPack(self.context("files"))
+        self.files = FilesPack(self.context(self.tmp / "state" / "files"))
 
         def peer(name: str) -> Any:
             if name != "files":
                 raise KernelError(f"the 'charts' pack does not require the {name!r} pack")
             return self.files
 
-        return ChartsPack(self.context("charts", peer, **settings))
+        return ChartsPack(self.context(self.tmp / "state" / "charts", settings, peer))
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +99,6 @@ def borrow(env: Env, shared: tuple[Env, ChartsPack]) -> Iterator[Any]:
     yield make
     for pack in made:
         pack._executor.shutdown(wait=True)
-
-
-def refused(env: Env, subject: str, coro: Any, match: str, op: str = "charts.render") -> str:
-    """Run `coro`, expect the AccessDenied `context.denied` returned, audited for `op` on `subject`."""
-    before = len(env.denials)
-    with pytest.raises(AccessDenied, match=match or None) as caught:
-        run(coro)
-    assert len(env.denials) == before + 1
-    actor, action, subj, why = env.denials[-1]
-    assert (actor, action, subj) == (CALLER, op, subject)
-    assert caught.value is env.raised[-1]
-    return why
 
 
 def svg_tree(result: dict[str, Any]) -> ET.Element:
@@ -372,17 +339,21 @@ def test_limits_are_refused_and_audited(env: Env, borrow: Any):
     pack = borrow(max_rows=3, max_width=500, max_height=300, max_title_chars=10, max_label_chars=8,
                     default_width=400, default_height=300)
     rows = [{"k": f"c{i}", "v": i} for i in range(4)]
-    why = refused(env, "bar chart", pack.render(CALLER, "bar", rows, "k", "v"), "4 rows")
+    why = refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", rows, "k", "v"), match="4 rows")
     assert "charts.max_rows" in why and "3" in why
-    refused(env, "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", width=501), "charts.max_width")
-    refused(env, "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", width=49), "50..500")
-    refused(env, "pie chart", pack.render(CALLER, "pie", rows[:3], "k", "v", height=301), "charts.max_height")
-    refused(env, "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", title="x" * 11),
-            "title has 11 characters.*charts.max_title_chars")
+    refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", width=501),
+            match="charts.max_width")
+    refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", width=49), match="50..500")
+    refused(env, "charts.render", "pie chart", pack.render(CALLER, "pie", rows[:3], "k", "v", height=301),
+            match="charts.max_height")
+    refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", rows[:3], "k", "v", title="x" * 11),
+            match="title has 11 characters.*charts.max_title_chars")
     long_rows = [{"k": "123456789", "v": 1}]
-    refused(env, "bar chart", pack.render(CALLER, "bar", long_rows, "k", "v"), "charts.max_label_chars")
-    refused(env, "out.svg", pack.render(CALLER, "bar", [{"long_name": "a", "v": 1}], "long_name", "v",
-                                        path="out.svg"), "x has 9 characters")
+    refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", long_rows, "k", "v"),
+            match="charts.max_label_chars")
+    refused(env, "charts.render", "out.svg",
+            pack.render(CALLER, "bar", [{"long_name": "a", "v": 1}], "long_name", "v", path="out.svg"),
+            match="x has 9 characters")
     assert env.audits == [] and not (env.tmp / "state" / "files" / "out.svg").exists()
     assert pack._renderer.calls == 0  # every refusal came before anything was drawn
     got = run(pack.render(CALLER, "bar", rows[:3], "k", "v", title="x" * 10, width=500, height=50))
@@ -392,10 +363,11 @@ def test_limits_are_refused_and_audited(env: Env, borrow: Any):
 
 def test_output_size_limit(env: Env, borrow: Any):
     pack = borrow(max_output_bytes=2000)
-    why = refused(env, "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales"), "max_output_bytes")
+    why = refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales"),
+                  match="max_output_bytes")
     assert "2000" in why
-    refused(env, "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales", format="png"),
-            "max_output_bytes")
+    refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales", format="png"),
+            match="max_output_bytes")
     assert env.files is not None and run(env.files.list(CALLER)) == []
 
 
@@ -406,7 +378,8 @@ def test_a_hung_render_is_killed_at_the_time_limit_and_the_next_one_works(env: E
     pack = env.pack(timeout_s=1.0)
     try:
         t0 = time.monotonic()
-        why = refused(env, "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales"), r"longer than 1 s")
+        why = refused(env, "charts.render", "bar chart", pack.render(CALLER, "bar", ROWS, "month", "sales"),
+                      match=r"longer than 1 s")
         assert "charts.timeout_s" in why and time.monotonic() - t0 < 30
         assert pack._renderer._proc is None  # killed, not left running
         monkeypatch.undo()
@@ -559,7 +532,7 @@ def test_the_renderer_reaches_no_url_and_no_file_even_given_a_hostile_spec(share
             assert re.search(match, reply["error"]), reply["error"]
     file_spec = {"data": {"url": secret.as_uri(), "format": {"type": "csv"}}, "mark": "bar", "encoding": enc}
     reply = pack._renderer.render(json.dumps({"spec": file_spec, "config": {}, "format": "svg"}).encode(), 30.0, 1 << 22)
-    assert SECRET.strip().decode() not in json.dumps(reply)
+    assert SECRET_TEXT not in json.dumps(reply)
     # through the capability, a URL in the rows is only a label
     got = draw(pack, "bar", [{"u": f"{base}/data.json", "v": 1}], x="u", y="v", format="png")
     assert got["rows"] == 1
@@ -607,7 +580,7 @@ def test_path_escapes_are_refused_by_the_files_pack(env: Env, borrow: Any):
     (root / "link").symlink_to(outside, target_is_directory=True)
     for bad in ("../x.svg", "../../outside/keep.svg", str(outside / "keep.svg"), "link/keep.svg", "a//b.svg",
                 "./x.svg"):
-        refused(env, bad, pack.render(CALLER, "bar", ROWS, "month", "sales", path=bad), "", op="files.write")
+        refused(env, "files.write", bad, pack.render(CALLER, "bar", ROWS, "month", "sales", path=bad))
     assert (outside / "keep.svg").read_bytes() == SECRET and sorted(os.listdir(outside)) == ["keep.svg"]
     assert sorted(os.listdir(root)) == ["link"] and not (env.tmp / "state" / "x.svg").exists()
     assert [a for a in env.audits if a[1] == "charts.render"] == []  # nothing saved, nothing claimed
@@ -618,20 +591,12 @@ def test_path_escapes_are_refused_by_the_files_pack(env: Env, borrow: Any):
 
 
 def test_a_mad_owning_charts_uses_the_pack_through_the_runtime_and_others_are_refused(tmp_path, eco_modules):
-    config, kernel, runtime_mod = eco_modules
-
-    class Playfair(kernel.Mad):
-        name = "playfair"
-        role = "draws charts"
-        owns = ("charts",)
+    kernel = eco_modules[1]
+    Playfair = owner(kernel, "playfair", "draws charts", "charts")
 
     async def main() -> list[dict[str, Any]]:
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, Playfair),
-                                      "pack_settings": {"charts": {"max_rows": 4}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", Playfair,
+                           pack_settings={"charts": {"max_rows": 4}}) as runtime:
             assert set(runtime.packs) == {"charts", "files"}  # files comes with charts, which requires it
             playfair = runtime.mad("playfair")
             got = await playfair.use("charts.render", kind="pie", rows=ROWS, x="month", y="sales", format="png",
@@ -657,8 +622,6 @@ def test_a_mad_owning_charts_uses_the_pack_through_the_runtime_and_others_are_re
             return runtime.db.query("SELECT actor, action, subject, ok FROM audit_log WHERE action LIKE 'charts.%' "
                                     "OR action LIKE 'files.%' OR subject LIKE 'charts.%' OR subject LIKE 'files.%' "
                                     "ORDER BY id")
-        finally:
-            await runtime.stop()
 
     rows = asyncio.run(main())
     saved = (tmp_path / "state" / "files" / "charts" / "sales.png").read_bytes()

@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from pack_helpers import CALLER, SECRET_TEXT, Recorder, outside, owner, refused, run, running, snapshot
 
 from generator.kernel.capabilities import CAPABILITIES, PACKS, packs_of
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
@@ -28,33 +29,19 @@ from generator.kernel.packs import IMPL_ATTR, PackContext, load
 from generator.kernel.packs.data import STAGING, DataPack
 from generator.kernel.packs.files import FilesPack
 
-SECRET = "outside secret: never read me"
-CALLER = "rogue"
 CSV = "id,name,born,score\n1,ann,2001-02-03,1.5\n2,bob,1999-12-31,2.25\n3,cy,2010-06-07,\n"
 
 
 @dataclass
-class Env:
+class Env(Recorder):
     tmp: Path
     folder: Path
     files_root: Path
     outside: Path
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
-    raised: list[KernelError] = field(default_factory=list)
     packs: list[Any] = field(default_factory=list)
 
-    def _audit(self, actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-        self.audits.append((actor, action, subject, ok, detail))
-
-    def _denied(self, actor: str, action: str, subject: str, why: str) -> KernelError:
-        self.denials.append((actor, action, subject, why))
-        self.raised.append(AccessDenied(why))
-        return self.raised[-1]
-
     def files(self, **settings: Any) -> FilesPack:
-        pack = FilesPack(PackContext(ecosystem="eco", folder=self.files_root, settings=settings, audit=self._audit,
-                                     denied=self._denied))
+        pack = FilesPack(self.context(self.files_root, settings))
         self.packs.append(pack)
         return pack
 
@@ -64,26 +51,18 @@ class Env:
                 return files
             raise KernelError(f"the 'data' pack does not require the {name!r} pack")
 
-        pack = DataPack(PackContext(ecosystem="eco", folder=self.folder, settings=settings, audit=self._audit,
-                                    denied=self._denied, peer=peer))
+        pack = DataPack(self.context(self.folder, settings, peer))
         self.packs.append(pack)
         return pack
 
 
 @pytest.fixture
 def env(tmp_path: Path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.csv").write_text(f"secret\n{SECRET}\n")
-    (outside / "secret.txt").write_text(SECRET)
-    e = Env(tmp=tmp_path, folder=tmp_path / "state" / "data", files_root=tmp_path / "state" / "files", outside=outside)
+    e = Env(tmp=tmp_path, folder=tmp_path / "state" / "data", files_root=tmp_path / "state" / "files",
+            outside=outside(tmp_path, {"secret.csv": f"secret\n{SECRET_TEXT}\n".encode()}))
     yield e
     for pack in e.packs:
         asyncio.run(pack.close())
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def lake(pack: DataPack) -> dict[str, tuple[Any, ...]]:
@@ -95,35 +74,6 @@ def lake(pack: DataPack) -> dict[str, tuple[Any, ...]]:
                 for n in names}
     finally:
         cursor.close()
-
-
-def tree(top: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, ...]]:
-    """Every file under `top` (links not followed) with its content, but for the lake's own database files."""
-    seen: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            if name.startswith(skip):
-                continue
-            st = p.lstat()
-            body = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
-            seen[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), body)
-    return seen
-
-
-def refused(env: Env, op: str, coro: Any, subject: str | None = None) -> str:
-    """Run `coro`, expect the AccessDenied `context.denied` returned, audited for `op` (and `subject`)."""
-    before = len(env.denials)
-    with pytest.raises(AccessDenied) as caught:
-        run(coro)
-    assert len(env.denials) == before + 1
-    actor, action, subj, why = env.denials[-1]
-    assert (actor, action) == (CALLER, op)
-    if subject is not None:
-        assert subj == subject
-    assert caught.value is env.raised[-1]
-    assert SECRET not in why
-    return why
 
 
 def loaded(pack: DataPack, table: str = "people", content: str = CSV, **kw: Any) -> dict[str, Any]:
@@ -413,16 +363,16 @@ ROGUE_SQL = [
 def test_rogue_sql_is_refused_audited_and_changes_nothing(env: Env):
     pack = env.pack()
     loaded(pack)
-    before_lake, before_disk = lake(pack), tree(env.tmp, skip=("lake.duckdb",))
+    before_lake, before_disk = lake(pack), snapshot(env.tmp, skip=("lake.duckdb",))
     for template in ROGUE_SQL:
         sql = template.replace("{outside}", str(env.outside))
         try:
-            why = refused(env, "data.query", pack.query(CALLER, sql))
+            why = refused(env, "data.query", None, pack.query(CALLER, sql))
         except BaseException as exc:
             raise AssertionError(f"not refused as it should be: {sql!r}") from exc
         assert why.strip() and env.denials[-1][2] == (sql if sql.isprintable() else env.denials[-1][2])
         assert lake(pack) == before_lake, sql
-        assert tree(env.tmp, skip=("lake.duckdb",)) == before_disk, sql  # nothing written anywhere, staging included
+        assert snapshot(env.tmp, skip=("lake.duckdb",)) == before_disk, sql  # nothing written anywhere, staging included
         assert run(pack.query(CALLER, "SELECT count(*) AS n FROM people"))["rows"] == [[3]], sql  # still working
     assert len(env.denials) == len(ROGUE_SQL)
 
@@ -463,7 +413,7 @@ def test_refusals_say_what_is_wrong(env: Env):
         "SET enable_external_access = true": "SET statement",
     }
     for sql, message in cases.items():
-        assert message in refused(env, "data.query", pack.query(CALLER, sql), subject=sql)
+        assert message in refused(env, "data.query", sql, pack.query(CALLER, sql))
 
 
 @pytest.mark.parametrize("sql,error,match", [
@@ -522,9 +472,9 @@ def test_very_long_and_deeply_nested_queries(env: Env):
     pack = env.pack(max_sql_chars=1000)
     loaded(pack)
     long_sql = "SELECT " + " + ".join(["1"] * 600)
-    why = refused(env, "data.query", pack.query(CALLER, long_sql))
+    why = refused(env, "data.query", None, pack.query(CALLER, long_sql))
     assert "max_sql_chars" in why and "1000" in why and len(env.denials[-1][2]) <= 200
-    pack2 = DataPack(PackContext(ecosystem="eco", folder=env.tmp / "deep", denied=env._denied))
+    pack2 = DataPack(PackContext(ecosystem="eco", folder=env.tmp / "deep", denied=env.denied))
     env.packs.append(pack2)
     nested = "SELECT " + "(" * 3000 + "1" + ")" * 3000
     with pytest.raises((InvalidArgument, AccessDenied)):
@@ -546,10 +496,10 @@ def test_bad_table_names_are_refused_everywhere(env: Env):
     run(files.write(CALLER, "people.csv", CSV))
     before = lake(pack)
     for bad in BAD_NAMES:
-        refused(env, "data.ingest", pack.ingest(CALLER, bad, CSV), subject=bad)
-        refused(env, "data.ingest_file", pack.ingest_file(CALLER, bad, "people.csv"), subject=bad)
-        refused(env, "data.describe", pack.describe(CALLER, bad), subject=bad)
-        refused(env, "data.drop", pack.drop(CALLER, bad), subject=bad)
+        refused(env, "data.ingest", bad, pack.ingest(CALLER, bad, CSV))
+        refused(env, "data.ingest_file", bad, pack.ingest_file(CALLER, bad, "people.csv"))
+        refused(env, "data.describe", bad, pack.describe(CALLER, bad))
+        refused(env, "data.drop", bad, pack.drop(CALLER, bad))
         assert lake(pack) == before, bad
     assert loaded(pack, "people_2")["rows"] == 3  # still working
 
@@ -601,7 +551,7 @@ def test_row_limits(env: Env):
 def test_query_timeout_interrupts_and_the_pack_keeps_working(env: Env):
     pack = env.pack(query_timeout_seconds=0.5)
     started = time.monotonic()
-    why = refused(env, "data.query", pack.query(
+    why = refused(env, "data.query", None, pack.query(
         CALLER, "SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range = 7"))
     assert time.monotonic() - started < 5
     assert "query_timeout_seconds" in why and "0.5" in why
@@ -610,12 +560,12 @@ def test_query_timeout_interrupts_and_the_pack_keeps_working(env: Env):
 
 def test_max_ingest_bytes_and_max_tables(env: Env):
     pack = env.pack(max_ingest_bytes=30, max_tables=2)
-    why = refused(env, "data.ingest", pack.ingest(CALLER, "big", "a\n" + "1\n" * 15), subject="big")
+    why = refused(env, "data.ingest", "big", pack.ingest(CALLER, "big", "a\n" + "1\n" * 15))
     assert "max_ingest_bytes" in why and "30" in why
     loaded(pack, "one", "a\n1\n")
     loaded(pack, "two", "a\n1\n")
     before = lake(pack)
-    why = refused(env, "data.ingest", pack.ingest(CALLER, "three", "a\n1\n"), subject="three")
+    why = refused(env, "data.ingest", "three", pack.ingest(CALLER, "three", "a\n1\n"))
     assert "max_tables" in why and "2" in why
     assert lake(pack) == before
     assert loaded(pack, "two", "b\n2\n", mode="replace")["columns"] == [{"name": "b", "type": "BIGINT"}]  # not a new table
@@ -626,7 +576,7 @@ def test_max_ingest_bytes_and_max_tables(env: Env):
 
 def test_memory_limit_is_a_refusal(env: Env):
     pack = env.pack(memory_limit="64MB", max_temp_directory_size="1MB")
-    why = refused(env, "data.query", pack.query(
+    why = refused(env, "data.query", None, pack.query(
         CALLER, "SELECT list(repeat('x', 100) || range) FROM range(5000000)", limit=1))
     assert "memory_limit" in why
     assert run(pack.query(CALLER, "SELECT 1"))["rows"] == [[1]]
@@ -722,13 +672,13 @@ def test_ingest_file_cannot_leave_the_files_root(env: Env):
     pack = env.pack(files)
     (env.files_root / "link.csv").symlink_to(env.outside / "secret.csv")
     run(files.write(CALLER, "big.csv", "a\n" + "1\n" * 60))
-    before_lake, before_disk = lake(pack), tree(env.tmp, skip=("lake.duckdb",))
+    before_lake, before_disk = lake(pack), snapshot(env.tmp, skip=("lake.duckdb",))
     for path in ("../outside/secret.csv", str(env.outside / "secret.csv"), "/etc/passwd", "link.csv", "big.csv"):
-        why = refused(env, "files.read", pack.ingest_file(CALLER, "stolen", path, format="csv"))  # the files pack's guard
-        assert SECRET not in why
+        why = refused(env, "files.read", None, pack.ingest_file(CALLER, "stolen", path, format="csv"))  # the files pack's guard
+        assert SECRET_TEXT not in why
     assert "max_read_bytes" in env.denials[-1][3]
-    assert lake(pack) == before_lake and tree(env.tmp, skip=("lake.duckdb",)) == before_disk
-    refused(env, "data.ingest_file", pack.ingest_file(CALLER, "bad name", "big.csv"))
+    assert lake(pack) == before_lake and snapshot(env.tmp, skip=("lake.duckdb",)) == before_disk
+    refused(env, "data.ingest_file", None, pack.ingest_file(CALLER, "bad name", "big.csv"))
     assert lake(pack) == before_lake
 
 
@@ -736,7 +686,7 @@ def test_ingest_file_limits_and_a_missing_peer(env: Env):
     files = env.files()
     pack = env.pack(files, max_ingest_bytes=10)
     run(files.write(CALLER, "f.csv", "a\n" + "1\n" * 10))
-    why = refused(env, "data.ingest_file", pack.ingest_file(CALLER, "f", "f.csv"), subject="f")
+    why = refused(env, "data.ingest_file", "f", pack.ingest_file(CALLER, "f", "f.csv"))
     assert "max_ingest_bytes" in why
     alone = DataPack(PackContext(ecosystem="eco", folder=env.tmp / "alone"))
     env.packs.append(alone)
@@ -768,25 +718,13 @@ def test_audit_and_denied_records(env: Env):
 
 
 def test_a_mad_owning_data_uses_the_pack_through_the_runtime_and_others_are_refused(tmp_path, eco_modules):
-    config, kernel, runtime_mod = eco_modules
-
-    class Dewey(kernel.Mad):
-        name = "dewey"
-        role = "keeps the data lake"
-        owns = ("data",)
-
-    class Horace(kernel.Mad):
-        name = "horace"
-        role = "keeps the files"
-        owns = ("files",)
+    kernel = eco_modules[1]
+    Dewey = owner(kernel, "dewey", "keeps the data lake", "data")
+    Horace = owner(kernel, "horace", "keeps the files", "files")
 
     async def main():
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, Dewey, Horace),
-                                      "pack_settings": {"data": {"max_rows": 2}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", Dewey, Horace,
+                           pack_settings={"data": {"max_rows": 2}}) as runtime:
             assert set(runtime.packs) == {"data", "files"}
             dewey = runtime.mad("dewey")
             made = await dewey.use("data.ingest", table="sales", content="region,amount\nnorth,10\nsouth,20\nnorth,5\n")
@@ -807,8 +745,6 @@ def test_a_mad_owning_data_uses_the_pack_through_the_runtime_and_others_are_refu
             assert [t["table"] for t in await dewey.use("data.tables")] == ["sales"]
             return runtime.db.query("SELECT actor, action, subject, ok FROM audit_log WHERE action LIKE 'data.%' "
                                     "OR subject LIKE 'data.%' ORDER BY id")
-        finally:
-            await runtime.stop()
 
     rows = asyncio.run(main())
     assert (tmp_path / "state" / "data" / "lake.duckdb").is_file()
@@ -828,7 +764,7 @@ def test_a_result_is_bounded_in_bytes_and_a_huge_value_never_reaches_python(env:
     loaded(pack)
     for sql in ("SELECT repeat('a', 50000) AS s", "SELECT range(0, 20000) AS l", "SELECT [range(0, 3000)] AS ll",
                 "SELECT repeat('a', 1000) AS s FROM range(100)", "SELECT map([1], [repeat('b', 20000)]) AS m"):
-        why = refused(env, "data.query", pack.query(CALLER, sql, limit=1000))
+        why = refused(env, "data.query", None, pack.query(CALLER, sql, limit=1000))
         assert "data.max_result_bytes" in why and "10000" in why, sql
     got = run(pack.query(CALLER, "SELECT repeat('a', 100) AS s, 1 AS s, [1, 2] AS l FROM range(3) -- done\n;"))
     assert [c["name"] for c in got["columns"]] == ["s", "s", "l"]
@@ -848,7 +784,7 @@ def test_functions_that_make_a_value_as_large_as_a_number_need_a_small_constant(
     pack = env.pack(memory_limit="64MB", threads=1)
     loaded(pack)
     started = time.monotonic()
-    why = refused(env, "data.query", pack.query(CALLER, sql, limit=1))
+    why = refused(env, "data.query", None, pack.query(CALLER, sql, limit=1))
     assert "makes a value as large" in why or "sizes multiply" in why
     assert time.monotonic() - started < 2
 
@@ -881,8 +817,8 @@ def test_deep_nesting_is_refused_before_anything_runs_by_each_checker(env: Env):
         with pytest.raises((_Refusal, InvalidArgument)):  # sqlglot may give up reading it first: refused too
             pack._vet_sqlglot(sql, {})
     computed = "SELECT json_transform('[1]', repeat('[', 3) || '\"INTEGER\"' || repeat(']', 3))"
-    assert "plain string constant" in refused(env, "data.query", pack.query(CALLER, computed))
-    why = refused(env, "data.query", pack.query(CALLER, "SELECT " + "(" * 200 + "1" + ")" * 200))
+    assert "plain string constant" in refused(env, "data.query", None, pack.query(CALLER, computed))
+    why = refused(env, "data.query", None, pack.query(CALLER, "SELECT " + "(" * 200 + "1" + ")" * 200))
     assert "deep" in why
     # long is not deep: chains of one operator, and ordinary nesting, still run
     assert run(pack.query(CALLER, "SELECT " + " + ".join(["1"] * 60)))["rows"] == [[60]]
@@ -910,8 +846,8 @@ def test_a_value_nested_too_deep_is_an_invalid_argument_not_a_recursion_error():
 def test_a_cte_may_not_take_a_system_name(env: Env, view: str):
     pack = env.pack()
     sql = f"SELECT * FROM (WITH {view} AS (SELECT 1) SELECT 1) s, {view}"
-    assert "reserved" in refused(env, "data.query", pack.query(CALLER, sql, limit=5))
-    assert "reserved" in refused(env, "data.query", pack.query(CALLER, f"WITH {view} AS (SELECT 1) SELECT * FROM {view}"))
+    assert "reserved" in refused(env, "data.query", None, pack.query(CALLER, sql, limit=5))
+    assert "reserved" in refused(env, "data.query", None, pack.query(CALLER, f"WITH {view} AS (SELECT 1) SELECT * FROM {view}"))
 
 
 def test_a_cte_is_visible_only_inside_its_query_for_each_checker(env: Env):

@@ -15,12 +15,11 @@ import hashlib
 import io
 import os
 import re
-import stat
 import struct
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,15 @@ from odf import teletype
 from odf.opendocument import load as odf_load
 from odf.table import Table, TableCell, TableRow
 from odf.text import H, P
+from pack_helpers import CALLER, SECRET, SECRET_TEXT, Recorder, outside, owner, refused, run, running, snapshot
 
 from generator.kernel.capabilities import CAPABILITIES, PACKS
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError
-from generator.kernel.packs import IMPL_ATTR, Pack, PackContext, load
+from generator.kernel.packs import IMPL_ATTR, PackContext, load
 from generator.kernel.packs import documents as documents_module
 from generator.kernel.packs.documents import DEFAULTS, DocumentsPack
 from generator.kernel.packs.files import FilesPack
 
-SECRET = b"outside secret: never read me\n"
-CALLER = "rogue"
 UV_LOCK = Path(__file__).resolve().parents[2] / "uv.lock"
 
 BLOCKS = [
@@ -77,29 +75,11 @@ SLIDES = [{"title": "Why", "bullets": ["because", "and also"]}, {"title": "How",
 
 
 @dataclass
-class Env:
+class Env(Recorder):
     tmp: Path
     root: Path
     outside: Path
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
-    raised: list[KernelError] = field(default_factory=list)
     files: FilesPack | None = None
-
-    def context(self, folder: Path, settings: dict[str, Any], peer: Any = None) -> PackContext:
-        def audit(actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-            self.audits.append((actor, action, subject, ok, detail))
-
-        def denied(actor: str, action: str, subject: str, why: str) -> KernelError:
-            self.denials.append((actor, action, subject, why))
-            self.raised.append(AccessDenied(why))
-            return self.raised[-1]
-
-        def no_peer(name: str) -> Pack:
-            raise KernelError(f"no {name}")
-
-        return PackContext(ecosystem="eco", folder=folder, settings=settings, audit=audit, denied=denied,
-                           peer=peer or no_peer)
 
     def pack(self, files: dict[str, Any] | None = None, **settings: Any) -> DocumentsPack:
         self.files = FilesPack(self.context(self.root, files or {}))
@@ -114,39 +94,7 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(SECRET)
-    return Env(tmp=tmp_path, root=tmp_path / "state" / "files", outside=outside)
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def snapshot(top: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything under `top`, links not followed: kind, content or link target, mode, mtime."""
-    seen: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            body: Any = os.readlink(p) if stat.S_ISLNK(st.st_mode) else p.read_bytes() if stat.S_ISREG(st.st_mode) else None
-            seen[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), body, st.st_mode, st.st_mtime_ns)
-    return seen
-
-
-def refused(env: Env, op: str, subject: str, coro: Any) -> str:
-    """Run `coro`, expect the AccessDenied that `context.denied` returned, audited for `op` on `subject`."""
-    before = len(env.denials)
-    with pytest.raises(AccessDenied) as caught:
-        run(coro)
-    assert len(env.denials) == before + 1
-    actor, action, subj, why = env.denials[-1]
-    assert (actor, action, subj) == (CALLER, op, subject)
-    assert caught.value is env.raised[-1]
-    assert SECRET.decode().strip() not in why
-    return why
+    return Env(tmp=tmp_path, root=tmp_path / "state" / "files", outside=outside(tmp_path))
 
 
 def still_works(env: Env, pack: DocumentsPack) -> None:
@@ -589,13 +537,13 @@ def test_xxe_in_docx_and_odt_is_refused_and_harmless_even_without_the_scan(env: 
     for name in crafted:
         got = run(pack.read(CALLER, name))
         shown = repr(got)
-        assert SECRET.decode().strip() not in shown and "root:" not in shown, name
+        assert SECRET_TEXT not in shown and "root:" not in shown, name
         assert "before" in got["text"]
     # and odfpy's own loader (used by the tests, not by read) refuses entities too, printing nothing
     with pytest.raises(Exception, match="(?i)entit"):
         odf_load(io.BytesIO(crafted["xxe-secret.odt"]))
     printed = capsys.readouterr()
-    assert SECRET.decode().strip() not in printed.out + printed.err
+    assert SECRET_TEXT not in printed.out + printed.err
 
 
 def test_entity_expansion_and_external_dtds_are_refused(env: Env):
@@ -1000,25 +948,13 @@ def test_audit_of_writes_reads_and_refusals(env: Env):
 
 
 def test_a_mad_owning_documents_writes_into_the_file_root_through_the_runtime(tmp_path, eco_modules):
-    config, kernel, runtime_mod = eco_modules
-
-    class Gates(kernel.Mad):
-        name = "gates"
-        role = "writes the reports"
-        owns = ("documents",)
-
-    class Horace(kernel.Mad):
-        name = "horace"
-        role = "keeps the files"
-        owns = ("files",)
+    kernel = eco_modules[1]
+    Gates = owner(kernel, "gates", "writes the reports", "documents")
+    Horace = owner(kernel, "horace", "keeps the files", "files")
 
     async def main():
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, Gates, Horace),
-                                      "pack_settings": {"documents": {"max_blocks": 5}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", Gates, Horace,
+                           pack_settings={"documents": {"max_blocks": 5}}) as runtime:
             assert set(runtime.packs) == {"documents", "files"}
             gates, horace = runtime.mad("gates"), runtime.mad("horace")
             done = await gates.use("documents.write_docx", path="reports/q1.docx", title="Q1",
@@ -1041,8 +977,6 @@ def test_a_mad_owning_documents_writes_into_the_file_root_through_the_runtime(tm
             return runtime.db.query("SELECT actor, action, subject, ok FROM audit_log WHERE action LIKE 'documents.%' "
                                     "OR action LIKE 'files.%' OR subject LIKE 'documents.%' OR subject LIKE 'files.%' "
                                     "ORDER BY id")
-        finally:
-            await runtime.stop()
 
     rows = asyncio.run(main())
     landed = tmp_path / "state" / "files" / "reports" / "q1.docx"  # the files pack's root: <state>/files

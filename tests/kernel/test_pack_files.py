@@ -13,87 +13,32 @@ import hashlib
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pack_helpers import CALLER, SECRET, Recorder, outside, owner, refused, run, running, snapshot
 
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from generator.kernel.packs import IMPL_ATTR, PackContext, load
 from generator.kernel.packs import files as files_module
 from generator.kernel.packs.files import TMP_PREFIX, FilesPack
 
-SECRET = b"outside secret: never read me\n"
-CALLER = "rogue"
-
 
 @dataclass
-class Env:
+class Env(Recorder):
     tmp: Path
     root: Path
     outside: Path
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
-    raised: list[KernelError] = field(default_factory=list)
-
-    def context(self, **settings: Any) -> PackContext:
-        def audit(actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-            self.audits.append((actor, action, subject, ok, detail))
-
-        def denied(actor: str, action: str, subject: str, why: str) -> KernelError:
-            self.denials.append((actor, action, subject, why))
-            self.raised.append(AccessDenied(why))
-            return self.raised[-1]
-
-        return PackContext(ecosystem="eco", folder=self.root, settings=settings, audit=audit, denied=denied)
 
     def pack(self, **settings: Any) -> FilesPack:
-        return FilesPack(self.context(**settings))
+        return FilesPack(self.context(self.root, settings))
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(SECRET)
-    (outside / "dir").mkdir()
-    (outside / "dir" / "secret.txt").write_bytes(SECRET)
-    return Env(tmp=tmp_path, root=tmp_path / "state" / "files", outside=outside)
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def snapshot(top: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything under `top`, links not followed: kind, content or link target, mode, mtime, links."""
-    seen: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                body: Any = os.readlink(p)
-            elif stat.S_ISREG(st.st_mode):
-                body = p.read_bytes()
-            else:
-                body = None
-            seen[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), body, st.st_mode, st.st_mtime_ns, st.st_nlink)
-    return seen
-
-
-def refused(env: Env, op: str, subject: str, coro: Any) -> str:
-    """Run `coro`, expect the AccessDenied that `context.denied` returned, audited for `op` on `subject`."""
-    before = len(env.denials)
-    with pytest.raises(AccessDenied) as caught:
-        run(coro)
-    assert len(env.denials) == before + 1
-    actor, action, subj, why = env.denials[-1]
-    assert (actor, action, subj) == (CALLER, op, subject)
-    assert caught.value is env.raised[-1]
-    assert SECRET.decode() not in why
-    return why
+    return Env(tmp=tmp_path, root=tmp_path / "state" / "files", outside=outside(tmp_path, {"dir/secret.txt": SECRET}))
 
 
 def room(pack: FilesPack, free: int) -> None:
@@ -501,20 +446,12 @@ def test_audit_and_denied_records(env: Env):
 
 
 def test_a_mad_owning_files_uses_the_pack_through_the_runtime_and_others_are_refused(tmp_path, eco_modules):
-    config, kernel, runtime_mod = eco_modules
-
-    class Horace(kernel.Mad):
-        name = "horace"
-        role = "keeps the files"
-        owns = ("files",)
+    kernel = eco_modules[1]
+    Horace = owner(kernel, "horace", "keeps the files", "files")
 
     async def main():
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, Horace),
-                                      "pack_settings": {"files": {"quota_bytes": 64, "max_file_bytes": 32}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", Horace,
+                           pack_settings={"files": {"quota_bytes": 64, "max_file_bytes": 32}}) as runtime:
             assert set(runtime.packs) == {"files"}
             horace = runtime.mad("horace")
             written = await horace.use("files.write", path="notes/today.txt", content="hello")
@@ -528,8 +465,6 @@ def test_a_mad_owning_files_uses_the_pack_through_the_runtime_and_others_are_ref
                 await runtime.mad("rogers").use("files.read", path="notes/today.txt")
             return runtime.db.query("SELECT actor, action, ok FROM audit_log WHERE action LIKE 'files.%' OR subject LIKE 'files.%'"
                                     " ORDER BY id")
-        finally:
-            await runtime.stop()
 
     rows = asyncio.run(main())
     assert (tmp_path / "state" / "files" / "notes" / "today.txt").read_text() == "hello"  # the root: <state>/files

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pack_helpers import Recorder, owner, run, running
 
 from generator.kernel.audit import AuditLog
 from generator.kernel.db import Database
@@ -35,13 +36,11 @@ def iso(minutes: float) -> str:
 
 
 @dataclass
-class Env:
+class Env(Recorder):
     tmp: Path
     db: Database
     log: AuditLog
     posts: list[tuple[str, str, str]] = field(default_factory=list)
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
     reads: list[tuple[int, int]] = field(default_factory=list)
     post_fails: bool = False
     entries: Any = None  # replaces the log's reader when set (tampering tests)
@@ -51,32 +50,30 @@ class Env:
     def folder(self) -> Path:
         return self.tmp / "state" / "security"
 
-    def context(self, **settings: Any) -> PackContext:
-        def audit(actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-            self.audits.append((actor, action, subject, ok, detail))
-            self.append(actor, action, subject, ok, detail)
+    def audit(self, actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
+        """Recorded, and appended to the audit log the pack scans."""
+        super().audit(actor, action, subject, ok, detail)
+        self.append(actor, action, subject, ok, detail)
 
-        def denied(actor: str, action: str, subject: str, why: str) -> KernelError:
-            self.denials.append((actor, action, subject, why))
-            self.append(actor, action, subject, False, why)
-            return AccessDenied(why)
+    def denied(self, actor: str, action: str, subject: str, why: str) -> KernelError:
+        """Recorded, and appended to the audit log the pack scans as a failure."""
+        refusal = super().denied(actor, action, subject, why)
+        self.append(actor, action, subject, False, why)
+        return refusal
 
-        def audit_entries(after: int, limit: int) -> list[dict[str, Any]]:
-            self.reads.append((after, limit))
-            return (self.entries or self.log.since)(after, limit)
+    def audit_entries(self, after: int, limit: int) -> list[dict[str, Any]]:
+        self.reads.append((after, limit))
+        return (self.entries or self.log.since)(after, limit)
 
-        def post(actor: str, title: str, content: str) -> dict[str, Any]:
-            if self.post_fails:
-                raise KernelError("the bus is down")
-            self.posts.append((actor, title, content))
-            return {"id": str(len(self.posts))}
-
-        return PackContext(ecosystem="eco", folder=self.folder, settings=settings, audit=audit, denied=denied,
-                           audit_entries=audit_entries, post=post)
+    def post(self, actor: str, title: str, content: str) -> dict[str, Any]:
+        if self.post_fails:
+            raise KernelError("the bus is down")
+        self.posts.append((actor, title, content))
+        return {"id": str(len(self.posts))}
 
     def pack(self, **settings: Any) -> SecurityPack:
         settings.setdefault("warmup_entries", 0)
-        return SecurityPack(self.context(**settings))
+        return SecurityPack(self.context(self.folder, settings, audit_entries=self.audit_entries, post=self.post))
 
     def add(self, actor: str, action: str, subject: str = "", ok: bool = True, at: float = 0.0, detail: str = "",
             obo: str = "", remote: str = "") -> int:
@@ -106,10 +103,6 @@ class Env:
 def env(tmp_path: Path) -> Env:
     db = Database(tmp_path / "state" / "ecosystem.db")
     return Env(tmp=tmp_path, db=db, log=AuditLog(db))
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def scan(pack: SecurityPack, **kw: Any) -> dict[str, Any]:
@@ -537,24 +530,13 @@ def test_the_store_is_sqlite_wal_with_one_row_per_finding(env: Env):
 
 
 def test_a_mad_owning_security_scans_through_the_runtime_and_others_are_refused(tmp_path, eco_modules):
-    config, kernel, runtime_mod = eco_modules
-
-    class McNamara(kernel.Mad):
-        name = "mcnamara"
-        role = "security operations"
-        owns = ("security",)
-
-    class Rogue(kernel.Mad):
-        name = "rogue"
-        role = "up to no good"
+    kernel = eco_modules[1]
+    McNamara = owner(kernel, "mcnamara", "security operations", "security")
+    Rogue = owner(kernel, "rogue", "up to no good")
 
     async def main():
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, McNamara, Rogue),
-                                      "pack_settings": {"security": {"denial_threshold": 4, "warmup_entries": 100_000}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", McNamara, Rogue,
+                           pack_settings={"security": {"denial_threshold": 4, "warmup_entries": 100_000}}) as runtime:
             assert "security" in runtime.packs
             quiet = await runtime.use("security.scan", caller="mcnamara")
             assert quiet["findings"] == [] and quiet["posted"] == 0
@@ -571,8 +553,6 @@ def test_a_mad_owning_security_scans_through_the_runtime_and_others_are_refused(
             rows = runtime.db.query("SELECT actor, action, subject, ok FROM audit_log WHERE action LIKE 'security.%' "
                                     "OR subject LIKE 'security.%' ORDER BY id")
             return result, report, listed, history, rows
-        finally:
-            await runtime.stop()
 
     result, report, listed, history, rows = asyncio.run(main())
     (spike,) = [f for f in result["findings"] if f["kind"] == "denial-spike"]

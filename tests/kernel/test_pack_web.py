@@ -28,14 +28,14 @@ from typing import Any
 
 import httpx
 import pytest
+from pack_helpers import CALLER, Recorder, owner, refused, run, running
 
 from generator.kernel.capabilities import RobotsVerdict, WebPage
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
-from generator.kernel.packs import IMPL_ATTR, PackContext, load
+from generator.kernel.packs import IMPL_ATTR, load
 from generator.kernel.packs import web as web_module
 from generator.kernel.packs.web import WebPack, _glob, _normalise, not_public, parse_robots
 
-CALLER = "rogue"
 HTML = (b"<!doctype html><html><head><title>Hello  Page</title></head><body><nav>menu</nav><article>"
         b"<h1>Big news</h1><p>This is the first paragraph of the article, with enough words in it to count as "
         b"the main content of the page for the extractor.</p><p>Second <b>bold</b> paragraph with a "
@@ -136,42 +136,14 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
 
 
 @dataclass
-class Env:
-    audits: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
-    denials: list[tuple[str, str, str, str]] = field(default_factory=list)
-    raised: list[KernelError] = field(default_factory=list)
-
+class Env(Recorder):
     def pack(self, tmp_path: Any = "/nonexistent", **settings: Any) -> WebPack:
-        def audit(actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
-            self.audits.append((actor, action, subject, ok, detail))
-
-        def denied(actor: str, action: str, subject: str, why: str) -> KernelError:
-            self.denials.append((actor, action, subject, why))
-            self.raised.append(AccessDenied(why))
-            return self.raised[-1]
-
-        return WebPack(PackContext(ecosystem="eco", folder=tmp_path, settings=settings, audit=audit, denied=denied))
+        return WebPack(self.context(tmp_path, settings))
 
 
 @pytest.fixture
 def env() -> Env:
     return Env()
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def refused(env: Env, op: str, subject: str, coro: Any) -> str:
-    """Run `coro`, expect the AccessDenied that `context.denied` returned, audited for `op` on `subject`."""
-    before = len(env.denials)
-    with pytest.raises(AccessDenied) as caught:
-        run(coro)
-    assert len(env.denials) == before + 1, env.denials[before:]
-    actor, action, subj, why = env.denials[-1]
-    assert (actor, action, subj) == (CALLER, op, subject)
-    assert caught.value is env.raised[-1]
-    return why
 
 
 def allowing(site: Site, *more: str) -> dict[str, Any]:
@@ -813,21 +785,13 @@ def test_https_verifies_the_real_name_while_connecting_to_the_checked_address(en
 
 
 def test_a_mad_owning_web_uses_the_pack_through_the_runtime_and_others_are_refused(tmp_path, eco_modules, site: Site):
-    config, kernel, runtime_mod = eco_modules
+    kernel = eco_modules[1]
     site.routes["/"] = (200, {"Content-Type": "text/html"}, HTML)
-
-    class Marco(kernel.Mad):
-        name = "marco"
-        role = "explores the web"
-        owns = ("web",)
+    Marco = owner(kernel, "marco", "explores the web", "web")
 
     async def main():
-        runtime = runtime_mod.Runtime(
-            config.model_copy(update={"mads": (*config.mads, Marco),
-                                      "pack_settings": {"web": {"allow": [f"127.0.0.1:{site.port}"], "max_bytes": 4096}}}),
-            tmp_path / "state")
-        await runtime.start()
-        try:
+        async with running(eco_modules, tmp_path / "state", Marco,
+                           pack_settings={"web": {"allow": [f"127.0.0.1:{site.port}"], "max_bytes": 4096}}) as runtime:
             assert set(runtime.packs) == {"web"}
             marco = runtime.mad("marco")
             page = await marco.use("web.fetch", url=site.url())
@@ -842,8 +806,6 @@ def test_a_mad_owning_web_uses_the_pack_through_the_runtime_and_others_are_refus
             return runtime.db.query("SELECT actor, action, subject, ok FROM audit_log "
                                     "WHERE (action LIKE 'web.%' OR subject LIKE 'web.%') "
                                     "AND NOT (action IN ('kernel.use', 'tool.call') AND ok = 1) ORDER BY id")
-        finally:
-            await runtime.stop()
 
     rows = asyncio.run(main())
     assert rows == [
