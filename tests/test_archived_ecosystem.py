@@ -14,6 +14,7 @@ import pytest
 
 from generator.artifact.store import versions
 from generator.kernel.testing import free_port, mcp_client, result_value
+from generator.spec.load import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,10 @@ def test_run_sh_starts_it_and_an_mcp_client_uses_every_mad(running):
 
     names, secret, history = asyncio.run(session())
     assert len(names) >= 12
-    assert {name.split(".")[0] for name in names} == {"rogers", "fiedler", "turing", "grace", "horace"}
+    # Every MAD of the version's own spec serves its tools; a role (lifecycle: ephemeral) serves none.
+    spec = load_spec(ECOSYSTEM / versions(ECOSYSTEM)[-1] / "spec")
+    assert {name.split(".")[0] for name in names} == {m.name for m in spec.mads if m.lifecycle == "persistent"}
+    assert sorted(names) == sorted(f"{m.name}.{t.name}" for m in spec.mads for t in m.tools)
     assert secret["value"] == "correct horse"
     assert [m["content"] for m in history] == ["deploying 1.0.0"]
 

@@ -353,7 +353,7 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
     assert versions(tmp_path / "out" / "madgroup") == ["1.0.0"]
     shutil.rmtree(tmp_path / "out2")
     # Nothing but the archives and the response cache was written.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".regen", "out", "out3", "scripted.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".regen", "out", "out3", "scripted.toml", "spec"]
     assert sorted(p.name for p in (tmp_path / "out" / "madgroup").iterdir() if not p.name.startswith(".lock")) == ["1.0.0"]
 
 

@@ -281,7 +281,8 @@ def test_the_local_pipeline_builds_against_ollama_archives_and_verifies(tmp_path
         pipeline = tmp_path / "local.toml"
         pipeline.write_text(text.replace("http://127.0.0.1:11434", server.api_base("ollama"))
                             .replace("../reviews/panels/offline.toml", str(REPO / "reviews/panels/offline.toml")))
-        options = RunOptions(spec_dir=REPO / "spec", pipeline_file=pipeline, out_dir=tmp_path / "out")
+        options = RunOptions(spec_dir=repo_spec(tmp_path / "spec", CORE_MADS), pipeline_file=pipeline,
+                             out_dir=tmp_path / "out")
         result = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert set(server.wires) == {"ollama"} and all(b["options"]["seed"] == 0 for b in server.requests)
     assert {u.answered_by for u in result.manifest.units} == {("ollama_chat/qwen3-coder:30b",)}
