@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from archive import ARCHIVE
 from repo_specs import CORE_MADS, repo_spec
 
@@ -40,7 +41,9 @@ def clone(folder: Path) -> tuple[Path, Path]:
     with (spec / "requirements.md").open("a") as f:
         f.write(LINE)
     rogers = spec / "mads" / "rogers.yaml"  # Rogers's tests are to prove it: the matrix must show it covered
-    rogers.write_text(rogers.read_text().replace("requirements: [R1]", "requirements: [R1, R30]"))
+    mad = yaml.safe_load(rogers.read_text())
+    mad["requirements"] = ["R1", "R30"]
+    rogers.write_text(yaml.safe_dump(mad, sort_keys=False))
     shutil.copytree(ARCHIVE, out / "madgroup", ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     return spec, out
 
