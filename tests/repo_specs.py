@@ -22,7 +22,8 @@ CORE_MADS = ("rogers", "fiedler", "turing", "grace")
 def repo_spec(folder: Path, mads: tuple[str, ...] | None = None, *, builtin_only: bool = False) -> Path:
     """A copy of spec/ at `folder`: only the MADs in `mads` (all when None), talking only to each other, and
     without the requirements only the dropped MADs named (nothing could prove them); with `builtin_only`,
-    without the tools only a model can write (the offline senior then writes all of it)."""
+    without the tools only a model can write (the offline senior then writes all of it), and without the
+    requirements of a MAD left with no tool."""
     shutil.copytree(REPO / "spec", folder)
     dropped: set[str] = set()
     kept: set[str] = set()
@@ -32,9 +33,11 @@ def repo_spec(folder: Path, mads: tuple[str, ...] | None = None, *, builtin_only
             dropped.update(mad.get("requirements", []))
             path.unlink()
             continue
-        kept.update(mad.get("requirements", []))
-        if builtin_only:
+        if builtin_only and mad.get("tools"):
             mad["tools"] = [t for t in mad["tools"] if t.get("builtin")]
+            if not mad["tools"]:  # every tool was a model's (Hopper's run_task): nothing left proves its requirements
+                dropped.update(mad.pop("requirements", []))
+        kept.update(mad.get("requirements", []))
         mad["talks_to"] = [m for m in mad.get("talks_to", []) if mads is None or m in mads]
         path.write_text(yaml.safe_dump(mad, sort_keys=False))
     if unproven := dropped - kept:
