@@ -277,7 +277,7 @@ def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverif
     def build(moment: str, out: Path) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--sandbox-result", str(recorded_tests), "--",
-             "regenerate", "--spec", str(core_spec), "--out", str(out), "--quiet", "--no-cache"],
+             "regenerate", "--spec", str(offline_spec), "--out", str(out), "--quiet", "--no-cache"],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )
 
