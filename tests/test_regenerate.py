@@ -268,7 +268,7 @@ def test_offline_builds_carry_model_written_tools_from_an_archived_build(tmp_pat
         assert (src / path).read_bytes() == (first.path / "src" / path).read_bytes(), path
 
 
-def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, offline_spec):
+def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, core_spec):
     """Emit writes the transcript, the reports, the SBOM, the spec, the manifest, its signature and the
     provenance, fsyncs and renames: killed at random steps of it, a version is whole and verifiable, or absent."""
     _, result = built
@@ -277,7 +277,7 @@ def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverif
     def build(moment: str, out: Path) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--sandbox-result", str(recorded_tests), "--",
-             "regenerate", "--spec", str(offline_spec), "--out", str(out), "--quiet", "--no-cache"],
+             "regenerate", "--spec", str(core_spec), "--out", str(out), "--quiet", "--no-cache"],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )
 
