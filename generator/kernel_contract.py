@@ -27,11 +27,7 @@ RUNTIME_DEPENDENCIES = (
     "cryptography==48.0.0",
     "uvicorn==0.54.0",
     "httpx==0.28.1",
-    "redis==8.1.0",
     "prometheus-client==0.26.0",
-    "opentelemetry-api==1.45.2",
-    "opentelemetry-sdk==1.45.2",
-    "opentelemetry-exporter-otlp-proto-http==1.45.2",
 )
 TEST_DEPENDENCIES = ("pytest==9.0.3",)
 

@@ -90,11 +90,13 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
     options = RunOptions(spec_dir=tmp_path / "spec", pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
     first = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert first.version == "1.0.0" and first.manifest.sandbox.failed == 0 and first.manifest.sandbox.passed > 10
-    # The starter binds no capability pack: its artifact carries no pack code and none of the packs' libraries.
+    # The starter binds no capability pack and names no deployment pack: its artifact carries no pack code and
+    # none of the packs' libraries (but opentelemetry-api, which mcp itself requires).
     src = first.path / "src"
     assert sorted(p.name for p in (src / "notes" / "kernel" / "packs").iterdir() if p.suffix == ".py") == ["__init__.py"]
     locked = {package["name"] for package in tomllib.loads((src / "uv.lock").read_text())["package"]}
-    pack_libraries = {dep.split("==")[0] for info in PACKS.values() for dep in info.dependencies}
+    pack_libraries = {dep.split("==")[0] for info in PACKS.values() for dep in info.dependencies} - {"opentelemetry-api"}
+    assert {"redis", "opentelemetry-sdk", "duckdb"} <= pack_libraries
     assert pack_libraries and not locked & pack_libraries, locked & pack_libraries
     # Nothing changed: the answer takes no model, reviewer, sandbox, signature or template, nor their imports.
     probe = ("import sys; from generator.cli import main; code = main(sys.argv[1:]); "

@@ -115,12 +115,17 @@ def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
     with_files = kernel_contract.kernel_files("eco", {"files"})
     assert set(with_files) - set(core) == {"eco/kernel/packs/files.py"}
     assert kernel_contract.pack_dependencies({"files"}) == ()
+    with_redis = kernel_contract.kernel_files("eco", {"redis"})
+    assert set(with_redis) - set(core) == {"eco/kernel/packs/redis.py"}
+    assert kernel_contract.pack_dependencies({"redis"}) == ("redis==8.1.0",)
+    assert not [d for d in kernel_contract.RUNTIME_DEPENDENCIES if d.startswith(("redis", "opentelemetry"))]
 
 
 def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
     from generator.kernel.capabilities import CAPABILITIES, PACKS, available
 
-    assert set(PACKS) == {c.pack for c in CAPABILITIES.values() if c.pack}
+    assert {name for name, info in PACKS.items() if not info.named} == {c.pack for c in CAPABILITIES.values() if c.pack}
+    assert {name for name, info in PACKS.items() if info.named} == {"redis", "tracing"}  # by name, no capabilities
     assert not [c for c in available(()).values() if c.pack]
     assert {c.name for c in available({"files"}).values() if c.pack} == {
         "files.write", "files.read", "files.list", "files.stat", "files.move", "files.delete"}

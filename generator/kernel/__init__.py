@@ -1,9 +1,10 @@
 """regen kernel: the runtime every generated ecosystem is built on.
 
-Copied verbatim into each ecosystem as `<pkg>/kernel/`; it imports only the standard
-library, mcp, starlette, uvicorn, httpx, cryptography, pydantic and prometheus_client
-(and redis, lazily, when the Redis transport is configured; and opentelemetry, the
-opentelemetry-sdk and its OTLP/HTTP exporter, lazily, when traces are: `tracing.py`).
+Copied into each ecosystem as `<pkg>/kernel/`: the core, which imports only the standard
+library, mcp, starlette, uvicorn, httpx, cryptography, pydantic and prometheus_client, and of
+the packs (`packs/`) those its spec uses, each with its own pinned libraries: the capability
+packs its tools are bound to, and the deployment packs it names (redis: the Redis bus; tracing:
+OpenTelemetry traces), which the core loads only when configured to use them.
 """
 
 from __future__ import annotations

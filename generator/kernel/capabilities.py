@@ -611,13 +611,16 @@ CAPABILITIES: dict[str, Capability] = {
     ]
 }
 
-# Each capability pack: what it is for and the pinned packages it needs in an artifact that uses it.
+# Each pack: what it is for and the pinned packages it needs in an artifact that uses it. A capability pack
+# enters an artifact when a tool is bound to one of its capabilities; a deployment pack (`named`), which serves
+# the operator rather than a tool, when the spec names it under `packs:` in ecosystem.yaml.
 @dataclass(frozen=True)
 class PackInfo:
     name: str
     summary: str
     dependencies: tuple[str, ...] = ()  # pinned (name==version), as the artifact's pyproject lists them
     requires: tuple[str, ...] = ()  # packs loaded with this one, reached through PackContext.peer
+    named: bool = False  # a deployment pack: chosen by name in the spec, it has no capabilities
 
 
 PACKS: dict[str, PackInfo] = {p.name: p for p in [
@@ -642,7 +645,13 @@ PACKS: dict[str, PackInfo] = {p.name: p for p in [
     PackInfo("security", "Security operations over the audit log: denial spikes, failed sign-in bursts, first-time "
                          "actions and secret reads against a rolling baseline, audit-chain damage; findings stored, "
                          "deduplicated and posted to the security conversation; MADs' own reports (stdlib only)"),
-    # --- pack infos: data, web, documents, charts, security (one entry each, in that order) ---
+    PackInfo("redis", "The Redis Streams bus: several processes, on one host or several, serve the ecosystem's "
+                      "MADs over one Redis (`serve --bus redis://...`), with failover and `bus status|forget`",
+             dependencies=("redis==8.1.0",), named=True),
+    PackInfo("tracing", "OpenTelemetry traces of tool calls, bus hops and MAD handlers, exported over OTLP/HTTP "
+                        "once an endpoint is configured (`serve --otlp-endpoint URL`)",
+             dependencies=("opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2",
+                           "opentelemetry-exporter-otlp-proto-http==1.45.2"), named=True),
 ]}
 
 
@@ -650,6 +659,11 @@ def packs_of(capability_names: Iterable[str]) -> frozenset[str]:
     """The packs these capabilities need, with the packs those require (unknown names and core capabilities
     need none)."""
     return with_required(CAPABILITIES[n].pack for n in capability_names if n in CAPABILITIES and CAPABILITIES[n].pack)
+
+
+def named_packs(names: Iterable[str]) -> frozenset[str]:
+    """The deployment packs among these names (a spec's `packs:` keys), with the packs they require."""
+    return with_required(n for n in names if n in PACKS and PACKS[n].named)
 
 
 def with_required(packs: Iterable[str]) -> frozenset[str]:

@@ -145,8 +145,9 @@ def _bus_arguments(parser: argparse.ArgumentParser, config: EcosystemConfig, req
 
 
 def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    from .transport import bus_forget, bus_status
+    from .transport import redis_pack
 
+    bus_forget, bus_status = redis_pack().bus_forget, redis_pack().bus_status
     mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
     if args.bus_command == "status":
         print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))

@@ -2,7 +2,10 @@
 
 Off by default. Until `configure` finds an OTLP endpoint, `tracer` is None, nothing of the
 OpenTelemetry SDK is imported, and `start` returns `OFF`, whose methods do nothing: the hot
-path pays a call and an `is None` test.
+path pays a call and an `is None` test. The OpenTelemetry side (the SDK, the OTLP exporter, the
+spans) is the tracing pack (packs/tracing.py), which an artifact carries, with its libraries,
+only when its spec names it (`packs: {tracing: {}}` in ecosystem.yaml); configuring an endpoint
+in a build without it is a clear error.
 
 On when an endpoint is configured, for the process (`serve` calls `configure`):
 - `serve --otlp-endpoint URL`: the collector's OTLP/HTTP base URL, e.g. http://127.0.0.1:4318
@@ -38,24 +41,20 @@ as in the logs). Never an argument's value or a result.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from . import logs
 from .errors import InvalidArgument, KernelError
 
-log = logs.get("tracing")
-
 TRACES_PATH = "/v1/traces"
-SCOPE = "regen.kernel"
 
 tracer: Any = None  # the kernel's Tracer while tracing is on; None (off) by default
 provider: Any = None  # its TracerProvider
 exporter: Any = None  # where its spans go (the OTLP exporter, or the one a test passed)
 endpoint = ""  # the OTLP traces URL, when that is where they go
-_otel: Any = None  # the OpenTelemetry names `start` uses, imported by `configure`
+_pack: Any = None  # the tracing pack's module while tracing is on
 
 
 class _Off:
@@ -77,56 +76,14 @@ class _Off:
 OFF = _Off()
 
 
-class Span:
-    """One span, made current by `start` (its children's parent) until `end`."""
-
-    __slots__ = ("span", "_token")
-    recording = True
-
-    def __init__(self, span: Any, token: Any):
-        self.span = span
-        self._token = token
-
-    def set(self, key: str, value: Any) -> None:
-        self.span.set_attribute(key, value)
-
-    def inject(self, carrier: MutableMapping[str, Any]) -> None:
-        """Write this span's trace context into `carrier` (`traceparent`, and `tracestate` if any)."""
-        _otel.propagator.inject(carrier, context=_otel.trace.set_span_in_context(self.span))
-
-    def end(self, outcome: str = "ok", error: BaseException | str | None = None) -> None:
-        """End the span with its outcome; anything but "ok" is status ERROR, described by `error`."""
-        span = self.span
-        span.set_attribute("regen.outcome", outcome)
-        if outcome != "ok":
-            if isinstance(error, BaseException):
-                # Type always; the message only where the kernel wrote it to be shown (never a MAD's own).
-                event = {"exception.type": type(error).__qualname__}
-                if isinstance(error, KernelError):
-                    event["exception.message"] = str(error)
-                span.add_event("exception", event)
-                error = event.get("exception.message", event["exception.type"])
-            span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error or outcome)))
-        span.end()
-        if self._token is not None:
-            _otel.context.detach(self._token)
-            self._token = None
-
-
 def start(name: str, attributes: Mapping[str, Any], *, kind: str = "internal",
-          carrier: Mapping[str, Any] | None = None, current: bool = True) -> Span | _Off:
+          carrier: Mapping[str, Any] | None = None, current: bool = True) -> Any:
     """A new span (OFF when tracing is off), a child of the current span, or of the trace context
     `carrier` holds (a request's payload); `current`: made the current span until its `end`.
     Attributes that are None or "" are left out."""
     if tracer is None:
         return OFF
-    parent = None
-    if carrier is not None and isinstance(carrier.get("traceparent"), str):
-        fields = {key: carrier[key] for key in ("traceparent", "tracestate") if isinstance(carrier.get(key), str)}
-        parent = _otel.propagator.extract(fields)
-    span = tracer.start_span(name, context=parent, kind=_otel.kinds[kind],
-                             attributes={k: v for k, v in attributes.items() if v is not None and v != ""})
-    return Span(span, _otel.context.attach(_otel.trace.set_span_in_context(span)) if current else None)
+    return _pack.start(tracer, name, attributes, kind=kind, carrier=carrier, current=current)
 
 
 def outcome_of(error: BaseException) -> str:
@@ -160,23 +117,12 @@ def endpoint_from(flag: str | None = None, env: Mapping[str, str] | None = None)
     return ""
 
 
-def _shown(url: str) -> str:
-    """A URL as the log may show it: no user, password, query or fragment."""
-    parts = urlsplit(url)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ":?"
-    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
-
-
 def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
               env: Mapping[str, str] | None = None, span_exporter: Any = None) -> bool:
     """Turn tracing on for this process if an OTLP endpoint is configured (see the module docstring),
     or to `span_exporter` (tests pass the SDK's InMemorySpanExporter; its spans are exported as each
     ends); True when on. A previous configuration is shut down first, so the last call wins."""
-    global tracer, provider, exporter, endpoint, _otel
+    global tracer, provider, exporter, endpoint, _pack
     env = os.environ if env is None else env
     shutdown()
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -184,35 +130,22 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
     url = "" if span_exporter is not None else endpoint_from(otlp_endpoint, env)
     if span_exporter is None and not url:
         return False
-    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
-        raise InvalidArgument(f"the OTLP endpoint {_shown(url)!r} is not an http:// or https:// URL; traces go over "
-                              "OTLP/HTTP to a collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
-    from types import SimpleNamespace
-
-    from opentelemetry import context, trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    made = TracerProvider(resource=Resource.create({"service.name": service, "service.version": version}))
-    if span_exporter is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        span_exporter = OTLPSpanExporter(endpoint=url)
-        made.add_span_processor(BatchSpanProcessor(span_exporter))
-    else:
-        made.add_span_processor(SimpleSpanProcessor(span_exporter))
-    _otel = SimpleNamespace(context=context, trace=trace, Status=Status, StatusCode=StatusCode,
-                            propagator=TraceContextTextMapPropagator(),
-                            kinds={"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER,
-                                   "producer": SpanKind.PRODUCER, "consumer": SpanKind.CONSUMER})
-    provider, exporter, endpoint = made, span_exporter, url
-    tracer = made.get_tracer(SCOPE, version)
-    if url:
-        log.info("tracing on: spans go to the OTLP endpoint", extra={"endpoint": _shown(url), "service": service})
+    pack = _tracing_pack()
+    provider, exporter, tracer = pack.configure(service, version, url, span_exporter)
+    endpoint, _pack = url, pack
     return True
+
+
+def _tracing_pack() -> Any:
+    name = f"{__package__}.packs.tracing"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise  # the pack is here but one of its OpenTelemetry packages is not
+        raise InvalidArgument("an OTLP endpoint is configured, but this ecosystem was built without tracing: its spec "
+                              "does not name the tracing pack; add `tracing: {}` under `packs:` in spec/ecosystem.yaml "
+                              "and regenerate (or unset the endpoint)") from None
 
 
 def flush(timeout_s: float = 10.0) -> bool:
@@ -222,7 +155,7 @@ def flush(timeout_s: float = 10.0) -> bool:
 
 def shutdown() -> None:
     """Export what is still batched and turn tracing off (serve calls it on its way out)."""
-    global tracer, provider, exporter, endpoint
-    made, tracer, provider, exporter, endpoint = provider, None, None, None, ""
+    global tracer, provider, exporter, endpoint, _pack
+    made, tracer, provider, exporter, endpoint, _pack = provider, None, None, None, "", None
     if made is not None:
         made.shutdown()

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, SpecProblem
-from ..kernel.capabilities import CAPABILITIES, PACKS, packs_of
+from ..kernel.capabilities import CAPABILITIES, PACKS, named_packs, packs_of
 from ..kernel_contract import kernel_tables, pack_settings, reserved_names
 from .model import (
     IDENTIFIER,
@@ -665,8 +665,9 @@ def _check_ecosystem(doc: _Document, ecosystem: EcosystemSpec) -> list[SpecProbl
 def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Document, MadSpec]]) -> list[SpecProblem]:
     """A capability pack a tool is bound to brings its pinned libraries: ecosystem.yaml must list each, at the
     pack's pin (the version its guards were tested with), so the artifact's pyproject and uv.lock carry them.
-    Settings under `packs:` are only for packs the ecosystem uses."""
-    used = packs_of(t.builtin for _, mad in mads for t in mad.tools if t.builtin)
+    Settings under `packs:` are only for packs the ecosystem uses; naming a deployment pack there (redis) is
+    what brings it in."""
+    used = packs_of(t.builtin for _, mad in mads for t in mad.tools if t.builtin) | named_packs(ecosystem.packs)
     problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
                             f"a tool to a {name}.* capability, or remove these settings)")
                 for name in ecosystem.packs if name not in used]
@@ -675,8 +676,9 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
         for key, value in settings.items():
             want = known.get(key)
             if want is None:
-                problems.append(doc.problem(("packs", name, key), f"unknown setting '{key}' of the {name!r} pack; "
-                                            + _closest(key, known, "expected one of")))
+                hint = (_closest(key, known, "expected one of") if known
+                        else f"it takes none: write `{name}: {{}}` (its runtime options are `serve` flags)")
+                problems.append(doc.problem(("packs", name, key), f"unknown setting '{key}' of the {name!r} pack; " + hint))
             elif not _setting_fits(value, want):
                 problems.append(doc.problem(("packs", name, key), f"setting '{key}' of the {name!r} pack takes "
                                             f"{_TYPE_WORDS.get(want, want.__name__)}, not {_describe(value)}"))
@@ -684,14 +686,16 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     for pack in sorted(used):
         users = sorted({f"{mad.name}.{t.name}" for _, mad in mads for t in mad.tools
                         if t.builtin and t.builtin.split(".", 1)[0] == pack})
-        why = f"tool {', '.join(users)}" if users else "a pack the bound packs require"
+        why = (f"tool {', '.join(users)}" if users else "named under `packs:`" if PACKS[pack].named
+               else "a pack the bound packs require")
+        kind = "deployment pack" if PACKS[pack].named else "capability pack"
         for pin in PACKS[pack].dependencies:
             index, have = listed.get(_requirement_name(pin), (None, ""))
             if index is None:
-                problems.append(doc.problem(("dependencies",), f"the {pack!r} capability pack ({why}) needs {pin}, "
+                problems.append(doc.problem(("dependencies",), f"the {pack!r} {kind} ({why}) needs {pin}, "
                                             f"which `dependencies` lacks; add `- {pin}`"))
             elif have.replace(" ", "") != pin:
-                problems.append(doc.problem(("dependencies", index), f"the {pack!r} capability pack ({why}) is tested "
+                problems.append(doc.problem(("dependencies", index), f"the {pack!r} {kind} ({why}) is tested "
                                             f"with {pin}, not {have}; pin `- {pin}`"))
     return problems
 

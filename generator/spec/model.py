@@ -24,7 +24,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..frozen import Frozen
-from ..kernel.capabilities import PACKS, TYPE_NAMES, packs_of
+from ..kernel.capabilities import PACKS, TYPE_NAMES, named_packs, packs_of
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # The oldest Python the kernel runs on (its own code uses 3.11 features).
@@ -301,7 +301,7 @@ def _pack_name(name: str) -> str:
     if name not in PACKS:
         close = difflib.get_close_matches(name, list(PACKS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise spec_rule(f"unknown capability pack '{name}'; expected one of: {', '.join(sorted(PACKS))}{hint}")
+        raise spec_rule(f"unknown pack '{name}'; expected one of: {', '.join(sorted(PACKS))}{hint}")
     return name
 
 
@@ -326,8 +326,9 @@ class EcosystemSpec(Frozen):
     # Dumped (into prompts) only when given, like MadSpec.requirements and `acceptance`.
     packs: dict[Annotated[str, AfterValidator(_pack_name)], dict[str, Any]] = Field(
         default_factory=dict, exclude_if=lambda packs: not packs,
-        description="capability pack -> its settings in the built ecosystem (e.g. web: {allow: [127.0.0.1]}, "
-                    "files: {quota_bytes: 1000000}); a pack's defaults apply to what is not set",
+        description="pack -> its settings in the built ecosystem (e.g. web: {allow: [127.0.0.1]}, "
+                    "files: {quota_bytes: 1000000}); a pack's defaults apply to what is not set; a deployment "
+                    "pack is brought in by naming it here (redis: {} for the Redis bus)",
     )
     acceptance: dict[Annotated[str, AfterValidator(_acceptance_area)], list[str]] = Field(
         default_factory=dict, exclude_if=lambda areas: not areas,
@@ -366,8 +367,9 @@ class Spec(Frozen):
 
     @cached_property
     def packs(self) -> frozenset[str]:
-        """The kernel's capability packs this ecosystem uses: those of the capabilities its tools are bound to."""
-        return packs_of(t.builtin for m in self.mads for t in m.tools if t.builtin)
+        """The kernel's packs this ecosystem uses: those of the capabilities its tools are bound to, and the
+        deployment packs its ecosystem.yaml names under `packs:`."""
+        return packs_of(t.builtin for m in self.mads for t in m.tools if t.builtin) | named_packs(self.ecosystem.packs)
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:

@@ -35,3 +35,44 @@ def test_cli_usage_errors(tiny_ecosystem):
     assert _run(root, name, "serve").returncode == 2  # --state is required
     bad = _run(root, name, "token", "--state", "/tmp/x-kernel-test", "--name", "bad name")
     assert bad.returncode == 2 and "token names" in bad.stderr
+
+
+def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
+    """The Redis bus and tracing are packs: an ecosystem whose spec names neither has none of their code, and
+    asking for a Redis bus (serve, bus status) or for traces (an OTLP endpoint, by flag or by OTEL_ variable)
+    is a clear error naming the spec change, not an ImportError; with neither asked for, it serves."""
+    from conftest import build_ecosystem
+
+    pkg = build_ecosystem(tmp_path, "core_only_eco")
+    (pkg / "kernel" / "packs" / "redis.py").unlink()
+    (pkg / "kernel" / "packs" / "tracing.py").unlink()
+    state = str(tmp_path / "state")
+    for args, said in ((["bus", "status", "--bus", "redis://127.0.0.1:9/0"], "built without the Redis bus"),
+                       (["serve", "--state", state, "--bus", "redis://127.0.0.1:9/0", "--port", "0"],
+                        "built without the Redis bus"),
+                       (["serve", "--state", state, "--otlp-endpoint", "http://127.0.0.1:9", "--port", "0"],
+                        "built without tracing")):
+        result = _run(tmp_path, "core_only_eco", *args)
+        assert result.returncode != 0, args
+        assert said in result.stderr and ": {}` under `packs:`" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9")
+    by_env = subprocess.run([sys.executable, "-m", "core_only_eco", "serve", "--state", state, "--port", "0"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert by_env.returncode != 0 and "built without tracing" in by_env.stderr, by_env.stderr
+    script = ("import asyncio, sys\n"
+              "from core_only_eco.ecosystem import CONFIG\n"
+              "from core_only_eco.kernel import gateway, tracing\n"
+              "from core_only_eco.kernel.runtime import Runtime\n"
+              "async def main():\n"
+              "    runtime = Runtime(CONFIG, sys.argv[1])\n"
+              "    await runtime.start()\n"
+              "    assert tracing.start('x', {}) is tracing.OFF and runtime.transport.name == 'local'\n"
+              "    await runtime.invoke_tool('rogers', 'create_conversation', {'title': 't'}, principal='client:ci')\n"
+              "    assert (await runtime.invoke_tool('rogers', 'list_conversations', {}, principal='client:ci'))\n"
+              "    await runtime.stop()\n"
+              "asyncio.run(main())\n"
+              "assert not [m for m in sys.modules if m.startswith(('redis', 'opentelemetry.sdk', 'opentelemetry.exporter'))]\n")
+    served = subprocess.run([sys.executable, "-c", script, state], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                            capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0, served.stderr

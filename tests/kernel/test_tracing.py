@@ -373,14 +373,17 @@ def test_spans_reach_the_otlp_endpoint_configured(eco, clean_env, tmp_path, monk
 # ---- the dependencies and the runbook ----------------------------------------------------------
 
 
-def test_the_tracing_libraries_are_pinned_for_every_ecosystem_and_locked_for_regen():
+def test_the_tracing_libraries_are_the_tracing_packs_pinned_in_spec_and_locked_for_regen():
+    from generator.kernel.capabilities import PACKS
     from generator.kernel_contract import RUNTIME_DEPENDENCIES
     from generator.spec.load import load_spec
 
-    pins = dict(r.split("==") for r in RUNTIME_DEPENDENCIES)
+    pins = dict(r.split("==") for r in PACKS["tracing"].dependencies)
     wanted = ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http")
-    assert set(wanted) <= set(pins)
-    assert set(RUNTIME_DEPENDENCIES) <= set(load_spec(REPO / "spec").ecosystem.dependencies)
+    assert set(wanted) == set(pins)
+    assert not [r for r in RUNTIME_DEPENDENCIES if r.startswith("opentelemetry")]  # a spec without the pack: none
+    spec = load_spec(REPO / "spec")
+    assert "tracing" in spec.packs and set(PACKS["tracing"].dependencies) <= set(spec.ecosystem.dependencies)
     locked = {p["name"]: p["version"] for p in tomllib.loads((REPO / "uv.lock").read_text())["package"]}
     dev = tomllib.loads((REPO / "pyproject.toml").read_text())["dependency-groups"]["dev"]
     for name in wanted:
@@ -403,3 +406,28 @@ def test_the_runbook_says_how_to_turn_traces_on():
     for words in ("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                   "regen.correlation_id", "bus deliver", "off by default"):
         assert words in runbook, words
+
+
+def test_a_spec_naming_no_deployment_pack_gets_no_failover_script_and_a_runbook_saying_how(tmp_path):
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import shutil
+
+    import yaml
+
+    from generator.senior.offline import render_unit
+    from generator.senior.synthesise import unit_spec
+    from generator.spec.load import load_spec
+    from generator.spec.plan import make_plan
+
+    shutil.copytree(REPO / "spec", tmp_path / "spec")
+    doc = yaml.safe_load((tmp_path / "spec" / "ecosystem.yaml").read_text())
+    del doc["packs"]["redis"], doc["packs"]["tracing"]
+    (tmp_path / "spec" / "ecosystem.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = load_spec(tmp_path / "spec")
+    assert not spec.packs & {"redis", "tracing"}
+    plan = make_plan(spec)
+    files = {f["path"]: f["content"] for f in render_unit(unit_spec(spec, plan, plan.unit("frame")))}
+    assert "deploy/failover.sh" not in files and "deploy/run.sh" in files
+    runbook = files["RUNBOOK.md"]
+    assert "Failover: two replicas" not in runbook and "--otlp-endpoint http" not in runbook
+    assert "add `redis: {}` under `packs:`" in runbook and "add `tracing: {}` under `packs:`" in runbook

@@ -71,7 +71,8 @@ def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) ->
             {"path": f"tests/test_{mad['name']}.py", "content": tests},
         ]
     context = {"unit": unit, "package": package, "ecosystem": unit["ecosystem"], "mads": unit["mads"]}
-    outputs = {path.replace("PACKAGE", package): f"frame/{template}" for path, template in FRAME_FILES.items()}
+    outputs = {path.replace("PACKAGE", package): f"frame/{template}" for path, template in FRAME_FILES.items()
+               if path not in REDIS_ONLY or "redis" in unit["ecosystem"].get("packs", {})}
     return [
         {"path": path, "content": env.get_template(template).render(**context)}
         for path, template in sorted(outputs.items())
@@ -111,3 +112,5 @@ FRAME_FILES = {
     "deploy/PACKAGE.service": "systemd.service.j2",
     "deploy/Dockerfile": "Dockerfile.j2",
 }
+# The failover script drives the Redis bus: only a build whose spec names the redis pack has one.
+REDIS_ONLY = frozenset({"deploy/failover.sh"})
