@@ -15,7 +15,8 @@ MOMENT is
                                     takes seconds to import), `{n}` in the arguments becomes N, and a JSON
                                     object {N: exit status} is printed (-9: killed);
   emit:count                        no kill: the number of such steps is printed to stderr at exit.
---sandbox-result stands in for the sandbox with recorded results, so a test can build many times fast.
+--sandbox-result stands in for the sandbox with recorded results, so a test can build many times fast; with
+several emit moments, the artifact holding it also warms the static review's parse cache before the forks.
 """
 
 import atexit
@@ -64,13 +65,15 @@ def _recorded_sandbox(tests_json: Path) -> None:
     run.run_tests = lambda *args, **kwargs: result
 
 
-def _each_in_a_fork(steps: list[str], argv: list[str]) -> None:
+def _each_in_a_fork(steps: list[str], argv: list[str], warm: Path | None) -> None:
     import json
 
     from generator.cli import main as regen
     from generator.senior.client import load_litellm
 
     load_litellm()
+    if warm is not None:
+        _warm_static_review(warm)
     statuses = {}
     for n in steps:
         args = [a.replace("{n}", n) for a in argv]
@@ -83,14 +86,28 @@ def _each_in_a_fork(steps: list[str], argv: list[str]) -> None:
     print(json.dumps(statuses))
 
 
+def _warm_static_review(artifact: Path) -> None:
+    """Parse an earlier artifact's Python files as the static review does (position metadata included), so
+    each fork finds the kernel's files, the same bytes at the same paths, parsed already: the forks then pay
+    for the build's own files, as a long-lived process would, not for 10,000 lines of kernel each time."""
+    from generator.review import deterministic
+
+    for path in deterministic._python_files(artifact):
+        try:
+            deterministic._parsed((artifact / path).read_text(encoding="utf-8"), path).visit(deterministic._SecretLogs())
+        except (ValueError, SyntaxError):
+            continue
+
+
 def main() -> None:
     moment, *rest = sys.argv[1:]
     separator = rest.index("--")
     options, argv = rest[:separator], rest[separator + 1:]
-    if options[:1] == ["--sandbox-result"]:
-        _recorded_sandbox(Path(options[1]))
+    recorded = Path(options[1]) if options[:1] == ["--sandbox-result"] else None
+    if recorded is not None:
+        _recorded_sandbox(recorded)
     if moment.startswith("emit:") and "," in moment:
-        _each_in_a_fork(moment.removeprefix("emit:").split(","), argv)
+        _each_in_a_fork(moment.removeprefix("emit:").split(","), argv, recorded.parent if recorded else None)
         return
     _install(moment, Path(argv[argv.index("--out") + 1]))
     from generator.cli import main as regen

