@@ -124,8 +124,10 @@ def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
 def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
     from generator.kernel.capabilities import CAPABILITIES, PACKS, available
 
-    assert {name for name, info in PACKS.items() if not info.named} == {c.pack for c in CAPABILITIES.values() if c.pack}
-    assert {name for name, info in PACKS.items() if info.named} == {"redis", "tracing"}  # by name, no capabilities
+    kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind} for kind in ("capabilities", "deployment", "roles")}
+    assert kinds["capabilities"] == {c.pack for c in CAPABILITIES.values() if c.pack}
+    assert kinds["deployment"] == {"redis", "tracing"} and kinds["roles"] == {"emads"}  # no capabilities
+    assert sum(map(len, kinds.values())) == len(PACKS)
     assert not [c for c in available(()).values() if c.pack]
     assert {c.name for c in available({"files"}).values() if c.pack} == {
         "files.write", "files.read", "files.list", "files.stat", "files.move", "files.delete"}

@@ -182,6 +182,14 @@ def test_a_tool_no_build_ever_wrote_is_named_and_nothing_is_built(tmp_path):
     assert not (tmp_path / "out" / "madgroup").exists() or not list((tmp_path / "out" / "madgroup").iterdir())
 
 
+def _recorded(tests_json: Path):
+    """A sandbox seam that answers with a recorded run's results, for tests about something else."""
+    from generator.sandbox.run import SandboxResult
+
+    result = SandboxResult.model_validate_json(tests_json.read_text())
+    return lambda *args, **kwargs: result
+
+
 def _complete_or_absent(ecosystem_dir: Path) -> None:
     for version in versions(ecosystem_dir):
         check = verify_artifact(ecosystem_dir / version)  # signature, provenance, every output and the root hash
@@ -189,10 +197,12 @@ def _complete_or_absent(ecosystem_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("moment", ["transcript.jsonl", "src/uv.lock", "tests.json", "published"])
-def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, core_spec, moment):
+def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, built, core_spec, moment):
+    """The sandbox's results are recorded ones (the full build's): what is tested is the kill and the next run."""
     out = tmp_path / "out"
+    recorded = built[1].path / "tests.json"
     killed = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--",
+        [sys.executable, str(REPO / "tests" / "kill_at.py"), moment, "--sandbox-result", str(recorded), "--",
          "regenerate", "--spec", str(core_spec), "--out", str(out), "--quiet", "--no-cache"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
     )
@@ -201,7 +211,7 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, cor
     _complete_or_absent(ecosystem_dir)
     assert versions(ecosystem_dir) == (["1.0.0"] if moment == "published" else [])
     # The next run sweeps the dead build's staging folder and finishes the job.
-    result = _build(_options(out, core_spec))
+    result = _build(_options(out, core_spec), sandbox=_recorded(recorded))
     assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
     assert not list(ecosystem_dir.glob(".staging-*"))
     _complete_or_absent(ecosystem_dir)

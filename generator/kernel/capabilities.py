@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_serializer
 
@@ -611,16 +611,17 @@ CAPABILITIES: dict[str, Capability] = {
     ]
 }
 
-# Each pack: what it is for and the pinned packages it needs in an artifact that uses it. A capability pack
-# enters an artifact when a tool is bound to one of its capabilities; a deployment pack (`named`), which serves
-# the operator rather than a tool, when the spec names it under `packs:` in ecosystem.yaml.
+# Each pack: what it is for, the pinned packages it needs in an artifact that uses it, and how it enters one
+# (`kind`): a capability pack when a tool is bound to one of its capabilities; a deployment pack, which serves
+# the operator rather than a tool, when the spec names it under `packs:` in ecosystem.yaml; the roles pack when
+# the spec has a role (a MAD with `lifecycle: ephemeral`).
 @dataclass(frozen=True)
 class PackInfo:
     name: str
     summary: str
     dependencies: tuple[str, ...] = ()  # pinned (name==version), as the artifact's pyproject lists them
     requires: tuple[str, ...] = ()  # packs loaded with this one, reached through PackContext.peer
-    named: bool = False  # a deployment pack: chosen by name in the spec, it has no capabilities
+    kind: Literal["capabilities", "deployment", "roles"] = "capabilities"
 
 
 PACKS: dict[str, PackInfo] = {p.name: p for p in [
@@ -647,11 +648,13 @@ PACKS: dict[str, PackInfo] = {p.name: p for p in [
                          "deduplicated and posted to the security conversation; MADs' own reports (stdlib only)"),
     PackInfo("redis", "The Redis Streams bus: several processes, on one host or several, serve the ecosystem's "
                       "MADs over one Redis (`serve --bus redis://...`), with failover and `bus status|forget`",
-             dependencies=("redis==8.1.0",), named=True),
+             dependencies=("redis==8.1.0",), kind="deployment"),
     PackInfo("tracing", "OpenTelemetry traces of tool calls, bus hops and MAD handlers, exported over OTLP/HTTP "
                         "once an endpoint is configured (`serve --otlp-endpoint URL`)",
              dependencies=("opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2",
-                           "opentelemetry-exporter-otlp-proto-http==1.45.2"), named=True),
+                           "opentelemetry-exporter-otlp-proto-http==1.45.2"), kind="deployment"),
+    PackInfo("emads", "Ephemeral MADs: instances of a role spawned for a task, capped per role, their reports kept "
+                      "for the role's next instances", kind="roles"),
 ]}
 
 
@@ -661,9 +664,11 @@ def packs_of(capability_names: Iterable[str]) -> frozenset[str]:
     return with_required(CAPABILITIES[n].pack for n in capability_names if n in CAPABILITIES and CAPABILITIES[n].pack)
 
 
-def named_packs(names: Iterable[str]) -> frozenset[str]:
-    """The deployment packs among these names (a spec's `packs:` keys), with the packs they require."""
-    return with_required(n for n in names if n in PACKS and PACKS[n].named)
+def packs_for(capability_names: Iterable[str], named: Iterable[str], has_roles: bool) -> frozenset[str]:
+    """The packs an ecosystem uses: those of the capabilities its tools are bound to, the deployment packs among
+    the names under its `packs:`, and the roles pack when it has a role; with the packs those require."""
+    deployment = [n for n in named if n in PACKS and PACKS[n].kind == "deployment"]
+    return packs_of(capability_names) | with_required([*deployment, *(["emads"] if has_roles else [])])
 
 
 def with_required(packs: Iterable[str]) -> frozenset[str]:

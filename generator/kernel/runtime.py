@@ -14,7 +14,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,12 @@ from .bus import ConversationBus, Envelope, current_delivery, now_iso
 from .capabilities import CAPABILITIES, PACKS, available, granted, with_required
 from .config import EcosystemConfig
 from .db import Database, TableStore, ident
-from .emads import Emads, check_lifecycles
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
 from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
-from .packs import IMPL_ATTR, Pack, PackContext, implements, load
+from .packs import IMPL_ATTR, Pack, PackContext, implements, load, module
 from .secrets import KeySource, SecretsManager
 from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
 from .transport import Reply, Sealer, error_to, make_transport, reply_to
@@ -121,6 +120,46 @@ def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if k in ("ecosystem", "version", "inputs_hash")} if isinstance(data, dict) else {}
 
 
+LIFECYCLES = ("persistent", "ephemeral")
+
+
+def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
+    """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
+    mads = list(mads)
+    for cls in mads:
+        if cls.lifecycle not in LIFECYCLES:
+            raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
+    roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
+    for cls in mads:
+        unknown = sorted(set(cls.spawns) - set(roles))
+        if unknown:
+            raise InvalidArgument(f"MAD {cls.name!r} spawns {', '.join(unknown)}, which is no role (a MAD with lifecycle "
+                                  f"'ephemeral'); this ecosystem's roles: {', '.join(roles) or 'none'}")
+    for cls in roles.values():
+        if not (isinstance(cls.max_instances, int) and cls.max_instances >= 1):
+            raise InvalidArgument(f"role {cls.name!r}: max_instances must be an integer >= 1, not {cls.max_instances!r}")
+        if not cls.task_timeout_s > 0:
+            raise InvalidArgument(f"role {cls.name!r}: task_timeout_s must be > 0 seconds, not {cls.task_timeout_s!r}")
+        if cls.conversations:  # each instance would stay a participant of them for ever
+            raise InvalidArgument(f"role {cls.name!r}: an eMAD joins only its task conversation; declare no conversations")
+    return roles
+
+
+class NoRoles:
+    """The eMADs of an ecosystem without roles, whose build has no emads pack: none live, none to spawn (a spawn
+    is refused before it gets here: no MAD may spawn a role that does not exist)."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, str] = {}
+
+    def running(self, role: str) -> int:
+        return 0
+
+    def reports(self, instance: str, limit: int = 20) -> list[dict[str, Any]]:
+        raise InvalidArgument(f"{instance!r} is no live eMAD: earlier_reports is for an instance of a role, and this "
+                              "ecosystem has no roles")
+
+
 class Runtime:
     def __init__(
         self,
@@ -191,7 +230,8 @@ class Runtime:
                                lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
         self.metrics.build_info(ecosystem=config.name, version=self.version,
                                 inputs_hash=str(self.build.get("inputs_hash", "")))
-        self.emads = Emads(self.db, self._roles, self.bus, self.supervisor, self.metrics)
+        self.emads = (self._emads_pack().Emads(self.db, self._roles, self.bus, self.supervisor, self.metrics)
+                      if self._roles else NoRoles())
         self._kernels = {cls.name: self._kernel_for(cls.name) for cls in config.persistent_mads}
         # The audit log's length, recorded outside the database: a drop in this series is a truncation.
         self.metrics.watch("regen_audit_entries", "Entries in the hash-chained audit log (its newest id)",
@@ -234,7 +274,7 @@ class Runtime:
 
     async def start(self) -> None:
         """Join conversations and start the persistent MADs in the configured order (their tables exist already);
-        a role gets no slot: its instances are spawned per task (kernel/emads.py)."""
+        a role gets no slot: its instances are spawned per task (kernel/packs/emads.py)."""
         self.started_at = now_iso()
         self._t0 = time.monotonic()
         for cls in self.config.mads:
@@ -348,6 +388,10 @@ class Runtime:
 
     def table_store(self, mad: str) -> TableStore:
         return TableStore(self.db, mad, self._tables.get(mad, {}))
+
+    def _emads_pack(self) -> Any:
+        return module("emads", f"this ecosystem has roles ({', '.join(self._roles)}) but was built without the emads "
+                               "pack, which runs them; rebuild it from its spec with `nox -s regenerate`")
 
     def _grants_of(self, caller: str) -> Grants | None:
         """What `caller` may do: a persistent MAD's grants, or a live eMAD instance's role's; None for anyone else
@@ -528,7 +572,7 @@ class Runtime:
         return reply.unwrap()
 
     async def spawn(self, spawner: str, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
-        """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/emads.py): refused, and
+        """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/packs/emads.py): refused, and
         audited, unless `role` is among the spawner's `spawns`; in `conversation_id` (the spawner must be in it)
         or in a new conversation titled after the task."""
         grants = self._grants_of(spawner)

@@ -41,12 +41,12 @@ as in the logs). Never an argument's value or a result.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from .errors import InvalidArgument, KernelError
+from . import packs
+from .errors import KernelError
 
 TRACES_PATH = "/v1/traces"
 
@@ -137,15 +137,9 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
 
 
 def _tracing_pack() -> Any:
-    name = f"{__package__}.packs.tracing"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise  # the pack is here but one of its OpenTelemetry packages is not
-        raise InvalidArgument("an OTLP endpoint is configured, but this ecosystem was built without tracing: its spec "
-                              "does not name the tracing pack; add `tracing: {}` under `packs:` in spec/ecosystem.yaml "
-                              "and regenerate (or unset the endpoint)") from None
+    return packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: its "
+                                   "spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
+                                   "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
 
 
 def flush(timeout_s: float = 10.0) -> bool:

@@ -26,7 +26,6 @@ it pending, and then it runs again: see the contract for MAD authors in `bus.py`
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import time
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel
 
-from . import logs
+from . import logs, packs
 from .bus import MAX_ATTEMPTS, ConversationBus, Envelope, to_json
 from .errors import DurabilityError, InvalidArgument, KernelError
 
@@ -349,11 +348,5 @@ def make_transport(
 
 def redis_pack() -> Any:
     """The redis pack's module, or a clear error when the spec this ecosystem was built from did not name it."""
-    name = f"{__package__}.packs.redis"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise  # the pack is here but its `redis` package is not
-        raise InvalidArgument("this ecosystem was built without the Redis bus: its spec does not name the redis pack; "
-                              "add `redis: {}` under `packs:` in spec/ecosystem.yaml and regenerate") from None
+    return packs.module("redis", "this ecosystem was built without the Redis bus: its spec does not name the redis "
+                                 "pack; add `redis: {}` under `packs:` in spec/ecosystem.yaml and regenerate")

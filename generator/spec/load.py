@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, SpecProblem
-from ..kernel.capabilities import CAPABILITIES, PACKS, named_packs, packs_of
+from ..kernel.capabilities import CAPABILITIES, PACKS, packs_for
 from ..kernel_contract import kernel_tables, pack_settings, reserved_names
 from .model import (
     IDENTIFIER,
@@ -667,10 +667,11 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     pack's pin (the version its guards were tested with), so the artifact's pyproject and uv.lock carry them.
     Settings under `packs:` are only for packs the ecosystem uses; naming a deployment pack there (redis) is
     what brings it in."""
-    used = packs_of(t.builtin for _, mad in mads for t in mad.tools if t.builtin) | named_packs(ecosystem.packs)
+    used = packs_for((t.builtin for _, mad in mads for t in mad.tools if t.builtin), ecosystem.packs,
+                     any(mad.lifecycle == "ephemeral" for _, mad in mads))
     problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
                             f"a tool to a {name}.* capability, or remove these settings)")
-                for name in ecosystem.packs if name not in used]
+                for name in ecosystem.packs if name not in used and PACKS[name].kind == "capabilities"]
     for name, settings in ecosystem.packs.items():
         known = pack_settings(name)
         for key, value in settings.items():
@@ -686,9 +687,9 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     for pack in sorted(used):
         users = sorted({f"{mad.name}.{t.name}" for _, mad in mads for t in mad.tools
                         if t.builtin and t.builtin.split(".", 1)[0] == pack})
-        why = (f"tool {', '.join(users)}" if users else "named under `packs:`" if PACKS[pack].named
+        why = (f"tool {', '.join(users)}" if users else "named under `packs:`" if PACKS[pack].kind == "deployment"
                else "a pack the bound packs require")
-        kind = "deployment pack" if PACKS[pack].named else "capability pack"
+        kind = "deployment pack" if PACKS[pack].kind == "deployment" else "capability pack"
         for pin in PACKS[pack].dependencies:
             index, have = listed.get(_requirement_name(pin), (None, ""))
             if index is None:

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..frozen import Frozen
-from ..kernel.capabilities import PACKS, TYPE_NAMES, named_packs, packs_of
+from ..kernel.capabilities import PACKS, TYPE_NAMES, packs_for
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # The oldest Python the kernel runs on (its own code uses 3.11 features).
@@ -298,10 +298,14 @@ def _supported_python(version: str) -> str:
 
 
 def _pack_name(name: str) -> str:
-    if name not in PACKS:
-        close = difflib.get_close_matches(name, list(PACKS), n=1)
+    if name in PACKS and PACKS[name].kind == "roles":
+        raise spec_rule(f"the '{name}' pack is not named here: a build has it when its spec has a role (a MAD with "
+                        "`lifecycle: ephemeral`); remove this entry")
+    nameable = sorted(n for n, info in PACKS.items() if info.kind != "roles")
+    if name not in nameable:
+        close = difflib.get_close_matches(name, nameable, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise spec_rule(f"unknown pack '{name}'; expected one of: {', '.join(sorted(PACKS))}{hint}")
+        raise spec_rule(f"unknown pack '{name}'; expected one of: {', '.join(nameable)}{hint}")
     return name
 
 
@@ -367,9 +371,10 @@ class Spec(Frozen):
 
     @cached_property
     def packs(self) -> frozenset[str]:
-        """The kernel's packs this ecosystem uses: those of the capabilities its tools are bound to, and the
-        deployment packs its ecosystem.yaml names under `packs:`."""
-        return packs_of(t.builtin for m in self.mads for t in m.tools if t.builtin) | named_packs(self.ecosystem.packs)
+        """The kernel's packs this ecosystem uses: those of the capabilities its tools are bound to, the deployment
+        packs its ecosystem.yaml names under `packs:`, and the roles pack if it has a role."""
+        return packs_for((t.builtin for m in self.mads for t in m.tools if t.builtin), self.ecosystem.packs,
+                         any(m.lifecycle == "ephemeral" for m in self.mads))
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:

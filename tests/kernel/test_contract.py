@@ -13,7 +13,7 @@ from generator.kernel.capabilities import PACKS, available, with_required
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
 
 
-CAPABILITY_PACKS = tuple(name for name, info in PACKS.items() if not info.named)
+CAPABILITY_PACKS = tuple(name for name, info in PACKS.items() if info.kind == "capabilities")
 
 
 @pytest.mark.parametrize("packs", [(), *((name,) for name in CAPABILITY_PACKS), CAPABILITY_PACKS],

@@ -38,14 +38,16 @@ def test_cli_usage_errors(tiny_ecosystem):
 
 
 def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
-    """The Redis bus and tracing are packs: an ecosystem whose spec names neither has none of their code, and
-    asking for a Redis bus (serve, bus status) or for traces (an OTLP endpoint, by flag or by OTEL_ variable)
-    is a clear error naming the spec change, not an ImportError; with neither asked for, it serves."""
+    """The Redis bus, tracing and eMADs are packs: an ecosystem whose spec names neither and has no role has none
+    of their code, and asking for a Redis bus (serve, bus status) or for traces (an OTLP endpoint, by flag or by
+    OTEL_ variable) is a clear error naming the spec change, not an ImportError; with neither asked for, it
+    serves, and a MAD asking for earlier reports is told there are no roles."""
     from conftest import build_ecosystem
 
     pkg = build_ecosystem(tmp_path, "core_only_eco")
     (pkg / "kernel" / "packs" / "redis.py").unlink()
     (pkg / "kernel" / "packs" / "tracing.py").unlink()
+    (pkg / "kernel" / "packs" / "emads.py").unlink()
     state = str(tmp_path / "state")
     for args, said in ((["bus", "status", "--bus", "redis://127.0.0.1:9/0"], "built without the Redis bus"),
                        (["serve", "--state", state, "--bus", "redis://127.0.0.1:9/0", "--port", "0"],
@@ -70,9 +72,29 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
               "    assert tracing.start('x', {}) is tracing.OFF and runtime.transport.name == 'local'\n"
               "    await runtime.invoke_tool('rogers', 'create_conversation', {'title': 't'}, principal='client:ci')\n"
               "    assert (await runtime.invoke_tool('rogers', 'list_conversations', {}, principal='client:ci'))\n"
+              "    try:\n"
+              "        await runtime.mad('rogers').earlier_reports()\n"
+              "    except Exception as exc:\n"
+              "        assert 'this ecosystem has no roles' in str(exc), exc\n"
+              "    else:\n"
+              "        raise AssertionError('earlier_reports of a persistent MAD answered')\n"
               "    await runtime.stop()\n"
               "asyncio.run(main())\n"
               "assert not [m for m in sys.modules if m.startswith(('redis', 'opentelemetry.sdk', 'opentelemetry.exporter'))]\n")
     served = subprocess.run([sys.executable, "-c", script, state], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert served.returncode == 0, served.stderr
+
+
+def test_an_ecosystem_with_roles_built_without_the_emads_pack_says_to_rebuild(tmp_path):
+    from conftest import build_ecosystem
+
+    pkg = build_ecosystem(tmp_path, "roles_eco")
+    (pkg / "kernel" / "packs" / "emads.py").unlink()
+    (pkg / "mads" / "__init__.py").write_text(
+        (pkg / "mads" / "__init__.py").read_text().replace("MADS = (Turing, Rogers, Fiedler, Grace)", (
+            "from ..kernel import Mad\n\n\nclass Scout(Mad):\n    name = 'scout'\n    role = 'a role'\n"
+            "    lifecycle = 'ephemeral'\n\n\nMADS = (Turing, Rogers, Fiedler, Grace, Scout)")))
+    result = _run(tmp_path, "roles_eco", "serve", "--state", str(tmp_path / "state"), "--port", "0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "has roles (scout) but was built without the emads pack" in result.stderr, result.stderr

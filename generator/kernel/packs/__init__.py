@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import KernelError
+from ..errors import InvalidArgument, KernelError
 
 IMPL_ATTR = "__regen_capability__"
 
@@ -66,6 +66,17 @@ class Pack:
 
     async def close(self) -> None:
         """Called once at shutdown."""
+
+
+def module(name: str, missing: str) -> Any:
+    """Pack `name`'s module from this kernel's copy; InvalidArgument(`missing`) when the build has no such pack
+    (its spec did not use it), while a pack whose own library is missing still raises ModuleNotFoundError."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the pack is here but one of its dependencies is not
+        raise InvalidArgument(missing) from None
 
 
 def load(name: str) -> type[Pack]:

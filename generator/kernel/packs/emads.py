@@ -1,4 +1,7 @@
-"""Ephemeral MADs (eMADs): instances of a role, spawned by a MAD for one task, gone when it is done.
+"""The eMADs pack: instances of a role (an ephemeral MAD), spawned by a MAD for one task, gone when it is done.
+
+An artifact carries this pack only when its spec has a role (`lifecycle: ephemeral`); the core checks
+every MAD's lifecycle and `spawns` (runtime.py) and, without roles, refuses every spawn.
 
 A MAD class with `lifecycle = "ephemeral"` is a *role*, not a running MAD: it gets no slot at start,
 serves no tool and is never asked over the bus. A MAD whose `spawns` names the role calls
@@ -30,22 +33,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import logs
-from .bus import MAX_CONTENT, ConversationBus, now_iso, to_json
-from .db import Database
-from .errors import InvalidArgument, KernelError
+from .. import logs
+from ..bus import MAX_CONTENT, ConversationBus, now_iso, to_json
+from ..db import Database
+from ..errors import InvalidArgument, KernelError
 
 if TYPE_CHECKING:
-    from .mad import Mad
-    from .metrics import Metrics
-    from .supervisor import Supervisor
+    from ..mad import Mad
+    from ..metrics import Metrics
+    from ..supervisor import Supervisor
 
 log = logs.get("emads")
 
-LIFECYCLES = ("persistent", "ephemeral")
 INTERRUPTED = "interrupted: the process ended before the instance reported"
 
 # The kernel never deletes a row: `n` (the next is the role's largest + 1) is never handed out twice.
@@ -66,28 +68,6 @@ CREATE TABLE IF NOT EXISTS emad_instances (
 );
 CREATE INDEX IF NOT EXISTS emad_instances_state ON emad_instances (state);
 """
-
-
-def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
-    """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
-    mads = list(mads)
-    for cls in mads:
-        if cls.lifecycle not in LIFECYCLES:
-            raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
-    roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
-    for cls in mads:
-        unknown = sorted(set(cls.spawns) - set(roles))
-        if unknown:
-            raise InvalidArgument(f"MAD {cls.name!r} spawns {', '.join(unknown)}, which is no role (a MAD with lifecycle "
-                                  f"'ephemeral'); this ecosystem's roles: {', '.join(roles) or 'none'}")
-    for cls in roles.values():
-        if not (isinstance(cls.max_instances, int) and cls.max_instances >= 1):
-            raise InvalidArgument(f"role {cls.name!r}: max_instances must be an integer >= 1, not {cls.max_instances!r}")
-        if not cls.task_timeout_s > 0:
-            raise InvalidArgument(f"role {cls.name!r}: task_timeout_s must be > 0 seconds, not {cls.task_timeout_s!r}")
-        if cls.conversations:  # each instance would stay a participant of them for ever
-            raise InvalidArgument(f"role {cls.name!r}: an eMAD joins only its task conversation; declare no conversations")
-    return roles
 
 
 class _Cap:
