@@ -1,0 +1,532 @@
+"""Grace's pages as HTML strings. Every dynamic value goes through `html.escape` (quotes included).
+
+The pages carry no inline script, style or event handler: the CSP forbids them, and the
+stylesheet and script are separate files (`grace_static`). Nothing user-supplied is ever
+placed in a URL scheme position: links are built from fixed paths and quoted ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+from urllib.parse import quote
+
+from .grace_static import CSS_PATH, ICON_PATH, JS_PATH
+
+NAV = (("/", "Overview"), ("/chat", "Chat"), ("/conversations", "Conversations"), ("/mads", "MADs"),
+       ("/health", "Health"), ("/audit", "Audit log"))
+
+
+@dataclass(frozen=True)
+class PageContext:
+    """What every signed-in page needs: the ecosystem, the client, the CSRF token and the active tab."""
+
+    ecosystem: str
+    version: str
+    client: str
+    csrf: str
+    active: str
+    pages: frozenset[str] = frozenset(href for href, _ in NAV)
+    """The pages this client may open: the others are left out of the navigation."""
+
+
+def e(value: Any) -> str:
+    """The HTML-escaped text of any value."""
+    return escape("" if value is None else str(value), quote=True)
+
+
+def badge(text: str, tone: str = "") -> str:
+    return f'<span class="badge {e(tone)}">{e(text)}</span>'
+
+
+def state_badge(ok: bool, text: str) -> str:
+    return badge(text, "ok" if ok else "bad")
+
+
+def _head(title: str, ecosystem: str) -> str:
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{e(title)} · {e(ecosystem)}</title>"
+        f'<link rel="icon" href="{ICON_PATH}" type="image/svg+xml"><link rel="stylesheet" href="{CSS_PATH}">'
+        f'<script src="{JS_PATH}" defer></script></head>'
+    )
+
+
+def csrf_field(token: str) -> str:
+    return f'<input type="hidden" name="csrf" value="{e(token)}">'
+
+
+def layout(ctx: PageContext, title: str, body: str) -> str:
+    links = "".join(
+        f'<a href="{href}"{" class=active" if href == ctx.active else ""}>{e(label)}</a>' for href, label in NAV
+        if href in ctx.pages
+    )
+    return (
+        _head(title, ctx.ecosystem)
+        + '<body><header class="top">'
+        f'<div class="brand"><img src="{ICON_PATH}" alt=""><div>{e(ctx.ecosystem)}'
+        "<small>Grace · the door to the ecosystem</small></div></div>"
+        f'<nav aria-label="Main">{links}</nav>'
+        f'<div class="who"><span>Signed in as <strong>{e(ctx.client)}</strong></span>'
+        f'<form method="post" action="/signout">{csrf_field(ctx.csrf)}<button class="quiet" type="submit">Sign out</button>'
+        "</form></div></header>"
+        f'<main><h1 class="page">{e(title)}</h1>{body}</main>'
+        f"<footer>{e(ctx.ecosystem)} {e(ctx.version)} · MCP clients connect to <code>/mcp</code>; probes use "
+        "<code>/healthz</code></footer></body></html>\n"
+    )
+
+
+def alert(kind: str, text: str) -> str:
+    return f'<div class="alert {e(kind)}" role="alert">{e(text)}</div>'
+
+
+# ---- sign-in -------------------------------------------------------------------------------------
+
+def signin_page(ecosystem: str, csrf: str, next_path: str, error: str = "", info: str = "") -> str:
+    notice = (alert("error", error) if error else "") + (alert("info", info) if info else "")
+    return (
+        _head("Sign in", ecosystem)
+        + '<body><div class="signin"><section>'
+        f'<h1><img class="mark" src="{ICON_PATH}" alt="">Sign in to {e(ecosystem)}</h1>'
+        '<p class="muted">Use your client token: the bearer token your MCP clients use.</p>'
+        f"{notice}"
+        '<form method="post" action="/signin" autocomplete="off">'
+        f'{csrf_field(csrf)}<input type="hidden" name="next" value="{e(next_path)}">'
+        '<label for="token">Client token</label>'
+        '<input id="token" name="token" type="password" required autofocus autocomplete="off" spellcheck="false">'
+        '<button type="submit">Sign in</button></form>'
+        "</section></div></body></html>\n"
+    )
+
+
+def error_page(ecosystem: str, status: int, title: str, message: str) -> str:
+    return (
+        _head(title, ecosystem)
+        + f'<body><div class="signin"><section><h1>{e(title)}</h1>'
+        f'<p>{e(message)}</p><p class="muted small">HTTP {int(status)} · <a href="/">Back to the overview</a></p>'
+        "</section></div></body></html>\n"
+    )
+
+
+# ---- values --------------------------------------------------------------------------------------
+
+def value_html(value: Any) -> str:
+    """Any JSON-like value as escaped HTML: booleans as badges, dicts as key/value lists."""
+    if isinstance(value, bool):
+        return state_badge(value, "yes" if value else "no")
+    if isinstance(value, dict):
+        if not value:
+            return '<span class="muted">none</span>'
+        rows = "".join(f"<dt>{e(k)}</dt><dd>{value_html(v)}</dd>" for k, v in value.items())
+        return f'<dl class="kv">{rows}</dl>'
+    if isinstance(value, list | tuple):
+        if not value:
+            return '<span class="muted">none</span>'
+        if all(not isinstance(v, dict | list | tuple) for v in value):
+            return ", ".join(e(v) for v in value)
+        return "".join(f"<div>{value_html(v)}</div>" for v in value)
+    if value is None or value == "":
+        return '<span class="muted">—</span>'
+    return e(value)
+
+
+def short_time(ts: str) -> str:
+    """'2024-05-01T10:11:12.123456Z' -> '2024-05-01 10:11:12' (the full value stays in the title)."""
+    return f'<span class="nowrap" title="{e(ts)}">{e(str(ts)[:19].replace("T", " "))}</span>'
+
+
+def stack_table(heads: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """A table whose rows become labelled blocks on a narrow screen (the `data-label` of each cell).
+
+    `heads` are plain text (escaped here); the cells are HTML already escaped by the caller. Long
+    names may wrap after an underscore."""
+    head = "".join(f'<th scope="col">{e(h).replace("_", "_<wbr>")}</th>' for h in heads)
+    labels = [e(h).replace("_", "_\u200b") for h in heads]
+    body = "".join(
+        "<tr>" + "".join(f'<td data-label="{label}">' + (f"<div>{cell}</div>" if cell else "") + "</td>"
+                         for label, cell in zip(labels, row, strict=True)) + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{e(" ".join(["stack", cls]).strip())}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# ---- tool results and stored replies -------------------------------------------------------------
+# A tool's answer is shown as what it is: a list of objects as a table (a column per key), an object
+# as a field list, with the raw JSON behind a <details> toggle (no script needed). Stored replies are
+# decoded first (Grace's are JSON text, a MAD's keep the result in the payload), so a value reaches
+# the page escaped exactly once: never JSON-quoted inside JSON, never HTML-escaped twice.
+
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?")
+_MAX_DEPTH = 3  # tables and field lists nest this deep inside a result; deeper values are compact JSON
+_OPEN_FIELDS = 4  # an object in a table cell with more fields than this is folded
+
+
+def stored_value(message: dict[str, Any]) -> tuple[bool, Any]:
+    """What a bus message carries: (True, the value) for a tool's structured answer, else (False, its text)."""
+    payload = message.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
+    content = message.get("content")
+    text = "" if content is None else str(content)
+    if payload.get("format") == "json":  # Grace's record of a command's answer: JSON text
+        try:
+            return True, json.loads(text)
+        except ValueError:  # cut when stored: only the text is left
+            return False, text
+    if message.get("kind") == "reply" and "result" in payload and not isinstance(payload["result"], str):
+        return True, payload["result"]  # a MAD's answer over the bus: the content is its JSON
+    return False, text
+
+
+def _is_message(row: dict[str, Any]) -> bool:
+    return all(k in row for k in ("sender", "kind", "content"))
+
+
+def _scalar_html(value: Any) -> str:
+    if isinstance(value, bool):
+        return state_badge(value, "yes" if value else "no")
+    if value is None or value == "":
+        return '<span class="muted">—</span>'
+    if isinstance(value, str):
+        if _ISO_TIME.fullmatch(value):
+            return short_time(value)
+        if len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL: may break anywhere
+            return f'<span class="long">{e(value)}</span>'
+        return e(value)
+    return e(value)
+
+
+def _count(n: int) -> str:
+    return f"{n} {'item' if n == 1 else 'items'}"
+
+
+def inline_html(value: Any, depth: int = 0) -> str:
+    """A value inside a table cell, compact: an object as `key value` lines, a list of plain values
+    comma-separated, a list of objects folded (`N items`), anything deeper as compact JSON."""
+    if not isinstance(value, dict | list | tuple):
+        return _scalar_html(value)
+    if not value:
+        return '<span class="muted">none</span>'
+    if depth >= _MAX_DEPTH:
+        return f'<code class="json">{e(json.dumps(value, ensure_ascii=False, default=str))}</code>'
+    if isinstance(value, dict):
+        pairs = "".join(f'<div class="pair"><span class="key">{e(k)}</span> {inline_html(v, depth + 1)}</div>'
+                        for k, v in value.items())
+        if len(value) <= _OPEN_FIELDS:
+            return pairs
+        return f'<details class="nested"><summary>{len(value)} fields</summary>{pairs}</details>'
+    if all(not isinstance(v, dict | list | tuple) for v in value):
+        return ", ".join(_scalar_html(v) for v in value)
+    items = "".join(f"<li>{inline_html(v, depth + 1)}</li>" for v in value)
+    return f'<details class="nested"><summary>{_count(len(value))}</summary><ul class="items">{items}</ul></details>'
+
+
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def fields_html(obj: dict[str, Any], depth: int = 0) -> str:
+    """An object as a definition list: a field per key; a nested object as fields, a list of objects
+    as a table under its name (the full width)."""
+    rows = []
+    for k, v in obj.items():
+        if depth < _MAX_DEPTH and _is_records(v):
+            rows.append(f'<dt class="wide">{e(k)}</dt><dd class="wide">{records_html(list(v), depth + 1)}</dd>')
+        elif depth < _MAX_DEPTH and isinstance(v, dict) and v:
+            rows.append(f"<dt>{e(k)}</dt><dd>{fields_html(v, depth + 1)}</dd>")
+        else:
+            rows.append(f"<dt>{e(k)}</dt><dd>{inline_html(v, depth)}</dd>")
+    return f'<dl class="kv fields">{"".join(rows)}</dl>'
+
+
+def _record_cell(row: dict[str, Any], key: str, depth: int) -> str:
+    if key not in row:
+        return ""
+    value = row[key]
+    if _is_message(row):  # a bus message (history, search): who it was for, and what it carries, decoded
+        if key == "sender":
+            return sender_html(row)
+        if key == "content":
+            structured, content = stored_value(row)
+            return inline_html(content, depth) if structured else f'<span class="text">{e(content)}</span>'
+        if key == "payload" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "result"}  # a reply's result is its content, shown there
+    if isinstance(value, str) and len(value) >= 16 and key.endswith("id") and " " not in value:
+        return f'<code class="id">{e(value)}</code>'
+    return inline_html(value, depth)
+
+
+def records_html(rows: list[dict[str, Any]], depth: int = 0) -> str:
+    """A list of objects as a table: a column per key, in the order the keys first appear."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [str(k) for k in row if str(k) not in columns]
+    cells = [[_record_cell(row, c, depth) for c in columns] for row in rows]
+    return f'<div class="scroll">{stack_table(columns, cells, "records")}</div>'
+
+
+def result_html(value: Any) -> str:
+    """A tool's structured answer: a table, fields or text, and the raw JSON behind a toggle."""
+    if _is_records(value):
+        count = f'<p class="muted small">{len(value)} {"row" if len(value) == 1 else "rows"}</p>'
+        shown = records_html(value) + count
+    elif isinstance(value, dict) and value:
+        shown = fields_html(value)
+    elif isinstance(value, list | dict) and not value:
+        shown = '<p class="muted">No results: the answer is empty.</p>'
+    else:
+        shown = f'<div class="text">{inline_html(value)}</div>'
+    return (f'<div class="result">{shown}<details class="raw"><summary>Raw JSON</summary>'
+            f"<pre>{e(json_text(value))}</pre></details></div>")
+
+
+def message_body_html(message: dict[str, Any], text: str | None = None, pre: bool = False) -> tuple[bool, str]:
+    """(structured?, the body of a message): a tool's answer as `result_html`, else its text, escaped
+    (`pre`: in a monospace block). `text` replaces the stored content (the full answer shown once)."""
+    shown = message if text is None else {**message, "content": text}
+    structured, value = stored_value(shown)
+    if structured:
+        return True, result_html(value)
+    payload = message.get("payload")
+    if isinstance(payload, dict) and payload.get("format") == "json":  # JSON that was cut when stored
+        return False, f'<pre>{e(value)}</pre><p class="muted small">The stored answer was cut; the raw text is shown.</p>'
+    return False, f"<pre>{e(value)}</pre>" if pre else f'<div class="text">{e(value)}</div>'
+
+
+# ---- overview ------------------------------------------------------------------------------------
+
+def _conv_link(conv: dict[str, Any]) -> str:
+    return f'<a href="/conversations/{quote(str(conv["id"]), safe="")}">{e(conv["title"])}</a>'
+
+
+def conversations_table(convs: list[dict[str, Any]]) -> str:
+    if not convs:
+        return '<p class="muted">No conversations yet.</p>'
+    rows = [
+        [_conv_link(c), e(", ".join(c.get("participants", []))), str(int(c.get("message_count", 0))),
+         f'<span class="muted">{short_time(c.get("created_at", ""))}</span>']
+        for c in convs
+    ]
+    return stack_table(["Title", "Participants", "Messages", "Created"], rows)
+
+
+def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str, Any]], convs: list[dict[str, Any]]) -> str:
+    overall = status.get("status") == "ok"
+    running = sum(1 for m in status.get("mads", []) if m.get("ok"))
+    database = state_badge(status.get("database") == "ok", f"database {status.get('database', '')}")
+    cards = (
+        '<div class="cards">'
+        f'<section><h3>Ecosystem</h3><div class="stat">{state_badge(overall, str(status.get("status", "unknown")))}</div>'
+        f'<p class="muted small">{e(status.get("description", ""))}</p></section>'
+        f'<section><h3>MADs healthy</h3><div class="stat">{running} / {len(status.get("mads", []))}</div>'
+        '<p class="muted small"><a href="/health">Health details</a></p></section>'
+        f'<section><h3>Storage</h3><div class="stat">{database}</div>'
+        f'<p class="muted small">search: {e(status.get("search", ""))} · up since {short_time(status.get("started_at", ""))}</p></section>'
+        "</div>"
+    )
+    rows = [
+        [f"<strong>{e(m['name'])}</strong>", e(m.get("role", "")), e(m.get("level", "")),
+         state_badge(m.get("state") in ("running", "idle"), str(m.get("state", "unknown"))), str(len(m.get("tools", [])))]
+        for m in mads
+    ]
+    mad_table = stack_table(["Name", "Role", "Level", "State", "Tools"], rows)
+    body = (
+        '<p class="lead">The ecosystem at a glance. <a href="/chat">Chat with it</a> in prose, or run a tool as a '
+        "<code>/mad.tool</code> command.</p>"
+        f"{cards}<section><h2>MADs</h2>{mad_table}</section>"
+        + (f"<section><h2>Recent conversations</h2>{conversations_table(convs)}</section>"
+           if "/conversations" in ctx.pages else "")
+    )
+    return layout(ctx, "Overview", body)
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolInfo:
+    """One tool as the chat offers it: `/<qualified> name=value ...`."""
+
+    qualified: str
+    signature: str
+    description: str
+
+
+def _message(env: dict[str, Any], mine: str, shown: dict[str, str]) -> str:
+    kind = str(env.get("kind", "message"))
+    payload = env.get("payload") or {}
+    text = shown.get(str(env.get("id")), str(env.get("content", "")))
+    if kind == "request" and env.get("sender") == "grace":
+        return f'<div class="hop">grace → {e(payload.get("to", ""))} · {short_time(env.get("created_at", ""))}</div>'
+    on_behalf = str(payload.get("on_behalf_of") or "")
+    is_mine = mine in (env.get("sender"), on_behalf)
+    if payload.get("tool"):
+        who = f"<strong>{e(payload['tool'])}</strong>"
+    elif on_behalf:  # posted for a client by a MAD (an MCP client's rogers.post): the client, via the MAD
+        who = f'<strong>{"You" if is_mine else e(on_behalf)}</strong> via {e(env.get("sender", ""))}'
+    else:
+        who = f'<strong>{"You" if is_mine else e(env.get("sender", ""))}</strong>'
+    structured, body = message_body_html(env, text)
+    classes = ("msg" + (" mine" if is_mine else "") + (" error" if kind == "error" else "")
+               + (" result" if structured else ""))
+    kind_badge = "" if kind == "message" else f' {badge(kind, "kind-" + kind)} ·'
+    return (f'<div class="{classes}"><div class="meta">{who} ·{kind_badge} '
+            f"{short_time(env.get('created_at', ''))}</div>{body}</div>")
+
+
+def chat_page(ctx: PageContext, history: list[dict[str, Any]], shown: dict[str, str], tools: list[ToolInfo],
+              hidden_tools: int, notice: str) -> str:
+    mine = f"client:{ctx.client}"
+    messages = "".join(_message(env, mine, shown) for env in history) or (
+        '<p class="muted">No messages yet. Ask something in prose, or run a command such as '
+        "<code>/help</code>.</p>"
+    )
+    tool_items = "".join(
+        f'<li><button type="button" class="insert" data-command="/{e(t.qualified)}">/{e(t.signature)}</button>'
+        f'<div class="muted">{e(t.description.splitlines()[0] if t.description else "")}</div></li>'
+        for t in tools
+    ) or '<li class="muted">Your token allows no tools.</li>'
+    more = f'<p class="hint">{hidden_tools} more tools are not allowed for your token.</p>' if hidden_tools else ""
+    body = (
+        '<p class="lead">Prose goes to the Imperator through Fiedler; a line starting with <code>/</code> runs a tool '
+        "directly, e.g. <code>/rogers.search query=hello limit=5</code>.</p>"
+        f"{alert('error', notice) if notice else ''}"
+        '<div class="chat"><section><div class="log" id="chat-log" aria-live="polite">'
+        f"{messages}</div>"
+        '<form class="compose" id="compose" method="post" action="/chat">'
+        f"{csrf_field(ctx.csrf)}"
+        '<label for="message">Message</label><div class="row">'
+        f'<textarea id="message" name="message" rows="3" maxlength="8000" required></textarea>'
+        '<button id="send" type="submit">Send</button></div>'
+        '<p class="hint">Enter sends, Shift+Enter adds a line. Arguments are <code>name=value</code>; quote values '
+        'with spaces; lists and objects are JSON.</p></form></section>'
+        f'<section><h2>Commands</h2><ul class="tools">{tool_items}</ul>{more}</section></div>'
+    )
+    return layout(ctx, "Chat", body)
+
+
+def tools_text(tools: list[ToolInfo]) -> str:
+    """The plain-text answer to /help."""
+    lines = ["Commands your token allows (arguments are name=value):"]
+    lines += [f"  /{t.signature}  {t.description.splitlines()[0] if t.description else ''}".rstrip() for t in tools]
+    if len(lines) == 1:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+# ---- conversations -------------------------------------------------------------------------------
+
+def conversations_page(ctx: PageContext, convs: list[dict[str, Any]]) -> str:
+    body = ('<p class="lead">Every conversation on the bus, most recently active first.</p>'
+            f"<section>{conversations_table(convs)}</section>")
+    return layout(ctx, "Conversations", body)
+
+
+def sender_html(message: dict[str, Any]) -> str:
+    """Who said it: the client a MAD posted for (an MCP client's rogers.post), then the MAD; else the sender."""
+    payload = message.get("payload")
+    on_behalf = payload.get("on_behalf_of") if isinstance(payload, dict) else None
+    sender = e(message.get("sender", ""))
+    return f'{e(on_behalf)} <span class="muted small">via {sender}</span>' if on_behalf else sender
+
+
+def conversation_page(ctx: PageContext, conv: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    rows = [
+        [f'<span class="muted">{short_time(m.get("created_at", ""))}</span>', sender_html(m),
+         badge(str(m.get("kind", "")), "kind-" + str(m.get("kind", ""))), message_body_html(m, pre=True)[1]]
+        for m in history
+    ]
+    table = (f'<div class="scroll">{stack_table(["Time", "Sender", "Kind", "Content"], rows, "messages")}</div>' if rows
+             else '<p class="muted">No messages in this conversation yet.</p>')
+    meta = (f'<dl class="kv"><dt>Participants</dt><dd>{value_html(conv.get("participants", []))}</dd>'
+            f'<dt>Created</dt><dd>{short_time(conv.get("created_at", ""))} by {e(conv.get("created_by", ""))}</dd>'
+            f'<dt>Id</dt><dd><code>{e(conv.get("id", ""))}</code></dd></dl>')
+    body = (f'<p class="lead"><a href="/conversations">All conversations</a></p>'
+            f"<section><h2>{e(conv.get('title', ''))}</h2>{meta}</section><section>{table}</section>")
+    return layout(ctx, "Conversation", body)
+
+
+# ---- MADs ----------------------------------------------------------------------------------------
+
+def mads_page(ctx: PageContext, mads: list[dict[str, Any]], tools: dict[str, list[dict[str, Any]]],
+              allowed: set[str]) -> str:
+    sections = []
+    for m in mads:
+        items = []
+        for t in tools.get(m["name"], []):
+            mark = badge("allowed", "ok") if t["qualified_name"] in allowed else badge("not allowed")
+            params = ", ".join(
+                f"{p['name']}: {p.get('type') or 'any'}" + ("" if p.get("required") else f" = {p.get('default')!r}")
+                for p in t.get("params", [])
+            )
+            items.append([f"<code>{e(t['qualified_name'])}({e(params)})</code>", e(t.get("description", "")), mark])
+        is_role = m.get("max_instances") is not None  # lifecycle ephemeral: instances spawned per task
+        tool_table = (stack_table(["Tool", "Description", "Your token"], items) if items
+                      else '<p class="muted">A role: MADs spawn an instance of it per task; its tools are not served.</p>'
+                      if is_role else '<p class="muted">No tools.</p>')
+        facts = {
+            "role": m.get("role", ""), "level": m.get("level", ""), "lifecycle": m.get("lifecycle", ""),
+            "talks to": m.get("talks_to", []), "conversations": m.get("conversations", []), "owns": m.get("owns", []),
+            "token budget": m.get("budget_tokens", ""),
+        }
+        if m.get("spawns"):
+            facts["spawns"] = m["spawns"]
+        if is_role:
+            facts["instances"] = f"{m.get('instances', 0)} running (at most {m['max_instances']} at once)"
+        ok = m.get("state") in ("running", "idle")
+        sections.append(
+            f'<section id="mad-{e(m["name"])}"><h2>{e(m["name"])} {state_badge(ok, str(m.get("state", "unknown")))}</h2>'
+            f'{value_html(facts)}<div class="spaced">{tool_table}</div></section>'
+        )
+    body = '<p class="lead">Each MAD: its role, level, state and the tools of its Action Engine.</p>' + "".join(sections)
+    return layout(ctx, "MADs", body)
+
+
+# ---- health --------------------------------------------------------------------------------------
+
+_TOP_FIELDS = ("status", "version", "database", "search", "started_at", "uptime_s")
+
+
+def health_page(ctx: PageContext, status: dict[str, Any]) -> str:
+    top = {k: status[k] for k in _TOP_FIELDS if k in status}
+    extra = {k: v for k, v in status.items() if k not in (*_TOP_FIELDS, "mads", "name", "description", "healthy")}
+    cards = []
+    for m in status.get("mads", []):
+        details = {k: v for k, v in m.items() if k not in ("name", "ok")}
+        cards.append(
+            f'<section><h2>{e(m.get("name", ""))} {state_badge(bool(m.get("ok")), "healthy" if m.get("ok") else "unhealthy")}</h2>'
+            f"{value_html(details)}</section>"
+        )
+    body = (
+        '<p class="lead">Health of the ecosystem and of each MAD, as <code>ecosystem.status</code> reports it.</p>'
+        f"<section><h2>Ecosystem {state_badge(status.get('status') == 'ok', str(status.get('status', 'unknown')))}</h2>"
+        f"{value_html({**top, **extra})}</section>"
+        f'<div class="cards">{"".join(cards)}</div>'
+    )
+    return layout(ctx, "Health", body)
+
+
+# ---- audit ---------------------------------------------------------------------------------------
+
+def audit_page(ctx: PageContext, entries: list[dict[str, Any]]) -> str:
+    rows = [
+        [f'<span class="muted">{e(a.get("id", ""))}</span>', f'<span class="muted">{short_time(a.get("ts", ""))}</span>',
+         e(a.get("actor", "")), f'<code>{e(a.get("action", ""))}</code>', e(a.get("subject", "")),
+         state_badge(bool(a.get("ok")), "ok" if a.get("ok") else "refused"), e(a.get("detail", "")),
+         e(a.get("on_behalf_of", "")), f'<span class="muted">{e(a["remote"])}</span>' if a.get("remote") else ""]
+        for a in entries
+    ]
+    # Columns sized in the stylesheet (table.audit): long subjects, details and addresses wrap.
+    heads = ["#", "Time", "Actor", "Action", "Subject", "Outcome", "Detail", "On behalf of", "Remote"]
+    table = (f'<div class="scroll">{stack_table(heads, rows, "audit")}</div>' if rows
+             else '<p class="muted">The audit log is empty.</p>')
+    body = ('<p class="lead">The newest entries of the hash-chained audit log; '
+            "<code>python -m &lt;ecosystem&gt; audit verify</code> checks the whole chain.</p>"
+            f"<section>{table}</section>")
+    return layout(ctx, "Audit log", body)
