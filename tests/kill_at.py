@@ -87,14 +87,14 @@ def _each_in_a_fork(steps: list[str], argv: list[str], warm: Path | None) -> Non
 
 
 def _warm_static_review(artifact: Path) -> None:
-    """Parse an earlier artifact's Python files as the static review does (position metadata included), so
-    each fork finds the kernel's files, the same bytes at the same paths, parsed already: the forks then pay
-    for the build's own files, as a long-lived process would, not for 10,000 lines of kernel each time."""
+    """Read an earlier artifact's Python files as the static review does, so each fork finds the kernel's files,
+    the same bytes, read already (in memory, not only in the disk cache): the forks then pay for the build's own
+    files, as a long-lived process would, not for 10,000 lines of kernel each time."""
     from generator.review import deterministic
 
     for path in deterministic._python_files(artifact):
         try:
-            deterministic._parsed((artifact / path).read_text(encoding="utf-8"), path).visit(deterministic._SecretLogs())
+            deterministic._facts((artifact / path).read_text(encoding="utf-8"), path)
         except (ValueError, SyntaxError):
             continue
 

@@ -12,6 +12,7 @@ from generator.review.deterministic import run_check
 from generator.review.models import Finding, Material, ReviewScope, Subject, VerdictAnswer
 from generator.review.panel import DETERMINISTIC_KINDS
 from generator.spec.load import load_spec
+from generator.spec.model import PrincipleRule
 
 REPO = Path(__file__).resolve().parents[1]
 TURING = "src/madgroup/mads/turing.py"
@@ -162,6 +163,63 @@ def test_a_skipped_test_is_information(artifact, spec):
 
 
 # --- static --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_facts_cache(tmp_path, monkeypatch):
+    """A fresh facts cache, in memory and on disk, so a test sees what a first run and a second run do."""
+    from generator.review import deterministic
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    deterministic._facts.cache_clear()
+    yield tmp_path / "cache" / "regen" / "static-facts"
+    deterministic._facts.cache_clear()
+
+
+def _leaky_turing(artifact: Path) -> None:
+    edit(artifact / TURING, GET_SECRET, "        secret = await self.use('secrets.get', name=name)\n"
+                                        "        print(secret)\n        return secret\n")
+
+
+def test_a_second_run_judges_from_cached_facts_exactly_as_the_first(artifact, spec, own_facts_cache):
+    from generator.review import deterministic
+
+    _leaky_turing(artifact)
+    first = run_check("static", subject(artifact, spec), {})
+    assert list(own_facts_cache.rglob("*.json")), "the first run keeps what it parsed"
+    deterministic._facts.cache_clear()  # another process: only the disk is left
+    second = run_check("static", subject(artifact, spec), {})
+    assert second == first and only(second, "secret-in-log").line == line_of(artifact / TURING, "print(secret)")
+    # Judged again under a principle the first run did not have: the cached facts hold what rules need.
+    strict = spec.model_copy(update={"ecosystem": spec.ecosystem.model_copy(update={"principles": [
+        *spec.ecosystem.principles, PrincipleRule(id="no-json", description="no json", forbid_imports=["json"])]})})
+    kernel_json = [f for f in run_check("static", subject(artifact, strict), {}).findings if f.rule == "no-json"]
+    assert kernel_json and all(f.message.startswith("imports json") for f in kernel_json)
+
+
+def test_a_damaged_or_unwritable_facts_cache_is_read_past(artifact, spec, own_facts_cache):
+    from generator.review import deterministic
+
+    _leaky_turing(artifact)
+    expected = run_check("static", subject(artifact, spec), {})
+    for kept in own_facts_cache.rglob("*.json"):
+        kept.write_text('{"imports": [["half')  # a run died mid-write, or a disk filled
+    deterministic._facts.cache_clear()
+    assert run_check("static", subject(artifact, spec), {}) == expected
+    shutil.rmtree(own_facts_cache)
+    own_facts_cache.parent.mkdir(parents=True, exist_ok=True)
+    own_facts_cache.write_text("not a folder")  # nowhere to write: the review still judges, uncached
+    deterministic._facts.cache_clear()
+    assert run_check("static", subject(artifact, spec), {}) == expected
+
+
+def test_an_edited_file_is_parsed_again_not_read_from_the_cache(artifact, spec, own_facts_cache):
+    from generator.review import deterministic
+
+    assert "secret-in-log" not in rules(run_check("static", subject(artifact, spec), {}))
+    deterministic._facts.cache_clear()
+    _leaky_turing(artifact)
+    assert only(run_check("static", subject(artifact, spec), {}), "secret-in-log").file == TURING
 
 
 def test_logging_a_secret_value_read_from_turing_is_critical_at_its_line(artifact, spec):

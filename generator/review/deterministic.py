@@ -51,12 +51,17 @@ dependencies  src/pyproject.toml and src/uv.lock against the spec (and the paren
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+import os
 import re
+import tempfile
 import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +71,8 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from ..sandbox.run import LEVELS, SandboxResult
-from ..senior.check import dotted_name, principle_violations
+from ..senior import check as senior_check
+from ..senior.check import ModuleUses, dotted_name, module_uses, principle_violations
 from ..spec.model import PINNED_REQUIREMENT, PrincipleRule
 from .models import BLOCKING, SEVERITIES, Finding, Subject, VerdictAnswer
 from .panel import check_options
@@ -400,13 +406,57 @@ def _beyond_principles(names: tuple[str, ...], rules: list[PrincipleRule]) -> li
     return [n for n in names if not any(n == b or n.startswith(b + ".") for b in banned)]
 
 
-@lru_cache(maxsize=256)
-def _parsed(source: str, path: str) -> MetadataWrapper:
-    """A file read for the static check; the same text is parsed once per process (a gate, a test run judge the
-    same kernel files again and again). CPython compiles it first: it refuses what libcst accepts (a late
-    `from __future__`), and places errors better."""
+@dataclass(frozen=True)
+class _FileFacts:
+    """What the static check needs of one file, whatever the rules: its imports and calls, its secret leaks."""
+
+    uses: ModuleUses
+    leaks: tuple[tuple[int, str, str], ...]  # (line, sink, carrier)
+
+
+# Facts are kept under the code that derived them: another regen or libcst never reads this one's.
+_CHECKER = hashlib.sha256(b"".join(Path(m).read_bytes() for m in (__file__, senior_check.__file__))
+                          + version("libcst").encode()).hexdigest()
+
+
+def _facts_cache() -> Path:
+    """Where parsed facts are kept between runs: parsing a file with positions costs far more than judging it,
+    and every build carries the same kernel files."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "regen" / "static-facts"
+
+
+@lru_cache(maxsize=512)
+def _facts(source: str, path: str) -> _FileFacts:
+    """The facts of a file, read once per process and kept on disk by content (a gate, a test run, the next
+    build judge the same kernel files again and again). A file that does not parse raises, and is never kept."""
+    key = hashlib.sha256(f"{_CHECKER}\0{source}".encode()).hexdigest()
+    cached = _facts_cache() / key[:2] / f"{key}.json"
+    try:
+        data = json.loads(cached.read_text(encoding="utf-8"))
+        return _FileFacts(ModuleUses(tuple(map(tuple, data["imports"])), tuple(map(tuple, data["calls"]))),
+                          tuple(map(tuple, data["leaks"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    facts = _read_facts(source, path)
+    try:  # written whole or not at all: concurrent builds may read it at any moment
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cached.parent, delete=False) as out:
+            json.dump({"imports": facts.uses.imports, "calls": facts.uses.calls, "leaks": facts.leaks}, out)
+        os.replace(out.name, cached)
+    except OSError:
+        pass  # a read-only or full cache folder only costs the next run the parse
+    return facts
+
+
+def _read_facts(source: str, path: str) -> _FileFacts:
+    """Parse a file as the static check reads it. CPython compiles it first: it refuses what libcst accepts (a
+    late `from __future__`), and places errors better."""
     compile(source, path, "exec", dont_inherit=True)
-    return MetadataWrapper(cst.parse_module(source), unsafe_skip_copy=True)  # read only: no copy
+    wrapper = MetadataWrapper(cst.parse_module(source), unsafe_skip_copy=True)  # read only: no copy
+    logs = _SecretLogs()
+    wrapper.visit(logs)
+    return _FileFacts(module_uses(wrapper), tuple(logs.leaks))
 
 
 def _python_files(artifact: Path) -> list[str]:
@@ -436,13 +486,11 @@ def _static(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
     for path in files:
         try:
             source = (subject.artifact / path).read_text(encoding="utf-8")
-            wrapper = _parsed(source, path)
+            facts = _facts(source, path)
         except (UnicodeDecodeError, ValueError, SyntaxError, cst.ParserSyntaxError) as exc:
             add(_syntax_finding(path, exc))
             continue
-        logs = _SecretLogs()
-        wrapper.visit(logs)
-        for line, sink, carrier in logs.leaks:
+        for line, sink, carrier in facts.leaks:
             add(Finding(
                 file=path, line=line, severity="critical", rule="secret-in-log",
                 message=f"{sink} writes {carrier}, which carries a secret's value",
@@ -450,7 +498,7 @@ def _static(subject: Subject, options: dict) -> tuple[str, list[Finding]]:
             ))
         if any(fnmatch.fnmatchcase(path, glob) for glob in exclude):
             continue
-        for v in principle_violations(source, wrapper, [r for r in principles if r.applies(path)] + panel_rules):
+        for v in principle_violations(source, facts.uses, [r for r in principles if r.applies(path)] + panel_rules):
             if v.rule in descriptions:
                 message = f"{v.what}, forbidden by principle {v.rule}"
                 suggestion = f"Rewrite this line without it; the principle says: {descriptions[v.rule]}"

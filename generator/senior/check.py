@@ -133,10 +133,22 @@ class Violation:
     what: str
 
 
-def principle_violations(source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[Violation]:
-    """Every breach of `rules` in one module, rule by rule: shared by the pre-disk check and the review."""
+@dataclass(frozen=True)
+class ModuleUses:
+    """What a module imports and calls, with lines: all the principle rules look at, besides its text."""
+
+    imports: tuple[tuple[str, int], ...]
+    calls: tuple[tuple[str, int], ...]
+
+
+def module_uses(wrapper: MetadataWrapper) -> ModuleUses:
     uses = _Uses()
     wrapper.visit(uses)
+    return ModuleUses(tuple(uses.imports), tuple(uses.calls))
+
+
+def principle_violations(source: str, uses: ModuleUses, rules: list[PrincipleRule]) -> list[Violation]:
+    """Every breach of `rules` in one module, rule by rule: shared by the pre-disk check and the review."""
     found = []
     for rule in rules:
         for name, line in uses.imports:
@@ -156,7 +168,7 @@ def principle_violations(source: str, wrapper: MetadataWrapper, rules: list[Prin
 def principle_problems(path: str, source: str, wrapper: MetadataWrapper, rules: list[PrincipleRule]) -> list[str]:
     return [
         f"{path}:{v.line}: {v.what}, forbidden by principle {v.rule}"
-        for v in principle_violations(source, wrapper, rules)
+        for v in principle_violations(source, module_uses(wrapper), rules)
     ]
 
 
