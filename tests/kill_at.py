@@ -58,11 +58,13 @@ def _install(moment: str, out: Path) -> None:
     sys.addaudithook(hook)
 
 
-def _recorded_sandbox(tests_json: Path) -> None:
-    from generator.sandbox import run
+def recorded_sandbox(tests_json: Path):
+    """A sandbox that answers with a recorded run's results (an artifact's tests.json), for tests about
+    something else than the sandbox."""
+    from generator.sandbox.run import SandboxResult
 
-    result = run.SandboxResult.model_validate_json(tests_json.read_text())
-    run.run_tests = lambda *args, **kwargs: result
+    result = SandboxResult.model_validate_json(tests_json.read_text())
+    return lambda *args, **kwargs: result
 
 
 def _each_in_a_fork(steps: list[str], argv: list[str], warm: Path | None) -> None:
@@ -105,7 +107,9 @@ def main() -> None:
     options, argv = rest[:separator], rest[separator + 1:]
     recorded = Path(options[1]) if options[:1] == ["--sandbox-result"] else None
     if recorded is not None:
-        _recorded_sandbox(recorded)
+        from generator.sandbox import run
+
+        run.run_tests = recorded_sandbox(recorded)
     if moment.startswith("emit:") and "," in moment:
         _each_in_a_fork(moment.removeprefix("emit:").split(","), argv, recorded.parent if recorded else None)
         return

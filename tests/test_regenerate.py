@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kill_at import recorded_sandbox
 from repo_specs import CORE_MADS, REPO, builtin_only_spec, repo_spec
 
 from generator.artifact.sign import SIDECARS, verify_artifact
@@ -182,14 +183,6 @@ def test_a_tool_no_build_ever_wrote_is_named_and_nothing_is_built(tmp_path):
     assert not (tmp_path / "out" / "madgroup").exists() or not list((tmp_path / "out" / "madgroup").iterdir())
 
 
-def _recorded(tests_json: Path):
-    """A sandbox seam that answers with a recorded run's results, for tests about something else."""
-    from generator.sandbox.run import SandboxResult
-
-    result = SandboxResult.model_validate_json(tests_json.read_text())
-    return lambda *args, **kwargs: result
-
-
 def _complete_or_absent(ecosystem_dir: Path) -> None:
     for version in versions(ecosystem_dir):
         check = verify_artifact(ecosystem_dir / version)  # signature, provenance, every output and the root hash
@@ -211,7 +204,7 @@ def test_sigkill_at_any_moment_leaves_no_version_or_a_complete_one(tmp_path, bui
     _complete_or_absent(ecosystem_dir)
     assert versions(ecosystem_dir) == (["1.0.0"] if moment == "published" else [])
     # The next run sweeps the dead build's staging folder and finishes the job.
-    result = _build(_options(out, core_spec), sandbox=_recorded(recorded))
+    result = _build(_options(out, core_spec), sandbox=recorded_sandbox(recorded))
     assert versions(ecosystem_dir) == [result.version] == ["1.0.0"]
     assert not list(ecosystem_dir.glob(".staging-*"))
     _complete_or_absent(ecosystem_dir)
