@@ -54,7 +54,7 @@ from .grace_pages import (
     signin_page,
     tools_text,
 )
-from .grace_static import CSS, CSS_PATH, ICON, ICON_PATH, JS, JS_PATH
+from .grace_static import ASSETS
 from .runtime import REDACTED, Runtime, redact
 
 log = logs.get("grace")
@@ -434,9 +434,7 @@ class Grace:
             Route("/mads", page(self.mads), methods=["GET"]),
             Route("/health", page(self.health), methods=["GET"]),
             Route("/audit", page(self.audit), methods=["GET"]),
-            Route(CSS_PATH, self._asset(CSS, "text/css"), methods=["GET"]),
-            Route(JS_PATH, self._asset(JS, "text/javascript"), methods=["GET"]),
-            Route(ICON_PATH, self._asset(ICON, "image/svg+xml"), methods=["GET"]),
+            *(Route(path, self._asset(body, media_type), methods=["GET"]) for path, (body, media_type) in ASSETS.items()),
         ]
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -454,9 +452,7 @@ class Grace:
         return endpoint
 
     @staticmethod
-    def _asset(text: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
-        body = text.encode()
-
+    def _asset(body: bytes, media_type: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             return Response(body, media_type=media_type, headers={"cache-control": "public, max-age=31536000, immutable"})
         return endpoint
