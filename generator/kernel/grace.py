@@ -245,15 +245,12 @@ def _type_name(annotation: Any) -> str:
 
 
 @dataclass(frozen=True)
-class ToolSpec:
+class ToolSpec(ToolInfo):
+    """A tool as the chat offers it (`ToolInfo`), and what running its command needs."""
+
     mad: str
     tool: str
     params: dict[str, inspect.Parameter]
-    info: ToolInfo
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.mad}.{self.tool}"
 
 
 def tool_catalog(mad_classes: tuple[Any, ...]) -> dict[str, ToolSpec]:
@@ -267,8 +264,8 @@ def tool_catalog(mad_classes: tuple[Any, ...]) -> dict[str, ToolSpec]:
                 for p in params.values()
             )
             qualified = f"{cls.name}.{name}"
-            info = ToolInfo(qualified, f"{qualified} {usage}".strip(), inspect.getdoc(fn) or "")
-            catalog[qualified] = ToolSpec(cls.name, name, params, info)
+            catalog[qualified] = ToolSpec(qualified, f"{qualified} {usage}".strip(), inspect.getdoc(fn) or "",
+                                          cls.name, name, params)
     return catalog
 
 
@@ -361,7 +358,7 @@ def recorded_command(text: str) -> str:
 
 def command_args(spec: ToolSpec, rest: str) -> dict[str, Any]:
     """The keyword arguments of a command, checked against the tool's signature."""
-    usage = f"usage: /{spec.info.signature}"
+    usage = f"usage: /{spec.signature}"
     args: dict[str, Any] = {}
     try:
         scanned = scan_arguments(rest)
@@ -534,7 +531,7 @@ class Grace:
         return tools.get("conversations.list", ""), tools.get("conversations.history", "")
 
     def _allowed_tools(self, s: Session) -> list[ToolInfo]:
-        return [spec.info for q, spec in self.catalog.items() if self.clients.allowed(s.client, q)]
+        return [spec for q, spec in self.catalog.items() if self.clients.allowed(s.client, q)]
 
     def _may(self, s: Session, tool: str) -> bool:
         return bool(tool) and self.clients.allowed(s.client, tool)

@@ -171,10 +171,6 @@ def _scalar_html(value: Any) -> str:
     return e(value)
 
 
-def _count(n: int) -> str:
-    return f"{n} {'item' if n == 1 else 'items'}"
-
-
 def inline_html(value: Any, depth: int = 0) -> str:
     """A value inside a table cell, compact: an object as `key value` lines, a list of plain values
     comma-separated, a list of objects folded (`N items`), anything deeper as compact JSON."""
@@ -193,7 +189,8 @@ def inline_html(value: Any, depth: int = 0) -> str:
     if all(not isinstance(v, dict | list | tuple) for v in value):
         return ", ".join(_scalar_html(v) for v in value)
     items = "".join(f"<li>{inline_html(v, depth + 1)}</li>" for v in value)
-    return f'<details class="nested"><summary>{_count(len(value))}</summary><ul class="items">{items}</ul></details>'
+    count = f"{len(value)} {'item' if len(value) == 1 else 'items'}"
+    return f'<details class="nested"><summary>{count}</summary><ul class="items">{items}</ul></details>'
 
 
 def _is_records(value: Any) -> bool:
