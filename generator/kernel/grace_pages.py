@@ -86,24 +86,19 @@ def error_page(ecosystem: str, status: int, title: str, message: str) -> str:
 
 # ---- values --------------------------------------------------------------------------------------
 
+_NONE = '<span class="muted">none</span>'
+
 def value_html(value: Any) -> str:
     """Any JSON-like value as escaped HTML: booleans as badges, dicts as key/value lists."""
-    if isinstance(value, bool):
-        return state_badge(value, "yes" if value else "no")
+    if isinstance(value, dict | list | tuple) and not value:
+        return _NONE
     if isinstance(value, dict):
-        if not value:
-            return '<span class="muted">none</span>'
-        rows = "".join(f"<dt>{e(k)}</dt><dd>{value_html(v)}</dd>" for k, v in value.items())
-        return f'<dl class="kv">{rows}</dl>'
+        return f'<dl class="kv">{"".join(f"<dt>{e(k)}</dt><dd>{value_html(v)}</dd>" for k, v in value.items())}</dl>'
     if isinstance(value, list | tuple):
-        if not value:
-            return '<span class="muted">none</span>'
-        if all(not isinstance(v, dict | list | tuple) for v in value):
-            return ", ".join(e(v) for v in value)
-        return "".join(f"<div>{value_html(v)}</div>" for v in value)
-    if value is None or value == "":
-        return '<span class="muted">—</span>'
-    return e(value)
+        if any(isinstance(v, dict | list | tuple) for v in value):
+            return "".join(f"<div>{value_html(v)}</div>" for v in value)
+        return ", ".join(e(v) for v in value)
+    return e(value) if isinstance(value, str) and value else _scalar_html(value)  # text as it is, not as a time
 
 
 def short_time(ts: str) -> str:
@@ -162,12 +157,10 @@ def _scalar_html(value: Any) -> str:
         return state_badge(value, "yes" if value else "no")
     if value is None or value == "":
         return '<span class="muted">—</span>'
-    if isinstance(value, str):
-        if _ISO_TIME.fullmatch(value):
-            return short_time(value)
-        if len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL: may break anywhere
-            return f'<span class="long">{e(value)}</span>'
-        return e(value)
+    if isinstance(value, str) and _ISO_TIME.fullmatch(value):
+        return short_time(value)
+    if isinstance(value, str) and len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL:
+        return f'<span class="long">{e(value)}</span>'  # it may break anywhere
     return e(value)
 
 
@@ -177,7 +170,7 @@ def inline_html(value: Any, depth: int = 0) -> str:
     if not isinstance(value, dict | list | tuple):
         return _scalar_html(value)
     if not value:
-        return '<span class="muted">none</span>'
+        return _NONE
     if depth >= _MAX_DEPTH:
         return f'<code class="json">{e(json.dumps(value, ensure_ascii=False, default=str))}</code>'
     if isinstance(value, dict):
