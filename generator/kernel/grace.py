@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -54,7 +55,7 @@ from .grace_pages import (
     signin_page,
     tools_text,
 )
-from .grace_static import CSS, CSS_PATH, ICON, ICON_PATH, JS, JS_PATH
+from .grace_static import ASSETS
 from .runtime import REDACTED, Runtime, redact
 
 log = logs.get("grace")
@@ -103,22 +104,18 @@ class SecurityHeaders:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         extra = dict(SECURITY_HEADERS)
         if scope.get("scheme") == "https":
             extra["strict-transport-security"] = "max-age=31536000"
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.decode("latin-1").lower() for k, _ in headers}
-                headers += [(k.encode(), v.encode()) for k, v in extra.items() if k not in present]
-                message = {**message, "headers": headers}
+                headers = MutableHeaders(scope=message)  # edits the message's own header list
+                for name, value in extra.items():
+                    headers.setdefault(name, value)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 # ---- sessions and sign-in throttling -------------------------------------------------------------
@@ -248,15 +245,12 @@ def _type_name(annotation: Any) -> str:
 
 
 @dataclass(frozen=True)
-class ToolSpec:
+class ToolSpec(ToolInfo):
+    """A tool as the chat offers it (`ToolInfo`), and what running its command needs."""
+
     mad: str
     tool: str
     params: dict[str, inspect.Parameter]
-    info: ToolInfo
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.mad}.{self.tool}"
 
 
 def tool_catalog(mad_classes: tuple[Any, ...]) -> dict[str, ToolSpec]:
@@ -270,8 +264,8 @@ def tool_catalog(mad_classes: tuple[Any, ...]) -> dict[str, ToolSpec]:
                 for p in params.values()
             )
             qualified = f"{cls.name}.{name}"
-            info = ToolInfo(qualified, f"{qualified} {usage}".strip(), inspect.getdoc(fn) or "")
-            catalog[qualified] = ToolSpec(cls.name, name, params, info)
+            catalog[qualified] = ToolSpec(qualified, f"{qualified} {usage}".strip(), inspect.getdoc(fn) or "",
+                                          cls.name, name, params)
     return catalog
 
 
@@ -285,7 +279,7 @@ class Argument:
     end: int
 
 
-_ARG_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=")
+_ARGUMENT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)=(\S*)")  # a name, and its value if it is a bare word
 _JSON = json.JSONDecoder()
 
 
@@ -296,35 +290,27 @@ def scan_arguments(rest: str) -> list[Argument]:
     text up to the next `'` when it starts with `'`, else the text up to the next space.
     """
     args: list[Argument] = []
-    pos, n = 0, len(rest)
-    while True:
-        while pos < n and rest[pos].isspace():
-            pos += 1
-        if pos == n:
-            return args
-        match = _ARG_NAME.match(rest, pos)
+    pos = 0
+    while rest[pos:].strip():
+        match = _ARGUMENT.match(rest, pos)
         if match is None:
             raise CommandError(f"{rest[pos:].split()[0]!r} is not name=value")
-        name, pos = match.group(1), match.end()
-        if pos < n and rest[pos] in "\"[{":
+        name, value, start, end = match.group(1), match.group(2), match.start(2), match.end(2)
+        if rest.startswith(('"', "[", "{"), start):
             try:
-                value, end = _JSON.raw_decode(rest, pos)
+                value, end = _JSON.raw_decode(rest, start)
             except ValueError:
                 raise CommandError(f"{name}: the value is not valid JSON (strings in double quotes, lists in [...])") from None
-        elif pos < n and rest[pos] == "'":
-            close = rest.find("'", pos + 1)
-            if close < 0:
+        elif rest.startswith("'", start):
+            end = rest.find("'", start + 1) + 1
+            if not end:
                 raise CommandError(f"{name}: the value has no closing '")
-            value, end = rest[pos + 1:close], close + 1
-        else:
-            end = pos
-            while end < n and not rest[end].isspace():
-                end += 1
-            value = rest[pos:end]
-        if end < n and not rest[end].isspace():
+            value = rest[start + 1:end - 1]
+        if end < len(rest) and not rest[end].isspace():
             raise CommandError(f"{name}: put a space after its value")
-        args.append(Argument(name, value, pos, end))
+        args.append(Argument(name, value, start, end))
         pos = end
+    return args
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -372,7 +358,7 @@ def recorded_command(text: str) -> str:
 
 def command_args(spec: ToolSpec, rest: str) -> dict[str, Any]:
     """The keyword arguments of a command, checked against the tool's signature."""
-    usage = f"usage: /{spec.info.signature}"
+    usage = f"usage: /{spec.signature}"
     args: dict[str, Any] = {}
     try:
         scanned = scan_arguments(rest)
@@ -421,23 +407,13 @@ class Grace:
         self.catalog = tool_catalog(runtime.config.persistent_mads)
 
     def routes(self) -> list[BaseRoute]:
-        page = self._page
-        return [
-            Route("/", page(self.overview), methods=["GET"]),
-            Route("/signin", page(self.signin_form), methods=["GET"]),
-            Route("/signin", page(self.signin), methods=["POST"]),
-            Route("/signout", page(self.signout), methods=["POST"]),
-            Route("/chat", page(self.chat), methods=["GET"]),
-            Route("/chat", page(self.chat_post), methods=["POST"]),
-            Route("/conversations", page(self.conversations), methods=["GET"]),
-            Route("/conversations/{conversation_id}", page(self.conversation), methods=["GET"]),
-            Route("/mads", page(self.mads), methods=["GET"]),
-            Route("/health", page(self.health), methods=["GET"]),
-            Route("/audit", page(self.audit), methods=["GET"]),
-            Route(CSS_PATH, self._asset(CSS, "text/css"), methods=["GET"]),
-            Route(JS_PATH, self._asset(JS, "text/javascript"), methods=["GET"]),
-            Route(ICON_PATH, self._asset(ICON, "image/svg+xml"), methods=["GET"]),
-        ]
+        pages = [("/", "GET", self.overview), ("/signin", "GET", self.signin_form), ("/signin", "POST", self.signin),
+                 ("/signout", "POST", self.signout), ("/chat", "GET", self.chat), ("/chat", "POST", self.chat_post),
+                 ("/conversations", "GET", self.conversations),
+                 ("/conversations/{conversation_id}", "GET", self.conversation), ("/mads", "GET", self.mads),
+                 ("/health", "GET", self.health), ("/audit", "GET", self.audit)]
+        return [*(Route(path, self._page(handler), methods=[method]) for path, method, handler in pages),
+                *(Route(path, self._asset(body, media_type), methods=["GET"]) for path, (body, media_type) in ASSETS.items())]
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -454,9 +430,7 @@ class Grace:
         return endpoint
 
     @staticmethod
-    def _asset(text: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
-        body = text.encode()
-
+    def _asset(body: bytes, media_type: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             return Response(body, media_type=media_type, headers={"cache-control": "public, max-age=31536000, immutable"})
         return endpoint
@@ -475,11 +449,15 @@ class Grace:
     def _audit(self, actor: str, action: str, subject: str, ok: bool, detail: str, request: Request) -> None:
         self.runtime.audit.append(actor, action, subject, ok, detail, remote=_remote(request))
 
+    def _valid(self, s: Session | None) -> bool:
+        """Signed in, with a token that is still valid (and still the same client's)."""
+        return s is not None and bool(s.client) and self.clients.verify(s.token) == s.client
+
     def _signed_in(self, request: Request) -> Session:
         """The signed-in session, else a redirect to the sign-in page (and back here afterwards)."""
         s = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        if s is not None and s.client and self.clients.verify(s.token) == s.client:
+        if self._valid(s):
             return s
         notice = ""
         if s is not None and s.client:  # the token was revoked (or renamed) since sign-in
@@ -488,6 +466,14 @@ class Grace:
                         "the session's token is no longer valid", request)
             notice = "&m=expired"
         raise _Stop(RedirectResponse(f"/signin?next={quote(target, safe='')}{notice}", status_code=303))
+
+    async def _signed_in_form(self, request: Request) -> tuple[Session, dict[str, str]]:
+        """A signed-in client's POST: its Origin and CSRF token checked, its form read."""
+        s = self._signed_in(request)
+        actor = f"client:{s.client}"
+        self._check_origin(request, actor)
+        form = await self._form(request)
+        return self._check_csrf(request, s, form, actor), form
 
     def _check_origin(self, request: Request, actor: str) -> None:
         """A POST must come from one of our own pages: its Origin (or Referer) names this host."""
@@ -544,6 +530,9 @@ class Grace:
         tools = self.runtime.config.capability_tools
         return tools.get("conversations.list", ""), tools.get("conversations.history", "")
 
+    def _allowed_tools(self, s: Session) -> list[ToolInfo]:
+        return [spec for q, spec in self.catalog.items() if self.clients.allowed(s.client, q)]
+
     def _may(self, s: Session, tool: str) -> bool:
         return bool(tool) and self.clients.allowed(s.client, tool)
 
@@ -559,7 +548,7 @@ class Grace:
     async def signin_form(self, request: Request) -> Response:
         next_path = _safe_next(request.query_params.get("next", "/"))
         s = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
-        if s is not None and s.client and self.clients.verify(s.token) == s.client:
+        if self._valid(s):
             return RedirectResponse(next_path, status_code=303)
         if s is None or s.client:
             if s is not None:
@@ -601,12 +590,9 @@ class Grace:
         return response
 
     async def signout(self, request: Request) -> Response:
-        s = self._signed_in(request)
-        actor = f"client:{s.client}"
-        self._check_origin(request, actor)
-        self._check_csrf(request, s, await self._form(request), actor)
+        s, _ = await self._signed_in_form(request)
         self.sessions.drop(s.sid)
-        self._audit(actor, "grace.signout", "", True, "", request)
+        self._audit(f"client:{s.client}", "grace.signout", "", True, "", request)
         response = RedirectResponse("/signin?m=signed-out", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
                                secure=request.url.scheme == "https")
@@ -674,16 +660,12 @@ class Grace:
         history = self.runtime.bus.history(cid, 200) if cid else []
         shown, notice = s.shown, s.notice
         s.shown, s.notice = {}, ""
-        allowed = [spec.info for q, spec in self.catalog.items() if self.clients.allowed(s.client, q)]
+        allowed = self._allowed_tools(s)
         html = chat_page(self._context(s, "/chat"), history, shown, allowed, len(self.catalog) - len(allowed), notice)
         return self._html(html)
 
     async def chat_post(self, request: Request) -> Response:
-        s = self._signed_in(request)
-        actor = f"client:{s.client}"
-        self._check_origin(request, actor)
-        form = await self._form(request)
-        self._check_csrf(request, s, form, actor)
+        s, form = await self._signed_in_form(request)
         text = form.get("message", "").strip()
         if len(text) > MAX_MESSAGE:
             s.notice = f"That message is {len(text)} characters long; the limit is {MAX_MESSAGE}."
@@ -719,8 +701,7 @@ class Grace:
         try:
             spec, rest = parse_command(text, self.catalog)
             if spec is None:
-                allowed = [sp.info for q, sp in self.catalog.items() if self.clients.allowed(s.client, q)]
-                self._answer(cid, corr, "reply", tools_text(allowed), tool="help")
+                self._answer(cid, corr, "reply", tools_text(self._allowed_tools(s)), tool="help")
                 return
             if not self.clients.allowed(s.client, spec.qualified):
                 self._denied(s, cid, corr, spec.qualified, request)

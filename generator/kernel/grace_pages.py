@@ -1,8 +1,9 @@
-"""Grace's pages as HTML strings. Every dynamic value goes through `html.escape` (quotes included).
+"""Grace's pages: the templates in templates/ filled in, every value HTML-escaped (quotes included).
 
-The pages carry no inline script, style or event handler: the CSP forbids them, and the
-stylesheet and script are separate files (`grace_static`). Nothing user-supplied is ever
-placed in a URL scheme position: links are built from fixed paths and quoted ids.
+A template value named `*_html` is markup this module built from escaped parts and goes in as is; every other
+value is escaped by `render`. The pages carry no inline script, style or event handler: the CSP forbids them,
+and the stylesheet and script are separate files (`grace_static`). Nothing user-supplied is ever placed in a
+URL scheme position: links are built from fixed paths and quoted ids.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 from html import escape
+from pathlib import Path
+from string import Template
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +21,9 @@ from .grace_static import CSS_PATH, ICON_PATH, JS_PATH
 
 NAV = (("/", "Overview"), ("/chat", "Chat"), ("/conversations", "Conversations"), ("/mads", "MADs"),
        ("/health", "Health"), ("/audit", "Audit log"))
+TEMPLATES = {path.stem: Template(path.read_text(encoding="utf-8"))
+             for path in Path(__file__).with_name("templates").glob("*.html")}
+_ASSETS = {"css": CSS_PATH, "js": JS_PATH, "icon": ICON_PATH}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,16 @@ def e(value: Any) -> str:
     return escape("" if value is None else str(value), quote=True)
 
 
+def render(template: str, **values: Any) -> str:
+    """A template filled in: values named `*_html` as they are (markup built here), every other one escaped."""
+    values = {**_ASSETS, **values}
+    return TEMPLATES[template].substitute({k: v if k.endswith("_html") else e(v) for k, v in values.items()})
+
+
+def page(title: str, ecosystem: str, body_html: str) -> str:
+    return render("page", title=title, ecosystem=ecosystem, body_html=body_html)
+
+
 def badge(text: str, tone: str = "") -> str:
     return f'<span class="badge {e(tone)}">{e(text)}</span>'
 
@@ -46,92 +62,43 @@ def state_badge(ok: bool, text: str) -> str:
     return badge(text, "ok" if ok else "bad")
 
 
-def _head(title: str, ecosystem: str) -> str:
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{e(title)} · {e(ecosystem)}</title>"
-        f'<link rel="icon" href="{ICON_PATH}" type="image/svg+xml"><link rel="stylesheet" href="{CSS_PATH}">'
-        f'<script src="{JS_PATH}" defer></script></head>'
-    )
-
-
-def csrf_field(token: str) -> str:
-    return f'<input type="hidden" name="csrf" value="{e(token)}">'
-
-
-def layout(ctx: PageContext, title: str, body: str) -> str:
+def layout(ctx: PageContext, title: str, body_html: str) -> str:
     links = "".join(
         f'<a href="{href}"{" class=active" if href == ctx.active else ""}>{e(label)}</a>' for href, label in NAV
         if href in ctx.pages
     )
-    return (
-        _head(title, ctx.ecosystem)
-        + '<body><header class="top">'
-        f'<div class="brand"><img src="{ICON_PATH}" alt=""><div>{e(ctx.ecosystem)}'
-        "<small>Grace · the door to the ecosystem</small></div></div>"
-        f'<nav aria-label="Main">{links}</nav>'
-        f'<div class="who"><span>Signed in as <strong>{e(ctx.client)}</strong></span>'
-        f'<form method="post" action="/signout">{csrf_field(ctx.csrf)}<button class="quiet" type="submit">Sign out</button>'
-        "</form></div></header>"
-        f'<main><h1 class="page">{e(title)}</h1>{body}</main>'
-        f"<footer>{e(ctx.ecosystem)} {e(ctx.version)} · MCP clients connect to <code>/mcp</code>; probes use "
-        "<code>/healthz</code></footer></body></html>\n"
-    )
+    return page(title, ctx.ecosystem, render("signed_in", ecosystem=ctx.ecosystem, version=ctx.version, title=title,
+                                             client=ctx.client, csrf=ctx.csrf, links_html=links, body_html=body_html))
 
 
 def alert(kind: str, text: str) -> str:
     return f'<div class="alert {e(kind)}" role="alert">{e(text)}</div>'
 
 
-# ---- sign-in -------------------------------------------------------------------------------------
-
 def signin_page(ecosystem: str, csrf: str, next_path: str, error: str = "", info: str = "") -> str:
     notice = (alert("error", error) if error else "") + (alert("info", info) if info else "")
-    return (
-        _head("Sign in", ecosystem)
-        + '<body><div class="signin"><section>'
-        f'<h1><img class="mark" src="{ICON_PATH}" alt="">Sign in to {e(ecosystem)}</h1>'
-        '<p class="muted">Use your client token: the bearer token your MCP clients use.</p>'
-        f"{notice}"
-        '<form method="post" action="/signin" autocomplete="off">'
-        f'{csrf_field(csrf)}<input type="hidden" name="next" value="{e(next_path)}">'
-        '<label for="token">Client token</label>'
-        '<input id="token" name="token" type="password" required autofocus autocomplete="off" spellcheck="false">'
-        '<button type="submit">Sign in</button></form>'
-        "</section></div></body></html>\n"
-    )
+    return page("Sign in", ecosystem, render("signin", ecosystem=ecosystem, csrf=csrf, next=next_path, notice_html=notice))
 
 
 def error_page(ecosystem: str, status: int, title: str, message: str) -> str:
-    return (
-        _head(title, ecosystem)
-        + f'<body><div class="signin"><section><h1>{e(title)}</h1>'
-        f'<p>{e(message)}</p><p class="muted small">HTTP {int(status)} · <a href="/">Back to the overview</a></p>'
-        "</section></div></body></html>\n"
-    )
+    return page(title, ecosystem, render("error", title=title, message=message, status=int(status)))
 
 
 # ---- values --------------------------------------------------------------------------------------
 
+_NONE = '<span class="muted">none</span>'
+
 def value_html(value: Any) -> str:
     """Any JSON-like value as escaped HTML: booleans as badges, dicts as key/value lists."""
-    if isinstance(value, bool):
-        return state_badge(value, "yes" if value else "no")
+    if isinstance(value, dict | list | tuple) and not value:
+        return _NONE
     if isinstance(value, dict):
-        if not value:
-            return '<span class="muted">none</span>'
-        rows = "".join(f"<dt>{e(k)}</dt><dd>{value_html(v)}</dd>" for k, v in value.items())
-        return f'<dl class="kv">{rows}</dl>'
+        return f'<dl class="kv">{"".join(f"<dt>{e(k)}</dt><dd>{value_html(v)}</dd>" for k, v in value.items())}</dl>'
     if isinstance(value, list | tuple):
-        if not value:
-            return '<span class="muted">none</span>'
-        if all(not isinstance(v, dict | list | tuple) for v in value):
-            return ", ".join(e(v) for v in value)
-        return "".join(f"<div>{value_html(v)}</div>" for v in value)
-    if value is None or value == "":
-        return '<span class="muted">—</span>'
-    return e(value)
+        if any(isinstance(v, dict | list | tuple) for v in value):
+            return "".join(f"<div>{value_html(v)}</div>" for v in value)
+        return ", ".join(e(v) for v in value)
+    return e(value) if isinstance(value, str) and value else _scalar_html(value)  # text as it is, not as a time
 
 
 def short_time(ts: str) -> str:
@@ -190,17 +157,11 @@ def _scalar_html(value: Any) -> str:
         return state_badge(value, "yes" if value else "no")
     if value is None or value == "":
         return '<span class="muted">—</span>'
-    if isinstance(value, str):
-        if _ISO_TIME.fullmatch(value):
-            return short_time(value)
-        if len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL: may break anywhere
-            return f'<span class="long">{e(value)}</span>'
-        return e(value)
+    if isinstance(value, str) and _ISO_TIME.fullmatch(value):
+        return short_time(value)
+    if isinstance(value, str) and len(value) >= 20 and not any(c.isspace() for c in value):  # an id, a URL:
+        return f'<span class="long">{e(value)}</span>'  # it may break anywhere
     return e(value)
-
-
-def _count(n: int) -> str:
-    return f"{n} {'item' if n == 1 else 'items'}"
 
 
 def inline_html(value: Any, depth: int = 0) -> str:
@@ -209,7 +170,7 @@ def inline_html(value: Any, depth: int = 0) -> str:
     if not isinstance(value, dict | list | tuple):
         return _scalar_html(value)
     if not value:
-        return '<span class="muted">none</span>'
+        return _NONE
     if depth >= _MAX_DEPTH:
         return f'<code class="json">{e(json.dumps(value, ensure_ascii=False, default=str))}</code>'
     if isinstance(value, dict):
@@ -221,7 +182,8 @@ def inline_html(value: Any, depth: int = 0) -> str:
     if all(not isinstance(v, dict | list | tuple) for v in value):
         return ", ".join(_scalar_html(v) for v in value)
     items = "".join(f"<li>{inline_html(v, depth + 1)}</li>" for v in value)
-    return f'<details class="nested"><summary>{_count(len(value))}</summary><ul class="items">{items}</ul></details>'
+    count = f"{len(value)} {'item' if len(value) == 1 else 'items'}"
+    return f'<details class="nested"><summary>{count}</summary><ul class="items">{items}</ul></details>'
 
 
 def _is_records(value: Any) -> bool:
@@ -296,7 +258,7 @@ def message_body_html(message: dict[str, Any], text: str | None = None, pre: boo
     return False, f"<pre>{e(value)}</pre>" if pre else f'<div class="text">{e(value)}</div>'
 
 
-# ---- overview ------------------------------------------------------------------------------------
+# ---- pages ---------------------------------------------------------------------------------------
 
 def _conv_link(conv: dict[str, Any]) -> str:
     return f'<a href="/conversations/{quote(str(conv["id"]), safe="")}">{e(conv["title"])}</a>'
@@ -313,37 +275,25 @@ def conversations_table(convs: list[dict[str, Any]]) -> str:
     return stack_table(["Title", "Participants", "Messages", "Created"], rows)
 
 
-def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str, Any]], convs: list[dict[str, Any]]) -> str:
-    overall = status.get("status") == "ok"
-    running = sum(1 for m in status.get("mads", []) if m.get("ok"))
-    database = state_badge(status.get("database") == "ok", f"database {status.get('database', '')}")
-    cards = (
-        '<div class="cards">'
-        f'<section><h3>Ecosystem</h3><div class="stat">{state_badge(overall, str(status.get("status", "unknown")))}</div>'
-        f'<p class="muted small">{e(status.get("description", ""))}</p></section>'
-        f'<section><h3>MADs healthy</h3><div class="stat">{running} / {len(status.get("mads", []))}</div>'
-        '<p class="muted small"><a href="/health">Health details</a></p></section>'
-        f'<section><h3>Storage</h3><div class="stat">{database}</div>'
-        f'<p class="muted small">search: {e(status.get("search", ""))} · up since {short_time(status.get("started_at", ""))}</p></section>'
-        "</div>"
-    )
-    rows = [
-        [f"<strong>{e(m['name'])}</strong>", e(m.get("role", "")), e(m.get("level", "")),
-         state_badge(m.get("state") in ("running", "idle"), str(m.get("state", "unknown"))), str(len(m.get("tools", [])))]
-        for m in mads
-    ]
-    mad_table = stack_table(["Name", "Role", "Level", "State", "Tools"], rows)
-    body = (
-        '<p class="lead">The ecosystem at a glance. <a href="/chat">Chat with it</a> in prose, or run a tool as a '
-        "<code>/mad.tool</code> command.</p>"
-        f"{cards}<section><h2>MADs</h2>{mad_table}</section>"
-        + (f"<section><h2>Recent conversations</h2>{conversations_table(convs)}</section>"
-           if "/conversations" in ctx.pages else "")
-    )
+def _running(mad: dict[str, Any]) -> str:
+    return state_badge(mad.get("state") in ("running", "idle"), str(mad.get("state", "unknown")))
+
+
+def overview_page(ctx: PageContext, status: dict[str, Any], mads: list[dict[str, Any]],
+                  convs: list[dict[str, Any]]) -> str:
+    rows = [[f"<strong>{e(m['name'])}</strong>", e(m.get("role", "")), e(m.get("level", "")), _running(m),
+             str(len(m.get("tools", [])))] for m in mads]
+    recent = (f"<section><h2>Recent conversations</h2>{conversations_table(convs)}</section>"
+              if "/conversations" in ctx.pages else "")
+    body = render(
+        "overview", state_html=state_badge(status.get("status") == "ok", str(status.get("status", "unknown"))),
+        description=status.get("description", ""), healthy=sum(1 for m in status.get("mads", []) if m.get("ok")),
+        mad_count=len(status.get("mads", [])), search=status.get("search", ""),
+        database_html=state_badge(status.get("database") == "ok", f"database {status.get('database', '')}"),
+        started_html=short_time(status.get("started_at", "")), recent_html=recent,
+        mads_html=stack_table(["Name", "Role", "Level", "State", "Tools"], rows))
     return layout(ctx, "Overview", body)
 
-
-# ---- chat ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ToolInfo:
@@ -352,6 +302,10 @@ class ToolInfo:
     qualified: str
     signature: str
     description: str
+
+    @property
+    def summary(self) -> str:
+        return self.description.splitlines()[0] if self.description else ""
 
 
 def _message(env: dict[str, Any], mine: str, shown: dict[str, str]) -> str:
@@ -380,47 +334,26 @@ def chat_page(ctx: PageContext, history: list[dict[str, Any]], shown: dict[str, 
               hidden_tools: int, notice: str) -> str:
     mine = f"client:{ctx.client}"
     messages = "".join(_message(env, mine, shown) for env in history) or (
-        '<p class="muted">No messages yet. Ask something in prose, or run a command such as '
-        "<code>/help</code>.</p>"
-    )
+        '<p class="muted">No messages yet. Ask something in prose, or run a command such as <code>/help</code>.</p>')
     tool_items = "".join(
         f'<li><button type="button" class="insert" data-command="/{e(t.qualified)}">/{e(t.signature)}</button>'
-        f'<div class="muted">{e(t.description.splitlines()[0] if t.description else "")}</div></li>'
-        for t in tools
+        f'<div class="muted">{e(t.summary)}</div></li>' for t in tools
     ) or '<li class="muted">Your token allows no tools.</li>'
     more = f'<p class="hint">{hidden_tools} more tools are not allowed for your token.</p>' if hidden_tools else ""
-    body = (
-        '<p class="lead">Prose goes to the Imperator through Fiedler; a line starting with <code>/</code> runs a tool '
-        "directly, e.g. <code>/rogers.search query=hello limit=5</code>.</p>"
-        f"{alert('error', notice) if notice else ''}"
-        '<div class="chat"><section><div class="log" id="chat-log" aria-live="polite">'
-        f"{messages}</div>"
-        '<form class="compose" id="compose" method="post" action="/chat">'
-        f"{csrf_field(ctx.csrf)}"
-        '<label for="message">Message</label><div class="row">'
-        f'<textarea id="message" name="message" rows="3" maxlength="8000" required></textarea>'
-        '<button id="send" type="submit">Send</button></div>'
-        '<p class="hint">Enter sends, Shift+Enter adds a line. Arguments are <code>name=value</code>; quote values '
-        'with spaces; lists and objects are JSON.</p></form></section>'
-        f'<section><h2>Commands</h2><ul class="tools">{tool_items}</ul>{more}</section></div>'
-    )
+    body = render("chat", csrf=ctx.csrf, notice_html=alert("error", notice) if notice else "",
+                  messages_html=messages, tools_html=tool_items, more_html=more)
     return layout(ctx, "Chat", body)
 
 
 def tools_text(tools: list[ToolInfo]) -> str:
     """The plain-text answer to /help."""
-    lines = ["Commands your token allows (arguments are name=value):"]
-    lines += [f"  /{t.signature}  {t.description.splitlines()[0] if t.description else ''}".rstrip() for t in tools]
-    if len(lines) == 1:
-        lines.append("  (none)")
-    return "\n".join(lines)
+    lines = [f"  /{t.signature}  {t.summary}".rstrip() for t in tools] or ["  (none)"]
+    return "\n".join(["Commands your token allows (arguments are name=value):", *lines])
 
 
 def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
-
-# ---- conversations -------------------------------------------------------------------------------
 
 def conversations_page(ctx: PageContext, convs: list[dict[str, Any]]) -> str:
     body = ('<p class="lead">Every conversation on the bus, most recently active first.</p>'
@@ -444,28 +377,26 @@ def conversation_page(ctx: PageContext, conv: dict[str, Any], history: list[dict
     ]
     table = (f'<div class="scroll">{stack_table(["Time", "Sender", "Kind", "Content"], rows, "messages")}</div>' if rows
              else '<p class="muted">No messages in this conversation yet.</p>')
-    meta = (f'<dl class="kv"><dt>Participants</dt><dd>{value_html(conv.get("participants", []))}</dd>'
-            f'<dt>Created</dt><dd>{short_time(conv.get("created_at", ""))} by {e(conv.get("created_by", ""))}</dd>'
-            f'<dt>Id</dt><dd><code>{e(conv.get("id", ""))}</code></dd></dl>')
-    body = (f'<p class="lead"><a href="/conversations">All conversations</a></p>'
-            f"<section><h2>{e(conv.get('title', ''))}</h2>{meta}</section><section>{table}</section>")
+    body = render("conversation", title=conv.get("title", ""), id=conv.get("id", ""),
+                  created_by=conv.get("created_by", ""), created_html=short_time(conv.get("created_at", "")),
+                  participants_html=value_html(conv.get("participants", [])), table_html=table)
     return layout(ctx, "Conversation", body)
 
 
-# ---- MADs ----------------------------------------------------------------------------------------
+def _tool_row(tool: dict[str, Any], allowed: set[str]) -> list[str]:
+    params = ", ".join(
+        f"{p['name']}: {p.get('type') or 'any'}" + ("" if p.get("required") else f" = {p.get('default')!r}")
+        for p in tool.get("params", [])
+    )
+    mark = badge("allowed", "ok") if tool["qualified_name"] in allowed else badge("not allowed")
+    return [f"<code>{e(tool['qualified_name'])}({e(params)})</code>", e(tool.get("description", "")), mark]
+
 
 def mads_page(ctx: PageContext, mads: list[dict[str, Any]], tools: dict[str, list[dict[str, Any]]],
               allowed: set[str]) -> str:
     sections = []
     for m in mads:
-        items = []
-        for t in tools.get(m["name"], []):
-            mark = badge("allowed", "ok") if t["qualified_name"] in allowed else badge("not allowed")
-            params = ", ".join(
-                f"{p['name']}: {p.get('type') or 'any'}" + ("" if p.get("required") else f" = {p.get('default')!r}")
-                for p in t.get("params", [])
-            )
-            items.append([f"<code>{e(t['qualified_name'])}({e(params)})</code>", e(t.get("description", "")), mark])
+        items = [_tool_row(t, allowed) for t in tools.get(m["name"], [])]
         is_role = m.get("max_instances") is not None  # lifecycle ephemeral: instances spawned per task
         tool_table = (stack_table(["Tool", "Description", "Your token"], items) if items
                       else '<p class="muted">A role: MADs spawn an instance of it per task; its tools are not served.</p>'
@@ -479,16 +410,11 @@ def mads_page(ctx: PageContext, mads: list[dict[str, Any]], tools: dict[str, lis
             facts["spawns"] = m["spawns"]
         if is_role:
             facts["instances"] = f"{m.get('instances', 0)} running (at most {m['max_instances']} at once)"
-        ok = m.get("state") in ("running", "idle")
-        sections.append(
-            f'<section id="mad-{e(m["name"])}"><h2>{e(m["name"])} {state_badge(ok, str(m.get("state", "unknown")))}</h2>'
-            f'{value_html(facts)}<div class="spaced">{tool_table}</div></section>'
-        )
+        sections.append(render("mad", name=m["name"], state_html=_running(m), facts_html=value_html(facts),
+                               tools_html=tool_table))
     body = '<p class="lead">Each MAD: its role, level, state and the tools of its Action Engine.</p>' + "".join(sections)
     return layout(ctx, "MADs", body)
 
-
-# ---- health --------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("status", "version", "database", "search", "started_at", "uptime_s")
 
@@ -496,23 +422,15 @@ _TOP_FIELDS = ("status", "version", "database", "search", "started_at", "uptime_
 def health_page(ctx: PageContext, status: dict[str, Any]) -> str:
     top = {k: status[k] for k in _TOP_FIELDS if k in status}
     extra = {k: v for k, v in status.items() if k not in (*_TOP_FIELDS, "mads", "name", "description", "healthy")}
-    cards = []
-    for m in status.get("mads", []):
-        details = {k: v for k, v in m.items() if k not in ("name", "ok")}
-        cards.append(
-            f'<section><h2>{e(m.get("name", ""))} {state_badge(bool(m.get("ok")), "healthy" if m.get("ok") else "unhealthy")}</h2>'
-            f"{value_html(details)}</section>"
-        )
-    body = (
-        '<p class="lead">Health of the ecosystem and of each MAD, as <code>ecosystem.status</code> reports it.</p>'
-        f"<section><h2>Ecosystem {state_badge(status.get('status') == 'ok', str(status.get('status', 'unknown')))}</h2>"
-        f"{value_html({**top, **extra})}</section>"
-        f'<div class="cards">{"".join(cards)}</div>'
+    cards = "".join(
+        f'<section><h2>{e(m.get("name", ""))} {state_badge(bool(m.get("ok")), "healthy" if m.get("ok") else "unhealthy")}'
+        f'</h2>{value_html({k: v for k, v in m.items() if k not in ("name", "ok")})}</section>'
+        for m in status.get("mads", [])
     )
+    body = render("health", state_html=state_badge(status.get("status") == "ok", str(status.get("status", "unknown"))),
+                  facts_html=value_html({**top, **extra}), mads_html=cards)
     return layout(ctx, "Health", body)
 
-
-# ---- audit ---------------------------------------------------------------------------------------
 
 def audit_page(ctx: PageContext, entries: list[dict[str, Any]]) -> str:
     rows = [
