@@ -125,9 +125,16 @@ class Database:
             return dict(row) if row is not None else None
 
     def script(self, sql: str) -> None:
+        """Run an SQL script (schema DDL) in one BEGIN IMMEDIATE transaction, so processes opening the
+        database at once take turns (one's DROP TRIGGER between another's DROP and CREATE would collide)."""
         with self._lock:
             self._sync_mode(full=True)
-            self._conn.executescript(sql)
+            try:
+                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nCOMMIT;")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
 
     def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one

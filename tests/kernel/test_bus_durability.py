@@ -439,6 +439,36 @@ def test_a_database_in_the_older_layout_is_rebuilt_once_keeping_every_message_an
     assert _layout(state) == layout and query(state, "SELECT * FROM messages ORDER BY seq")[:len(before_second)] == before_second
 
 
+def test_openers_racing_on_one_database_each_get_the_schema_whole(bus_eco, tmp_path):  # noqa: F811
+    """The schema (its DROP/CREATE TRIGGER pairs too) runs in one transaction per opener: racing openers take
+    turns instead of one failing with "trigger ... already exists"."""
+    import threading
+
+    db_mod, bus_mod = module(bus_eco, "db"), module(bus_eco, "bus")
+    failures: list[BaseException] = []
+    for round_ in range(10):
+        path = tmp_path / f"race{round_}.db"
+        db_mod.Database(path).close()
+        start = threading.Barrier(6)
+
+        def open_bus():
+            database = db_mod.Database(path)
+            try:
+                start.wait()
+                bus_mod.ConversationBus(database)
+            except BaseException as exc:  # noqa: BLE001 - collected: a thread's exception fails nothing by itself
+                failures.append(exc)
+            finally:
+                database.close()
+
+        threads = [threading.Thread(target=open_bus) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+
+
 def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811
     """Only the rebuilt table's own foreign keys are checked: an older, unrelated violation does not block it."""
     db = module(bus_eco, "db").Database(tmp_path / "t.db")
@@ -522,18 +552,24 @@ def test_two_processes_opening_an_old_database_at_once_rebuild_it_once(bus_eco, 
             return done
 
     start = threading.Barrier(2)
+    failures: list[BaseException] = []
 
     def open_bus():
         database = Counting(state / "ecosystem.db")
-        start.wait()
-        bus_mod.ConversationBus(database)
-        database.close()
+        try:
+            start.wait()
+            bus_mod.ConversationBus(database)
+        except BaseException as exc:  # noqa: BLE001 - a thread's exception would otherwise only be printed
+            failures.append(exc)
+        finally:
+            database.close()
 
     threads = [threading.Thread(target=open_bus) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert failures == []
     assert sorted(rebuilt) == [[], ["messages", "bus_deliveries"]]
     assert query(state, "SELECT * FROM messages ORDER BY seq") == before
     assert query(state, "PRAGMA integrity_check") == [("ok",)]
