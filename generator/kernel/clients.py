@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .bus import now_iso
-from .db import Database
+from .db import Database, write_private
 from .errors import InvalidArgument, KernelError, NotFound
 
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -92,14 +92,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def _check_fnmatch(pattern: str, allowed: re.Pattern[str], kind: str, over: str) -> str:
+    if not isinstance(pattern, str) or not allowed.match(pattern) or pattern.count("[") != pattern.count("]"):
+        raise InvalidArgument(f"bad {kind} pattern {pattern!r}: patterns are fnmatch patterns over {over}")
+    return pattern
+
+
 def check_pattern(pattern: str, known_tools: Iterable[str] | None = None) -> str:
     """A tool pattern as the operator wrote it; `known_tools` (when given) must include a tool it matches."""
-    bad = not isinstance(pattern, str) or not _PATTERN.match(pattern) or pattern.count("[") != pattern.count("]")
-    if bad:
-        raise InvalidArgument(
-            f"bad tool pattern {pattern!r}: patterns are fnmatch patterns over <mad>.<tool> names made of letters, "
-            "digits, _ . - and the wildcards * ? [...], e.g. 'rogers.*' or 'turing.get_secret'"
-        )
+    _check_fnmatch(pattern, _PATTERN, "tool", "<mad>.<tool> names made of letters, digits, _ . - and the wildcards "
+                   "* ? [...], e.g. 'rogers.*' or 'turing.get_secret'")
     if known_tools is not None:
         tools = sorted(known_tools)
         if not any(fnmatch.fnmatchcase(t, pattern) for t in tools):
@@ -117,12 +119,8 @@ _SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
 
 def check_secret_pattern(pattern: str) -> str:
     """A secret-name pattern as the operator wrote it (`--secret 'db.*'`)."""
-    if not isinstance(pattern, str) or not _SECRET_PATTERN.match(pattern) or pattern.count("[") != pattern.count("]"):
-        raise InvalidArgument(
-            f"bad secret pattern {pattern!r}: patterns are fnmatch patterns over secret names (letters, digits, "
-            "_ . : - and the wildcards * ? [...]), e.g. 'db.*' or 'api_key'"
-        )
-    return pattern
+    return _check_fnmatch(pattern, _SECRET_PATTERN, "secret", "secret names (letters, digits, _ . : - and the wildcards "
+                          "* ? [...]), e.g. 'db.*' or 'api_key'")
 
 
 # ---- clients -----------------------------------------------------------------------------
@@ -145,9 +143,6 @@ class Client:
 
     def may_call(self, tool: str) -> bool:
         return not self.revoked and any(fnmatch.fnmatchcase(tool, p) for p in self.allow)
-
-    def may_touch_secret(self, name: str) -> bool:
-        return not self.secrets or any(fnmatch.fnmatchcase(name, p) for p in self.secrets)
 
     def describe(self) -> dict[str, Any]:
         """What `clients list` shows: never the token or its hash."""
@@ -180,18 +175,6 @@ def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
 
 def token_file(state_dir: str | os.PathLike[str], name: str = "default") -> Path:
     return Path(state_dir) / ("client-token" if name == "default" else f"client-token.{name}")
-
-
-def _write_private(path: Path, data: str) -> None:
-    """Write atomically with mode 0600 (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 class ClientRegistry:
@@ -279,7 +262,7 @@ class ClientRegistry:
             yield data
             after = json.dumps(data, indent=2, sort_keys=True) + "\n"
             if after != before:
-                _write_private(self.path, after)
+                write_private(self.path, after.encode())
         finally:
             os.close(fd)
 
@@ -329,7 +312,7 @@ class ClientRegistry:
             if entry is None:
                 token = _secrets.token_urlsafe(32)
                 data["tokens"][name] = {"sha256": _hash(token), "allow": patterns, "created_at": now_iso()}
-                _write_private(path, token + "\n")
+                write_private(path, (token + "\n").encode())
                 return path, ""
         if entry.get("revoked_at"):
             return path, f"client {name!r} was revoked at {entry['revoked_at']}; add a client under another name with `clients add`"

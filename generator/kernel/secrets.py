@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .audit import AuditLog
 from .bus import now_iso
-from .db import Database
+from .db import Database, fsync_dir, write_private
 from .errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from .logs import get as get_logger
 
@@ -107,29 +107,6 @@ def _decode_key(data: bytes, source: str) -> bytes:
     return key
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_key_file(path: Path, key: bytes) -> None:
-    """Atomically write `key` (base64) to `path`: temp file 0600, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(base64.b64encode(key) + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 class KeySource:
     """Where the secrets key lives: the environment variable (operator's) or `<state>/keys/` (ours)."""
 
@@ -161,7 +138,7 @@ class KeySource:
                     fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
                     fh.flush()
                     os.fsync(fh.fileno())
-                _fsync_dir(self.keys_dir)
+                fsync_dir(self.keys_dir)
         return _decode_key(path.read_bytes().strip(), f"key file {path}")
 
     def pending(self) -> bytes | None:
@@ -192,18 +169,18 @@ class KeySource:
             os.close(fd)  # releases the lock
 
     def stage(self, key: bytes) -> None:
-        write_key_file(self.keys_dir / NEXT_KEY_FILE, key)
+        write_private(self.keys_dir / NEXT_KEY_FILE, base64.b64encode(key) + b"\n")
 
     def commit(self) -> Path:
         """The rotation committed: the next key becomes the key (or, from env, the operator's hand-off file)."""
         target = self.keys_dir / (HANDOFF_KEY_FILE if self.from_env else KEY_FILE)
         os.replace(self.keys_dir / NEXT_KEY_FILE, target)
-        _fsync_dir(self.keys_dir)
+        fsync_dir(self.keys_dir)
         return target
 
     def discard(self) -> None:
         (self.keys_dir / NEXT_KEY_FILE).unlink(missing_ok=True)
-        _fsync_dir(self.keys_dir)
+        fsync_dir(self.keys_dir)
 
     def env_rotation_help(self) -> str:
         return (
