@@ -173,6 +173,12 @@ def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
         raise KernelError(f"client {name!r} in tokens.json is malformed ({exc}); fix or restore the file") from None
 
 
+def _new_entry(allow: list[str]) -> tuple[str, dict[str, Any]]:
+    """A fresh token, and the entry that keeps only its hash."""
+    token = _secrets.token_urlsafe(32)
+    return token, {"sha256": _hash(token), "allow": allow, "created_at": now_iso()}
+
+
 def token_file(state_dir: str | os.PathLike[str], name: str = "default") -> Path:
     return Path(state_dir) / ("client-token" if name == "default" else f"client-token.{name}")
 
@@ -281,15 +287,13 @@ class ClientRegistry:
             raise InvalidArgument("a client needs at least one --allow PATTERN (use --allow '*' for every tool)")
         known = list(known_tools) if known_tools is not None else None
         patterns = [check_pattern(p, known) for p in allow]
-        entry: dict[str, Any] = {"allow": patterns, "created_at": now_iso()}
+        token, entry = _new_entry(patterns)
         if secrets:
             entry["secrets"] = [check_secret_pattern(p) for p in secrets]
         if rate:
             entry["rate"] = str(parse_rate(rate))
         if quota:
             entry["quota"] = f"{parse_quota(quota)}/day"
-        token = _secrets.token_urlsafe(32)
-        entry["sha256"] = _hash(token)
         with self._locked() as data:
             existing = data["tokens"].get(name)
             if existing is not None:
@@ -310,8 +314,7 @@ class ClientRegistry:
         with self._locked() as data:
             entry = data["tokens"].get(name)
             if entry is None:
-                token = _secrets.token_urlsafe(32)
-                data["tokens"][name] = {"sha256": _hash(token), "allow": patterns, "created_at": now_iso()}
+                token, data["tokens"][name] = _new_entry(patterns)
                 write_private(path, (token + "\n").encode())
                 return path, ""
         if entry.get("revoked_at"):
@@ -428,9 +431,6 @@ class CallLedger:
                 (now_iso(), utc_day(), client, tool, correlation_id, outcome, 1 if counted else 0, round(duration_ms, 3),
                  detail[:500]),
             )
-
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.db.query("SELECT * FROM gateway_calls ORDER BY id DESC LIMIT ?", (max(1, int(limit)),))
 
     def prune(self, keep_days: int, now: float | None = None) -> int:
         """Delete the rows of the UTC days more than `keep_days` ago (today's, which quotas count, always stay);
