@@ -336,26 +336,26 @@ class ConversationBus:
     def post(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
              correlation_id: str = "", payload: dict[str, Any] | None = None) -> dict[str, Any]:
         env = self.envelope(conversation_id, sender, content, kind, correlation_id, payload)
-        with self.db.transaction() as conn:
-            self._insert(conn, env)
-        self._stored()
+        self._write(lambda conn: self._insert(conn, env))
         return env.as_dict()
+
+    def _write(self, write: Callable[[sqlite3.Connection], T], *, group_commit: bool = False) -> T:
+        """`write(conn)` in a transaction of its own, which stores messages."""
+        with self.db.transaction(group_commit=group_commit) as conn:
+            result = write(conn)
+        self._stored()
+        return result
 
     def record(self, env: Envelope, *, group_commit: bool = False) -> bool:
         """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already.
         With `group_commit`, await `db.durable()` before relying on it."""
-        with self.db.transaction(group_commit=group_commit) as conn:
-            stored = self._insert(conn, env, or_ignore=True)
-        self._stored()
-        return stored
+        return self._write(lambda conn: self._insert(conn, env, or_ignore=True), group_commit=group_commit)
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
     def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
         """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
-        with self.db.transaction() as conn:
-            self._accept(conn, request, target, sealed)
-        self._stored()
+        self._write(lambda conn: self._accept(conn, request, target, sealed))
 
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
@@ -380,10 +380,7 @@ class ConversationBus:
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
-        with self.db.transaction() as conn:
-            acked = self._complete(conn, request_id, reply)
-        self._stored()
-        return acked
+        return self._write(lambda conn: self._complete(conn, request_id, reply))
 
     def complete_shared(self, request_id: str, reply: Envelope, *, stored_payload: dict[str, Any] | None = None,
                         alone: bool = False) -> asyncio.Future[bool]:

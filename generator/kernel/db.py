@@ -144,6 +144,8 @@ class Database:
         """Run an SQL script (schema DDL) in one BEGIN IMMEDIATE transaction, so processes opening the
         database at once take turns (one's DROP TRIGGER between another's DROP and CREATE would collide)."""
         with self._lock:
+            if self._conn.in_transaction:  # executescript would COMMIT it first, whatever it held so far
+                raise RuntimeError("Database.script cannot run inside an open transaction")
             self._sync_mode(full=True)
             try:
                 self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nCOMMIT;")

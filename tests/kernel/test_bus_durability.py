@@ -469,6 +469,19 @@ def test_openers_racing_on_one_database_each_get_the_schema_whole(bus_eco, tmp_p
     assert failures == []
 
 
+def test_a_schema_script_is_one_transaction(bus_eco, tmp_path):  # noqa: F811
+    """A script that fails part-way leaves nothing of itself behind, and none runs inside an open transaction."""
+    db = module(bus_eco, "db").Database(tmp_path / "s.db")
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        db.script("CREATE TABLE a (x);\nCREATE TABLE b (x);\nCREATE TABLE a (x)")
+    assert db.query("SELECT name FROM sqlite_master WHERE name IN ('a', 'b')") == []
+    db.script("CREATE TABLE a (x); CREATE TRIGGER a_t BEFORE DELETE ON a BEGIN SELECT RAISE(ABORT, 'no'); END;")
+    assert sorted(r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE name LIKE 'a%'")) == ["a", "a_t"]
+    with pytest.raises(RuntimeError, match="inside an open transaction"), db.transaction():
+        db.script("CREATE TABLE c (x)")
+    assert db.query("SELECT name FROM sqlite_master WHERE name = 'c'") == []
+
+
 def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811
     """Only the rebuilt table's own foreign keys are checked: an older, unrelated violation does not block it."""
     db = module(bus_eco, "db").Database(tmp_path / "t.db")
