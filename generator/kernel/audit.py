@@ -166,20 +166,18 @@ class AuditLog:
 
     def _open_chain(self, conn: sqlite3.Connection) -> None:
         """Genesis entry, then the rows of the previous kernel's unchained audit tables, oldest first."""
-        legacy: list[tuple[str, dict[str, Any]]] = []
-        for r in conn.execute("SELECT * FROM secrets_audit ORDER BY id"):
-            legacy.append((r["ts"], {"actor": r["actor"], "action": f"secrets.{r['action']}", "subject": r["name"],
-                                     "ok": bool(r["ok"]), "detail": r["detail"], "on_behalf_of": r["on_behalf_of"]}))
-        for r in conn.execute("SELECT * FROM gateway_audit ORDER BY id"):
-            legacy.append((r["ts"], {"actor": r["client"], "action": f"gateway.{r['event']}", "subject": "mcp",
-                                     "ok": False, "detail": r["detail"], "remote": r["remote"]}))
-        legacy.sort(key=lambda item: item[0])  # ISO timestamps: text order is time order
+        # ISO timestamps: text order is time order; on a tie, secrets rows first, each table in its own order.
+        legacy = conn.execute(
+            "SELECT ts, actor, 'secrets.' || action AS action, name AS subject, ok, detail, on_behalf_of, '' AS remote,"
+            " 0 AS source, id FROM secrets_audit UNION ALL SELECT ts, client, 'gateway.' || event, 'mcp', 0, detail, '',"
+            " remote, 1, id FROM gateway_audit ORDER BY ts, source, id").fetchall()
         detail = "chain opened"
         if legacy:
             detail += f"; the {len(legacy)} entries that follow were copied from the previous kernel's unchained audit tables"
         self.append_in(conn, "kernel", "audit.genesis", "audit_log", True, detail)
-        for ts, fields in legacy:
-            self.append_in(conn, ts=ts, **fields)
+        for r in legacy:
+            self.append_in(conn, r["actor"], r["action"], r["subject"], r["ok"], r["detail"], r["on_behalf_of"],
+                           r["remote"], ts=r["ts"])
 
     # ---- reading -----------------------------------------------------------------------------
 
