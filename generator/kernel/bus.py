@@ -142,19 +142,21 @@ CREATE TABLE IF NOT EXISTS bus_deliveries {_DELIVERIES};
 CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target) WHERE state = 'pending';
 """
 
-
-
-def _relayout_script(table: str, layout: str, columns: str) -> str:
-    """SQLite's recipe for a new layout: the table made anew, its rows copied, the old one dropped, the new renamed."""
-    return (f"CREATE TABLE {table}_relayout {layout};\nINSERT INTO {table}_relayout SELECT {columns} FROM {table};\n"
-            f"DROP TABLE {table};\nALTER TABLE {table}_relayout RENAME TO {table};\n")
-
-
-_RELAYOUT_MESSAGES = _relayout_script(
-    "messages", _MESSAGES, "seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at"
-) + "DELETE FROM sqlite_sequence WHERE name = 'messages';\n"
-_RELAYOUT_DELIVERIES = _relayout_script(
-    "bus_deliveries", _DELIVERIES, "envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at")
+_RELAYOUT_MESSAGES = f"""
+CREATE TABLE messages_relayout {_MESSAGES};
+INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at
+    FROM messages ORDER BY seq;
+DROP TABLE messages;
+ALTER TABLE messages_relayout RENAME TO messages;
+DELETE FROM sqlite_sequence WHERE name = 'messages';
+"""
+_RELAYOUT_DELIVERIES = f"""
+CREATE TABLE bus_deliveries_relayout {_DELIVERIES};
+INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at
+    FROM bus_deliveries;
+DROP TABLE bus_deliveries;
+ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries;
+"""
 COPIED_PER_S = 50_000  # messages a rebuild copies per second, about, on a VM's disk: for the log's estimate
 
 
