@@ -109,12 +109,7 @@ def entry_hash(entry: dict[str, Any], prev_hash: str) -> str:
     return hashlib.sha256((canonical + prev_hash).encode("utf-8")).hexdigest()
 
 
-ANCHOR_FILE = "audit-anchor.json"
-
-
-def anchor_path(db: Database) -> Path:
-    """Where the log's head is anchored: beside the database (ship copies of it elsewhere)."""
-    return Path(db.path).parent / ANCHOR_FILE
+ANCHOR_FILE = "audit-anchor.json"  # beside the database (ship copies of it elsewhere)
 
 
 class AuditLog:
@@ -133,16 +128,8 @@ class AuditLog:
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def append(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        ok: bool,
-        detail: str = "",
-        on_behalf_of: str = "",
-        remote: str = "",
-    ) -> dict[str, Any]:
+    def append(self, actor: str, action: str, subject: str, ok: bool, detail: str = "", on_behalf_of: str = "",
+               remote: str = "") -> dict[str, Any]:
         """Append one entry (its own transaction); returns it with id and hash."""
         with self.db.transaction() as conn:
             entry = self.append_in(conn, actor, action, subject, ok, detail, on_behalf_of, remote)
@@ -152,7 +139,7 @@ class AuditLog:
     def anchor(self) -> dict[str, Any]:
         """Write the newest entry's id, hash and time to the anchor file (atomically); returns what was written."""
         row = self.db.one("SELECT id, ts, hash FROM audit_log ORDER BY id DESC LIMIT 1") or {"id": 0, "ts": "", "hash": ""}
-        path = anchor_path(self.db)
+        path = Path(self.db.path).parent / ANCHOR_FILE
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(row, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
@@ -162,89 +149,53 @@ class AuditLog:
         row = self.db.one("SELECT MAX(id) AS id FROM audit_log")
         return int(row["id"] or 0) if row else 0
 
-    def append_in(
-        self,
-        conn: sqlite3.Connection,
-        actor: str,
-        action: str,
-        subject: str,
-        ok: bool,
-        detail: str = "",
-        on_behalf_of: str = "",
-        remote: str = "",
-        ts: str = "",
-    ) -> dict[str, Any]:
+    def append_in(self, conn: sqlite3.Connection, actor: str, action: str, subject: str, ok: bool, detail: str = "",
+                  on_behalf_of: str = "", remote: str = "", ts: str = "") -> dict[str, Any]:
         """Append inside a transaction the caller holds open (so the entry commits or rolls back with it)."""
         head = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
         prev_hash = head["hash"] if head else GENESIS_PREV
         entry: dict[str, Any] = {
-            "id": (head["id"] if head else 0) + 1,
-            "ts": ts or now_iso(),
-            "actor": str(actor),
-            "action": str(action),
-            "subject": str(subject),
-            "ok": 1 if ok else 0,
-            "detail": str(detail)[:MAX_DETAIL],
-            "on_behalf_of": str(on_behalf_of),
-            "remote": str(remote),
+            "id": (head["id"] if head else 0) + 1, "ts": ts or now_iso(), "actor": str(actor), "action": str(action),
+            "subject": str(subject), "ok": 1 if ok else 0, "detail": str(detail)[:MAX_DETAIL],
+            "on_behalf_of": str(on_behalf_of), "remote": str(remote), "prev_hash": prev_hash,
         }
-        entry["prev_hash"] = prev_hash
         entry["hash"] = entry_hash(entry, prev_hash)
-        cols = (*_FIELDS, "prev_hash", "hash")
-        conn.execute(
-            f"INSERT INTO audit_log ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-            [entry[c] for c in cols],
-        )
+        marks = ", ".join("?" for _ in entry)
+        conn.execute(f"INSERT INTO audit_log ({', '.join(entry)}) VALUES ({marks})", list(entry.values()))
         return entry
 
     def _open_chain(self, conn: sqlite3.Connection) -> None:
         """Genesis entry, then the rows of the previous kernel's unchained audit tables, oldest first."""
-        legacy: list[tuple[str, dict[str, Any]]] = []
-        for r in conn.execute("SELECT * FROM secrets_audit ORDER BY id"):
-            legacy.append((r["ts"], {"actor": r["actor"], "action": f"secrets.{r['action']}", "subject": r["name"],
-                                     "ok": bool(r["ok"]), "detail": r["detail"], "on_behalf_of": r["on_behalf_of"]}))
-        for r in conn.execute("SELECT * FROM gateway_audit ORDER BY id"):
-            legacy.append((r["ts"], {"actor": r["client"], "action": f"gateway.{r['event']}", "subject": "mcp",
-                                     "ok": False, "detail": r["detail"], "remote": r["remote"]}))
-        legacy.sort(key=lambda item: item[0])  # ISO timestamps: text order is time order
+        # ISO timestamps: text order is time order; on a tie, secrets rows first, each table in its own order.
+        legacy = conn.execute(
+            "SELECT ts, actor, 'secrets.' || action AS action, name AS subject, ok, detail, on_behalf_of, '' AS remote,"
+            " 0 AS source, id FROM secrets_audit UNION ALL SELECT ts, client, 'gateway.' || event, 'mcp', 0, detail, '',"
+            " remote, 1, id FROM gateway_audit ORDER BY ts, source, id").fetchall()
         detail = "chain opened"
         if legacy:
             detail += f"; the {len(legacy)} entries that follow were copied from the previous kernel's unchained audit tables"
         self.append_in(conn, "kernel", "audit.genesis", "audit_log", True, detail)
-        for ts, fields in legacy:
-            self.append_in(conn, ts=ts, **fields)
+        for r in legacy:
+            self.append_in(conn, r["actor"], r["action"], r["subject"], r["ok"], r["detail"], r["on_behalf_of"],
+                           r["remote"], ts=r["ts"])
 
     # ---- reading -----------------------------------------------------------------------------
 
     def recent(self, limit: int = 50, action_prefix: str = "") -> list[dict[str, Any]]:
         """The newest `limit` entries, newest first (only actions starting with `action_prefix` when set)."""
-        limit = max(1, min(int(limit), 1000))
-        cols = ", ".join(_FIELDS)
-        if action_prefix:
-            escaped = action_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            rows = self.db.query(
-                f"SELECT {cols} FROM audit_log WHERE action LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
-                (escaped + "%", limit),
-            )
-        else:
-            rows = self.db.query(f"SELECT {cols} FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
-        for r in rows:
-            r["ok"] = bool(r["ok"])
-        return rows
+        # substr: a prefix compared as it is, with no LIKE wildcards to escape
+        return self._entries("WHERE substr(action, 1, ?) = ? ORDER BY id DESC LIMIT ?",
+                             (len(action_prefix), action_prefix, max(1, min(int(limit), 1000))))
 
     def since(self, after_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         """Up to `limit` entries with an id above `after_id`, oldest first: a reader that keeps its place."""
-        limit = max(1, min(int(limit), 10_000))
-        cols = ", ".join(_FIELDS)
-        rows = self.db.query(f"SELECT {cols} FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), limit))
+        return self._entries("WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), max(1, min(int(limit), 10_000))))
+
+    def _entries(self, where: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        rows = self.db.query(f"SELECT {', '.join(_FIELDS)} FROM audit_log {where}", params)
         for r in rows:
             r["ok"] = bool(r["ok"])
         return rows
-
-    def head(self) -> tuple[int, str]:
-        """(number of entries, hash of the newest entry)."""
-        row = self.db.one("SELECT COUNT(*) AS n, (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS h FROM audit_log")
-        return (row["n"], row["h"] or GENESIS_PREV) if row else (0, GENESIS_PREV)
 
     def verify(self) -> list[str]:
         """Walk the chain from the start; the problems found, first broken entry first (empty: intact)."""

@@ -193,11 +193,10 @@ class ConversationBus:
     def __init__(self, db: Database):
         self.db = db
         self._relayout()
-        db.script(_SCHEMA)
         self.fts = db.fts5
+        db.script(_SCHEMA + (_FTS_SCHEMA if self.fts else ""))
         self._unindexed = 0  # messages stored by this process since the last index_new
         if self.fts:
-            db.script(_FTS_SCHEMA)
             self.index_new()
 
     def _relayout(self) -> None:
@@ -246,26 +245,15 @@ class ConversationBus:
 
     @staticmethod
     def _conv(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": row["id"],
-            "title": row["title"],
-            "participants": json.loads(row["participants"]),
-            "created_by": row["created_by"],
-            "created_at": row["created_at"],
-        }
+        return {**row, "participants": json.loads(row["participants"])}
 
     def create(self, title: str, participants: list[str], created_by: str) -> dict[str, Any]:
         title = (title or "").strip()
         if not title:
             raise InvalidArgument("a conversation needs a non-empty title")
         people = list(dict.fromkeys([created_by, *[str(p) for p in participants or []]]))
-        row = {
-            "id": new_id(),
-            "title": title[:500],
-            "participants": json.dumps(people),
-            "created_by": created_by,
-            "created_at": now_iso(),
-        }
+        row = {"id": new_id(), "title": title[:500], "participants": json.dumps(people), "created_by": created_by,
+               "created_at": now_iso()}
         self.db.execute(
             "INSERT INTO conversations (id, title, participants, created_by, created_at)"
             " VALUES (:id, :title, :participants, :created_by, :created_at)",
@@ -302,45 +290,26 @@ class ConversationBus:
         return self.join(existing["id"], who)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The conversations with the newest messages first, each with its `message_count`."""
         rows = self.db.query(
-            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count,"
-            " COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = c.id), 0) AS last_seq"
-            " FROM conversations c ORDER BY last_seq DESC, c.created_at DESC LIMIT ?",
-            (_limit(limit),),
-        )
-        out = []
-        for row in rows:
-            conv = self._conv(row)
-            conv["message_count"] = row["message_count"]
-            out.append(conv)
-        return out
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
+            " FROM conversations c"
+            " ORDER BY COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = c.id), 0) DESC,"
+            " c.created_at DESC LIMIT ?", (_limit(limit),))
+        return [self._conv(row) for row in rows]
 
     # ---- messages ----------------------------------------------------------------------------
 
     @staticmethod
     def _env(row: dict[str, Any]) -> dict[str, Any]:
-        return Envelope(
-            id=row["id"],
-            correlation_id=row["correlation_id"],
-            sender=row["sender"],
-            conversation_id=row["conversation_id"],
-            kind=row["kind"],
-            content=row["content"],
-            payload=json.loads(row["payload"]),
-            created_at=row["created_at"],
-        ).as_dict()
+        """A stored message as an envelope's dict (the columns are the envelope's fields, in order, after `seq`)."""
+        env = {key: value for key, value in row.items() if key != "seq"}
+        env["payload"] = json.loads(env["payload"])
+        return env
 
-    def envelope(
-        self,
-        conversation_id: str,
-        sender: str,
-        content: str = "",
-        kind: str = "message",
-        correlation_id: str = "",
-        payload: dict[str, Any] | None = None,
-        *,
-        known_conversation: bool = False,
-    ) -> Envelope:
+    def envelope(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
+                 correlation_id: str = "", payload: dict[str, Any] | None = None, *,
+                 known_conversation: bool = False) -> Envelope:
         """A new, checked envelope (not yet stored); its correlation id defaults to its own id.
         `known_conversation`: the caller got the conversation from the bus itself, so it is not looked up."""
         if kind not in KINDS:
@@ -349,16 +318,8 @@ class ConversationBus:
             raise InvalidArgument(f"content must be a string of at most {MAX_CONTENT} characters")
         if not known_conversation:
             self.get(conversation_id)  # NotFound when missing
-        env = Envelope(
-            correlation_id=correlation_id or "",
-            sender=sender,
-            conversation_id=conversation_id,
-            kind=kind,
-            content=content,
-            payload=payload or {},
-        )
-        if not env.correlation_id:
-            env.correlation_id = env.id
+        env = Envelope(sender=sender, conversation_id=conversation_id, kind=kind, content=content, payload=payload or {})
+        env.correlation_id = correlation_id or env.id
         return env
 
     @staticmethod
@@ -369,49 +330,34 @@ class ConversationBus:
             f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages"
             " (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                env.id,
-                env.correlation_id,
-                env.sender,
-                env.conversation_id,
-                env.kind,
-                env.content,
-                to_json(env.payload if payload is None else payload),
-                env.created_at,
-            ),
+            (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
+             to_json(env.payload if payload is None else payload), env.created_at),
         )
         return cur.rowcount == 1
 
-    def post(
-        self,
-        conversation_id: str,
-        sender: str,
-        content: str = "",
-        kind: str = "message",
-        correlation_id: str = "",
-        payload: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def post(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
+             correlation_id: str = "", payload: dict[str, Any] | None = None) -> dict[str, Any]:
         env = self.envelope(conversation_id, sender, content, kind, correlation_id, payload)
-        with self.db.transaction() as conn:
-            self._insert(conn, env)
-        self._stored()
+        self._write(lambda conn: self._insert(conn, env))
         return env.as_dict()
+
+    def _write(self, write: Callable[[sqlite3.Connection], T], *, group_commit: bool = False) -> T:
+        """`write(conn)` in a transaction of its own, which stores messages."""
+        with self.db.transaction(group_commit=group_commit) as conn:
+            result = write(conn)
+        self._stored()
+        return result
 
     def record(self, env: Envelope, *, group_commit: bool = False) -> bool:
         """Store an envelope made elsewhere (a reply that came over Redis); False when its id is stored already.
         With `group_commit`, await `db.durable()` before relying on it."""
-        with self.db.transaction(group_commit=group_commit) as conn:
-            stored = self._insert(conn, env, or_ignore=True)
-        self._stored()
-        return stored
+        return self._write(lambda conn: self._insert(conn, env, or_ignore=True), group_commit=group_commit)
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
     def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
         """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
-        with self.db.transaction() as conn:
-            self._accept(conn, request, target, sealed)
-        self._stored()
+        self._write(lambda conn: self._accept(conn, request, target, sealed))
 
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
@@ -436,10 +382,7 @@ class ConversationBus:
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
-        with self.db.transaction() as conn:
-            acked = self._complete(conn, request_id, reply)
-        self._stored()
-        return acked
+        return self._write(lambda conn: self._complete(conn, request_id, reply))
 
     def complete_shared(self, request_id: str, reply: Envelope, *, stored_payload: dict[str, Any] | None = None,
                         alone: bool = False) -> asyncio.Future[bool]:

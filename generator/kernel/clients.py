@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .bus import now_iso
-from .db import Database
+from .db import Database, write_private
 from .errors import InvalidArgument, KernelError, NotFound
 
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -92,14 +92,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def _check_fnmatch(pattern: str, allowed: re.Pattern[str], kind: str, over: str) -> str:
+    if not isinstance(pattern, str) or not allowed.match(pattern) or pattern.count("[") != pattern.count("]"):
+        raise InvalidArgument(f"bad {kind} pattern {pattern!r}: patterns are fnmatch patterns over {over}")
+    return pattern
+
+
 def check_pattern(pattern: str, known_tools: Iterable[str] | None = None) -> str:
     """A tool pattern as the operator wrote it; `known_tools` (when given) must include a tool it matches."""
-    bad = not isinstance(pattern, str) or not _PATTERN.match(pattern) or pattern.count("[") != pattern.count("]")
-    if bad:
-        raise InvalidArgument(
-            f"bad tool pattern {pattern!r}: patterns are fnmatch patterns over <mad>.<tool> names made of letters, "
-            "digits, _ . - and the wildcards * ? [...], e.g. 'rogers.*' or 'turing.get_secret'"
-        )
+    _check_fnmatch(pattern, _PATTERN, "tool", "<mad>.<tool> names made of letters, digits, _ . - and the wildcards "
+                   "* ? [...], e.g. 'rogers.*' or 'turing.get_secret'")
     if known_tools is not None:
         tools = sorted(known_tools)
         if not any(fnmatch.fnmatchcase(t, pattern) for t in tools):
@@ -117,12 +119,8 @@ _SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
 
 def check_secret_pattern(pattern: str) -> str:
     """A secret-name pattern as the operator wrote it (`--secret 'db.*'`)."""
-    if not isinstance(pattern, str) or not _SECRET_PATTERN.match(pattern) or pattern.count("[") != pattern.count("]"):
-        raise InvalidArgument(
-            f"bad secret pattern {pattern!r}: patterns are fnmatch patterns over secret names (letters, digits, "
-            "_ . : - and the wildcards * ? [...]), e.g. 'db.*' or 'api_key'"
-        )
-    return pattern
+    return _check_fnmatch(pattern, _SECRET_PATTERN, "secret", "secret names (letters, digits, _ . : - and the wildcards "
+                          "* ? [...]), e.g. 'db.*' or 'api_key'")
 
 
 # ---- clients -----------------------------------------------------------------------------
@@ -145,9 +143,6 @@ class Client:
 
     def may_call(self, tool: str) -> bool:
         return not self.revoked and any(fnmatch.fnmatchcase(tool, p) for p in self.allow)
-
-    def may_touch_secret(self, name: str) -> bool:
-        return not self.secrets or any(fnmatch.fnmatchcase(name, p) for p in self.secrets)
 
     def describe(self) -> dict[str, Any]:
         """What `clients list` shows: never the token or its hash."""
@@ -178,20 +173,14 @@ def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
         raise KernelError(f"client {name!r} in tokens.json is malformed ({exc}); fix or restore the file") from None
 
 
+def _new_entry(allow: list[str]) -> tuple[str, dict[str, Any]]:
+    """A fresh token, and the entry that keeps only its hash."""
+    token = _secrets.token_urlsafe(32)
+    return token, {"sha256": _hash(token), "allow": allow, "created_at": now_iso()}
+
+
 def token_file(state_dir: str | os.PathLike[str], name: str = "default") -> Path:
     return Path(state_dir) / ("client-token" if name == "default" else f"client-token.{name}")
-
-
-def _write_private(path: Path, data: str) -> None:
-    """Write atomically with mode 0600 (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 class ClientRegistry:
@@ -279,7 +268,7 @@ class ClientRegistry:
             yield data
             after = json.dumps(data, indent=2, sort_keys=True) + "\n"
             if after != before:
-                _write_private(self.path, after)
+                write_private(self.path, after.encode())
         finally:
             os.close(fd)
 
@@ -298,15 +287,13 @@ class ClientRegistry:
             raise InvalidArgument("a client needs at least one --allow PATTERN (use --allow '*' for every tool)")
         known = list(known_tools) if known_tools is not None else None
         patterns = [check_pattern(p, known) for p in allow]
-        entry: dict[str, Any] = {"allow": patterns, "created_at": now_iso()}
+        token, entry = _new_entry(patterns)
         if secrets:
             entry["secrets"] = [check_secret_pattern(p) for p in secrets]
         if rate:
             entry["rate"] = str(parse_rate(rate))
         if quota:
             entry["quota"] = f"{parse_quota(quota)}/day"
-        token = _secrets.token_urlsafe(32)
-        entry["sha256"] = _hash(token)
         with self._locked() as data:
             existing = data["tokens"].get(name)
             if existing is not None:
@@ -327,9 +314,8 @@ class ClientRegistry:
         with self._locked() as data:
             entry = data["tokens"].get(name)
             if entry is None:
-                token = _secrets.token_urlsafe(32)
-                data["tokens"][name] = {"sha256": _hash(token), "allow": patterns, "created_at": now_iso()}
-                _write_private(path, token + "\n")
+                token, data["tokens"][name] = _new_entry(patterns)
+                write_private(path, (token + "\n").encode())
                 return path, ""
         if entry.get("revoked_at"):
             return path, f"client {name!r} was revoked at {entry['revoked_at']}; add a client under another name with `clients add`"
@@ -445,9 +431,6 @@ class CallLedger:
                 (now_iso(), utc_day(), client, tool, correlation_id, outcome, 1 if counted else 0, round(duration_ms, 3),
                  detail[:500]),
             )
-
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.db.query("SELECT * FROM gateway_calls ORDER BY id DESC LIMIT ?", (max(1, int(limit)),))
 
     def prune(self, keep_days: int, now: float | None = None) -> int:
         """Delete the rows of the UTC days more than `keep_days` ago (today's, which quotas count, always stay);

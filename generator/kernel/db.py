@@ -32,21 +32,12 @@ SharedWrite = tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Futur
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
+# A spec'd column type -> the SQL type it is stored as.
 _COLUMN_TYPES = {
-    "integer": "INTEGER",
-    "int": "INTEGER",
-    "bool": "INTEGER",
-    "boolean": "INTEGER",
-    "text": "TEXT",
-    "str": "TEXT",
-    "string": "TEXT",
-    "json": "TEXT",
-    "timestamp": "TEXT",
-    "datetime": "TEXT",
-    "real": "REAL",
-    "float": "REAL",
-    "blob": "BLOB",
-    "bytes": "BLOB",
+    name: sql
+    for sql, names in {"INTEGER": "integer int bool boolean", "TEXT": "text str string json timestamp datetime",
+                       "REAL": "real float", "BLOB": "blob bytes"}.items()
+    for name in names.split()
 }
 
 
@@ -55,6 +46,31 @@ def ident(name: str) -> str:
     if not isinstance(name, str) or not IDENT.match(name):
         raise InvalidArgument(f"invalid identifier {name!r}")
     return name
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically with mode 0600 (keys, tokens): a temp file, fsync, rename, fsync the
+    directory, so a crash leaves the old file or the new one, never a torn or world-readable one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its mode through O_TRUNC
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -125,9 +141,18 @@ class Database:
             return dict(row) if row is not None else None
 
     def script(self, sql: str) -> None:
+        """Run an SQL script (schema DDL) in one BEGIN IMMEDIATE transaction, so processes opening the
+        database at once take turns (one's DROP TRIGGER between another's DROP and CREATE would collide)."""
         with self._lock:
+            if self._conn.in_transaction:  # executescript would COMMIT it first, whatever it held so far
+                raise RuntimeError("Database.script cannot run inside an open transaction")
             self._sync_mode(full=True)
-            self._conn.executescript(sql)
+            try:
+                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nCOMMIT;")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
 
     def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
@@ -136,24 +161,18 @@ class Database:
         {table: script} for the tables still in an old layout. Taken back, changing nothing, if a rebuilt
         table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
         with self._lock:
-            self._sync_mode(full=True)
             self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    scripts = plan(self._conn)
+                with self.transaction() as conn:
+                    scripts = plan(conn)
                     for script in scripts.values():
                         for statement in _statements(script):
-                            self._conn.execute(statement)
+                            conn.execute(statement)
                     for table in scripts:
-                        broken = self._conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall()
+                        broken = conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall()
                         if broken:
                             raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
                                                          "foreign keys; nothing was changed")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
             finally:
                 self._conn.execute("PRAGMA foreign_keys=ON")
             if scripts:  # the copy went through the write-ahead log: give its space back
@@ -388,6 +407,11 @@ class TableStore:
                 raise InvalidArgument(f"table {table!r} has no column {name!r}")
         return list(names)
 
+    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, list[Any]]:
+        """`col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
+        cols = self._columns(table, list(where))
+        return " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
+
     def insert(self, table: str, **values: Any) -> int:
         full = self.table_name(table)
         cols = self._columns(table, list(values))
@@ -400,30 +424,25 @@ class TableStore:
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full = self.table_name(table)
-        cols = self._columns(table, list(where))
-        desc = order_by.startswith("-")
+        clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
         if order_col != "rowid":
             self._columns(table, [order_col])
-        clause = " AND ".join(f"{c} = ?" for c in cols) or "1=1"
-        sql = f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {'DESC' if desc else 'ASC'} LIMIT ?"
-        return self._db.query(sql, [where[c] for c in cols] + [max(0, int(limit))])
+        direction = "DESC" if order_by.startswith("-") else "ASC"
+        return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
+                              [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
         full = self.table_name(table)
-        wcols = self._columns(table, list(where))
+        clause, params = self._where(table, where)
         vcols = self._columns(table, list(values))
         if not vcols:
             return 0
         sets = ", ".join(f"{c} = ?" for c in vcols)
-        clause = " AND ".join(f"{c} = ?" for c in wcols) or "1=1"
-        cur = self._db.execute(
-            f"UPDATE {full} SET {sets} WHERE {clause}", [values[c] for c in vcols] + [where[c] for c in wcols]
-        )
-        return cur.rowcount
+        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}",
+                                [*(values[c] for c in vcols), *params]).rowcount
 
     def delete(self, table: str, **where: Any) -> int:
         full = self.table_name(table)
-        cols = self._columns(table, list(where))
-        clause = " AND ".join(f"{c} = ?" for c in cols) or "1=1"
-        return self._db.execute(f"DELETE FROM {full} WHERE {clause}", [where[c] for c in cols]).rowcount
+        clause, params = self._where(table, where)
+        return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .audit import AuditLog
 from .bus import now_iso
-from .db import Database
+from .db import Database, fsync_dir, write_private
 from .errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from .logs import get as get_logger
 
@@ -107,29 +107,6 @@ def _decode_key(data: bytes, source: str) -> bytes:
     return key
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_key_file(path: Path, key: bytes) -> None:
-    """Atomically write `key` (base64) to `path`: temp file 0600, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(base64.b64encode(key) + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 class KeySource:
     """Where the secrets key lives: the environment variable (operator's) or `<state>/keys/` (ours)."""
 
@@ -161,7 +138,7 @@ class KeySource:
                     fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
                     fh.flush()
                     os.fsync(fh.fileno())
-                _fsync_dir(self.keys_dir)
+                fsync_dir(self.keys_dir)
         return _decode_key(path.read_bytes().strip(), f"key file {path}")
 
     def pending(self) -> bytes | None:
@@ -192,18 +169,18 @@ class KeySource:
             os.close(fd)  # releases the lock
 
     def stage(self, key: bytes) -> None:
-        write_key_file(self.keys_dir / NEXT_KEY_FILE, key)
+        write_private(self.keys_dir / NEXT_KEY_FILE, base64.b64encode(key) + b"\n")
 
     def commit(self) -> Path:
         """The rotation committed: the next key becomes the key (or, from env, the operator's hand-off file)."""
         target = self.keys_dir / (HANDOFF_KEY_FILE if self.from_env else KEY_FILE)
         os.replace(self.keys_dir / NEXT_KEY_FILE, target)
-        _fsync_dir(self.keys_dir)
+        fsync_dir(self.keys_dir)
         return target
 
     def discard(self) -> None:
         (self.keys_dir / NEXT_KEY_FILE).unlink(missing_ok=True)
-        _fsync_dir(self.keys_dir)
+        fsync_dir(self.keys_dir)
 
     def env_rotation_help(self) -> str:
         return (
@@ -319,12 +296,14 @@ class SecretsManager:
         scope = self.client_scope(on_behalf_of) if on_behalf_of else None
         if scope is not None and not any(fnmatch.fnmatchcase(name, p) for p in scope):
             allowed = ", ".join(scope) or "none"
-            raise self._deny(caller, action, name, f"outside the secrets {on_behalf_of} may touch ({allowed})",
-                             on_behalf_of)
+            raise self._refused(caller, action, name, f"outside the secrets {on_behalf_of} may touch ({allowed})",
+                                on_behalf_of)
 
-    def _deny(self, caller: str, action: str, name: str, why: str, on_behalf_of: str) -> AccessDenied:
+    def _refused(self, caller: str, action: str, name: str, why: str, on_behalf_of: str = "",
+                 error: KernelError | None = None) -> KernelError:
+        """Audit a refusal; returns the error to raise (by default AccessDenied, naming the rule)."""
         self.audit_entry(caller, action, name, False, why, on_behalf_of)
-        return AccessDenied(f"{caller} may not {action} secret {name!r}: {why}")
+        return error or AccessDenied(f"{caller} may not {action} secret {name!r}: {why}")
 
     def _decrypt(self, row: dict[str, Any]) -> str:
         aead = self._aead(row["key_id"])
@@ -337,34 +316,29 @@ class SecretsManager:
         self._check_name(name)
         is_owner, _ = self._policy(caller)
         if not is_owner:
-            raise self._deny(caller, action, name, "only the keeper of secrets may write them", on_behalf_of)
+            raise self._refused(caller, action, name, "only the keeper of secrets may write them", on_behalf_of)
         self._in_scope(caller, action, name, on_behalf_of)
         if not isinstance(value, str) or not value:
-            self.audit_entry(caller, action, name, False, "empty value", on_behalf_of)
-            raise InvalidArgument("a secret value must be a non-empty string")
+            raise self._refused(caller, action, name, "empty value", on_behalf_of,
+                                InvalidArgument("a secret value must be a non-empty string"))
         if len(value) > MAX_VALUE:
-            self.audit_entry(caller, action, name, False, "value too long", on_behalf_of)
-            raise InvalidArgument(f"a secret value must be at most {MAX_VALUE} characters")
+            raise self._refused(caller, action, name, "value too long", on_behalf_of,
+                                InvalidArgument(f"a secret value must be at most {MAX_VALUE} characters"))
         with self._lock, self.db.transaction() as conn:
-            row = conn.execute("SELECT MAX(version) AS v FROM secrets WHERE name = ?", (name,)).fetchone()
-            current = row["v"] if row and row["v"] is not None else 0
-            if must_exist and current == 0:
-                version = 0
-            else:
-                version = current + 1
+            (current,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?",
+                                      (name,)).fetchone()
+            version = 0 if must_exist and not current else current + 1  # 0: nothing to rotate, nothing written
+            if version:
                 # Sealed inside the transaction under the key the state records, so a rotation
                 # (here or in another process) can never leave this version under a retired key.
                 kid = self._recorded_key_id(conn) or ""
                 nonce = os.urandom(12)
                 ciphertext = self._aead(kid).encrypt(nonce, value.encode("utf-8"), name.encode("utf-8"))
-                conn.execute(
-                    "INSERT INTO secrets (name, version, nonce, ciphertext, created_by, created_at, key_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, nonce, ciphertext, caller, now_iso(), kid),
-                )
-        if version == 0:
-            self.audit_entry(caller, action, name, False, "no such secret", on_behalf_of)
-            raise NotFound(f"no secret {name!r} to rotate; set it first")
+                conn.execute("INSERT INTO secrets (name, version, nonce, ciphertext, created_by, created_at, key_id) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, version, nonce, ciphertext, caller, now_iso(), kid))
+        if not version:
+            raise self._refused(caller, action, name, "no such secret", on_behalf_of,
+                                NotFound(f"no secret {name!r} to rotate; set it first"))
         self.audit_entry(caller, action, name, True, f"version {version}", on_behalf_of)
         return {"name": name, "version": version}
 
@@ -380,12 +354,11 @@ class SecretsManager:
         self._check_name(name)
         is_owner, readable = self._policy(caller)
         if not (is_owner or name in readable):
-            raise self._deny(caller, "get", name, "not in its secrets list", on_behalf_of)
+            raise self._refused(caller, "get", name, "not in its secrets list", on_behalf_of)
         self._in_scope(caller, "get", name, on_behalf_of)
         row = self._latest(name)
         if row is None:
-            self.audit_entry(caller, "get", name, False, "no such secret", on_behalf_of)
-            raise NotFound(f"no secret {name!r}")
+            raise self._refused(caller, "get", name, "no such secret", on_behalf_of, NotFound(f"no secret {name!r}"))
         value = self._decrypt(row)
         self.audit_entry(caller, "get", name, True, f"version {row['version']}", on_behalf_of)
         return {"name": name, "version": row["version"], "value": value}
@@ -394,8 +367,8 @@ class SecretsManager:
         """The kernel itself reading a secret (e.g. a model API key): audited, no ACL."""
         row = self._latest(name)
         if row is None:
-            self.audit_entry(actor, "use", name, False, f"no such secret ({purpose})")
-            raise NotFound(f"no secret {name!r} (needed for {purpose})")
+            raise self._refused(actor, "use", name, f"no such secret ({purpose})", "",
+                                NotFound(f"no secret {name!r} (needed for {purpose})"))
         self.audit_entry(actor, "use", name, True, purpose)
         return self._decrypt(row)
 
@@ -416,7 +389,7 @@ class SecretsManager:
         """The newest `secrets.*` entries of the audit log, as {id, ts, actor, on_behalf_of, action, name, ok, detail}."""
         is_owner, _ = self._policy(caller)
         if not is_owner:
-            raise self._deny(caller, "audit", "*", "only the keeper of secrets may read the audit log", on_behalf_of)
+            raise self._refused(caller, "audit", "*", "only the keeper of secrets may read the audit log", on_behalf_of)
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument("limit must be a positive integer")
         return [
@@ -433,10 +406,11 @@ class SecretsManager:
         """
         is_owner, _ = self._policy(caller)
         if not (is_owner or operator):
-            raise self._deny(caller, "rotate_key", "*", "only the keeper of secrets may rotate the key", on_behalf_of)
+            raise self._refused(caller, "rotate_key", "*", "only the keeper of secrets may rotate the key",
+                                on_behalf_of)
         if self.keys.from_env and not operator:
-            self.audit_entry(caller, "rotate_key", "*", False, "key comes from the environment", on_behalf_of)
-            raise KeyManagedExternally(self.keys.env_rotation_help())
+            raise self._refused(caller, "rotate_key", "*", "key comes from the environment", on_behalf_of,
+                                KeyManagedExternally(self.keys.env_rotation_help()))
         with self._lock, self.keys.rotation_lock():
             new_key = AESGCM.generate_key(bit_length=256)
             new_id, new_aead = key_id(new_key), AESGCM(new_key)

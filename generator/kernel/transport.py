@@ -47,8 +47,6 @@ from .errors import DurabilityError, InvalidArgument, KernelError
 log = logs.get("transport")
 
 
-
-
 class TransportError(KernelError):
     """The bus cannot take or carry a request (shutting down, Redis unreachable, no reply in time)."""
 
@@ -147,22 +145,24 @@ def _error_class(code: str) -> type[KernelError]:
     return KernelError
 
 
+def _answer(request: Envelope, kind: str, content: str, payload: dict[str, Any], stored: dict[str, Any],
+            code: str = "") -> Reply:
+    """The envelope of kind `kind` answering `request`, from the MAD it was sent to, back to its sender."""
+    base = {"to": request.sender, "in_reply_to": request.id}
+    env = Envelope(correlation_id=request.correlation_id, sender=str(request.payload.get("to", "")),
+                   conversation_id=request.conversation_id, kind=kind, content=content, payload={**base, **payload})
+    return Reply(envelope=env, stored_payload={**base, **stored}, code=code)
+
+
 def reply_to(request: Envelope, result: Any, stored_result: Any) -> Reply:
     """The reply envelope answering `request` with `result` (`stored_result`: its redacted form)."""
     content = result if isinstance(result, str) else to_json(stored_result)[:10_000]
-    base = {"to": request.sender, "in_reply_to": request.id}
-    env = Envelope(correlation_id=request.correlation_id, sender=str(request.payload.get("to", "")),
-                   conversation_id=request.conversation_id, kind="reply", content=content,
-                   payload={**base, "result": result})
-    return Reply(envelope=env, stored_payload={**base, "result": stored_result})
+    return _answer(request, "reply", content, {"result": result}, {"result": stored_result})
 
 
 def error_to(request: Envelope, code: str, message: str) -> Reply:
     """The error envelope answering `request` (`message` must be safe to show and to store)."""
-    payload = {"to": request.sender, "in_reply_to": request.id, "code": code}
-    env = Envelope(correlation_id=request.correlation_id, sender=str(request.payload.get("to", "")),
-                   conversation_id=request.conversation_id, kind="error", content=message, payload=payload)
-    return Reply(envelope=env, stored_payload=dict(payload), code=code)
+    return _answer(request, "error", message, {"code": code}, {"code": code}, code)
 
 
 def abandoned(request: Envelope, attempts: int) -> Reply:
@@ -324,15 +324,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def make_transport(
-    url: str,
-    *,
-    ecosystem: str,
-    bus: ConversationBus,
-    sealer: Sealer,
-    dispatch: Dispatch,
-    claim_idle_s: float = 30.0,
-) -> Transport:
+def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Sealer, dispatch: Dispatch,
+                   claim_idle_s: float = 30.0) -> Transport:
     """The transport `url` names: "" or "local" for the SQLite bus, redis://, rediss:// or unix:// for Redis
     (the redis pack's, when this build carries it)."""
     url = (url or "").strip()

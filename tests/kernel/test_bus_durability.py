@@ -439,6 +439,74 @@ def test_a_database_in_the_older_layout_is_rebuilt_once_keeping_every_message_an
     assert _layout(state) == layout and query(state, "SELECT * FROM messages ORDER BY seq")[:len(before_second)] == before_second
 
 
+def test_openers_racing_on_one_database_each_get_the_schema_whole(bus_eco, tmp_path):  # noqa: F811
+    """The schema (its DROP/CREATE TRIGGER pairs too) runs in one transaction per opener. One opener is held
+    between its DROP TRIGGER and its CREATE TRIGGER while another opens the same database: the other waits
+    for it, where two openers' statements interleaving failed with "trigger ... already exists"."""
+    import threading
+
+    db_mod, bus_mod = module(bus_eco, "db"), module(bus_eco, "bus")
+    first, second = db_mod.Database(tmp_path / "race.db"), db_mod.Database(tmp_path / "race.db")
+    held, second_done = threading.Event(), threading.Event()
+
+    def hold(sql: str) -> None:
+        if sql.lstrip().startswith("CREATE TRIGGER messages_fts_ad") and not held.is_set():
+            held.set()
+            second_done.wait(timeout=1.0)  # in one transaction, the second opener waits for this one instead
+
+    def open_second() -> None:
+        held.wait(timeout=10)
+        bus_mod.ConversationBus(second)
+        second_done.set()
+
+    first._conn.set_trace_callback(hold)
+    failures = open_buses_at_once(bus_eco, [first], before_joining=open_second)
+    second.close()
+    assert held.is_set() and failures == []
+
+
+def open_buses_at_once(eco, databases, before_joining=lambda: None) -> list[BaseException]:
+    """A ConversationBus opened on each database, each in a thread, all at once; what the threads raised.
+    `before_joining` runs in this thread while they run."""
+    import threading
+
+    bus_mod = module(eco, "bus")
+    start = threading.Barrier(len(databases))
+    failures: list[BaseException] = []
+
+    def open_bus(database):
+        try:
+            start.wait()
+            bus_mod.ConversationBus(database)
+        except BaseException as exc:  # noqa: BLE001 - collected: a thread's exception fails nothing by itself
+            failures.append(exc)
+        finally:
+            database.close()
+
+    threads = [threading.Thread(target=open_bus, args=(database,)) for database in databases]
+    for t in threads:
+        t.start()
+    try:
+        before_joining()
+    finally:
+        for t in threads:
+            t.join()
+    return failures
+
+
+def test_a_schema_script_is_one_transaction(bus_eco, tmp_path):  # noqa: F811
+    """A script that fails part-way leaves nothing of itself behind, and none runs inside an open transaction."""
+    db = module(bus_eco, "db").Database(tmp_path / "s.db")
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        db.script("CREATE TABLE a (x);\nCREATE TABLE b (x);\nCREATE TABLE a (x)")
+    assert db.query("SELECT name FROM sqlite_master WHERE name IN ('a', 'b')") == []
+    db.script("CREATE TABLE a (x); CREATE TRIGGER a_t BEFORE DELETE ON a BEGIN SELECT RAISE(ABORT, 'no'); END;")
+    assert sorted(r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE name LIKE 'a%'")) == ["a", "a_t"]
+    with pytest.raises(RuntimeError, match="inside an open transaction"), db.transaction():
+        db.script("CREATE TABLE c (x)")
+    assert db.query("SELECT name FROM sqlite_master WHERE name = 'c'") == []
+
+
 def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811
     """Only the rebuilt table's own foreign keys are checked: an older, unrelated violation does not block it."""
     db = module(bus_eco, "db").Database(tmp_path / "t.db")
@@ -496,8 +564,6 @@ def test_a_database_from_before_deliveries_existed_is_rebuilt_and_given_them(bus
 
 def test_two_processes_opening_an_old_database_at_once_rebuild_it_once(bus_eco, fresh_key, tmp_path):  # noqa: F811
     """The layout is read inside the rebuild's transaction: the second opener finds it done."""
-    import threading
-
     state = tmp_path / "state"
 
     async def fill():
@@ -512,7 +578,7 @@ def test_two_processes_opening_an_old_database_at_once_rebuild_it_once(bus_eco, 
         db.execute("PRAGMA foreign_keys=OFF")
         db.executescript("BEGIN;" + OLD_LAYOUT + "COMMIT;")
     before = query(state, "SELECT * FROM messages ORDER BY seq")
-    db_mod, bus_mod = module(bus_eco, "db"), module(bus_eco, "bus")
+    db_mod = module(bus_eco, "db")
     rebuilt: list[list[str]] = []
 
     class Counting(db_mod.Database):
@@ -521,19 +587,7 @@ def test_two_processes_opening_an_old_database_at_once_rebuild_it_once(bus_eco, 
             rebuilt.append(done)
             return done
 
-    start = threading.Barrier(2)
-
-    def open_bus():
-        database = Counting(state / "ecosystem.db")
-        start.wait()
-        bus_mod.ConversationBus(database)
-        database.close()
-
-    threads = [threading.Thread(target=open_bus) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert open_buses_at_once(bus_eco, [Counting(state / "ecosystem.db") for _ in range(2)]) == []
     assert sorted(rebuilt) == [[], ["messages", "bus_deliveries"]]
     assert query(state, "SELECT * FROM messages ORDER BY seq") == before
     assert query(state, "PRAGMA integrity_check") == [("ok",)]
