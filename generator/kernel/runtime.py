@@ -162,18 +162,10 @@ class NoRoles:
 
 
 class Runtime:
-    def __init__(
-        self,
-        config: EcosystemConfig,
-        state_dir: str | os.PathLike[str],
-        *,
-        model_transport: httpx.AsyncBaseTransport | None = None,
-        migrations: Sequence[Migration] | None = None,
-        supervision: SupervisionPolicy | None = None,
-        bus_url: str = "",
-        serve_mads: Sequence[str] | None = None,
-        claim_idle_s: float = 30.0,
-    ):
+    def __init__(self, config: EcosystemConfig, state_dir: str | os.PathLike[str], *,
+                 model_transport: httpx.AsyncBaseTransport | None = None, migrations: Sequence[Migration] | None = None,
+                 supervision: SupervisionPolicy | None = None, bus_url: str = "",
+                 serve_mads: Sequence[str] | None = None, claim_idle_s: float = 30.0):
         """`migrations`: the storage history to bring the state to; None reads the package's migrations.json.
         `supervision`: breaker, restart and drain settings (kernel/supervisor.py); None takes the defaults.
         `bus_url`: the bus transport (transport.py): "" for the SQLite bus of this process, a Redis URL to
@@ -208,14 +200,9 @@ class Runtime:
             self.db.close()
             raise
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
-        self.models = ModelGateway(
-            self.db,
-            config.models,
-            {m.name: m.budget_tokens for m in config.mads},
-            config.client_budget_tokens,
-            read_secret=lambda name, purpose: self.secrets.read_internal("kernel.models", name, purpose),
-            transport=model_transport,
-        )
+        self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
+                                   config.client_budget_tokens, transport=model_transport,
+                                   read_secret=functools.partial(self.secrets.read_internal, "kernel.models"))
         self.slots: dict[str, MadSlot] = {}
         # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.
         self._grants = {cls.name: Grants(cls) for cls in config.mads}
@@ -543,16 +530,8 @@ class Runtime:
         self.metrics.tool_call(mad, tool, "ok", time.monotonic() - t0)
         return result
 
-    async def request(
-        self,
-        sender: str,
-        target: str,
-        *,
-        prose: str = "",
-        tool: str = "",
-        args: dict[str, Any] | None = None,
-        conversation_id: str = "",
-    ) -> Any:
+    async def request(self, sender: str, target: str, *, prose: str = "", tool: str = "",
+                      args: dict[str, Any] | None = None, conversation_id: str = "") -> Any:
         """A request from one MAD to another over the bus: its result, or the error it answered with.
 
         The request is durable before it runs (bus.py): if the process dies before the reply, it
@@ -583,26 +562,16 @@ class Runtime:
         return await self.emads.run(cls, spawner, task, conversation_id,
                                     lambda instance: cls(self._kernel_for(instance, conversation_id)))
 
-    async def submit(
-        self,
-        sender: str,
-        target: str,
-        *,
-        prose: str = "",
-        tool: str = "",
-        args: dict[str, Any] | None = None,
-        conversation_id: str = "",
-    ) -> dict[str, Any]:
+    async def submit(self, sender: str, target: str, *, prose: str = "", tool: str = "",
+                     args: dict[str, Any] | None = None, conversation_id: str = "") -> dict[str, Any]:
         """Queue a request without waiting for its reply: returns the request envelope (payload as stored)
         once the bus has accepted it durably. The reply is recorded in the conversation. On the local bus
         the delivery runs on the caller's event loop; if that loop ends first, it runs at the next start."""
         stored, _ = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=False)
         return stored()
 
-    async def _send(
-        self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None, conversation_id: str,
-        *, want_reply: bool,
-    ) -> tuple[Callable[[], dict[str, Any]], Any]:
+    async def _send(self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None,
+                    conversation_id: str, *, want_reply: bool) -> tuple[Callable[[], dict[str, Any]], Any]:
         # Every way onto the bus refuses alike and audits the refusal (a MAD's ask, Grace, the operator's CLI).
         grants = self._grants_of(sender)
         if grants is None:
@@ -625,9 +594,8 @@ class Runtime:
         reply: Reply = await pending
         return reply.unwrap()
 
-    async def _submit(
-        self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *, want_reply: bool,
-    ) -> tuple[Callable[[], dict[str, Any]], Any]:
+    async def _submit(self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *,
+                      want_reply: bool) -> tuple[Callable[[], dict[str, Any]], Any]:
         known = not conversation_id  # the pair's own conversation, which this runtime made or found: it exists
         if not conversation_id:
             conversation_id = self._conversations.get((sender, target), "")
@@ -826,19 +794,11 @@ class Runtime:
         db_ok = self.db.healthy()
         draining = not self.supervisor.accepting
         healthy = self.running and not draining and db_ok and all(m["ok"] for m in mads)
-        return {
-            "name": self.config.name,
-            "description": self.config.description,
-            "version": self.version,
-            "status": "draining" if draining else "ok" if healthy else "degraded",
-            "healthy": healthy,
-            "started_at": self.started_at,
-            "uptime_s": round(time.monotonic() - self._t0, 3) if self._t0 else 0.0,
-            "database": "ok" if db_ok else "error",
-            "search": "fts5" if self.bus.fts else "like",
-            "bus": self.transport.name,
-            "mads": mads,
-        }
+        return {"name": self.config.name, "description": self.config.description, "version": self.version,
+                "status": "draining" if draining else "ok" if healthy else "degraded", "healthy": healthy,
+                "started_at": self.started_at, "uptime_s": round(time.monotonic() - self._t0, 3) if self._t0 else 0.0,
+                "database": "ok" if db_ok else "error", "search": "fts5" if self.bus.fts else "like",
+                "bus": self.transport.name, "mads": mads}
 
     @implements("ecosystem.mads")
     async def ecosystem_mads(self, caller: str) -> list[dict]:
@@ -846,19 +806,12 @@ class Runtime:
         for cls in self.config.mads:
             slot = self.slots.get(cls.name)
             is_role = cls.name in self._roles
-            entry = {
-                "name": cls.name,
-                "role": cls.role,
-                "level": cls.level,
-                "lifecycle": cls.lifecycle,
-                "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
-                "conversations": list(cls.conversations),
-                "talks_to": list(cls.talks_to),
-                "owns": list(cls.owns),
-                "budget_tokens": cls.budget_tokens,
-                "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
-                "spawns": list(cls.spawns),
-            }
+            entry = {"name": cls.name, "role": cls.role, "level": cls.level, "lifecycle": cls.lifecycle,
+                     "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
+                     "conversations": list(cls.conversations), "talks_to": list(cls.talks_to), "owns": list(cls.owns),
+                     "budget_tokens": cls.budget_tokens,
+                     "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
+                     "spawns": list(cls.spawns)}
             if is_role:
                 entry.update(max_instances=cls.max_instances, instances=self.emads.running(cls.name))
             out.append(entry)
