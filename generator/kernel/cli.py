@@ -237,15 +237,14 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
                       bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
-    if args.drill_hold:
-        if runtime.transport.name != "redis" or args.drill_hold < 0:
-            runtime.db.close()
-            raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
-        runtime.transport.hold_s = args.drill_hold
-    tokens = ClientRegistry(runtime.state_dir)
-    app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days,
-                    sessions_per_client=args.sessions_per_client, session_idle_s=args.session_idle)
-    try:  # off unless an OTLP endpoint is configured (kernel/tracing.py)
+    try:
+        if args.drill_hold:
+            if runtime.transport.name != "redis" or args.drill_hold < 0:
+                raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
+            runtime.transport.hold_s = args.drill_hold
+        app = build_app(runtime, ClientRegistry(runtime.state_dir), host=args.host, session_idle_s=args.session_idle,
+                        call_retention_days=args.call_retention_days, sessions_per_client=args.sessions_per_client)
+        # off unless an OTLP endpoint is configured (kernel/tracing.py)
         tracing.configure(config.name, runtime.version, otlp_endpoint=args.otlp_endpoint)
     except KernelError:
         runtime.db.close()

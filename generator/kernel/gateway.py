@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -101,6 +101,12 @@ def _origin(scope: Scope) -> str:
     return f"{scope.get('scheme', 'http')}://{host}"
 
 
+def _remote(scope: Scope) -> str:
+    """host:port of the peer of a request."""
+    peer = scope.get("client") or ("", 0)
+    return f"{peer[0]}:{peer[1]}"
+
+
 def protected_resource(request: Request, name: str) -> Response:
     """RFC 9728 metadata for /mcp: a bearer token in the Authorization header, and no authorization server.
     A client that discovers it learns there is no OAuth flow to start: it sends the token it was given."""
@@ -176,13 +182,12 @@ class BearerGate:
         headers = Headers(scope=scope)
         header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        peer = scope.get("client") or ("", 0)
-        remote = f"{peer[0]}:{peer[1]}"
+        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
         try:
             found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(str(peer[0]))):
+            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(source)):
                 # Too many refused requests from this address: answered without looking further or writing.
-                self.unauthenticated.refused(str(peer[0]), "anonymous", "unauthorized", "throttled", remote)
+                self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
                 await JSONResponse({"error": "rate_limited", "message": "too many requests without a valid token "
                                     f"from this address; retry in {max(wait, 0.1):.1f} s"}, status_code=429,
                                    headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
@@ -199,7 +204,7 @@ class BearerGate:
             else:
                 actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
                 detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
-            self.unauthenticated.refused(str(peer[0]), actor, event, detail, remote)
+            self.unauthenticated.refused(source, actor, event, detail, remote)
             metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
             challenge = {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'}
             await JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)(scope, receive, send)
@@ -285,8 +290,7 @@ def _caller(ctx: Context | None) -> tuple[str | None, str]:
     scope = getattr(request, "scope", None)
     if not isinstance(scope, dict):
         return None, ""
-    peer = scope.get("client") or ("", 0)
-    return scope.get(CLIENT_SCOPE_KEY), f"{peer[0]}:{peer[1]}"
+    return scope.get(CLIENT_SCOPE_KEY), _remote(scope)
 
 
 class _MadToolError(ToolError):
@@ -550,16 +554,13 @@ def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> To
     annotations = ToolAnnotations(**hints) if hints else None
     tool = Tool.from_function(fn, name=name, description=fn.__doc__, annotations=annotations)
     meta = tool.fn_metadata
-    if meta.output_schema is None:
-        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, wrap_output=True,
-                                          output_model=create_model(f"{fn.__name__}Output", result=(Any, ...)))
-    else:
-        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, output_model=meta.output_model,
-                                          output_schema=meta.output_schema, wrap_output=meta.wrap_output)
-    tool.fn_metadata._tool = name
-    lax = tool.fn_metadata.arg_model
+    lax = meta.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
-    tool.fn_metadata.arg_model = strict
+    anything = meta.output_schema is None  # then the schema is derived from the wrapping model
+    tool.fn_metadata = _CheckedOutput(
+        arg_model=strict, output_schema=meta.output_schema, wrap_output=anything or meta.wrap_output,
+        output_model=create_model(f"{fn.__name__}Output", result=(Any, ...)) if anything else meta.output_model)
+    tool.fn_metadata._tool = name
     tool.parameters = strict.model_json_schema(by_alias=True)
     return tool
 
@@ -610,10 +611,8 @@ class DrainGate:
         """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
         remaining = deadline - time.monotonic()
         if self.in_flight and remaining > 0:
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), remaining)
-            except TimeoutError:
-                pass
         return self.in_flight == 0
 
     def middleware(self, app):
@@ -672,10 +671,9 @@ def observed(runtime: Runtime):
             finally:
                 code = status[0] or 500  # no response begun: the server failed it
                 runtime.metrics.http_request(scope["path"], code)
-                peer = scope.get("client") or ("", 0)
                 access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
                                            "ms": round((time.monotonic() - started) * 1000, 1),
-                                           "remote": f"{peer[0]}:{peer[1]}"})
+                                           "remote": _remote(scope)})
             return None
 
         return logged
