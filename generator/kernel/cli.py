@@ -296,7 +296,7 @@ def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None
     from .audit import AuditLog
     from .db import Database
 
-    with closing(Database(Path(state) / "ecosystem.db")) as db:
+    with closing(Database(state / "ecosystem.db")) as db:
         AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
 
 
@@ -307,9 +307,8 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
         tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
-        limits = "".join(f"; {label} {value}" for label, value in (("rate", args.rate), ("quota", args.quota)) if value)
-        if args.secret_patterns:
-            limits += f"; secrets {' '.join(args.secret_patterns)}"
+        limits = "".join(f"; {label} {value}" for label, value in (
+            ("rate", args.rate), ("quota", args.quota), ("secrets", " ".join(args.secret_patterns or ()))) if value)
         _operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)

@@ -313,8 +313,6 @@ CORRELATION_META_KEY = "regen/correlation_id"
 
 _JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
                "array": "an array", "object": "an object", "null": "null"}
-_JSON_PLURALS = {"string": "strings", "integer": "integers", "number": "numbers", "boolean": "booleans",
-                 "array": "arrays", "object": "objects"}
 
 
 def _expected(schema: dict[str, Any]) -> str:
@@ -325,8 +323,9 @@ def _expected(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     kind = schema.get("type")
-    if kind == "array" and isinstance(schema.get("items"), dict) and schema["items"].get("type") in _JSON_PLURALS:
-        return f"an array of {_JSON_PLURALS[schema['items']['type']]}"
+    items = schema.get("items")
+    if kind == "array" and isinstance(items, dict) and items.get("type") in _JSON_TYPES.keys() - {"null"}:
+        return f"an array of {items['type']}s"  # strings, integers, booleans, arrays...
     return _JSON_TYPES.get(str(kind), "a value of another kind")
 
 
