@@ -174,21 +174,21 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
         runtime = Runtime(config, args.state, bus_url=args.bus, serve_mads=[])
         runtime.transport.reply_timeout_s = args.timeout
         await runtime.start()
-        failed = 0
-        try:
-            async def one() -> None:
-                nonlocal failed
-                try:
-                    result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
-                    print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
-                except KernelError as exc:
-                    failed += 1
-                    print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
 
-            await asyncio.gather(*(one() for _ in range(args.count)))
+        async def one() -> bool:
+            try:
+                result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
+            except KernelError as exc:
+                print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
+                return False
+            print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
+            return True
+
+        try:
+            answered = await asyncio.gather(*(one() for _ in range(args.count)))
         finally:
             await runtime.stop()
-        return 1 if failed else 0
+        return 0 if all(answered) else 1
 
     return asyncio.run(send())
 
