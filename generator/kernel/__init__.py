@@ -15,23 +15,9 @@ from .config import EcosystemConfig, ModelAlias
 from .errors import AccessDenied, BudgetExceeded, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Mad, tool
 
-__all__ = [
-    "AccessDenied",
-    "BudgetExceeded",
-    "CAPABILITIES",
-    "Capability",
-    "CapabilityParam",
-    "ConversationBus",
-    "EcosystemConfig",
-    "Envelope",
-    "InvalidArgument",
-    "KernelError",
-    "Mad",
-    "ModelAlias",
-    "ModelError",
-    "NotFound",
-    "tool",
-]
+__all__ = ["AccessDenied", "BudgetExceeded", "CAPABILITIES", "Capability", "CapabilityParam", "ConversationBus",
+           "EcosystemConfig", "Envelope", "InvalidArgument", "KernelError", "Mad", "ModelAlias", "ModelError", "NotFound",
+           "tool"]
 
 
 def __getattr__(name: str):  # lazy: the runtime pulls in httpx and cryptography

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from . import logs
@@ -30,6 +31,8 @@ def _days(text: str) -> int:
 def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=config.name, description=config.description or f"The {config.name} ecosystem.")
     sub = parser.add_subparsers(dest="command", required=True)
+    state = argparse.ArgumentParser(add_help=False)  # the option of every command that works on a state directory
+    state.add_argument("--state", required=True, type=Path, help="the ecosystem's state directory")
 
     serve = sub.add_parser("serve", help="run the ecosystem: MCP gateway at /mcp, Grace at /, /healthz")
     serve.add_argument("--host", default="127.0.0.1")
@@ -84,17 +87,16 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     send.add_argument("--count", type=int, default=1, help="how many requests, sent at once (default 1)")
     send.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="how long to wait for each reply")
 
-    token = sub.add_parser("token", help="create (once) a client bearer token and print the file that holds it")
-    token.add_argument("--state", required=True, type=Path)
+    token = sub.add_parser("token", parents=[state],
+                           help="create (once) a client bearer token and print the file that holds it")
     token.add_argument("--name", default="default")
     token.add_argument("--allow", action="append", default=None,
                        help="tool pattern this token may call (fnmatch over <mad>.<tool>; repeatable; default '*')")
 
     clients = sub.add_parser("clients", help="MCP clients: add (prints the token once), list, revoke")
     clients_sub = clients.add_subparsers(dest="clients_command", required=True)
-    add = clients_sub.add_parser("add", help="add a client and print its bearer token, once")
+    add = clients_sub.add_parser("add", parents=[state], help="add a client and print its bearer token, once")
     add.add_argument("name")
-    add.add_argument("--state", required=True, type=Path)
     add.add_argument("--allow", action="append", required=True, metavar="PATTERN",
                      help="tool pattern the client may call (fnmatch over <mad>.<tool>, e.g. 'rogers.*'); repeatable; '*' for all")
     add.add_argument("--rate", metavar="N/UNIT", help="rate limit, e.g. 10/s, 600/min or 5000/h (bursts of up to N)")
@@ -102,33 +104,31 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     add.add_argument("--secret", action="append", metavar="PATTERN", dest="secret_patterns",
                      help="secret names its calls may read or write, e.g. 'db.*' (repeatable; default: every secret "
                           "the tools it may call reach)")
-    listing = clients_sub.add_parser("list", help="clients with their patterns, limits and calls today (never a token)")
-    listing.add_argument("--state", required=True, type=Path)
+    listing = clients_sub.add_parser("list", parents=[state],
+                                     help="clients with their patterns, limits and calls today (never a token)")
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    unlock = clients_sub.add_parser("unlock", help="lift the web UI's sign-in lock of an address (after failed sign-ins)")
+    unlock = clients_sub.add_parser("unlock", parents=[state],
+                                    help="lift the web UI's sign-in lock of an address (after failed sign-ins)")
     unlock.add_argument("address", nargs="?", help="the address as the audit log names it (its remote, without the port)")
     unlock.add_argument("--all", action="store_true", help="every locked address")
-    unlock.add_argument("--state", required=True, type=Path)
-    revoke = clients_sub.add_parser("revoke", help="revoke a client: running servers refuse its token from the next request")
+    revoke = clients_sub.add_parser("revoke", parents=[state],
+                                    help="revoke a client: running servers refuse its token from the next request")
     revoke.add_argument("name")
-    revoke.add_argument("--state", required=True, type=Path)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
-    verify.add_argument("--state", required=True, type=Path)
+    verify = audit_sub.add_parser("verify", parents=[state],
+                                  help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
     verify.add_argument("--anchor", type=Path, metavar="FILE",
                         help="a copy of audit-anchor.json kept elsewhere: its entry must still be in the chain, unchanged "
                              "(detects deleted newest entries, which leave a valid chain); default: the state's own")
 
     secrets = sub.add_parser("secrets", help="the secrets store")
     secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
-    rotate = secrets_sub.add_parser(
-        "rotate-key",
-        help="re-encrypt every secret under a new key; with the key in the environment, the new key is written to "
-             "<state>/keys/secrets.key.new (0600) for you to put there (stop the ecosystem first)",
-    )
-    rotate.add_argument("--state", required=True, type=Path)
+    secrets_sub.add_parser("rotate-key", parents=[state],
+                           help="re-encrypt every secret under a new key; with the key in the environment, the new key "
+                                "is written to <state>/keys/secrets.key.new (0600) for you to put there (stop the "
+                                "ecosystem first)")
     return parser
 
 
@@ -147,13 +147,13 @@ def _bus_arguments(parser: argparse.ArgumentParser, config: EcosystemConfig, req
 def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .transport import redis_pack
 
-    bus_forget, bus_status = redis_pack().bus_forget, redis_pack().bus_status
     mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
     if args.bus_command == "status":
-        print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))
+        print(json.dumps(redis_pack().bus_status(args.bus, config.name, mads), indent=2))
         return 0
     if args.bus_command == "forget":
         refused = 0
+        bus_forget = redis_pack().bus_forget
         for consumer in args.consumer:
             try:
                 gone = bus_forget(args.bus, config.name, mads, consumer, wait_s=args.wait)
@@ -174,30 +174,30 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
         runtime = Runtime(config, args.state, bus_url=args.bus, serve_mads=[])
         runtime.transport.reply_timeout_s = args.timeout
         await runtime.start()
-        failed = 0
-        try:
-            async def one() -> None:
-                nonlocal failed
-                try:
-                    result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
-                    print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
-                except KernelError as exc:
-                    failed += 1
-                    print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
 
-            await asyncio.gather(*(one() for _ in range(args.count)))
+        async def one() -> bool:
+            try:
+                result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
+            except KernelError as exc:
+                print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
+                return False
+            print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
+            return True
+
+        try:
+            answered = await asyncio.gather(*(one() for _ in range(args.count)))
         finally:
             await runtime.stop()
-        return 1 if failed else 0
+        return 0 if all(answered) else 1
 
     return asyncio.run(send())
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
+def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .audit import ANCHOR_FILE, verify_file
 
-    anchor = args.anchor or (Path(args.state) / ANCHOR_FILE)
-    count, head, problems = verify_file(Path(args.state) / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
+    anchor = args.anchor or (args.state / ANCHOR_FILE)
+    count, head, problems = verify_file(args.state / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
     if problems:
         more = f" ({len(problems) - 1} more problems follow it)" if len(problems) > 1 else ""
         print(f"audit log broken: {problems[0]}{more}", file=sys.stderr)
@@ -211,16 +211,13 @@ def _rotate_key(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .db import Database
     from .secrets import KeySource, SecretsManager
 
-    state = Path(args.state)
-    if not (state / "ecosystem.db").is_file():
-        raise KernelError(f"no database at {state / 'ecosystem.db'}: pass the ecosystem's state directory as --state")
-    db = Database(state / "ecosystem.db")
-    try:
-        keys = KeySource(state, f"{config.env_prefix}_SECRETS_KEY", config.name)
+    if not (args.state / "ecosystem.db").is_file():
+        raise KernelError(f"no database at {args.state / 'ecosystem.db'}: pass the ecosystem's state directory "
+                          "as --state")
+    with closing(Database(args.state / "ecosystem.db")) as db:
+        keys = KeySource(args.state, f"{config.env_prefix}_SECRETS_KEY", config.name)
         manager = SecretsManager(db, keys, lambda caller: (False, set()), AuditLog(db))
         done = manager.rotate_key("operator", operator=True)
-    finally:
-        db.close()
     print(f"re-encrypted {done['versions']} versions of {done['secrets']} secrets under key {done['key_id']}")
     if keys.from_env:
         print(f"the new key is in {done['key_file']} (mode 0600). Set {keys.env_var} to its contents and restart the "
@@ -240,15 +237,14 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
                       bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
-    if args.drill_hold:
-        if runtime.transport.name != "redis" or args.drill_hold < 0:
-            runtime.db.close()
-            raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
-        runtime.transport.hold_s = args.drill_hold
-    tokens = ClientRegistry(runtime.state_dir)
-    app = build_app(runtime, tokens, host=args.host, call_retention_days=args.call_retention_days,
-                    sessions_per_client=args.sessions_per_client, session_idle_s=args.session_idle)
-    try:  # off unless an OTLP endpoint is configured (kernel/tracing.py)
+    try:
+        if args.drill_hold:
+            if runtime.transport.name != "redis" or args.drill_hold < 0:
+                raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
+            runtime.transport.hold_s = args.drill_hold
+        app = build_app(runtime, ClientRegistry(runtime.state_dir), host=args.host, session_idle_s=args.session_idle,
+                        call_retention_days=args.call_retention_days, sessions_per_client=args.sessions_per_client)
+        # off unless an OTLP endpoint is configured (kernel/tracing.py)
         tracing.configure(config.name, runtime.version, otlp_endpoint=args.otlp_endpoint)
     except KernelError:
         runtime.db.close()
@@ -267,17 +263,8 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
                                         extra={"in_flight": app.state.gate.in_flight})
             await super().shutdown(sockets)
 
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                           lifespan="on", timeout_graceful_shutdown=5))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"{config.name} serving on http://{host}:{args.port}/ (MCP: http://{host}:{args.port}/mcp)", flush=True)
     # uvicorn captures SIGINT/SIGTERM and shuts down gracefully (drain, then the lifespan stops the
@@ -296,7 +283,7 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def _token(args: argparse.Namespace) -> int:
+def _token(config: EcosystemConfig, args: argparse.Namespace) -> int:
     path, problem = ClientRegistry(args.state).ensure(args.name, args.allow)
     print(path.resolve(), flush=True)
     if problem:
@@ -309,11 +296,8 @@ def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None
     from .audit import AuditLog
     from .db import Database
 
-    db = Database(Path(state) / "ecosystem.db")
-    try:
+    with closing(Database(state / "ecosystem.db")) as db:
         AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
-    finally:
-        db.close()
 
 
 def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
@@ -323,9 +307,8 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
         tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
-        limits = "".join(f"; {label} {value}" for label, value in (("rate", args.rate), ("quota", args.quota)) if value)
-        if args.secret_patterns:
-            limits += f"; secrets {' '.join(args.secret_patterns)}"
+        limits = "".join(f"; {label} {value}" for label, value in (
+            ("rate", args.rate), ("quota", args.quota), ("secrets", " ".join(args.secret_patterns or ()))) if value)
         _operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
@@ -337,11 +320,8 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
         if bool(args.address) == bool(args.all):
             raise InvalidArgument("name one address to unlock, or pass --all")
-        db = Database(Path(args.state) / "ecosystem.db")
-        try:
+        with closing(Database(args.state / "ecosystem.db")) as db:
             forgotten = unlock(db, None if args.all else args.address)
-        finally:
-            db.close()
         _operator_audit(args.state, "clients.unlock", "*" if args.all else args.address,
                         f"{forgotten} failed sign-ins forgotten")
         print(f"unlocked {'every address' if args.all else args.address} ({forgotten} failed sign-ins forgotten); "
@@ -371,18 +351,10 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 def main(config: EcosystemConfig, argv: list[str] | None = None) -> int:
     args = _parser(config).parse_args(argv)
+    commands = {"serve": _serve, "clients": _clients, "audit": _audit_verify, "secrets": _rotate_key, "bus": _bus,
+                "token": _token}
     try:
-        if args.command == "serve":
-            return _serve(config, args)
-        if args.command == "clients":
-            return _clients(config, args)
-        if args.command == "audit":
-            return _audit_verify(args)
-        if args.command == "secrets":
-            return _rotate_key(config, args)
-        if args.command == "bus":
-            return _bus(config, args)
-        return _token(args)
+        return commands[args.command](config, args)
     except KernelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

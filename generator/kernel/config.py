@@ -83,11 +83,6 @@ class EcosystemConfig(BaseModel):
         return tuple(m for m in self.mads if m.lifecycle != "ephemeral")
 
     @property
-    def roles(self) -> tuple[Any, ...]:
-        """The MAD classes with lifecycle "ephemeral": roles, run an instance per task by the MADs that spawn them."""
-        return tuple(m for m in self.mads if m.lifecycle == "ephemeral")
-
-    @property
     def env_prefix(self) -> str:
         """Prefix of this ecosystem's environment variables, e.g. MADGROUP."""
         return self.name.upper()

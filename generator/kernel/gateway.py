@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -33,6 +33,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import ConfigDict, PrivateAttr, ValidationError, create_model
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -98,6 +99,12 @@ def _origin(scope: Scope) -> str:
         server = scope.get("server") or ("127.0.0.1", 80)
         host = f"{server[0]}:{server[1]}"
     return f"{scope.get('scheme', 'http')}://{host}"
+
+
+def _remote(scope: Scope) -> str:
+    """host:port of the peer of a request."""
+    peer = scope.get("client") or ("", 0)
+    return f"{peer[0]}:{peer[1]}"
 
 
 def protected_resource(request: Request, name: str) -> Response:
@@ -172,27 +179,23 @@ class BearerGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = ""
-        for key, value in scope.get("headers", []):
-            if key.lower() == b"authorization":
-                header = value.decode("latin-1")
+        headers = Headers(scope=scope)
+        header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        peer = scope.get("client") or ("", 0)
-        remote = f"{peer[0]}:{peer[1]}"
+        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
         try:
             found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(str(peer[0]))):
+            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(source)):
                 # Too many refused requests from this address: answered without looking further or writing.
-                self.unauthenticated.refused(str(peer[0]), "anonymous", "unauthorized", "throttled", remote)
+                self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
                 await JSONResponse({"error": "rate_limited", "message": "too many requests without a valid token "
                                     f"from this address; retry in {max(wait, 0.1):.1f} s"}, status_code=429,
                                    headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
                 return
         except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
             log.error("client registry unreadable", extra={"error": str(exc)})
-            response = JSONResponse({"error": "unavailable", "message": "the gateway cannot read its clients; see the server log"},
-                                    status_code=503)
-            await response(scope, receive, send)
+            await JSONResponse({"error": "unavailable", "message": "the gateway cannot read its clients; see the server "
+                                "log"}, status_code=503)(scope, receive, send)
             return
         if found is None or found.revoked:
             if found is None:
@@ -201,15 +204,13 @@ class BearerGate:
             else:
                 actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
                 detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
-            self.unauthenticated.refused(str(peer[0]), actor, event, detail, remote)
+            self.unauthenticated.refused(source, actor, event, detail, remote)
             metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
-            response = JSONResponse({"error": "unauthorized", "message": message}, status_code=401,
-                                    headers={"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'})
-            await response(scope, receive, send)
+            challenge = {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'}
+            await JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)(scope, receive, send)
             return
-        scope = dict(scope)
-        scope[CLIENT_SCOPE_KEY] = found.name
-        opening = scope["method"] == "POST" and not any(k.lower() == b"mcp-session-id" for k, _ in scope["headers"])
+        scope = {**scope, CLIENT_SCOPE_KEY: found.name}
+        opening = scope["method"] == "POST" and "mcp-session-id" not in headers
         if opening and (refusal := self._refuse_opening(found, remote)) is not None:
             await refusal(scope, receive, send)
             return
@@ -223,10 +224,9 @@ class BearerGate:
 
     def _refuse_opening(self, client: Any, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
-        if self.limiter is not None and client.rate is not None and (wait := self.limiter.take(client.name, client.rate)):
-            message = f"rate_limited: client {client.name!r} opens sessions too fast; retry in {max(wait, 0.1):.1f} s"
-            self.audit.record(f"client:{client.name}", "rate-limited", f"initialize: {message}", remote)
-            return jsonrpc_refusal(429, message, {"Retry-After": str(max(1, round(wait)))})
+        if self.limiter is not None and (wait := throttled(self.limiter, self.audit, client, remote, "initialize",
+                                                           "opens sessions too fast")):
+            return jsonrpc_refusal(429, wait[1], {"Retry-After": str(max(1, round(wait[0])))})
         if self.sessions is not None and (cap := self.sessions.full(client.name)):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
                        f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
@@ -249,18 +249,15 @@ class SessionLimits:
         manager.session_idle_timeout = idle_s  # the SDK closes a session idle this long
         self._owner: dict[str, str] = {}
 
-    def open(self) -> dict[str, str]:
-        live = getattr(self.manager, "_server_instances", {})
-        self._owner = {sid: who for sid, who in self._owner.items() if sid in live}
-        return self._owner
-
     def count(self) -> int:
         """Every open session, whoever holds it."""
         return len(getattr(self.manager, "_server_instances", {}) or {})
 
     def full(self, client: str) -> int:
         """The cap when `client` has reached it, else 0."""
-        held = sum(1 for who in self.open().values() if who == client)
+        live = getattr(self.manager, "_server_instances", {})
+        self._owner = {sid: who for sid, who in self._owner.items() if sid in live}  # closed ones stop counting
+        held = sum(1 for who in self._owner.values() if who == client)
         return self.per_client if held >= self.per_client else 0
 
     def recording(self, client: str, send: Send) -> Send:
@@ -272,6 +269,18 @@ class SessionLimits:
         return watching(send, remember)
 
 
+def throttled(limiter: RateLimiter, audit: GatewayAudit, client: Any, remote: str, what: str,
+              doing: str) -> tuple[float, str] | None:
+    """None when `client` (a registry record) may go on under its rate limit; else (seconds to wait, the
+    rate_limited message), the refusal audited as being of `what` (initialize, tools/list, the tool)."""
+    wait = limiter.take(client.name, client.rate) if client.rate is not None else 0.0
+    if not wait:
+        return None
+    message = f"rate_limited: client {client.name!r} {doing}; retry in {max(wait, 0.1):.1f} s"
+    audit.record(f"client:{client.name}", "rate-limited", f"{what}: {message}", remote)
+    return wait, message
+
+
 def _caller(ctx: Context | None) -> tuple[str | None, str]:
     """(client name set by BearerGate or None, "host:port" of the peer) of an MCP request."""
     try:
@@ -281,8 +290,7 @@ def _caller(ctx: Context | None) -> tuple[str | None, str]:
     scope = getattr(request, "scope", None)
     if not isinstance(scope, dict):
         return None, ""
-    peer = scope.get("client") or ("", 0)
-    return scope.get(CLIENT_SCOPE_KEY), f"{peer[0]}:{peer[1]}"
+    return scope.get(CLIENT_SCOPE_KEY), _remote(scope)
 
 
 class _MadToolError(ToolError):
@@ -305,8 +313,6 @@ CORRELATION_META_KEY = "regen/correlation_id"
 
 _JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
                "array": "an array", "object": "an object", "null": "null"}
-_JSON_PLURALS = {"string": "strings", "integer": "integers", "number": "numbers", "boolean": "booleans",
-                 "array": "arrays", "object": "objects"}
 
 
 def _expected(schema: dict[str, Any]) -> str:
@@ -317,20 +323,19 @@ def _expected(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     kind = schema.get("type")
-    if kind == "array" and isinstance(schema.get("items"), dict) and schema["items"].get("type") in _JSON_PLURALS:
-        return f"an array of {_JSON_PLURALS[schema['items']['type']]}"
+    items = schema.get("items")
+    if kind == "array" and isinstance(items, dict) and items.get("type") in _JSON_TYPES.keys() - {"null"}:
+        return f"an array of {items['type']}s"  # strings, integers, booleans, arrays...
     return _JSON_TYPES.get(str(kind), "a value of another kind")
 
 
+_KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+          dict: "an object"}
+
+
 def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    for py, word in ((int, "an integer"), (float, "a number"), (str, "a string"), (list, "an array"), (dict, "an object")):
-        if isinstance(value, py):
-            return word
-    return type(value).__name__
+    """What a value parsed from JSON is, in words (the types json.loads makes)."""
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) -> str:
@@ -406,10 +411,9 @@ class GatewayServer(MCPServer):
         counts against the client's rate limit like a call."""
         client, remote = _caller(Context(request_context=ctx, mcp_server=self))
         record = self.clients.get(client) if client else None
-        if record is not None and record.rate is not None and (wait := self.limiter.take(client, record.rate)):
-            message = f"rate_limited: client {client!r} lists tools too fast; retry in {max(wait, 0.1):.1f} s"
-            self.audit.record(f"client:{client}", "rate-limited", f"tools/list: {message}", remote)
-            raise MCPError(code=-32000, message=message)
+        if record is not None and (wait := throttled(self.limiter, self.audit, record, remote, "tools/list",
+                                                     "lists tools too fast")):
+            raise MCPError(code=-32000, message=wait[1])
         listed = await super()._handle_list_tools(ctx, params)
         listed.tools = [t for t in listed.tools if record is not None and record.may_call(t.name)]
         return listed
@@ -423,13 +427,10 @@ class GatewayServer(MCPServer):
             self.audit.record(f"client:{client}", "tool-denied", tool, remote)
             why = "is revoked" if record is None or record.revoked else f"may not call {tool} (it may call: {', '.join(record.allow)})"
             raise _Refused("denied", f"access_denied: client {client!r} {why}")
-        if record.rate is not None:
-            wait = self.limiter.take(client, record.rate)
-            if wait > 0:
-                message = (f"rate_limited: client {client!r} may make {_plural(record.rate.calls, 'call')} per "
-                           f"{record.rate.unit}; retry in {max(wait, 0.1):.1f} s")
-                self.audit.record(f"client:{client}", "rate-limited", f"{tool}: {message}", remote)
-                raise _Refused("rate_limited", message)
+        if record.rate is not None and (wait := throttled(
+                self.limiter, self.audit, record, remote, tool,
+                f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
+            raise _Refused("rate_limited", wait[1])
         if record.quota is not None and not self.ledger.take_quota(client, record.quota):
             message = (f"quota_exceeded: client {client!r} has made its {_plural(record.quota, 'call')} for today; "
                        f"the quota resets at 00:00 UTC (in {_until_utc_midnight()})")
@@ -439,46 +440,40 @@ class GatewayServer(MCPServer):
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
         client, remote = _caller(context)
         cid = logs.new_id()
-        tok_c = logs.correlation_id.set(cid)
-        tok_p = logs.principal.set(f"client:{client}" if client else "")
         t0 = time.perf_counter()
         outcome, counted, detail = "ok", False, ""
-        span = tracing.start(f"tools/call {name}" if name in self.schemas else "tools/call", {
-            "regen.correlation_id": cid, "regen.client": client or "anonymous", "regen.tool": name,
-            "regen.mad": name.partition(".")[0] if name in self.schemas else "", "mcp.method.name": "tools/call",
-        }, kind="server") if tracing.tracer is not None else tracing.OFF  # the parent of the MAD's spans
-        try:
-            self._admit(client, name, remote)
-            counted = True  # from here on the call counts against the client's quota
-            if name not in self.schemas:
-                raise _Refused("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named <mad>.<tool> "
-                                               "and tools/list lists them")
-            result = await super().call_tool(name, arguments, context)
-        except _Refused as exc:
-            outcome, detail = exc.outcome, str(exc)
-            self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
-        except ToolError as exc:
-            outcome, detail = _explain(name, exc, self.schemas.get(name, {}))
-            if outcome == "invalid":  # a client probing a tool's arguments: the message names them, never a value
-                self.audit.record(f"client:{client}", "invalid-argument", f"{name}: {detail}", remote)
-        except MCPError as exc:
-            outcome, detail = "protocol_error", str(exc)
-            raise
-        except BaseException as exc:  # cancelled (the client went away), or a fault outside the tool: recorded, raised
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            outcome = "cancelled" if cancelled else "internal_error"
-            detail = f"{outcome}: {type(exc).__name__}"
-            raise
-        finally:
-            span.end(outcome, detail)
-            ms = (time.perf_counter() - t0) * 1000
-            self.ledger.record(client or "anonymous", name, cid, outcome, counted, ms, detail)
-            extra: dict[str, Any] = {"client": client or "anonymous", "tool": name, "outcome": outcome, "ms": round(ms, 1)}
-            if detail:
-                extra["error"] = detail
-            log.info("gateway call", extra=extra)
-            logs.principal.reset(tok_p)
-            logs.correlation_id.reset(tok_c)
+        with logs.bound((logs.correlation_id, cid), (logs.principal, f"client:{client}" if client else "")):
+            span = tracing.start(f"tools/call {name}" if name in self.schemas else "tools/call", {
+                "regen.correlation_id": cid, "regen.client": client or "anonymous", "regen.tool": name,
+                "regen.mad": name.partition(".")[0] if name in self.schemas else "", "mcp.method.name": "tools/call",
+            }, kind="server") if tracing.tracer is not None else tracing.OFF  # the parent of the MAD's spans
+            try:
+                self._admit(client, name, remote)
+                counted = True  # from here on the call counts against the client's quota
+                if name not in self.schemas:
+                    raise _Refused("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
+                                                   "<mad>.<tool> and tools/list lists them")
+                result = await super().call_tool(name, arguments, context)
+            except _Refused as exc:
+                outcome, detail = exc.outcome, str(exc)
+                self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
+            except ToolError as exc:
+                outcome, detail = _explain(name, exc, self.schemas.get(name, {}))
+                if outcome == "invalid":  # a client probing a tool's arguments: the message names them, never a value
+                    self.audit.record(f"client:{client}", "invalid-argument", f"{name}: {detail}", remote)
+            except MCPError as exc:
+                outcome, detail = "protocol_error", str(exc)
+                raise
+            except BaseException as exc:  # cancelled (the client went away), or a fault outside the tool: recorded
+                outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal_error"
+                detail = f"{outcome}: {type(exc).__name__}"
+                raise
+            finally:
+                span.end(outcome, detail)
+                ms = (time.perf_counter() - t0) * 1000
+                self.ledger.record(client or "anonymous", name, cid, outcome, counted, ms, detail)
+                log.info("gateway call", extra={"client": client or "anonymous", "tool": name, "outcome": outcome,
+                                                "ms": round(ms, 1), **({"error": detail} if detail else {})})
         if outcome != "ok":
             raise ToolError(f"{detail} (correlation id {cid})")
         if isinstance(result, CallToolResult):
@@ -558,16 +553,13 @@ def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> To
     annotations = ToolAnnotations(**hints) if hints else None
     tool = Tool.from_function(fn, name=name, description=fn.__doc__, annotations=annotations)
     meta = tool.fn_metadata
-    if meta.output_schema is None:
-        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, wrap_output=True,
-                                          output_model=create_model(f"{fn.__name__}Output", result=(Any, ...)))
-    else:
-        tool.fn_metadata = _CheckedOutput(arg_model=meta.arg_model, output_model=meta.output_model,
-                                          output_schema=meta.output_schema, wrap_output=meta.wrap_output)
-    tool.fn_metadata._tool = name
-    lax = tool.fn_metadata.arg_model
+    lax = meta.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
-    tool.fn_metadata.arg_model = strict
+    anything = meta.output_schema is None  # then the schema is derived from the wrapping model
+    tool.fn_metadata = _CheckedOutput(
+        arg_model=strict, output_schema=meta.output_schema, wrap_output=anything or meta.wrap_output,
+        output_model=create_model(f"{fn.__name__}Output", result=(Any, ...)) if anything else meta.output_model)
+    tool.fn_metadata._tool = name
     tool.parameters = strict.model_json_schema(by_alias=True)
     return tool
 
@@ -580,17 +572,9 @@ def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) ->
     tools = [_strict_tool(_make_tool(runtime, mad_cls, tool_name, bound.get(f"{mad_cls.name}.{tool_name}")),
                           f"{mad_cls.name}.{tool_name}", cfg.tool_hints.get(f"{mad_cls.name}.{tool_name}"))
              for mad_cls in cfg.persistent_mads for tool_name in mad_cls.tool_methods()]
-    return GatewayServer(
-        runtime,
-        clients,
-        audit,
-        tools,
-        name=cfg.name,
-        description=cfg.description or None,
-        instructions=f"The {cfg.name} ecosystem. Tools are named <mad>.<tool>.",
-        version=runtime.version,
-        log_level="WARNING",
-    )
+    return GatewayServer(runtime, clients, audit, tools, name=cfg.name, description=cfg.description or None,
+                         instructions=f"The {cfg.name} ecosystem. Tools are named <mad>.<tool>.",
+                         version=runtime.version, log_level="WARNING")
 
 
 def _security(host: str) -> TransportSecuritySettings:
@@ -626,10 +610,8 @@ class DrainGate:
         """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
         remaining = deadline - time.monotonic()
         if self.in_flight and remaining > 0:
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), remaining)
-            except TimeoutError:
-                pass
         return self.in_flight == 0
 
     def middleware(self, app):
@@ -688,10 +670,9 @@ def observed(runtime: Runtime):
             finally:
                 code = status[0] or 500  # no response begun: the server failed it
                 runtime.metrics.http_request(scope["path"], code)
-                peer = scope.get("client") or ("", 0)
                 access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
                                            "ms": round((time.monotonic() - started) * 1000, 1),
-                                           "remote": f"{peer[0]}:{peer[1]}"})
+                                           "remote": _remote(scope)})
             return None
 
         return logged
@@ -730,16 +711,11 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         open_sessions = sessions.count()
         if open_sessions >= max_sessions and status["healthy"]:  # no new MCP client could connect
             status = {**status, "status": "degraded", "healthy": False}
-        body = {
-            "status": status["status"],
-            "mcp_sessions": {"open": open_sessions, "max": max_sessions},
-            "name": status["name"],
-            "uptime_s": status["uptime_s"],
-            "database": status["database"],
-            # per MAD: state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py);
-            # not what a MAD's own health() hook says: this route is unauthenticated
-            "mads": {m["name"]: {k: v for k, v in m.items() if k not in ("name", "health")} for m in status["mads"]},
-        }
+        body = {"status": status["status"], "mcp_sessions": {"open": open_sessions, "max": max_sessions},
+                "name": status["name"], "uptime_s": status["uptime_s"], "database": status["database"],
+                # per MAD: state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py);
+                # not what a MAD's own health() hook says: this route is unauthenticated
+                "mads": {m["name"]: {k: v for k, v in m.items() if k not in ("name", "health")} for m in status["mads"]}}
         return Response(json.dumps(body), status_code=200 if status["healthy"] else 503, media_type="application/json")
 
     metrics_env = f"{runtime.config.env_prefix}_METRICS_TOKEN"
@@ -791,10 +767,6 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         middleware=[Middleware(observed(runtime)), Middleware(gate.middleware), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
-    app.state.gate = gate
-    app.state.grace = grace
-    app.state.runtime = runtime
-    app.state.audit = audit
-    app.state.mcp = mcp
-    app.state.tokens = tokens
+    for key, value in dict(gate=gate, grace=grace, runtime=runtime, audit=audit, mcp=mcp, tokens=tokens).items():
+        setattr(app.state, key, value)
     return app

@@ -12,11 +12,26 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("regen_correlation_id", default="")
 principal: contextvars.ContextVar[str] = contextvars.ContextVar("regen_principal", default="")
 # The MAD whose code is running (a tool call, a bus delivery): every line logged there names it.
 mad: contextvars.ContextVar[str] = contextvars.ContextVar("regen_mad", default="")
+
+
+@contextmanager
+def bound(*pairs: tuple[contextvars.ContextVar[Any], Any]) -> Iterator[None]:
+    """Each (context variable, value) of `pairs` set for the block, and reset after it."""
+    tokens = [(var, var.set(value)) for var, value in pairs]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
 
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
@@ -66,15 +81,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        cid = correlation_id.get()
-        if cid:
-            entry["correlation_id"] = cid
-        who = principal.get()
-        if who:
-            entry["principal"] = who
-        running = mad.get()
-        if running:
-            entry["mad"] = running
+        for key, var in (("correlation_id", correlation_id), ("principal", principal), ("mad", mad)):
+            if value := var.get():
+                entry[key] = value
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 entry[key] = value

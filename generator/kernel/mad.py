@@ -51,11 +51,8 @@ class OwnTables:
     __slots__ = ("insert", "select", "update", "delete", "table_name")
 
     def __init__(self, store: TableStore):
-        self.insert = store.insert
-        self.select = store.select
-        self.update = store.update
-        self.delete = store.delete
-        self.table_name = store.table_name
+        for name in self.__slots__:
+            setattr(self, name, getattr(store, name))
 
 
 class Kernel:
@@ -126,37 +123,21 @@ class Mad:
         fn = cls.tool_methods()[name]
         hints = typing.get_type_hints(fn)
         sig = inspect.signature(fn)
-        params = [
-            p.replace(annotation=hints.get(p.name, p.annotation))
-            for p in list(sig.parameters.values())[1:]
-        ]
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in list(sig.parameters.values())[1:]]
         return sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation))
 
     @classmethod
     def tools(cls) -> list[dict[str, Any]]:
         """Every tool: name, qualified name, description, parameters and return type (from inspect)."""
-        out = []
-        for name, fn in cls.tool_methods().items():
-            sig = inspect.signature(fn)
-            params = []
-            for p in list(sig.parameters.values())[1:]:
-                entry: dict[str, Any] = {"name": p.name, "type": _type_name(p.annotation)}
-                if p.default is inspect.Parameter.empty:
-                    entry["required"] = True
-                else:
-                    entry["required"] = False
-                    entry["default"] = p.default
-                params.append(entry)
-            out.append(
-                {
-                    "name": name,
-                    "qualified_name": f"{cls.name}.{name}",
-                    "description": inspect.cleandoc(fn.__doc__ or ""),
-                    "params": params,
-                    "returns": _type_name(sig.return_annotation),
-                }
-            )
-        return out
+        def param(p: inspect.Parameter) -> dict[str, Any]:
+            entry: dict[str, Any] = {"name": p.name, "type": _type_name(p.annotation), "required": p.default is p.empty}
+            return entry if entry["required"] else {**entry, "default": p.default}
+
+        return [{"name": name, "qualified_name": f"{cls.name}.{name}",
+                 "description": inspect.cleandoc(fn.__doc__ or ""),
+                 "params": [param(p) for p in list(inspect.signature(fn).parameters.values())[1:]],
+                 "returns": _type_name(inspect.signature(fn).return_annotation)}
+                for name, fn in cls.tool_methods().items()]
 
     # ---- kernel access -----------------------------------------------------------------------
 
@@ -185,15 +166,8 @@ class Mad:
         """This eMAD's own name, `<role>-<n>` (never reused); "" for a persistent MAD."""
         return self._kernel.instance
 
-    async def ask(
-        self,
-        mad: str,
-        prose: str = "",
-        *,
-        tool: str = "",
-        args: dict[str, Any] | None = None,
-        conversation_id: str = "",
-    ) -> Any:
+    async def ask(self, mad: str, prose: str = "", *, tool: str = "", args: dict[str, Any] | None = None,
+                  conversation_id: str = "") -> Any:
         """Ask another MAD (one of `talks_to`) over the bus: a tool call when `tool` is set, else prose."""
         return await self._kernel.ask(mad, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
 

@@ -65,15 +65,8 @@ def count_tokens(text: str) -> int:
 
 
 class ModelGateway:
-    def __init__(
-        self,
-        db: Database,
-        aliases: dict[str, ModelAlias],
-        budgets: dict[str, int],
-        client_budget: int,
-        read_secret: Callable[[str, str], str],
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
+    def __init__(self, db: Database, aliases: dict[str, ModelAlias], budgets: dict[str, int], client_budget: int,
+                 read_secret: Callable[[str, str], str], transport: httpx.AsyncBaseTransport | None = None):
         self.db = db
         self.aliases = dict(aliases)
         self.client_budget = int(client_budget)
@@ -86,17 +79,17 @@ class ModelGateway:
     # ---- budgets -----------------------------------------------------------------------------
 
     def _ensure_account(self, account: str, budget: int, update: bool = False) -> None:
-        if update:
-            self.db.execute(
-                "INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?)"
-                " ON CONFLICT(account) DO UPDATE SET budget = excluded.budget",
-                (account, int(budget), now_iso()),
-            )
-        else:
-            self.db.execute(
-                "INSERT OR IGNORE INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?)",
-                (account, int(budget), now_iso()),
-            )
+        """Open `account` with `budget` tokens; `update`: an account already open gets the new budget."""
+        self.db.execute(
+            "INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
+            "ON CONFLICT(account) " + ("DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"),
+            (account, int(budget), now_iso()),
+        )
+
+    @staticmethod
+    def _balance(row: Any) -> dict[str, Any]:
+        return {"budget": row["budget"], "spent": row["spent"], "remaining": max(0, row["budget"] - row["spent"]),
+                "calls": row["calls"]}
 
     def account_budget(self, account: str) -> dict[str, Any]:
         if account.startswith("client:"):
@@ -104,43 +97,30 @@ class ModelGateway:
         row = self.db.one("SELECT * FROM budgets WHERE account = ?", (account,))
         if row is None:
             raise NotFound(f"no budget account {account!r}")
-        return {
-            "account": account,
-            "budget": row["budget"],
-            "spent": row["spent"],
-            "remaining": max(0, row["budget"] - row["spent"]),
-            "calls": row["calls"],
-        }
+        return {"account": account, **self._balance(row)}
 
     def budgets(self) -> dict[str, Any]:
-        rows = self.db.query("SELECT * FROM budgets ORDER BY account")
         mads, clients = {}, {}
-        for r in rows:
-            entry = {"budget": r["budget"], "spent": r["spent"], "remaining": max(0, r["budget"] - r["spent"]), "calls": r["calls"]}
-            (clients if r["account"].startswith("client:") else mads)[r["account"]] = entry
+        for r in self.db.query("SELECT * FROM budgets ORDER BY account"):
+            (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
     def _charge(self, accounts: list[str], tokens: int) -> None:
         with self.db.transaction() as conn:
             for account in accounts:
-                conn.execute(
-                    "UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? WHERE account = ?",
-                    (tokens, now_iso(), account),
-                )
+                conn.execute("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? "
+                             "WHERE account = ?", (tokens, now_iso(), account))
 
     # ---- aliases -----------------------------------------------------------------------------
 
     def list(self) -> list[dict[str, Any]]:
-        return [
-            {"alias": name, "provider": a.provider, "model": a.model, "api_base": a.api_base, "has_key": bool(a.api_key_secret)}
-            for name, a in sorted(self.aliases.items())
-        ]
+        return [{"alias": name, "provider": a.provider, "model": a.model, "api_base": a.api_base,
+                 "has_key": bool(a.api_key_secret)} for name, a in sorted(self.aliases.items())]
 
     # ---- sending -----------------------------------------------------------------------------
 
-    async def send(
-        self, accounts: list[str], model: str, prompt: str, max_tokens: int = 256, system: str = ""
-    ) -> dict[str, Any]:
+    async def send(self, accounts: list[str], model: str, prompt: str, max_tokens: int = 256,
+                   system: str = "") -> dict[str, Any]:
         """Send `prompt` to alias `model`, charging every account in `accounts` (all must afford it)."""
         alias = self.aliases.get(model)
         if alias is None:
@@ -171,21 +151,12 @@ class ModelGateway:
             total = usage["prompt_tokens"] + usage["completion_tokens"]
             if total:
                 self._charge(accounts, total)
-            self.db.execute(
-                "INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok, latency_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (now_iso(), ",".join(accounts), model, alias.provider, usage["prompt_tokens"],
-                 usage["completion_tokens"], 1 if ok else 0, int((time.monotonic() - started) * 1000)),
-            )
-        return {
-            "model": model,
-            "provider": alias.provider,
-            "text": text,
-            "prompt_tokens": usage["prompt_tokens"],
-            "completion_tokens": usage["completion_tokens"],
-            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-            "charged_to": accounts,
-        }
+            self.db.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, "
+                            "completion_tokens, ok, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (now_iso(), ",".join(accounts), model, alias.provider, usage["prompt_tokens"],
+                             usage["completion_tokens"], int(ok), int((time.monotonic() - started) * 1000)))
+        return {"model": model, "provider": alias.provider, "text": text, **usage,
+                "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], "charged_to": accounts}
 
     @staticmethod
     def _echo(prompt: str, max_tokens: int, system: str) -> tuple[str, dict[str, int]]:
@@ -195,9 +166,8 @@ class ModelGateway:
         completion = min(count_tokens(text), max_tokens)  # never more than the caller reserved
         return text, {"prompt_tokens": count_tokens(system) + count_tokens(prompt), "completion_tokens": completion}
 
-    async def _openai(
-        self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int, system: str
-    ) -> tuple[str, dict[str, int]]:
+    async def _openai(self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int,
+                      system: str) -> tuple[str, dict[str, int]]:
         if not alias.api_base:
             raise ModelError(f"model alias {alias_name!r} has no api_base")
         headers = {"Content-Type": "application/json"}

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +98,14 @@ class Grants:
         self.capabilities = granted(self.owns)
 
 
+@dataclass
 class MadSlot:
     """Runtime bookkeeping for one MAD instance."""
 
-    def __init__(self, mad: Mad):
-        self.mad = mad
-        self.state = "created"
-        self.error = ""
-        self.started_at = ""
+    mad: Mad
+    state: str = "created"
+    error: str = ""
+    started_at: str = ""
 
 
 BUILD_FILE = Path(__file__).resolve().parent.parent / "build.json"
@@ -161,18 +162,10 @@ class NoRoles:
 
 
 class Runtime:
-    def __init__(
-        self,
-        config: EcosystemConfig,
-        state_dir: str | os.PathLike[str],
-        *,
-        model_transport: httpx.AsyncBaseTransport | None = None,
-        migrations: Sequence[Migration] | None = None,
-        supervision: SupervisionPolicy | None = None,
-        bus_url: str = "",
-        serve_mads: Sequence[str] | None = None,
-        claim_idle_s: float = 30.0,
-    ):
+    def __init__(self, config: EcosystemConfig, state_dir: str | os.PathLike[str], *,
+                 model_transport: httpx.AsyncBaseTransport | None = None, migrations: Sequence[Migration] | None = None,
+                 supervision: SupervisionPolicy | None = None, bus_url: str = "",
+                 serve_mads: Sequence[str] | None = None, claim_idle_s: float = 30.0):
         """`migrations`: the storage history to bring the state to; None reads the package's migrations.json.
         `supervision`: breaker, restart and drain settings (kernel/supervisor.py); None takes the defaults.
         `bus_url`: the bus transport (transport.py): "" for the SQLite bus of this process, a Redis URL to
@@ -187,41 +180,29 @@ class Runtime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.db = Database(self.state_dir / "ecosystem.db")
-        # Storage first, before anything else writes: a state this version cannot use is refused
-        # as it was found, and the refusal comes before the server binds its port.
+        # Storage first, before anything else writes: a state this version cannot use is refused as it was
+        # found, and the refusal comes before the server binds its port; so is a key that is not the state's
+        # (or a malformed one), and a bus or a choice of MADs this process cannot serve.
         try:
             self.migrated = apply_migrations(self.db, load_migrations() if migrations is None else migrations)
             self._tables = self._prepare_storage()
-        except KernelError:
-            self.db.close()
-            raise
-        if self.migrated:
-            log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
-        # Before anything that audits: opens the chain (and adopts older audit rows) on first start.
-        self.audit = AuditLog(self.db)
-        self.bus = ConversationBus(self.db)
-        try:  # a key that is not the state's (or a malformed one) is refused before anything starts
+            if self.migrated:
+                log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
+            # Before anything that audits: opens the chain (and adopts older audit rows) on first start.
+            self.audit = AuditLog(self.db)
+            self.bus = ConversationBus(self.db)
             keys = KeySource(self.state_dir, f"{config.env_prefix}_SECRETS_KEY", config.name)
             self.secrets = SecretsManager(self.db, keys, self._secrets_policy, self.audit)
-        except KernelError:
-            self.db.close()
-            raise
-        self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
-        try:
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
                                             dispatch=self._deliver, claim_idle_s=claim_idle_s)
         except KernelError:
             self.db.close()
             raise
-        self.models = ModelGateway(
-            self.db,
-            config.models,
-            {m.name: m.budget_tokens for m in config.mads},
-            config.client_budget_tokens,
-            read_secret=lambda name, purpose: self.secrets.read_internal("kernel.models", name, purpose),
-            transport=model_transport,
-        )
+        self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
+        self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
+                                   config.client_budget_tokens, transport=model_transport,
+                                   read_secret=functools.partial(self.secrets.read_internal, "kernel.models"))
         self.slots: dict[str, MadSlot] = {}
         # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.
         self._grants = {cls.name: Grants(cls) for cls in config.mads}
@@ -517,52 +498,40 @@ class Runtime:
 
     async def invoke_tool(self, mad: str, tool: str, args: dict[str, Any], principal: str = "") -> Any:
         """Run `<mad>.<tool>` for an outside principal (an MCP client or Grace)."""
-        tok_p = logs.principal.set(principal)
-        tok_c = logs.correlation_id.set(logs.correlation_id.get() or logs.new_id())  # keep the gateway's id
-        tok_m = logs.mad.set(mad)
         t0 = time.monotonic()
-        try:
-            with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
-                if principal:
-                    self._first_use(principal, "tool.call", f"{mad}.{tool}")
-                if mad in self.slots or mad not in self._grants or mad in self._roles:
-                    instance = await self._ready(mad)
-                    result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
-                                                 at_once=_runs_in_place(instance, tool))
-                else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
-                    result = await self._remote_tool(mad, tool, args)
-            log.info("tool call", extra={"tool": f"{mad}.{tool}", "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
-            self.metrics.tool_call(mad, tool, "ok", time.monotonic() - t0)
-            return result
-        except MadFault as exc:  # the MAD's code raised or hung; the supervisor logged the details
-            log.info("tool call failed", extra={"tool": f"{mad}.{tool}", "ok": False, "error": str(exc)})
-            self.metrics.tool_call(mad, tool, "crashed", time.monotonic() - t0)
-            self.metrics.error(mad, "tool")
-            raise
-        except KernelError as exc:
-            log.info("tool call refused", extra={"tool": f"{mad}.{tool}", "ok": False, "error": str(exc)})
-            self.metrics.tool_call(mad, tool, "refused", time.monotonic() - t0)
-            raise
-        except Exception:
-            log.exception("tool call crashed", extra={"tool": f"{mad}.{tool}", "ok": False})
-            self.metrics.tool_call(mad, tool, "crashed", time.monotonic() - t0)
-            self.metrics.error(mad, "tool")
-            raise
-        finally:
-            logs.mad.reset(tok_m)
-            logs.correlation_id.reset(tok_c)
-            logs.principal.reset(tok_p)
+        named = {"tool": f"{mad}.{tool}"}
+        # The gateway's correlation id is kept; any other caller gets one of its own.
+        with logs.bound((logs.principal, principal), (logs.correlation_id, logs.correlation_id.get() or logs.new_id()),
+                        (logs.mad, mad)):
+            try:
+                with self.supervisor.admission():  # refused once shutdown began; the drain waits for it
+                    if principal:
+                        self._first_use(principal, "tool.call", f"{mad}.{tool}")
+                    if mad in self.slots or mad not in self._grants or mad in self._roles:
+                        instance = await self._ready(mad)
+                        result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
+                                                     at_once=_runs_in_place(instance, tool))
+                    else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
+                        result = await self._remote_tool(mad, tool, args)
+            except Exception as exc:
+                # A MadFault: the MAD's code raised or hung (the supervisor logged the details); another
+                # KernelError: a refusal; anything else: a crash outside the MAD.
+                crashed = isinstance(exc, MadFault) or not isinstance(exc, KernelError)
+                if isinstance(exc, KernelError):
+                    log.info(f"tool call {'failed' if crashed else 'refused'}",
+                             extra={**named, "ok": False, "error": str(exc)})
+                else:
+                    log.exception("tool call crashed", extra={**named, "ok": False})
+                self.metrics.tool_call(mad, tool, "crashed" if crashed else "refused", time.monotonic() - t0)
+                if crashed:
+                    self.metrics.error(mad, "tool")
+                raise
+            log.info("tool call", extra={**named, "ok": True, "ms": int((time.monotonic() - t0) * 1000)})
+        self.metrics.tool_call(mad, tool, "ok", time.monotonic() - t0)
+        return result
 
-    async def request(
-        self,
-        sender: str,
-        target: str,
-        *,
-        prose: str = "",
-        tool: str = "",
-        args: dict[str, Any] | None = None,
-        conversation_id: str = "",
-    ) -> Any:
+    async def request(self, sender: str, target: str, *, prose: str = "", tool: str = "",
+                      args: dict[str, Any] | None = None, conversation_id: str = "") -> Any:
         """A request from one MAD to another over the bus: its result, or the error it answered with.
 
         The request is durable before it runs (bus.py): if the process dies before the reply, it
@@ -593,26 +562,16 @@ class Runtime:
         return await self.emads.run(cls, spawner, task, conversation_id,
                                     lambda instance: cls(self._kernel_for(instance, conversation_id)))
 
-    async def submit(
-        self,
-        sender: str,
-        target: str,
-        *,
-        prose: str = "",
-        tool: str = "",
-        args: dict[str, Any] | None = None,
-        conversation_id: str = "",
-    ) -> dict[str, Any]:
+    async def submit(self, sender: str, target: str, *, prose: str = "", tool: str = "",
+                     args: dict[str, Any] | None = None, conversation_id: str = "") -> dict[str, Any]:
         """Queue a request without waiting for its reply: returns the request envelope (payload as stored)
         once the bus has accepted it durably. The reply is recorded in the conversation. On the local bus
         the delivery runs on the caller's event loop; if that loop ends first, it runs at the next start."""
         stored, _ = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=False)
         return stored()
 
-    async def _send(
-        self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None, conversation_id: str,
-        *, want_reply: bool,
-    ) -> tuple[Callable[[], dict[str, Any]], Any]:
+    async def _send(self, sender: str, target: str, prose: str, tool: str, args: dict[str, Any] | None,
+                    conversation_id: str, *, want_reply: bool) -> tuple[Callable[[], dict[str, Any]], Any]:
         # Every way onto the bus refuses alike and audits the refusal (a MAD's ask, Grace, the operator's CLI).
         grants = self._grants_of(sender)
         if grants is None:
@@ -635,9 +594,8 @@ class Runtime:
         reply: Reply = await pending
         return reply.unwrap()
 
-    async def _submit(
-        self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *, want_reply: bool,
-    ) -> tuple[Callable[[], dict[str, Any]], Any]:
+    async def _submit(self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *,
+                      want_reply: bool) -> tuple[Callable[[], dict[str, Any]], Any]:
         known = not conversation_id  # the pair's own conversation, which this runtime made or found: it exists
         if not conversation_id:
             conversation_id = self._conversations.get((sender, target), "")
@@ -670,40 +628,33 @@ class Runtime:
         """Run one request on the MAD it is addressed to (the transports call this); every outcome
         is a reply or an error reply, and the handler runs under the supervisor."""
         target = str(request.payload.get("to", ""))
-        tokens = (
-            logs.correlation_id.set(request.correlation_id),
-            logs.principal.set(str(request.payload.get("on_behalf_of", ""))),
-            logs.mad.set(target),
-            current_delivery.set(request.id),
-        )
-        envelope = request.as_dict()
         tool = str(request.payload.get("tool", ""))
-        span = tracing.start(f"bus deliver {target}", {
-            "regen.correlation_id": request.correlation_id, "regen.sender": request.sender, "regen.mad": target,
-            "regen.tool": tool, "regen.client": tracing.client_of(logs.principal.get()), "regen.envelope_id": request.id,
-        }, kind="consumer", carrier=request.payload) if tracing.tracer is not None else tracing.OFF
+        envelope = request.as_dict()
         outcome: tuple[str, BaseException | None] = ("interrupted", None)  # until it answers, or refuses
-        try:
-            receiver = await self._ready(target)
-            result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool,
-                                         at_once=bool(tool) and _runs_in_place(receiver, tool))
-            reply = reply_to(request, result, redact(result))
-            outcome = ("ok", None)
-            log.info("bus delivery", extra={"sender": request.sender, "tool": request.payload.get("tool", ""), "ok": True})
-        except KernelError as exc:  # a refusal, or a fault the supervisor contained and logged
-            reply = error_to(request, exc.code, str(exc))
-            reply.admitted = not isinstance(exc, NotAdmitted)
-            outcome = (exc.code, exc)
-            log.info("bus delivery refused", extra={"sender": request.sender, "tool": request.payload.get("tool", ""),
-                                                    "ok": False, "error": exc.code})
-            if isinstance(exc, MadFault):
-                self.metrics.error(target, "bus")
-        finally:
-            span.end(*outcome)
-            current_delivery.reset(tokens[3])
-            logs.mad.reset(tokens[2])
-            logs.principal.reset(tokens[1])
-            logs.correlation_id.reset(tokens[0])
+        with logs.bound((logs.correlation_id, request.correlation_id), (logs.mad, target),
+                        (current_delivery, request.id), (logs.principal, str(request.payload.get("on_behalf_of", "")))):
+            span = tracing.start(f"bus deliver {target}", {
+                "regen.correlation_id": request.correlation_id, "regen.sender": request.sender, "regen.mad": target,
+                "regen.tool": tool, "regen.client": tracing.client_of(logs.principal.get()),
+                "regen.envelope_id": request.id,
+            }, kind="consumer", carrier=request.payload) if tracing.tracer is not None else tracing.OFF
+            try:
+                receiver = await self._ready(target)
+                result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool,
+                                             at_once=bool(tool) and _runs_in_place(receiver, tool))
+                reply = reply_to(request, result, redact(result))
+                outcome = ("ok", None)
+                log.info("bus delivery", extra={"sender": request.sender, "tool": tool, "ok": True})
+            except KernelError as exc:  # a refusal, or a fault the supervisor contained and logged
+                reply = error_to(request, exc.code, str(exc))
+                reply.admitted = not isinstance(exc, NotAdmitted)
+                outcome = (exc.code, exc)
+                log.info("bus delivery refused", extra={"sender": request.sender, "tool": tool, "ok": False,
+                                                        "error": exc.code})
+                if isinstance(exc, MadFault):
+                    self.metrics.error(target, "bus")
+            finally:
+                span.end(*outcome)
         self.metrics.message(target, reply.envelope.kind)
         return reply
 
@@ -843,19 +794,11 @@ class Runtime:
         db_ok = self.db.healthy()
         draining = not self.supervisor.accepting
         healthy = self.running and not draining and db_ok and all(m["ok"] for m in mads)
-        return {
-            "name": self.config.name,
-            "description": self.config.description,
-            "version": self.version,
-            "status": "draining" if draining else "ok" if healthy else "degraded",
-            "healthy": healthy,
-            "started_at": self.started_at,
-            "uptime_s": round(time.monotonic() - self._t0, 3) if self._t0 else 0.0,
-            "database": "ok" if db_ok else "error",
-            "search": "fts5" if self.bus.fts else "like",
-            "bus": self.transport.name,
-            "mads": mads,
-        }
+        return {"name": self.config.name, "description": self.config.description, "version": self.version,
+                "status": "draining" if draining else "ok" if healthy else "degraded", "healthy": healthy,
+                "started_at": self.started_at, "uptime_s": round(time.monotonic() - self._t0, 3) if self._t0 else 0.0,
+                "database": "ok" if db_ok else "error", "search": "fts5" if self.bus.fts else "like",
+                "bus": self.transport.name, "mads": mads}
 
     @implements("ecosystem.mads")
     async def ecosystem_mads(self, caller: str) -> list[dict]:
@@ -863,19 +806,12 @@ class Runtime:
         for cls in self.config.mads:
             slot = self.slots.get(cls.name)
             is_role = cls.name in self._roles
-            entry = {
-                "name": cls.name,
-                "role": cls.role,
-                "level": cls.level,
-                "lifecycle": cls.lifecycle,
-                "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
-                "conversations": list(cls.conversations),
-                "talks_to": list(cls.talks_to),
-                "owns": list(cls.owns),
-                "budget_tokens": cls.budget_tokens,
-                "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
-                "spawns": list(cls.spawns),
-            }
+            entry = {"name": cls.name, "role": cls.role, "level": cls.level, "lifecycle": cls.lifecycle,
+                     "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
+                     "conversations": list(cls.conversations), "talks_to": list(cls.talks_to), "owns": list(cls.owns),
+                     "budget_tokens": cls.budget_tokens,
+                     "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
+                     "spawns": list(cls.spawns)}
             if is_role:
                 entry.update(max_instances=cls.max_instances, instances=self.emads.running(cls.name))
             out.append(entry)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,46 +76,37 @@ def result_value(result: Any) -> Any:
         if isinstance(structured, dict) and set(structured) == {"result"}:
             return structured["result"]
         return structured
-    texts = [getattr(c, "text", None) for c in result.content]
-    texts = [t for t in texts if t is not None]
-    if not texts:
-        return None
-    values = []
-    for t in texts:
-        try:
-            values.append(json.loads(t))
-        except ValueError:
-            values.append(t)
-    return values[0] if len(values) == 1 else values
+    values = [_json_or_text(c.text) for c in result.content if getattr(c, "text", None) is not None]
+    return values[0] if len(values) == 1 else values or None
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real exception inside (nested) exception groups from the SDK's task groups."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def _with_client(url: str, token: str, ask: Callable[[Any], Awaitable[Any]]) -> Any:
+    """What `ask(client)` returns on a new session. Connection failures (e.g. 401 for a bad token) surface as the
+    underlying exception, not as the (nested) exception groups of the SDK's task groups."""
+    try:
+        async with mcp_client(url, token) as client:
+            return await ask(client)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        raise leaf from group
 
 
 async def call_tool(url: str, token: str, name: str, args: dict[str, Any] | None = None) -> Any:
-    """Open a session, call one tool, return its JSON value (ToolCallError on isError).
-
-    Connection failures (e.g. 401 for a bad token) surface as the underlying exception,
-    not as an ExceptionGroup.
-    """
-    try:
-        async with mcp_client(url, token) as client:
-            result = await client.call_tool(name, args or {})
-    except BaseExceptionGroup as group:
-        raise _leaf(group) from group
-    return result_value(result)
+    """Open a session, call one tool, return its JSON value (ToolCallError on isError)."""
+    return result_value(await _with_client(url, token, lambda client: client.call_tool(name, args or {})))
 
 
 async def list_tools(url: str, token: str) -> list[str]:
-    try:
-        async with mcp_client(url, token) as client:
-            listed = await client.list_tools()
-    except BaseExceptionGroup as group:
-        raise _leaf(group) from group
+    listed = await _with_client(url, token, lambda client: client.list_tools())
     return [t.name for t in listed.tools]
 
 
@@ -157,8 +148,7 @@ class RunningEcosystem:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("already running")
         self.port = free_port()
-        env = dict(os.environ)
-        env.update(self.extra_env)
+        env = {**os.environ, **self.extra_env}
         if self.cwd is not None:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.cwd), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", self.package, "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -210,15 +200,9 @@ class RunningEcosystem:
 
 
 @contextmanager
-def running_ecosystem(
-    package: str,
-    state_dir: str | os.PathLike[str],
-    *,
-    cwd: str | os.PathLike[str] | None = None,
-    env: dict[str, str] | None = None,
-    token_name: str = "default",
-    startup_timeout: float = 30.0,
-) -> Iterator[RunningEcosystem]:
+def running_ecosystem(package: str, state_dir: str | os.PathLike[str], *, cwd: str | os.PathLike[str] | None = None,
+                      env: dict[str, str] | None = None, token_name: str = "default",
+                      startup_timeout: float = 30.0) -> Iterator[RunningEcosystem]:
     """Start `python -m <package> serve` on a free 127.0.0.1 port; yield it; stop it.
 
     `cwd` is the directory that contains the package (added to PYTHONPATH); the token is

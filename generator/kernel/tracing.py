@@ -44,9 +44,10 @@ import asyncio
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import packs
-from .errors import KernelError
+from .errors import InvalidArgument, KernelError
 
 TRACES_PATH = "/v1/traces"
 
@@ -130,6 +131,14 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
     url = "" if span_exporter is not None else endpoint_from(otlp_endpoint, env)
     if span_exporter is None and not url:
         return False
+    try:
+        web = not url or (urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname))
+    except ValueError:  # e.g. an unclosed [IPv6 address]
+        web = False
+    if not web:
+        # Before the pack is looked for: a mistyped endpoint is named as such, in any build.
+        raise InvalidArgument("the OTLP endpoint is not an http:// or https:// URL; traces go over OTLP/HTTP to a "
+                              "collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
     pack = _tracing_pack()
     provider, exporter, tracer = pack.configure(service, version, url, span_exporter)
     endpoint, _pack = url, pack
@@ -140,11 +149,6 @@ def _tracing_pack() -> Any:
     return packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: its "
                                    "spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
                                    "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
-
-
-def flush(timeout_s: float = 10.0) -> bool:
-    """Export the spans still batched now; True when done (or nothing to do)."""
-    return provider.force_flush(int(timeout_s * 1000)) if provider is not None else True
 
 
 def shutdown() -> None:

@@ -33,6 +33,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from generator.kernel.testing import free_port
+
 
 def _kernel_conftest():
     # By path: pytest imports every package-less conftest.py as "conftest", so the name is ambiguous.
@@ -118,12 +120,6 @@ def build_bus_ecosystem(root: Path, name: str) -> Path:
         "MADS = (Turing, Rogers, Fiedler, Grace, Ledger, Clerk)\n"
     )
     return pkg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

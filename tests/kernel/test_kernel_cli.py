@@ -62,6 +62,11 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     by_env = subprocess.run([sys.executable, "-m", "core_only_eco", "serve", "--state", state, "--port", "0"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert by_env.returncode != 0 and "built without tracing" in by_env.stderr, by_env.stderr
+    # A mistyped endpoint is named as such before the missing pack is looked for.
+    mistyped = _run(tmp_path, "core_only_eco", "serve", "--state", state, "--otlp-endpoint", "collector:4318",
+                    "--port", "0")
+    assert mistyped.returncode == 2 and "not an http:// or https:// URL" in mistyped.stderr, mistyped.stderr
+    assert "built without tracing" not in mistyped.stderr and "Traceback" not in mistyped.stderr
     script = ("import asyncio, sys\n"
               "from core_only_eco.ecosystem import CONFIG\n"
               "from core_only_eco.kernel import gateway, tracing\n"
