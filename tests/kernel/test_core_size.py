@@ -1,0 +1,46 @@
+"""The kernel's core stays small: every artifact carries all of it, and every reviewer reads it.
+
+Source lines are counted as a reader meets code: no blank lines, comments or docstrings. The budget is
+a ratchet: lower it when the core shrinks; raising it needs a reason in the commit that does.
+"""
+
+import ast
+import io
+import tokenize
+from pathlib import Path
+
+KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
+CORE_BUDGET = 5_900  # the issue's target is 4,000; see the ratchet note above
+
+
+def source_lines(text: str) -> int:
+    docstrings: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    skipped = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    lines: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type not in skipped:
+            lines.update(n for n in range(token.start[0], token.end[0] + 1) if n not in docstrings)
+    return len(lines)
+
+
+def core_files() -> list[Path]:
+    return sorted(p for p in KERNEL.rglob("*.py") if "packs" not in p.relative_to(KERNEL).parts)
+
+
+def test_source_lines_leave_out_blanks_comments_and_docstrings():
+    text = '"""Module doc."""\n\n# a comment\ndef f():\n    """Doc\n    on two lines."""\n    return {\n        1: 2,\n    }\n'
+    assert source_lines(text) == 4  # def, return {, 1: 2, }
+
+
+def test_the_core_stays_within_its_line_budget():
+    sizes = {p.relative_to(KERNEL).as_posix(): source_lines(p.read_text(encoding="utf-8")) for p in core_files()}
+    total = sum(sizes.values())
+    biggest = ", ".join(f"{name} {n}" for name, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:5])
+    assert total <= CORE_BUDGET, f"the kernel core has {total} source lines, over its budget of {CORE_BUDGET} " \
+                                 f"(largest: {biggest}); move what only some ecosystems need into a pack"
