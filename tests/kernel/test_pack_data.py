@@ -871,7 +871,7 @@ def test_a_cte_is_visible_only_inside_its_query_for_each_checker(env: Env):
 
 def test_close_returns_promptly_when_a_query_ignores_its_interrupt(env: Env, monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture):
-    from generator.kernel.packs import data as data_module
+    from generator.kernel.packs.data import pack as data_module
 
     monkeypatch.setattr(data_module, "CLOSE_GRACE_SECONDS", 0.2)
     pack = env.pack()
