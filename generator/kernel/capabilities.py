@@ -377,6 +377,8 @@ def _pack_catalogues() -> list[ModuleType]:
     return [importlib.import_module(f"{__package__}.packs.{name}") for name in names]
 
 
+# Each catalogue imports the types above from this module, which is half-loaded here, with all of them
+# defined; the kernel package imports this module before any pack, so a catalogue never runs first.
 _CATALOGUES = _pack_catalogues()
 
 CAPABILITIES: dict[str, Capability] = {
