@@ -251,7 +251,7 @@ def test_the_panel_may_forbid_more_calls_and_exclude_files(artifact, spec):
     assert only(answer, "forbidden-call").line == line_of(artifact / TURING, "os.remove('x')")
     excluded = run_check("static", subject(artifact, spec), {"forbid_calls": ["os.remove"],
                                                             "exclude": ["src/*/kernel/testing.py",
-                                                                        "src/*/kernel/packs/charts/pack.py", "src/*/mads/*"]})
+                                                                        "src/*/kernel/packs/charts.py", "src/*/mads/*"]})
     assert excluded.decision == "approve"
 
 
