@@ -41,12 +41,13 @@ PACKS_FOLDER = "packs/"
 
 
 def kernel_files(package: str, packs: Iterable[str] = ()) -> dict[str, bytes]:
-    """The kernel's files as they go into src/, by path inside src/: the core, and of the capability packs
-    (kernel/packs/<name>.py) only those in `packs`; an artifact carries no code of a pack it does not use."""
-    wanted = {f"{PACKS_FOLDER}{name}.py" for name in packs}
+    """The kernel's files as they go into src/, by path inside src/: the core, and of the packs' folders
+    (kernel/packs/<name>/) only those in `packs`; an artifact carries no code, and no catalogue, of a pack it
+    does not use."""
+    wanted = tuple(f"{PACKS_FOLDER}{name}/" for name in packs)
     return {kernel_folder(package) + rel: path.read_bytes()
             for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()
-            if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel in wanted}
+            if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel.startswith(wanted)}
 
 
 def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
@@ -58,9 +59,10 @@ def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
 
 @functools.cache
 def pack_settings(name: str) -> dict[str, type]:
-    """The settings pack `name` takes, with the type of each default: the keys of the `DEFAULTS` dict its module
-    defines, read from its source (the compiler never imports a pack: its libraries may not be installed)."""
-    tree = ast.parse((KERNEL_DIR / PACKS_FOLDER / f"{name}.py").read_text(encoding="utf-8"))
+    """The settings pack `name` takes, with the type of each default: the keys of the `DEFAULTS` dict its
+    implementation (packs/<name>/pack.py) defines, read from its source (the compiler never imports a pack's
+    implementation: its libraries may not be installed)."""
+    tree = ast.parse((KERNEL_DIR / PACKS_FOLDER / name / "pack.py").read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
         if isinstance(target, ast.Name) and target.id == "DEFAULTS" and isinstance(node.value, ast.Dict):

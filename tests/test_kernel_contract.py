@@ -111,14 +111,70 @@ def test_a_kernel_change_that_keeps_its_api_rebuilds_with_every_unit_reused(tmp_
 def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
     core = kernel_contract.kernel_files("eco")
     assert "eco/kernel/packs/__init__.py" in core and "eco/kernel/runtime.py" in core
-    assert not [p for p in core if p.startswith("eco/kernel/packs/") and not p.endswith("__init__.py")]
+    assert not [p for p in core if p.startswith("eco/kernel/packs/") and not p.endswith("packs/__init__.py")]
     with_files = kernel_contract.kernel_files("eco", {"files"})
-    assert set(with_files) - set(core) == {"eco/kernel/packs/files.py"}
+    assert set(with_files) - set(core) == {"eco/kernel/packs/files/__init__.py", "eco/kernel/packs/files/pack.py"}
     assert kernel_contract.pack_dependencies({"files"}) == ()
     with_redis = kernel_contract.kernel_files("eco", {"redis"})
-    assert set(with_redis) - set(core) == {"eco/kernel/packs/redis.py"}
+    assert set(with_redis) - set(core) == {"eco/kernel/packs/redis/__init__.py", "eco/kernel/packs/redis/pack.py"}
     assert kernel_contract.pack_dependencies({"redis"}) == ("redis==8.1.0",)
     assert not [d for d in kernel_contract.RUNTIME_DEPENDENCIES if d.startswith(("redis", "opentelemetry"))]
+
+
+# What the packs' pinned dependencies are called: a core that names none of them carries none of the packs'
+# catalogues either (redis and opentelemetry by their pins: the core's bus and tracing name them in prose).
+PACK_LIBRARIES = ("duckdb", "sqlglot", "trafilatura", "lxml", "vl-convert", "vl_convert", "python-docx", "openpyxl",
+                  "python-pptx", "odfpy", "defusedxml", "redis==", "opentelemetry-sdk")
+
+
+def test_a_kernel_without_packs_carries_no_pack_and_none_of_their_dependencies():
+    from generator.kernel.capabilities import PACKS
+
+    core = kernel_contract.kernel_files("eco", ())
+    assert [p for p in core if p.startswith("eco/kernel/packs/")] == ["eco/kernel/packs/__init__.py"]
+    pins = [pin for info in PACKS.values() for pin in info.dependencies]
+    assert {name.split("==")[0] for name in pins} <= {n.removesuffix("==") for n in PACK_LIBRARIES} | {
+        "redis", "opentelemetry-api", "opentelemetry-exporter-otlp-proto-http", "vl-convert-python"}
+    mentions = {(path, name) for path, data in core.items() for name in (*PACK_LIBRARIES, *pins)
+                if name.lower() in data.decode("utf-8", "replace").lower()}
+    assert not mentions
+
+
+def test_an_artifact_s_catalogue_lists_only_the_packs_it_carries(tmp_path):
+    from generator.kernel.capabilities import with_required
+
+    for rel, data in kernel_contract.kernel_files("eco", with_required({"documents"})).items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "eco" / "__init__.py").write_text("")
+    probe = ("from eco.kernel.capabilities import CAPABILITIES, PACKS, READ_ONLY, available\n"
+             "print(sorted(PACKS), sorted({c.pack for c in CAPABILITIES.values()}), 'documents.read' in READ_ONLY,\n"
+             "      'data.query' in READ_ONLY, len(available(['documents'])) == len(CAPABILITIES))")
+    got = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["['documents',", "'files']", "['',", "'documents',", "'files']", "True", "False",
+                                  "False"]
+
+
+@pytest.mark.parametrize("pack", ["files", "data", "web", "charts", "documents", "security", "redis", "tracing",
+                                  "emads"])
+def test_a_pack_s_catalogue_imports_none_of_its_libraries(pack):
+    """The compiler reads every pack's catalogue, with or without the pack's libraries installed: importing it
+    with them blocked works, and imports no pack's implementation."""
+    blocked = ("duckdb", "sqlglot", "trafilatura", "lxml", "vl_convert", "docx", "openpyxl", "pptx", "odf",
+               "defusedxml", "redis", "opentelemetry")
+    probe = (f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+             f"import generator.kernel.packs.{pack} as catalogue\n"
+             "from generator.kernel.capabilities import CAPABILITIES, PACKS\n"
+             f"assert PACKS[{pack!r}] is catalogue.PACK\n"
+             "assert not [m for m in sys.modules if m.startswith('generator.kernel.packs.') and m.endswith('.pack')]\n"
+             f"print(sorted(c for c, cap in CAPABILITIES.items() if cap.pack == {pack!r}))")
+    got = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    from generator.kernel.capabilities import CAPABILITIES
+
+    assert got.stdout.strip() == str(sorted(c for c, cap in CAPABILITIES.items() if cap.pack == pack))
 
 
 def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():

@@ -59,14 +59,14 @@ def _pack_imports() -> dict[str, set[str]]:
 
 
 def test_kernel_imports_nothing_outside_its_allowed_dependencies():
-    """The core imports its runtime dependencies only; a pack module may add its own pinned dependencies."""
+    """The core imports its runtime dependencies only; a pack's folder may add its own pinned dependencies."""
     core = {"mcp", "starlette", "uvicorn", "httpx", "httpx2", "cryptography", "pydantic", "prometheus_client"}
     import sys
 
     stdlib = set(sys.stdlib_module_names)
     extra = _pack_imports()
     for path in KERNEL.rglob("*.py"):
-        pack = path.stem if path.parent.name == "packs" and path.stem in PACKS else ""
+        pack = path.parent.name if path.parent.parent.name == "packs" and path.parent.name in PACKS else ""
         allowed = core | extra.get(pack, set())
         tree = ast.parse(path.read_text())
         # redis is imported only where the Redis bus is configured, never when a module loads

@@ -318,7 +318,7 @@ def test_names_never_repeat_and_an_instance_a_crash_left_running_is_failed_at_th
 
     team.run(crashed)
     rows, third, seen = team.run(next_start)
-    emads = importlib.import_module(team.kernel.__name__ + ".packs.emads")
+    emads = importlib.import_module(team.kernel.__name__ + ".packs.emads.pack")
     assert [(r["instance"], r["state"], r["report"]) for r in rows][1] == ("pm-2", "failed", emads.INTERRUPTED)
     assert rows[1]["ended_at"]
     assert third["instance"] == "pm-3" and [(r["instance"], r["state"]) for r in seen] == [
@@ -381,7 +381,7 @@ def test_a_role_that_cannot_work_is_refused_when_the_runtime_is_made(team, eco_m
 
 
 def test_the_cap_passes_on_a_place_its_waiter_was_given_then_cancelled(team):
-    emads = importlib.import_module(team.kernel.__name__ + ".packs.emads")
+    emads = importlib.import_module(team.kernel.__name__ + ".packs.emads.pack")
 
     async def main():
         cap = emads._Cap(1)

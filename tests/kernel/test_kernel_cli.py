@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -45,9 +46,9 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     from conftest import build_ecosystem
 
     pkg = build_ecosystem(tmp_path, "core_only_eco")
-    (pkg / "kernel" / "packs" / "redis.py").unlink()
-    (pkg / "kernel" / "packs" / "tracing.py").unlink()
-    (pkg / "kernel" / "packs" / "emads.py").unlink()
+    shutil.rmtree(pkg / "kernel" / "packs" / "redis")
+    shutil.rmtree(pkg / "kernel" / "packs" / "tracing")
+    shutil.rmtree(pkg / "kernel" / "packs" / "emads")
     state = str(tmp_path / "state")
     for args, said in ((["bus", "status", "--bus", "redis://127.0.0.1:9/0"], "built without the Redis bus"),
                        (["serve", "--state", state, "--bus", "redis://127.0.0.1:9/0", "--port", "0"],
@@ -95,7 +96,7 @@ def test_an_ecosystem_with_roles_built_without_the_emads_pack_says_to_rebuild(tm
     from conftest import build_ecosystem
 
     pkg = build_ecosystem(tmp_path, "roles_eco")
-    (pkg / "kernel" / "packs" / "emads.py").unlink()
+    shutil.rmtree(pkg / "kernel" / "packs" / "emads")
     (pkg / "mads" / "__init__.py").write_text(
         (pkg / "mads" / "__init__.py").read_text().replace("MADS = (Turing, Rogers, Fiedler, Grace)", (
             "from ..kernel import Mad\n\n\nclass Scout(Mad):\n    name = 'scout'\n    role = 'a role'\n"

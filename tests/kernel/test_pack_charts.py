@@ -29,12 +29,13 @@ import pytest
 from pack_helpers import CALLER, SECRET, SECRET_TEXT, Recorder, owner, refused, run, running
 
 from generator.kernel import capabilities
-from generator.kernel.capabilities import CAPABILITIES, PACKS, ChartRendered, tool_hints
+from generator.kernel.capabilities import CAPABILITIES, PACKS, tool_hints
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError
 from generator.kernel.packs import IMPL_ATTR, load
-from generator.kernel.packs import charts as charts_module
-from generator.kernel.packs.charts import ChartsPack
-from generator.kernel.packs.files import FilesPack
+from generator.kernel.packs.charts import ChartRendered
+from generator.kernel.packs.charts import pack as charts_module
+from generator.kernel.packs.charts.pack import ChartsPack
+from generator.kernel.packs.files.pack import FilesPack
 
 ROWS = [{"month": "Jan", "sales": 3, "region": "north"}, {"month": "Feb", "sales": 5.5, "region": "south"},
         {"month": "Mar", "sales": 2, "region": "north"}, {"month": "Apr", "sales": 0, "region": "south"}]

@@ -26,8 +26,8 @@ from pack_helpers import CALLER, SECRET_TEXT, Recorder, outside, owner, refused,
 from generator.kernel.capabilities import CAPABILITIES, PACKS, packs_of
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from generator.kernel.packs import IMPL_ATTR, PackContext, load
-from generator.kernel.packs.data import STAGING, DataPack
-from generator.kernel.packs.files import FilesPack
+from generator.kernel.packs.data.pack import STAGING, DataPack
+from generator.kernel.packs.files.pack import FilesPack
 
 CSV = "id,name,born,score\n1,ann,2001-02-03,1.5\n2,bob,1999-12-31,2.25\n3,cy,2010-06-07,\n"
 
@@ -381,7 +381,7 @@ def test_each_checker_alone_refuses_every_rogue_query_the_engine_parses_as_a_sel
     """Defence in depth: sqlglot's reading and the walk of DuckDB's own tree each refuse these on their own."""
     import json
 
-    from generator.kernel.packs.data import _Refusal
+    from generator.kernel.packs.data.pack import _Refusal
 
     pack = env.pack()
     checked = 0
@@ -796,7 +796,7 @@ def _deep(d: int) -> tuple[str, str]:
 def test_deep_nesting_is_refused_before_anything_runs_by_each_checker(env: Env):
     import json
 
-    from generator.kernel.packs.data import _Refusal
+    from generator.kernel.packs.data.pack import _Refusal
 
     pack = env.pack(query_timeout_seconds=2, threads=1)
     value, structure = _deep(1000)
@@ -828,7 +828,7 @@ def test_deep_nesting_is_refused_before_anything_runs_by_each_checker(env: Env):
 
 
 def test_a_value_nested_too_deep_is_an_invalid_argument_not_a_recursion_error():
-    from generator.kernel.packs.data import MAX_NESTING, _jsonable
+    from generator.kernel.packs.data.pack import MAX_NESTING, _jsonable
 
     ok: Any = 1
     for _ in range(MAX_NESTING):
@@ -871,7 +871,7 @@ def test_a_cte_is_visible_only_inside_its_query_for_each_checker(env: Env):
 
 def test_close_returns_promptly_when_a_query_ignores_its_interrupt(env: Env, monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture):
-    from generator.kernel.packs import data as data_module
+    from generator.kernel.packs.data import pack as data_module
 
     monkeypatch.setattr(data_module, "CLOSE_GRACE_SECONDS", 0.2)
     pack = env.pack()

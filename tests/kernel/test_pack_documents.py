@@ -36,9 +36,9 @@ from pack_helpers import CALLER, SECRET, SECRET_TEXT, Recorder, outside, owner, 
 from generator.kernel.capabilities import CAPABILITIES, PACKS
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError
 from generator.kernel.packs import IMPL_ATTR, PackContext, load
-from generator.kernel.packs import documents as documents_module
-from generator.kernel.packs.documents import DEFAULTS, DocumentsPack
-from generator.kernel.packs.files import FilesPack
+from generator.kernel.packs.documents import pack as documents_module
+from generator.kernel.packs.documents.pack import DEFAULTS, DocumentsPack
+from generator.kernel.packs.files.pack import FilesPack
 
 UV_LOCK = Path(__file__).resolve().parents[2] / "uv.lock"
 

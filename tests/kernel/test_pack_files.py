@@ -22,8 +22,8 @@ from pack_helpers import CALLER, SECRET, Recorder, outside, owner, refused, run,
 
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from generator.kernel.packs import IMPL_ATTR, PackContext, load
-from generator.kernel.packs import files as files_module
-from generator.kernel.packs.files import TMP_PREFIX, FilesPack
+from generator.kernel.packs.files import pack as files_module
+from generator.kernel.packs.files.pack import TMP_PREFIX, FilesPack
 
 
 @dataclass

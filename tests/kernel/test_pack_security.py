@@ -24,7 +24,7 @@ from generator.kernel.audit import AuditLog
 from generator.kernel.db import Database
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError
 from generator.kernel.packs import IMPL_ATTR, PackContext, load
-from generator.kernel.packs.security import DB_FILE, SecurityPack, scrub
+from generator.kernel.packs.security.pack import DB_FILE, SecurityPack, scrub
 
 BASE = datetime(2030, 1, 1, tzinfo=timezone.utc)
 MCNAMARA = "mcnamara"

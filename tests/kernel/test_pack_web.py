@@ -30,11 +30,11 @@ import httpx
 import pytest
 from pack_helpers import CALLER, Recorder, owner, refused, run, running
 
-from generator.kernel.capabilities import RobotsVerdict, WebPage
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
 from generator.kernel.packs import IMPL_ATTR, load
-from generator.kernel.packs import web as web_module
-from generator.kernel.packs.web import WebPack, _glob, _normalise, not_public, parse_robots
+from generator.kernel.packs.web import RobotsVerdict, WebPage
+from generator.kernel.packs.web import pack as web_module
+from generator.kernel.packs.web.pack import WebPack, _glob, _normalise, not_public, parse_robots
 
 HTML = (b"<!doctype html><html><head><title>Hello  Page</title></head><body><nav>menu</nav><article>"
         b"<h1>Big news</h1><p>This is the first paragraph of the article, with enough words in it to count as "

@@ -1,11 +1,12 @@
-"""Capability packs: optional families of kernel capabilities, each in a module of its own here.
+"""Capability packs: optional families of kernel capabilities, each in a folder of its own here.
 
-The core (this file) says what a pack is. A pack module (`packs/<name>.py`) defines one subclass of
-`Pack` whose methods implement the capabilities `capabilities.py` lists under that pack, marked with
-`@implements`. The compiler copies a pack's module into an artifact only when its spec uses the pack
-(a MAD owns the family, or a tool is bound to one of its capabilities), with the pack's pinned
-dependencies; the runtime loads the packs of the families its MADs own, by name, and nothing else.
-A pack reaches the ecosystem only through its `PackContext`: its own folder in the state directory,
+The core (this file) says what a pack is. A pack's folder (`packs/<name>/`) holds its catalogue
+(`__init__.py`: its `PackInfo`, capabilities, result shapes and MCP hints, read by `capabilities.py`; light,
+it imports none of the pack's libraries) and its implementation (`pack.py`): one subclass of `Pack` whose
+methods implement those capabilities, marked with `@implements`. The compiler copies a pack's folder into
+an artifact only when its spec uses the pack (a MAD owns the family, or a tool is bound to one of its
+capabilities), with the pack's pinned dependencies; the runtime loads the packs of the families its MADs
+own, by name, and nothing else. A pack reaches the ecosystem only through its `PackContext`: its own folder in the state directory,
 its settings, the audit log, and the packs it requires (`PackInfo.requires`, through `peer`): the documents
 pack writes into the files pack's root that way, never around its guards.
 """
@@ -68,28 +69,24 @@ class Pack:
         """Called once at shutdown."""
 
 
-def module(name: str, missing: str) -> Any:
-    """Pack `name`'s module from this kernel's copy; InvalidArgument(`missing`) when the build has no such pack
-    (its spec did not use it), while a pack whose own library is missing still raises ModuleNotFoundError."""
+def module(name: str, missing: str, error: type[KernelError] = InvalidArgument) -> Any:
+    """Pack `name`'s implementation (`packs/<name>/pack.py`) from this kernel's copy; error(`missing`) when the
+    build has no such pack (its spec did not use it), while a pack whose own library is missing still raises
+    ModuleNotFoundError."""
     try:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.{name}.pack")
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
+        if exc.name not in (f"{__name__}.{name}", f"{__name__}.{name}.pack"):
             raise  # the pack is here but one of its dependencies is not
-        raise InvalidArgument(missing) from None
+        raise error(missing) from None
 
 
 def load(name: str) -> type[Pack]:
-    """The Pack class of pack `name`, from this kernel's copy of its module."""
-    try:
-        module = importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise  # the pack is here but one of its dependencies is not
-        raise KernelError(f"the {name!r} capability pack is not in this build: a MAD owns its family, but the "
-                          "compiler copied no such pack (rebuild with `nox -s regenerate`)") from None
-    found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Pack) and v is not Pack
-             and v.name == name]
+    """The Pack class of pack `name`, from this kernel's copy of its implementation."""
+    missing = (f"the {name!r} capability pack is not in this build: a MAD owns its family, but the compiler "
+               "copied no such pack (rebuild with `nox -s regenerate`)")
+    found = [v for v in vars(module(name, missing, KernelError)).values()
+             if isinstance(v, type) and issubclass(v, Pack) and v is not Pack and v.name == name]
     if len(found) != 1:
         raise KernelError(f"pack module {name!r} must define exactly one Pack subclass named {name!r}")
     return found[0]

@@ -54,8 +54,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, KernelError, NotFound
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError, NotFound
+from .. import Pack, PackContext, implements
 
 DEFAULTS: dict[str, int] = {
     "quota_bytes": 1 << 30,  # 1 GiB

@@ -109,8 +109,8 @@ import duckdb
 import sqlglot
 from sqlglot import exp
 
-from ..errors import InvalidArgument, KernelError, NotFound
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError, NotFound
+from .. import Pack, PackContext, implements
 
 DEFAULTS: dict[str, Any] = {
     "max_rows": 10_000,

@@ -38,10 +38,10 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import logs
-from ..bus import MAX_ATTEMPTS, ConversationBus, Envelope
-from ..errors import InvalidArgument, KernelError
-from ..transport import Dispatch, Reply, Sealer, SealError, Transport, TransportError, _json, abandoned, redact_url
+from ... import logs
+from ...bus import MAX_ATTEMPTS, ConversationBus, Envelope
+from ...errors import InvalidArgument, KernelError
+from ...transport import Dispatch, Reply, Sealer, SealError, Transport, TransportError, _json, abandoned, redact_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -94,8 +94,8 @@ import trafilatura
 from trafilatura.metadata import extract_metadata
 from trafilatura.utils import load_html
 
-from ..errors import InvalidArgument, KernelError, NotFound
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError, NotFound
+from .. import Pack, PackContext, implements
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -77,8 +77,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, KernelError
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError
+from .. import Pack, PackContext, implements
 
 KINDS = ("bar", "line", "scatter", "pie")
 FORMATS = ("svg", "png")

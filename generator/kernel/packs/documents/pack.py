@@ -107,8 +107,8 @@ from odf.style import ListLevelProperties, ParagraphProperties, Style, TableColu
 from odf.table import Table, TableCell, TableColumn, TableRow
 from odf.text import H, List, ListItem, ListLevelStyleBullet, ListStyle, P
 
-from ..errors import InvalidArgument, KernelError
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError
+from .. import Pack, PackContext, implements
 
 DEFAULTS: dict[str, int] = {
     "max_blocks": 10_000,  # blocks + bullet items of a text document; slide bullets of a deck

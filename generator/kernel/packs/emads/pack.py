@@ -36,15 +36,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import logs
-from ..bus import MAX_CONTENT, ConversationBus, now_iso, to_json
-from ..db import Database
-from ..errors import InvalidArgument, KernelError
+from ... import logs
+from ...bus import MAX_CONTENT, ConversationBus, now_iso, to_json
+from ...db import Database
+from ...errors import InvalidArgument, KernelError
 
 if TYPE_CHECKING:
-    from ..mad import Mad
-    from ..metrics import Metrics
-    from ..supervisor import Supervisor
+    from ...mad import Mad
+    from ...metrics import Metrics
+    from ...supervisor import Supervisor
 
 log = logs.get("emads")
 

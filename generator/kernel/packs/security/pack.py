@@ -76,8 +76,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, KernelError
-from . import Pack, PackContext, implements
+from ...errors import InvalidArgument, KernelError
+from .. import Pack, PackContext, implements
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 RANK = {name: i for i, name in enumerate(SEVERITIES)}

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .. import logs
-from ..errors import InvalidArgument, KernelError
+from ... import logs
+from ...errors import InvalidArgument, KernelError
 
 log = logs.get("tracing")
 
