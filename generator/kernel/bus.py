@@ -56,7 +56,7 @@ from .logs import new_id
 
 T = TypeVar("T")
 
-KINDS = ("message", "request", "reply", "error", "event", "thought", "report")  # report: an eMAD's (packs/emads.py)
+KINDS = ("message", "request", "reply", "error", "event", "thought", "report")  # report: an eMAD's (packs/emads/)
 MAX_CONTENT = 1_000_000
 MAX_ATTEMPTS = 5  # starts of one delivery that never completed before it is given up (poison request)
 

@@ -4,7 +4,7 @@ A generated MAD subclasses `Mad`, sets its class attributes, and decorates its t
 `@tool`. The runtime instantiates it with a `Kernel` handle made for that MAD alone, so
 `self.use(...)` reaches the kernel capabilities it was granted, `self.ask(...)` reaches the
 MADs it talks to over the conversation bus, `self.spawn(...)` runs instances of the roles it
-spawns (eMADs, kernel/packs/emads.py), and `self.store` its own tables; it holds no reference to the
+spawns (eMADs, kernel/packs/emads/), and `self.store` its own tables; it holds no reference to the
 runtime, the database, the secrets manager or any other MAD.
 """
 
@@ -88,7 +88,7 @@ class Mad:
     role: ClassVar[str] = ""
     level: ClassVar[str] = "V1"
     # "persistent": one instance for the ecosystem's life, its tools served, asked over the bus.
-    # "ephemeral": a role; MADs whose `spawns` names it run an instance of it per task (kernel/packs/emads.py).
+    # "ephemeral": a role; MADs whose `spawns` names it run an instance of it per task (kernel/packs/emads/).
     lifecycle: ClassVar[str] = "persistent"
     spawns: ClassVar[tuple[str, ...]] = ()  # the roles this MAD may spawn
     max_instances: ClassVar[int] = 1  # a role's instances running at once; more spawns wait their turn
@@ -171,7 +171,7 @@ class Mad:
         """Ask another MAD (one of `talks_to`) over the bus: a tool call when `tool` is set, else prose."""
         return await self._kernel.ask(mad, prose=prose, tool=tool, args=args, conversation_id=conversation_id)
 
-    # ---- eMADs (kernel/packs/emads.py) -------------------------------------------------------------
+    # ---- eMADs (kernel/packs/emads/) -------------------------------------------------------------
 
     async def spawn(self, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
         """Run an instance of `role` (one of `spawns`) on `task` and wait for it: returns {"instance", "role",

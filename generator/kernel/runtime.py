@@ -255,7 +255,7 @@ class Runtime:
 
     async def start(self) -> None:
         """Join conversations and start the persistent MADs in the configured order (their tables exist already);
-        a role gets no slot: its instances are spawned per task (kernel/packs/emads.py)."""
+        a role gets no slot: its instances are spawned per task (kernel/packs/emads/)."""
         self.started_at = now_iso()
         self._t0 = time.monotonic()
         for cls in self.config.mads:
@@ -462,17 +462,18 @@ class Runtime:
         return impl
 
     async def use(self, capability: str, caller: str, **kwargs: Any) -> Any:
-        if capability not in CAPABILITIES:
-            raise NotFound(f"no kernel capability {capability!r}")
         if caller not in self.slots and caller not in self.emads.live and not caller.startswith("client:"):
             raise AccessDenied(f"unknown caller {caller!r}")
         grants = self._grants_of(caller)
-        # Refused (and audited) before anything else, a capability of a pack this build lacks included.
+        # Refused (and audited) before anything else: a MAD probing for a capability this build does not have (a
+        # pack's it lacks, or none at all) is as suspect as one reaching past its grants.
         if grants is not None and capability not in grants.capabilities:
             family = capability.split(".", 1)[0]
             raise self._denied(caller, "kernel.use", capability,
                                f"MAD {caller!r} may not use {capability}: it owns {sorted(grants.owns) or 'no capability families'}, "
                                f"not {family!r}; ask the MAD that owns {family!r} over the bus")
+        if capability not in CAPABILITIES:
+            raise NotFound(f"no kernel capability {capability!r}")
         impl = self.capability_impl(capability)
         try:
             inspect.signature(impl).bind(caller, **kwargs)
@@ -541,7 +542,7 @@ class Runtime:
         return reply.unwrap()
 
     async def spawn(self, spawner: str, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
-        """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/packs/emads.py): refused, and
+        """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/packs/emads/): refused, and
         audited, unless `role` is among the spawner's `spawns`; in `conversation_id` (the spawner must be in it)
         or in a new conversation titled after the task."""
         grants = self._grants_of(spawner)

@@ -208,7 +208,7 @@ class Supervisor:
         await self._lifecycle(mad, "on_stop", fn, self.policy.stop_timeout_s, "stop_timeout_s")
 
     async def task(self, role: str, fn: Callable[[], Awaitable[T]], timeout_s: float) -> T:
-        """Run an eMAD's work (kernel/packs/emads.py) under its role's task_timeout_s, contained like a call but with
+        """Run an eMAD's work (kernel/packs/emads/) under its role's task_timeout_s, contained like a call but with
         no breaker: each instance is new, and its failure is its spawner's answer, not the role's fault."""
         return await self._lifecycle(role, "work", fn, timeout_s, "task_timeout_s")
 

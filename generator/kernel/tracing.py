@@ -3,7 +3,7 @@
 Off by default. Until `configure` finds an OTLP endpoint, `tracer` is None, nothing of the
 OpenTelemetry SDK is imported, and `start` returns `OFF`, whose methods do nothing: the hot
 path pays a call and an `is None` test. The OpenTelemetry side (the SDK, the OTLP exporter, the
-spans) is the tracing pack (packs/tracing.py), which an artifact carries, with its libraries,
+spans) is the tracing pack (packs/tracing/), which an artifact carries, with its libraries,
 only when its spec names it (`packs: {tracing: {}}` in ecosystem.yaml); configuring an endpoint
 in a build without it is a clear error.
 

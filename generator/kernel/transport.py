@@ -1,7 +1,7 @@
 """How request envelopes travel to the MAD that handles them, and how replies travel back.
 
 Two transports, chosen by configuration (`serve --bus URL`, or `<ECO>_BUS_URL`): the SQLite bus here, and
-Redis Streams in the `redis` pack (packs/redis.py), which an artifact carries only when its spec names
+Redis Streams in the `redis` pack (packs/redis/), which an artifact carries only when its spec names
 that pack (`packs: {redis: {}}` in ecosystem.yaml).
 
 - `LocalTransport` (the default, no URL or `local`): one process, the SQLite bus. A request is
