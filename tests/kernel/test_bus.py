@@ -39,7 +39,7 @@ def test_post_errors(runtime):
         asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], content="x", kind="bogus"))
     with pytest.raises(errors.InvalidArgument):
         asyncio.run(runtime.use("conversations.post", caller="rogers", conversation_id=conv["id"], bogus=1))
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.AccessDenied, match="may not use nope.nothing"):  # a MAD probing: refused, audited
         asyncio.run(runtime.use("nope.nothing", caller="rogers"))
     with pytest.raises(errors.AccessDenied):
         asyncio.run(runtime.use("conversations.list", caller="mallory"))
