@@ -1,5 +1,6 @@
 """The offline reviewers on a copy of the archived madgroup 1.0.2: clean, then with one planted defect each."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -176,17 +177,32 @@ def own_facts_cache(tmp_path, monkeypatch):
     deterministic._facts.cache_clear()
 
 
+@pytest.fixture
+def with_todays_kernel(artifact):
+    """The archived artifact with this regen's kernel in it, as a build made today carries it."""
+    from generator.kernel_contract import kernel_files
+
+    for rel, data in kernel_files("madgroup", ()).items():
+        (artifact / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (artifact / "src" / rel).write_bytes(data)
+    return artifact
+
+
 def _leaky_turing(artifact: Path) -> None:
     edit(artifact / TURING, GET_SECRET, "        secret = await self.use('secrets.get', name=name)\n"
                                         "        print(secret)\n        return secret\n")
 
 
-def test_a_second_run_judges_from_cached_facts_exactly_as_the_first(artifact, spec, own_facts_cache):
+def test_a_second_run_judges_from_cached_facts_exactly_as_the_first(with_todays_kernel, spec, own_facts_cache):
     from generator.review import deterministic
 
+    artifact = with_todays_kernel
     _leaky_turing(artifact)
     first = run_check("static", subject(artifact, spec), {})
-    assert list(own_facts_cache.rglob("*.json")), "the first run keeps what it parsed"
+    from generator.kernel_contract import kernel_files
+
+    kernel = {hashlib.sha256(data).digest() for rel, data in kernel_files("madgroup", ()).items() if rel.endswith(".py")}
+    assert len(list(own_facts_cache.rglob("*.json"))) == len(kernel), "each kernel file's facts are kept, no other's"
     deterministic._facts.cache_clear()  # another process: only the disk is left
     second = run_check("static", subject(artifact, spec), {})
     assert second == first and only(second, "secret-in-log").line == line_of(artifact / TURING, "print(secret)")
@@ -194,12 +210,13 @@ def test_a_second_run_judges_from_cached_facts_exactly_as_the_first(artifact, sp
     strict = spec.model_copy(update={"ecosystem": spec.ecosystem.model_copy(update={"principles": [
         *spec.ecosystem.principles, PrincipleRule(id="no-json", description="no json", forbid_imports=["json"])]})})
     kernel_json = [f for f in run_check("static", subject(artifact, strict), {}).findings if f.rule == "no-json"]
-    assert kernel_json and all(f.message.startswith("imports json") for f in kernel_json)
+    assert {f.file for f in kernel_json} >= {"src/madgroup/kernel/bus.py", "src/madgroup/kernel/runtime.py"}
 
 
-def test_a_damaged_or_unwritable_facts_cache_is_read_past(artifact, spec, own_facts_cache):
+def test_a_damaged_or_unwritable_facts_cache_is_read_past(with_todays_kernel, spec, own_facts_cache):
     from generator.review import deterministic
 
+    artifact = with_todays_kernel
     _leaky_turing(artifact)
     expected = run_check("static", subject(artifact, spec), {})
     for kept in own_facts_cache.rglob("*.json"):
@@ -213,13 +230,22 @@ def test_a_damaged_or_unwritable_facts_cache_is_read_past(artifact, spec, own_fa
     assert run_check("static", subject(artifact, spec), {}) == expected
 
 
-def test_an_edited_file_is_parsed_again_not_read_from_the_cache(artifact, spec, own_facts_cache):
+def test_facts_planted_in_the_cache_never_hide_a_generated_or_edited_files_findings(
+        with_todays_kernel, spec, own_facts_cache):
+    """Generated code (its tests run before the review, maybe with the user's home in reach) could write the
+    cache: only regen's own kernel files, byte for byte, are ever read from it."""
     from generator.review import deterministic
 
-    assert "secret-in-log" not in rules(run_check("static", subject(artifact, spec), {}))
+    artifact = with_todays_kernel
+    run_check("static", subject(artifact, spec), {})
+    for kept in own_facts_cache.rglob("*.json"):  # every entry now says: nothing here
+        kept.write_text(json.dumps({"imports": [], "calls": [], "leaks": []}))
     deterministic._facts.cache_clear()
     _leaky_turing(artifact)
-    assert only(run_check("static", subject(artifact, spec), {}), "secret-in-log").file == TURING
+    runtime = artifact / "src" / "madgroup" / "kernel" / "runtime.py"
+    runtime.write_text(runtime.read_text() + "\n\ndef leak(secret):\n    print(secret)\n")
+    found = {(f.file, f.rule) for f in run_check("static", subject(artifact, spec), {}).findings}
+    assert {(TURING, "secret-in-log"), ("src/madgroup/kernel/runtime.py", "secret-in-log")} <= found
 
 
 def test_logging_a_secret_value_read_from_turing_is_critical_at_its_line(artifact, spec):

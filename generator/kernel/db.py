@@ -148,7 +148,7 @@ class Database:
                 raise RuntimeError("Database.script cannot run inside an open transaction")
             self._sync_mode(full=True)
             try:
-                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nCOMMIT;")
+                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")  # own line: the script may end in a comment
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")

@@ -110,6 +110,7 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])  # ASGI allows leaving them out
                 headers = MutableHeaders(scope=message)  # edits the message's own header list
                 for name, value in extra.items():
                     headers.setdefault(name, value)

@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ class Runtime:
         # found, and the refusal comes before the server binds its port; so is a key that is not the state's
         # (or a malformed one), and a bus or a choice of MADs this process cannot serve.
         try:
+            core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
+            for family in sorted({f for m in config.mads for f in m.owns} - core_families - set(PACKS)):
+                load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
             self.migrated = apply_migrations(self.db, load_migrations() if migrations is None else migrations)
             self._tables = self._prepare_storage()
             if self.migrated:
@@ -199,6 +203,10 @@ class Runtime:
         except KernelError:
             self.db.close()
             raise
+        except sqlite3.OperationalError as exc:
+            self.db.close()
+            raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc}): another "
+                              "process may be upgrading it; retry when it has finished") from None
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
         self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
                                    config.client_budget_tokens, transport=model_transport,

@@ -53,6 +53,7 @@ dependencies  src/pyproject.toml and src/uv.lock against the spec (and the paren
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -62,7 +63,6 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -429,12 +429,32 @@ def _facts_cache() -> Path:
     return Path(root) / "regen" / "static-facts"
 
 
-@lru_cache(maxsize=512)
+@functools.cache
+def _kernel_digests() -> frozenset[str]:
+    """The sha256 of each Python file of this regen's own kernel, which every artifact carries byte for byte."""
+    kernel = Path(__file__).resolve().parents[1] / "kernel"
+    return frozenset(hashlib.sha256(p.read_bytes()).hexdigest() for p in kernel.rglob("*.py"))
+
+
+def _cached_facts_path(source: str) -> Path | None:
+    """Where the facts of `source` are kept on disk, or None for a file that is not one of regen's own kernel
+    files: only those are read from the cache. A generated file (or test) that planted facts for itself there
+    would otherwise hide its own findings; the kernel's are regen's, and the same in every build."""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    if digest not in _kernel_digests():
+        return None
+    key = hashlib.sha256(f"{_CHECKER}\0{digest}".encode()).hexdigest()
+    return _facts_cache() / key[:2] / f"{key}.json"
+
+
+@functools.lru_cache(maxsize=512)
 def _facts(source: str, path: str) -> _FileFacts:
-    """The facts of a file, read once per process and kept on disk by content (a gate, a test run, the next
-    build judge the same kernel files again and again). A file that does not parse raises, and is never kept."""
-    key = hashlib.sha256(f"{_CHECKER}\0{source}".encode()).hexdigest()
-    cached = _facts_cache() / key[:2] / f"{key}.json"
+    """The facts of a file, read once per process; a kernel file's are kept on disk by content (a gate, a test
+    run, the next build judge the same kernel files again and again). A file that does not parse raises, and is
+    never kept."""
+    cached = _cached_facts_path(source)
+    if cached is None:
+        return _read_facts(source, path)
     try:
         data = json.loads(cached.read_text(encoding="utf-8"))
         return _FileFacts(ModuleUses(tuple(map(tuple, data["imports"])), tuple(map(tuple, data["calls"]))),

@@ -505,6 +505,8 @@ def test_a_schema_script_is_one_transaction(bus_eco, tmp_path):  # noqa: F811
     with pytest.raises(RuntimeError, match="inside an open transaction"), db.transaction():
         db.script("CREATE TABLE c (x)")
     assert db.query("SELECT name FROM sqlite_master WHERE name = 'c'") == []
+    db.script("CREATE TABLE IF NOT EXISTS d (x)\n-- a schema may end in a comment")
+    assert db.query("SELECT name FROM sqlite_master WHERE name = 'd'") == [{"name": "d"}]
 
 
 def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco, tmp_path):  # noqa: F811

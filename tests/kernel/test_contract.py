@@ -156,3 +156,45 @@ def test_a_pack_capability_no_mad_owns_is_refused_and_audited_like_any_other(tmp
 
     assert asyncio.run(main()) == [{"actor": "rogers", "action": "kernel.use", "subject": s, "ok": 0}
                                    for s in ("files.read", "files.shred")]
+
+
+def test_a_state_database_that_cannot_be_used_is_a_clear_refusal_with_the_database_closed(
+        eco_modules, tmp_path, monkeypatch):
+    """Another process holding the database past the busy timeout (a long upgrade) is said in words, not a
+    traceback, and this process lets go of the database."""
+    import importlib
+    import sqlite3
+
+    config, kernel, runtime_mod = eco_modules
+    db_mod = importlib.import_module(kernel.__name__ + ".db")
+
+    def locked(self, sql):
+        raise sqlite3.OperationalError("database is locked")
+
+    closed = []
+    close = db_mod.Database.close
+    monkeypatch.setattr(db_mod.Database, "script", locked)
+    monkeypatch.setattr(db_mod.Database, "close", lambda self: (closed.append(self.path), close(self)))
+    with pytest.raises(kernel.KernelError, match=r"cannot be opened for use \(database is locked\): another process"):
+        runtime_mod.Runtime(config, tmp_path / "state")
+    assert closed == [tmp_path / "state" / "ecosystem.db"]
+
+
+def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_modules):
+    import asyncio
+    import importlib
+
+    _, kernel, _ = eco_modules
+    grace = importlib.import_module(kernel.__name__ + ".grace")
+
+    async def bare(scope, receive, send):  # ASGI lets a response start leave `headers` out
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(grace.SecurityHeaders(bare)({"type": "http", "scheme": "http"}, None, send))
+    assert {name for name, _ in sent[0]["headers"]} >= {b"content-security-policy", b"x-content-type-options"}

@@ -104,3 +104,20 @@ def test_an_ecosystem_with_roles_built_without_the_emads_pack_says_to_rebuild(tm
     result = _run(tmp_path, "roles_eco", "serve", "--state", str(tmp_path / "state"), "--port", "0")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "has roles (scout) but was built without the emads pack" in result.stderr, result.stderr
+
+
+def test_an_ecosystem_whose_mad_owns_a_pack_the_build_lacks_is_refused_at_start(tmp_path):
+    """A lone or pruned copy without a pack folder a MAD needs: refused at start, saying so and how to get it,
+    not started with every call to the pack refused as if the MAD did not own it."""
+    from conftest import build_ecosystem
+
+    pkg = build_ecosystem(tmp_path, "pruned_eco")
+    for pack in ("files", "data", "charts", "documents"):  # the pack, and those that require it
+        shutil.rmtree(pkg / "kernel" / "packs" / pack)
+    mads = pkg / "mads" / "__init__.py"
+    mads.write_text(mads.read_text().replace("MADS = (Turing, Rogers, Fiedler, Grace)",
+                                             "Rogers.owns = (*Rogers.owns, 'files')\nMADS = (Turing, Rogers, Fiedler, Grace)"))
+    result = _run(tmp_path, "pruned_eco", "serve", "--state", str(tmp_path / "state"), "--port", "0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "the 'files' capability pack is not in this build" in result.stderr, result.stderr
+    assert "nox -s regenerate" in result.stderr
