@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,6 +49,14 @@ def kernel_files(package: str, packs: Iterable[str] = ()) -> dict[str, bytes]:
     return {kernel_folder(package) + rel: path.read_bytes()
             for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()
             if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel.startswith(wanted)}
+
+
+@functools.cache
+def kernel_digests() -> frozenset[str]:
+    """The sha256 of each Python file of this regen's kernel, core and packs: an artifact carries them byte for
+    byte, so a file with one of these digests is regen's own, not generated."""
+    return frozenset(hashlib.sha256(path.read_bytes()).hexdigest()
+                     for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items() if rel.endswith(".py"))
 
 
 def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:

@@ -72,6 +72,7 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 from pydantic import ValidationError
 
 from ..errors import UserError
+from ..kernel_contract import kernel_digests
 from ..sandbox.run import LEVELS, SandboxResult
 from ..senior import check as senior_check
 from ..senior.check import ModuleUses, dotted_name, module_uses, principle_violations
@@ -429,19 +430,12 @@ def _facts_cache() -> Path:
     return Path(root) / "regen" / "static-facts"
 
 
-@functools.cache
-def _kernel_digests() -> frozenset[str]:
-    """The sha256 of each Python file of this regen's own kernel, which every artifact carries byte for byte."""
-    kernel = Path(__file__).resolve().parents[1] / "kernel"
-    return frozenset(hashlib.sha256(p.read_bytes()).hexdigest() for p in kernel.rglob("*.py"))
-
-
 def _cached_facts_path(source: str) -> Path | None:
     """Where the facts of `source` are kept on disk, or None for a file that is not one of regen's own kernel
     files: only those are read from the cache. A generated file (or test) that planted facts for itself there
     would otherwise hide its own findings; the kernel's are regen's, and the same in every build."""
     digest = hashlib.sha256(source.encode()).hexdigest()
-    if digest not in _kernel_digests():
+    if digest not in kernel_digests():
         return None
     key = hashlib.sha256(f"{_CHECKER}\0{digest}".encode()).hexdigest()
     return _facts_cache() / key[:2] / f"{key}.json"
