@@ -178,13 +178,18 @@ def own_facts_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def with_todays_kernel(artifact):
-    """The archived artifact with this regen's kernel in it, as a build made today carries it."""
+def with_todays_kernel(tmp_path):
+    """A build as one made today carries the core of the kernel, with the archived Turing beside it: small, so
+    the cache tests parse it cold several times in seconds."""
     from generator.kernel_contract import kernel_files
 
+    artifact = tmp_path / "small"
     for rel, data in kernel_files("madgroup", ()).items():
         (artifact / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
         (artifact / "src" / rel).write_bytes(data)
+    (artifact / TURING).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ARCHIVE / NEWEST / TURING, artifact / TURING)
+    shutil.copyfile(ARCHIVE / NEWEST / "tests.json", artifact / "tests.json")
     return artifact
 
 
