@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     regenerate.add_argument(
         "--fresh", action="store_true",
-        help="synthesise every unit again, reusing nothing from the previous version (any pipeline)",
+        help="synthesise every unit again, reusing nothing from the previous version (any pipeline), and run the "
+             "sandbox tests even when this exact tree passed before",
     )
     regenerate.add_argument("--no-cache", action="store_true", help="ignore the response cache in .regen/cache")
     regenerate.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")

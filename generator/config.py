@@ -119,7 +119,8 @@ class RunOptions(Frozen):
     out_dir: Path
     cache_dir: Path | None = Field(default=None, description="the response cache folder; None: no cache")
     replay: Path | None = Field(default=None, description="an artifact whose transcript answers every request")
-    fresh: bool = Field(default=False, description="synthesise every unit again: nothing is reused from the parent")
+    fresh: bool = Field(default=False, description="synthesise every unit again: nothing is reused from the parent, "
+                                               "and the sandbox tests run even when this exact tree passed before")
     reports_dir: Path = Field(default=Path(".regen/reports"), description="where a rejected build's review goes")
     runs_dir: Path | None = Field(default=None, description="where run logs go; None: .regen/runs beside the out folder")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -57,15 +58,22 @@ def spec_dir(tmp_path_factory) -> Path:
     return builtin_only_spec(tmp_path_factory.mktemp("spec") / "spec", CORE_MADS)
 
 
-def _build(spec: Path, out: Path, **more):
+def _build(spec: Path, out: Path, report: Reporter | None = None, **more):
     options = RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out, **more)
-    return regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
+    return regenerate(BuildContext(options=options, report=report or Reporter(quiet=True)))
 
 
 @pytest.mark.slow
 def test_two_builds_of_the_same_spec_in_different_folders_are_byte_identical(tmp_path, spec_dir):
-    first, second = _build(spec_dir, tmp_path / "one"), _build(spec_dir, tmp_path / "two")
+    """The second build's tree is the first's, which passed in the sandbox: its tests are not run again, and
+    nothing in the artifact says so (only the build's output)."""
+    from rich.console import Console
+
+    said = io.StringIO()
+    first = _build(spec_dir, tmp_path / "one")
+    second = _build(spec_dir, tmp_path / "two", report=Reporter(console=Console(file=said, width=400)))
     assert first.version == second.version == "1.0.0"
+    assert "not run again" in said.getvalue() and "this exact tree passed at" in said.getvalue()
     a, b = tree_hashes(first.path), tree_hashes(second.path)
     assert a == b and len(a) > 40
     modes = {p.relative_to(first.path).as_posix(): p.stat().st_mode & 0o777 for p in first.path.rglob("*")}

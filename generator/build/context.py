@@ -17,10 +17,11 @@ from ..frozen import Frozen
 from ..progress import Reporter
 
 
-def _run_tests(src: Path, settings: SandboxSettings, work: Path, level: str | None, warn: Callable[[str], None]):
-    from ..sandbox.run import run_tests
+def _run_tests(src: Path, settings: SandboxSettings, work: Path, level: str | None, warn: Callable[[str], None],
+               reuse: bool = False):
+    from ..sandbox.run import run_tests  # looked up at each call: a test may stand in a recorded run for it
 
-    return run_tests(src, settings, work, level=level, warn=warn)
+    return run_tests(src, settings, work, level=level, warn=warn, reuse=reuse)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class BuildContext:
     reviewers: Mapping[str, object] | None = None
     """Stand in for LLM reviewers, by reviewer name."""
     sandbox: Callable = _run_tests
-    """Runs the ecosystem's own tests: (src, settings, work, level, warn) -> SandboxResult."""
+    """Runs the ecosystem's own tests: (src, settings, work, level, warn, reuse) -> SandboxResult; with `reuse`, a
+    tree that already passed exactly so is not run again."""
     sandbox_level: str | None = None
     """Forces the isolation level (tests); None: the strongest available."""
     signing_key: object | None = None

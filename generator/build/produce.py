@@ -139,8 +139,10 @@ def sandbox(ctx: BuildContext, prepared: Prepared, src: Path) -> SandboxResult:
     work.mkdir()
     try:
         with ctx.report.stage("test", "the ecosystem's own tests in the sandbox") as info:
-            tests = ctx.sandbox(src, prepared.pipeline.sandbox, work, ctx.sandbox_level, ctx.report.warn)
-            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})"
+            tests = ctx.sandbox(src, prepared.pipeline.sandbox, work, ctx.sandbox_level, ctx.report.warn,
+                                reuse=not ctx.options.fresh)
+            info["note"] = f"{tests.passed} passed, {tests.failed + tests.errors} failed ({tests.level})" + (
+                f"; this exact tree passed at {tests.reused_from}, not run again" if tests.reused_from else "")
         return tests
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -52,7 +52,8 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
         ("files", f"{archived.outputs} ({len(synthesis.files)} synthesised, kernel copied)"),
         ("tokens", f"spent now: {spent(synthesis)}; the answers it is built from took {manifest.tokens.prompt:,} in, "
                    f"{manifest.tokens.completion:,} out, ${manifest.cost_usd:.4f}"),
-        ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"),
+        ("tests", f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped"
+                  + (f" (this exact tree passed at {tests.reused_from}; not run again)" if tests.reused_from else "")),
         ("sandbox", tests.level + ("" if tests.level == "bubblewrap" else "  [yellow](weaker than bubblewrap)[/]")),
         ("review", f"{review.outcome} by panel {review.panel}: {review.final.consensus.arithmetic}"
          + (f"; {review.repairs} repair round(s)" if review.repairs else "")

@@ -55,10 +55,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
-import json
-import os
 import re
-import tempfile
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -77,6 +74,7 @@ from ..sandbox.run import LEVELS, SandboxResult
 from ..senior import check as senior_check
 from ..senior.check import ModuleUses, dotted_name, module_uses, principle_violations
 from ..spec.model import PINNED_REQUIREMENT, PrincipleRule
+from ..user_cache import entry, keep_entry, read_entry
 from .models import BLOCKING, SEVERITIES, Finding, Subject, VerdictAnswer
 from .panel import check_options
 
@@ -423,13 +421,6 @@ _CHECKER = hashlib.sha256(b"".join(Path(m).read_bytes() for m in (__file__, seni
                           + version("libcst").encode()).hexdigest()
 
 
-def _facts_cache() -> Path:
-    """Where parsed facts are kept between runs: parsing a file with positions costs far more than judging it,
-    and every build carries the same kernel files."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "regen" / "static-facts"
-
-
 def _cached_facts_path(source: str) -> Path | None:
     """Where the facts of `source` are kept on disk, or None for a file that is not one of regen's own kernel
     files: only those are read from the cache. A generated file (or test) that planted facts for itself there
@@ -437,8 +428,7 @@ def _cached_facts_path(source: str) -> Path | None:
     digest = hashlib.sha256(source.encode()).hexdigest()
     if digest not in kernel_digests():
         return None
-    key = hashlib.sha256(f"{_CHECKER}\0{digest}".encode()).hexdigest()
-    return _facts_cache() / key[:2] / f"{key}.json"
+    return entry("static-facts", hashlib.sha256(f"{_CHECKER}\0{digest}".encode()).hexdigest())
 
 
 @functools.lru_cache(maxsize=512)
@@ -449,20 +439,14 @@ def _facts(source: str, path: str) -> _FileFacts:
     cached = _cached_facts_path(source)
     if cached is None:
         return _read_facts(source, path)
+    data = read_entry(cached)
     try:
-        data = json.loads(cached.read_text(encoding="utf-8"))
         return _FileFacts(ModuleUses(tuple(map(tuple, data["imports"])), tuple(map(tuple, data["calls"]))),
                           tuple(map(tuple, data["leaks"])))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         pass
     facts = _read_facts(source, path)
-    try:  # written whole or not at all: concurrent builds may read it at any moment
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cached.parent, delete=False) as out:
-            json.dump({"imports": facts.uses.imports, "calls": facts.uses.calls, "leaks": facts.leaks}, out)
-        os.replace(out.name, cached)
-    except OSError:
-        pass  # a read-only or full cache folder only costs the next run the parse
+    keep_entry(cached, {"imports": facts.uses.imports, "calls": facts.uses.calls, "leaks": facts.leaks})
     return facts
 
 

@@ -26,6 +26,7 @@ from pydantic import Field
 from ..config import SandboxLevel, SandboxSettings
 from ..errors import BuildFailed
 from ..frozen import Frozen
+from .reuse import recall, remember, run_key
 
 LEVELS: tuple[SandboxLevel, ...] = ("bubblewrap", "unshare", "none")
 MAX_PROCESSES = 512  # a fork bomb in generated tests stops here
@@ -50,6 +51,7 @@ class SandboxResult(Frozen):
     tests: tuple[TestOutcome, ...]
     exit_code: int
     output_tail: str = ""
+    reused_from: str | None = Field(default=None, description="when this identical tree passed, if not run now")
 
     @property
     def ok(self) -> bool:
@@ -57,7 +59,7 @@ class SandboxResult(Frozen):
 
     def record(self) -> dict:
         """tests.json: the results without the run's raw output (paths and timings vary run to run)."""
-        return self.model_dump(mode="json", exclude={"output_tail"})
+        return self.model_dump(mode="json", exclude={"output_tail", "reused_from"})
 
     def proving(self, requirement: str) -> tuple[TestOutcome, ...]:
         """The tests that name `requirement`."""
@@ -256,8 +258,10 @@ def run_tests(
     work: Path,
     level: SandboxLevel | None = None,
     warn: Callable[[str], None] = lambda _: None,
+    reuse: bool = False,
 ) -> SandboxResult:
-    """Copy `src` to `work`, make its venv, run its tests fenced; never writes into `src`."""
+    """Copy `src` to `work`, make its venv, run its tests fenced; never writes into `src`. With `reuse`, a tree
+    that already passed exactly so is not run again (see reuse.py)."""
     level = level or available_level()
     if LEVELS.index(level) > LEVELS.index(settings.require):
         raise BuildFailed(
@@ -266,6 +270,9 @@ def run_tests(
         )
     if level == "none":
         warn("NO SANDBOX: bubblewrap and `unshare -n` are unavailable; the tests run with full network access")
+    key = run_key(src, settings, level) if reuse else None
+    if key and (remembered := recall(key)):
+        return remembered
     work = work.resolve()
     project = work / "src"
     venv = work / "venv"
@@ -288,7 +295,7 @@ def run_tests(
         raise BuildFailed(f"the ecosystem's tests ran over the {settings.timeout_seconds}s sandbox time limit")
     tests = _read_junit(junit) if junit.exists() else ()
     count = {o: sum(1 for t in tests if t.outcome == o) for o in ("passed", "failed", "error", "skipped")}
-    return SandboxResult(
+    result = SandboxResult(
         level=level,
         passed=count["passed"],
         failed=count["failed"],
@@ -298,6 +305,9 @@ def run_tests(
         exit_code=code,
         output_tail="\n".join(output.splitlines()[-60:]),
     )
+    if key:
+        remember(key, result)
+    return result
 
 
 def run_fenced(argv: list[str], cwd: Path, venv: Path, work: Path, level: SandboxLevel,
