@@ -136,10 +136,8 @@ class RunningEcosystem:
         return f"{self.url}/mcp"
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """What the server has written to stdout and stderr ("" before its first start)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
