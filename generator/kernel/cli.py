@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -159,13 +160,9 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 refused += 1
                 continue
-            if gone:
-                print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}")
-            else:
-                print(f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
+            print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}" if gone
+                  else f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
         return 2 if refused else 0
-    import asyncio
-
     from .runtime import Runtime
 
     async def send() -> int:
