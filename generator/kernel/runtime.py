@@ -130,10 +130,11 @@ LIFECYCLES = ("persistent", "ephemeral")
 def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
     """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
     mads = list(mads)
-    roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
-    for cls in mads:
+    for cls in mads:  # first: a MAD of no known lifecycle is named as such, before what it makes others lack
         if cls.lifecycle not in LIFECYCLES:
             raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
+    roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
+    for cls in mads:
         unknown = sorted(set(cls.spawns) - set(roles))
         if unknown:
             raise InvalidArgument(f"MAD {cls.name!r} spawns {', '.join(unknown)}, which is no role (a MAD with lifecycle "
