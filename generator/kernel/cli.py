@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -12,20 +13,18 @@ from contextlib import closing
 from pathlib import Path
 
 from . import logs
+from .audit import ANCHOR_FILE, AuditLog, verify_file
 from .clients import ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
+from .db import Database
 from .errors import InvalidArgument, KernelError
 from .supervisor import SupervisionPolicy
 
 
 def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        days = -1
-    if days < 0:
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (0 or more)")
-    return days
+    return int(text)
 
 
 def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
@@ -161,13 +160,9 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 refused += 1
                 continue
-            if gone:
-                print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}")
-            else:
-                print(f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
+            print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}" if gone
+                  else f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
         return 2 if refused else 0
-    import asyncio
-
     from .runtime import Runtime
 
     async def send() -> int:
@@ -194,8 +189,6 @@ def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 
 def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    from .audit import ANCHOR_FILE, verify_file
-
     anchor = args.anchor or (args.state / ANCHOR_FILE)
     count, head, problems = verify_file(args.state / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
     if problems:
@@ -207,9 +200,7 @@ def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 
 def _rotate_key(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    from .audit import AuditLog
-    from .db import Database
-    from .secrets import KeySource, SecretsManager
+    from .secrets import KeySource, SecretsManager  # cryptography: loaded only by the commands that need it
 
     if not (args.state / "ecosystem.db").is_file():
         raise KernelError(f"no database at {args.state / 'ecosystem.db'}: pass the ecosystem's state directory "
@@ -293,9 +284,6 @@ def _token(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None:
     """An operator's change to who may call in, in the state's hash-chained audit log (never a token)."""
-    from .audit import AuditLog
-    from .db import Database
-
     with closing(Database(state / "ecosystem.db")) as db:
         AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
 
@@ -315,7 +303,6 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         print(token, flush=True)
         return 0
     if args.clients_command == "unlock":
-        from .db import Database
         from .grace import unlock
 
         if bool(args.address) == bool(args.all):

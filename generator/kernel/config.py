@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,18 +20,11 @@ class ModelAlias(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    provider: str = "echo"
+    provider: Literal["echo", "openai"] = "echo"
     model: str = ""
     api_base: str = ""
     api_key_secret: str = ""
     timeout_s: float = 60.0
-
-    @field_validator("provider")
-    @classmethod
-    def _known_provider(cls, value: str) -> str:
-        if value not in ("echo", "openai"):
-            raise ValueError(f"unknown model provider {value!r}; expected 'echo' or 'openai'")
-        return value
 
 
 class EcosystemConfig(BaseModel):
@@ -39,7 +32,7 @@ class EcosystemConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    name: str
+    name: str = Field(pattern=_NAME.pattern)
     description: str = ""
     version: str = ""
     models: dict[str, ModelAlias] = Field(default_factory=lambda: {"default": ModelAlias()})
@@ -53,13 +46,6 @@ class EcosystemConfig(BaseModel):
     capability_tools: dict[str, str] = Field(
         default_factory=dict, description="kernel capability -> the '<mad>.<tool>' bound to it: what a client must be "
                                           "allowed to see that capability's data anywhere, Grace's pages included")
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"ecosystem name {value!r} must match {_NAME.pattern}")
-        return value
 
     @field_validator("mads")
     @classmethod

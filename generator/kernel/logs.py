@@ -43,9 +43,7 @@ class _Entropy:
     SIZE = 4096
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._used = 0
+        self._forget()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -84,9 +82,8 @@ class JsonFormatter(logging.Formatter):
         for key, var in (("correlation_id", correlation_id), ("principal", principal), ("mad", mad)):
             if value := var.get():
                 entry[key] = value
-        for key, value in record.__dict__.items():
-            if key not in _STD_ATTRS and not key.startswith("_"):
-                entry[key] = value
+        entry.update((key, value) for key, value in record.__dict__.items()
+                     if key not in _STD_ATTRS and not key.startswith("_"))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -97,17 +94,14 @@ def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
+    root.handlers = [handler]
     root.setLevel(level)
     # Library loggers stay at WARNING: at DEBUG they may echo request bodies, which can hold secrets.
     for name in ("mcp", "httpx", "httpx2", "httpcore", "httpcore2", "uvicorn.access", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
-        lg = logging.getLogger(name)
-        lg.handlers = []
-        lg.propagate = True
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
 
 
 def get(name: str) -> logging.Logger:

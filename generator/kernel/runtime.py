@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover
 from . import logs, tracing
 from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
-from .capabilities import CAPABILITIES, PACKS, available, granted, with_required
+from .capabilities import CAPABILITIES, PACKS, granted, with_required
 from .config import EcosystemConfig
 from .db import Database, TableStore, ident
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
@@ -56,19 +57,10 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _pack_depth(name: str) -> int:
-    """How many packs deep `name`'s requirements go: a pack is loaded after those it requires."""
-    return 1 + max((_pack_depth(r) for r in PACKS[name].requires), default=0)
-
-
 def _implementations(owner: object) -> dict[str, Callable[..., Any]]:
     """capability -> the bound method of `owner` marked `@implements(capability)`."""
-    found = {}
-    for attr in dir(type(owner)):
-        capability = getattr(getattr(type(owner), attr), IMPL_ATTR, None)
-        if capability:
-            found[capability] = getattr(owner, attr)
-    return found
+    return {capability: getattr(owner, attr) for attr in dir(type(owner))
+            if (capability := getattr(getattr(type(owner), attr), IMPL_ATTR, None))}
 
 
 def _runs_in_place(mad: Mad, tool: str) -> bool:
@@ -84,6 +76,16 @@ def _class_runs_in_place(cls: type[Mad], tool: str) -> bool:
     # What call_tool runs is the attribute itself: judge that (an override without @tool is not the function flagged).
     return (cls.handle is Mad.handle and cls.call_tool is Mad.call_tool and fn is not None
             and inspect.getattr_static(cls, tool, None) is fn and never_suspends(fn))
+
+
+def _bus_span(verb: str, request: Envelope, target: str, tool: Any, principal: str, **how: Any) -> Any:
+    """The span of a bus hop's send or delivery; OFF while tracing is off, without making its attributes."""
+    if tracing.tracer is None:
+        return tracing.OFF
+    return tracing.start(f"bus {verb} {target}", {
+        "regen.correlation_id": request.correlation_id, "regen.sender": request.sender, "regen.mad": target,
+        "regen.tool": tool, "regen.client": tracing.client_of(principal), "regen.envelope_id": request.id,
+    }, **how)
 
 
 class Grants:
@@ -128,7 +130,7 @@ LIFECYCLES = ("persistent", "ephemeral")
 def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
     """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
     mads = list(mads)
-    for cls in mads:
+    for cls in mads:  # first: a MAD of no known lifecycle is named as such, before what it makes others lack
         if cls.lifecycle not in LIFECYCLES:
             raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
     roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
@@ -181,12 +183,13 @@ class Runtime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.db = Database(self.state_dir / "ecosystem.db")
+        owned = {family for m in config.mads for family in m.owns}
         # Storage first, before anything else writes: a state this version cannot use is refused as it was
         # found, and the refusal comes before the server binds its port; so is a key that is not the state's
         # (or a malformed one), and a bus or a choice of MADs this process cannot serve.
         try:
             core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
-            for family in sorted({f for m in config.mads for f in m.owns} - core_families - set(PACKS)):
+            for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
             self.migrated = apply_migrations(self.db, load_migrations() if migrations is None else migrations)
             self._tables = self._prepare_storage()
@@ -218,7 +221,7 @@ class Runtime:
         self.metrics = Metrics({m.name: m.tool_methods() for m in config.mads},
                                lambda: {n: self.supervisor.health(n)["ok"] for n in self.slots})  # up, breaker closed
         self.metrics.build_info(ecosystem=config.name, version=self.version,
-                                inputs_hash=str(self.build.get("inputs_hash", "")))
+                                inputs_hash=self.build.get("inputs_hash", ""))
         self.emads = (self._emads_pack().Emads(self.db, self._roles, self.bus, self.supervisor, self.metrics)
                       if self._roles else NoRoles())
         self._kernels = {cls.name: self._kernel_for(cls.name) for cls in config.persistent_mads}
@@ -230,18 +233,12 @@ class Runtime:
         # The capability packs of the families its MADs own, by name: the runtime imports no pack itself.
         self.packs: dict[str, Pack] = {}
         # A pack another pack requires is loaded too (before it), though no MAD is granted its capabilities.
-        wanted = with_required(family for m in config.mads for family in m.owns)
-        for name in sorted(wanted, key=lambda n: (_pack_depth(n), n)):
+        for name in TopologicalSorter({n: PACKS[n].requires for n in sorted(with_required(owned))}).static_order():
             self.packs[name] = load(name)(PackContext(
                 ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
-                audit=lambda actor, action, subject, ok, detail: self.audit.append(
-                    actor, action, subject, ok, detail, self._on_behalf_of(actor)),
-                denied=self._denied, peer=self._peer_for(name), audit_entries=self.audit.since,
+                audit=self._audit, denied=self._denied, peer=self._peer_for(name), audit_entries=self.audit.since,
                 post=self._pack_post))
-            self._impls.update(_implementations(self.packs[name]))
-        missing = set(available(self.packs)) - set(self._impls)
-        if missing:  # pragma: no cover - guarded by the kernel test
-            raise RuntimeError(f"kernel does not implement: {sorted(missing)}")
+            self._impls.update(_implementations(self.packs[name]))  # all of capabilities.available: test_contract.py
         self.started_at = ""
         self._t0 = 0.0
         self.running = False
@@ -396,9 +393,7 @@ class Runtime:
 
     def _secrets_policy(self, caller: str) -> tuple[bool, set[str]]:
         grants = self._grants_of(caller)
-        if grants is None:
-            return False, set()
-        return "secrets" in grants.owns, set(grants.secrets)
+        return (False, set()) if grants is None else ("secrets" in grants.owns, set(grants.secrets))
 
     def _kernel_for(self, name: str, task_conversation: str = "") -> Kernel:
         """The one handle MAD `name` gets (a persistent MAD, or an eMAD instance whose asks go to its task
@@ -433,12 +428,11 @@ class Runtime:
 
     def _pack_post(self, actor: str, title: str, content: str) -> dict[str, Any]:
         """A pack's post to the conversation titled `title` (made if missing), sent as `actor`."""
-        conversation = self.bus.ensure(title, actor)
-        return self.bus.post(conversation["id"], actor, content)
+        return self.bus.post(self.bus.ensure(title, actor)["id"], actor, content)
 
     def _denied(self, caller: str, action: str, subject: str, why: str) -> AccessDenied:
         """Audit and log a refused request of a MAD; the AccessDenied to raise."""
-        self.audit.append(caller, action, subject, False, why, self._on_behalf_of(caller))
+        self._audit(caller, action, subject, False, why)
         log.warning("access denied", extra={"caller": caller, "action": action, "subject": subject})
         return AccessDenied(why)
 
@@ -480,9 +474,7 @@ class Runtime:
             raise self._denied(caller, "kernel.use", capability,
                                f"MAD {caller!r} may not use {capability}: it owns {sorted(grants.owns) or 'no capability families'}, "
                                f"not {family!r}; ask the MAD that owns {family!r} over the bus")
-        if capability not in CAPABILITIES:
-            raise NotFound(f"no kernel capability {capability!r}")
-        impl = self.capability_impl(capability)
+        impl = self.capability_impl(capability)  # NotFound for a name not in this build's catalogue
         try:
             inspect.signature(impl).bind(caller, **kwargs)
         except TypeError as exc:
@@ -497,7 +489,11 @@ class Runtime:
         key = (actor, action, subject)
         if key not in self._used:
             self._used.add(key)
-            self.audit.append(actor, action, subject, True, "first use since start", self._on_behalf_of(actor))
+            self._audit(actor, action, subject, True, "first use since start")
+
+    def _audit(self, actor: str, action: str, subject: str, ok: bool, detail: str) -> None:
+        """An entry of the audit log, naming the principal `actor` acted for when that is someone else."""
+        self.audit.append(actor, action, subject, ok, detail, self._on_behalf_of(actor))
 
     def _on_behalf_of(self, caller: str) -> str:
         who = logs.principal.get()
@@ -520,8 +516,11 @@ class Runtime:
                         instance = await self._ready(mad)
                         result = await self._handler(mad, tool, lambda: instance.call_tool(tool, args),
                                                      at_once=_runs_in_place(instance, tool))
-                    else:  # another process of this ecosystem serves it (serve --mads): over the shared bus
-                        result = await self._remote_tool(mad, tool, args)
+                    else:  # another process of this ecosystem serves it (serve --mads): a request over the shared
+                        # bus from the "gateway", on behalf of the principal (admitted for this tool above)
+                        payload = {"to": mad, "tool": tool, "args": dict(args)}
+                        _, pending = await self._submit("gateway", mad, "", payload, "", want_reply=True)
+                        result = (await pending).unwrap()
             except Exception as exc:
                 # A MadFault: the MAD's code raised or hung (the supervisor logged the details); another
                 # KernelError: a refusal; anything else: a crash outside the MAD.
@@ -546,8 +545,7 @@ class Runtime:
         The request is durable before it runs (bus.py): if the process dies before the reply, it
         runs again at the next start, or on another process of a shared bus."""
         _, pending = await self._send(sender, target, prose, tool, args, conversation_id, want_reply=True)
-        reply: Reply = await pending  # want_reply=True: always an awaitable
-        return reply.unwrap()
+        return (await pending).unwrap()  # want_reply=True: pending is always an awaitable of a Reply
 
     async def spawn(self, spawner: str, role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
         """Run an instance of `role` on `task` for `spawner` (a MAD's `spawn`, kernel/packs/emads/): refused, and
@@ -596,13 +594,6 @@ class Runtime:
             payload.update(tool=tool, args=dict(args or {}))
         return await self._submit(sender, target, prose, payload, conversation_id, want_reply=want_reply)
 
-    async def _remote_tool(self, mad: str, tool: str, args: dict[str, Any]) -> Any:
-        """An outside principal's tool call on a MAD another process serves: a request over the shared
-        bus from the "gateway", on behalf of the principal (admitted for this tool by the caller)."""
-        _, pending = await self._submit("gateway", mad, "", {"to": mad, "tool": tool, "args": dict(args)}, "", want_reply=True)
-        reply: Reply = await pending
-        return reply.unwrap()
-
     async def _submit(self, sender: str, target: str, prose: str, payload: dict[str, Any], conversation_id: str, *,
                       want_reply: bool) -> tuple[Callable[[], dict[str, Any]], Any]:
         known = not conversation_id  # the pair's own conversation, which this runtime made or found: it exists
@@ -618,17 +609,10 @@ class Runtime:
         request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload,
                                     known_conversation=known)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
-        span = tracing.start(f"bus send {target}", {
-            "regen.correlation_id": request.correlation_id, "regen.sender": sender, "regen.mad": target,
-            "regen.tool": payload.get("tool"), "regen.client": tracing.client_of(who), "regen.envelope_id": request.id,
-        }, kind="producer", current=False) if tracing.tracer is not None else tracing.OFF
-        span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
-        try:
+        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), who, kind="producer",
+                                      current=False)) as span:
+            span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
             pending = await self.transport.submit(request, stored, want_reply=want_reply)
-        except BaseException as exc:
-            span.end(tracing.outcome_of(exc), exc)
-            raise
-        span.end()
         self.metrics.message(self._as_mad(sender), "request")
         # The envelope as stored, made only for a caller that wants it (`submit`): a hop need not pay for it.
         return (lambda: request.model_copy(update={"payload": stored}).as_dict()), pending
@@ -642,11 +626,8 @@ class Runtime:
         outcome: tuple[str, BaseException | None] = ("interrupted", None)  # until it answers, or refuses
         with logs.bound((logs.correlation_id, request.correlation_id), (logs.mad, target),
                         (current_delivery, request.id), (logs.principal, str(request.payload.get("on_behalf_of", "")))):
-            span = tracing.start(f"bus deliver {target}", {
-                "regen.correlation_id": request.correlation_id, "regen.sender": request.sender, "regen.mad": target,
-                "regen.tool": tool, "regen.client": tracing.client_of(logs.principal.get()),
-                "regen.envelope_id": request.id,
-            }, kind="consumer", carrier=request.payload) if tracing.tracer is not None else tracing.OFF
+            span = _bus_span("deliver", request, target, tool, logs.principal.get(), kind="consumer",
+                             carrier=request.payload)
             try:
                 receiver = await self._ready(target)
                 result = await self._handler(target, "handle", lambda: receiver.handle(envelope), tool,
@@ -673,17 +654,11 @@ class Runtime:
         if tracing.tracer is None:
             return await self.supervisor.call(mad, op, run, at_once=at_once)
         tool = tool or op
-        span = tracing.start(f"{mad}.{tool}", {
+        with tracing.ending(tracing.start(f"{mad}.{tool}", {
             "regen.correlation_id": logs.correlation_id.get(), "regen.mad": mad, "regen.tool": tool,
             "regen.client": tracing.client_of(logs.principal.get()),
-        })
-        try:
-            result = await self.supervisor.call(mad, op, run, at_once=at_once)
-        except BaseException as exc:
-            span.end(tracing.outcome_of(exc), exc)
-            raise
-        span.end()
-        return result
+        })):
+            return await self.supervisor.call(mad, op, run, at_once=at_once)
 
     # ---- capabilities: conversations ---------------------------------------------------------
 
@@ -696,9 +671,9 @@ class Runtime:
         self, caller: str, conversation_id: str, content: str, kind: str = "message", correlation_id: str = ""
     ) -> dict:
         self._check_member(caller, conversation_id, "post")
-        who = logs.principal.get()
-        payload = {"on_behalf_of": who} if who and who != caller else None
-        posted = self.bus.post(conversation_id, caller, content, kind, correlation_id or logs.correlation_id.get(), payload)
+        who = self._on_behalf_of(caller)
+        posted = self.bus.post(conversation_id, caller, content, kind, correlation_id or logs.correlation_id.get(),
+                               {"on_behalf_of": who} if who else None)
         self.metrics.message(self._as_mad(caller), kind)
         return posted
 

@@ -57,9 +57,7 @@ async def mcp_client(url: str, token: str) -> AsyncIterator[Any]:
     from mcp.client import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/mcp"):
-        endpoint += "/mcp"
+    endpoint = url.rstrip("/").removesuffix("/mcp") + "/mcp"
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30.0, read=120.0))
     async with http:
         async with Client(streamable_http_client(endpoint, http_client=http), cache=None) as client:
@@ -72,9 +70,9 @@ def result_value(result: Any) -> Any:
         text = " ".join(getattr(c, "text", "") for c in result.content)
         raise ToolCallError(text)
     structured = getattr(result, "structured_content", None)
+    if isinstance(structured, dict) and set(structured) == {"result"}:
+        return structured["result"]  # a result that is no object, wrapped by the server
     if structured is not None:
-        if isinstance(structured, dict) and set(structured) == {"result"}:
-            return structured["result"]
         return structured
     values = [_json_or_text(c.text) for c in result.content if getattr(c, "text", None) is not None]
     return values[0] if len(values) == 1 else values or None
@@ -123,8 +121,7 @@ class RunningEcosystem:
         self.startup_timeout = startup_timeout
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
-        self._logdir = tempfile.mkdtemp(prefix=f"{package}-logs-")
-        self.log_path = Path(self._logdir) / "server.log"
+        self.log_path = Path(tempfile.mkdtemp(prefix=f"{package}-logs-")) / "server.log"
         token_path, problem = ClientRegistry(self.state_dir).ensure(token_name)
         if problem:
             raise RuntimeError(f"no usable token for client {token_name!r}: {problem}")
@@ -139,10 +136,8 @@ class RunningEcosystem:
         return f"{self.url}/mcp"
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """What the server has written to stdout and stderr ("" before its first start)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,14 +65,10 @@ class _Off:
     __slots__ = ()
     recording = False
 
-    def set(self, key: str, value: Any) -> None:
-        pass
+    def _nothing(self, *_args: Any, **_kwargs: Any) -> None:
+        """set(key, value), inject(carrier), end(outcome="ok", error=None): as the pack's Span has them."""
 
-    def inject(self, carrier: MutableMapping[str, Any]) -> None:
-        pass
-
-    def end(self, outcome: str = "ok", error: BaseException | str | None = None) -> None:
-        pass
+    set = inject = end = _nothing
 
 
 OFF = _Off()
@@ -85,6 +82,17 @@ def start(name: str, attributes: Mapping[str, Any], *, kind: str = "internal",
     if tracer is None:
         return OFF
     return _pack.start(tracer, name, attributes, kind=kind, carrier=carrier, current=current)
+
+
+@contextmanager
+def ending(span: Any) -> Iterator[Any]:
+    """`span` for the block, ended when the block ends: with the outcome of the exception that left it, if one did."""
+    try:
+        yield span
+    except BaseException as exc:
+        span.end(outcome_of(exc), exc)
+        raise
+    span.end()
 
 
 def outcome_of(error: BaseException) -> str:
@@ -139,16 +147,12 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
         # Before the pack is looked for: a mistyped endpoint is named as such, in any build.
         raise InvalidArgument("the OTLP endpoint is not an http:// or https:// URL; traces go over OTLP/HTTP to a "
                               "collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
-    pack = _tracing_pack()
+    pack = packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: "
+                                   "its spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
+                                   "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
     provider, exporter, tracer = pack.configure(service, version, url, span_exporter)
     endpoint, _pack = url, pack
     return True
-
-
-def _tracing_pack() -> Any:
-    return packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: its "
-                                   "spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
-                                   "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
 
 
 def shutdown() -> None:
