@@ -41,6 +41,13 @@ from .errors import KernelError
 GENESIS_PREV = "0" * 64
 MAX_DETAIL = 500
 
+
+def _append_only(table: str) -> str:
+    """Triggers that abort any UPDATE or DELETE of `table`'s rows."""
+    return "".join(f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table}\n"
+                   f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;\n" for op in ("UPDATE", "DELETE"))
+
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS audit_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,10 +63,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash TEXT NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log (action);
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+{_append_only("audit_log")}
 CREATE TRIGGER IF NOT EXISTS audit_log_chain_head BEFORE INSERT ON audit_log
 WHEN NEW.prev_hash IS NOT COALESCE((SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1), '{GENESIS_PREV}')
   OR NEW.id IS NOT COALESCE((SELECT MAX(id) FROM audit_log), 0) + 1
@@ -69,7 +73,7 @@ BEGIN SELECT RAISE(ABORT, 'audit_log: an entry must extend the head of the chain
 # The unchained tables of earlier kernels. Still created (and still append-only) so their names stay
 # reserved against MAD tables, and a state this kernel opened can still be opened by an earlier one;
 # this kernel only reads them, once, when it opens the chain.
-_LEGACY_SCHEMA = """
+_LEGACY_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS secrets_audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts TEXT NOT NULL,
@@ -80,10 +84,7 @@ CREATE TABLE IF NOT EXISTS secrets_audit (
     ok INTEGER NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
-CREATE TRIGGER IF NOT EXISTS secrets_audit_no_update BEFORE UPDATE ON secrets_audit
-BEGIN SELECT RAISE(ABORT, 'secrets_audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS secrets_audit_no_delete BEFORE DELETE ON secrets_audit
-BEGIN SELECT RAISE(ABORT, 'secrets_audit is append-only'); END;
+{_append_only("secrets_audit")}
 CREATE TABLE IF NOT EXISTS gateway_audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts TEXT NOT NULL,
@@ -92,10 +93,7 @@ CREATE TABLE IF NOT EXISTS gateway_audit (
     detail TEXT NOT NULL DEFAULT '',
     remote TEXT NOT NULL DEFAULT ''
 );
-CREATE TRIGGER IF NOT EXISTS gateway_audit_no_update BEFORE UPDATE ON gateway_audit
-BEGIN SELECT RAISE(ABORT, 'gateway_audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS gateway_audit_no_delete BEFORE DELETE ON gateway_audit
-BEGIN SELECT RAISE(ABORT, 'gateway_audit is append-only'); END;
+{_append_only("gateway_audit")}
 """
 
 _FIELDS = ("id", "ts", "actor", "action", "subject", "ok", "detail", "on_behalf_of", "remote")

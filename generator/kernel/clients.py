@@ -272,15 +272,8 @@ class ClientRegistry:
         finally:
             os.close(fd)
 
-    def add(
-        self,
-        name: str,
-        allow: list[str],
-        rate: str | None = None,
-        quota: str | None = None,
-        known_tools: Iterable[str] | None = None,
-        secrets: list[str] | None = None,
-    ) -> str:
+    def add(self, name: str, allow: list[str], rate: str | None = None, quota: str | None = None,
+            known_tools: Iterable[str] | None = None, secrets: list[str] | None = None) -> str:
         """Register a client; returns its token, which is not stored anywhere."""
         check_name(name)
         if not allow:
