@@ -146,29 +146,18 @@ class Client:
 
     def describe(self) -> dict[str, Any]:
         """What `clients list` shows: never the token or its hash."""
-        return {
-            "name": self.name,
-            "allow": list(self.allow),
-            "secrets": list(self.secrets),
-            "rate": str(self.rate) if self.rate else "",
-            "quota": f"{self.quota}/day" if self.quota else "",
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
+        return {"name": self.name, "allow": list(self.allow), "secrets": list(self.secrets),
+                "rate": str(self.rate) if self.rate else "", "quota": f"{self.quota}/day" if self.quota else "",
+                "created_at": self.created_at, "revoked_at": self.revoked_at}
 
 
 def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
     try:
-        return Client(
-            name=name,
-            sha256=str(entry["sha256"]),
-            allow=tuple(entry.get("allow") or ("*",)),
-            rate=parse_rate(entry["rate"]) if entry.get("rate") else None,
-            quota=parse_quota(entry["quota"]) if entry.get("quota") else None,
-            created_at=str(entry.get("created_at", "")),
-            revoked_at=str(entry.get("revoked_at", "")),
-            secrets=tuple(entry.get("secrets") or ()),
-        )
+        return Client(name=name, sha256=str(entry["sha256"]), allow=tuple(entry.get("allow") or ("*",)),
+                      rate=parse_rate(entry["rate"]) if entry.get("rate") else None,
+                      quota=parse_quota(entry["quota"]) if entry.get("quota") else None,
+                      created_at=str(entry.get("created_at", "")), revoked_at=str(entry.get("revoked_at", "")),
+                      secrets=tuple(entry.get("secrets") or ()))
     except (KeyError, TypeError, InvalidArgument) as exc:
         raise KernelError(f"client {name!r} in tokens.json is malformed ({exc}); fix or restore the file") from None
 

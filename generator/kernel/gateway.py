@@ -385,11 +385,8 @@ class GatewayServer(MCPServer):
 
     def __init__(self, runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit, tools: list[Tool], **kwargs: Any):
         super().__init__(tools=tools, **kwargs)
-        self.clients = clients
-        self.audit = audit
-        self.ledger = CallLedger(runtime.db)
-        self.metrics = runtime.metrics
-        self.limiter = RateLimiter()
+        self.clients, self.audit, self.metrics = clients, audit, runtime.metrics
+        self.ledger, self.limiter = CallLedger(runtime.db), RateLimiter()
         self.schemas = {t.name: t.parameters for t in tools}
 
     async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:

@@ -33,7 +33,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +127,12 @@ class KeySource:
             return _decode_key(os.environ[self.env_var].strip().encode(), self.env_var)
         path = self.keys_dir / KEY_FILE
         if not path.exists():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process won the race; read theirs
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                fsync_dir(self.keys_dir)
+            # "x": created only if absent; when another process wins the race, its key is read.
+            with suppress(FileExistsError), open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as fh:
+                fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.keys_dir)
         return _decode_key(path.read_bytes().strip(), f"key file {path}")
 
     def pending(self) -> bytes | None:
