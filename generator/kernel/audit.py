@@ -31,6 +31,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +246,8 @@ def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, li
     With `anchor` (an audit-anchor.json, perhaps a copy kept elsewhere), its entry must still be there."""
     if not db_path.is_file():
         raise KernelError(f"no database at {db_path}: pass the ecosystem's state directory as --state")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone() is None:
             raise KernelError(f"{db_path} has no hash-chained audit log yet: start the ecosystem once with this "
                               "version to open the chain (earlier audit entries are copied into it)")
@@ -260,5 +260,3 @@ def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, li
                 raise KernelError(f"cannot read the audit anchor {anchor}: {exc}") from None
             problems += check_anchor(query, anchored if isinstance(anchored, dict) else {}, str(anchor))
         return count, head, problems
-    finally:
-        conn.close()

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,11 +335,9 @@ class RateLimiter:
         now = self._clock()
         if self._max_keys is not None and client not in self._buckets and len(self._buckets) >= self._max_keys:
             self._buckets.clear()
-        held = self._buckets.get(client)
-        if held is None or held[0] != rate:
-            tokens = float(rate.calls)
-        else:
-            tokens = min(float(rate.calls), held[1] + (now - held[2]) * rate.per_second)
+        held = self._buckets.get(client)  # a new client, or a changed rate: a full bucket
+        fresh = held is None or held[0] != rate
+        tokens = float(rate.calls) if fresh else min(float(rate.calls), held[1] + (now - held[2]) * rate.per_second)
         if tokens >= 1.0:
             self._buckets[client] = (rate, tokens - 1.0, now)
             return 0.0
@@ -431,13 +429,10 @@ def calls_today_by_client(state_dir: str | os.PathLike[str]) -> dict[str, int]:
     path = Path(state_dir) / "ecosystem.db"
     if not path.exists():
         return {}
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT client, COUNT(*) FROM gateway_calls WHERE day = ? AND counted = 1 GROUP BY client", (utc_day(),)
-        ).fetchall()
-    except sqlite3.OperationalError:  # no gateway_calls yet: the server never ran on this state
-        return {}
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        try:
+            rows = conn.execute("SELECT client, COUNT(*) FROM gateway_calls WHERE day = ? AND counted = 1 "
+                                "GROUP BY client", (utc_day(),)).fetchall()
+        except sqlite3.OperationalError:  # no gateway_calls yet: the server never ran on this state
+            return {}
     return {str(client): int(n) for client, n in rows}

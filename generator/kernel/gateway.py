@@ -177,7 +177,8 @@ class BearerGate:
         source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
         try:
             found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            if (found is None or found.revoked) and (wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE)):
+            refused = found is None or found.revoked
+            if refused and (wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE)):
                 # Too many refused requests from this address: answered without looking further or writing.
                 self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
                 message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
@@ -186,8 +187,8 @@ class BearerGate:
         except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
             log.error("client registry unreadable", extra={"error": str(exc)})
             message = "the gateway cannot read its clients; see the server log"
-            return await JSONResponse({"error": "unavailable", "message": message}, status_code=503)(scope, receive, send)
-        if found is None or found.revoked:
+            return await JSONResponse({"error": "unavailable", "message": message}, 503)(scope, receive, send)
+        if refused:
             if found is None:
                 actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
                 detail = "missing bearer token" if not header else "invalid bearer token"
@@ -315,13 +316,9 @@ def _expected(schema: dict[str, Any]) -> str:
     return _JSON_TYPES.get(str(kind), "a value of another kind")
 
 
+# What a value parsed from JSON is, in words (the types json.loads makes).
 _KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
           dict: "an object"}
-
-
-def _json_kind(value: Any) -> str:
-    """What a value parsed from JSON is, in words (the types json.loads makes)."""
-    return _KINDS.get(type(value), type(value).__name__)
 
 
 def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) -> str:
@@ -342,7 +339,8 @@ def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) 
         elif kind == "extra_forbidden":
             problems.append(f"'{where}' is not an argument of {tool}; it takes: {', '.join(props) or 'no arguments'}")
         elif sub and (kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float"):
-            problems.append(f"argument '{where}' must be {_expected(sub)}, not {_json_kind(err.get('input'))}")
+            given = type(err.get("input"))
+            problems.append(f"argument '{where}' must be {_expected(sub)}, not {_KINDS.get(given, given.__name__)}")
         else:
             problems.append(f"argument '{where}': {err['msg']}")
     return f"invalid_argument: {tool}: " + "; ".join(problems)
@@ -525,8 +523,8 @@ def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> To
     against it (the MCP spec requires both together). The SDK derives the schema from `fn`'s return
     annotation; for one it cannot describe (none, `Any`, a class without fields) the result goes out
     wrapped as the SDK wraps a list, `{"result": <any JSON value>}`."""
-    annotations = ToolAnnotations(**hints) if hints else None
-    tool = Tool.from_function(fn, name=name, description=fn.__doc__, context_kwarg="mcp_context", annotations=annotations)
+    tool = Tool.from_function(fn, name=name, description=fn.__doc__, context_kwarg="mcp_context",
+                              annotations=ToolAnnotations(**hints) if hints else None)
     meta = tool.fn_metadata
     lax = meta.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})

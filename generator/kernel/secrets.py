@@ -393,10 +393,8 @@ class SecretsManager:
         `operator=True` is the command line's offline rotation, the only one allowed when the key
         comes from the environment: the new key is then left in `keys/secrets.key.new` for the operator.
         """
-        is_owner, _ = self._policy(caller)
-        if not (is_owner or operator):
-            raise self._refused(caller, "rotate_key", "*", "only the keeper of secrets may rotate the key",
-                                on_behalf_of)
+        if not operator:
+            self._owner_only(caller, "rotate_key", "*", on_behalf_of, "rotate the key")
         if self.keys.from_env and not operator:
             raise self._refused(caller, "rotate_key", "*", "key comes from the environment", on_behalf_of,
                                 KeyManagedExternally(self.keys.env_rotation_help()))

@@ -145,8 +145,8 @@ class Supervisor:
     and raises when the new one fails to start; `state(name)` is the MAD's lifecycle state.
     """
 
-    def __init__(self, mads: Iterable[type[Mad]], restart: Callable[[str], Awaitable[None]], state: Callable[[str], str],
-                 policy: SupervisionPolicy | None = None):
+    def __init__(self, mads: Iterable[type[Mad]], restart: Callable[[str], Awaitable[None]],
+                 state: Callable[[str], str], policy: SupervisionPolicy | None = None):
         self.policy = policy or SupervisionPolicy()
         self._restart, self._state = restart, state
         self._records: dict[str, _Record] = {}
