@@ -187,14 +187,12 @@ class ClientRegistry:
     def _current(self) -> dict[str, Client]:
         try:
             st = self.path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            self._seen, self._clients, self._by_hash = None, {}, {}
-            return self._clients
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen != self._seen:
+            seen = None  # no clients yet (`_read` finds none)
+        if seen is None or seen != self._seen:
             clients = {name: _entry_to_client(name, entry) for name, entry in self._read().get("tokens", {}).items()}
-            self._clients, self._by_hash = clients, {c.sha256: c.name for c in clients.values()}
-            self._seen = seen
+            self._clients, self._by_hash, self._seen = clients, {c.sha256: c.name for c in clients.values()}, seen
         return self._clients
 
     def _read(self) -> dict[str, Any]:

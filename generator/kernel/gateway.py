@@ -65,9 +65,6 @@ class GatewayAudit:
         self.audit.append(client, f"gateway.{event}", "mcp", False, detail, remote=remote)
         log.warning("gateway denial", extra={"client": client, "event": event, "detail": detail, "remote": remote})
 
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.audit.recent(limit, action_prefix="gateway.")
-
 
 def watching(send: Send, seen: Callable[[dict], None]) -> Send:
     """`send`, telling `seen` the http.response.start message (status, headers) on its way out."""
@@ -568,8 +565,7 @@ class DrainGate:
     RETRY_AFTER_S = 5
 
     def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
+        self.draining, self.in_flight = False, 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -693,8 +689,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     async def prune_calls() -> None:
         while call_retention_days > 0:
             try:
-                gone = mcp.ledger.prune(call_retention_days)
-                if gone:
+                if gone := mcp.ledger.prune(call_retention_days):
                     log.info("gateway calls pruned", extra={"rows": gone, "keep_days": call_retention_days})
             except Exception:  # a busy or broken database: try again within the hour
                 log.exception("pruning gateway calls failed")

@@ -475,9 +475,7 @@ class _Rest(collections.abc.Coroutine):
     `never_suspends` misjudged gets here."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any):
-        self._coro = coro
-        self._yielded: Any = yielded
-        self._handed = False
+        self._coro, self._yielded, self._handed = coro, yielded, False
 
     def send(self, value: Any) -> Any:
         if not self._handed:
