@@ -31,6 +31,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ from .errors import KernelError
 
 GENESIS_PREV = "0" * 64
 MAX_DETAIL = 500
+
+
+def _append_only(table: str) -> str:
+    """Triggers that abort any UPDATE or DELETE of `table`'s rows."""
+    return "".join(f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table}\n"
+                   f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;\n" for op in ("UPDATE", "DELETE"))
+
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -56,10 +64,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash TEXT NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log (action);
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+{_append_only("audit_log")}
 CREATE TRIGGER IF NOT EXISTS audit_log_chain_head BEFORE INSERT ON audit_log
 WHEN NEW.prev_hash IS NOT COALESCE((SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1), '{GENESIS_PREV}')
   OR NEW.id IS NOT COALESCE((SELECT MAX(id) FROM audit_log), 0) + 1
@@ -69,7 +74,7 @@ BEGIN SELECT RAISE(ABORT, 'audit_log: an entry must extend the head of the chain
 # The unchained tables of earlier kernels. Still created (and still append-only) so their names stay
 # reserved against MAD tables, and a state this kernel opened can still be opened by an earlier one;
 # this kernel only reads them, once, when it opens the chain.
-_LEGACY_SCHEMA = """
+_LEGACY_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS secrets_audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts TEXT NOT NULL,
@@ -80,10 +85,7 @@ CREATE TABLE IF NOT EXISTS secrets_audit (
     ok INTEGER NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
-CREATE TRIGGER IF NOT EXISTS secrets_audit_no_update BEFORE UPDATE ON secrets_audit
-BEGIN SELECT RAISE(ABORT, 'secrets_audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS secrets_audit_no_delete BEFORE DELETE ON secrets_audit
-BEGIN SELECT RAISE(ABORT, 'secrets_audit is append-only'); END;
+{_append_only("secrets_audit")}
 CREATE TABLE IF NOT EXISTS gateway_audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts TEXT NOT NULL,
@@ -92,10 +94,7 @@ CREATE TABLE IF NOT EXISTS gateway_audit (
     detail TEXT NOT NULL DEFAULT '',
     remote TEXT NOT NULL DEFAULT ''
 );
-CREATE TRIGGER IF NOT EXISTS gateway_audit_no_update BEFORE UPDATE ON gateway_audit
-BEGIN SELECT RAISE(ABORT, 'gateway_audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS gateway_audit_no_delete BEFORE DELETE ON gateway_audit
-BEGIN SELECT RAISE(ABORT, 'gateway_audit is append-only'); END;
+{_append_only("gateway_audit")}
 """
 
 _FIELDS = ("id", "ts", "actor", "action", "subject", "ok", "detail", "on_behalf_of", "remote")
@@ -247,9 +246,8 @@ def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, li
     With `anchor` (an audit-anchor.json, perhaps a copy kept elsewhere), its entry must still be there."""
     if not db_path.is_file():
         raise KernelError(f"no database at {db_path}: pass the ecosystem's state directory as --state")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone() is None:
             raise KernelError(f"{db_path} has no hash-chained audit log yet: start the ecosystem once with this "
                               "version to open the chain (earlier audit entries are copied into it)")
@@ -262,5 +260,3 @@ def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, li
                 raise KernelError(f"cannot read the audit anchor {anchor}: {exc}") from None
             problems += check_anchor(query, anchored if isinstance(anchored, dict) else {}, str(anchor))
         return count, head, problems
-    finally:
-        conn.close()

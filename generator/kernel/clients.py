@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,29 +146,18 @@ class Client:
 
     def describe(self) -> dict[str, Any]:
         """What `clients list` shows: never the token or its hash."""
-        return {
-            "name": self.name,
-            "allow": list(self.allow),
-            "secrets": list(self.secrets),
-            "rate": str(self.rate) if self.rate else "",
-            "quota": f"{self.quota}/day" if self.quota else "",
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
+        return {"name": self.name, "allow": list(self.allow), "secrets": list(self.secrets),
+                "rate": str(self.rate) if self.rate else "", "quota": f"{self.quota}/day" if self.quota else "",
+                "created_at": self.created_at, "revoked_at": self.revoked_at}
 
 
 def _entry_to_client(name: str, entry: dict[str, Any]) -> Client:
     try:
-        return Client(
-            name=name,
-            sha256=str(entry["sha256"]),
-            allow=tuple(entry.get("allow") or ("*",)),
-            rate=parse_rate(entry["rate"]) if entry.get("rate") else None,
-            quota=parse_quota(entry["quota"]) if entry.get("quota") else None,
-            created_at=str(entry.get("created_at", "")),
-            revoked_at=str(entry.get("revoked_at", "")),
-            secrets=tuple(entry.get("secrets") or ()),
-        )
+        return Client(name=name, sha256=str(entry["sha256"]), allow=tuple(entry.get("allow") or ("*",)),
+                      rate=parse_rate(entry["rate"]) if entry.get("rate") else None,
+                      quota=parse_quota(entry["quota"]) if entry.get("quota") else None,
+                      created_at=str(entry.get("created_at", "")), revoked_at=str(entry.get("revoked_at", "")),
+                      secrets=tuple(entry.get("secrets") or ()))
     except (KeyError, TypeError, InvalidArgument) as exc:
         raise KernelError(f"client {name!r} in tokens.json is malformed ({exc}); fix or restore the file") from None
 
@@ -198,14 +187,12 @@ class ClientRegistry:
     def _current(self) -> dict[str, Client]:
         try:
             st = self.path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            self._seen, self._clients, self._by_hash = None, {}, {}
-            return self._clients
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen != self._seen:
+            seen = None  # no clients yet (`_read` finds none)
+        if seen is None or seen != self._seen:
             clients = {name: _entry_to_client(name, entry) for name, entry in self._read().get("tokens", {}).items()}
-            self._clients, self._by_hash = clients, {c.sha256: c.name for c in clients.values()}
-            self._seen = seen
+            self._clients, self._by_hash, self._seen = clients, {c.sha256: c.name for c in clients.values()}, seen
         return self._clients
 
     def _read(self) -> dict[str, Any]:
@@ -272,15 +259,8 @@ class ClientRegistry:
         finally:
             os.close(fd)
 
-    def add(
-        self,
-        name: str,
-        allow: list[str],
-        rate: str | None = None,
-        quota: str | None = None,
-        known_tools: Iterable[str] | None = None,
-        secrets: list[str] | None = None,
-    ) -> str:
+    def add(self, name: str, allow: list[str], rate: str | None = None, quota: str | None = None,
+            known_tools: Iterable[str] | None = None, secrets: list[str] | None = None) -> str:
         """Register a client; returns its token, which is not stored anywhere."""
         check_name(name)
         if not allow:
@@ -353,11 +333,9 @@ class RateLimiter:
         now = self._clock()
         if self._max_keys is not None and client not in self._buckets and len(self._buckets) >= self._max_keys:
             self._buckets.clear()
-        held = self._buckets.get(client)
-        if held is None or held[0] != rate:
-            tokens = float(rate.calls)
-        else:
-            tokens = min(float(rate.calls), held[1] + (now - held[2]) * rate.per_second)
+        held = self._buckets.get(client)  # a new client, or a changed rate: a full bucket
+        fresh = held is None or held[0] != rate
+        tokens = float(rate.calls) if fresh else min(float(rate.calls), held[1] + (now - held[2]) * rate.per_second)
         if tokens >= 1.0:
             self._buckets[client] = (rate, tokens - 1.0, now)
             return 0.0
@@ -449,13 +427,10 @@ def calls_today_by_client(state_dir: str | os.PathLike[str]) -> dict[str, int]:
     path = Path(state_dir) / "ecosystem.db"
     if not path.exists():
         return {}
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT client, COUNT(*) FROM gateway_calls WHERE day = ? AND counted = 1 GROUP BY client", (utc_day(),)
-        ).fetchall()
-    except sqlite3.OperationalError:  # no gateway_calls yet: the server never ran on this state
-        return {}
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        try:
+            rows = conn.execute("SELECT client, COUNT(*) FROM gateway_calls WHERE day = ? AND counted = 1 "
+                                "GROUP BY client", (utc_day(),)).fetchall()
+        except sqlite3.OperationalError:  # no gateway_calls yet: the server never ran on this state
+            return {}
     return {str(client): int(n) for client, n in rows}

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import os
@@ -38,7 +39,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs, tracing
 from .capabilities import CAPABILITIES
@@ -46,7 +47,7 @@ from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
 from .grace import Grace, SecurityHeaders
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import scrape_allowed
+from .metrics import LOOPBACK, scrape_allowed
 from .runtime import Runtime
 
 log = logs.get("gateway")
@@ -63,9 +64,6 @@ class GatewayAudit:
     def record(self, client: str, event: str, detail: str = "", remote: str = "") -> None:
         self.audit.append(client, f"gateway.{event}", "mcp", False, detail, remote=remote)
         log.warning("gateway denial", extra={"client": client, "event": event, "detail": detail, "remote": remote})
-
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.audit.recent(limit, action_prefix="gateway.")
 
 
 def watching(send: Send, seen: Callable[[dict], None]) -> Send:
@@ -134,10 +132,6 @@ class Unauthenticated:
         self.limiter = RateLimiter(clock, max_keys=max_sources)
         self._open: dict[str, tuple[float, int]] = {}  # source -> (interval start, refusals not yet written)
 
-    def admit(self, source: str) -> float:
-        """0.0 when a request from `source` may be looked at; else the seconds until it may."""
-        return self.limiter.take(source, self.RATE)
-
     def refused(self, source: str, actor: str, event: str, detail: str, remote: str) -> None:
         """Audit a refusal: at once if it opens an interval for its source, else counted into the next row."""
         now = self.clock()
@@ -166,38 +160,32 @@ class BearerGate:
     revocation also shuts out sessions that are already open.
     """
 
-    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits | None = None,
-                 limiter: RateLimiter | None = None, unauthenticated: Unauthenticated | None = None):
-        self.app = app
-        self.clients = clients
-        self.audit = audit
-        self.unauthenticated = unauthenticated or Unauthenticated(audit)
-        self.sessions = sessions
-        self.limiter = limiter
+    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits,
+                 limiter: RateLimiter, unauthenticated: Unauthenticated):
+        self.app, self.clients, self.audit, self.sessions, self.limiter = app, clients, audit, sessions, limiter
+        self.unauthenticated = unauthenticated
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
         try:
             found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            if (found is None or found.revoked) and (wait := self.unauthenticated.admit(source)):
+            refused = found is None or found.revoked
+            if refused and (wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE)):
                 # Too many refused requests from this address: answered without looking further or writing.
                 self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
-                await JSONResponse({"error": "rate_limited", "message": "too many requests without a valid token "
-                                    f"from this address; retry in {max(wait, 0.1):.1f} s"}, status_code=429,
-                                   headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
-                return
+                message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
+                return await JSONResponse({"error": "rate_limited", "message": message}, status_code=429,
+                                          headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
         except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
             log.error("client registry unreadable", extra={"error": str(exc)})
-            await JSONResponse({"error": "unavailable", "message": "the gateway cannot read its clients; see the server "
-                                "log"}, status_code=503)(scope, receive, send)
-            return
-        if found is None or found.revoked:
+            message = "the gateway cannot read its clients; see the server log"
+            return await JSONResponse({"error": "unavailable", "message": message}, 503)(scope, receive, send)
+        if refused:
             if found is None:
                 actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
                 detail = "missing bearer token" if not header else "invalid bearer token"
@@ -207,14 +195,13 @@ class BearerGate:
             self.unauthenticated.refused(source, actor, event, detail, remote)
             metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
             challenge = {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'}
-            await JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)(scope, receive, send)
-            return
+            refusal = JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)
+            return await refusal(scope, receive, send)
         scope = {**scope, CLIENT_SCOPE_KEY: found.name}
         opening = scope["method"] == "POST" and "mcp-session-id" not in headers
         if opening and (refusal := self._refuse_opening(found, remote)) is not None:
-            await refusal(scope, receive, send)
-            return
-        if opening and self.sessions is not None:
+            return await refusal(scope, receive, send)
+        if opening:
             send = self.sessions.recording(found.name, send)
         status = [0]
         await self.app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
@@ -224,10 +211,9 @@ class BearerGate:
 
     def _refuse_opening(self, client: Any, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
-        if self.limiter is not None and (wait := throttled(self.limiter, self.audit, client, remote, "initialize",
-                                                           "opens sessions too fast")):
+        if wait := throttled(self.limiter, self.audit, client, remote, "initialize", "opens sessions too fast"):
             return jsonrpc_refusal(429, wait[1], {"Retry-After": str(max(1, round(wait[0])))})
-        if self.sessions is not None and (cap := self.sessions.full(client.name)):
+        if cap := self.sessions.full(client.name):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
                        f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
             self.audit.record(f"client:{client.name}", "sessions-exhausted", message, remote)
@@ -243,9 +229,7 @@ class SessionLimits:
     holds (closed, idled out) stops counting."""
 
     def __init__(self, manager: Any, per_client: int = 16, idle_s: float = 30 * 60):
-        self.manager = manager
-        self.per_client = per_client
-        self.idle_s = idle_s
+        self.manager, self.per_client, self.idle_s = manager, per_client, idle_s
         manager.session_idle_timeout = idle_s  # the SDK closes a session idle this long
         self._owner: dict[str, str] = {}
 
@@ -329,13 +313,9 @@ def _expected(schema: dict[str, Any]) -> str:
     return _JSON_TYPES.get(str(kind), "a value of another kind")
 
 
+# What a value parsed from JSON is, in words (the types json.loads makes).
 _KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
           dict: "an object"}
-
-
-def _json_kind(value: Any) -> str:
-    """What a value parsed from JSON is, in words (the types json.loads makes)."""
-    return _KINDS.get(type(value), type(value).__name__)
 
 
 def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) -> str:
@@ -356,7 +336,8 @@ def describe_invalid(tool: str, schema: dict[str, Any], error: ValidationError) 
         elif kind == "extra_forbidden":
             problems.append(f"'{where}' is not an argument of {tool}; it takes: {', '.join(props) or 'no arguments'}")
         elif sub and (kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float"):
-            problems.append(f"argument '{where}' must be {_expected(sub)}, not {_json_kind(err.get('input'))}")
+            given = type(err.get("input"))
+            problems.append(f"argument '{where}' must be {_expected(sub)}, not {_KINDS.get(given, given.__name__)}")
         else:
             problems.append(f"argument '{where}': {err['msg']}")
     return f"invalid_argument: {tool}: " + "; ".join(problems)
@@ -399,11 +380,8 @@ class GatewayServer(MCPServer):
 
     def __init__(self, runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit, tools: list[Tool], **kwargs: Any):
         super().__init__(tools=tools, **kwargs)
-        self.clients = clients
-        self.audit = audit
-        self.ledger = CallLedger(runtime.db)
-        self.metrics = runtime.metrics
-        self.limiter = RateLimiter()
+        self.clients, self.audit, self.metrics = clients, audit, runtime.metrics
+        self.ledger, self.limiter = CallLedger(runtime.db), RateLimiter()
         self.schemas = {t.name: t.parameters for t in tools}
 
     async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:
@@ -481,25 +459,20 @@ class GatewayServer(MCPServer):
         return result
 
 
-def _output_type(annotation: Any) -> Any:
-    """The return type the SDK derives a tool's outputSchema from. A bare `dict` or `list` it takes for a
-    class without fields, and publishes no schema (nor structuredContent) for: they mean `dict[str, Any]`
-    and `list[Any]`."""
-    if annotation is dict:
-        return dict[str, Any]
-    if annotation is list:
-        return list[Any]
-    return annotation
+# A bare `dict` or `list` return annotation the SDK takes for a class without fields, and publishes no
+# outputSchema (nor structuredContent) for: they mean `dict[str, Any]` and `list[Any]`.
+_BARE_CONTAINERS = {dict: dict[str, Any], list: list[Any]}
 
 
 def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str, output: Any = None):
     """An async function with the MAD tool's signature (plus the MCP context) that runs it for the calling client.
 
     Its return annotation is `output` when given (the shape of the kernel capability the tool is bound to,
-    which is what it returns whatever its own annotation says), else the tool's own (see `_output_type`)."""
+    which is what it returns whatever its own annotation says), else the tool's own (see `_BARE_CONTAINERS`)."""
     qualified = f"{mad_cls.name}.{tool_name}"
     sig = mad_cls.tool_signature(tool_name)
-    returns = output if output is not None else _output_type(sig.return_annotation)
+    returns = output if output is not None else sig.return_annotation
+    returns = _BARE_CONTAINERS.get(returns, returns) if isinstance(returns, type) else returns
 
     async def call(mcp_context: Context, **kwargs: Any) -> Any:
         client, _ = _caller(mcp_context)  # admitted by GatewayServer.call_tool
@@ -511,9 +484,6 @@ def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str, output: Any = Non
     params = [inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
     call.__signature__ = sig.replace(parameters=params, return_annotation=returns)  # type: ignore[attr-defined]
-    call.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
-    if returns is not inspect.Signature.empty:
-        call.__annotations__["return"] = returns
     call.__name__ = f"{mad_cls.name}_{tool_name}"
     call.__qualname__ = call.__name__
     call.__doc__ = inspect.getdoc(mad_cls.tool_methods()[tool_name]) or qualified
@@ -550,8 +520,8 @@ def _strict_tool(fn: Any, name: str, hints: dict[str, bool] | None = None) -> To
     against it (the MCP spec requires both together). The SDK derives the schema from `fn`'s return
     annotation; for one it cannot describe (none, `Any`, a class without fields) the result goes out
     wrapped as the SDK wraps a list, `{"result": <any JSON value>}`."""
-    annotations = ToolAnnotations(**hints) if hints else None
-    tool = Tool.from_function(fn, name=name, description=fn.__doc__, annotations=annotations)
+    tool = Tool.from_function(fn, name=name, description=fn.__doc__, context_kwarg="mcp_context",
+                              annotations=ToolAnnotations(**hints) if hints else None)
     meta = tool.fn_metadata
     lax = meta.arg_model
     strict = type(lax.__name__, (lax,), {"__module__": lax.__module__, "model_config": ConfigDict(strict=True, extra="forbid")})
@@ -578,14 +548,11 @@ def build_mcp(runtime: Runtime, clients: ClientRegistry, audit: GatewayAudit) ->
 
 
 def _security(host: str) -> TransportSecuritySettings:
-    if host in ("127.0.0.1", "localhost", "::1"):
-        return TransportSecuritySettings(
-            enable_dns_rebinding_protection=True,
-            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-        )
-    # Bound to a routable address: bearer tokens are the guard; Host checks would break proxies.
-    return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    if host not in LOOPBACK:  # bearer tokens are the guard; Host checks would break proxies
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=[f"http://{h}" for h in hosts])
 
 
 class DrainGate:
@@ -598,8 +565,7 @@ class DrainGate:
     RETRY_AFTER_S = 5
 
     def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
+        self.draining, self.in_flight = False, 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -614,70 +580,61 @@ class DrainGate:
                 await asyncio.wait_for(self._idle.wait(), remaining)
         return self.in_flight == 0
 
-    def middleware(self, app):
-        gate = self
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        return functools.partial(self._gated, app)
 
-        async def gated(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                return await app(scope, receive, send)
-            if gate.draining and scope["path"] != "/healthz":
-                message = (f"unavailable: the ecosystem is shutting down; retry after {gate.RETRY_AFTER_S} s "
-                           "(on another instance, or this one once restarted)")
-                # Read the request first: a socket closed with unread data is reset, and the reset can
-                # overtake the 503 on its way to the client (which then sees a dropped connection).
-                read, more = 0, True
-                while more and read < 1 << 20:
-                    received = await receive()
-                    read += len(received.get("body", b""))
-                    more = received.get("more_body", False) and received["type"] == "http.request"
-                headers = {"Retry-After": str(gate.RETRY_AFTER_S), "Connection": "close"}
-                # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
-                refusal = (jsonrpc_refusal(503, message, headers) if scope["path"].rstrip("/") == "/mcp"
-                           else JSONResponse({"error": "unavailable", "message": message}, 503, headers))
-                await refusal(scope, receive, send)
-                return None
-            standing = scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp"
-            if not standing:
-                gate.in_flight += 1
-                gate._idle.clear()
-            try:
-                await app(scope, receive, send)
-            finally:
-                if not standing:
-                    gate.in_flight -= 1
-                    if gate.in_flight == 0:
-                        gate._idle.set()
-            return None
-
-        return gated
+    async def _gated(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        if self.draining and scope["path"] != "/healthz":
+            message = (f"unavailable: the ecosystem is shutting down; retry after {self.RETRY_AFTER_S} s "
+                       "(on another instance, or this one once restarted)")
+            # Read the request first: a socket closed with unread data is reset, and the reset can
+            # overtake the 503 on its way to the client (which then sees a dropped connection).
+            read, more = 0, True
+            while more and read < 1 << 20:
+                received = await receive()
+                read += len(received.get("body", b""))
+                more = received.get("more_body", False) and received["type"] == "http.request"
+            headers = {"Retry-After": str(self.RETRY_AFTER_S), "Connection": "close"}
+            # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
+            refusal = (jsonrpc_refusal(503, message, headers) if scope["path"].rstrip("/") == "/mcp"
+                       else JSONResponse({"error": "unavailable", "message": message}, 503, headers))
+            return await refusal(scope, receive, send)
+        if scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp":  # the standing stream: not counted
+            return await app(scope, receive, send)
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
 
 
-def observed(runtime: Runtime):
-    """ASGI middleware factory: one access-log line and one `regen_http_requests` count per HTTP request.
+_access = logs.get("access")
+
+
+def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
+    """ASGI middleware: one access-log line and one `regen_http_requests` count per HTTP request.
 
     The line has the method, the path (never the query: a token could ride in it), the status, the
     time taken and the peer; the MCP client's name when the bearer gate identified one."""
-    access = logs.get("access")
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.monotonic()
+        status = [0]
+        try:
+            await app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
+        finally:
+            code = status[0] or 500  # no response begun: the server failed it
+            runtime.metrics.http_request(scope["path"], code)
+            _access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
+                                        "ms": round((time.monotonic() - started) * 1000, 1), "remote": _remote(scope)})
 
-    def middleware(app):
-        async def logged(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                return await app(scope, receive, send)
-            started = time.monotonic()
-            status = [0]
-            try:
-                await app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
-            finally:
-                code = status[0] or 500  # no response begun: the server failed it
-                runtime.metrics.http_request(scope["path"], code)
-                access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
-                                           "ms": round((time.monotonic() - started) * 1000, 1),
-                                           "remote": _remote(scope)})
-            return None
-
-        return logged
-
-    return middleware
+    return logged
 
 
 CALL_RETENTION_DAYS = 90
@@ -732,8 +689,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     async def prune_calls() -> None:
         while call_retention_days > 0:
             try:
-                gone = mcp.ledger.prune(call_retention_days)
-                if gone:
+                if gone := mcp.ledger.prune(call_retention_days):
                     log.info("gateway calls pruned", extra={"rows": gone, "keep_days": call_retention_days})
             except Exception:  # a busy or broken database: try again within the hour
                 log.exception("pruning gateway calls failed")
@@ -764,7 +720,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         ],
         # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
         # and referrer rules on every response.
-        middleware=[Middleware(observed(runtime)), Middleware(gate.middleware), Middleware(SecurityHeaders)],
+        middleware=[Middleware(observed, runtime), Middleware(gate.middleware), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
     for key, value in dict(gate=gate, grace=grace, runtime=runtime, audit=audit, mcp=mcp, tokens=tokens).items():

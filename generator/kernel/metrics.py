@@ -29,6 +29,7 @@ MESSAGE_KINDS = ("message", "request", "reply", "error", "event", "thought", "re
 SPAWN_OUTCOMES = ("reported", "failed")  # how an eMAD instance ended (kernel/packs/emads/)
 ROUTES = ("mcp", "healthz", "metrics", "grace")  # HTTP requests by where they went: MCP, health, metrics, the web UI
 SIGNIN_FAILURES = ("invalid_token", "empty_token", "locked_out")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the bind addresses only this machine can reach
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -157,4 +158,4 @@ def scrape_allowed(authorization: str, bind_host: str, token: str) -> bool:
     if token:
         scheme, _, given = authorization.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-    return bind_host in ("127.0.0.1", "localhost", "::1")
+    return bind_host in LOOPBACK

@@ -33,7 +33,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,7 @@ class KeySource:
     """Where the secrets key lives: the environment variable (operator's) or `<state>/keys/` (ours)."""
 
     def __init__(self, state_dir: Path, env_var: str, package: str):
-        self.env_var = env_var
-        self.package = package
-        self.state_dir = Path(state_dir)
+        self.env_var, self.package, self.state_dir = env_var, package, Path(state_dir)
         self.keys_dir = self.state_dir / "keys"
         self.from_env = bool(os.environ.get(env_var, "").strip())
         self.keys_dir.mkdir(parents=True, exist_ok=True)
@@ -129,16 +127,12 @@ class KeySource:
             return _decode_key(os.environ[self.env_var].strip().encode(), self.env_var)
         path = self.keys_dir / KEY_FILE
         if not path.exists():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process won the race; read theirs
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                fsync_dir(self.keys_dir)
+            # "x": created only if absent; when another process wins the race, its key is read.
+            with suppress(FileExistsError), open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as fh:
+                fh.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.keys_dir)
         return _decode_key(path.read_bytes().strip(), f"key file {path}")
 
     def pending(self) -> bytes | None:
@@ -151,11 +145,7 @@ class KeySource:
 
     def on_disk(self) -> list[bytes]:
         """Keys this process may pick up when another process rotated (key-file mode only)."""
-        if self.from_env:
-            return []
-        found = [self.load()]
-        nxt = self.pending()
-        return found + ([nxt] if nxt else [])
+        return [] if self.from_env else [key for key in (self.load(), self.pending()) if key]
 
     @contextmanager
     def rotation_lock(self) -> Iterator[None]:
@@ -201,13 +191,10 @@ class SecretsManager:
     """
 
     def __init__(self, db: Database, keys: KeySource, policy, audit: AuditLog):
-        self.db = db
-        self.keys = keys
-        self._policy = policy
+        self.db, self.keys, self._policy, self._audit = db, keys, policy, audit
         # principal -> the secret-name patterns calls made for it may touch (None: no limit); the gateway
         # sets it to its client registry's, since only it knows the clients.
         self.client_scope: Callable[[str], tuple[str, ...] | None] = lambda principal: None
-        self._audit = audit
         # Held while sealing or re-sealing, so no write in this process uses a key a rotation is retiring.
         self._lock = threading.RLock()
         db.script(_SCHEMA)
@@ -238,13 +225,12 @@ class SecretsManager:
     def _settle(self, nxt: bytes) -> None:
         nid = key_id(nxt)
         if self._recorded_key_id() == nid:  # the re-encryption committed; only the rename is missing
-            target = self.keys.commit()
-            self._audit.append("kernel", "secrets.rotate_key.recovered", "*", True, f"finished: key {nid} moved to {target.name}")
-            log.warning("finished an interrupted key rotation", extra={"key_id": nid, "key_file": str(target)})
+            outcome = f"finished: key {nid} moved to {self.keys.commit().name}"
         else:  # it never committed: the old key still seals everything
             self.keys.discard()
-            self._audit.append("kernel", "secrets.rotate_key.recovered", "*", True, f"rolled back: key {nid} discarded")
-            log.warning("rolled back an interrupted key rotation", extra={"key_id": nid})
+            outcome = f"rolled back: key {nid} discarded"
+        self._audit.append("kernel", "secrets.rotate_key.recovered", "*", True, outcome)
+        log.warning("interrupted key rotation settled", extra={"key_id": nid, "outcome": outcome})
 
     def _adopt(self, kid: str) -> None:
         """Record the key id on first start (labelling older ciphertexts), and refuse a key that is not the state's."""
@@ -264,7 +250,7 @@ class SecretsManager:
         row = self.db.one("SELECT name, nonce, ciphertext FROM secrets LIMIT 1")
         if row is not None:
             try:
-                self._aeads[kid].decrypt(row["nonce"], row["ciphertext"], row["name"].encode("utf-8"))
+                self._open({**row, "key_id": kid})
             except InvalidTag:
                 raise KernelError(f"the {self.keys.description} does not decrypt the secrets in {self.db.path}: "
                                   "it is not the key they were stored with") from None
@@ -305,18 +291,26 @@ class SecretsManager:
         self.audit_entry(caller, action, name, False, why, on_behalf_of)
         return error or AccessDenied(f"{caller} may not {action} secret {name!r}: {why}")
 
-    def _decrypt(self, row: dict[str, Any]) -> str:
-        aead = self._aead(row["key_id"])
-        return aead.decrypt(row["nonce"], row["ciphertext"], row["name"].encode("utf-8")).decode("utf-8")
+    def _open(self, row: dict[str, Any]) -> bytes:
+        """The plaintext of a stored version (its name is the associated data)."""
+        return self._aead(row["key_id"]).decrypt(row["nonce"], row["ciphertext"], row["name"].encode("utf-8"))
+
+    @staticmethod
+    def _seal(aead: AESGCM, name: str, plain: bytes) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext) of `plain` stored as secret `name`: a fresh 96-bit nonce, the name as associated data."""
+        nonce = os.urandom(12)
+        return nonce, aead.encrypt(nonce, plain, name.encode("utf-8"))
+
+    def _owner_only(self, caller: str, action: str, name: str, on_behalf_of: str, what: str) -> None:
+        if not self._policy(caller)[0]:
+            raise self._refused(caller, action, name, f"only the keeper of secrets may {what}", on_behalf_of)
 
     def _latest(self, name: str) -> dict[str, Any] | None:
         return self.db.one("SELECT * FROM secrets WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
 
     def _write(self, caller: str, action: str, name: str, value: str, on_behalf_of: str, must_exist: bool) -> dict[str, Any]:
         self._check_name(name)
-        is_owner, _ = self._policy(caller)
-        if not is_owner:
-            raise self._refused(caller, action, name, "only the keeper of secrets may write them", on_behalf_of)
+        self._owner_only(caller, action, name, on_behalf_of, "write them")
         self._in_scope(caller, action, name, on_behalf_of)
         if not isinstance(value, str) or not value:
             raise self._refused(caller, action, name, "empty value", on_behalf_of,
@@ -332,8 +326,7 @@ class SecretsManager:
                 # Sealed inside the transaction under the key the state records, so a rotation
                 # (here or in another process) can never leave this version under a retired key.
                 kid = self._recorded_key_id(conn) or ""
-                nonce = os.urandom(12)
-                ciphertext = self._aead(kid).encrypt(nonce, value.encode("utf-8"), name.encode("utf-8"))
+                nonce, ciphertext = self._seal(self._aead(kid), name, value.encode("utf-8"))
                 conn.execute("INSERT INTO secrets (name, version, nonce, ciphertext, created_by, created_at, key_id) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, version, nonce, ciphertext, caller, now_iso(), kid))
         if not version:
@@ -359,7 +352,7 @@ class SecretsManager:
         row = self._latest(name)
         if row is None:
             raise self._refused(caller, "get", name, "no such secret", on_behalf_of, NotFound(f"no secret {name!r}"))
-        value = self._decrypt(row)
+        value = self._open(row).decode("utf-8")
         self.audit_entry(caller, "get", name, True, f"version {row['version']}", on_behalf_of)
         return {"name": name, "version": row["version"], "value": value}
 
@@ -370,26 +363,22 @@ class SecretsManager:
             raise self._refused(actor, "use", name, f"no such secret ({purpose})", "",
                                 NotFound(f"no secret {name!r} (needed for {purpose})"))
         self.audit_entry(actor, "use", name, True, purpose)
-        return self._decrypt(row)
+        return self._open(row).decode("utf-8")
 
     def list(self, caller: str, on_behalf_of: str = "") -> list[dict[str, Any]]:
         is_owner, readable = self._policy(caller)
         rows = self.db.query(
             "SELECT name, MAX(version) AS version, MAX(created_at) AS updated_at FROM secrets GROUP BY name ORDER BY name"
         )
-        if not is_owner:
-            rows = [r for r in rows if r["name"] in readable]
-        scope = self.client_scope(on_behalf_of) if on_behalf_of else None
-        if scope is not None:  # a client sees only the names its --secret patterns cover
-            rows = [r for r in rows if any(fnmatch.fnmatchcase(r["name"], p) for p in scope)]
+        scope = self.client_scope(on_behalf_of) if on_behalf_of else None  # a client: only its --secret patterns
+        rows = [r for r in rows if (is_owner or r["name"] in readable)
+                and (scope is None or any(fnmatch.fnmatchcase(r["name"], p) for p in scope))]
         self.audit_entry(caller, "list", "*", True, f"{len(rows)} names", on_behalf_of)
         return [{"name": r["name"], "version": r["version"], "updated_at": r["updated_at"]} for r in rows]
 
     def audit(self, caller: str, limit: int = 50, on_behalf_of: str = "") -> list[dict[str, Any]]:
         """The newest `secrets.*` entries of the audit log, as {id, ts, actor, on_behalf_of, action, name, ok, detail}."""
-        is_owner, _ = self._policy(caller)
-        if not is_owner:
-            raise self._refused(caller, "audit", "*", "only the keeper of secrets may read the audit log", on_behalf_of)
+        self._owner_only(caller, "audit", "*", on_behalf_of, "read the audit log")
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument("limit must be a positive integer")
         return [
@@ -404,10 +393,8 @@ class SecretsManager:
         `operator=True` is the command line's offline rotation, the only one allowed when the key
         comes from the environment: the new key is then left in `keys/secrets.key.new` for the operator.
         """
-        is_owner, _ = self._policy(caller)
-        if not (is_owner or operator):
-            raise self._refused(caller, "rotate_key", "*", "only the keeper of secrets may rotate the key",
-                                on_behalf_of)
+        if not operator:
+            self._owner_only(caller, "rotate_key", "*", on_behalf_of, "rotate the key")
         if self.keys.from_env and not operator:
             raise self._refused(caller, "rotate_key", "*", "key comes from the environment", on_behalf_of,
                                 KeyManagedExternally(self.keys.env_rotation_help()))
@@ -420,13 +407,9 @@ class SecretsManager:
                 with self.db.transaction() as conn:
                     rows = conn.execute("SELECT name, version, nonce, ciphertext, key_id FROM secrets").fetchall()
                     for row in rows:
-                        plain = self._aead(row["key_id"]).decrypt(row["nonce"], row["ciphertext"], row["name"].encode("utf-8"))
-                        nonce = os.urandom(12)
-                        conn.execute(
-                            "UPDATE secrets SET nonce = ?, ciphertext = ?, key_id = ? WHERE name = ? AND version = ?",
-                            (nonce, new_aead.encrypt(nonce, plain, row["name"].encode("utf-8")), new_id, row["name"],
-                             row["version"]),
-                        )
+                        sealed = self._seal(new_aead, row["name"], self._open(row))
+                        conn.execute("UPDATE secrets SET nonce = ?, ciphertext = ?, key_id = ? WHERE name = ? AND "
+                                     "version = ?", (*sealed, new_id, row["name"], row["version"]))
                     conn.execute("UPDATE secrets_keyring SET key_id = ?, rotated_at = ? WHERE id = 1", (new_id, now_iso()))
                     names = len({row["name"] for row in rows})
                     detail = f"re-encrypted {len(rows)} versions of {names} secrets under key {new_id}"

@@ -145,16 +145,10 @@ class Supervisor:
     and raises when the new one fails to start; `state(name)` is the MAD's lifecycle state.
     """
 
-    def __init__(
-        self,
-        mads: Iterable[type[Mad]],
-        restart: Callable[[str], Awaitable[None]],
-        state: Callable[[str], str],
-        policy: SupervisionPolicy | None = None,
-    ):
+    def __init__(self, mads: Iterable[type[Mad]], restart: Callable[[str], Awaitable[None]],
+                 state: Callable[[str], str], policy: SupervisionPolicy | None = None):
         self.policy = policy or SupervisionPolicy()
-        self._restart = restart
-        self._state = state
+        self._restart, self._state = restart, state
         self._records: dict[str, _Record] = {}
         for cls in mads:
             if not cls.handler_timeout_s > 0:
@@ -364,10 +358,13 @@ class Supervisor:
     def start_failed(self, mad: str, exc: BaseException) -> None:
         """A MAD's start failed: note it and restart it with backoff (call from the event loop)."""
         rec = self._record(mad)
+        self._start_failure(rec, "on_start", exc)
+        self._schedule_restart(mad, rec)
+
+    def _start_failure(self, rec: _Record, op: str, exc: BaseException) -> None:
         rec.failures_total += 1
         if not isinstance(exc, MadFault):  # a fault noted itself, with the exception type
-            self._note(rec, f"on_start: {exc.code if isinstance(exc, KernelError) else type(exc).__name__}")
-        self._schedule_restart(mad, rec)
+            self._note(rec, f"{op}: {exc.code if isinstance(exc, KernelError) else type(exc).__name__}")
 
     def _schedule_restart(self, mad: str, rec: _Record) -> None:
         if not self.accepting or (rec.restart_task is not None and not rec.restart_task.done()):
@@ -394,9 +391,7 @@ class Supervisor:
                 try:
                     await self._restart(mad)
                 except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure; it retries
-                    rec.failures_total += 1
-                    if not isinstance(exc, MadFault):
-                        self._note(rec, f"restart: {exc.code if isinstance(exc, KernelError) else type(exc).__name__}")
+                    self._start_failure(rec, "restart", exc)
                     log.warning("restart failed", extra={"mad": mad, "attempt": rec.restart_attempts, "error": rec.last_error})
                     continue
                 rec.restarts += 1
@@ -414,18 +409,9 @@ class Supervisor:
         rec = self._record(mad)
         state = self._state(mad)
         now = time.monotonic()
-        out: dict[str, Any] = {
-            "state": state,
-            "ok": state in UP_STATES and rec.breaker == CLOSED and not rec.leaked,
-            "breaker": rec.breaker,
-            "failures": rec.failures,
-            "failures_total": rec.failures_total,
-            "restarts": rec.restarts,
-            "in_flight": rec.in_flight,
-            "leaked": len(rec.leaked),
-            "last_error": rec.last_error,
-            "last_error_at": rec.last_error_at,
-        }
+        out: dict[str, Any] = {"state": state, "ok": state in UP_STATES and rec.breaker == CLOSED and not rec.leaked}
+        out |= {key: getattr(rec, key) for key in ("breaker", "failures", "failures_total", "restarts", "in_flight")}
+        out |= {"leaked": len(rec.leaked), "last_error": rec.last_error, "last_error_at": rec.last_error_at}
         if rec.breaker == OPEN:
             out["retry_in_s"] = round(max(0.0, rec.opened_at + self.policy.cooldown_s - now), 1)
         if rec.restart_due:
@@ -489,9 +475,7 @@ class _Rest(collections.abc.Coroutine):
     `never_suspends` misjudged gets here."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any):
-        self._coro = coro
-        self._yielded: Any = yielded
-        self._handed = False
+        self._coro, self._yielded, self._handed = coro, yielded, False
 
     def send(self, value: Any) -> Any:
         if not self._handed:

@@ -185,7 +185,7 @@ def gateway(runtime, kernel, monkeypatch):
         return runtime.db.query("SELECT client, tool, correlation_id, outcome, counted FROM gateway_calls ORDER BY id")
 
     def audited():
-        return [(e["actor"], e["action"], e["detail"]) for e in reversed(audit.recent(50))]
+        return [(e["actor"], e["action"], e["detail"]) for e in reversed(runtime.audit.recent(50, action_prefix="gateway."))]
 
     yield SimpleNamespace(server=server, registry=registry, audit=audit, call=call, refusal=refusal, rows=rows,
                           audited=audited, runtime=runtime)
