@@ -94,7 +94,7 @@ class Database:
         # The database (and its -wal/-shm files) holds ciphertexts and audit records: owner only.
         previous_umask = os.umask(0o077)
         try:
-            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
         finally:
@@ -105,7 +105,6 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
         self.fts5 = self._probe_fts5()
         # Group commit (see the module docstring): group commits counted, and how many are known on disk.
         self._committed = 0
@@ -233,19 +232,7 @@ class Database:
     def _commit_batch(self, batch: list[SharedWrite]) -> None:
         for tag in {tag for _write, _then, _done, tag in batch if tag}:
             self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
-        try:
-            with self.transaction(group_commit=True) as conn:
-                outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, *_ in batch]
-        except Exception as exc:  # noqa: BLE001 - handed to its caller, through the future
-            outcomes = [(None, exc)]
-        if len(outcomes) < len(batch):  # the batch was taken back: each write again, alone, so only a failing one fails
-            outcomes = []
-            for write, *_ in batch:
-                try:
-                    with self.transaction(group_commit=True) as conn:
-                        outcomes.append((write(conn), None))
-                except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
-                    outcomes.append((None, exc))
+        outcomes = self._outcomes([write for write, *_ in batch])
         for (_write, then, done, _tag), (value, exc) in zip(batch, outcomes, strict=True):
             if exc is None and then is not None:
                 try:
@@ -259,6 +246,17 @@ class Database:
             else:
                 done.set_exception(exc)
 
+    def _outcomes(self, writes: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[Any, BaseException | None]]:
+        """What each write returned, or raised: all in one group commit; if one raises, the batch is taken back
+        and each write runs again alone, so only a failing one fails (its caller gets the exception)."""
+        try:
+            with self.transaction(group_commit=True) as conn:
+                return [(write(conn), None) for write in writes]
+        except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was, through the future
+            if len(writes) == 1:
+                return [(None, exc)]
+        return [outcome for write in writes for outcome in self._outcomes([write])]
+
     async def durable(self) -> None:
         """Return once every commit made so far is on disk. Group commit: one fdatasync covers every
         commit before it, so of the hops whose commits one event-loop turn made, the first to get here
@@ -268,21 +266,14 @@ class Database:
         Raises DurabilityError once an fdatasync has failed: after a failed fdatasync Linux may have
         dropped the dirty pages and a later one succeeds without them, so no later commit can be
         vouched for; the process must restart (healthy() turns false)."""
-        if self._synced < self._committed:
-            self._sync_now(self._committed)
-        self._raise_if_failed()
-
-    def _sync_now(self, covered: int) -> None:
-        self._raise_if_failed()
-        with self._wal_lock:
-            try:
-                self._fdatasync_wal()
-            except OSError as exc:
-                self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
-                self._raise_if_failed()
-        self._synced = max(self._synced, covered)
-
-    def _raise_if_failed(self) -> None:
+        if self._synced < self._committed and not self._sync_failure:
+            covered = self._committed
+            with self._wal_lock:
+                try:
+                    self._fdatasync_wal()
+                    self._synced = max(self._synced, covered)
+                except OSError as exc:
+                    self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
         if self._sync_failure:
             raise DurabilityError(f"{self._sync_failure}; nothing written since can be acknowledged as durable: "
                                   "check the disk, then restart the process")
