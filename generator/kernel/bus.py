@@ -254,11 +254,8 @@ class ConversationBus:
         people = list(dict.fromkeys([created_by, *[str(p) for p in participants or []]]))
         row = {"id": new_id(), "title": title[:500], "participants": json.dumps(people), "created_by": created_by,
                "created_at": now_iso()}
-        self.db.execute(
-            "INSERT INTO conversations (id, title, participants, created_by, created_at)"
-            " VALUES (:id, :title, :participants, :created_by, :created_at)",
-            row,
-        )
+        self.db.execute("INSERT INTO conversations (id, title, participants, created_by, created_at)"
+                        " VALUES (:id, :title, :participants, :created_by, :created_at)", row)
         return self._conv(row)
 
     def get(self, conversation_id: str) -> dict[str, Any]:
@@ -326,13 +323,10 @@ class ConversationBus:
     def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False,
                 payload: dict[str, Any] | None = None) -> bool:
         """Store `env`, with `payload` in place of its own when given (what may be persisted of it)."""
-        cur = conn.execute(
-            f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages"
-            " (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
-             to_json(env.payload if payload is None else payload), env.created_at),
-        )
+        cur = conn.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages (id, correlation_id, sender,"
+                           " conversation_id, kind, content, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
+                            to_json(env.payload if payload is None else payload), env.created_at))
         return cur.rowcount == 1
 
     def post(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
@@ -355,16 +349,12 @@ class ConversationBus:
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
-    def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
-        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
-        self._write(lambda conn: self._accept(conn, request, target, sealed))
-
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
-        """`accept` (storing `stored_payload` in place of the request's own, when given), in the transaction
-        the other bus writes of this event-loop turn share (a group commit: await `db.durable()` before
-        acknowledging it). `then()` runs once it is committed, and the future gives what it returned;
-        `alone`: see `Database.shared_transaction`."""
+        """Store a request (`stored_payload` in place of its own payload, when given: what may be persisted of it)
+        and its pending delivery, in the transaction the other bus writes of this event-loop turn share (a group
+        commit: await `db.durable()` before acknowledging it). `then()` runs once it is committed, and the future
+        gives what it returned; `alone`: see `Database.shared_transaction`."""
         def committed(_: None) -> T | None:
             self._stored()
             return then() if then is not None else None
@@ -375,10 +365,8 @@ class ConversationBus:
     def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes,
                 stored_payload: dict[str, Any] | None = None) -> None:
         self._insert(conn, request, payload=stored_payload)
-        conn.execute(
-            "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
-            (request.id, target, sealed, now_iso()),
-        )
+        conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
+                     (request.id, target, sealed, now_iso()))
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -398,11 +386,8 @@ class ConversationBus:
 
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
                   stored_payload: dict[str, Any] | None = None) -> bool:
-        acked = conn.execute(
-            "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
-            " WHERE envelope_id = ? AND state = 'pending'",
-            (reply.id, now_iso(), request_id),
-        ).rowcount
+        acked = conn.execute("UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
+                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount
         if acked != 1:
             return False
         self._insert(conn, reply, payload=stored_payload)
@@ -410,19 +395,15 @@ class ConversationBus:
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
         """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""
-        return self.db.one(
-            "SELECT envelope_id, target, state, attempts, sealed, reply_id FROM bus_deliveries WHERE envelope_id = ?",
-            (request_id,),
-        )
+        return self.db.one("SELECT envelope_id, target, state, attempts, sealed, reply_id FROM bus_deliveries"
+                           " WHERE envelope_id = ?", (request_id,))
 
     def pending(self, targets: list[str]) -> list[dict[str, Any]]:
         """Deliveries to these MADs not acked yet, oldest first."""
         marks = ", ".join("?" for _ in targets) or "NULL"
-        return self.db.query(
-            "SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d JOIN messages m ON m.id = d.envelope_id"
-            f" WHERE d.state = 'pending' AND d.target IN ({marks}) ORDER BY m.seq",
-            list(targets),
-        )
+        return self.db.query("SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d"
+                             " JOIN messages m ON m.id = d.envelope_id WHERE d.state = 'pending'"
+                             f" AND d.target IN ({marks}) ORDER BY m.seq", list(targets))
 
     def count_attempt(self, request_id: str) -> int:
         """Note one more start of a pending delivery; returns how many starts it has had."""
@@ -439,10 +420,8 @@ class ConversationBus:
 
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
-        rows = self.db.query(
-            "SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq ASC",
-            (conversation_id, _limit(limit)),
-        )
+        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?)"
+                             " ORDER BY seq ASC", (conversation_id, _limit(limit)))
         return [self._env(r) for r in rows]
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:
@@ -458,11 +437,8 @@ class ConversationBus:
             self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-            rows = self.db.query(
-                "SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
-                " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
-                (match, limit),
-            )
+            rows = self.db.query("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
+                                 " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
         else:
             clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
             params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]

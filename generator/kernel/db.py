@@ -398,10 +398,10 @@ class TableStore:
                 raise InvalidArgument(f"table {table!r} has no column {name!r}")
         return list(names)
 
-    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, list[Any]]:
-        """`col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
-        cols = self._columns(table, list(where))
-        return " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
+    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
+        """The table's full name, `col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
+        full, cols = self.table_name(table), self._columns(table, list(where))
+        return full, " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
 
     def insert(self, table: str, **values: Any) -> int:
         full = self.table_name(table)
@@ -414,8 +414,7 @@ class TableStore:
         return int(cur.lastrowid or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
         if order_col != "rowid":
             self._columns(table, [order_col])
@@ -424,8 +423,7 @@ class TableStore:
                               [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         vcols = self._columns(table, list(values))
         if not vcols:
             return 0
@@ -434,6 +432,5 @@ class TableStore:
                                 [*(values[c] for c in vcols), *params]).rowcount
 
     def delete(self, table: str, **where: Any) -> int:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount

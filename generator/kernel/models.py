@@ -105,11 +105,17 @@ class ModelGateway:
             (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
-    def _charge(self, accounts: list[str], tokens: int) -> None:
+    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int], ok: bool,
+                started: float) -> None:
+        """Charge the tokens a call used (if any) to each account, and log the call, in one transaction."""
+        prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
         with self.db.transaction() as conn:
-            for account in accounts:
-                conn.execute("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? "
-                             "WHERE account = ?", (tokens, now_iso(), account))
+            if prompt_tokens + completion_tokens:
+                conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? WHERE account = ?",
+                                 [(prompt_tokens + completion_tokens, now_iso(), account) for account in accounts])
+            conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok, "
+                         "latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (now_iso(), ",".join(accounts), model, provider,
+                         prompt_tokens, completion_tokens, int(ok), int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
 
@@ -148,13 +154,7 @@ class ModelGateway:
                 text, usage = await self._openai(model, alias, prompt, max_tokens, system)
             ok = True
         finally:
-            total = usage["prompt_tokens"] + usage["completion_tokens"]
-            if total:
-                self._charge(accounts, total)
-            self.db.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, "
-                            "completion_tokens, ok, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (now_iso(), ",".join(accounts), model, alias.provider, usage["prompt_tokens"],
-                             usage["completion_tokens"], int(ok), int((time.monotonic() - started) * 1000)))
+            self._charge(accounts, model, alias.provider, usage, ok, started)
         return {"model": model, "provider": alias.provider, "text": text, **usage,
                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], "charged_to": accounts}
 
