@@ -289,8 +289,7 @@ class ConversationBus:
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The conversations with the newest messages first, each with its `message_count`."""
         rows = self.db.query(
-            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-            " FROM conversations c"
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count FROM conversations c"
             " ORDER BY COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = c.id), 0) DESC,"
             " c.created_at DESC LIMIT ?", (_limit(limit),))
         return [self._conv(row) for row in rows]

@@ -80,11 +80,9 @@ class ModelGateway:
 
     def _ensure_account(self, account: str, budget: int, update: bool = False) -> None:
         """Open `account` with `budget` tokens; `update`: an account already open gets the new budget."""
-        self.db.execute(
-            "INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
-            "ON CONFLICT(account) " + ("DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"),
-            (account, int(budget), now_iso()),
-        )
+        self.db.execute("INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
+                        "ON CONFLICT(account) " + ("DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"),
+                        (account, int(budget), now_iso()))
 
     @staticmethod
     def _balance(row: Any) -> dict[str, Any]:
@@ -140,10 +138,8 @@ class ModelGateway:
             b = self.account_budget(account)
             if b["spent"] + estimate > b["budget"]:
                 log.warning("budget refused", extra={"account": account, "estimate": estimate, "remaining": b["remaining"]})
-                raise BudgetExceeded(
-                    f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
-                    f" but only {b['remaining']} of {b['budget']} remain"
-                )
+                raise BudgetExceeded(f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
+                                     f" but only {b['remaining']} of {b['budget']} remain")
         started = time.monotonic()
         ok = False
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
