@@ -20,7 +20,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,8 +107,7 @@ class Database:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self.fts5 = self._probe_fts5()
         # Group commit (see the module docstring): group commits counted, and how many are known on disk.
-        self._committed = 0
-        self._synced = 0
+        self._committed = self._synced = 0
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
@@ -294,19 +293,15 @@ class Database:
         os.fdatasync(self._wal_fd)
 
     def healthy(self) -> bool:
-        if self._sync_failure:
-            return False
         try:
-            return self.one("SELECT 1 AS ok") == {"ok": 1}
+            return not self._sync_failure and self.one("SELECT 1 AS ok") == {"ok": 1}
         except sqlite3.Error:
             return False
 
     def close(self) -> None:
         with self._lock:
-            try:
+            with suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
             self._conn.close()
             with self._wal_lock:  # not under an fdatasync running on another thread
                 self._closed = True
@@ -326,14 +321,6 @@ class Database:
             return _shape(self._conn, table)
 
 
-def sql_type(type_name: str) -> str:
-    """The SQL type a spec'd column type is stored as."""
-    found = _COLUMN_TYPES.get(str(type_name).lower())
-    if found is None:
-        raise InvalidArgument(f"unknown column type {type_name!r}")
-    return found
-
-
 def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: bool = True) -> str:
     """CREATE TABLE from a spec'd column list ({name, type, primary_key, nullable}).
 
@@ -346,10 +333,9 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
     pks = [c for c in columns if c.get("primary_key")]
     parts = []
     for col in columns:
-        try:
-            col_type = sql_type(col.get("type", "text"))
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"table {table!r}: {exc}") from None
+        col_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
+        if col_type is None:
+            raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type', 'text')!r}")
         part = f"{ident(col['name'])} {col_type}"
         single_pk = len(pks) == 1 and col.get("primary_key")
         if single_pk:
@@ -365,12 +351,9 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
 
 def declared_shape(table: str, columns: Sequence[dict[str, Any]]) -> dict[str, tuple[str, bool, int]]:
     """The shape `table_ddl` gives these columns, read back from a scratch in-memory table."""
-    scratch = sqlite3.connect(":memory:")
-    try:
+    with closing(sqlite3.connect(":memory:")) as scratch:
         scratch.execute(table_ddl(table, columns))
         return _shape(scratch, table)
-    finally:
-        scratch.close()
 
 
 def _shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
@@ -392,10 +375,9 @@ class TableStore:
         return f"{self._mad}_{table}"
 
     def _columns(self, table: str, names: Sequence[str]) -> list[str]:
-        known = self._tables[table]
-        for name in names:
-            if name not in known:
-                raise InvalidArgument(f"table {table!r} has no column {name!r}")
+        unknown = [name for name in names if name not in self._tables[table]]
+        if unknown:
+            raise InvalidArgument(f"table {table!r} has no column {unknown[0]!r}")
         return list(names)
 
     def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
