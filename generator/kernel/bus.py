@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import re
 import sqlite3
@@ -70,17 +71,15 @@ to_json = json.JSONEncoder(default=str).encode
 
 log = logs.get("bus")
 
-_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text: a bus hop stamps four times
+@functools.lru_cache(maxsize=1)  # the last whole second formatted: a bus hop stamps four times
+def _formatted_second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def now_iso() -> str:
-    global _second
     t = time.time()
     whole = int(t)
-    second = _second  # one read: another thread may replace it meanwhile
-    if second[0] != whole:
-        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{second[1]}.{int((t - whole) * 1_000_000):06d}Z"
+    return f"{_formatted_second(whole)}.{int((t - whole) * 1_000_000):06d}Z"
 
 
 class Envelope(BaseModel):
@@ -282,9 +281,7 @@ class ConversationBus:
     def ensure(self, title: str, who: str) -> dict[str, Any]:
         """The conversation with this title (created if missing), with `who` among its participants."""
         existing = self.find_by_title(title)
-        if existing is None:
-            return self.create(title, [], who)
-        return self.join(existing["id"], who)
+        return self.create(title, [], who) if existing is None else self.join(existing["id"], who)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The conversations with the newest messages first, each with its `message_count`."""
