@@ -296,9 +296,7 @@ class ConversationBus:
     @staticmethod
     def _env(row: dict[str, Any]) -> dict[str, Any]:
         """A stored message as an envelope's dict (the columns are the envelope's fields, in order, after `seq`)."""
-        env = {key: value for key, value in row.items() if key != "seq"}
-        env["payload"] = json.loads(env["payload"])
-        return env
+        return {key: json.loads(value) if key == "payload" else value for key, value in row.items() if key != "seq"}
 
     def envelope(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
                  correlation_id: str = "", payload: dict[str, Any] | None = None, *,
@@ -319,11 +317,10 @@ class ConversationBus:
     def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False,
                 payload: dict[str, Any] | None = None) -> bool:
         """Store `env`, with `payload` in place of its own when given (what may be persisted of it)."""
-        cur = conn.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages (id, correlation_id, sender,"
-                           " conversation_id, kind, content, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
-                            to_json(env.payload if payload is None else payload), env.created_at))
-        return cur.rowcount == 1
+        return conn.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages (id, correlation_id, sender,"
+                            " conversation_id, kind, content, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
+                             to_json(env.payload if payload is None else payload), env.created_at)).rowcount == 1
 
     def post(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
              correlation_id: str = "", payload: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -388,12 +388,8 @@ class TableStore:
     def insert(self, table: str, **values: Any) -> int:
         full = self.table_name(table)
         cols = self._columns(table, list(values))
-        if not cols:
-            cur = self._db.execute(f"INSERT INTO {full} DEFAULT VALUES")
-        else:
-            marks = ", ".join("?" for _ in cols)
-            cur = self._db.execute(f"INSERT INTO {full} ({', '.join(cols)}) VALUES ({marks})", [values[c] for c in cols])
-        return int(cur.lastrowid or 0)
+        into = f"({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})" if cols else "DEFAULT VALUES"
+        return int(self._db.execute(f"INSERT INTO {full} {into}", [values[c] for c in cols]).lastrowid or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full, clause, params = self._where(table, where)
