@@ -192,12 +192,8 @@ class Database:
             self._sync_mode(full=not group_commit)
             changes_before = self._conn.total_changes
             self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._conn:  # COMMIT; ROLLBACK if the body raises (or the COMMIT fails)
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
             if group_commit:
                 self._committed += 1
             elif self._conn.total_changes != changes_before:
