@@ -268,14 +268,11 @@ class ConversationBus:
         return self._conv(row) if row else None
 
     def join(self, conversation_id: str, who: str) -> dict[str, Any]:
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no conversation {conversation_id!r}")
-            people = json.loads(row["participants"])
+        with self.db.transaction() as conn:  # read and written in one transaction: concurrent joins all count
+            people = self.get(conversation_id)["participants"]  # on the same connection, inside the transaction
             if who not in people:
-                people.append(who)
-                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?", (json.dumps(people), conversation_id))
+                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?",
+                             (json.dumps([*people, who]), conversation_id))
         return self.get(conversation_id)
 
     def ensure(self, title: str, who: str) -> dict[str, Any]:
@@ -342,24 +339,28 @@ class ConversationBus:
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
+    def _write_shared(self, write: Callable[[sqlite3.Connection], Any], *, alone: bool,
+                      then: Callable[[Any], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
+        """`write(conn)`, which stores messages, in the transaction the bus writes of this event-loop turn share;
+        `then(result)` (or the result itself) once it is committed."""
+        def committed(result: Any) -> Any:
+            self._stored()
+            return then(result) if then is not None else result
+
+        return self.db.shared_transaction(write, alone=alone, then=committed, tag=tag)
+
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
         """Store a request (`stored_payload` in place of its own payload, when given: what may be persisted of it)
         and its pending delivery, in the transaction the other bus writes of this event-loop turn share (a group
         commit: await `db.durable()` before acknowledging it). `then()` runs once it is committed, and the future
         gives what it returned; `alone`: see `Database.shared_transaction`."""
-        def committed(_: None) -> T | None:
-            self._stored()
-            return then() if then is not None else None
+        def accept(conn: sqlite3.Connection) -> None:
+            self._insert(conn, request, payload=stored_payload)
+            conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
+                         (request.id, target, sealed, now_iso()))
 
-        return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed, stored_payload),
-                                          alone=alone, then=committed, tag="accept")
-
-    def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes,
-                stored_payload: dict[str, Any] | None = None) -> None:
-        self._insert(conn, request, payload=stored_payload)
-        conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
-                     (request.id, target, sealed, now_iso()))
+        return self._write_shared(accept, alone=alone, then=lambda _: then() if then is not None else None, tag="accept")
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -370,12 +371,7 @@ class ConversationBus:
         """`complete` (storing `stored_payload` in place of the reply's own, when given), in the transaction the
         other bus writes of this event-loop turn share (a group commit: await `db.durable()` before handing the
         reply on; `alone`: see `Database.shared_transaction`)."""
-        def committed(acked: bool) -> bool:
-            self._stored()
-            return acked
-
-        return self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply, stored_payload),
-                                          alone=alone, then=committed)
+        return self._write_shared(lambda conn: self._complete(conn, request_id, reply, stored_payload), alone=alone)
 
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
                   stored_payload: dict[str, Any] | None = None) -> bool:
