@@ -145,12 +145,8 @@ class Database:
             if self._conn.in_transaction:  # executescript would COMMIT it first, whatever it held so far
                 raise RuntimeError("Database.script cannot run inside an open transaction")
             self._sync_mode(full=True)
-            try:
+            with self._conn:  # ROLLBACK if the script fails midway (nothing to do once it committed)
                 self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")  # own line: the script may end in a comment
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
@@ -167,8 +163,7 @@ class Database:
                         for statement in _statements(script):
                             conn.execute(statement)
                     for table in scripts:
-                        broken = conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall()
-                        if broken:
+                        if broken := conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall():
                             raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
                                                          "foreign keys; nothing was changed")
             finally:
