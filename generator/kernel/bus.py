@@ -283,7 +283,8 @@ class ConversationBus:
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The conversations with the newest messages first, each with its `message_count`."""
         rows = self.db.query(
-            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count FROM conversations c"
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
+            " FROM conversations c"
             " ORDER BY COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = c.id), 0) DESC,"
             " c.created_at DESC LIMIT ?", (_limit(limit),))
         return [self._conv(row) for row in rows]
@@ -360,7 +361,8 @@ class ConversationBus:
             conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
                          (request.id, target, sealed, now_iso()))
 
-        return self._write_shared(accept, alone=alone, then=lambda _: then() if then is not None else None, tag="accept")
+        return self._write_shared(accept, alone=alone, tag="accept",
+                                  then=lambda _: then() if then is not None else None)
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -409,8 +411,8 @@ class ConversationBus:
 
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
-        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?)"
-                             " ORDER BY seq ASC", (conversation_id, _limit(limit)))
+        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
+                             " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
         return [self._env(r) for r in rows]
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:

@@ -80,9 +80,9 @@ class ModelGateway:
 
     def _ensure_account(self, account: str, budget: int, update: bool = False) -> None:
         """Open `account` with `budget` tokens; `update`: an account already open gets the new budget."""
+        on_conflict = "DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"
         self.db.execute("INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
-                        "ON CONFLICT(account) " + ("DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"),
-                        (account, int(budget), now_iso()))
+                        f"ON CONFLICT(account) {on_conflict}", (account, int(budget), now_iso()))
 
     @staticmethod
     def _balance(row: Any) -> dict[str, Any]:
@@ -108,12 +108,13 @@ class ModelGateway:
         """Charge the tokens a call used (if any) to each account, and log the call, in one transaction."""
         prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
         with self.db.transaction() as conn:
-            if prompt_tokens + completion_tokens:
-                conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? WHERE account = ?",
-                                 [(prompt_tokens + completion_tokens, now_iso(), account) for account in accounts])
-            conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok, "
-                         "latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (now_iso(), ",".join(accounts), model, provider,
-                         prompt_tokens, completion_tokens, int(ok), int((time.monotonic() - started) * 1000)))
+            if total := prompt_tokens + completion_tokens:
+                conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ?"
+                                 " WHERE account = ?", [(total, now_iso(), account) for account in accounts])
+            conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok,"
+                         " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(ok),
+                          int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
 
