@@ -29,8 +29,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_serializer
 
 # The type vocabulary shared by specs, capabilities and generated code (Python spelling).
-TYPE_NAMES: frozenset[str] = frozenset({"str", "int", "float", "bool", "dict", "list", "list[str]", "list[int]",
-                                        "list[dict]", "None"})
+TYPE_NAMES: frozenset[str] = frozenset(
+    {"str", "int", "float", "bool", "dict", "list", "list[str]", "list[int]", "list[dict]", "None"}
+)
 
 
 @dataclass(frozen=True)
@@ -385,8 +386,9 @@ def available(packs: Iterable[str]) -> dict[str, Capability]:
 # Granted to every MAD whatever it owns, each narrowed by the kernel per call: its own Thought
 # Engine (charged to its own budget); reading and posting in the conversations it joined; reading
 # the secrets named in its `secrets` list (the secrets manager refuses, and audits, any other name).
-ALWAYS_GRANTED: frozenset[str] = frozenset({"models.send", "conversations.post", "conversations.history", "secrets.get",
-                                            "secrets.list"})
+ALWAYS_GRANTED: frozenset[str] = frozenset(
+    {"models.send", "conversations.post", "conversations.history", "secrets.get", "secrets.list"}
+)
 
 
 def granted(owns: tuple[str, ...] | frozenset[str]) -> frozenset[str]:

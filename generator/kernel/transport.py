@@ -86,9 +86,11 @@ class Sealer:
         if not blob or len(blob) < head + 12 + 16 or blob[:1] != self._VERSION:
             raise SealError("not a sealed bus envelope", foreign_key=False)
         if blob[1:head] != self.fingerprint:
-            raise SealError(f"sealed under another secrets key (fingerprint {blob[1:head].hex()}; this process has "
-                            f"{self.fingerprint.hex()}): every process on one bus needs the same secrets key",
-                            foreign_key=True)
+            raise SealError(
+                f"sealed under another secrets key (fingerprint {blob[1:head].hex()}; this process has "
+                f"{self.fingerprint.hex()}): every process on one bus needs the same secrets key",
+                foreign_key=True,
+            )
         try:
             return self._aead.decrypt(blob[head:head + 12], blob[head + 12:], context.encode())
         except InvalidTag:
@@ -164,8 +166,11 @@ def error_to(request: Envelope, code: str, message: str) -> Reply:
 
 
 def abandoned(request: Envelope, attempts: int) -> Reply:
-    return error_to(request, "abandoned", f"given up after {attempts - 1} deliveries that never completed (the "
-                    "process died during each); the request was not handled")
+    return error_to(
+        request, "abandoned",
+        f"given up after {attempts - 1} deliveries that never completed (the process died during each); "
+        "the request was not handled",
+    )
 
 
 Dispatch = Callable[[Envelope], Awaitable[Reply]]
@@ -327,8 +332,10 @@ def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Se
         return LocalTransport(bus, sealer, dispatch)
     if urlsplit(url).scheme in ("redis", "rediss", "unix"):
         return redis_pack().RedisTransport(url, ecosystem, bus, sealer, dispatch, claim_idle_s=claim_idle_s)
-    raise InvalidArgument(f"unknown bus {redact_url(url)!r}: use 'local' (the default, one process) or a Redis URL "
-                          "such as redis://127.0.0.1:6379/0")
+    raise InvalidArgument(
+        f"unknown bus {redact_url(url)!r}: use 'local' (the default, one process) or a Redis URL "
+        "such as redis://127.0.0.1:6379/0"
+    )
 
 
 def redis_pack() -> Any:
