@@ -86,15 +86,17 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
     known = {m.number: m for m in migrations}
     newer = sorted(n for n in applied if n not in known)
     if newer:
-        raise MigrationError(f"the state in {db.path} was migrated by a newer version of this ecosystem (migration "
-                             f"{newer[-1]} '{applied[newer[-1]]['name']}'; this version knows {len(migrations)}). "
-                             "Migrations are forward-only: run that newer version, or restore the state from a backup "
-                             "taken before the upgrade")
+        raise MigrationError(
+            f"the state in {db.path} was migrated by a newer version of this ecosystem (migration {newer[-1]} "
+            f"'{applied[newer[-1]]['name']}'; this version knows {len(migrations)}). Migrations are forward-only: "
+            "run that newer version, or restore the state from a backup taken before the upgrade"
+        )
     for number, row in sorted(applied.items()):
         if row["checksum"] != known[number].checksum:
-            raise MigrationError(f"migration {number} recorded in {db.path} ('{row['name']}') is not this version's "
-                                 f"migration {number} ('{known[number].name}'): the state comes from a different "
-                                 "history of this ecosystem")
+            raise MigrationError(
+                f"migration {number} recorded in {db.path} ('{row['name']}') is not this version's migration "
+                f"{number} ('{known[number].name}'): the state comes from a different history of this ecosystem"
+            )
     pending = [m for m in migrations if m.number not in applied]
     if applied and pending and pending[0].number < max(applied):
         raise MigrationError(f"the state in {db.path} skipped migration {pending[0].number} '{pending[0].name}' "
@@ -104,11 +106,15 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
             with db.transaction() as conn:
                 for statement in migration.statements:
                     conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations (number, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
-                             (migration.number, migration.name, migration.checksum, now_iso()))
+                conn.execute(
+                    "INSERT INTO schema_migrations (number, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
+                    (migration.number, migration.name, migration.checksum, now_iso()),
+                )
         except sqlite3.Error as exc:
-            raise MigrationError(f"migration {migration.number} '{migration.name}' failed and was rolled back, so the "
-                                 f"state is as it was before it: {exc}") from None
+            raise MigrationError(
+                f"migration {migration.number} '{migration.name}' failed and was rolled back, so the state is "
+                f"as it was before it: {exc}"
+            ) from None
     return pending
 
 
@@ -117,10 +123,15 @@ def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> 
     stored, declared = db.table_shape(table), declared_shape(table, columns)
     if stored == declared:
         return
-    differences = [f"{name}: stored {_describe(stored.get(name))}, declared {_describe(declared.get(name))}"
-                   for name in sorted(set(stored) | set(declared)) if stored.get(name) != declared.get(name)]
-    raise MigrationError(f"table {table} in {db.path} does not have the columns MAD {mad!r} declares "
-                         f"({'; '.join(differences)}): the state was not migrated to this version's storage")
+    differences = [
+        f"{name}: stored {_describe(stored.get(name))}, declared {_describe(declared.get(name))}"
+        for name in sorted(set(stored) | set(declared))
+        if stored.get(name) != declared.get(name)
+    ]
+    raise MigrationError(
+        f"table {table} in {db.path} does not have the columns MAD {mad!r} declares ({'; '.join(differences)}): "
+        "the state was not migrated to this version's storage"
+    )
 
 
 def _describe(shape: tuple[str, bool, int] | None) -> str:
