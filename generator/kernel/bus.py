@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import re
 import sqlite3
@@ -70,17 +71,15 @@ to_json = json.JSONEncoder(default=str).encode
 
 log = logs.get("bus")
 
-_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text: a bus hop stamps four times
+@functools.lru_cache(maxsize=1)  # the last whole second formatted: a bus hop stamps four times
+def _formatted_second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def now_iso() -> str:
-    global _second
     t = time.time()
     whole = int(t)
-    second = _second  # one read: another thread may replace it meanwhile
-    if second[0] != whole:
-        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{second[1]}.{int((t - whole) * 1_000_000):06d}Z"
+    return f"{_formatted_second(whole)}.{int((t - whole) * 1_000_000):06d}Z"
 
 
 class Envelope(BaseModel):
@@ -254,11 +253,8 @@ class ConversationBus:
         people = list(dict.fromkeys([created_by, *[str(p) for p in participants or []]]))
         row = {"id": new_id(), "title": title[:500], "participants": json.dumps(people), "created_by": created_by,
                "created_at": now_iso()}
-        self.db.execute(
-            "INSERT INTO conversations (id, title, participants, created_by, created_at)"
-            " VALUES (:id, :title, :participants, :created_by, :created_at)",
-            row,
-        )
+        self.db.execute("INSERT INTO conversations (id, title, participants, created_by, created_at)"
+                        " VALUES (:id, :title, :participants, :created_by, :created_at)", row)
         return self._conv(row)
 
     def get(self, conversation_id: str) -> dict[str, Any]:
@@ -272,22 +268,17 @@ class ConversationBus:
         return self._conv(row) if row else None
 
     def join(self, conversation_id: str, who: str) -> dict[str, Any]:
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no conversation {conversation_id!r}")
-            people = json.loads(row["participants"])
+        with self.db.transaction() as conn:  # read and written in one transaction: concurrent joins all count
+            people = self.get(conversation_id)["participants"]  # on the same connection, inside the transaction
             if who not in people:
-                people.append(who)
-                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?", (json.dumps(people), conversation_id))
+                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?",
+                             (json.dumps([*people, who]), conversation_id))
         return self.get(conversation_id)
 
     def ensure(self, title: str, who: str) -> dict[str, Any]:
         """The conversation with this title (created if missing), with `who` among its participants."""
         existing = self.find_by_title(title)
-        if existing is None:
-            return self.create(title, [], who)
-        return self.join(existing["id"], who)
+        return self.create(title, [], who) if existing is None else self.join(existing["id"], who)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The conversations with the newest messages first, each with its `message_count`."""
@@ -303,9 +294,7 @@ class ConversationBus:
     @staticmethod
     def _env(row: dict[str, Any]) -> dict[str, Any]:
         """A stored message as an envelope's dict (the columns are the envelope's fields, in order, after `seq`)."""
-        env = {key: value for key, value in row.items() if key != "seq"}
-        env["payload"] = json.loads(env["payload"])
-        return env
+        return {key: json.loads(value) if key == "payload" else value for key, value in row.items() if key != "seq"}
 
     def envelope(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
                  correlation_id: str = "", payload: dict[str, Any] | None = None, *,
@@ -326,14 +315,10 @@ class ConversationBus:
     def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False,
                 payload: dict[str, Any] | None = None) -> bool:
         """Store `env`, with `payload` in place of its own when given (what may be persisted of it)."""
-        cur = conn.execute(
-            f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages"
-            " (id, correlation_id, sender, conversation_id, kind, content, payload, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
-             to_json(env.payload if payload is None else payload), env.created_at),
-        )
-        return cur.rowcount == 1
+        return conn.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages (id, correlation_id, sender,"
+                            " conversation_id, kind, content, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
+                             to_json(env.payload if payload is None else payload), env.created_at)).rowcount == 1
 
     def post(self, conversation_id: str, sender: str, content: str = "", kind: str = "message",
              correlation_id: str = "", payload: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -355,30 +340,29 @@ class ConversationBus:
 
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
-    def accept(self, request: Envelope, target: str, sealed: bytes) -> None:
-        """Store a request (payload as it may be persisted) and its pending delivery, in one transaction."""
-        self._write(lambda conn: self._accept(conn, request, target, sealed))
+    def _write_shared(self, write: Callable[[sqlite3.Connection], Any], *, alone: bool,
+                      then: Callable[[Any], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
+        """`write(conn)`, which stores messages, in the transaction the bus writes of this event-loop turn share;
+        `then(result)` (or the result itself) once it is committed."""
+        def committed(result: Any) -> Any:
+            self._stored()
+            return then(result) if then is not None else result
+
+        return self.db.shared_transaction(write, alone=alone, then=committed, tag=tag)
 
     def accept_shared(self, request: Envelope, target: str, sealed: bytes, *, stored_payload: dict[str, Any] | None = None,
                       alone: bool = False, then: Callable[[], T] | None = None) -> asyncio.Future[T | None]:
-        """`accept` (storing `stored_payload` in place of the request's own, when given), in the transaction
-        the other bus writes of this event-loop turn share (a group commit: await `db.durable()` before
-        acknowledging it). `then()` runs once it is committed, and the future gives what it returned;
-        `alone`: see `Database.shared_transaction`."""
-        def committed(_: None) -> T | None:
-            self._stored()
-            return then() if then is not None else None
+        """Store a request (`stored_payload` in place of its own payload, when given: what may be persisted of it)
+        and its pending delivery, in the transaction the other bus writes of this event-loop turn share (a group
+        commit: await `db.durable()` before acknowledging it). `then()` runs once it is committed, and the future
+        gives what it returned; `alone`: see `Database.shared_transaction`."""
+        def accept(conn: sqlite3.Connection) -> None:
+            self._insert(conn, request, payload=stored_payload)
+            conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
+                         (request.id, target, sealed, now_iso()))
 
-        return self.db.shared_transaction(lambda conn: self._accept(conn, request, target, sealed, stored_payload),
-                                          alone=alone, then=committed, tag="accept")
-
-    def _accept(self, conn: sqlite3.Connection, request: Envelope, target: str, sealed: bytes,
-                stored_payload: dict[str, Any] | None = None) -> None:
-        self._insert(conn, request, payload=stored_payload)
-        conn.execute(
-            "INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
-            (request.id, target, sealed, now_iso()),
-        )
+        return self._write_shared(accept, alone=alone, tag="accept",
+                                  then=lambda _: then() if then is not None else None)
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -389,20 +373,12 @@ class ConversationBus:
         """`complete` (storing `stored_payload` in place of the reply's own, when given), in the transaction the
         other bus writes of this event-loop turn share (a group commit: await `db.durable()` before handing the
         reply on; `alone`: see `Database.shared_transaction`)."""
-        def committed(acked: bool) -> bool:
-            self._stored()
-            return acked
-
-        return self.db.shared_transaction(lambda conn: self._complete(conn, request_id, reply, stored_payload),
-                                          alone=alone, then=committed)
+        return self._write_shared(lambda conn: self._complete(conn, request_id, reply, stored_payload), alone=alone)
 
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
                   stored_payload: dict[str, Any] | None = None) -> bool:
-        acked = conn.execute(
-            "UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
-            " WHERE envelope_id = ? AND state = 'pending'",
-            (reply.id, now_iso(), request_id),
-        ).rowcount
+        acked = conn.execute("UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
+                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount
         if acked != 1:
             return False
         self._insert(conn, reply, payload=stored_payload)
@@ -410,19 +386,15 @@ class ConversationBus:
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
         """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""
-        return self.db.one(
-            "SELECT envelope_id, target, state, attempts, sealed, reply_id FROM bus_deliveries WHERE envelope_id = ?",
-            (request_id,),
-        )
+        return self.db.one("SELECT envelope_id, target, state, attempts, sealed, reply_id FROM bus_deliveries"
+                           " WHERE envelope_id = ?", (request_id,))
 
     def pending(self, targets: list[str]) -> list[dict[str, Any]]:
         """Deliveries to these MADs not acked yet, oldest first."""
         marks = ", ".join("?" for _ in targets) or "NULL"
-        return self.db.query(
-            "SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d JOIN messages m ON m.id = d.envelope_id"
-            f" WHERE d.state = 'pending' AND d.target IN ({marks}) ORDER BY m.seq",
-            list(targets),
-        )
+        return self.db.query("SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d"
+                             " JOIN messages m ON m.id = d.envelope_id WHERE d.state = 'pending'"
+                             f" AND d.target IN ({marks}) ORDER BY m.seq", list(targets))
 
     def count_attempt(self, request_id: str) -> int:
         """Note one more start of a pending delivery; returns how many starts it has had."""
@@ -439,10 +411,8 @@ class ConversationBus:
 
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
-        rows = self.db.query(
-            "SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq ASC",
-            (conversation_id, _limit(limit)),
-        )
+        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
+                             " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
         return [self._env(r) for r in rows]
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:
@@ -458,11 +428,8 @@ class ConversationBus:
             self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-            rows = self.db.query(
-                "SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
-                " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
-                (match, limit),
-            )
+            rows = self.db.query("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
+                                 " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
         else:
             clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
             params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]

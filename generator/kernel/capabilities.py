@@ -64,12 +64,8 @@ class Capability:
 
 def param(name: str, type_: str, default: object = ..., /) -> CapabilityParam:
     """A parameter; one given a default is optional."""
-    if default is ...:
-        return CapabilityParam(name, type_)
-    return CapabilityParam(name, type_, default=default, required=False)
-
-
-_p = param  # short, for the tables of capabilities
+    required = default is ...
+    return CapabilityParam(name, type_, None if required else default, required)
 
 
 # ---- what capabilities return -------------------------------------------------------------------
@@ -275,85 +271,34 @@ class PackInfo:
 # The ecosystem.* capabilities come after the packs' in CAPABILITIES, as they always have: the senior's prompt
 # lists the catalogue in its order, and a recorded answer is keyed by the prompt.
 _CORE: tuple[Capability, ...] = (
-    Capability(
-        "conversations.create",
-        "Create a conversation on the bus; returns {id, title, participants, created_by}.",
-        (_p("title", "str"), _p("participants", "list[str]", [])),
-        shape=Conversation,
-    ),
-    Capability(
-        "conversations.post",
-        "Post a message envelope to a conversation; returns the stored envelope.",
-        (
-            _p("conversation_id", "str"),
-            _p("content", "str"),
-            _p("kind", "str", "message"),
-            _p("correlation_id", "str", ""),
-        ),
-        shape=Message,
-    ),
-    Capability(
-        "conversations.history",
-        "The newest `limit` envelopes of a conversation, oldest first.",
-        (_p("conversation_id", "str"), _p("limit", "int", 50)),
-        "list[dict]",
-        shape=Message,
-    ),
-    Capability(
-        "conversations.search",
-        "Full-text search over every message of every conversation.",
-        (_p("query", "str"), _p("limit", "int", 20)),
-        "list[dict]",
-        shape=Message,
-    ),
-    Capability(
-        "conversations.list",
-        "The conversations on the bus, newest first.",
-        (_p("limit", "int", 50),),
-        "list[dict]",
-        shape=ConversationListing,
-    ),
+    Capability("conversations.create",
+               "Create a conversation on the bus; returns {id, title, participants, created_by}.",
+               (param("title", "str"), param("participants", "list[str]", [])), shape=Conversation),
+    Capability("conversations.post", "Post a message envelope to a conversation; returns the stored envelope.",
+               (param("conversation_id", "str"), param("content", "str"), param("kind", "str", "message"),
+                param("correlation_id", "str", "")), shape=Message),
+    Capability("conversations.history", "The newest `limit` envelopes of a conversation, oldest first.",
+               (param("conversation_id", "str"), param("limit", "int", 50)), "list[dict]", shape=Message),
+    Capability("conversations.search", "Full-text search over every message of every conversation.",
+               (param("query", "str"), param("limit", "int", 20)), "list[dict]", shape=Message),
+    Capability("conversations.list", "The conversations on the bus, newest first.", (param("limit", "int", 50),),
+               "list[dict]", shape=ConversationListing),
     Capability("models.list", "The model aliases this ecosystem can call.", (), "list[dict]", shape=ModelAliasInfo),
-    Capability(
-        "models.send",
-        "Send a prompt to a model alias, charged to the caller's token budget.",
-        (_p("model", "str"), _p("prompt", "str"), _p("max_tokens", "int", 256)),
-        shape=ModelReply,
-    ),
+    Capability("models.send", "Send a prompt to a model alias, charged to the caller's token budget.",
+               (param("model", "str"), param("prompt", "str"), param("max_tokens", "int", 256)), shape=ModelReply),
     Capability("models.budget", "Token budget, spent and remaining, per MAD and client.", (), shape=Budgets),
-    Capability(
-        "secrets.set",
-        "Store a secret, encrypted at rest; returns {name, version}, never the value.",
-        (_p("name", "str"), _p("value", "str")),
-        shape=SecretVersion,
-    ),
-    Capability(
-        "secrets.get",
-        "Read a secret the caller is allowed to read; returns {name, version, value}.",
-        (_p("name", "str"),),
-        shape=SecretValue,
-    ),
+    Capability("secrets.set", "Store a secret, encrypted at rest; returns {name, version}, never the value.",
+               (param("name", "str"), param("value", "str")), shape=SecretVersion),
+    Capability("secrets.get", "Read a secret the caller is allowed to read; returns {name, version, value}.",
+               (param("name", "str"),), shape=SecretValue),
     Capability("secrets.list", "Names and versions of stored secrets, never values.", (), "list[dict]",
                shape=SecretListing),
-    Capability(
-        "secrets.rotate",
-        "Replace a secret's value with a new version; returns {name, version}.",
-        (_p("name", "str"), _p("value", "str")),
-        shape=SecretVersion,
-    ),
-    Capability(
-        "secrets.rotate_key",
-        "Re-encrypt every secret under a new key; returns {secrets, versions, key_id} (counts, never key material).",
-        (),
-        shape=KeyRotation,
-    ),
-    Capability(
-        "secrets.audit",
-        "The newest entries of the append-only secrets audit log.",
-        (_p("limit", "int", 50),),
-        "list[dict]",
-        shape=SecretsAuditEntry,
-    ),
+    Capability("secrets.rotate", "Replace a secret's value with a new version; returns {name, version}.",
+               (param("name", "str"), param("value", "str")), shape=SecretVersion),
+    Capability("secrets.rotate_key", "Re-encrypt every secret under a new key; returns {secrets, versions, key_id} "
+                                     "(counts, never key material).", (), shape=KeyRotation),
+    Capability("secrets.audit", "The newest entries of the append-only secrets audit log.",
+               (param("limit", "int", 50),), "list[dict]", shape=SecretsAuditEntry),
 )
 _CORE_LAST: tuple[Capability, ...] = (
     Capability("ecosystem.status", "Health of the ecosystem and of each MAD.", (), shape=EcosystemStatus),

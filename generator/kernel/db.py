@@ -20,7 +20,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,7 +94,7 @@ class Database:
         # The database (and its -wal/-shm files) holds ciphertexts and audit records: owner only.
         previous_umask = os.umask(0o077)
         try:
-            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
         finally:
@@ -105,11 +105,9 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
         self.fts5 = self._probe_fts5()
         # Group commit (see the module docstring): group commits counted, and how many are known on disk.
-        self._committed = 0
-        self._synced = 0
+        self._committed = self._synced = 0
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
         self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
@@ -147,12 +145,8 @@ class Database:
             if self._conn.in_transaction:  # executescript would COMMIT it first, whatever it held so far
                 raise RuntimeError("Database.script cannot run inside an open transaction")
             self._sync_mode(full=True)
-            try:
+            with self._conn:  # ROLLBACK if the script fails midway (nothing to do once it committed)
                 self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")  # own line: the script may end in a comment
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
@@ -169,8 +163,7 @@ class Database:
                         for statement in _statements(script):
                             conn.execute(statement)
                     for table in scripts:
-                        broken = conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall()
-                        if broken:
+                        if broken := conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall():
                             raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
                                                          "foreign keys; nothing was changed")
             finally:
@@ -194,12 +187,8 @@ class Database:
             self._sync_mode(full=not group_commit)
             changes_before = self._conn.total_changes
             self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._conn:  # COMMIT; ROLLBACK if the body raises (or the COMMIT fails)
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
             if group_commit:
                 self._committed += 1
             elif self._conn.total_changes != changes_before:
@@ -233,19 +222,7 @@ class Database:
     def _commit_batch(self, batch: list[SharedWrite]) -> None:
         for tag in {tag for _write, _then, _done, tag in batch if tag}:
             self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
-        try:
-            with self.transaction(group_commit=True) as conn:
-                outcomes: list[tuple[Any, BaseException | None]] = [(write(conn), None) for write, *_ in batch]
-        except Exception as exc:  # noqa: BLE001 - handed to its caller, through the future
-            outcomes = [(None, exc)]
-        if len(outcomes) < len(batch):  # the batch was taken back: each write again, alone, so only a failing one fails
-            outcomes = []
-            for write, *_ in batch:
-                try:
-                    with self.transaction(group_commit=True) as conn:
-                        outcomes.append((write(conn), None))
-                except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was
-                    outcomes.append((None, exc))
+        outcomes = self._outcomes([write for write, *_ in batch])
         for (_write, then, done, _tag), (value, exc) in zip(batch, outcomes, strict=True):
             if exc is None and then is not None:
                 try:
@@ -259,6 +236,17 @@ class Database:
             else:
                 done.set_exception(exc)
 
+    def _outcomes(self, writes: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[Any, BaseException | None]]:
+        """What each write returned, or raised: all in one group commit; if one raises, the batch is taken back
+        and each write runs again alone, so only a failing one fails (its caller gets the exception)."""
+        try:
+            with self.transaction(group_commit=True) as conn:
+                return [(write(conn), None) for write in writes]
+        except Exception as exc:  # noqa: BLE001 - handed to the caller whose write it was, through the future
+            if len(writes) == 1:
+                return [(None, exc)]
+        return [outcome for write in writes for outcome in self._outcomes([write])]
+
     async def durable(self) -> None:
         """Return once every commit made so far is on disk. Group commit: one fdatasync covers every
         commit before it, so of the hops whose commits one event-loop turn made, the first to get here
@@ -268,21 +256,14 @@ class Database:
         Raises DurabilityError once an fdatasync has failed: after a failed fdatasync Linux may have
         dropped the dirty pages and a later one succeeds without them, so no later commit can be
         vouched for; the process must restart (healthy() turns false)."""
-        if self._synced < self._committed:
-            self._sync_now(self._committed)
-        self._raise_if_failed()
-
-    def _sync_now(self, covered: int) -> None:
-        self._raise_if_failed()
-        with self._wal_lock:
-            try:
-                self._fdatasync_wal()
-            except OSError as exc:
-                self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
-                self._raise_if_failed()
-        self._synced = max(self._synced, covered)
-
-    def _raise_if_failed(self) -> None:
+        if self._synced < self._committed and not self._sync_failure:
+            covered = self._committed
+            with self._wal_lock:
+                try:
+                    self._fdatasync_wal()
+                    self._synced = max(self._synced, covered)
+                except OSError as exc:
+                    self._sync_failure = f"fdatasync of {self.path}-wal failed ({exc})"
         if self._sync_failure:
             raise DurabilityError(f"{self._sync_failure}; nothing written since can be acknowledged as durable: "
                                   "check the disk, then restart the process")
@@ -303,19 +284,15 @@ class Database:
         os.fdatasync(self._wal_fd)
 
     def healthy(self) -> bool:
-        if self._sync_failure:
-            return False
         try:
-            return self.one("SELECT 1 AS ok") == {"ok": 1}
+            return not self._sync_failure and self.one("SELECT 1 AS ok") == {"ok": 1}
         except sqlite3.Error:
             return False
 
     def close(self) -> None:
         with self._lock:
-            try:
+            with suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
             self._conn.close()
             with self._wal_lock:  # not under an fdatasync running on another thread
                 self._closed = True
@@ -335,14 +312,6 @@ class Database:
             return _shape(self._conn, table)
 
 
-def sql_type(type_name: str) -> str:
-    """The SQL type a spec'd column type is stored as."""
-    found = _COLUMN_TYPES.get(str(type_name).lower())
-    if found is None:
-        raise InvalidArgument(f"unknown column type {type_name!r}")
-    return found
-
-
 def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: bool = True) -> str:
     """CREATE TABLE from a spec'd column list ({name, type, primary_key, nullable}).
 
@@ -355,10 +324,9 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
     pks = [c for c in columns if c.get("primary_key")]
     parts = []
     for col in columns:
-        try:
-            col_type = sql_type(col.get("type", "text"))
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"table {table!r}: {exc}") from None
+        col_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
+        if col_type is None:
+            raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type', 'text')!r}")
         part = f"{ident(col['name'])} {col_type}"
         single_pk = len(pks) == 1 and col.get("primary_key")
         if single_pk:
@@ -374,12 +342,9 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
 
 def declared_shape(table: str, columns: Sequence[dict[str, Any]]) -> dict[str, tuple[str, bool, int]]:
     """The shape `table_ddl` gives these columns, read back from a scratch in-memory table."""
-    scratch = sqlite3.connect(":memory:")
-    try:
+    with closing(sqlite3.connect(":memory:")) as scratch:
         scratch.execute(table_ddl(table, columns))
         return _shape(scratch, table)
-    finally:
-        scratch.close()
 
 
 def _shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
@@ -401,30 +366,24 @@ class TableStore:
         return f"{self._mad}_{table}"
 
     def _columns(self, table: str, names: Sequence[str]) -> list[str]:
-        known = self._tables[table]
-        for name in names:
-            if name not in known:
-                raise InvalidArgument(f"table {table!r} has no column {name!r}")
+        unknown = [name for name in names if name not in self._tables[table]]
+        if unknown:
+            raise InvalidArgument(f"table {table!r} has no column {unknown[0]!r}")
         return list(names)
 
-    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, list[Any]]:
-        """`col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
-        cols = self._columns(table, list(where))
-        return " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
+    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
+        """The table's full name, `col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
+        full, cols = self.table_name(table), self._columns(table, list(where))
+        return full, " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
 
     def insert(self, table: str, **values: Any) -> int:
         full = self.table_name(table)
         cols = self._columns(table, list(values))
-        if not cols:
-            cur = self._db.execute(f"INSERT INTO {full} DEFAULT VALUES")
-        else:
-            marks = ", ".join("?" for _ in cols)
-            cur = self._db.execute(f"INSERT INTO {full} ({', '.join(cols)}) VALUES ({marks})", [values[c] for c in cols])
-        return int(cur.lastrowid or 0)
+        into = f"({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})" if cols else "DEFAULT VALUES"
+        return int(self._db.execute(f"INSERT INTO {full} {into}", [values[c] for c in cols]).lastrowid or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
         if order_col != "rowid":
             self._columns(table, [order_col])
@@ -433,8 +392,7 @@ class TableStore:
                               [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         vcols = self._columns(table, list(values))
         if not vcols:
             return 0
@@ -443,6 +401,5 @@ class TableStore:
                                 [*(values[c] for c in vcols), *params]).rowcount
 
     def delete(self, table: str, **where: Any) -> int:
-        full = self.table_name(table)
-        clause, params = self._where(table, where)
+        full, clause, params = self._where(table, where)
         return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount

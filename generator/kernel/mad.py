@@ -14,6 +14,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .errors import InvalidArgument, NotFound
@@ -55,6 +56,7 @@ class OwnTables:
             setattr(self, name, getattr(store, name))
 
 
+@dataclass(slots=True, eq=False)  # slots: no __dict__, nothing more to hang on it; eq=False: hashed by identity
 class Kernel:
     """What one MAD may reach of the kernel; the runtime makes one per MAD.
 
@@ -68,17 +70,12 @@ class Kernel:
     collector introspection can still find the runtime; the ecosystem's review rules forbid those.
     """
 
-    __slots__ = ("use", "ask", "spawn", "earlier_reports", "store", "instance")
-
-    def __init__(self, use: Callable[..., Awaitable[Any]], ask: Callable[..., Awaitable[Any]],
-                 spawn: Callable[..., Awaitable[Any]], earlier_reports: Callable[..., Awaitable[Any]], store: OwnTables,
-                 instance: str = ""):
-        self.use = use
-        self.ask = ask
-        self.spawn = spawn
-        self.earlier_reports = earlier_reports
-        self.store = store
-        self.instance = instance
+    use: Callable[..., Awaitable[Any]]
+    ask: Callable[..., Awaitable[Any]]
+    spawn: Callable[..., Awaitable[Any]]
+    earlier_reports: Callable[..., Awaitable[Any]]
+    store: OwnTables
+    instance: str = ""
 
 
 class Mad:

@@ -80,11 +80,9 @@ class ModelGateway:
 
     def _ensure_account(self, account: str, budget: int, update: bool = False) -> None:
         """Open `account` with `budget` tokens; `update`: an account already open gets the new budget."""
-        self.db.execute(
-            "INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
-            "ON CONFLICT(account) " + ("DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"),
-            (account, int(budget), now_iso()),
-        )
+        on_conflict = "DO UPDATE SET budget = excluded.budget" if update else "DO NOTHING"
+        self.db.execute("INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
+                        f"ON CONFLICT(account) {on_conflict}", (account, int(budget), now_iso()))
 
     @staticmethod
     def _balance(row: Any) -> dict[str, Any]:
@@ -105,11 +103,18 @@ class ModelGateway:
             (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
-    def _charge(self, accounts: list[str], tokens: int) -> None:
+    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int], ok: bool,
+                started: float) -> None:
+        """Charge the tokens a call used (if any) to each account, and log the call, in one transaction."""
+        prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
         with self.db.transaction() as conn:
-            for account in accounts:
-                conn.execute("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ? "
-                             "WHERE account = ?", (tokens, now_iso(), account))
+            if total := prompt_tokens + completion_tokens:
+                conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ?"
+                                 " WHERE account = ?", [(total, now_iso(), account) for account in accounts])
+            conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok,"
+                         " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(ok),
+                          int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
 
@@ -129,32 +134,23 @@ class ModelGateway:
             raise InvalidArgument("prompt must be a non-empty string")
         if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > 1_000_000:
             raise InvalidArgument("max_tokens must be an integer between 1 and 1000000")
-        estimate = count_tokens(system) + count_tokens(prompt) + max_tokens
+        prompt_tokens = count_tokens(system) + count_tokens(prompt)  # unless the model counts them itself
+        estimate = prompt_tokens + max_tokens
         for account in accounts:
             b = self.account_budget(account)
             if b["spent"] + estimate > b["budget"]:
                 log.warning("budget refused", extra={"account": account, "estimate": estimate, "remaining": b["remaining"]})
-                raise BudgetExceeded(
-                    f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
-                    f" but only {b['remaining']} of {b['budget']} remain"
-                )
+                raise BudgetExceeded(f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
+                                     f" but only {b['remaining']} of {b['budget']} remain")
         started = time.monotonic()
         ok = False
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         try:
-            if alias.provider == "echo":
-                text, usage = self._echo(prompt, max_tokens, system)
-            else:
-                text, usage = await self._openai(model, alias, prompt, max_tokens, system)
+            text, usage = (self._echo(prompt, max_tokens, system) if alias.provider == "echo"
+                           else await self._openai(model, alias, prompt, max_tokens, system, prompt_tokens))
             ok = True
         finally:
-            total = usage["prompt_tokens"] + usage["completion_tokens"]
-            if total:
-                self._charge(accounts, total)
-            self.db.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, "
-                            "completion_tokens, ok, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (now_iso(), ",".join(accounts), model, alias.provider, usage["prompt_tokens"],
-                             usage["completion_tokens"], int(ok), int((time.monotonic() - started) * 1000)))
+            self._charge(accounts, model, alias.provider, usage, ok, started)
         return {"model": model, "provider": alias.provider, "text": text, **usage,
                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], "charged_to": accounts}
 
@@ -163,23 +159,23 @@ class ModelGateway:
         paragraphs = [p for p in _PARAGRAPH_BREAK.split(prompt) if p.strip()]
         words = (paragraphs[-1] if paragraphs else "").split()[: max(0, max_tokens - count_tokens(ECHO_LABEL))]
         text = " ".join([ECHO_LABEL, *words])
-        completion = min(count_tokens(text), max_tokens)  # never more than the caller reserved
-        return text, {"prompt_tokens": count_tokens(system) + count_tokens(prompt), "completion_tokens": completion}
+        # Its completion tokens: never more than the caller reserved.
+        return text, {"prompt_tokens": count_tokens(system) + count_tokens(prompt),
+                      "completion_tokens": min(count_tokens(text), max_tokens)}
 
-    async def _openai(self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int,
-                      system: str) -> tuple[str, dict[str, int]]:
+    async def _openai(self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int, system: str,
+                      prompt_tokens: int) -> tuple[str, dict[str, int]]:
         if not alias.api_base:
             raise ModelError(f"model alias {alias_name!r} has no api_base")
         headers = {"Content-Type": "application/json"}
         if alias.api_key_secret:
-            key = self._read_secret(alias.api_key_secret, f"api key for model alias {alias_name}")
-            headers["Authorization"] = f"Bearer {key}"
+            headers["Authorization"] = "Bearer " + self._read_secret(alias.api_key_secret,
+                                                                     f"api key for model alias {alias_name}")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         body = {"model": alias.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-        url = alias.api_base.rstrip("/") + "/chat/completions"
         try:
             async with httpx.AsyncClient(timeout=alias.timeout_s, transport=self._transport) as client:
-                resp = await client.post(url, json=body, headers=headers)
+                resp = await client.post(alias.api_base.rstrip("/") + "/chat/completions", json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ModelError(f"model alias {alias_name!r}: request failed ({type(exc).__name__})") from None
         if resp.status_code != 200:
@@ -188,8 +184,7 @@ class ModelGateway:
             data = resp.json()
             text = data["choices"][0]["message"]["content"] or ""
             usage = data.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens", count_tokens(system) + count_tokens(prompt)))
-            completion_tokens = int(usage.get("completion_tokens", count_tokens(text)))
+            return text, {"prompt_tokens": int(usage.get("prompt_tokens", prompt_tokens)),
+                          "completion_tokens": int(usage.get("completion_tokens", count_tokens(text)))}
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise ModelError(f"model alias {alias_name!r}: malformed answer") from exc
-        return text, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}

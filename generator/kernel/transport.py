@@ -238,18 +238,17 @@ class Transport(ABC):
     async def _drain(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        while True:  # deliveries may start deliveries (a handler asking another MAD)
-            mine = {t for t in self._inflight if t.get_loop() is loop and not t.done()}
-            if not mine:
-                return
+        # Deliveries may start deliveries (a handler asking another MAD): wait until none is left, or the deadline.
+        while mine := {t for t in self._inflight if t.get_loop() is loop and not t.done()}:
             left = deadline - time.monotonic()
             if left <= 0:
-                break
+                log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again",
+                            extra={"in_flight": len(mine)})
+                for task in mine:
+                    task.cancel()
+                await asyncio.wait(mine, timeout=1.0)
+                return
             await asyncio.wait(mine, timeout=left)
-        log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again", extra={"in_flight": len(mine)})
-        for task in mine:
-            task.cancel()
-        await asyncio.wait(mine, timeout=1.0)
 
 
 class LocalTransport(Transport):

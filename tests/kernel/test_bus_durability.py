@@ -159,7 +159,7 @@ def test_an_ack_is_recorded_once(bus_eco, fresh_key, tmp_path):  # noqa: F811
         transport = module(bus_eco, "transport")
         conv = rt.bus.create("c", ["clerk", "ledger"], "clerk")
         request = rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"})
-        rt.bus.accept(request, "ledger", b"sealed")
+        asyncio.run(accepted_shared(rt.bus, request, "ledger", b"sealed"))
         first = transport.reply_to(request, 1, 1)
         assert rt.bus.complete(request.id, first.stored) is True
         assert rt.bus.complete(request.id, transport.reply_to(request, 2, 2).stored) is False
@@ -287,7 +287,7 @@ def test_writes_that_share_a_transaction_fail_alone(bus_eco, fresh_key, tmp_path
     try:
         conv = rt.bus.create("c", ["clerk", "ledger"], "clerk")
         first, second = (rt.bus.envelope(conv["id"], "clerk", "", "request", "", {"to": "ledger"}) for _ in range(2))
-        rt.bus.accept(first, "ledger", b"sealed")
+        asyncio.run(accepted_shared(rt.bus, first, "ledger", b"sealed"))
 
         async def together():
             return await asyncio.gather(rt.bus.accept_shared(first, "ledger", b"again"),
