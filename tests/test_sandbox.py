@@ -290,3 +290,22 @@ def test_a_build_reuses_a_tree_that_passed_unless_asked_for_fresh(tmp_path):
         produce.sandbox(BuildContext(options=options, report=Reporter(quiet=True), sandbox=sandbox), prepared,
                         tmp_path / "src")
     assert asked == [True, False]  # --fresh runs the tests even when this exact tree passed before
+
+
+def test_the_gate_runs_the_tests_again_even_when_the_tree_passed_before(monkeypatch, tmp_path):
+    """The gate's point is a second, independent run: a remembered pass (or one planted in the cache) never
+    stands in for it."""
+    from generator.config import SandboxSettings
+    from generator.progress import Reporter
+    from generator.review import gate
+    from generator.sandbox.run import SandboxResult
+
+    asked = []
+
+    def run_tests(src, settings, work, level=None, warn=None, reuse=False):
+        asked.append(reuse)
+        return SandboxResult(level="bubblewrap", passed=1, failed=0, errors=0, skipped=0, tests=(), exit_code=0)
+
+    monkeypatch.setattr(gate, "run_tests", run_tests)
+    gate.sandbox_tests(tmp_path, SandboxSettings(), "bubblewrap", Reporter(quiet=True))
+    assert asked == [False]
