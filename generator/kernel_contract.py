@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import python_ast
 from .hashing import files_under, json_hash
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
@@ -71,7 +72,7 @@ def pack_settings(name: str) -> dict[str, type]:
     """The settings pack `name` takes, with the type of each default: the keys of the `DEFAULTS` dict its
     implementation (packs/<name>/pack.py) defines, read from its source (the compiler never imports a pack's
     implementation: its libraries may not be installed)."""
-    tree = ast.parse((KERNEL_DIR / PACKS_FOLDER / name / "pack.py").read_text(encoding="utf-8"))
+    tree = python_ast.parse((KERNEL_DIR / PACKS_FOLDER / name / "pack.py").read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
         if isinstance(target, ast.Name) and target.id == "DEFAULTS" and isinstance(node.value, ast.Dict):
@@ -94,7 +95,7 @@ def api_text() -> str:
     """The public API of the kernel's MAD-facing classes, as the senior's prompt shows it."""
     lines = []
     for filename, class_name in API_CLASSES:
-        tree = ast.parse((KERNEL_DIR / filename).read_text(encoding="utf-8"))
+        tree = python_ast.parse((KERNEL_DIR / filename).read_text(encoding="utf-8"))
         cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
         lines.append(f"`{class_name}`: {(ast.get_docstring(cls) or '').splitlines()[0]}")
         for node in cls.body:
@@ -128,7 +129,7 @@ def reserved_names() -> frozenset[str]:
     attributes), each `self.<name>` the class assigns, and the public names mad.py
     defines at module level (generated modules import `tool` from it).
     """
-    tree = ast.parse((KERNEL_DIR / "mad.py").read_text(encoding="utf-8"))
+    tree = python_ast.parse((KERNEL_DIR / "mad.py").read_text(encoding="utf-8"))
     names: set[str] = set()
     mad_class = None
     for node in tree.body:

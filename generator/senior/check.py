@@ -7,7 +7,6 @@ with the spec'd signature, and the ecosystem's principle rules hold.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -15,6 +14,7 @@ from pathlib import PurePosixPath
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from .. import python_ast
 from ..errors import AnswerRejected
 from ..spec.model import MadSpec, PrincipleRule, Spec
 from ..spec.plan import Plan, Unit
@@ -238,7 +238,7 @@ def tool_problems(mad: MadSpec, wrapper: MetadataWrapper) -> list[str]:
                 problems.append(f"{where}: parameter {p.name.value} must have {expected}")
             elif p.default is not None:
                 try:
-                    value = ast.literal_eval(cst.Module(body=[]).code_for_node(p.default))
+                    value = python_ast.literal_eval(cst.Module(body=[]).code_for_node(p.default))
                 except ValueError:
                     value = object()
                 if value != spec_param.default:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import libcst as cst
 
+from ... import python_ast
 from ...frozen import Frozen
 
 TEMPLATE_IMPORTS = ("__future__",)  # the rendered module starts with these already
@@ -75,7 +76,7 @@ def _parse(source: str, where: str) -> cst.Module:
 def _tree(code: str) -> ast.Module:
     """The statement's code as an ast (each statement is looked at many times while a tool is lifted: parsed once)."""
     try:
-        return ast.parse(code)
+        return python_ast.parse(code)
     except SyntaxError:
         return ast.Module(body=[], type_ignores=[])
 
