@@ -5,6 +5,7 @@ runs here is what was locked.
 """
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -51,9 +52,11 @@ def tests(session: nox.Session) -> None:
     """The compiler's test suite, including a full offline build in the sandbox."""
     # packs: the capability packs' libraries (DuckDB, trafilatura, ...), which the kernel's pack tests import.
     _sync(session, "dev", "packs")
-    # One worker per core (pytest-xdist), a test module per worker: the module fixtures (built ecosystems,
-    # servers) are made once, and most of the suite's time is subprocesses that use both cores this way.
-    session.run("pytest", "--numprocesses", "auto", "--dist", "loadfile", *session.posargs)
+    # A test module per worker (pytest-xdist): the module fixtures (built ecosystems, servers) are made once.
+    # One worker more than cores: a build test keeps about one core busy, waiting the rest of the time on the
+    # servers its sandboxed tests start and poll.
+    workers = str((os.cpu_count() or 1) + 1)
+    session.run("pytest", "--numprocesses", workers, "--dist", "loadfile", *session.posargs)
 
 
 def gate_exit(failed: CommandFailed) -> int | None:
