@@ -35,13 +35,19 @@ def read_entry(path: Path) -> Any | None:
 
 
 def keep_entry(path: Path, data: Any) -> None:
-    """Keep `data` at `path`, whole or not at all; a read-only or full cache only costs the next run the work."""
+    """Keep `data` at `path` as JSON, whole or not at all."""
+    write_whole(path, json.dumps(data))
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write a cache file whole or not at all (concurrent builds may read it at any moment); a read-only or full
+    folder only costs the next run the work. The project's response cache writes its answers through it too."""
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as out:
             temporary = out.name
-            json.dump(data, out)
+            out.write(text)
         os.replace(temporary, path)
     except OSError:
         if temporary:

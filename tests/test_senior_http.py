@@ -669,3 +669,19 @@ def test_every_retry_and_fallback_is_on_screen_and_in_the_run_log(tmp_path, spec
     answered = {e["unit"]: e for e in lines if e["event"] == "answered"}
     assert answered["mad:turing"]["attempt"] == 3 and answered["mad:grace"]["model"] == f"{wire}/backup"
     assert all(e["time"].endswith("+00:00") for e in lines)
+
+
+def test_the_response_cache_keeps_answers_whole_and_never_fails_the_build(tmp_path):
+    from generator.senior.cache import ResponseCache
+    from generator.senior.models import ModelReply
+
+    cache = ResponseCache(tmp_path / "cache")
+    reply = ModelReply(content='{"files": []}', model="openai/scripted-senior", prompt_tokens=7, cached=True)
+    cache.put("ab" * 32, reply)
+    assert cache.get("ab" * 32) == reply.model_copy(update={"cached": False})  # cached=True is said on the way out
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [f"{'ab' * 32}.json"]  # no temporaries
+    (tmp_path / "cache" / "ab" / f"{'ab' * 32}.json").write_text('{"content": ')  # damaged: a miss, and it goes
+    assert cache.get("ab" * 32) is None and not list((tmp_path / "cache").rglob("*.json"))
+    (tmp_path / "blocked").write_text("not a folder")
+    ResponseCache(tmp_path / "blocked").put("cd" * 32, reply)  # nowhere to write: costs tokens later, not the build
+    assert ResponseCache(tmp_path / "blocked").get("cd" * 32) is None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import threading
+import contextlib
 from pathlib import Path
 
+from ..user_cache import write_whole
 from .models import ModelReply
 
 
@@ -24,17 +24,15 @@ class ResponseCache:
             return ModelReply.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # a corrupt entry is a miss, and goes away
-            path.unlink(missing_ok=True)
+        except (OSError, ValueError):  # a corrupt entry is a miss, and goes away (when the folder lets it)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
 
     def put(self, request_hash: str, reply: ModelReply) -> None:
-        path = self._path(request_hash)
-        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(reply.model_copy(update={"cached": False}).model_dump_json())
-            os.replace(temporary, path)
-        except (OSError, ValueError):  # a cache that cannot be written costs tokens later, not the build
-            temporary.unlink(missing_ok=True)
+            text = reply.model_copy(update={"cached": False}).model_dump_json()
+        except ValueError:  # an answer that cannot be kept costs tokens later, not the build
+            return
+        write_whole(self._path(request_hash), text)
 
