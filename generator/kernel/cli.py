@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -144,48 +143,10 @@ def _bus_arguments(parser: argparse.ArgumentParser, config: EcosystemConfig, req
 
 
 def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
+    """`bus status|forget|send`: the Redis bus's commands, in the redis pack (a build without it says so)."""
     from .transport import redis_pack
 
-    mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
-    if args.bus_command == "status":
-        print(json.dumps(redis_pack().bus_status(args.bus, config.name, mads), indent=2))
-        return 0
-    if args.bus_command == "forget":
-        refused = 0
-        bus_forget = redis_pack().bus_forget
-        for consumer in args.consumer:
-            try:
-                gone = bus_forget(args.bus, config.name, mads, consumer, wait_s=args.wait)
-            except KernelError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                refused += 1
-                continue
-            print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}" if gone
-                  else f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
-        return 2 if refused else 0
-    from .runtime import Runtime
-
-    async def send() -> int:
-        runtime = Runtime(config, args.state, bus_url=args.bus, serve_mads=[])
-        runtime.transport.reply_timeout_s = args.timeout
-        await runtime.start()
-
-        async def one() -> bool:
-            try:
-                result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
-            except KernelError as exc:
-                print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
-                return False
-            print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
-            return True
-
-        try:
-            answered = await asyncio.gather(*(one() for _ in range(args.count)))
-        finally:
-            await runtime.stop()
-        return 0 if all(answered) else 1
-
-    return asyncio.run(send())
+    return redis_pack().bus_command(config, args)
 
 
 def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:

@@ -50,13 +50,8 @@ from urllib.parse import urlsplit
 from . import packs
 from .errors import InvalidArgument, KernelError
 
-TRACES_PATH = "/v1/traces"
-
 tracer: Any = None  # the kernel's Tracer while tracing is on; None (off) by default
-provider: Any = None  # its TracerProvider
-exporter: Any = None  # where its spans go (the OTLP exporter, or the one a test passed)
-endpoint = ""  # the OTLP traces URL, when that is where they go
-_pack: Any = None  # the tracing pack's module while tracing is on
+_pack: Any = None  # the tracing pack's module while tracing is on (it holds the provider, the exporter, the endpoint)
 
 
 class _Off:
@@ -107,57 +102,44 @@ def client_of(principal: str) -> str:
     return principal[7:] if principal.startswith("client:") else ""
 
 
-def traces_url(base: str) -> str:
-    """An OTLP/HTTP base URL's traces endpoint: `/v1/traces` appended unless it is there."""
-    base = base.strip().rstrip("/")
-    return base if base.endswith(TRACES_PATH) else base + TRACES_PATH
-
-
-def endpoint_from(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """The OTLP traces URL configured ("" for none): the flag (a base URL), else
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as it is, else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces."""
-    env = os.environ if env is None else env
-    if flag and flag.strip():
-        return traces_url(flag)
-    if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
-        return url
-    if url := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
-        return traces_url(url)
-    return ""
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")  # after the flag
 
 
 def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
               env: Mapping[str, str] | None = None, span_exporter: Any = None) -> bool:
     """Turn tracing on for this process if an OTLP endpoint is configured (see the module docstring),
     or to `span_exporter` (tests pass the SDK's InMemorySpanExporter; its spans are exported as each
-    ends); True when on. A previous configuration is shut down first, so the last call wins."""
-    global tracer, provider, exporter, endpoint, _pack
+    ends); True when on. A previous configuration is shut down first, so the last call wins.
+    No endpoint: off, at the cost of a few lookups; the pack does the rest (packs/tracing/pack.py)."""
+    global tracer, _pack
     env = os.environ if env is None else env
     shutdown()
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    url = "" if span_exporter is not None else endpoint_from(otlp_endpoint, env)
-    if span_exporter is None and not url:
+    given = [u.strip() for u in (otlp_endpoint or "", *(env.get(v, "") for v in ENDPOINT_VARIABLES)) if u.strip()]
+    if span_exporter is None and not given:
         return False
-    try:
-        web = not url or (urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname))
-    except ValueError:  # e.g. an unclosed [IPv6 address]
-        web = False
-    if not web:
+    if span_exporter is None and not _is_web(given[0]):
         # Before the pack is looked for: a mistyped endpoint is named as such, in any build.
         raise InvalidArgument("the OTLP endpoint is not an http:// or https:// URL; traces go over OTLP/HTTP to a "
                               "collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
     pack = packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: "
                                    "its spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
                                    "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
-    provider, exporter, tracer = pack.configure(service, version, url, span_exporter)
-    endpoint, _pack = url, pack
+    tracer, _pack = pack.configure(service, version, otlp_endpoint, env, span_exporter), pack
     return True
+
+
+def _is_web(url: str) -> bool:
+    try:
+        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+    except ValueError:  # e.g. an unclosed [IPv6 address]
+        return False
 
 
 def shutdown() -> None:
     """Export what is still batched and turn tracing off (serve calls it on its way out)."""
-    global tracer, provider, exporter, endpoint, _pack
-    made, tracer, provider, exporter, endpoint, _pack = provider, None, None, None, "", None
-    if made is not None:
-        made.shutdown()
+    global tracer, _pack
+    pack, tracer, _pack = _pack, None, None
+    if pack is not None:
+        pack.shutdown()

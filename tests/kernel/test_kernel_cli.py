@@ -40,7 +40,7 @@ def test_cli_usage_errors(tiny_ecosystem):
 
 def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     """The Redis bus, tracing and eMADs are packs: an ecosystem whose spec names neither and has no role has none
-    of their code, and asking for a Redis bus (serve, bus status) or for traces (an OTLP endpoint, by flag or by
+    of their code, and asking for a Redis bus (serve, bus status|forget|send) or for traces (an OTLP endpoint, by flag or by
     OTEL_ variable) is a clear error naming the spec change, not an ImportError; with neither asked for, it
     serves, and a MAD asking for earlier reports is told there are no roles."""
     from conftest import build_ecosystem
@@ -50,7 +50,11 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     shutil.rmtree(pkg / "kernel" / "packs" / "tracing")
     shutil.rmtree(pkg / "kernel" / "packs" / "emads")
     state = str(tmp_path / "state")
-    for args, said in ((["bus", "status", "--bus", "redis://127.0.0.1:9/0"], "built without the Redis bus"),
+    redis = ["--bus", "redis://127.0.0.1:9/0"]
+    for args, said in ((["bus", "status", *redis], "built without the Redis bus"),
+                       (["bus", "forget", *redis, "deadhost:1:x"], "built without the Redis bus"),
+                       (["bus", "send", *redis, "--state", state, "--from", "rogers", "--to", "turing"],
+                        "built without the Redis bus"),
                        (["serve", "--state", state, "--bus", "redis://127.0.0.1:9/0", "--port", "0"],
                         "built without the Redis bus"),
                        (["serve", "--state", state, "--otlp-endpoint", "http://127.0.0.1:9", "--port", "0"],

@@ -251,7 +251,7 @@ def test_the_trace_crosses_processes_on_the_redis_bus(bus_eco, redis_url, shared
 
 def test_tracing_is_off_by_default_and_the_sdk_is_not_even_imported(eco, clean_env, tmp_path):
     assert eco.tracing.configure("x", "1", env={}) is False
-    assert (eco.tracing.tracer, eco.tracing.provider, eco.tracing.exporter) == (None, None, None)
+    assert (eco.tracing.tracer, eco.tracing._pack) == (None, None)
     assert eco.tracing.start("anything", {"a": 1}) is eco.tracing.OFF
     # A process that serves requests with nothing configured loads no part of the SDK or of the exporter.
     script = (
@@ -277,7 +277,7 @@ def test_tracing_is_off_by_default_and_the_sdk_is_not_even_imported(eco, clean_e
 
 
 def test_the_endpoint_comes_from_the_flag_or_the_standard_variables(eco, clean_env):
-    endpoint_from = eco.tracing.endpoint_from
+    endpoint_from = importlib.import_module(f"{eco.package}.kernel.packs.tracing.pack").endpoint_from
     assert endpoint_from(None, {}) == ""
     assert endpoint_from("http://collector:4318", {}) == "http://collector:4318/v1/traces"
     assert endpoint_from("http://collector:4318/v1/traces/", {}) == "http://collector:4318/v1/traces"
@@ -289,6 +289,10 @@ def test_the_endpoint_comes_from_the_flag_or_the_standard_variables(eco, clean_e
     assert eco.tracing.configure("x", "1", env={**both, "OTEL_SDK_DISABLED": "true"}) is False
     with pytest.raises(eco.errors.InvalidArgument, match="not an http:// or https:// URL"):
         eco.tracing.configure("x", "1", otlp_endpoint="collector:4318", env={})
+    with pytest.raises(eco.errors.InvalidArgument, match="not an http:// or https:// URL"):  # a blank flag: the variable
+        eco.tracing.configure("x", "1", otlp_endpoint=" ", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://collector"})
+    with pytest.raises(eco.errors.InvalidArgument, match="not an http:// or https:// URL"):  # the flag wins
+        eco.tracing.configure("x", "1", otlp_endpoint="http://[::1", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
     assert eco.tracing.tracer is None
 
 
@@ -299,10 +303,11 @@ def test_serve_turns_tracing_on_only_with_an_otlp_endpoint(eco, clean_env, tmp_p
 
     seen = []
 
+    pack = importlib.import_module(f"{eco.package}.kernel.packs.tracing.pack")
+
     def fake_run(server, sockets=None):  # instead of serving: what tracing is at this point
-        tracing = eco.tracing
-        seen.append({"on": tracing.tracer is not None, "endpoint": tracing.endpoint,
-                     "resource": dict(tracing.provider.resource.attributes) if tracing.provider else {}})
+        seen.append({"on": eco.tracing.tracer is not None, "endpoint": pack.endpoint,
+                     "resource": dict(pack.provider.resource.attributes) if pack.provider else {}})
         server.config.app.state.runtime.db.close()
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
@@ -318,7 +323,7 @@ def test_serve_turns_tracing_on_only_with_an_otlp_endpoint(eco, clean_env, tmp_p
         (False, ""), (True, f"http://127.0.0.1:{port}/v1/traces"), (True, "http://127.0.0.1:4318/v1/traces")]
     assert seen[1]["resource"]["service.name"] == eco.config.name
     assert seen[1]["resource"]["service.version"] == VERSION
-    assert eco.tracing.tracer is None  # shut down on the way out
+    assert eco.tracing.tracer is None and pack.provider is None  # shut down on the way out
 
 
 class Collector(BaseHTTPRequestHandler):

@@ -34,6 +34,7 @@ import random
 import secrets
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -603,3 +604,48 @@ def bus_forget(url: str, ecosystem: str, mads: Sequence[str], consumer: str, wai
         raise TransportError(f"cannot reach the bus at {redact_url(url)}: {exc}") from None
     finally:
         client.close()
+
+
+def bus_command(config: Any, args: Any) -> int:
+    """`bus status|forget|send` (cli.py parses them): the operator's view of the shared bus, and a drill's sender."""
+    mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
+    if args.bus_command == "status":
+        print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))
+        return 0
+    if args.bus_command == "forget":
+        refused = 0
+        for consumer in args.consumer:
+            try:
+                gone = bus_forget(args.bus, config.name, mads, consumer, wait_s=args.wait)
+            except KernelError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                refused += 1
+                continue
+            print(f"consumer {consumer!r} removed from the groups of {', '.join(gone)}" if gone
+                  else f"consumer {consumer!r} is in no MAD's group (removed already, or never on this bus)")
+        return 2 if refused else 0
+    return asyncio.run(_send(config, args))
+
+
+async def _send(config: Any, args: Any) -> int:
+    """`bus send`: `--count` requests at once as MAD `--from` to `--to`, one JSON line per reply; 0 if all answered."""
+    from ...runtime import Runtime
+
+    runtime = Runtime(config, args.state, bus_url=args.bus, serve_mads=[])
+    runtime.transport.reply_timeout_s = args.timeout
+    await runtime.start()
+
+    async def one() -> bool:
+        try:
+            result = await runtime.request(args.sender, args.target, prose=args.prose, tool=args.tool, args=args.args)
+        except KernelError as exc:
+            print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}), flush=True)
+            return False
+        print(json.dumps({"ok": True, "result": result}, default=str), flush=True)
+        return True
+
+    try:
+        answered = await asyncio.gather(*(one() for _ in range(args.count)))
+    finally:
+        await runtime.stop()
+    return 0 if all(answered) else 1

@@ -6,6 +6,7 @@ in ecosystem.yaml); the core's `tracing.configure` loads it once an OTLP endpoin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, MutableMapping
 from types import SimpleNamespace
 from typing import Any
@@ -19,11 +20,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ... import logs
-from ...errors import InvalidArgument, KernelError
+from ...errors import KernelError
 
 log = logs.get("tracing")
 
 SCOPE = "regen.kernel"
+TRACES_PATH = "/v1/traces"
+
+provider: Any = None  # the TracerProvider while tracing is on
+exporter: Any = None  # where its spans go (the OTLP exporter, or the one a test passed)
+endpoint = ""  # the OTLP traces URL, when that is where they go
 _otel = SimpleNamespace(context=context, trace=trace, Status=Status, StatusCode=StatusCode,
                         propagator=TraceContextTextMapPropagator(),
                         kinds={"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER,
@@ -89,12 +95,31 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
-def configure(service: str, version: str, url: str, span_exporter: Any) -> tuple[Any, Any, Any]:
-    """(provider, exporter, tracer): spans to `span_exporter` as each ends, else batched to the OTLP
-    traces URL `url`."""
-    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
-        raise InvalidArgument(f"the OTLP endpoint {_shown(url)!r} is not an http:// or https:// URL; traces go over "
-                              "OTLP/HTTP to a collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
+def traces_url(base: str) -> str:
+    """An OTLP/HTTP base URL's traces endpoint: `/v1/traces` appended unless it is there."""
+    base = base.strip().rstrip("/")
+    return base if base.endswith(TRACES_PATH) else base + TRACES_PATH
+
+
+def endpoint_from(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The OTLP traces URL configured ("" for none): the flag (a base URL), else
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as it is, else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces."""
+    env = os.environ if env is None else env
+    if flag and flag.strip():
+        return traces_url(flag)
+    if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return url
+    if url := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        return traces_url(url)
+    return ""
+
+
+def configure(service: str, version: str, otlp_endpoint: str | None, env: Mapping[str, str],
+              span_exporter: Any) -> Any:
+    """The kernel's tracer, its spans to `span_exporter` as each ends, else batched to the OTLP traces URL
+    configured (tracing.configure checked there is one, and that it is an http(s) URL)."""
+    global provider, exporter, endpoint
+    url = "" if span_exporter is not None else endpoint_from(otlp_endpoint, env)
     made = TracerProvider(resource=Resource.create({"service.name": service, "service.version": version}))
     if span_exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -105,4 +130,13 @@ def configure(service: str, version: str, url: str, span_exporter: Any) -> tuple
         made.add_span_processor(SimpleSpanProcessor(span_exporter))
     if url:
         log.info("tracing on: spans go to the OTLP endpoint", extra={"endpoint": _shown(url), "service": service})
-    return made, span_exporter, made.get_tracer(SCOPE, version)
+    provider, exporter, endpoint = made, span_exporter, url
+    return made.get_tracer(SCOPE, version)
+
+
+def shutdown() -> None:
+    """Export what is still batched and forget the configuration (tracing.shutdown calls it)."""
+    global provider, exporter, endpoint
+    made, provider, exporter, endpoint = provider, None, None, ""
+    if made is not None:
+        made.shutdown()
