@@ -21,7 +21,8 @@ renewals and the heartbeat have connections of their own, so a busy pool never d
 delivery or a reply, nor lets a live process's work be taken over.
 
 The pack enters an artifact only when its spec names it (`packs: {redis: {}}` in ecosystem.yaml), with the
-`redis` package; without it, `serve --bus redis://...` says so. Sealing, replies and the `Transport` contract
+`redis` package; without it, `serve --bus redis://...` and `bus status|forget|send` (their implementation,
+`bus_command`, is here) say so. Sealing, replies and the `Transport` contract
 are the core's (transport.py).
 """
 
@@ -52,7 +53,6 @@ log = logs.get("transport")
 GROUP = "mads"  # the consumer group of every MAD stream
 HANDLED_TTL_S = 7 * 24 * 3600  # how long a handled request's reply is kept to answer a duplicate
 REPLY_TTL_S = 24 * 3600  # a reply stream nobody reads (its process died) expires
-SCHEMES = ("redis", "rediss", "unix")
 
 
 def takeovers_key(prefix: str) -> str:
