@@ -691,7 +691,6 @@ def console(runtime: Runtime, tokens: ClientRegistry) -> Any:
     return packs.module("console", missing, KernelError).Grace(runtime, tokens)
 
 
-
 def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
               call_retention_days: int = CALL_RETENTION_DAYS, sessions_per_client: int = 16,
               session_idle_s: float = 30 * 60, max_sessions: int = 1000) -> Starlette:
