@@ -12,9 +12,8 @@ import sys
 import uuid
 
 import pytest
-from starlette.testclient import TestClient
-
 from conftest import build_ecosystem
+from starlette.testclient import TestClient
 
 ADVICE = "add `console: {}` under `packs:` in spec/ecosystem.yaml"
 
