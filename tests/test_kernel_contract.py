@@ -40,7 +40,7 @@ def _api_hash() -> str:
 
 def test_a_stylesheet_or_a_private_helper_changes_no_api(kernel_copy):
     before = _api_hash()
-    with (kernel_copy / "grace_static.py").open("a") as f:
+    with (kernel_copy / "packs" / "console" / "assets.py").open("a") as f:
         f.write("\n# a new shade of blue for the sign-in page\n")
     mad = kernel_copy / "mad.py"
     mad.write_text(mad.read_text().replace("class Mad:", "def _internal_helper() -> None:\n    return None\n\n\nclass Mad:"))
@@ -87,16 +87,16 @@ def test_a_kernel_change_that_keeps_its_api_rebuilds_with_every_unit_reused(tmp_
              "--quiet"]
     first = _regen(compiler, *build)
     assert first.returncode == 0, first.stderr
-    static = compiler / "generator" / "kernel" / "grace_static.py"
+    static = compiler / "generator" / "kernel" / "metrics.py"  # a core file (notes has no console)
     with static.open("a") as f:
-        f.write("\n# a new shade of blue for the sign-in page\n")
+        f.write("\n# a comment on the metrics\n")
     second = _regen(compiler, *build)
     assert second.returncode == 0, second.stderr
     manifest = Manifest.read(out / "notes" / "1.0.1")
     assert {unit: lock.reused_from for unit, lock in manifest.lock.items()} == {
         "frame": "1.0.0", "mad:desk": "1.0.0", "mad:vault": "1.0.0"}
     assert manifest.tokens.prompt == 0 and manifest.sandbox.passed > 10 and manifest.sandbox.failed == 0
-    shipped = out / "notes" / "1.0.1" / "src" / "notes" / "kernel" / "grace_static.py"
+    shipped = out / "notes" / "1.0.1" / "src" / "notes" / "kernel" / "metrics.py"
     assert shipped.read_bytes() == static.read_bytes(), "the kernel's files are copied fresh"
 
     mad = compiler / "generator" / "kernel" / "mad.py"
@@ -119,6 +119,25 @@ def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
     assert set(with_redis) - set(core) == {"eco/kernel/packs/redis/__init__.py", "eco/kernel/packs/redis/pack.py"}
     assert kernel_contract.pack_dependencies({"redis"}) == ("redis==8.1.0",)
     assert not [d for d in kernel_contract.RUNTIME_DEPENDENCIES if d.startswith(("redis", "opentelemetry"))]
+
+
+def test_the_web_console_is_copied_whole_and_only_into_an_artifact_whose_spec_names_it():
+    """The console pack is a folder of modules, templates and static files: an artifact without it has none of
+    them (and no web surface), one with it has every file, bytes as in the compiler."""
+    from generator.kernel.capabilities import packs_for
+
+    assert packs_for((), {}, False) == frozenset() and packs_for((), {"console": {}}, False) == {"console"}
+    without = kernel_contract.kernel_files("eco", packs_for((), {}, False))
+    assert not [p for p in without if "console" in p or p.endswith((".html", ".css", ".js", ".svg"))]
+    console = kernel_contract.KERNEL_DIR / "packs" / "console"
+    with_console = kernel_contract.kernel_files("eco", packs_for((), {"console": {}}, False))
+    added = {p.removeprefix("eco/kernel/packs/console/"): data for p, data in with_console.items() if p not in without}
+    assert {"__init__.py", "pack.py", "pages.py", "assets.py", "templates/signin.html", "templates/chat.html",
+            "static/grace.css", "static/grace.js", "static/grace.svg"} <= set(added)
+    assert set(added) == {p.relative_to(console).as_posix() for p in console.rglob("*")
+                          if p.is_file() and "__pycache__" not in p.parts}
+    assert all(data == (console / rel).read_bytes() for rel, data in added.items())
+    assert kernel_contract.pack_dependencies({"console"}) == ()  # starlette is the core's already
 
 
 # What the packs' pinned dependencies are called: a core that names none of them carries none of the packs'
@@ -158,7 +177,7 @@ def test_an_artifact_s_catalogue_lists_only_the_packs_it_carries(tmp_path):
 
 
 @pytest.mark.parametrize("pack", ["files", "data", "web", "charts", "documents", "security", "redis", "tracing",
-                                  "emads"])
+                                  "console", "emads"])
 def test_a_pack_s_catalogue_imports_none_of_its_libraries(pack):
     """The compiler reads every pack's catalogue, with or without the pack's libraries installed: importing it
     with them blocked works, and imports no pack's implementation."""
@@ -182,7 +201,7 @@ def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
 
     kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind} for kind in ("capabilities", "deployment", "roles")}
     assert kinds["capabilities"] == {c.pack for c in CAPABILITIES.values() if c.pack}
-    assert kinds["deployment"] == {"redis", "tracing"} and kinds["roles"] == {"emads"}  # no capabilities
+    assert kinds["deployment"] == {"redis", "tracing", "console"} and kinds["roles"] == {"emads"}  # no capabilities
     assert sum(map(len, kinds.values())) == len(PACKS)
     assert not [c for c in available(()).values() if c.pack]
     assert {c.name for c in available({"files"}).values() if c.pack} == {

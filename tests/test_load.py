@@ -85,6 +85,19 @@ def test_symlink_inside_the_spec_is_fine(spec: Path) -> None:
     assert load_spec(spec).principles.startswith("# Principles\n\nShared.")
 
 
+def test_the_console_is_a_deployment_pack_a_spec_names_under_packs(spec: Path) -> None:
+    """Grace's web console comes into a build only by name, like redis and tracing; it takes no settings."""
+    assert "console" not in load_spec(spec).packs  # not named: no web UI
+    ecosystem = spec / "ecosystem.yaml"
+    plain = ecosystem.read_text()
+    ecosystem.write_text(plain + "packs:\n  console: {}\n")
+    assert "console" in load_spec(spec).packs
+    ecosystem.write_text(plain + "packs:\n  console:\n    port: 8080\n")
+    line = len(plain.splitlines()) + 3
+    assert_problems(spec, [f"spec/ecosystem.yaml:{line}: unknown setting 'port' of the 'console' pack; it takes none: "
+                           "write `console: {}`"])
+
+
 def test_yaml_merge_keys_load_and_keep_lines(spec: Path) -> None:
     text = (spec / "mads/grace.yaml").read_text()
     text = text.replace("level: V1\n", "<<: *base\nlevle: V2\n")

@@ -4,7 +4,7 @@ Copied into each ecosystem as `<pkg>/kernel/`: the core, which imports only the 
 library, mcp, starlette, uvicorn, httpx, cryptography, pydantic and prometheus_client, and of
 the packs (`packs/`) those its spec uses, each with its own pinned libraries: the capability
 packs its tools are bound to, and the deployment packs it names (redis: the Redis bus; tracing:
-OpenTelemetry traces), which the core loads only when configured to use them.
+OpenTelemetry traces; console: Grace's web UI), which the core loads only when configured to use them.
 """
 
 from __future__ import annotations

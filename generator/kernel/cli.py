@@ -11,9 +11,9 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from . import logs
+from . import logs, packs
 from .audit import ANCHOR_FILE, AuditLog, verify_file
-from .clients import ClientRegistry, calls_today_by_client
+from .clients import AUDIT_PERMISSION, ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
 from .db import Database
 from .errors import InvalidArgument, KernelError
@@ -252,8 +252,6 @@ def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None
 def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
     registry = ClientRegistry(args.state)
     if args.clients_command == "add":
-        from .grace import AUDIT_PERMISSION  # Grace's audit-log page, granted like a tool
-
         tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
         limits = "".join(f"; {label} {value}" for label, value in (
@@ -264,8 +262,8 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         print(token, flush=True)
         return 0
     if args.clients_command == "unlock":
-        from .grace import unlock
-
+        unlock = packs.module("console", "this ecosystem has no web console, so no sign-in lock to lift: add "
+                              "`console: {}` under `packs:` in spec/ecosystem.yaml and rebuild (nox -s regenerate)").unlock
         if bool(args.address) == bool(args.all):
             raise InvalidArgument("name one address to unlock, or pass --all")
         with closing(Database(args.state / "ecosystem.db")) as db:

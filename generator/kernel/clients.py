@@ -36,6 +36,9 @@ from .bus import now_iso
 from .db import Database, write_private
 from .errors import InvalidArgument, KernelError, NotFound
 
+# Not a tool, granted like one: the web console's audit-log page (packs/console/); `clients add` accepts it in
+# --allow whether or not this build has the console, so a token's patterns outlive a rebuild that adds it.
+AUDIT_PERMISSION = "grace.audit"
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hr|hour)\s*$")

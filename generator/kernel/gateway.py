@@ -1,4 +1,5 @@
-"""The HTTP face of the ecosystem: the MCP gateway at /mcp, Grace's web UI (`grace.py`), /healthz and /metrics.
+"""The HTTP face of the ecosystem: the MCP gateway at /mcp, /healthz and /metrics, the security headers on every
+response, and Grace's web console at / when the build has the console pack (packs/console/).
 
 - One `MCPServer` (mcp SDK 2.x) over streamable HTTP exposes every MAD tool as `<mad>.<tool>`
   with the tool's real parameter schema and an outputSchema (a tool bound to a kernel capability:
@@ -34,18 +35,17 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import ConfigDict, PrivateAttr, ValidationError, create_model
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import logs, tracing
+from . import logs, packs, tracing
 from .capabilities import CAPABILITIES
 from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
-from .grace import Grace, SecurityHeaders
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LOOPBACK, scrape_allowed
 from .runtime import Runtime
@@ -53,6 +53,43 @@ from .runtime import Runtime
 log = logs.get("gateway")
 
 CLIENT_SCOPE_KEY = "regen.client"
+
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'; require-trusted-types-for 'script'")
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on form POSTs.
+    "referrer-policy": "same-origin",
+    "x-frame-options": "DENY",
+    "permissions-policy": "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), "
+                          "payment=(), usb=()",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+}
+
+
+class SecurityHeaders:
+    """ASGI middleware: the security headers on every HTTP response that does not set its own."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extra = dict(SECURITY_HEADERS)
+        if scope.get("scheme") == "https":
+            extra["strict-transport-security"] = "max-age=31536000"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])  # ASGI allows leaving them out
+                headers = MutableHeaders(scope=message)  # edits the message's own header list
+                for name, value in extra.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 class GatewayAudit:
@@ -639,6 +676,20 @@ def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
 
 CALL_RETENTION_DAYS = 90
 
+NO_CONSOLE = ("this ecosystem has no web console: add `console: {}` under `packs:` in spec/ecosystem.yaml and "
+              "rebuild (nox -s regenerate). MCP clients connect at /mcp; /healthz and /metrics answer as usual.\n")
+NO_CONSOLE_ROUTES: list[BaseRoute] = [Route("/", lambda _: PlainTextResponse(NO_CONSOLE, 404), methods=["GET"])]
+
+
+def console(runtime: Runtime, tokens: ClientRegistry) -> Any:
+    """Grace's web console (packs/console/) when the spec names it (`packs: {console: {}}`, which the config
+    carries as its settings); None when it does not. Named but missing from the build is an error."""
+    if "console" not in runtime.config.pack_settings:
+        return None
+    missing = ("the spec names the console pack, but this build has no copy of it (packs/console/): rebuild "
+               "with `nox -s regenerate`")
+    return packs.module("console", missing, KernelError).Grace(runtime, tokens)
+
 
 def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
               call_retention_days: int = CALL_RETENTION_DAYS, sessions_per_client: int = 16,
@@ -654,7 +705,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     unauthenticated = Unauthenticated(audit)
     mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter, unauthenticated)
 
-    grace = Grace(runtime, tokens)  # the web UI: sign-in, chat, conversations, MADs, health, audit
+    grace = console(runtime, tokens)  # the web UI (sign-in, chat, conversations, MADs, health, audit), or None
     gate = DrainGate()
     # Only the session manager knows its sessions (a private table of the SDK's; 0 if that ever moves).
     runtime.metrics.watch("regen_mcp_sessions_open", "MCP sessions open now", sessions.count)
@@ -710,7 +761,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
 
     app = Starlette(
         routes=[
-            *grace.routes(),
+            *(grace.routes() if grace else NO_CONSOLE_ROUTES),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/mcp", mcp_asgi),

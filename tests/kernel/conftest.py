@@ -201,6 +201,7 @@ def build_ecosystem(root: Path, name: str, client_budget_tokens: int = 100000) -
         f'CONFIG = EcosystemConfig(name="{name}", description="A tiny <test> ecosystem & friends", '
         'models={"default": ModelAlias(provider="echo", model="", api_base="", api_key_secret="")}, '
         f"client_budget_tokens={client_budget_tokens}, mads=MADS, capability_tools={CAPABILITY_TOOLS!r}, "
+        'pack_settings={"console": {}}, '
         'tool_hints={"rogers.history": {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}, '
         '"rogers.post": {"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False}})\n'
     )

@@ -185,7 +185,7 @@ def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_mo
     import importlib
 
     _, kernel, _ = eco_modules
-    grace = importlib.import_module(kernel.__name__ + ".grace")
+    gateway = importlib.import_module(kernel.__name__ + ".gateway")
 
     async def bare(scope, receive, send):  # ASGI lets a response start leave `headers` out
         await send({"type": "http.response.start", "status": 204})
@@ -196,5 +196,5 @@ def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_mo
     async def send(message):
         sent.append(message)
 
-    asyncio.run(grace.SecurityHeaders(bare)({"type": "http", "scheme": "http"}, None, send))
+    asyncio.run(gateway.SecurityHeaders(bare)({"type": "http", "scheme": "http"}, None, send))
     assert {name for name, _ in sent[0]["headers"]} >= {b"content-security-policy", b"x-content-type-options"}

@@ -29,7 +29,7 @@ class Eco:
         config = importlib.import_module(f"{name}.ecosystem").CONFIG
         runtime_mod = importlib.import_module(f"{name}.kernel.runtime")
         self.gateway = importlib.import_module(f"{name}.kernel.gateway")
-        self.grace_mod = importlib.import_module(f"{name}.kernel.grace")
+        self.grace_mod = importlib.import_module(f"{name}.kernel.packs.console.pack")
         self.clients = importlib.import_module(f"{name}.kernel.clients").ClientRegistry(state)
         self.admin = self.clients.add("admin", ["*"])
         self.viewer = self.clients.add("viewer", ["rogers.*"])

@@ -1,4 +1,4 @@
-"""Grace, the DMZ: the web UI people use to reach the ecosystem.
+"""Grace, the DMZ: the web UI people use to reach the ecosystem (the console pack; see its `__init__.py`).
 
 - Sign-in with a client token (the MCP gateway's bearer tokens). Sessions live server-side in
   memory; the browser only holds a random id in an HttpOnly, SameSite=Strict cookie (Secure over
@@ -9,8 +9,8 @@
   when the client's token allows it. The exchange is recorded in the client's conversation
   on the bus (secret-looking values redacted there; the full answer is shown once).
 - Browse: conversations, MADs, health and the audit log.
-- Security: `SecurityHeaders` puts a strict CSP (no inline script or style) and the other
-  headers on every response; every POST checks the Origin and a per-session CSRF token;
+- Security: the gateway's `SecurityHeaders` puts a strict CSP (no inline script or style) and the
+  other headers on every response; every POST checks the Origin and a per-session CSRF token;
   bodies are capped (413 before reading past the cap); every value is HTML-escaped.
 
 Permissions beyond tools, matched by the token's allow patterns like a tool name:
@@ -32,15 +32,16 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import logs
-from .errors import KernelError, NotFound
-from .grace_pages import (
+from ... import logs
+from ...clients import AUDIT_PERMISSION
+from ...errors import KernelError, NotFound
+from ...runtime import REDACTED, Runtime, redact
+from .assets import ASSETS
+from .pages import (
     PageContext,
     ToolInfo,
     audit_page,
@@ -55,8 +56,6 @@ from .grace_pages import (
     signin_page,
     tools_text,
 )
-from .grace_static import ASSETS
-from .runtime import REDACTED, Runtime, redact
 
 log = logs.get("grace")
 
@@ -66,22 +65,8 @@ MAX_MESSAGE = 8000            # characters of one chat message
 MAX_STORED = 10_000           # characters of a tool answer recorded on the bus
 MAX_SHOWN = 100_000           # characters of a tool answer shown once in the page
 PROSE_PERMISSION = "fiedler.send"
-AUDIT_PERMISSION = "grace.audit"
 CHAT_TITLE = "Grace chat · {client}"
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'; require-trusted-types-for 'script'")
-SECURITY_HEADERS = {
-    "content-security-policy": CSP,
-    "x-content-type-options": "nosniff",
-    # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on form POSTs.
-    "referrer-policy": "same-origin",
-    "x-frame-options": "DENY",
-    "permissions-policy": "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), "
-                          "payment=(), usb=()",
-    "cross-origin-opener-policy": "same-origin",
-    "cross-origin-resource-policy": "same-origin",
-}
 _NO_STORE = {"cache-control": "no-store"}
 _SIGNIN_NOTICES = {
     "signed-out": "You have signed out.",
@@ -95,28 +80,6 @@ class Clients(Protocol):
     def verify(self, token: str) -> str | None: ...
 
     def allowed(self, name: str, tool: str) -> bool: ...
-
-
-class SecurityHeaders:
-    """ASGI middleware: the security headers on every HTTP response that does not set its own."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        extra = dict(SECURITY_HEADERS)
-        if scope.get("scheme") == "https":
-            extra["strict-transport-security"] = "max-age=31536000"
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])  # ASGI allows leaving them out
-                headers = MutableHeaders(scope=message)  # edits the message's own header list
-                for name, value in extra.items():
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 # ---- sessions and sign-in throttling -------------------------------------------------------------

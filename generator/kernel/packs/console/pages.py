@@ -2,7 +2,7 @@
 
 A template value named `*_html` is markup this module built from escaped parts and goes in as is; every other
 value is escaped by `render`. The pages carry no inline script, style or event handler: the CSP forbids them,
-and the stylesheet and script are separate files (`grace_static`). Nothing user-supplied is ever placed in a
+and the stylesheet and script are separate files (`assets.py`). Nothing user-supplied is ever placed in a
 URL scheme position: links are built from fixed paths and quoted ids.
 """
 
@@ -17,7 +17,7 @@ from string import Template
 from typing import Any
 from urllib.parse import quote
 
-from .grace_static import CSS_PATH, ICON_PATH, JS_PATH
+from .assets import CSS_PATH, ICON_PATH, JS_PATH
 
 NAV = (("/", "Overview"), ("/chat", "Chat"), ("/conversations", "Conversations"), ("/mads", "MADs"),
        ("/health", "Health"), ("/audit", "Audit log"))
