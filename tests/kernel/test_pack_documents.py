@@ -27,6 +27,7 @@ import docx
 import openpyxl
 import pptx
 import pytest
+from lxml import etree
 from odf import teletype
 from odf.opendocument import load as odf_load
 from odf.table import Table, TableCell, TableRow
@@ -842,14 +843,14 @@ def test_xml_tags_are_budgeted_before_any_parser_runs(env: Env, monkeypatch):
     env.put("many.ods", rezip(written(env, pack, "ods"), {"content.xml": odf_content(
         '<table:table table:name="S">' + "<table:table-row/>" * 40_000 + "</table:table>", "spreadsheet")}))
     parsed: list[int] = []
-    real_fromstring = documents_module.etree.fromstring
+    real_fromstring = etree.fromstring
 
     def fromstring(text: bytes, *args: Any, **kwargs: Any) -> Any:
         parsed.append(len(text))
         return real_fromstring(text, *args, **kwargs)
 
     monkeypatch.setattr(docx, "Document", lambda *a, **k: parsed.append(-1))
-    monkeypatch.setattr(documents_module.etree, "fromstring", fromstring)
+    monkeypatch.setattr(etree, "fromstring", fromstring)  # the lxml the pack imports on first use
     for name in ("many.docx", "many.ods"):
         why = refused(env, "documents.read", name, pack.read(CALLER, name))
         assert "documents.max_xml_elements" in why and "40000" in why

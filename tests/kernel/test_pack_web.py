@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 import pytest
+import trafilatura
+import trafilatura.metadata
 from pack_helpers import CALLER, Recorder, owner, refused, run, running
 
 from generator.kernel.errors import AccessDenied, InvalidArgument, KernelError, NotFound
@@ -938,8 +940,8 @@ def test_large_html_skips_trafilatura_and_extraction_uses_the_packs_own_threads(
     monkeypatch.setattr(web_module, "_render", render)
     pack = env.pack(max_extract_bytes=4096, **allowing(site))
     assert "Big news" in run(pack.fetch(CALLER, site.url("/small")))["content"]
-    monkeypatch.setattr(web_module.trafilatura, "extract", no_extract)
-    monkeypatch.setattr(web_module, "extract_metadata", no_extract)
+    monkeypatch.setattr(trafilatura, "extract", no_extract)  # the pack imports them on first use, from there
+    monkeypatch.setattr(trafilatura.metadata, "extract_metadata", no_extract)
     page = run(pack.fetch(CALLER, site.url("/big"), format="text"))
     assert page["title"] == "Big" and "para 0 para 1" in page["content"] and "para 399" in page["content"]
     assert "var x" not in page["content"]

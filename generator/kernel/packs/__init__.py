@@ -14,6 +14,7 @@ pack writes into the files pack's root that way, never around its guards.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,18 @@ def _no_peer(name: str) -> Pack:
 
 
 class Pack:
-    """One capability pack; subclasses set `name` and implement its capabilities with `@implements`."""
+    """One capability pack; subclasses set `name` and implement its capabilities with `@implements`.
+
+    A pack may import its heavy libraries on first use rather than when the runtime starts; it names their
+    top-level modules in `libraries`, so that a build lacking one still fails at start-up, as importing it would."""
 
     name: ClassVar[str] = ""
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, context: PackContext):
+        for library in self.libraries:
+            if importlib.util.find_spec(library) is None:  # finds the module without importing it
+                raise ModuleNotFoundError(f"No module named {library!r}", name=library)
         self.context = context
 
     async def close(self) -> None:
@@ -72,7 +80,7 @@ class Pack:
 def module(name: str, missing: str, error: type[KernelError] = InvalidArgument) -> Any:
     """Pack `name`'s implementation (`packs/<name>/pack.py`) from this kernel's copy; error(`missing`) when the
     build has no such pack (its spec did not use it), while a pack whose own library is missing still raises
-    ModuleNotFoundError."""
+    ModuleNotFoundError (here, or when the pack is made: `Pack.libraries`)."""
     try:
         return importlib.import_module(f"{__name__}.{name}.pack")
     except ModuleNotFoundError as exc:

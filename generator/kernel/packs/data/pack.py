@@ -90,6 +90,7 @@ import binascii
 import csv
 import datetime
 import decimal
+import functools
 import hashlib
 import io
 import json
@@ -103,11 +104,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# duckdb is imported with the pack: the pack opens the lake when it is made, so that a lake it cannot open stops
+# the start-up. sqlglot (about 60 ms) is imported on the first query (_sqlglot).
 import duckdb
-import sqlglot
-from sqlglot import exp
 
 from ...errors import InvalidArgument, KernelError, NotFound
 from .. import Pack, PackContext, implements
@@ -185,13 +186,25 @@ _NODE_TYPES = frozenset({
     "ORDER_DEFAULT", "ASCENDING", "DESCENDING", "INVALID",
 })
 
-# sqlglot nodes that never belong in a read-only query, wherever they sit in the tree.
-_FORBIDDEN_NODES = tuple(getattr(exp, n) for n in (
+# sqlglot nodes that never belong in a read-only query, wherever they sit in the tree (those this sqlglot has).
+_FORBIDDEN_NODE_NAMES = (
     "Insert", "Update", "Delete", "Merge", "Create", "Drop", "Alter", "TruncateTable", "Command", "Copy", "Pragma",
     "Set", "Attach", "Detach", "Transaction", "Commit", "Rollback", "Use", "Install", "Describe", "Summarize",
     "Show", "LoadData", "Into", "Export", "Analyze", "Refresh", "Cache", "Uncache", "Kill",
-) if hasattr(exp, n))
-_QUERY_ROOTS = (exp.Query, exp.Values)
+)
+
+if TYPE_CHECKING:
+    from sqlglot import exp
+
+
+@functools.cache
+def _sqlglot() -> tuple[Any, Any, tuple[type, ...]]:
+    """sqlglot, its expressions module, and the node classes that never belong in a read-only query: imported
+    and built once, on the first query rather than when the runtime starts."""
+    import sqlglot
+    from sqlglot import exp
+
+    return sqlglot, exp, tuple(getattr(exp, n) for n in _FORBIDDEN_NODE_NAMES if hasattr(exp, n))
 
 
 class _Refusal(Exception):
@@ -266,6 +279,7 @@ class DataPack(Pack):
     """The `data.*` capabilities over one DuckDB lake per ecosystem."""
 
     name = "data"
+    libraries = ("sqlglot",)  # imported on first use; duckdb is imported with the module
 
     def __init__(self, context: PackContext):
         super().__init__(context)
@@ -482,6 +496,7 @@ class DataPack(Pack):
         return text
 
     def _vet_sqlglot(self, sql: str, tables: dict[str, str]) -> None:
+        sqlglot, exp, forbidden_nodes = _sqlglot()
         try:
             parsed = [s for s in sqlglot.parse(sql, read="duckdb") if s is not None and not isinstance(s, exp.Semicolon)]
         except sqlglot.errors.ParseError as exc:
@@ -494,7 +509,7 @@ class DataPack(Pack):
         if len(parsed) != 1:
             raise _Refusal(sql, f"the query holds {len(parsed)} statements; data.query runs exactly one")
         root = parsed[0]
-        if not isinstance(root, _QUERY_ROOTS):
+        if not isinstance(root, (exp.Query, exp.Values)):
             raise _Refusal(sql, f"a {root.key.upper()} statement is not a query: data.query only reads (SELECT, WITH, "
                                 "VALUES, UNION...)")
         for cte in root.find_all(exp.CTE):
@@ -512,7 +527,7 @@ class DataPack(Pack):
                 raise _Refusal(sql, f"the query nests expressions or types more than {MAX_NESTING} deep; flatten it")
             if isinstance(node, exp.Literal) and node.is_string and _bracket_depth(node.this) > MAX_NESTING:
                 raise _Refusal(sql, f"a string constant of the query nests brackets more than {MAX_NESTING} deep")
-            if isinstance(node, _FORBIDDEN_NODES):
+            if isinstance(node, forbidden_nodes):
                 raise _Refusal(sql, f"the query contains a {node.key.upper()} clause, which writes or runs a command; "
                                     "data.query only reads")
             if isinstance(node, (exp.Placeholder, exp.Parameter)):
@@ -1056,6 +1071,7 @@ def _measured(statement: str, shape: list[tuple[str, str]], rows: int, budget: i
 
 def _ctes_in_scope(node: exp.Expression) -> set[str]:
     """The CTE names a table reference can see: those of the WITH of every query it sits in."""
+    _, exp, _ = _sqlglot()
     names: set[str] = set()
     current = node.parent
     while current is not None:

@@ -92,23 +92,17 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import docx
-import docx.table
-import docx.text.paragraph
-import openpyxl
-import pptx
-import pptx.enum.shapes
-from lxml import etree
-from odf import dc, teletype
-from odf.opendocument import OpenDocumentSpreadsheet, OpenDocumentText
-from odf.style import ListLevelProperties, ParagraphProperties, Style, TableColumnProperties, TextProperties
-from odf.table import Table, TableCell, TableColumn, TableRow
-from odf.text import H, List, ListItem, ListLevelStyleBullet, ListStyle, P
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidArgument, KernelError
 from .. import Pack, PackContext, implements
+
+# The libraries (python-docx, openpyxl, python-pptx, lxml, odfpy: about 190 ms and 25 MB) are imported where
+# they are used, on a first render or read, not when the runtime starts; `DocumentsPack.libraries` still makes
+# a build that lacks one fail at start-up.
+if TYPE_CHECKING:
+    from docx.text.paragraph import Paragraph
+    from lxml import etree
 
 DEFAULTS: dict[str, int] = {
     "max_blocks": 10_000,  # blocks + bullet items of a text document; slide bullets of a deck
@@ -172,6 +166,8 @@ def _q(prefix: str, local: str) -> str:
 
 def _safe_parser() -> etree.XMLParser:
     """lxml with no entity resolution, no DTD loading, no network, no huge-tree mode."""
+    from lxml import etree
+
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
                            huge_tree=False, remove_comments=True, remove_pis=True)
 
@@ -426,6 +422,8 @@ def _sheet_cell(cell: Any, where: str, tally: _Tally) -> None:
 def _canonical(body: bytes) -> bytes:
     """Our own XML in canonical form (C14N, unused namespace declarations dropped): odfpy declares on each root
     every namespace any document of the process used so far, in the order they were first used."""
+    from lxml import etree
+
     root = etree.fromstring(body, parser=_safe_parser())
     etree.cleanup_namespaces(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + etree.tostring(root, method="c14n")
@@ -467,6 +465,8 @@ def _saved(save: Callable[[io.BytesIO], None]) -> bytes:
 
 
 def _render_docx(title: str, blocks: list[tuple[str, Any, int]]) -> bytes:
+    import docx
+
     document = docx.Document()
     _fix_core(document.core_properties, title)
     if title:
@@ -490,6 +490,8 @@ def _render_docx(title: str, blocks: list[tuple[str, Any, int]]) -> bytes:
 
 
 def _render_pptx(title: str, slides: list[tuple[str, list[str]]]) -> bytes:
+    import pptx
+
     deck = pptx.Presentation()
     _fix_core(deck.core_properties, title)
     if title:
@@ -509,6 +511,8 @@ def _render_pptx(title: str, slides: list[tuple[str, list[str]]]) -> bytes:
 
 
 def _render_xlsx(sheets: list[tuple[str, list[list[Cell]]]]) -> bytes:
+    import openpyxl
+
     book = openpyxl.Workbook()
     book.remove(book.active)
     props = book.properties
@@ -528,11 +532,6 @@ def _render_xlsx(sheets: list[tuple[str, list[list[Cell]]]]) -> bytes:
     return _saved(book.save)
 
 
-def _odf_title(document: Any, title: str) -> None:
-    if title:
-        document.meta.addElement(dc.Title(text=title))
-
-
 # odfpy keeps the namespaces it has seen in one dict shared by every element of the process, which
 # serialising iterates: two documents built at once in two threads could change it under each other.
 _ODF_LOCK = threading.Lock()
@@ -544,8 +543,15 @@ def _render_odt(title: str, blocks: list[tuple[str, Any, int]]) -> bytes:
 
 
 def _build_odt(title: str, blocks: list[tuple[str, Any, int]]) -> bytes:
+    from odf import dc, teletype
+    from odf.opendocument import OpenDocumentText
+    from odf.style import ListLevelProperties, ParagraphProperties, Style, TableColumnProperties, TextProperties
+    from odf.table import Table, TableCell, TableColumn, TableRow
+    from odf.text import H, List, ListItem, ListLevelStyleBullet, ListStyle, P
+
     document = OpenDocumentText()
-    _odf_title(document, title)
+    if title:
+        document.meta.addElement(dc.Title(text=title))
     styles = document.styles
     title_style = Style(name="Title", displayname="Title", family="paragraph")
     title_style.addElement(TextProperties(fontsize="24pt", fontweight="bold"))
@@ -613,6 +619,11 @@ def _render_ods(sheets: list[tuple[str, list[list[Cell]]]]) -> bytes:
 
 
 def _build_ods(sheets: list[tuple[str, list[list[Cell]]]]) -> bytes:
+    from odf import teletype
+    from odf.opendocument import OpenDocumentSpreadsheet
+    from odf.table import Table, TableCell, TableColumn, TableRow
+    from odf.text import P
+
     document = OpenDocumentSpreadsheet()
     for name, rows in sheets:
         table = Table(name=name)
@@ -800,12 +811,7 @@ class _Archive:
             kind = mimetype.rsplit(".", 1)[-1] if mimetype.startswith("application/vnd.oasis.opendocument.") else ""
             raise InvalidArgument(f"{where!r} is an OpenDocument {kind or 'file of type ' + repr(mimetype[:80])}; "
                                   "this pack reads odt and ods (and docx, xlsx, pptx)")
-        raw = self.scan("[Content_Types].xml")
-        try:
-            types = etree.fromstring(raw, parser=_safe_parser())
-        except etree.XMLSyntaxError:
-            raise InvalidArgument(f"{where!r}: its [Content_Types].xml is not well-formed XML") from None
-        _check_parsed("[Content_Types].xml", types)
+        types = _parsed(self.scan("[Content_Types].xml"), where, "[Content_Types].xml")
         defaults = {(e.get("Extension") or "").lower(): (e.get("ContentType") or "") for e in types
                     if isinstance(e.tag, str) and e.tag.endswith("}Default")}
         # part names are compared ignoring case, as python-docx/python-pptx do: no part's type is missed
@@ -866,7 +872,7 @@ class _Budget:
             self.text.append(value)
 
 
-def _docx_kind(paragraph: docx.text.paragraph.Paragraph, names: dict[str | None, str]) -> tuple[str, int]:
+def _docx_kind(paragraph: Paragraph, names: dict[str | None, str]) -> tuple[str, int]:
     """A paragraph's kind from its style's name, looked up once per style id (`names`, for one document: python-docx
     scans every style of the document for each lookup, minutes for a document of many paragraphs)."""
     style_id = paragraph._p.style
@@ -888,6 +894,9 @@ def _docx_kind(paragraph: docx.text.paragraph.Paragraph, names: dict[str | None,
 
 
 def _read_docx(data: bytes, budget: _Budget, out: dict[str, Any]) -> None:
+    import docx
+    import docx.table
+
     document = docx.Document(io.BytesIO(data))
     out["title"] = budget.take(document.core_properties.title or "", line=False)
     blocks: list[dict[str, Any]] = []
@@ -921,6 +930,8 @@ def _read_docx(data: bytes, budget: _Budget, out: dict[str, Any]) -> None:
 
 
 def _pptx_shapes(shapes: Any) -> Iterator[Any]:
+    import pptx.enum.shapes
+
     for shape in shapes:
         if getattr(shape, "shape_type", None) == pptx.enum.shapes.MSO_SHAPE_TYPE.GROUP:
             yield from _pptx_shapes(shape.shapes)
@@ -929,6 +940,8 @@ def _pptx_shapes(shapes: Any) -> Iterator[Any]:
 
 
 def _read_pptx(data: bytes, budget: _Budget, out: dict[str, Any]) -> None:
+    import pptx
+
     deck = pptx.Presentation(io.BytesIO(data))
     out["title"] = budget.take(deck.core_properties.title or "", line=False)
     slides: list[dict[str, Any]] = []
@@ -985,6 +998,8 @@ def _finish_sheet(rows: list[list[Any]]) -> None:
 
 
 def _read_xlsx(data: bytes, budget: _Budget, out: dict[str, Any]) -> None:
+    import openpyxl
+
     book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True, keep_links=False, keep_vba=False)
     try:
         out["title"] = budget.take(book.properties.title or "", line=False)
@@ -1011,15 +1026,20 @@ def _read_xlsx(data: bytes, budget: _Budget, out: dict[str, Any]) -> None:
         book.close()
 
 
-def _odf_root(archive: _Archive, name: str) -> Any:
-    if name not in archive.names:
-        return None
+def _parsed(data: bytes, where: str, name: str) -> Any:
+    """Entry `name` of the file at `where` parsed by the pack's own safe parser, and checked again for a DTD."""
+    from lxml import etree
+
     try:
-        root = etree.fromstring(archive.read(name), parser=_safe_parser())
+        root = etree.fromstring(data, parser=_safe_parser())
     except etree.XMLSyntaxError:
-        raise InvalidArgument(f"{archive.where!r}: its {name} is not well-formed XML") from None
+        raise InvalidArgument(f"{where!r}: its {name} is not well-formed XML") from None
     _check_parsed(name, root)
     return root
+
+
+def _odf_root(archive: _Archive, name: str) -> Any:
+    return _parsed(archive.read(name), archive.where, name) if name in archive.names else None
 
 
 def _odf_text(element: Any, budget: _Budget) -> str:
@@ -1250,6 +1270,7 @@ class DocumentsPack(Pack):
     """The `documents.*` capabilities: render documents into the files pack's root, and read them back."""
 
     name = "documents"
+    libraries = ("docx", "openpyxl", "pptx", "lxml", "odf")
 
     def __init__(self, context: PackContext):
         super().__init__(context)

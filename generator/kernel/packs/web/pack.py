@@ -90,9 +90,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import trafilatura
-from trafilatura.metadata import extract_metadata
-from trafilatura.utils import load_html
 
 from ...errors import InvalidArgument, KernelError, NotFound
 from .. import Pack, PackContext, implements
@@ -631,6 +628,11 @@ def _render(text: str, fmt: str, url: str, max_extract: int = DEFAULTS["max_extr
     """(title, content) of an HTML page: the main text as markdown or plain text (trafilatura), falling back
     to all of the page's text when it finds no main text; or the HTML as served ('raw'). A page over
     `max_extract` bytes of UTF-8 is never given to trafilatura: all of its text, from a plain walk."""
+    # trafilatura (about 100 ms and 20 MB with lxml) is imported on the first page, not when the runtime starts
+    import trafilatura
+    from trafilatura.metadata import extract_metadata
+    from trafilatura.utils import load_html
+
     large = len(text) > max_extract or len(text.encode("utf-8", "surrogatepass")) > max_extract
     tree = load_html(text)
     title = ""
@@ -734,6 +736,7 @@ class WebPack(Pack):
     """The `web.*` capabilities: guarded GETs of public web pages."""
 
     name = "web"
+    libraries = ("trafilatura", "lxml")
 
     def __init__(self, context: PackContext):
         super().__init__(context)
