@@ -218,7 +218,9 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            lifespan="on", timeout_graceful_shutdown=5))
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"{config.name} serving on http://{host}:{args.port}/ (MCP: http://{host}:{args.port}/mcp)", flush=True)
+    base = f"http://{host}:{args.port}"
+    web = f"Grace's web console at {base}/" if app.state.grace else "no web console (the console pack)"
+    print(f"{config.name} serving MCP at {base}/mcp; {web}", flush=True)
     # uvicorn captures SIGINT/SIGTERM and shuts down gracefully (drain, then the lifespan stops the
     # MADs and closes the database), then re-raises the signal to the handlers it found: these, which
     # turn a completed graceful shutdown into exit code 0.

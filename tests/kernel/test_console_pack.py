@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import build_ecosystem
@@ -101,3 +103,29 @@ def test_clients_unlock_without_the_console_says_how_to_add_it(core_only, tmp_pa
     assert "has no web console" in err and "`console: {}` under `packs:`" in err and "Traceback" not in err
     # `grace.audit` (the console's audit page) is still a permission a client may be granted: it is the core's.
     assert cli.main(config, ["clients", "add", "auditor", "--allow", "grace.audit", "--state", str(tmp_path)]) == 0
+
+
+def _serve_banner(name: str, tmp_path) -> str:
+    """The line `serve` prints once it is about to listen, from a real process (then stopped)."""
+    root = Path(importlib.import_module(name).__file__).parents[1]
+    port = importlib.import_module(f"{name}.kernel.testing").free_port()
+    with subprocess.Popen([sys.executable, "-m", name, "serve", "--state", str(tmp_path / "state"), "--port", str(port)],
+                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as server:
+        try:
+            return next((line for line in server.stdout if " serving " in line), "")
+        finally:
+            server.terminate()
+
+
+def test_serve_says_where_mcp_is_and_whether_there_is_a_web_console(core_only, tmp_path):
+    """The first thing an operator reads: a build without the console does not point them at a page that is a 404."""
+    banner = _serve_banner(core_only, tmp_path / "bare")
+    assert "serving MCP at http://127.0.0.1:" in banner and "/mcp; no web console (the console pack)" in banner
+    with_console = f"console_{uuid.uuid4().hex[:8]}"
+    build_ecosystem(tmp_path, with_console)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        banner = _serve_banner(with_console, tmp_path / "full")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "/mcp; Grace's web console at http://127.0.0.1:" in banner
