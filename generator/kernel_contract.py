@@ -42,13 +42,27 @@ def kernel_folder(package: str) -> str:
 PACKS_FOLDER = "packs/"
 
 
+def kernel_test_file(rel: str) -> bool:
+    """Whether `rel` (a path inside generator/kernel/) is one of regen's tests of the kernel, not the kernel: a
+    pack's tests (packs/<name>/tests/) or a conftest.py. Those stay in regen: never copied into an artifact,
+    never scanned as kernel code, never an input of a build (a test-only change makes no new version)."""
+    parts = rel.split("/")
+    return "tests" in parts[:-1] or parts[-1] == "conftest.py"
+
+
+def kernel_sources() -> dict[str, Path]:
+    """The kernel's own files, core and every pack, by path inside generator/kernel/: no bytecode, no tests."""
+    return {rel: path for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()
+            if not kernel_test_file(rel)}
+
+
 def kernel_files(package: str, packs: Iterable[str] = ()) -> dict[str, bytes]:
     """The kernel's files as they go into src/, by path inside src/: the core, and of the packs' folders
     (kernel/packs/<name>/) only those in `packs`; an artifact carries no code, and no catalogue, of a pack it
-    does not use."""
+    does not use, and no test of regen's."""
     wanted = tuple(f"{PACKS_FOLDER}{name}/" for name in packs)
     return {kernel_folder(package) + rel: path.read_bytes()
-            for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items()
+            for rel, path in kernel_sources().items()
             if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel.startswith(wanted)}
 
 
@@ -57,7 +71,7 @@ def kernel_digests() -> frozenset[str]:
     """The sha256 of each Python file of this regen's kernel, core and packs: an artifact carries them byte for
     byte, so a file with one of these digests is regen's own, not generated."""
     return frozenset(hashlib.sha256(path.read_bytes()).hexdigest()
-                     for rel, path in files_under(KERNEL_DIR, skip_bytecode=True).items() if rel.endswith(".py"))
+                     for rel, path in kernel_sources().items() if rel.endswith(".py"))
 
 
 def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
@@ -168,9 +182,11 @@ _FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")
 def kernel_tables() -> dict[str, str]:
     """SQL table name -> the kernel file creating it (with the shadow tables of FTS5 ones)."""
     tables: dict[str, str] = {}
-    for path in sorted(KERNEL_DIR.rglob("*.py")):
+    for rel, path in kernel_sources().items():
+        if not rel.endswith(".py"):
+            continue
         for match in _CREATE_TABLE.finditer(path.read_text(encoding="utf-8")):
-            name, where = match["name"], f"kernel/{path.relative_to(KERNEL_DIR).as_posix()}"
+            name, where = match["name"], f"kernel/{rel}"
             tables.setdefault(name, where)
             if match["virtual"] and (match["module"] or "").lower() == "fts5":
                 for suffix in _FTS5_SHADOWS:

@@ -1,6 +1,7 @@
 """Units are written against the kernel's API, not its implementation: an edit inside the kernel that keeps the
 API regenerates no unit (a paid call each with a real model), while the kernel's files are still copied fresh."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -121,6 +122,45 @@ def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
     assert not [d for d in kernel_contract.RUNTIME_DEPENDENCIES if d.startswith(("redis", "opentelemetry"))]
 
 
+def test_a_pack_s_tests_stay_in_regen_out_of_every_artifact_and_every_build_s_inputs(tmp_path, monkeypatch):
+    """A pack's folder holds its tests (tests/) beside its code, and packs/ the conftest.py they share: regen's own,
+    so no artifact carries them, the static review does not count them as the kernel's, and editing one changes no
+    build's inputs (no new version for a test-only change); editing the pack's code does."""
+    from generator.build import prepare
+    from generator.config import load_pipeline
+    from generator.kernel.capabilities import PACKS
+    from generator.spec.load import load_spec
+
+    kernel = kernel_contract.KERNEL_DIR
+    tests = sorted(p for p in (kernel / "packs").glob("*/tests/test_*.py"))
+    assert {p.parts[-3] for p in tests} >= {"files", "data", "web", "charts", "documents", "security", "emads",
+                                            "console", "redis"}
+    assert (kernel / "packs" / "conftest.py").is_file()
+    shipped = kernel_contract.kernel_files("eco", PACKS)
+    assert "eco/kernel/packs/files/pack.py" in shipped and "eco/kernel/packs/console/pages.py" in shipped
+    assert not [p for p in shipped if "/tests/" in p or p.endswith("conftest.py")]
+    assert not {hashlib.sha256(p.read_bytes()).hexdigest() for p in tests} & kernel_contract.kernel_digests()
+    assert kernel_contract.kernel_test_file("packs/files/tests/test_files.py")
+    assert kernel_contract.kernel_test_file("packs/conftest.py")
+    assert not kernel_contract.kernel_test_file("packs/files/pack.py")
+    assert not kernel_contract.kernel_test_file("testing.py")
+
+    compiler = tmp_path / "generator"
+    shutil.copytree(REPO / "generator", compiler, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(prepare, "GENERATOR", compiler)
+    spec, pipeline = load_spec(REPO / "spec"), load_pipeline(REPO / "pipelines" / "offline.toml")
+    before = prepare.fingerprint(spec, pipeline, None)
+    assert "generator/kernel/packs/files/pack.py" in before.inputs
+    assert not [k for k in before.inputs if "/tests/" in k or k.endswith("conftest.py")]
+    with (compiler / "kernel" / "packs" / "files" / "tests" / "test_files.py").open("a") as f:
+        f.write("\n# one more comment in a test\n")
+    (compiler / "kernel" / "packs" / "conftest.py").write_text("")
+    assert prepare.fingerprint(spec, pipeline, None) == before
+    with (compiler / "kernel" / "packs" / "files" / "pack.py").open("a") as f:
+        f.write("\n# one more comment in the pack\n")
+    assert prepare.fingerprint(spec, pipeline, None).hash != before.hash
+
+
 def test_the_web_console_is_copied_whole_and_only_into_an_artifact_whose_spec_names_it():
     """The console pack is a folder of modules, templates and static files: an artifact without it has none of
     them (and no web surface), one with it has every file, bytes as in the compiler."""
@@ -135,7 +175,7 @@ def test_the_web_console_is_copied_whole_and_only_into_an_artifact_whose_spec_na
     assert {"__init__.py", "pack.py", "pages.py", "assets.py", "templates/signin.html", "templates/chat.html",
             "static/grace.css", "static/grace.js", "static/grace.svg"} <= set(added)
     assert set(added) == {p.relative_to(console).as_posix() for p in console.rglob("*")
-                          if p.is_file() and "__pycache__" not in p.parts}
+                          if p.is_file() and "__pycache__" not in p.parts and "tests" not in p.parts}
     assert all(data == (console / rel).read_bytes() for rel, data in added.items())
     assert kernel_contract.pack_dependencies({"console"}) == ()  # starlette is the core's already
 

@@ -16,6 +16,7 @@ from archive import ARCHIVE, NEWEST, PARENT
 from generator.artifact.migrate import migration_files, plan_migrations, schema_of
 from generator.config import SandboxSettings
 from generator.kernel.migrations import Migration
+from generator.kernel_contract import kernel_files
 from generator.sandbox.run import available_level
 from generator.sandbox.upgrade import capability_tools, run_upgrade_test
 from generator.senior.offline import render_unit
@@ -50,7 +51,9 @@ def build(tmp_path: Path, name: str, spec: Spec, migrations: list[Migration]) ->
     """madgroup 1.0.2 as a build of `spec` would make it now: today's kernel, Turing rendered, migrations."""
     src = shutil.copytree(ARCHIVE / NEWEST / "src", tmp_path / name / "src")
     shutil.rmtree(src / "madgroup" / "kernel")
-    shutil.copytree(REPO / "generator" / "kernel", src / "madgroup" / "kernel", ignore=shutil.ignore_patterns("__pycache__"))
+    for path, data in kernel_files("madgroup", spec.packs).items():  # as a build copies it: no test of regen's
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(data)
     plan = make_plan(spec)
     for file in render_unit(unit_spec(spec, plan, plan.unit("mad:turing"))):
         (src / file["path"]).write_text(file["content"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-KERNEL_SRC = Path(__file__).resolve().parents[2] / "generator" / "kernel"
+from generator.kernel_contract import kernel_sources
 
 MADS = {
     "turing": '''from __future__ import annotations
@@ -187,7 +187,9 @@ CAPABILITY_TOOLS = {
 def build_ecosystem(root: Path, name: str, client_budget_tokens: int = 100000) -> Path:
     """Write a tiny ecosystem package `<root>/<name>/` like the generator does; return its dir."""
     pkg = root / name
-    shutil.copytree(KERNEL_SRC, pkg / "kernel", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for rel, path in kernel_sources().items():  # the whole kernel, every pack, without regen's tests of it
+        (pkg / "kernel" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, pkg / "kernel" / rel)
     (pkg / "mads").mkdir(parents=True)
     for mod, src in MADS.items():
         (pkg / "mads" / f"{mod}.py").write_text(src)

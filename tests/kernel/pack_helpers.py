@@ -1,4 +1,4 @@
-"""Shared by the capability-pack tests (tests/kernel/test_pack_*.py): a pack built on a recording
+"""Shared by the capability packs' own tests (generator/kernel/packs/<pack>/tests/): a pack built on a recording
 `PackContext`, the secret that must never leak, and a pack loaded in a runtime of the tiny ecosystem.
 
 - `Recorder`: a base for each test module's `Env` dataclass; it records every `audit` and `denied` call
@@ -9,7 +9,8 @@
 - `owner(kernel, name, role, *families)` and `running(eco_modules, state, *mads)`: a MAD owning pack
   families, and a started runtime of the tiny ecosystem (conftest `eco_modules`) with it added.
 
-Import what a module uses: `from pack_helpers import CALLER, Recorder, run` (tests/kernel is on sys.path).
+Import what a module uses: `from pack_helpers import CALLER, Recorder, run` (generator/kernel/packs/conftest.py
+puts tests/kernel on sys.path).
 """
 
 from __future__ import annotations

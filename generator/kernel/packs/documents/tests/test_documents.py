@@ -41,7 +41,7 @@ from generator.kernel.packs.documents import pack as documents_module
 from generator.kernel.packs.documents.pack import DEFAULTS, DocumentsPack
 from generator.kernel.packs.files.pack import FilesPack
 
-UV_LOCK = Path(__file__).resolve().parents[2] / "uv.lock"
+UV_LOCK = Path(__file__).resolve().parents[5] / "uv.lock"
 
 BLOCKS = [
     {"heading": "Findings", "level": 1},

@@ -142,7 +142,7 @@ def test_the_capability_matches_the_catalogue_and_the_pack_is_loadable():
     assert cap.shape is ChartRendered and cap.returns == "dict"
     assert PACKS["charts"].requires == ("files",)
     assert PACKS["charts"].dependencies == ("vl-convert-python==1.9.0.post1",)
-    lock = (Path(__file__).resolve().parents[2] / "uv.lock").read_text()
+    lock = (Path(__file__).resolve().parents[5] / "uv.lock").read_text()
     assert 'name = "vl-convert-python"\nversion = "1.9.0.post1"' in lock
     assert tool_hints("charts.render") == {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True,
                                            "openWorldHint": False}

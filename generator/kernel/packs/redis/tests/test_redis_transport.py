@@ -2,7 +2,7 @@
 
 Each test runs its runtimes in one event loop (the Redis transport's tasks live on the loop
 that started it); two Runtime objects with their own state directories stand for two processes.
-Process-level failover (two servers, SIGKILL) is in test_failover.py.
+Process-level failover (two servers, SIGKILL) is in tests/kernel/test_failover.py.
 """
 
 from __future__ import annotations
