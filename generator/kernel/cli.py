@@ -223,9 +223,15 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     print(f"{config.name} serving MCP at {base}/mcp; {web}", flush=True)
     # uvicorn captures SIGINT/SIGTERM and shuts down gracefully (drain, then the lifespan stops the
     # MADs and closes the database), then re-raises the signal to the handlers it found: these, which
-    # turn a completed graceful shutdown into exit code 0.
+    # turn a completed graceful shutdown into exit code 0. A signal that comes before uvicorn captures
+    # them (while it starts) asks it to stop as soon as it has started, rather than being lost.
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _f: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_when_started(sig: int, _frame: object) -> None:
+        received.append(sig)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop_when_started) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:

@@ -114,7 +114,13 @@ def _serve_banner(name: str, tmp_path) -> str:
         try:
             return next((line for line in server.stdout if " serving " in line), "")
         finally:
+            # At once, likely before uvicorn has taken over SIGTERM: the server must still stop, cleanly.
             server.terminate()
+            try:
+                assert server.wait(timeout=60) == 0, "serve did not stop cleanly on a SIGTERM while it started"
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise AssertionError("a SIGTERM while serve started was lost: the server kept running") from None
 
 
 def test_serve_says_where_mcp_is_and_whether_there_is_a_web_console(core_only, tmp_path):
