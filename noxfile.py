@@ -56,7 +56,8 @@ def tests(session: nox.Session) -> None:
     # One worker more than cores: a build test keeps about one core busy, waiting the rest of the time on the
     # servers its sandboxed tests start and poll.
     workers = str((os.cpu_count() or 1) + 1)
-    session.run("pytest", "--numprocesses", workers, "--dist", "loadfile", *session.posargs)
+    # --durations: the slowest tests named in every CI log, for when the suite nears its time limit.
+    session.run("pytest", "--numprocesses", workers, "--dist", "loadfile", "--durations=25", *session.posargs)
 
 
 def gate_exit(failed: CommandFailed) -> int | None:

@@ -217,10 +217,6 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            lifespan="on", timeout_graceful_shutdown=5))
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    base = f"http://{host}:{args.port}"
-    web = f"Grace's web console at {base}/" if app.state.grace else "no web console (the console pack)"
-    print(f"{config.name} serving MCP at {base}/mcp; {web}", flush=True)
     # uvicorn captures SIGINT/SIGTERM and shuts down gracefully (drain, then the lifespan stops the
     # MADs and closes the database), then re-raises the signal to the handlers it found: these, which
     # turn a completed graceful shutdown into exit code 0. A signal that comes before uvicorn captures
@@ -232,6 +228,11 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
         server.should_exit = True
 
     previous = {sig: signal.signal(sig, stop_when_started) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The banner only once a signal is handled: from here on, a stop is a graceful one.
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    base = f"http://{host}:{args.port}"
+    web = f"Grace's web console at {base}/" if app.state.grace else "no web console (the console pack)"
+    print(f"{config.name} serving MCP at {base}/mcp; {web}", flush=True)
     try:
         server.run()
     finally:
