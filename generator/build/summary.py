@@ -47,6 +47,7 @@ def built(ctx: BuildContext, prepared: Prepared, judged: Judged, archived: Archi
          + (" (--fresh: nothing taken from the parent)" if manifest.fresh else "")
          + (f"; repaired: {', '.join(repaired)}" if repaired else "")),
         *carried_rows(manifest),
+        ("packs", packs_line(manifest, prepared.given.latest)),
         ("why", "; ".join(f"{', '.join(units)}: {reason}" for reason, units in by_reason.items()) or "—"),
         ("per unit", per_unit or "—"),
         ("files", f"{archived.outputs} ({len(synthesis.files)} synthesised, kernel copied)"),
@@ -77,6 +78,31 @@ def _trouble(unit, answered_by: tuple[str, ...], senior: str) -> str:
     if set(answered_by) - {senior}:
         parts.append("by " + ", ".join(answered_by))
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def packs_of(manifest: Manifest) -> set[str]:
+    """The kernel packs an artifact carries, from its files; "console" too for a build from before the web
+    console was a pack (its kernel had grace.py): what a rebuild would lose unless its spec names it."""
+    found = set()
+    for path in manifest.src_outputs:
+        parts = path.split("/")
+        if len(parts) > 4 and parts[1:3] == ["kernel", "packs"]:
+            found.add(parts[3])
+        elif parts[1:] == ["kernel", "grace.py"]:
+            found.add("console")
+    return found
+
+
+def packs_line(manifest: Manifest, parent: Manifest | None) -> str:
+    """The packs this build carries, and those its parent had that it does not: an upgrade of regen or a spec
+    edit that drops one (the web console, the Redis bus) is said, with the line that keeps it."""
+    mine = packs_of(manifest)
+    line = ", ".join(sorted(mine)) or "none"
+    dropped = sorted(packs_of(parent) - mine) if parent else []
+    if dropped:
+        line += (f"; [yellow]dropped since {parent.version}: {', '.join(dropped)}[/] (to keep one, name it under "
+                 "`packs:` in ecosystem.yaml, e.g. `console: {}` for Grace's web console, or bind a tool to it)")
+    return line
 
 
 def carried_rows(manifest: Manifest) -> list[tuple[str, str]]:
