@@ -42,6 +42,21 @@ def kernel_folder(package: str) -> str:
 PACKS_FOLDER = "packs/"
 
 
+def packs_in(src_paths: Iterable[str]) -> set[str]:
+    """The packs an artifact carries, read from its paths inside src/ (`<package>/kernel/packs/<name>/...`); the
+    console too for a build from before the web console was a pack (its kernel had `grace.py`)."""
+    found = set()
+    for path in src_paths:
+        rel = path.removeprefix(kernel_folder(path.split("/", 1)[0]))
+        if rel == path:
+            continue  # not the kernel's
+        if rel.startswith(PACKS_FOLDER) and rel.count("/") > 1:
+            found.add(rel.split("/")[1])
+        elif rel == "grace.py":
+            found.add("console")
+    return found
+
+
 def kernel_test_file(rel: str) -> bool:
     """Whether `rel` (a path inside generator/kernel/) is one of regen's tests of the kernel, not the kernel: a
     pack's tests (packs/<name>/tests/) or a conftest.py. Those stay in regen: never copied into an artifact,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from generator.artifact.manifest import Manifest
-from generator.build.summary import packs_line, packs_of
+from generator.build.summary import packs_line
+from generator.kernel_contract import packs_in
 
 ARCHIVE = Path(__file__).resolve().parents[1] / "ecosystems" / "madgroup"
 
@@ -27,10 +28,12 @@ def _with(manifest: Manifest, keep) -> Manifest:
 
 
 def test_packs_are_read_from_the_files_and_a_core_console_counts_as_one():
-    assert packs_of(_manifest("1.3.10")) >= {"console", "files", "redis", "tracing", "emads"}
+    assert packs_in(_manifest("1.3.10").src_outputs) >= {"console", "files", "redis", "tracing", "emads"}
     assert (ARCHIVE / "1.3.7" / "src" / "madgroup" / "kernel" / "grace.py").is_file()  # before the console pack
-    assert "console" in packs_of(_manifest("1.3.7"))
-    assert packs_of(_manifest("1.0.0")) == {"console"}  # 4 MADs, no pack, Grace in the core
+    assert "console" in packs_in(_manifest("1.3.7").src_outputs)
+    assert packs_in(_manifest("1.0.0").src_outputs) == {"console"}  # 4 MADs, no pack, Grace in the core
+    # Only the kernel's own folder counts: a MAD module or a generated file named like one does not.
+    assert packs_in(["eco/mads/packs/files/x.py", "eco/packs/web/pack.py", "eco/grace.py", "eco/kernel/packs/__init__.py"]) == set()
 
 
 def test_a_build_that_loses_a_pack_its_parent_had_says_which_and_how_to_keep_it():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..artifact.manifest import Manifest
+from ..kernel_contract import packs_in
 from .context import BuildContext, BuildResult
 from .prepare import Given
 
@@ -80,25 +81,12 @@ def _trouble(unit, answered_by: tuple[str, ...], senior: str) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def packs_of(manifest: Manifest) -> set[str]:
-    """The kernel packs an artifact carries, from its files; "console" too for a build from before the web
-    console was a pack (its kernel had grace.py): what a rebuild would lose unless its spec names it."""
-    found = set()
-    for path in manifest.src_outputs:
-        parts = path.split("/")
-        if len(parts) > 4 and parts[1:3] == ["kernel", "packs"]:
-            found.add(parts[3])
-        elif parts[1:] == ["kernel", "grace.py"]:
-            found.add("console")
-    return found
-
-
 def packs_line(manifest: Manifest, parent: Manifest | None) -> str:
     """The packs this build carries, and those its parent had that it does not: an upgrade of regen or a spec
     edit that drops one (the web console, the Redis bus) is said, with the line that keeps it."""
-    mine = packs_of(manifest)
+    mine = packs_in(manifest.src_outputs)
     line = ", ".join(sorted(mine)) or "none"
-    dropped = sorted(packs_of(parent) - mine) if parent else []
+    dropped = sorted(packs_in(parent.src_outputs) - mine) if parent else []
     if dropped:
         line += (f"; [yellow]dropped since {parent.version}: {', '.join(dropped)}[/] (to keep one, name it under "
                  "`packs:` in ecosystem.yaml, e.g. `console: {}` for Grace's web console, or bind a tool to it)")
