@@ -108,14 +108,24 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
                            "--pipeline", str(REPO / "pipelines" / "offline.toml")], capture_output=True, text=True, cwd=REPO)
     assert noop.returncode == 0 and "Up to date: notes 1.0.0" in noop.stderr, noop.stderr
     assert noop.stdout.strip() == "[]"
+    # The edits a new user makes: a requirement, and the web console the starter's ecosystem.yaml shows how to add.
     with (tmp_path / "spec" / "requirements.md").open("a") as f:
         f.write("4. **Audit.** Every secret read is recorded.\n")
+    ecosystem_yaml = tmp_path / "spec" / "ecosystem.yaml"
+    starter_lines = ecosystem_yaml.read_text()
+    assert "# packs:\n#   console: {}\n" in starter_lines
+    ecosystem_yaml.write_text(starter_lines.replace("# packs:\n#   console: {}\n", "packs:\n  console: {}\n"))
     second = regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
     assert second.version == "1.0.1" and Manifest.read(second.path).parent == "1.0.0"
+    # Its sandbox ran the console's own acceptance tests (sign-in, CSRF, escaping) against the served build.
+    assert second.manifest.sandbox.failed == 0 and second.manifest.sandbox.passed > first.manifest.sandbox.passed
+    assert (second.path / "src" / "notes" / "kernel" / "packs" / "console" / "pack.py").is_file()
+    assert "Open <http://127.0.0.1:8000/> for the web UI" in (second.path / "src" / "README.md").read_text()
     diff = subprocess.run(REGEN + ["diff", "notes@1.0.0", "notes@latest", "--out", str(out)], capture_output=True,
                           text=True, cwd=REPO)
     assert diff.returncode == 0, diff.stderr
-    assert "modified  spec/requirements.md" in diff.stdout
+    assert "modified  spec/requirements.md" in diff.stdout and "modified  spec/ecosystem.yaml" in diff.stdout
+    assert "src/notes/kernel/packs/console/pack.py" in diff.stdout
 
 
 def test_init_under_a_file_or_over_a_starter_path_that_is_in_the_way_is_refused(tmp_path):
