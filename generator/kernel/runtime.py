@@ -108,7 +108,6 @@ class MadSlot:
     mad: Mad
     state: str = "created"
     error: str = ""
-    started_at: str = ""
 
 
 BUILD_FILE = Path(__file__).resolve().parent.parent / "build.json"
@@ -124,14 +123,11 @@ def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if k in ("ecosystem", "version", "inputs_hash")} if isinstance(data, dict) else {}
 
 
-LIFECYCLES = ("persistent", "ephemeral")
-
-
 def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
     """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
     mads = list(mads)
     for cls in mads:  # first: a MAD of no known lifecycle is named as such, before what it makes others lack
-        if cls.lifecycle not in LIFECYCLES:
+        if cls.lifecycle not in ("persistent", "ephemeral"):
             raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
     roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
     for cls in mads:
@@ -236,7 +232,7 @@ class Runtime:
         for name in TopologicalSorter({n: PACKS[n].requires for n in sorted(with_required(owned))}).static_order():
             self.packs[name] = load(name)(PackContext(
                 ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
-                audit=self._audit, denied=self._denied, peer=self._peer_for(name), audit_entries=self.audit.since,
+                audit=self._audit, denied=self._denied, peer=functools.partial(self._peer, name), audit_entries=self.audit.since,
                 post=self._pack_post))
             self._impls.update(_implementations(self.packs[name]))  # all of capabilities.available: test_contract.py
         self.started_at = ""
@@ -248,15 +244,13 @@ class Runtime:
     def _prepare_storage(self) -> dict[str, dict[str, list[str]]]:
         """Create the MAD tables no migration made (packages without migrations), then check every one
         has the declared shape. Returns MAD -> table -> column names."""
-        tables: dict[str, dict[str, list[str]]] = {}
         for cls in self.config.mads:
-            mine = tables.setdefault(cls.name, {})
             for table in cls.storage:
-                name = ident(table["name"])
-                self.db.create_table(f"{cls.name}_{name}", table["columns"])
-                check_table(self.db, cls.name, f"{cls.name}_{name}", table["columns"])
-                mine[name] = [ident(c["name"]) for c in table["columns"]]
-        return tables
+                name = f"{cls.name}_{ident(table['name'])}"
+                self.db.create_table(name, table["columns"])
+                check_table(self.db, cls.name, name, table["columns"])
+        return {cls.name: {ident(t["name"]): [ident(c["name"]) for c in t["columns"]] for t in cls.storage}
+                for cls in self.config.mads}
 
     async def start(self) -> None:
         """Join conversations and start the persistent MADs in the configured order (their tables exist already);
@@ -271,18 +265,14 @@ class Runtime:
             self.slots[cls.name] = slot
             for title in cls.conversations:
                 mad.conversation_ids[title] = self.bus.ensure(title, cls.name)["id"]
-            await self._start_slot(slot)
+            try:
+                await self._run_on_start(slot)
+            except KernelError as exc:  # not fatal: reported (state "failed"), restarted with backoff
+                self.supervisor.start_failed(cls.name, exc)
         self.running = True
         # Last: deliveries a crash left pending run now, on MADs that are up.
         await self.transport.start(list(self.slots))
         log.info("ecosystem started", extra={"ecosystem": self.config.name, "mads": list(self.slots)})
-
-    async def _start_slot(self, slot: MadSlot) -> None:
-        """Start a MAD; one that fails to start is reported (state "failed") and restarted with backoff, not fatal."""
-        try:
-            await self._run_on_start(slot)
-        except KernelError as exc:  # the supervisor turns whatever on_start raised into one
-            self.supervisor.start_failed(slot.mad.name, exc)
 
     async def _run_on_start(self, slot: MadSlot) -> None:
         slot.state = "starting"
@@ -296,7 +286,6 @@ class Runtime:
             raise
         slot.state = "running"
         slot.error = ""
-        slot.started_at = now_iso()
 
     async def _restart_slot(self, name: str) -> None:
         """The supervisor's restart: stop the old instance (best effort), start a new one; raises if it fails to start."""
@@ -329,8 +318,7 @@ class Runtime:
         await self.drain()
         await self.transport.stop(max(0.0, self.supervisor.drain_deadline - time.monotonic()))
         await self.supervisor.close()
-        for name in reversed(list(self.slots)):
-            slot = self.slots[name]
+        for name, slot in reversed(self.slots.items()):
             if slot.state == "running":
                 try:
                     await self.supervisor.stop(name, slot.mad.on_stop)
@@ -397,7 +385,8 @@ class Runtime:
 
     def _kernel_for(self, name: str, task_conversation: str = "") -> Kernel:
         """The one handle MAD `name` gets (a persistent MAD, or an eMAD instance whose asks go to its task
-        conversation unless it names another): its name is fixed inside these closures, so it acts as itself only."""
+        conversation unless it names another): its name is fixed inside these closures and partials, so it acts as
+        itself only."""
 
         async def use(capability: str, **kwargs: Any) -> Any:
             return await self.use(capability, caller=name, **kwargs)
@@ -407,24 +396,18 @@ class Runtime:
             return await self.request(name, target, prose=prose, tool=tool, args=args,
                                       conversation_id=conversation_id or task_conversation)
 
-        async def spawn(role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
-            return await self.spawn(name, role, task, conversation_id)
-
         async def earlier_reports(limit: int = 20) -> list[dict[str, Any]]:
             return self.emads.reports(name, limit)
 
         role = self.emads.live.get(name, "")  # an instance's tables are its role's
-        return Kernel(use, ask, spawn, earlier_reports, OwnTables(self.table_store(role or name)),
+        return Kernel(use, ask, functools.partial(self.spawn, name), earlier_reports, OwnTables(self.table_store(role or name)),
                       instance=name if role else "")
 
-    def _peer_for(self, name: str) -> Callable[[str], Pack]:
-        """What pack `name` may reach of the others: only the packs it requires."""
-        def peer(other: str) -> Pack:
-            if other not in PACKS[name].requires or other not in self.packs:
-                raise KernelError(f"the {name!r} pack does not require the {other!r} pack")
-            return self.packs[other]
-
-        return peer
+    def _peer(self, name: str, other: str) -> Pack:
+        """Pack `other` as pack `name` may reach it: only a pack it requires."""
+        if other not in PACKS[name].requires or other not in self.packs:
+            raise KernelError(f"the {name!r} pack does not require the {other!r} pack")
+        return self.packs[other]
 
     def _pack_post(self, actor: str, title: str, content: str) -> dict[str, Any]:
         """A pack's post to the conversation titled `title` (made if missing), sent as `actor`."""
@@ -708,10 +691,8 @@ class Runtime:
     @implements("models.send")
     async def models_send(self, caller: str, model: str, prompt: str, max_tokens: int = 256) -> dict:
         mad = self._as_mad(caller)  # an eMAD spends its role's budget
-        accounts = [mad]
-        who = logs.principal.get()
-        if who.startswith("client:") and who != caller:
-            accounts.append(who)  # a client's request is charged to the client as well as to the MAD
+        who = self._on_behalf_of(caller)  # a client's request is charged to the client as well as to the MAD
+        accounts = [mad, who] if who.startswith("client:") else [mad]
         try:
             result = await self.models.send(accounts, model, prompt, max_tokens)
         except ModelError:
