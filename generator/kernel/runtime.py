@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -123,9 +123,8 @@ def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if k in ("ecosystem", "version", "inputs_hash")} if isinstance(data, dict) else {}
 
 
-def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
+def check_lifecycles(mads: Sequence[type[Mad]]) -> dict[str, type[Mad]]:
     """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
-    mads = list(mads)
     for cls in mads:  # first: a MAD of no known lifecycle is named as such, before what it makes others lack
         if cls.lifecycle not in ("persistent", "ephemeral"):
             raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
@@ -199,11 +198,10 @@ class Runtime:
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
                                             dispatch=self._deliver, claim_idle_s=claim_idle_s)
-        except KernelError:
+        except (KernelError, sqlite3.OperationalError) as exc:
             self.db.close()
-            raise
-        except sqlite3.OperationalError as exc:
-            self.db.close()
+            if isinstance(exc, KernelError):
+                raise
             raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc}): another "
                               "process may be upgrading it; retry when it has finished") from None
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
@@ -261,8 +259,7 @@ class Runtime:
             if cls.name not in self.serving:
                 continue  # another process of this ecosystem runs it; the shared bus reaches it
             mad = cls(self._kernels[cls.name])
-            slot = MadSlot(mad)
-            self.slots[cls.name] = slot
+            self.slots[cls.name] = slot = MadSlot(mad)
             for title in cls.conversations:
                 mad.conversation_ids[title] = self.bus.ensure(title, cls.name)["id"]
             try:
@@ -297,9 +294,8 @@ class Runtime:
                 await self.supervisor.stop(name, old.on_stop)
             except KernelError:
                 log.warning("MAD failed to stop before its restart", extra={"mad": name})
-        fresh = type(old)(self._kernels[name])
-        fresh.conversation_ids = dict(old.conversation_ids)
-        slot.mad = fresh
+        slot.mad = type(old)(self._kernels[name])
+        slot.mad.conversation_ids = dict(old.conversation_ids)
         await self._run_on_start(slot)
 
     async def drain(self) -> None:
@@ -586,13 +582,12 @@ class Runtime:
                 conversation_id = self.bus.ensure(f"{sender}->{target}", sender)["id"]
                 self.bus.join(conversation_id, target)
                 self._conversations[(sender, target)] = conversation_id
-        who = logs.principal.get()
-        if who and who != sender:
+        if who := self._on_behalf_of(sender):
             payload["on_behalf_of"] = who
         request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload,
                                     known_conversation=known)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
-        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), who, kind="producer",
+        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), logs.principal.get(), kind="producer",
                                       current=False)) as span:
             span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
             pending = await self.transport.submit(request, stored, want_reply=want_reply)
