@@ -149,14 +149,12 @@ class Mad:
 
     def conversation_id(self, title: str | None = None) -> str:
         """The id of a conversation this MAD joined at start (the first one when title is None)."""
-        if title is None:
-            if not self.conversation_ids:
-                raise NotFound(f"MAD {self.name!r} joined no conversation")
+        if title is None and self.conversation_ids:
             return next(iter(self.conversation_ids.values()))
-        try:
+        if title in self.conversation_ids:
             return self.conversation_ids[title]
-        except KeyError:
-            raise NotFound(f"MAD {self.name!r} did not join conversation {title!r}") from None
+        raise NotFound(f"MAD {self.name!r} joined no conversation" if title is None
+                       else f"MAD {self.name!r} did not join conversation {title!r}")
 
     @property
     def instance(self) -> str:

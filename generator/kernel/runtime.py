@@ -146,13 +146,11 @@ def check_lifecycles(mads: Sequence[type[Mad]]) -> dict[str, type[Mad]]:
 
 class NoRoles:
     """The eMADs of an ecosystem without roles, whose build has no emads pack: none live, none to spawn (a spawn
-    is refused before it gets here: no MAD may spawn a role that does not exist)."""
+    is refused before it gets here: no MAD may spawn a role that does not exist), none to count (the runtime
+    asks how many instances run only of a role)."""
 
     def __init__(self) -> None:
         self.live: dict[str, str] = {}
-
-    def running(self, role: str) -> int:
-        return 0
 
     def reports(self, instance: str, limit: int = 20) -> list[dict[str, Any]]:
         raise InvalidArgument(f"{instance!r} is no live eMAD: earlier_reports is for an instance of a role, and this "
@@ -735,22 +733,21 @@ class Runtime:
 
     @implements("ecosystem.status")
     async def ecosystem_status(self, caller: str) -> dict:
-        mads = []
-        probes = []
-        for name, slot in self.slots.items():
+        async def status_of(name: str, slot: MadSlot) -> dict[str, Any]:
             # state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py)
             entry: dict[str, Any] = {"name": name, **self.supervisor.health(name)}
             if slot.error:
                 entry["error"] = slot.error
             if slot.state == "running" and entry["breaker"] == "closed":  # a probe must not be an open breaker's trial
-                probes.append((entry, self.supervisor.probe(name, slot.mad.health)))
-            mads.append(entry)
-        for role, cls in self._roles.items():  # no slot and nothing to probe: its state is whether instances run
-            mads.append({"name": role, **self.supervisor.health(role), "lifecycle": "ephemeral",
-                         "instances": self.emads.running(role), "max_instances": cls.max_instances})
-        for (entry, _), report in zip(probes, await asyncio.gather(*(p for _, p in probes)), strict=True):
-            entry["health"] = report
-            entry["ok"] = entry["ok"] and report.get("ok") is not False
+                entry["health"] = await self.supervisor.probe(name, slot.mad.health)
+                entry["ok"] = entry["ok"] and entry["health"].get("ok") is not False
+            return entry
+
+        mads = await asyncio.gather(*(status_of(name, slot) for name, slot in self.slots.items()))
+        # A role has no slot and nothing to probe: its state is whether instances run.
+        mads += [{"name": role, **self.supervisor.health(role), "lifecycle": "ephemeral",
+                  "instances": self.emads.running(role), "max_instances": cls.max_instances}
+                 for role, cls in self._roles.items()]
         db_ok = self.db.healthy()
         draining = not self.supervisor.accepting
         healthy = self.running and not draining and db_ok and all(m["ok"] for m in mads)
