@@ -84,9 +84,8 @@ class Shape(BaseModel):
     @model_serializer(mode="wrap")
     def _absent_stays_absent(self, handler: Any) -> Any:
         data = handler(self)
-        for name, info in type(self).model_fields.items():
-            if not info.is_required() and name not in self.model_fields_set:
-                data.pop(name, None)
+        for name in type(self).model_fields.keys() - self.model_fields_set:  # a required field is always set
+            data.pop(name, None)
         return data
 
 

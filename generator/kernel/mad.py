@@ -244,17 +244,13 @@ def _tool_methods(cls: type[Mad]) -> dict[str, Callable[..., Any]]:
     return found
 
 
-@functools.cache
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(fn)
+_signature = functools.cache(inspect.signature)
 
 
 @functools.cache
 def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
     """The keyword names a tool takes and those it requires (any name, when it takes **kwargs: bind decides)."""
-    params = list(_signature(fn).parameters.values())[1:]
-    if any(p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) for p in params):
+    params = [p for p in list(_signature(fn).parameters.values())[1:] if p.kind is not p.VAR_POSITIONAL]
+    if any(p.kind in (p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params):
         return frozenset(), frozenset({"\0"})  # never the cheap path
-    names = frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
-    return names, frozenset(p.name for p in params if p.default is inspect.Parameter.empty
-                            and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    return frozenset(p.name for p in params), frozenset(p.name for p in params if p.default is p.empty)

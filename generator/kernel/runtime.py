@@ -228,8 +228,8 @@ class Runtime:
         for name in TopologicalSorter({n: PACKS[n].requires for n in sorted(with_required(owned))}).static_order():
             self.packs[name] = load(name)(PackContext(
                 ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
-                audit=self._audit, denied=self._denied, peer=functools.partial(self._peer, name), audit_entries=self.audit.since,
-                post=self._pack_post))
+                audit=self._audit, denied=self._denied, peer=functools.partial(self._peer, name),
+                audit_entries=self.audit.since, post=self._pack_post))
             self._impls.update(_implementations(self.packs[name]))  # all of capabilities.available: test_contract.py
         self.started_at = ""
         self._t0 = 0.0
@@ -394,8 +394,8 @@ class Runtime:
             return self.emads.reports(name, limit)
 
         role = self.emads.live.get(name, "")  # an instance's tables are its role's
-        return Kernel(use, ask, functools.partial(self.spawn, name), earlier_reports, OwnTables(self.table_store(role or name)),
-                      instance=name if role else "")
+        return Kernel(use, ask, functools.partial(self.spawn, name), earlier_reports,
+                      OwnTables(self.table_store(role or name)), instance=name if role else "")
 
     def _peer(self, name: str, other: str) -> Pack:
         """Pack `other` as pack `name` may reach it: only a pack it requires."""
@@ -585,8 +585,8 @@ class Runtime:
         request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload,
                                     known_conversation=known)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
-        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), logs.principal.get(), kind="producer",
-                                      current=False)) as span:
+        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), logs.principal.get(),
+                                      kind="producer", current=False)) as span:
             span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
             pending = await self.transport.submit(request, stored, want_reply=want_reply)
         self.metrics.message(self._as_mad(sender), "request")
@@ -761,13 +761,12 @@ class Runtime:
     async def ecosystem_mads(self, caller: str) -> list[dict]:
         out = []
         for cls in self.config.mads:
-            slot = self.slots.get(cls.name)
             is_role = cls.name in self._roles
             entry = {"name": cls.name, "role": cls.role, "level": cls.level, "lifecycle": cls.lifecycle,
-                     "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
+                     "state": self._slot_state(cls.name) if is_role or cls.name in self.slots else "stopped",
                      "conversations": list(cls.conversations), "talks_to": list(cls.talks_to), "owns": list(cls.owns),
                      "budget_tokens": cls.budget_tokens,
-                     "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
+                     "tools": [] if is_role else [f"{cls.name}.{t}" for t in cls.tool_methods()],  # a role's are not served
                      "spawns": list(cls.spawns)}
             if is_role:
                 entry.update(max_instances=cls.max_instances, instances=self.emads.running(cls.name))
