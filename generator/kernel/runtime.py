@@ -379,8 +379,8 @@ class Runtime:
 
     def _kernel_for(self, name: str, task_conversation: str = "") -> Kernel:
         """The one handle MAD `name` gets (a persistent MAD, or an eMAD instance whose asks go to its task
-        conversation unless it names another): its name is fixed inside these closures and partials, so it acts as
-        itself only."""
+        conversation unless it names another): its name is fixed inside these closures, so it acts as itself only.
+        Closures, not functools.partial: a partial's `.func.__self__` would hand a MAD the runtime itself."""
 
         async def use(capability: str, **kwargs: Any) -> Any:
             return await self.use(capability, caller=name, **kwargs)
@@ -390,12 +390,15 @@ class Runtime:
             return await self.request(name, target, prose=prose, tool=tool, args=args,
                                       conversation_id=conversation_id or task_conversation)
 
+        async def spawn(role: str, task: str, conversation_id: str = "") -> dict[str, Any]:
+            return await self.spawn(name, role, task, conversation_id)
+
         async def earlier_reports(limit: int = 20) -> list[dict[str, Any]]:
             return self.emads.reports(name, limit)
 
         role = self.emads.live.get(name, "")  # an instance's tables are its role's
-        return Kernel(use, ask, functools.partial(self.spawn, name), earlier_reports,
-                      OwnTables(self.table_store(role or name)), instance=name if role else "")
+        return Kernel(use, ask, spawn, earlier_reports, OwnTables(self.table_store(role or name)),
+                      instance=name if role else "")
 
     def _peer(self, name: str, other: str) -> Pack:
         """Pack `other` as pack `name` may reach it: only a pack it requires."""
