@@ -84,9 +84,8 @@ class Shape(BaseModel):
     @model_serializer(mode="wrap")
     def _absent_stays_absent(self, handler: Any) -> Any:
         data = handler(self)
-        for name, info in type(self).model_fields.items():
-            if not info.is_required() and name not in self.model_fields_set:
-                data.pop(name, None)
+        for name in type(self).model_fields.keys() - self.model_fields_set:  # a required field is always set
+            data.pop(name, None)
         return data
 
 
@@ -367,14 +366,8 @@ def packs_for(capability_names: Iterable[str], named: Iterable[str], has_roles: 
 
 def with_required(packs: Iterable[str]) -> frozenset[str]:
     """These packs and every pack they require, transitively (names not in PACKS are dropped)."""
-    found: set[str] = set()
-    todo = [p for p in packs if p in PACKS]
-    while todo:
-        name = todo.pop()
-        if name not in found:
-            found.add(name)
-            todo.extend(PACKS[name].requires)
-    return frozenset(found)
+    chosen = frozenset(p for p in packs if p in PACKS)
+    return chosen.union(*(with_required(PACKS[p].requires) for p in chosen))  # no pack requires itself, even indirectly
 
 
 def available(packs: Iterable[str]) -> dict[str, Capability]:

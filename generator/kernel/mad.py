@@ -149,14 +149,12 @@ class Mad:
 
     def conversation_id(self, title: str | None = None) -> str:
         """The id of a conversation this MAD joined at start (the first one when title is None)."""
-        if title is None:
-            if not self.conversation_ids:
-                raise NotFound(f"MAD {self.name!r} joined no conversation")
+        if title is None and self.conversation_ids:
             return next(iter(self.conversation_ids.values()))
-        try:
+        if title in self.conversation_ids:
             return self.conversation_ids[title]
-        except KeyError:
-            raise NotFound(f"MAD {self.name!r} did not join conversation {title!r}") from None
+        raise NotFound(f"MAD {self.name!r} joined no conversation" if title is None
+                       else f"MAD {self.name!r} did not join conversation {title!r}")
 
     @property
     def instance(self) -> str:
@@ -246,17 +244,13 @@ def _tool_methods(cls: type[Mad]) -> dict[str, Callable[..., Any]]:
     return found
 
 
-@functools.cache
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(fn)
+_signature = functools.cache(inspect.signature)
 
 
 @functools.cache
 def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
     """The keyword names a tool takes and those it requires (any name, when it takes **kwargs: bind decides)."""
-    params = list(_signature(fn).parameters.values())[1:]
-    if any(p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) for p in params):
+    params = [p for p in list(_signature(fn).parameters.values())[1:] if p.kind is not p.VAR_POSITIONAL]
+    if any(p.kind in (p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params):
         return frozenset(), frozenset({"\0"})  # never the cheap path
-    names = frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
-    return names, frozenset(p.name for p in params if p.default is inspect.Parameter.empty
-                            and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    return frozenset(p.name for p in params), frozenset(p.name for p in params if p.default is p.empty)

@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -108,7 +108,6 @@ class MadSlot:
     mad: Mad
     state: str = "created"
     error: str = ""
-    started_at: str = ""
 
 
 BUILD_FILE = Path(__file__).resolve().parent.parent / "build.json"
@@ -124,14 +123,10 @@ def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if k in ("ecosystem", "version", "inputs_hash")} if isinstance(data, dict) else {}
 
 
-LIFECYCLES = ("persistent", "ephemeral")
-
-
-def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
+def check_lifecycles(mads: Sequence[type[Mad]]) -> dict[str, type[Mad]]:
     """The roles among `mads` (name -> class), once their eMAD attributes and every MAD's `spawns` are checked."""
-    mads = list(mads)
     for cls in mads:  # first: a MAD of no known lifecycle is named as such, before what it makes others lack
-        if cls.lifecycle not in LIFECYCLES:
+        if cls.lifecycle not in ("persistent", "ephemeral"):
             raise InvalidArgument(f"MAD {cls.name!r}: lifecycle must be 'persistent' or 'ephemeral', not {cls.lifecycle!r}")
     roles = {cls.name: cls for cls in mads if cls.lifecycle == "ephemeral"}
     for cls in mads:
@@ -151,13 +146,11 @@ def check_lifecycles(mads: Iterable[type[Mad]]) -> dict[str, type[Mad]]:
 
 class NoRoles:
     """The eMADs of an ecosystem without roles, whose build has no emads pack: none live, none to spawn (a spawn
-    is refused before it gets here: no MAD may spawn a role that does not exist)."""
+    is refused before it gets here: no MAD may spawn a role that does not exist), none to count (the runtime
+    asks how many instances run only of a role)."""
 
     def __init__(self) -> None:
         self.live: dict[str, str] = {}
-
-    def running(self, role: str) -> int:
-        return 0
 
     def reports(self, instance: str, limit: int = 20) -> list[dict[str, Any]]:
         raise InvalidArgument(f"{instance!r} is no live eMAD: earlier_reports is for an instance of a role, and this "
@@ -203,11 +196,10 @@ class Runtime:
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
                                             dispatch=self._deliver, claim_idle_s=claim_idle_s)
-        except KernelError:
+        except (KernelError, sqlite3.OperationalError) as exc:
             self.db.close()
-            raise
-        except sqlite3.OperationalError as exc:
-            self.db.close()
+            if isinstance(exc, KernelError):
+                raise
             raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc}): another "
                               "process may be upgrading it; retry when it has finished") from None
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
@@ -236,8 +228,8 @@ class Runtime:
         for name in TopologicalSorter({n: PACKS[n].requires for n in sorted(with_required(owned))}).static_order():
             self.packs[name] = load(name)(PackContext(
                 ecosystem=config.name, folder=self.state_dir / name, settings=dict(config.pack_settings.get(name, {})),
-                audit=self._audit, denied=self._denied, peer=self._peer_for(name), audit_entries=self.audit.since,
-                post=self._pack_post))
+                audit=self._audit, denied=self._denied, peer=functools.partial(self._peer, name),
+                audit_entries=self.audit.since, post=self._pack_post))
             self._impls.update(_implementations(self.packs[name]))  # all of capabilities.available: test_contract.py
         self.started_at = ""
         self._t0 = 0.0
@@ -248,15 +240,13 @@ class Runtime:
     def _prepare_storage(self) -> dict[str, dict[str, list[str]]]:
         """Create the MAD tables no migration made (packages without migrations), then check every one
         has the declared shape. Returns MAD -> table -> column names."""
-        tables: dict[str, dict[str, list[str]]] = {}
         for cls in self.config.mads:
-            mine = tables.setdefault(cls.name, {})
             for table in cls.storage:
-                name = ident(table["name"])
-                self.db.create_table(f"{cls.name}_{name}", table["columns"])
-                check_table(self.db, cls.name, f"{cls.name}_{name}", table["columns"])
-                mine[name] = [ident(c["name"]) for c in table["columns"]]
-        return tables
+                name = f"{cls.name}_{ident(table['name'])}"
+                self.db.create_table(name, table["columns"])
+                check_table(self.db, cls.name, name, table["columns"])
+        return {cls.name: {ident(t["name"]): [ident(c["name"]) for c in t["columns"]] for t in cls.storage}
+                for cls in self.config.mads}
 
     async def start(self) -> None:
         """Join conversations and start the persistent MADs in the configured order (their tables exist already);
@@ -267,22 +257,17 @@ class Runtime:
             if cls.name not in self.serving:
                 continue  # another process of this ecosystem runs it; the shared bus reaches it
             mad = cls(self._kernels[cls.name])
-            slot = MadSlot(mad)
-            self.slots[cls.name] = slot
+            self.slots[cls.name] = slot = MadSlot(mad)
             for title in cls.conversations:
                 mad.conversation_ids[title] = self.bus.ensure(title, cls.name)["id"]
-            await self._start_slot(slot)
+            try:
+                await self._run_on_start(slot)
+            except KernelError as exc:  # not fatal: reported (state "failed"), restarted with backoff
+                self.supervisor.start_failed(cls.name, exc)
         self.running = True
         # Last: deliveries a crash left pending run now, on MADs that are up.
         await self.transport.start(list(self.slots))
         log.info("ecosystem started", extra={"ecosystem": self.config.name, "mads": list(self.slots)})
-
-    async def _start_slot(self, slot: MadSlot) -> None:
-        """Start a MAD; one that fails to start is reported (state "failed") and restarted with backoff, not fatal."""
-        try:
-            await self._run_on_start(slot)
-        except KernelError as exc:  # the supervisor turns whatever on_start raised into one
-            self.supervisor.start_failed(slot.mad.name, exc)
 
     async def _run_on_start(self, slot: MadSlot) -> None:
         slot.state = "starting"
@@ -296,7 +281,6 @@ class Runtime:
             raise
         slot.state = "running"
         slot.error = ""
-        slot.started_at = now_iso()
 
     async def _restart_slot(self, name: str) -> None:
         """The supervisor's restart: stop the old instance (best effort), start a new one; raises if it fails to start."""
@@ -308,9 +292,8 @@ class Runtime:
                 await self.supervisor.stop(name, old.on_stop)
             except KernelError:
                 log.warning("MAD failed to stop before its restart", extra={"mad": name})
-        fresh = type(old)(self._kernels[name])
-        fresh.conversation_ids = dict(old.conversation_ids)
-        slot.mad = fresh
+        slot.mad = type(old)(self._kernels[name])
+        slot.mad.conversation_ids = dict(old.conversation_ids)
         await self._run_on_start(slot)
 
     async def drain(self) -> None:
@@ -329,8 +312,7 @@ class Runtime:
         await self.drain()
         await self.transport.stop(max(0.0, self.supervisor.drain_deadline - time.monotonic()))
         await self.supervisor.close()
-        for name in reversed(list(self.slots)):
-            slot = self.slots[name]
+        for name, slot in reversed(self.slots.items()):
             if slot.state == "running":
                 try:
                     await self.supervisor.stop(name, slot.mad.on_stop)
@@ -397,7 +379,8 @@ class Runtime:
 
     def _kernel_for(self, name: str, task_conversation: str = "") -> Kernel:
         """The one handle MAD `name` gets (a persistent MAD, or an eMAD instance whose asks go to its task
-        conversation unless it names another): its name is fixed inside these closures, so it acts as itself only."""
+        conversation unless it names another): its name is fixed inside these closures, so it acts as itself only.
+        Closures, not functools.partial: a partial's `.func.__self__` would hand a MAD the runtime itself."""
 
         async def use(capability: str, **kwargs: Any) -> Any:
             return await self.use(capability, caller=name, **kwargs)
@@ -417,14 +400,11 @@ class Runtime:
         return Kernel(use, ask, spawn, earlier_reports, OwnTables(self.table_store(role or name)),
                       instance=name if role else "")
 
-    def _peer_for(self, name: str) -> Callable[[str], Pack]:
-        """What pack `name` may reach of the others: only the packs it requires."""
-        def peer(other: str) -> Pack:
-            if other not in PACKS[name].requires or other not in self.packs:
-                raise KernelError(f"the {name!r} pack does not require the {other!r} pack")
-            return self.packs[other]
-
-        return peer
+    def _peer(self, name: str, other: str) -> Pack:
+        """Pack `other` as pack `name` may reach it: only a pack it requires."""
+        if other not in PACKS[name].requires or other not in self.packs:
+            raise KernelError(f"the {name!r} pack does not require the {other!r} pack")
+        return self.packs[other]
 
     def _pack_post(self, actor: str, title: str, content: str) -> dict[str, Any]:
         """A pack's post to the conversation titled `title` (made if missing), sent as `actor`."""
@@ -603,14 +583,13 @@ class Runtime:
                 conversation_id = self.bus.ensure(f"{sender}->{target}", sender)["id"]
                 self.bus.join(conversation_id, target)
                 self._conversations[(sender, target)] = conversation_id
-        who = logs.principal.get()
-        if who and who != sender:
+        if who := self._on_behalf_of(sender):
             payload["on_behalf_of"] = who
         request = self.bus.envelope(conversation_id, sender, prose, "request", logs.correlation_id.get(), payload,
                                     known_conversation=known)
         stored = redact(payload)  # what is persisted; the receiver gets the real arguments
-        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), who, kind="producer",
-                                      current=False)) as span:
+        with tracing.ending(_bus_span("send", request, target, payload.get("tool"), logs.principal.get(),
+                                      kind="producer", current=False)) as span:
             span.inject(request.payload)  # the trace goes on with the delivery, wherever it runs; not into the history
             pending = await self.transport.submit(request, stored, want_reply=want_reply)
         self.metrics.message(self._as_mad(sender), "request")
@@ -708,10 +687,8 @@ class Runtime:
     @implements("models.send")
     async def models_send(self, caller: str, model: str, prompt: str, max_tokens: int = 256) -> dict:
         mad = self._as_mad(caller)  # an eMAD spends its role's budget
-        accounts = [mad]
-        who = logs.principal.get()
-        if who.startswith("client:") and who != caller:
-            accounts.append(who)  # a client's request is charged to the client as well as to the MAD
+        who = self._on_behalf_of(caller)  # a client's request is charged to the client as well as to the MAD
+        accounts = [mad, who] if who.startswith("client:") else [mad]
         try:
             result = await self.models.send(accounts, model, prompt, max_tokens)
         except ModelError:
@@ -759,22 +736,21 @@ class Runtime:
 
     @implements("ecosystem.status")
     async def ecosystem_status(self, caller: str) -> dict:
-        mads = []
-        probes = []
-        for name, slot in self.slots.items():
+        async def status_of(name: str, slot: MadSlot) -> dict[str, Any]:
             # state, ok, breaker, failures, restarts, in_flight, leaked, last_error (kernel/supervisor.py)
             entry: dict[str, Any] = {"name": name, **self.supervisor.health(name)}
             if slot.error:
                 entry["error"] = slot.error
             if slot.state == "running" and entry["breaker"] == "closed":  # a probe must not be an open breaker's trial
-                probes.append((entry, self.supervisor.probe(name, slot.mad.health)))
-            mads.append(entry)
-        for role, cls in self._roles.items():  # no slot and nothing to probe: its state is whether instances run
-            mads.append({"name": role, **self.supervisor.health(role), "lifecycle": "ephemeral",
-                         "instances": self.emads.running(role), "max_instances": cls.max_instances})
-        for (entry, _), report in zip(probes, await asyncio.gather(*(p for _, p in probes)), strict=True):
-            entry["health"] = report
-            entry["ok"] = entry["ok"] and report.get("ok") is not False
+                entry["health"] = await self.supervisor.probe(name, slot.mad.health)
+                entry["ok"] = entry["ok"] and entry["health"].get("ok") is not False
+            return entry
+
+        mads = await asyncio.gather(*(status_of(name, slot) for name, slot in self.slots.items()))
+        # A role has no slot and nothing to probe: its state is whether instances run.
+        mads += [{"name": role, **self.supervisor.health(role), "lifecycle": "ephemeral",
+                  "instances": self.emads.running(role), "max_instances": cls.max_instances}
+                 for role, cls in self._roles.items()]
         db_ok = self.db.healthy()
         draining = not self.supervisor.accepting
         healthy = self.running and not draining and db_ok and all(m["ok"] for m in mads)
@@ -788,13 +764,12 @@ class Runtime:
     async def ecosystem_mads(self, caller: str) -> list[dict]:
         out = []
         for cls in self.config.mads:
-            slot = self.slots.get(cls.name)
             is_role = cls.name in self._roles
             entry = {"name": cls.name, "role": cls.role, "level": cls.level, "lifecycle": cls.lifecycle,
-                     "state": self._slot_state(cls.name) if is_role else slot.state if slot else "stopped",
+                     "state": self._slot_state(cls.name) if is_role or cls.name in self.slots else "stopped",
                      "conversations": list(cls.conversations), "talks_to": list(cls.talks_to), "owns": list(cls.owns),
                      "budget_tokens": cls.budget_tokens,
-                     "tools": [] if is_role else [t["qualified_name"] for t in cls.tools()],  # a role's are not served
+                     "tools": [] if is_role else [f"{cls.name}.{t}" for t in cls.tool_methods()],  # a role's are not served
                      "spawns": list(cls.spawns)}
             if is_role:
                 entry.update(max_instances=cls.max_instances, instances=self.emads.running(cls.name))
