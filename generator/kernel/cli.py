@@ -32,10 +32,9 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     state = argparse.ArgumentParser(add_help=False)  # the option of every command that works on a state directory
     state.add_argument("--state", required=True, type=Path, help="the ecosystem's state directory")
 
-    serve = sub.add_parser("serve", help="run the ecosystem: MCP gateway at /mcp, Grace at /, /healthz")
+    serve = sub.add_parser("serve", parents=[state], help="run the ecosystem: MCP gateway at /mcp, Grace at /, /healthz")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--state", required=True, type=Path, help="state directory (database, keys, tokens)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
                        help="on SIGTERM, how long calls in flight get to finish before the MADs stop (default 20)")
@@ -60,8 +59,7 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
                             "(/v1/traces is appended); default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else "
                             "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces")
 
-    bus = sub.add_parser("bus", help="the bus shared by several processes (Redis): status, forget, send")
-    bus_sub = bus.add_subparsers(dest="bus_command", required=True)
+    bus_sub = _group(sub, "bus", "the bus shared by several processes (Redis): status, forget, send")
     status = bus_sub.add_parser("status", help="per MAD: entries queued and pending, requests added and deliveries "
                                                "taken over, and each consumer (process) with its pending entries, "
                                                "idle time and whether it is alive; JSON on stdout")
@@ -91,8 +89,7 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     token.add_argument("--allow", action="append", default=None,
                        help="tool pattern this token may call (fnmatch over <mad>.<tool>; repeatable; default '*')")
 
-    clients = sub.add_parser("clients", help="MCP clients: add (prints the token once), list, revoke")
-    clients_sub = clients.add_subparsers(dest="clients_command", required=True)
+    clients_sub = _group(sub, "clients", "MCP clients: add (prints the token once), list, revoke")
     add = clients_sub.add_parser("add", parents=[state], help="add a client and print its bearer token, once")
     add.add_argument("name")
     add.add_argument("--allow", action="append", required=True, metavar="PATTERN",
@@ -113,21 +110,21 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
                                     help="revoke a client: running servers refuse its token from the next request")
     revoke.add_argument("name")
 
-    audit = sub.add_parser("audit", help="the hash-chained audit log")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", parents=[state],
-                                  help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
+    verify = _group(sub, "audit", "the hash-chained audit log").add_parser(
+        "verify", parents=[state], help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
     verify.add_argument("--anchor", type=Path, metavar="FILE",
                         help="a copy of audit-anchor.json kept elsewhere: its entry must still be in the chain, unchanged "
                              "(detects deleted newest entries, which leave a valid chain); default: the state's own")
 
-    secrets = sub.add_parser("secrets", help="the secrets store")
-    secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
-    secrets_sub.add_parser("rotate-key", parents=[state],
-                           help="re-encrypt every secret under a new key; with the key in the environment, the new key "
-                                "is written to <state>/keys/secrets.key.new (0600) for you to put there (stop the "
-                                "ecosystem first)")
+    _group(sub, "secrets", "the secrets store").add_parser(
+        "rotate-key", parents=[state], help="re-encrypt every secret under a new key; with the key in the environment, "
+        "the new key is written to <state>/keys/secrets.key.new (0600) for you to put there (stop the ecosystem first)")
     return parser
+
+
+def _group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A command with subcommands of its own (`<name> <subcommand>`, read back as args.<name>_command)."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
 
 
 def _names(text: str) -> list[str]:

@@ -219,18 +219,16 @@ class SecretsManager:
             return
         with self.keys.rotation_lock():  # waits for a rotation under way in another process to end
             nxt = self.keys.pending()
-            if nxt is not None:
-                self._settle(nxt)
-
-    def _settle(self, nxt: bytes) -> None:
-        nid = key_id(nxt)
-        if self._recorded_key_id() == nid:  # the re-encryption committed; only the rename is missing
-            outcome = f"finished: key {nid} moved to {self.keys.commit().name}"
-        else:  # it never committed: the old key still seals everything
-            self.keys.discard()
-            outcome = f"rolled back: key {nid} discarded"
-        self._audit.append("kernel", "secrets.rotate_key.recovered", "*", True, outcome)
-        log.warning("interrupted key rotation settled", extra={"key_id": nid, "outcome": outcome})
+            if nxt is None:  # that rotation settled it
+                return
+            nid = key_id(nxt)
+            if self._recorded_key_id() == nid:  # the re-encryption committed; only the rename is missing
+                outcome = f"finished: key {nid} moved to {self.keys.commit().name}"
+            else:  # it never committed: the old key still seals everything
+                self.keys.discard()
+                outcome = f"rolled back: key {nid} discarded"
+            self._audit.append("kernel", "secrets.rotate_key.recovered", "*", True, outcome)
+            log.warning("interrupted key rotation settled", extra={"key_id": nid, "outcome": outcome})
 
     def _adopt(self, kid: str) -> None:
         """Record the key id on first start (labelling older ciphertexts), and refuse a key that is not the state's."""

@@ -483,14 +483,9 @@ class _Rest(collections.abc.Coroutine):
             return self._yielded
         return self._coro.send(value)
 
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+    def throw(self, *exc: Any) -> Any:  # close() is Coroutine's: it throws GeneratorExit in through here
         self._handed = True
-        if val is None and tb is None:
-            return self._coro.throw(typ)
-        return self._coro.throw(typ, val, tb)  # pragma: no cover - the old three-argument form
-
-    def close(self) -> None:
-        self._coro.close()
+        return self._coro.throw(*exc)
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return (yield from self._coro.__await__())  # pragma: no cover - tasks drive it by send and throw

@@ -130,7 +130,7 @@ def test_search_sees_every_message_though_the_index_is_kept_in_batches(eco_modul
 
 
 def test_ids_are_time_ordered_and_unique_and_a_forked_child_draws_other_random_bits(eco_modules):
-    """Envelope ids come from a buffer of os.urandom bytes: a forked child must not reuse the parent's."""
+    """Envelope ids draw their random bits from os.urandom: a forked child never repeats the parent's."""
     import importlib
     import os
     import re
