@@ -22,7 +22,7 @@ from .hashing import files_under, json_hash
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
 # The kernel classes generated code programs against, by source file.
-API_CLASSES = (("mad.py", "Mad"), ("db.py", "TableStore"))
+API_CLASSES = (("mad.py", "Mad"), ("packs/storage/pack.py", "TableStore"))
 # What the kernel itself imports at run time, pinned: a spec must list these among its dependencies.
 RUNTIME_DEPENDENCIES = (
     "mcp==2.3.0",

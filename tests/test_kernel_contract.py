@@ -239,9 +239,11 @@ def test_a_pack_s_catalogue_imports_none_of_its_libraries(pack):
 def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
     from generator.kernel.capabilities import CAPABILITIES, PACKS, available
 
-    kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind} for kind in ("capabilities", "deployment", "roles")}
+    kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind}
+             for kind in ("capabilities", "deployment", "roles", "storage")}
     assert kinds["capabilities"] == {c.pack for c in CAPABILITIES.values() if c.pack}
-    assert kinds["deployment"] == {"redis", "tracing", "console"} and kinds["roles"] == {"emads"}  # no capabilities
+    assert kinds["deployment"] == {"redis", "tracing", "console"}  # none of these three has a capability
+    assert kinds["roles"] == {"emads"} and kinds["storage"] == {"storage"}
     assert sum(map(len, kinds.values())) == len(PACKS)
     assert not [c for c in available(()).values() if c.pack]
     assert {c.name for c in available({"files"}).values() if c.pack} == {

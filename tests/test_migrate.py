@@ -13,7 +13,8 @@ import pytest
 from generator.artifact.migrate import existing_migrations, migration_files, plan_migrations, schema_of
 from generator.errors import SpecError
 from generator.kernel.db import Database
-from generator.kernel.migrations import Migration, apply_migrations, check_table, load_migrations
+from generator.kernel.packs.storage.migrations import Migration, apply_migrations, load_migrations
+from generator.kernel.packs.storage.pack import check_table, table_ddl
 from generator.spec.load import load_spec
 from generator.spec.model import Spec
 
@@ -218,7 +219,7 @@ def test_a_parent_from_before_migrations_gets_a_baseline_that_keeps_its_tables(s
     migrations = plan_migrations(schema_of(spec), schema_of(spec), spec, [])
     assert [m.name for m in migrations] == ["create table grace_sessions"]
     db = Database(tmp_path / "state" / "ecosystem.db")
-    db.create_table("grace_sessions", schema_of(spec)["grace"]["sessions"])
+    db.execute(table_ddl("grace_sessions", schema_of(spec)["grace"]["sessions"]))
     db.execute("INSERT INTO grace_sessions (id) VALUES ('kept')")
     apply_migrations(db, migrations)
     assert [r["id"] for r in sessions(db)] == ["kept"]

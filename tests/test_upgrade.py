@@ -15,7 +15,7 @@ from archive import ARCHIVE, NEWEST, PARENT
 
 from generator.artifact.migrate import migration_files, plan_migrations, schema_of
 from generator.config import SandboxSettings
-from generator.kernel.migrations import Migration
+from generator.kernel.packs.storage.migrations import Migration
 from generator.kernel_contract import kernel_files
 from generator.sandbox.run import available_level
 from generator.sandbox.upgrade import capability_tools, run_upgrade_test

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildFailed, SpecError, SpecProblem
-from ..kernel.db import declared_shape, table_ddl
 from ..kernel.errors import KernelError
-from ..kernel.migrations import Migration, load_migrations
+from ..kernel.packs.storage.migrations import Migration, load_migrations
+from ..kernel.packs.storage.pack import declared_shape, table_ddl
 from ..spec.load import problem_at
 from ..spec.model import Spec
 

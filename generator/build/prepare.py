@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the stages import these when they run: the up-to-date answe
     from ..artifact.archived import Archive
     from ..artifact.manifest import BumpRecord
     from ..artifact.sign import SigningKey
-    from ..kernel.migrations import Migration
+    from ..kernel.packs.storage.migrations import Migration
     from ..senior.cache import ResponseCache
     from ..senior.carry import Carried
     from ..senior.models import ModelClient, ModelRequest
@@ -155,7 +155,8 @@ def plan_units(ctx: BuildContext, given: Given) -> Planned:
         plan=plan, overrides=load_overrides(ctx.options.spec_dir, plan.package), requests=requests,
         inputs={u.name: unit_inputs(spec, plan, pipeline, u, requests[u.name], given.fingerprint.compiler)
                 for u in plan.units},
-        migrations=migrations, migration_base=base, packs=spec.packs,
+        # A storage history outlives the last table it made: the pack that brings a state to it stays with it.
+        migrations=migrations, migration_base=base, packs=spec.packs | ({"storage"} if migrations else set()),
     )
 
 

@@ -1,4 +1,5 @@
-"""The ecosystem's single SQLite database (WAL mode), shared by the bus, secrets, budgets and MAD storage.
+"""The ecosystem's single SQLite database (WAL mode), shared by the bus, secrets, budgets and the MADs' own
+tables (the storage pack).
 
 Calls are synchronous and short; one lock serialises them so the connection can be used
 from the event loop and from worker threads alike.
@@ -20,7 +21,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,14 +32,6 @@ T = TypeVar("T")
 SharedWrite = tuple[Callable[..., Any], Callable[..., Any] | None, asyncio.Future[Any], str]
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-
-# A spec'd column type -> the SQL type it is stored as.
-_COLUMN_TYPES = {
-    name: sql
-    for sql, names in {"INTEGER": "integer int bool boolean", "TEXT": "text str string json timestamp datetime",
-                       "REAL": "real float", "BLOB": "blob bytes"}.items()
-    for name in names.split()
-}
 
 
 def ident(name: str) -> str:
@@ -300,106 +293,12 @@ class Database:
                     os.close(self._wal_fd)
                     self._wal_fd = None
 
-    # ---- MAD storage -------------------------------------------------------------------------
-
-    def create_table(self, table: str, columns: Sequence[dict[str, Any]]) -> None:
-        """Create a MAD table from its spec'd columns unless it exists (migrations change existing ones)."""
-        self.execute(table_ddl(table, columns))
-
     def table_shape(self, table: str) -> dict[str, tuple[str, bool, int]]:
         """The columns of `table` as stored: name -> (SQL type, NOT NULL, position in the primary key)."""
         with self._lock:
-            return _shape(self._conn, table)
+            return stored_shape(self._conn, table)
 
 
-def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: bool = True) -> str:
-    """CREATE TABLE from a spec'd column list ({name, type, primary_key, nullable}).
-
-    Shared by the kernel (tables of packages without migrations) and the compiler (migrations),
-    so a table created either way is the same table.
-    """
-    ident(table)
-    if not columns:
-        raise InvalidArgument(f"table {table!r} has no columns")
-    pks = [c for c in columns if c.get("primary_key")]
-    parts = []
-    for col in columns:
-        col_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
-        if col_type is None:
-            raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type', 'text')!r}")
-        part = f"{ident(col['name'])} {col_type}"
-        single_pk = len(pks) == 1 and col.get("primary_key")
-        if single_pk:
-            part += " PRIMARY KEY"
-        # An INTEGER PRIMARY KEY is the rowid: never NULL, SQLite assigns it.
-        if not col.get("nullable", True) and not (single_pk and col_type == "INTEGER"):
-            part += " NOT NULL"
-        parts.append(part)
-    if len(pks) > 1:
-        parts.append(f"PRIMARY KEY ({', '.join(ident(c['name']) for c in pks)})")
-    return f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ({', '.join(parts)})"
-
-
-def declared_shape(table: str, columns: Sequence[dict[str, Any]]) -> dict[str, tuple[str, bool, int]]:
-    """The shape `table_ddl` gives these columns, read back from a scratch in-memory table."""
-    with closing(sqlite3.connect(":memory:")) as scratch:
-        scratch.execute(table_ddl(table, columns))
-        return _shape(scratch, table)
-
-
-def _shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
+def stored_shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
     rows = conn.execute(f"PRAGMA table_info({ident(table)})").fetchall()
     return {row[1]: (str(row[2]).upper(), bool(row[3]), int(row[5])) for row in rows}
-
-
-class TableStore:
-    """A MAD's view of its own tables (`<mad>_<table>`): simple CRUD with validated identifiers."""
-
-    def __init__(self, db: Database, mad: str, tables: dict[str, list[str]]):
-        self._db = db
-        self._mad = mad
-        self._tables = tables  # short name -> column names
-
-    def table_name(self, table: str) -> str:
-        if table not in self._tables:
-            raise InvalidArgument(f"MAD {self._mad!r} has no table {table!r}; it has {sorted(self._tables)}")
-        return f"{self._mad}_{table}"
-
-    def _columns(self, table: str, names: Sequence[str]) -> list[str]:
-        unknown = [name for name in names if name not in self._tables[table]]
-        if unknown:
-            raise InvalidArgument(f"table {table!r} has no column {unknown[0]!r}")
-        return list(names)
-
-    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
-        """The table's full name, `col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
-        full, cols = self.table_name(table), self._columns(table, list(where))
-        return full, " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
-
-    def insert(self, table: str, **values: Any) -> int:
-        full = self.table_name(table)
-        cols = self._columns(table, list(values))
-        into = f"({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})" if cols else "DEFAULT VALUES"
-        return int(self._db.execute(f"INSERT INTO {full} {into}", [values[c] for c in cols]).lastrowid or 0)
-
-    def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
-        full, clause, params = self._where(table, where)
-        order_col = order_by.lstrip("-")
-        if order_col != "rowid":
-            self._columns(table, [order_col])
-        direction = "DESC" if order_by.startswith("-") else "ASC"
-        return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
-                              [*params, max(0, int(limit))])
-
-    def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
-        full, clause, params = self._where(table, where)
-        vcols = self._columns(table, list(values))
-        if not vcols:
-            return 0
-        sets = ", ".join(f"{c} = ?" for c in vcols)
-        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}",
-                                [*(values[c] for c in vcols), *params]).rowcount
-
-    def delete(self, table: str, **where: Any) -> int:
-        full, clause, params = self._where(table, where)
-        return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from .errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
-    from .db import TableStore
+    from .packs.storage.pack import TableStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brings (same API)
     import httpx
@@ -31,16 +31,18 @@ from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
 from .capabilities import CAPABILITIES, PACKS, granted, with_required
 from .config import EcosystemConfig
-from .db import Database, TableStore, ident
+from .db import Database
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
-from .migrations import Migration, apply_migrations, check_table, load_migrations
 from .models import ModelGateway
 from .packs import IMPL_ATTR, Pack, PackContext, implements, load, module
 from .secrets import KeySource, SecretsManager
 from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
 from .transport import Reply, Sealer, error_to, make_transport, reply_to
+
+if TYPE_CHECKING:
+    from .packs.storage.migrations import Migration
 
 log = logs.get("runtime")
 
@@ -157,6 +159,18 @@ class NoRoles:
                               "ecosystem has no roles")
 
 
+class NoTables:
+    """A MAD's store in a build without the storage pack: it has no table, and says so as TableStore would."""
+
+    def __init__(self, mad: str):
+        self._mad = mad
+
+    def table_name(self, table: str, *_: Any, **__: Any) -> str:
+        raise InvalidArgument(f"MAD {self._mad!r} has no table {table!r}; it has []")
+
+    insert = select = update = delete = table_name
+
+
 class Runtime:
     def __init__(self, config: EcosystemConfig, state_dir: str | os.PathLike[str], *,
                  model_transport: httpx.AsyncBaseTransport | None = None, migrations: Sequence[Migration] | None = None,
@@ -184,8 +198,7 @@ class Runtime:
             core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
             for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
-            self.migrated = apply_migrations(self.db, load_migrations() if migrations is None else migrations)
-            self._tables = self._prepare_storage()
+            self._storage, self.migrated, self._tables = self._open_storage(migrations)
             if self.migrated:
                 log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
             # Before anything that audits: opens the chain (and adopts older audit rows) on first start.
@@ -237,16 +250,26 @@ class Runtime:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    def _prepare_storage(self) -> dict[str, dict[str, list[str]]]:
-        """Create the MAD tables no migration made (packages without migrations), then check every one
-        has the declared shape. Returns MAD -> table -> column names."""
-        for cls in self.config.mads:
-            for table in cls.storage:
-                name = f"{cls.name}_{ident(table['name'])}"
-                self.db.create_table(name, table["columns"])
-                check_table(self.db, cls.name, name, table["columns"])
-        return {cls.name: {ident(t["name"]): [ident(c["name"]) for c in t["columns"]] for t in cls.storage}
-                for cls in self.config.mads}
+    def _open_storage(self, migrations: Sequence[Migration] | None) -> tuple[Any, list[Migration], dict[str, Any]]:
+        """The storage pack, the migrations it applied now, and MAD -> table -> column names. A build whose MADs
+        declare no table has no such pack: then the state must hold no storage history either."""
+        needed = bool(migrations) or any(cls.storage for cls in self.config.mads)
+        try:
+            storage = module("storage", "a MAD declares `storage:` tables but this build has no storage pack, which "
+                                        "keeps them; rebuild it from its spec with `nox -s regenerate`")
+        except InvalidArgument:
+            if needed:
+                raise
+            try:
+                recorded = self.db.one("SELECT count(*) AS n FROM schema_migrations")["n"]
+            except sqlite3.OperationalError:  # no such table: a state never migrated
+                recorded = 0
+            if recorded:
+                raise KernelError(f"the state in {self.db.path} has {recorded} storage migration(s) of MADs' own "
+                                  "tables, but this build's MADs declare none and it has no storage pack: it is an "
+                                  "older build than the state's; run the version that migrated it") from None
+            return None, [], {}
+        return storage, *storage.open_storage(self.db, self.config.mads, migrations)
 
     async def start(self) -> None:
         """Join conversations and start the persistent MADs in the configured order (their tables exist already);
@@ -354,8 +377,9 @@ class Runtime:
                                   f"serve --bus redis://HOST:6379/0 (or set {self.config.env_prefix}_BUS_URL)")
         return chosen
 
-    def table_store(self, mad: str) -> TableStore:
-        return TableStore(self.db, mad, self._tables.get(mad, {}))
+    def table_store(self, mad: str) -> Any:
+        """CRUD over `mad`'s own tables (the storage pack's TableStore); with no such pack, it has none."""
+        return self._storage.TableStore(self.db, mad, self._tables.get(mad, {})) if self._storage else NoTables(mad)
 
     def _emads_pack(self) -> Any:
         return module("emads", f"this ecosystem has roles ({', '.join(self._roles)}) but was built without the emads "

@@ -668,7 +668,7 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     Settings under `packs:` are only for packs the ecosystem uses; naming a deployment pack there (redis) is
     what brings it in."""
     used = packs_for((t.builtin for _, mad in mads for t in mad.tools if t.builtin), ecosystem.packs,
-                     any(mad.lifecycle == "ephemeral" for _, mad in mads))
+                     any(mad.lifecycle == "ephemeral" for _, mad in mads), any(mad.storage for _, mad in mads))
     problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
                             f"a tool to a {name}.* capability, or remove these settings)")
                 for name in ecosystem.packs if name not in used and PACKS[name].kind == "capabilities"]

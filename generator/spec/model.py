@@ -298,10 +298,12 @@ def _supported_python(version: str) -> str:
 
 
 def _pack_name(name: str) -> str:
-    if name in PACKS and PACKS[name].kind == "roles":
-        raise spec_rule(f"the '{name}' pack is not named here: a build has it when its spec has a role (a MAD with "
-                        "`lifecycle: ephemeral`); remove this entry")
-    nameable = sorted(n for n, info in PACKS.items() if info.kind != "roles")
+    implied = {"roles": "its spec has a role (a MAD with `lifecycle: ephemeral`)",
+               "storage": "a MAD of its spec declares `storage:` tables"}
+    if name in PACKS and PACKS[name].kind in implied:
+        raise spec_rule(f"the '{name}' pack is not named here: a build has it when {implied[PACKS[name].kind]}; "
+                        "remove this entry")
+    nameable = sorted(n for n, info in PACKS.items() if info.kind not in implied)
     if name not in nameable:
         close = difflib.get_close_matches(name, nameable, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -374,7 +376,7 @@ class Spec(Frozen):
         """The kernel's packs this ecosystem uses: those of the capabilities its tools are bound to, the deployment
         packs its ecosystem.yaml names under `packs:`, and the roles pack if it has a role."""
         return packs_for((t.builtin for m in self.mads for t in m.tools if t.builtin), self.ecosystem.packs,
-                         any(m.lifecycle == "ephemeral" for m in self.mads))
+                         any(m.lifecycle == "ephemeral" for m in self.mads), any(m.storage for m in self.mads))
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:

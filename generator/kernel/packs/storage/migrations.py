@@ -12,8 +12,8 @@ state was migrated by a newer version: there are no down-migrations).
 
 A state database made before migrations existed has no `schema_migrations`: every migration
 is pending, and the first one creates its tables only where they do not exist yet, so the
-tables already there are the baseline. The runtime then checks that every MAD table has
-the shape its MAD declares, which catches a baseline that was not what the history assumed.
+tables already there are the baseline. Then every MAD table is checked against the shape its
+MAD declares (pack.py), which catches a baseline that was not what the history assumed.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .bus import now_iso
-from .db import Database, declared_shape
-from .errors import KernelError
+from ...bus import now_iso
+from ...db import Database
+from ...errors import KernelError
 
 # The kernel is copied into every ecosystem as `<package>/kernel/`; its migrations are beside it.
-PACKAGE_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations.json"
+PACKAGE_MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -116,26 +116,3 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
                 f"as it was before it: {exc}"
             ) from None
     return pending
-
-
-def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> None:
-    """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration)."""
-    stored, declared = db.table_shape(table), declared_shape(table, columns)
-    if stored == declared:
-        return
-    differences = [
-        f"{name}: stored {_describe(stored.get(name))}, declared {_describe(declared.get(name))}"
-        for name in sorted(set(stored) | set(declared))
-        if stored.get(name) != declared.get(name)
-    ]
-    raise MigrationError(
-        f"table {table} in {db.path} does not have the columns MAD {mad!r} declares ({'; '.join(differences)}): "
-        "the state was not migrated to this version's storage"
-    )
-
-
-def _describe(shape: tuple[str, bool, int] | None) -> str:
-    if shape is None:
-        return "absent"
-    sql_type, not_null, pk = shape
-    return sql_type + (" NOT NULL" if not_null else "") + (" PRIMARY KEY" if pk else "")

@@ -4,6 +4,7 @@ history or a newer version is refused; a state from before migrations is the bas
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ def kit(eco_modules, monkeypatch):
     """The tiny ecosystem's config, one whose turing_notes has a `tag`, two migrations, and a Runtime maker."""
     config, kernel, runtime_mod = eco_modules
     monkeypatch.delenv(f"{config.env_prefix}_SECRETS_KEY", raising=False)
-    migrations = sys.modules[f"{kernel.__name__}.migrations"]
-    table_ddl = sys.modules[f"{kernel.__name__}.db"].table_ddl
+    migrations = importlib.import_module(f"{kernel.__name__}.packs.storage.migrations")
+    table_ddl = importlib.import_module(f"{kernel.__name__}.packs.storage.pack").table_ddl
     turing = next(m for m in config.mads if m.name == "turing")
     tagged = type("Turing", (turing,), {"storage": ({"name": "notes", "columns": [*NOTES, TAG]},)})
 
