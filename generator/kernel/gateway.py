@@ -40,7 +40,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs, packs, tracing
 from .capabilities import CAPABILITIES
@@ -68,28 +68,6 @@ SECURITY_HEADERS = {
     "cross-origin-opener-policy": "same-origin",
     "cross-origin-resource-policy": "same-origin",
 }
-
-
-class SecurityHeaders:
-    """ASGI middleware: the security headers on every HTTP response that does not set its own."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        extra = dict(SECURITY_HEADERS)
-        if scope.get("scheme") == "https":
-            extra["strict-transport-security"] = "max-age=31536000"
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])  # ASGI allows leaving them out
-                headers = MutableHeaders(scope=message)  # edits the message's own header list
-                for name, value in extra.items():
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 class GatewayAudit:
@@ -129,10 +107,7 @@ PROTECTED_RESOURCE_PATH = "/.well-known/oauth-protected-resource"
 
 def _origin(scope: Scope) -> str:
     """scheme://host[:port] as the client addressed this server (its Host header)."""
-    host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), "")
-    if not host:
-        server = scope.get("server") or ("127.0.0.1", 80)
-        host = f"{server[0]}:{server[1]}"
+    host = Headers(scope=scope).get("host") or "{}:{}".format(*(scope.get("server") or ("127.0.0.1", 80)))
     return f"{scope.get('scheme', 'http')}://{host}"
 
 
@@ -283,9 +258,8 @@ class SessionLimits:
 
     def recording(self, client: str, send: Send) -> Send:
         def remember(start: dict) -> None:
-            for key, value in start.get("headers", []):
-                if key.lower() == b"mcp-session-id":
-                    self._owner[value.decode("latin-1")] = client
+            if session := Headers(raw=start.get("headers", [])).get("mcp-session-id"):
+                self._owner[session] = client
 
         return watching(send, remember)
 
@@ -314,16 +288,9 @@ def _caller(ctx: Context | None) -> tuple[str | None, str]:
     return scope.get(CLIENT_SCOPE_KEY), _remote(scope)
 
 
-class _MadToolError(ToolError):
-    """A MAD's KernelError on its way through the SDK's tool wrapper, keeping its code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class _Refused(Exception):
-    """The gateway refuses a call before it runs; `outcome` is what the call log records."""
+class _Failed(ToolError):
+    """A call that failed with `outcome` (what the call log records; the message starts with it): refused by the
+    gateway before it runs, or a MAD's KernelError on its way through the SDK's tool wrapper, keeping its code."""
 
     def __init__(self, outcome: str, message: str):
         super().__init__(message)
@@ -389,8 +356,8 @@ def _explain(tool: str, exc: ToolError, schema: dict[str, Any]) -> tuple[str, st
         return "internal_error", f"internal_error: {tool} failed unexpectedly; the server log has the details"
     if isinstance(cause, ValidationError):
         return "invalid", describe_invalid(tool, schema, cause)
-    if isinstance(cause, _MadToolError):
-        return cause.code, str(cause)
+    if isinstance(cause, _Failed):
+        return cause.outcome, str(cause)
     return "error", str(exc)
 
 
@@ -436,21 +403,21 @@ class GatewayServer(MCPServer):
     def _admit(self, client: str | None, tool: str, remote: str) -> None:
         if client is None:  # BearerGate sets the client on every request that gets here
             self.audit.record("anonymous", "no-identity", tool, remote)
-            raise _Refused("denied", "access_denied: no authenticated client")
+            raise _Failed("denied", "access_denied: no authenticated client")
         record = self.clients.get(client)
         if record is None or not record.may_call(tool):
             self.audit.record(f"client:{client}", "tool-denied", tool, remote)
             why = "is revoked" if record is None or record.revoked else f"may not call {tool} (it may call: {', '.join(record.allow)})"
-            raise _Refused("denied", f"access_denied: client {client!r} {why}")
+            raise _Failed("denied", f"access_denied: client {client!r} {why}")
         if record.rate is not None and (wait := throttled(
                 self.limiter, self.audit, record, remote, tool,
                 f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
-            raise _Refused("rate_limited", wait[1])
+            raise _Failed("rate_limited", wait[1])
         if record.quota is not None and not self.ledger.take_quota(client, record.quota):
             message = (f"quota_exceeded: client {client!r} has made its {_plural(record.quota, 'call')} for today; "
                        f"the quota resets at 00:00 UTC (in {_until_utc_midnight()})")
             self.audit.record(f"client:{client}", "quota-exceeded", f"{tool}: {message}", remote)
-            raise _Refused("quota_exceeded", message)
+            raise _Failed("quota_exceeded", message)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
         client, remote = _caller(context)
@@ -466,10 +433,10 @@ class GatewayServer(MCPServer):
                 self._admit(client, name, remote)
                 counted = True  # from here on the call counts against the client's quota
                 if name not in self.schemas:
-                    raise _Refused("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
+                    raise _Failed("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
                                                    "<mad>.<tool> and tools/list lists them")
                 result = await super().call_tool(name, arguments, context)
-            except _Refused as exc:
+            except _Failed as exc:
                 outcome, detail = exc.outcome, str(exc)
                 self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
             except ToolError as exc:
@@ -516,7 +483,7 @@ def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str, output: Any = Non
         try:
             return await runtime.invoke_tool(mad_cls.name, tool_name, kwargs, principal=f"client:{client}")
         except KernelError as exc:
-            raise _MadToolError(exc.code, str(exc)) from exc
+            raise _Failed(exc.code, f"{exc.code}: {exc}") from exc
 
     params = [inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
@@ -654,7 +621,8 @@ _access = logs.get("access")
 
 
 def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
-    """ASGI middleware: one access-log line and one `regen_http_requests` count per HTTP request.
+    """ASGI middleware: the security headers on every HTTP response that does not set its own, and one
+    access-log line and one `regen_http_requests` count per HTTP request.
 
     The line has the method, the path (never the query: a token could ride in it), the status, the
     time taken and the peer; the MCP client's name when the bearer gate identified one."""
@@ -663,8 +631,17 @@ def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
             return await app(scope, receive, send)
         started = time.monotonic()
         status = [0]
+        hsts = {"strict-transport-security": "max-age=31536000"} if scope.get("scheme") == "https" else {}
+
+        def seen(start: dict) -> None:
+            status[0] = start["status"]
+            start.setdefault("headers", [])  # ASGI allows leaving them out
+            headers = MutableHeaders(scope=start)  # edits the message's own header list
+            for name, value in {**SECURITY_HEADERS, **hsts}.items():
+                headers.setdefault(name, value)
+
         try:
-            await app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
+            await app(scope, receive, watching(send, seen))
         finally:
             code = status[0] or 500  # no response begun: the server failed it
             runtime.metrics.http_request(scope["path"], code)
@@ -769,9 +746,9 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
             Route(PROTECTED_RESOURCE_PATH + "/mcp", lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
             Route(PROTECTED_RESOURCE_PATH, lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
         ],
-        # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
-        # and referrer rules on every response.
-        middleware=[Middleware(observed, runtime), Middleware(gate.middleware), Middleware(SecurityHeaders)],
+        # Logged, and CSP, nosniff, frame and referrer rules on every response; then the drain gate (once
+        # shutting down, nothing behind it runs).
+        middleware=[Middleware(observed, runtime), Middleware(gate.middleware)],
         lifespan=lifespan,
     )
     for key, value in dict(gate=gate, grace=grace, runtime=runtime, audit=audit, mcp=mcp, tokens=tokens).items():

@@ -180,6 +180,7 @@ def test_a_state_database_that_cannot_be_used_is_a_clear_refusal_with_the_databa
 def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_modules):
     import asyncio
     import importlib
+    import types
 
     _, kernel, _ = eco_modules
     gateway = importlib.import_module(kernel.__name__ + ".gateway")
@@ -193,5 +194,9 @@ def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_mo
     async def send(message):
         sent.append(message)
 
-    asyncio.run(gateway.SecurityHeaders(bare)({"type": "http", "scheme": "http"}, None, send))
+    counted = []
+    runtime = types.SimpleNamespace(metrics=types.SimpleNamespace(http_request=lambda *a: counted.append(a)))
+    scope = {"type": "http", "scheme": "http", "method": "GET", "path": "/"}
+    asyncio.run(gateway.observed(bare, runtime)(scope, None, send))
+    assert counted == [("/", 204)]
     assert {name for name, _ in sent[0]["headers"]} >= {b"content-security-policy", b"x-content-type-options"}
