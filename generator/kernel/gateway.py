@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -91,10 +91,17 @@ def watching(send: Send, seen: Callable[[dict], None]) -> Send:
     return watched
 
 
-def jsonrpc_refusal(status: int, message: str, headers: dict[str, str]) -> Response:
-    """An HTTP refusal an MCP client shows: a JSON-RPC error body with the message."""
-    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
-                        status_code=status, headers=headers)
+def refusal(status: int, error: str, message: str, headers: dict[str, str] | None = None,
+            jsonrpc: bool = False) -> Response:
+    """An HTTP refusal: `{"error", "message"}`, the kernel's error shape, or (`jsonrpc`) a JSON-RPC error body
+    with the message, which an MCP client shows."""
+    body = ({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}} if jsonrpc
+            else {"error": error, "message": message})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, round(wait)))}
 
 
 # What the MCP layer refuses before a tool runs, by status: audited like a tool's refusal.
@@ -137,11 +144,11 @@ class Unauthenticated:
     A flood of bad tokens costs the server a counter increment, not an fsynced row each."""
 
     RATE = Rate(calls=20, seconds=4.0, unit="second")
+    interval_s, max_sources, clock = 60.0, 10_000, staticmethod(time.monotonic)
 
-    def __init__(self, audit: GatewayAudit, interval_s: float = 60.0, max_sources: int = 10_000,
-                 clock: Any = time.monotonic):
-        self.audit, self.interval_s, self.max_sources, self.clock = audit, interval_s, max_sources, clock
-        self.limiter = RateLimiter(clock, max_keys=max_sources)
+    def __init__(self, audit: GatewayAudit):
+        self.audit = audit
+        self.limiter = RateLimiter(self.clock, max_keys=self.max_sources)
         self._open: dict[str, tuple[float, int]] = {}  # source -> (interval start, refusals not yet written)
 
     def refused(self, source: str, actor: str, event: str, detail: str, remote: str) -> None:
@@ -173,63 +180,64 @@ class BearerGate:
     """
 
     def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits,
-                 limiter: RateLimiter, unauthenticated: Unauthenticated):
+                 limiter: RateLimiter):
         self.app, self.clients, self.audit, self.sessions, self.limiter = app, clients, audit, sessions, limiter
-        self.unauthenticated = unauthenticated
+        self.unauthenticated = Unauthenticated(audit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
-        header = headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
-        try:
-            found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            refused = found is None or found.revoked
-            if refused and (wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE)):
-                # Too many refused requests from this address: answered without looking further or writing.
-                self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
-                message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
-                return await JSONResponse({"error": "rate_limited", "message": message}, status_code=429,
-                                          headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
-        except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
-            log.error("client registry unreadable", extra={"error": str(exc)})
-            message = "the gateway cannot read its clients; see the server log"
-            return await JSONResponse({"error": "unavailable", "message": message}, 503)(scope, receive, send)
-        if refused:
-            if found is None:
-                actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
-                detail = "missing bearer token" if not header else "invalid bearer token"
-            else:
-                actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
-                detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
-            self.unauthenticated.refused(source, actor, event, detail, remote)
-            metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
-            challenge = {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'}
-            refusal = JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)
-            return await refusal(scope, receive, send)
-        scope = {**scope, CLIENT_SCOPE_KEY: found.name}
+        found, refused = self._identify(scope, headers.get("authorization", ""))
         opening = scope["method"] == "POST" and "mcp-session-id" not in headers
-        if opening and (refusal := self._refuse_opening(found, remote)) is not None:
-            return await refusal(scope, receive, send)
-        if opening:
+        if refused is None and opening:
+            refused = self._refuse_opening(found, _remote(scope))
             send = self.sessions.recording(found.name, send)
+        if refused is not None:
+            return await refused(scope, receive, send)
         status = [0]
+        scope = {**scope, CLIENT_SCOPE_KEY: found.name}
         await self.app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
         if status[0] in BAD_REQUESTS:  # refused by the MCP layer before any tool: still the client's doing
             self.audit.record(f"client:{found.name}", "bad-request",
-                              f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", remote)
+                              f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", _remote(scope))
+
+    def _identify(self, scope: Scope, header: str) -> tuple[Any, Response | None]:
+        """(the current client the Authorization header names, None) or (None, the refusal to answer with)."""
+        scheme, _, token = header.partition(" ")
+        try:
+            found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
+        except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
+            log.error("client registry unreadable", extra={"error": str(exc)})
+            return None, refusal(503, "unavailable", "the gateway cannot read its clients; see the server log")
+        if found is not None and not found.revoked:
+            return found, None
+        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
+        if wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE):
+            # Too many refused requests from this address: answered without looking further or writing.
+            self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
+            message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
+            return None, refusal(429, "rate_limited", message, retry_after(wait))
+        if found is None:
+            actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
+            detail = "missing bearer token" if not header else "invalid bearer token"
+        else:
+            actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
+            detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
+        self.unauthenticated.refused(source, actor, event, detail, remote)
+        metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
+        return None, refusal(401, "unauthorized", message,
+                             {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'})
 
     def _refuse_opening(self, client: Any, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
         if wait := throttled(self.limiter, self.audit, client, remote, "initialize", "opens sessions too fast"):
-            return jsonrpc_refusal(429, wait[1], {"Retry-After": str(max(1, round(wait[0])))})
+            return refusal(429, "rate_limited", wait[1], retry_after(wait[0]), jsonrpc=True)
         if cap := self.sessions.full(client.name):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
                        f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
             self.audit.record(f"client:{client.name}", "sessions-exhausted", message, remote)
-            return jsonrpc_refusal(429, message, {"Retry-After": "30"})
+            return refusal(429, "too_many_sessions", message, {"Retry-After": "30"}, jsonrpc=True)
         return None
 
 
@@ -570,18 +578,14 @@ class DrainGate:
 
     def __init__(self) -> None:
         self.draining, self.in_flight = False, 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def begin(self) -> None:
         self.draining = True
 
     async def wait_idle(self, deadline: float) -> bool:
         """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
-        remaining = deadline - time.monotonic()
-        if self.in_flight and remaining > 0:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), remaining)
+        while self.in_flight and time.monotonic() < deadline:  # a shutdown can afford to poll
+            await asyncio.sleep(0.02)
         return self.in_flight == 0
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
@@ -602,19 +606,15 @@ class DrainGate:
                 more = received.get("more_body", False) and received["type"] == "http.request"
             headers = {"Retry-After": str(self.RETRY_AFTER_S), "Connection": "close"}
             # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
-            refusal = (jsonrpc_refusal(503, message, headers) if scope["path"].rstrip("/") == "/mcp"
-                       else JSONResponse({"error": "unavailable", "message": message}, 503, headers))
-            return await refusal(scope, receive, send)
+            mcp = scope["path"].rstrip("/") == "/mcp"
+            return await refusal(503, "unavailable", message, headers, jsonrpc=mcp)(scope, receive, send)
         if scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp":  # the standing stream: not counted
             return await app(scope, receive, send)
         self.in_flight += 1
-        self._idle.clear()
         try:
             await app(scope, receive, send)
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
 
 
 _access = logs.get("access")
@@ -679,8 +679,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     session_manager = mcp.session_manager
     session_manager.max_sessions = max_sessions  # all clients together; the SDK answers 503 beyond it
     sessions = SessionLimits(session_manager, sessions_per_client, session_idle_s)
-    unauthenticated = Unauthenticated(audit)
-    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter, unauthenticated)
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter)
 
     grace = console(runtime, tokens)  # the web UI (sign-in, chat, conversations, MADs, health, audit), or None
     gate = DrainGate()
@@ -710,8 +709,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         if not scrape_allowed(request.headers.get("authorization", ""), host, metrics_token):
             message = (f"/metrics needs 'Authorization: Bearer <token>' with the value of {metrics_env}" if metrics_token else
                        f"/metrics is closed on a non-loopback address until {metrics_env} is set; scrape with it as bearer token")
-            return JSONResponse({"error": "unauthorized", "message": message},
-                                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+            return refusal(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="metrics"'})
         return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def prune_calls() -> None:
@@ -732,7 +730,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
                 yield
         finally:
             pruning.cancel()
-            unauthenticated.flush()
+            mcp_asgi.unauthenticated.flush()
             mcp.ledger.close()
             await runtime.stop()
 
