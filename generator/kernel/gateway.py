@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs, packs, tracing
 from .capabilities import CAPABILITIES
-from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
+from .clients import CallLedger, Client, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LOOPBACK, scrape_allowed
@@ -179,10 +179,10 @@ class BearerGate:
     revocation also shuts out sessions that are already open.
     """
 
-    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits,
-                 limiter: RateLimiter):
-        self.app, self.clients, self.audit, self.sessions, self.limiter = app, clients, audit, sessions, limiter
-        self.unauthenticated = Unauthenticated(audit)
+    def __init__(self, app: Any, server: GatewayServer, sessions: SessionLimits):
+        self.app, self.server, self.sessions = app, server, sessions
+        self.clients, self.audit = server.clients, server.audit
+        self.unauthenticated = Unauthenticated(server.audit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -231,7 +231,7 @@ class BearerGate:
 
     def _refuse_opening(self, client: Any, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
-        if wait := throttled(self.limiter, self.audit, client, remote, "initialize", "opens sessions too fast"):
+        if wait := self.server.throttled(client, remote, "initialize", "opens sessions too fast"):
             return refusal(429, "rate_limited", wait[1], retry_after(wait[0]), jsonrpc=True)
         if cap := self.sessions.full(client.name):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
@@ -270,18 +270,6 @@ class SessionLimits:
                 self._owner[session] = client
 
         return watching(send, remember)
-
-
-def throttled(limiter: RateLimiter, audit: GatewayAudit, client: Any, remote: str, what: str,
-              doing: str) -> tuple[float, str] | None:
-    """None when `client` (a registry record) may go on under its rate limit; else (seconds to wait, the
-    rate_limited message), the refusal audited as being of `what` (initialize, tools/list, the tool)."""
-    wait = limiter.take(client.name, client.rate) if client.rate is not None else 0.0
-    if not wait:
-        return None
-    message = f"rate_limited: client {client.name!r} {doing}; retry in {max(wait, 0.1):.1f} s"
-    audit.record(f"client:{client.name}", "rate-limited", f"{what}: {message}", remote)
-    return wait, message
 
 
 def _caller(ctx: Context | None) -> tuple[str | None, str]:
@@ -401,12 +389,21 @@ class GatewayServer(MCPServer):
         counts against the client's rate limit like a call."""
         client, remote = _caller(Context(request_context=ctx, mcp_server=self))
         record = self.clients.get(client) if client else None
-        if record is not None and (wait := throttled(self.limiter, self.audit, record, remote, "tools/list",
-                                                     "lists tools too fast")):
+        if record is not None and (wait := self.throttled(record, remote, "tools/list", "lists tools too fast")):
             raise MCPError(code=-32000, message=wait[1])
         listed = await super()._handle_list_tools(ctx, params)
         listed.tools = [t for t in listed.tools if record is not None and record.may_call(t.name)]
         return listed
+
+    def throttled(self, client: Client, remote: str, what: str, doing: str) -> tuple[float, str] | None:
+        """None when `client` may go on under its rate limit; else (seconds to wait, the rate_limited message),
+        the refusal audited as being of `what` (initialize, tools/list, the tool)."""
+        wait = self.limiter.take(client.name, client.rate) if client.rate is not None else 0.0
+        if not wait:
+            return None
+        message = f"rate_limited: client {client.name!r} {doing}; retry in {max(wait, 0.1):.1f} s"
+        self.audit.record(f"client:{client.name}", "rate-limited", f"{what}: {message}", remote)
+        return wait, message
 
     def _admit(self, client: str | None, tool: str, remote: str) -> None:
         if client is None:  # BearerGate sets the client on every request that gets here
@@ -417,9 +414,8 @@ class GatewayServer(MCPServer):
             self.audit.record(f"client:{client}", "tool-denied", tool, remote)
             why = "is revoked" if record is None or record.revoked else f"may not call {tool} (it may call: {', '.join(record.allow)})"
             raise _Failed("denied", f"access_denied: client {client!r} {why}")
-        if record.rate is not None and (wait := throttled(
-                self.limiter, self.audit, record, remote, tool,
-                f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
+        if record.rate is not None and (wait := self.throttled(
+                record, remote, tool, f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
             raise _Failed("rate_limited", wait[1])
         if record.quota is not None and not self.ledger.take_quota(client, record.quota):
             message = (f"quota_exceeded: client {client!r} has made its {_plural(record.quota, 'call')} for today; "
@@ -679,7 +675,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     session_manager = mcp.session_manager
     session_manager.max_sessions = max_sessions  # all clients together; the SDK answers 503 beyond it
     sessions = SessionLimits(session_manager, sessions_per_client, session_idle_s)
-    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter)
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), mcp, sessions)
 
     grace = console(runtime, tokens)  # the web UI (sign-in, chat, conversations, MADs, health, audit), or None
     gate = DrainGate()
