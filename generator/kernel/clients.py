@@ -416,7 +416,7 @@ class CallLedger:
     def prune(self, keep_days: int, now: float | None = None) -> int:
         """Delete the rows of the UTC days more than `keep_days` ago (today's, which quotas count, always stay);
         returns how many went. The audit log keeps what matters for accountability: denials, secret accesses."""
-        cutoff = time.strftime("%Y-%m-%d", time.gmtime((now if now is not None else time.time()) - keep_days * 86400))
+        cutoff = utc_day((time.time() if now is None else now) - keep_days * 86400)
         with self._lock:
             return self._conn.execute("DELETE FROM gateway_calls WHERE day < ?", (min(cutoff, utc_day()),)).rowcount
 

@@ -196,7 +196,7 @@ class BearerGate:
         if refused is not None:
             return await refused(scope, receive, send)
         status = [0]
-        scope = {**scope, CLIENT_SCOPE_KEY: found.name}
+        scope[CLIENT_SCOPE_KEY] = found.name  # in place: the access log (`observed`) names the client too
         await self.app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
         if status[0] in BAD_REQUESTS:  # refused by the MCP layer before any tool: still the client's doing
             self.audit.record(f"client:{found.name}", "bad-request",
@@ -642,7 +642,8 @@ def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
             code = status[0] or 500  # no response begun: the server failed it
             runtime.metrics.http_request(scope["path"], code)
             _access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
-                                        "ms": round((time.monotonic() - started) * 1000, 1), "remote": _remote(scope)})
+                                        "ms": round((time.monotonic() - started) * 1000, 1), "remote": _remote(scope),
+                                        **({"client": scope[CLIENT_SCOPE_KEY]} if CLIENT_SCOPE_KEY in scope else {})})
 
     return logged
 
