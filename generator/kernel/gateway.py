@@ -202,7 +202,7 @@ class BearerGate:
             self.audit.record(f"client:{found.name}", "bad-request",
                               f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", _remote(scope))
 
-    def _identify(self, scope: Scope, header: str) -> tuple[Any, Response | None]:
+    def _identify(self, scope: Scope, header: str) -> tuple[Client | None, Response | None]:
         """(the current client the Authorization header names, None) or (None, the refusal to answer with)."""
         scheme, _, token = header.partition(" ")
         try:
@@ -229,7 +229,7 @@ class BearerGate:
         return None, refusal(401, "unauthorized", message,
                              {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'})
 
-    def _refuse_opening(self, client: Any, remote: str) -> Response | None:
+    def _refuse_opening(self, client: Client, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
         if wait := self.server.throttled(client, remote, "initialize", "opens sessions too fast"):
             return refusal(429, "rate_limited", wait[1], retry_after(wait[0]), jsonrpc=True)
@@ -438,7 +438,7 @@ class GatewayServer(MCPServer):
                 counted = True  # from here on the call counts against the client's quota
                 if name not in self.schemas:
                     raise _Failed("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
-                                                   "<mad>.<tool> and tools/list lists them")
+                                                  "<mad>.<tool> and tools/list lists them")
                 result = await super().call_tool(name, arguments, context)
             except _Failed as exc:
                 outcome, detail = exc.outcome, str(exc)
