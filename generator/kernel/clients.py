@@ -183,7 +183,7 @@ class ClientRegistry:
         self.path = self.state_dir / "tokens.json"
         self._seen: tuple[int, int, int] | None = None
         self._clients: dict[str, Client] = {}
-        self._by_hash: dict[str, str] = {}
+        self._by_hash: dict[str, Client] = {}
 
     # ---- reading (the server, on every request) ----------------------------------------------
 
@@ -195,7 +195,7 @@ class ClientRegistry:
             seen = None  # no clients yet (`_read` finds none)
         if seen is None or seen != self._seen:
             clients = {name: _entry_to_client(name, entry) for name, entry in self._read().get("tokens", {}).items()}
-            self._clients, self._by_hash, self._seen = clients, {c.sha256: c.name for c in clients.values()}, seen
+            self._clients, self._by_hash, self._seen = clients, {c.sha256: c for c in clients.values()}, seen
         return self._clients
 
     def _read(self) -> dict[str, Any]:
@@ -213,9 +213,8 @@ class ClientRegistry:
         """The client this token belongs to, revoked or not; None for an unknown token."""
         if not token:
             return None
-        clients = self._current()
-        name = self._by_hash.get(_hash(token))
-        return clients.get(name) if name else None
+        self._current()  # re-read when the file changed
+        return self._by_hash.get(_hash(token))
 
     def verify(self, token: str) -> str | None:
         """The client name of a valid token; None when it is unknown or revoked."""
@@ -416,7 +415,7 @@ class CallLedger:
     def prune(self, keep_days: int, now: float | None = None) -> int:
         """Delete the rows of the UTC days more than `keep_days` ago (today's, which quotas count, always stay);
         returns how many went. The audit log keeps what matters for accountability: denials, secret accesses."""
-        cutoff = time.strftime("%Y-%m-%d", time.gmtime((now if now is not None else time.time()) - keep_days * 86400))
+        cutoff = utc_day((time.time() if now is None else now) - keep_days * 86400)
         with self._lock:
             return self._conn.execute("DELETE FROM gateway_calls WHERE day < ?", (min(cutoff, utc_day()),)).rowcount
 

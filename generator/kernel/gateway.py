@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -40,11 +40,11 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs, packs, tracing
 from .capabilities import CAPABILITIES
-from .clients import CallLedger, ClientRegistry, Rate, RateLimiter
+from .clients import CallLedger, Client, ClientRegistry, Rate, RateLimiter
 from .errors import KernelError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LOOPBACK, scrape_allowed
@@ -70,28 +70,6 @@ SECURITY_HEADERS = {
 }
 
 
-class SecurityHeaders:
-    """ASGI middleware: the security headers on every HTTP response that does not set its own."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        extra = dict(SECURITY_HEADERS)
-        if scope.get("scheme") == "https":
-            extra["strict-transport-security"] = "max-age=31536000"
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])  # ASGI allows leaving them out
-                headers = MutableHeaders(scope=message)  # edits the message's own header list
-                for name, value in extra.items():
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
-
-
 class GatewayAudit:
     """Gateway denials, written to the ecosystem's hash-chained audit log as `gateway.<event>`."""
 
@@ -113,10 +91,17 @@ def watching(send: Send, seen: Callable[[dict], None]) -> Send:
     return watched
 
 
-def jsonrpc_refusal(status: int, message: str, headers: dict[str, str]) -> Response:
-    """An HTTP refusal an MCP client shows: a JSON-RPC error body with the message."""
-    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
-                        status_code=status, headers=headers)
+def refusal(status: int, error: str, message: str, headers: dict[str, str] | None = None,
+            jsonrpc: bool = False) -> Response:
+    """An HTTP refusal: `{"error", "message"}`, the kernel's error shape, or (`jsonrpc`) a JSON-RPC error body
+    with the message, which an MCP client shows."""
+    body = ({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}} if jsonrpc
+            else {"error": error, "message": message})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, round(wait)))}
 
 
 # What the MCP layer refuses before a tool runs, by status: audited like a tool's refusal.
@@ -129,10 +114,7 @@ PROTECTED_RESOURCE_PATH = "/.well-known/oauth-protected-resource"
 
 def _origin(scope: Scope) -> str:
     """scheme://host[:port] as the client addressed this server (its Host header)."""
-    host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), "")
-    if not host:
-        server = scope.get("server") or ("127.0.0.1", 80)
-        host = f"{server[0]}:{server[1]}"
+    host = Headers(scope=scope).get("host") or "{}:{}".format(*(scope.get("server") or ("127.0.0.1", 80)))
     return f"{scope.get('scheme', 'http')}://{host}"
 
 
@@ -162,11 +144,11 @@ class Unauthenticated:
     A flood of bad tokens costs the server a counter increment, not an fsynced row each."""
 
     RATE = Rate(calls=20, seconds=4.0, unit="second")
+    interval_s, max_sources, clock = 60.0, 10_000, staticmethod(time.monotonic)
 
-    def __init__(self, audit: GatewayAudit, interval_s: float = 60.0, max_sources: int = 10_000,
-                 clock: Any = time.monotonic):
-        self.audit, self.interval_s, self.max_sources, self.clock = audit, interval_s, max_sources, clock
-        self.limiter = RateLimiter(clock, max_keys=max_sources)
+    def __init__(self, audit: GatewayAudit):
+        self.audit = audit
+        self.limiter = RateLimiter(self.clock, max_keys=self.max_sources)
         self._open: dict[str, tuple[float, int]] = {}  # source -> (interval start, refusals not yet written)
 
     def refused(self, source: str, actor: str, event: str, detail: str, remote: str) -> None:
@@ -197,64 +179,65 @@ class BearerGate:
     revocation also shuts out sessions that are already open.
     """
 
-    def __init__(self, app: Any, clients: ClientRegistry, audit: GatewayAudit, sessions: SessionLimits,
-                 limiter: RateLimiter, unauthenticated: Unauthenticated):
-        self.app, self.clients, self.audit, self.sessions, self.limiter = app, clients, audit, sessions, limiter
-        self.unauthenticated = unauthenticated
+    def __init__(self, app: Any, server: GatewayServer, sessions: SessionLimits):
+        self.app, self.server, self.sessions = app, server, sessions
+        self.clients, self.audit = server.clients, server.audit
+        self.unauthenticated = Unauthenticated(server.audit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
-        header = headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
-        try:
-            found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
-            refused = found is None or found.revoked
-            if refused and (wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE)):
-                # Too many refused requests from this address: answered without looking further or writing.
-                self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
-                message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
-                return await JSONResponse({"error": "rate_limited", "message": message}, status_code=429,
-                                          headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
-        except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
-            log.error("client registry unreadable", extra={"error": str(exc)})
-            message = "the gateway cannot read its clients; see the server log"
-            return await JSONResponse({"error": "unavailable", "message": message}, 503)(scope, receive, send)
-        if refused:
-            if found is None:
-                actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
-                detail = "missing bearer token" if not header else "invalid bearer token"
-            else:
-                actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
-                detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
-            self.unauthenticated.refused(source, actor, event, detail, remote)
-            metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
-            challenge = {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'}
-            refusal = JSONResponse({"error": "unauthorized", "message": message}, 401, challenge)
-            return await refusal(scope, receive, send)
-        scope = {**scope, CLIENT_SCOPE_KEY: found.name}
+        found, refused = self._identify(scope, headers.get("authorization", ""))
         opening = scope["method"] == "POST" and "mcp-session-id" not in headers
-        if opening and (refusal := self._refuse_opening(found, remote)) is not None:
-            return await refusal(scope, receive, send)
-        if opening:
+        if refused is None and opening:
+            refused = self._refuse_opening(found, _remote(scope))
             send = self.sessions.recording(found.name, send)
+        if refused is not None:
+            return await refused(scope, receive, send)
         status = [0]
+        scope[CLIENT_SCOPE_KEY] = found.name  # in place: the access log (`observed`) names the client too
         await self.app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
         if status[0] in BAD_REQUESTS:  # refused by the MCP layer before any tool: still the client's doing
             self.audit.record(f"client:{found.name}", "bad-request",
-                              f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", remote)
+                              f"HTTP {status[0]} ({BAD_REQUESTS[status[0]]}) on {scope['method']} /mcp", _remote(scope))
 
-    def _refuse_opening(self, client: Any, remote: str) -> Response | None:
+    def _identify(self, scope: Scope, header: str) -> tuple[Client | None, Response | None]:
+        """(the current client the Authorization header names, None) or (None, the refusal to answer with)."""
+        scheme, _, token = header.partition(" ")
+        try:
+            found = self.clients.identify(token.strip()) if scheme.lower() == "bearer" else None
+        except KernelError as exc:  # tokens.json unreadable: refuse everyone rather than guess
+            log.error("client registry unreadable", extra={"error": str(exc)})
+            return None, refusal(503, "unavailable", "the gateway cannot read its clients; see the server log")
+        if found is not None and not found.revoked:
+            return found, None
+        source, remote = str((scope.get("client") or ("",))[0]), _remote(scope)
+        if wait := self.unauthenticated.limiter.take(source, Unauthenticated.RATE):
+            # Too many refused requests from this address: answered without looking further or writing.
+            self.unauthenticated.refused(source, "anonymous", "unauthorized", "throttled", remote)
+            message = f"too many requests without a valid token from this address; retry in {max(wait, 0.1):.1f} s"
+            return None, refusal(429, "rate_limited", message, retry_after(wait))
+        if found is None:
+            actor, event, message = "anonymous", "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
+            detail = "missing bearer token" if not header else "invalid bearer token"
+        else:
+            actor, event, message = f"client:{found.name}", "revoked", "this token was revoked; ask the operator for a new one"
+            detail = f"token of client {found.name!r}, revoked at {found.revoked_at}"
+        self.unauthenticated.refused(source, actor, event, detail, remote)
+        metadata = _origin(scope) + PROTECTED_RESOURCE_PATH + "/mcp"
+        return None, refusal(401, "unauthorized", message,
+                             {"WWW-Authenticate": f'Bearer realm="mcp", resource_metadata="{metadata}"'})
+
+    def _refuse_opening(self, client: Client, remote: str) -> Response | None:
         """A new session counts against the client's rate limit, and its open sessions against their cap."""
-        if wait := throttled(self.limiter, self.audit, client, remote, "initialize", "opens sessions too fast"):
-            return jsonrpc_refusal(429, wait[1], {"Retry-After": str(max(1, round(wait[0])))})
+        if wait := self.server.throttled(client, remote, "initialize", "opens sessions too fast"):
+            return refusal(429, "rate_limited", wait[1], retry_after(wait[0]), jsonrpc=True)
         if cap := self.sessions.full(client.name):
             message = (f"too_many_sessions: client {client.name!r} has {cap} sessions open, its cap; close one "
                        f"(DELETE /mcp) or let one idle out ({self.sessions.idle_s:g} s)")
             self.audit.record(f"client:{client.name}", "sessions-exhausted", message, remote)
-            return jsonrpc_refusal(429, message, {"Retry-After": "30"})
+            return refusal(429, "too_many_sessions", message, {"Retry-After": "30"}, jsonrpc=True)
         return None
 
 
@@ -283,23 +266,10 @@ class SessionLimits:
 
     def recording(self, client: str, send: Send) -> Send:
         def remember(start: dict) -> None:
-            for key, value in start.get("headers", []):
-                if key.lower() == b"mcp-session-id":
-                    self._owner[value.decode("latin-1")] = client
+            if session := Headers(raw=start.get("headers", [])).get("mcp-session-id"):
+                self._owner[session] = client
 
         return watching(send, remember)
-
-
-def throttled(limiter: RateLimiter, audit: GatewayAudit, client: Any, remote: str, what: str,
-              doing: str) -> tuple[float, str] | None:
-    """None when `client` (a registry record) may go on under its rate limit; else (seconds to wait, the
-    rate_limited message), the refusal audited as being of `what` (initialize, tools/list, the tool)."""
-    wait = limiter.take(client.name, client.rate) if client.rate is not None else 0.0
-    if not wait:
-        return None
-    message = f"rate_limited: client {client.name!r} {doing}; retry in {max(wait, 0.1):.1f} s"
-    audit.record(f"client:{client.name}", "rate-limited", f"{what}: {message}", remote)
-    return wait, message
 
 
 def _caller(ctx: Context | None) -> tuple[str | None, str]:
@@ -314,16 +284,9 @@ def _caller(ctx: Context | None) -> tuple[str | None, str]:
     return scope.get(CLIENT_SCOPE_KEY), _remote(scope)
 
 
-class _MadToolError(ToolError):
-    """A MAD's KernelError on its way through the SDK's tool wrapper, keeping its code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class _Refused(Exception):
-    """The gateway refuses a call before it runs; `outcome` is what the call log records."""
+class _Failed(ToolError):
+    """A call that failed with `outcome` (what the call log records; the message starts with it): refused by the
+    gateway before it runs, or a MAD's KernelError on its way through the SDK's tool wrapper, keeping its code."""
 
     def __init__(self, outcome: str, message: str):
         super().__init__(message)
@@ -389,8 +352,8 @@ def _explain(tool: str, exc: ToolError, schema: dict[str, Any]) -> tuple[str, st
         return "internal_error", f"internal_error: {tool} failed unexpectedly; the server log has the details"
     if isinstance(cause, ValidationError):
         return "invalid", describe_invalid(tool, schema, cause)
-    if isinstance(cause, _MadToolError):
-        return cause.code, str(cause)
+    if isinstance(cause, _Failed):
+        return cause.outcome, str(cause)
     return "error", str(exc)
 
 
@@ -426,31 +389,39 @@ class GatewayServer(MCPServer):
         counts against the client's rate limit like a call."""
         client, remote = _caller(Context(request_context=ctx, mcp_server=self))
         record = self.clients.get(client) if client else None
-        if record is not None and (wait := throttled(self.limiter, self.audit, record, remote, "tools/list",
-                                                     "lists tools too fast")):
+        if record is not None and (wait := self.throttled(record, remote, "tools/list", "lists tools too fast")):
             raise MCPError(code=-32000, message=wait[1])
         listed = await super()._handle_list_tools(ctx, params)
         listed.tools = [t for t in listed.tools if record is not None and record.may_call(t.name)]
         return listed
 
+    def throttled(self, client: Client, remote: str, what: str, doing: str) -> tuple[float, str] | None:
+        """None when `client` may go on under its rate limit; else (seconds to wait, the rate_limited message),
+        the refusal audited as being of `what` (initialize, tools/list, the tool)."""
+        wait = self.limiter.take(client.name, client.rate) if client.rate is not None else 0.0
+        if not wait:
+            return None
+        message = f"rate_limited: client {client.name!r} {doing}; retry in {max(wait, 0.1):.1f} s"
+        self.audit.record(f"client:{client.name}", "rate-limited", f"{what}: {message}", remote)
+        return wait, message
+
     def _admit(self, client: str | None, tool: str, remote: str) -> None:
         if client is None:  # BearerGate sets the client on every request that gets here
             self.audit.record("anonymous", "no-identity", tool, remote)
-            raise _Refused("denied", "access_denied: no authenticated client")
+            raise _Failed("denied", "access_denied: no authenticated client")
         record = self.clients.get(client)
         if record is None or not record.may_call(tool):
             self.audit.record(f"client:{client}", "tool-denied", tool, remote)
             why = "is revoked" if record is None or record.revoked else f"may not call {tool} (it may call: {', '.join(record.allow)})"
-            raise _Refused("denied", f"access_denied: client {client!r} {why}")
-        if record.rate is not None and (wait := throttled(
-                self.limiter, self.audit, record, remote, tool,
-                f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
-            raise _Refused("rate_limited", wait[1])
+            raise _Failed("denied", f"access_denied: client {client!r} {why}")
+        if record.rate is not None and (wait := self.throttled(
+                record, remote, tool, f"may make {_plural(record.rate.calls, 'call')} per {record.rate.unit}")):
+            raise _Failed("rate_limited", wait[1])
         if record.quota is not None and not self.ledger.take_quota(client, record.quota):
             message = (f"quota_exceeded: client {client!r} has made its {_plural(record.quota, 'call')} for today; "
                        f"the quota resets at 00:00 UTC (in {_until_utc_midnight()})")
             self.audit.record(f"client:{client}", "quota-exceeded", f"{tool}: {message}", remote)
-            raise _Refused("quota_exceeded", message)
+            raise _Failed("quota_exceeded", message)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
         client, remote = _caller(context)
@@ -466,10 +437,10 @@ class GatewayServer(MCPServer):
                 self._admit(client, name, remote)
                 counted = True  # from here on the call counts against the client's quota
                 if name not in self.schemas:
-                    raise _Refused("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
-                                                   "<mad>.<tool> and tools/list lists them")
+                    raise _Failed("unknown_tool", f"unknown_tool: there is no tool {name!r}; tools are named "
+                                                  "<mad>.<tool> and tools/list lists them")
                 result = await super().call_tool(name, arguments, context)
-            except _Refused as exc:
+            except _Failed as exc:
                 outcome, detail = exc.outcome, str(exc)
                 self.metrics.tool_call(*name.partition(".")[::2], exc.outcome)  # refused before reaching the MAD
             except ToolError as exc:
@@ -516,7 +487,7 @@ def _make_tool(runtime: Runtime, mad_cls: Any, tool_name: str, output: Any = Non
         try:
             return await runtime.invoke_tool(mad_cls.name, tool_name, kwargs, principal=f"client:{client}")
         except KernelError as exc:
-            raise _MadToolError(exc.code, str(exc)) from exc
+            raise _Failed(exc.code, f"{exc.code}: {exc}") from exc
 
     params = [inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
@@ -603,18 +574,14 @@ class DrainGate:
 
     def __init__(self) -> None:
         self.draining, self.in_flight = False, 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def begin(self) -> None:
         self.draining = True
 
     async def wait_idle(self, deadline: float) -> bool:
         """Wait until no counted request is in flight, or `deadline` (time.monotonic()); True if idle."""
-        remaining = deadline - time.monotonic()
-        if self.in_flight and remaining > 0:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), remaining)
+        while self.in_flight and time.monotonic() < deadline:  # a shutdown can afford to poll
+            await asyncio.sleep(0.02)
         return self.in_flight == 0
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
@@ -635,26 +602,23 @@ class DrainGate:
                 more = received.get("more_body", False) and received["type"] == "http.request"
             headers = {"Retry-After": str(self.RETRY_AFTER_S), "Connection": "close"}
             # An MCP client shows a JSON-RPC error's message; anything else gets the kernel's error shape.
-            refusal = (jsonrpc_refusal(503, message, headers) if scope["path"].rstrip("/") == "/mcp"
-                       else JSONResponse({"error": "unavailable", "message": message}, 503, headers))
-            return await refusal(scope, receive, send)
+            mcp = scope["path"].rstrip("/") == "/mcp"
+            return await refusal(503, "unavailable", message, headers, jsonrpc=mcp)(scope, receive, send)
         if scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp":  # the standing stream: not counted
             return await app(scope, receive, send)
         self.in_flight += 1
-        self._idle.clear()
         try:
             await app(scope, receive, send)
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
 
 
 _access = logs.get("access")
 
 
 def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
-    """ASGI middleware: one access-log line and one `regen_http_requests` count per HTTP request.
+    """ASGI middleware: the security headers on every HTTP response that does not set its own, and one
+    access-log line and one `regen_http_requests` count per HTTP request.
 
     The line has the method, the path (never the query: a token could ride in it), the status, the
     time taken and the peer; the MCP client's name when the bearer gate identified one."""
@@ -663,13 +627,23 @@ def observed(app: ASGIApp, runtime: Runtime) -> ASGIApp:
             return await app(scope, receive, send)
         started = time.monotonic()
         status = [0]
+        hsts = {"strict-transport-security": "max-age=31536000"} if scope.get("scheme") == "https" else {}
+
+        def seen(start: dict) -> None:
+            status[0] = start["status"]
+            start.setdefault("headers", [])  # ASGI allows leaving them out
+            headers = MutableHeaders(scope=start)  # edits the message's own header list
+            for name, value in {**SECURITY_HEADERS, **hsts}.items():
+                headers.setdefault(name, value)
+
         try:
-            await app(scope, receive, watching(send, lambda start: status.__setitem__(0, start["status"])))
+            await app(scope, receive, watching(send, seen))
         finally:
             code = status[0] or 500  # no response begun: the server failed it
             runtime.metrics.http_request(scope["path"], code)
             _access.info("http", extra={"method": scope["method"], "path": scope["path"][:200], "status": code,
-                                        "ms": round((time.monotonic() - started) * 1000, 1), "remote": _remote(scope)})
+                                        "ms": round((time.monotonic() - started) * 1000, 1), "remote": _remote(scope),
+                                        **({"client": scope[CLIENT_SCOPE_KEY]} if CLIENT_SCOPE_KEY in scope else {})})
 
     return logged
 
@@ -702,8 +676,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
     session_manager = mcp.session_manager
     session_manager.max_sessions = max_sessions  # all clients together; the SDK answers 503 beyond it
     sessions = SessionLimits(session_manager, sessions_per_client, session_idle_s)
-    unauthenticated = Unauthenticated(audit)
-    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), tokens, audit, sessions, mcp.limiter, unauthenticated)
+    mcp_asgi = BearerGate(StreamableHTTPASGIApp(session_manager), mcp, sessions)
 
     grace = console(runtime, tokens)  # the web UI (sign-in, chat, conversations, MADs, health, audit), or None
     gate = DrainGate()
@@ -733,8 +706,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
         if not scrape_allowed(request.headers.get("authorization", ""), host, metrics_token):
             message = (f"/metrics needs 'Authorization: Bearer <token>' with the value of {metrics_env}" if metrics_token else
                        f"/metrics is closed on a non-loopback address until {metrics_env} is set; scrape with it as bearer token")
-            return JSONResponse({"error": "unauthorized", "message": message},
-                                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+            return refusal(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="metrics"'})
         return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def prune_calls() -> None:
@@ -755,7 +727,7 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
                 yield
         finally:
             pruning.cancel()
-            unauthenticated.flush()
+            mcp_asgi.unauthenticated.flush()
             mcp.ledger.close()
             await runtime.stop()
 
@@ -769,9 +741,9 @@ def build_app(runtime: Runtime, tokens: ClientRegistry, host: str = "127.0.0.1",
             Route(PROTECTED_RESOURCE_PATH + "/mcp", lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
             Route(PROTECTED_RESOURCE_PATH, lambda r: protected_resource(r, runtime.config.name), methods=["GET"]),
         ],
-        # The drain gate outermost (once shutting down, nothing behind it runs); then CSP, nosniff, frame
-        # and referrer rules on every response.
-        middleware=[Middleware(observed, runtime), Middleware(gate.middleware), Middleware(SecurityHeaders)],
+        # Logged, and CSP, nosniff, frame and referrer rules on every response; then the drain gate (once
+        # shutting down, nothing behind it runs).
+        middleware=[Middleware(observed, runtime), Middleware(gate.middleware)],
         lifespan=lifespan,
     )
     for key, value in dict(gate=gate, grace=grace, runtime=runtime, audit=audit, mcp=mcp, tokens=tokens).items():

@@ -37,29 +37,6 @@ def _closed(value: str, allowed: Iterable[str]) -> str:
     return value if value in allowed else OTHER
 
 
-class _MadUp:
-    """A collector read at scrape time: 1 for each MAD that is up, 0 for one that is not."""
-
-    def __init__(self, states: Callable[[], Mapping[str, bool]]):
-        self._states = states
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily("regen_mad_up", "1 when the MAD is up (running or idle, its breaker closed), else 0", labels=["mad"])
-        for mad, up in sorted(self._states().items()):
-            family.add_metric([mad], 1.0 if up else 0.0)
-        yield family
-
-
-class _Gauge:
-    """A gauge read at scrape time from a callable (e.g. how many MCP sessions are open)."""
-
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]):
-        self._name, self._documentation, self._read = name, documentation, read
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self._name, self._documentation, value=float(self._read()))
-
-
 class Metrics:
     """The counters of one ecosystem process.
 
@@ -68,6 +45,8 @@ class Metrics:
 
     def __init__(self, tools: Mapping[str, Iterable[str]], mad_up: Callable[[], Mapping[str, bool]]):
         self._tools = {mad: frozenset(names) for mad, names in tools.items()}
+        self._mad_up = mad_up
+        self._watched: dict[str, tuple[str, Callable[[], float]]] = {}  # gauge name -> (documentation, read)
         self.registry = CollectorRegistry()
         r = self.registry
         self._messages = Counter("regen_bus_messages", "Envelopes posted on the bus, by sending MAD and kind",
@@ -86,8 +65,7 @@ class Metrics:
                                ["role", "outcome"], registry=r)
         self._signin_failures = Counter("regen_signin_failures", "Refused sign-ins to the web UI, by reason",
                                         ["reason"], registry=r)
-        r.register(_MadUp(mad_up))
-        self._watched: dict[str, _Gauge] = {}
+        r.register(self)  # the gauges read at scrape time: see `collect`
         self._message_children: dict[tuple[str, str], Any] = {}
         # The process's CPU, memory, open files and start time, and the Python version: what an operator
         # reads first when a process misbehaves (on Linux; elsewhere the process collector is empty).
@@ -137,11 +115,18 @@ class Metrics:
     def watch(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read at each scrape (e.g. open MCP sessions, which only the session manager knows); watching
         the same name again (a new app on this runtime) reads the new source."""
-        if name in self._watched:
-            self._watched[name]._read = read
-            return
-        self._watched[name] = _Gauge(name, documentation, read)
-        self.registry.register(self._watched[name])
+        self._watched[name] = (documentation, read)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """The gauges read at each scrape (the registry asks this object as a collector): 1 for each MAD that is
+        up (running or idle, its breaker closed), 0 for one that is not; then each watched source."""
+        up = GaugeMetricFamily("regen_mad_up", "1 when the MAD is up (running or idle, its breaker closed), else 0",
+                               labels=["mad"])
+        for mad, is_up in sorted(self._mad_up().items()):
+            up.add_metric([mad], 1.0 if is_up else 0.0)
+        yield up
+        for name, (documentation, read) in self._watched.items():
+            yield GaugeMetricFamily(name, documentation, value=float(read()))
 
     def render(self) -> bytes:
         """Every metric of this runtime in the Prometheus text format (`CONTENT_TYPE`)."""

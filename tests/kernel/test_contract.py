@@ -180,6 +180,7 @@ def test_a_state_database_that_cannot_be_used_is_a_clear_refusal_with_the_databa
 def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_modules):
     import asyncio
     import importlib
+    import types
 
     _, kernel, _ = eco_modules
     gateway = importlib.import_module(kernel.__name__ + ".gateway")
@@ -193,5 +194,57 @@ def test_security_headers_reach_a_response_that_set_no_headers_of_its_own(eco_mo
     async def send(message):
         sent.append(message)
 
-    asyncio.run(gateway.SecurityHeaders(bare)({"type": "http", "scheme": "http"}, None, send))
+    counted = []
+    runtime = types.SimpleNamespace(metrics=types.SimpleNamespace(http_request=lambda *a: counted.append(a)))
+    scope = {"type": "http", "scheme": "http", "method": "GET", "path": "/"}
+    asyncio.run(gateway.observed(bare, runtime)(scope, None, send))
+    assert counted == [("/", 204)]
     assert {name for name, _ in sent[0]["headers"]} >= {b"content-security-policy", b"x-content-type-options"}
+
+
+def test_the_drain_gate_counts_requests_in_flight_and_turns_new_ones_away_with_the_security_headers(eco_modules):
+    import asyncio
+    import importlib
+    import time
+    import types
+
+    _, kernel, _ = eco_modules
+    gateway = importlib.import_module(kernel.__name__ + ".gateway")
+    runtime = types.SimpleNamespace(metrics=types.SimpleNamespace(http_request=lambda *a: None))
+    gate = gateway.DrainGate()
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    app = gateway.observed(gate.middleware(slow), runtime)
+
+    async def request(path: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "scheme": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+        return sent
+
+    async def scenario():
+        in_flight = asyncio.create_task(request("/mcp"))
+        await asyncio.sleep(0.05)
+        assert gate.in_flight == 1
+        gate.begin()
+        refused = await request("/metrics")
+        assert not await gate.wait_idle(time.monotonic() + 0.1)  # the deadline passes with one still in flight
+        release.set()
+        assert await gate.wait_idle(time.monotonic() + 5) and gate.in_flight == 0
+        assert (await in_flight)[0]["status"] == 200
+        return refused
+
+    start = asyncio.run(scenario())[0]
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    assert start["status"] == 503 and headers["retry-after"] == "5" and headers["x-content-type-options"] == "nosniff"

@@ -279,6 +279,7 @@ def test_every_http_request_has_an_access_log_line(served):
     assert {(a["method"], a["path"], a["status"]) for a in access} >= {
         ("POST", "/signin", 401), ("GET", "/signin", 200), ("POST", "/mcp", 401), ("POST", "/mcp", 200)}
     assert all(isinstance(a["ms"], float) and a["remote"].startswith("127.0.0.1:") for a in access)
+    assert {a.get("client") for a in access if a["path"] == "/mcp"} == {None, "default"}  # named once identified
     text = "\n".join(json.dumps(a) for a in access)
     assert "query-must-not-be-logged" not in text and token not in text and "not-a-token" not in text
 

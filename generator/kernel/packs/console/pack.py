@@ -9,7 +9,7 @@
   when the client's token allows it. The exchange is recorded in the client's conversation
   on the bus (secret-looking values redacted there; the full answer is shown once).
 - Browse: conversations, MADs, health and the audit log.
-- Security: the gateway's `SecurityHeaders` puts a strict CSP (no inline script or style) and the
+- Security: the gateway's `observed` middleware puts a strict CSP (no inline script or style) and the
   other headers on every response; every POST checks the Origin and a per-session CSRF token;
   bodies are capped (413 before reading past the cap); every value is HTML-escaped.
 
