@@ -32,6 +32,10 @@ def _turing_storage(spec: Path, tables: list[dict]) -> None:
     path.write_text(yaml.safe_dump(mad, sort_keys=False))
 
 
+def _storage_pack(built) -> bool:
+    return (built.path / "src" / "madgroup" / "kernel" / "packs" / "storage" / "pack.py").is_file()
+
+
 def _build(spec: Path, out: Path):
     options = RunOptions(spec_dir=spec, pipeline_file=REPO / "pipelines" / "offline.toml", out_dir=out)
     return regenerate(BuildContext(options=options, report=Reporter(quiet=True)))
@@ -43,6 +47,7 @@ def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(
     _turing_storage(spec, [NOTES])
     first = _build(spec, out)
     assert [m.number for m in first.manifest.migrations] == [1]
+    assert _storage_pack(first), "a MAD with tables brings the storage pack"
 
     wider = {**NOTES, "columns": [*NOTES["columns"], {"name": "tag", "type": "text"}]}
     _turing_storage(spec, [wider])
@@ -67,4 +72,13 @@ def test_a_new_column_is_migrated_and_read_back_and_a_dropped_one_needs_consent(
     third = _build(spec, out)
     assert third.version == "2.0.0" and third.manifest.bump.kind == "major"
     assert third.manifest.migrations[-1].destructive is True
+
+    # The last table goes: no MAD declares one, but the history does, and a state must still be brought to it.
+    mad = yaml.safe_load((spec / "mads" / "turing.yaml").read_text())
+    del mad["storage"]
+    mad["allow_destructive"] = ["drop table notes"]
+    (spec / "mads" / "turing.yaml").write_text(yaml.safe_dump(mad, sort_keys=False))
+    fourth = _build(spec, out)
+    assert [m.name for m in fourth.manifest.migrations][-1] == "drop table turing_notes"
+    assert _storage_pack(fourth) and fourth.manifest.upgrade.ok and fourth.manifest.sandbox.failed == 0
     shutil.rmtree(tmp_path / "spec")

@@ -3,7 +3,7 @@
 A build records its storage schema (`schema_of`, in the manifest) and its migrations (the
 parent's, carried forward unchanged, plus at most one new one for the changes since the
 parent), rendered into the package as `<package>/migrations.json`. The kernel applies the
-pending ones at start-up (see kernel/migrations.py).
+pending ones at start-up (see kernel/packs/storage/migrations.py).
 
 - a table added: CREATE TABLE IF NOT EXISTS;
 - a column added: ALTER TABLE ADD COLUMN; it must be nullable and outside the primary key,
