@@ -45,7 +45,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -341,12 +341,12 @@ class ConversationBus:
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
     def _write_shared(self, write: Callable[[sqlite3.Connection], Any], *, alone: bool,
-                      then: Callable[[Any], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
+                      then: Callable[[], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
         """`write(conn)`, which stores messages, in the transaction the bus writes of this event-loop turn share;
-        `then(result)` (or the result itself) once it is committed."""
+        the future gives what `then()` returned once it is committed (what `write` returned, without `then`)."""
         def committed(result: Any) -> Any:
             self._stored()
-            return then(result) if then is not None else result
+            return then() if then is not None else result
 
         return self.db.shared_transaction(write, alone=alone, then=committed, tag=tag)
 
@@ -361,8 +361,7 @@ class ConversationBus:
             conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
                          (request.id, target, sealed, now_iso()))
 
-        return self._write_shared(accept, alone=alone, tag="accept",
-                                  then=lambda _: then() if then is not None else None)
+        return self._write_shared(accept, alone=alone, tag="accept", then=then)
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -409,15 +408,16 @@ class ConversationBus:
             raise NotFound(f"no envelope {envelope_id!r}")
         return Envelope.model_validate(self._env(row))
 
+    def _envelopes(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        return [self._env(row) for row in self.db.query(sql, params)]
+
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
-        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
-                             " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
-        return [self._env(r) for r in rows]
+        return self._envelopes("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
+                               " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:
-        rows = self.db.query("SELECT * FROM messages WHERE correlation_id = ? ORDER BY seq", (correlation_id,))
-        return [self._env(r) for r in rows]
+        return self._envelopes("SELECT * FROM messages WHERE correlation_id = ? ORDER BY seq", (correlation_id,))
 
     def search(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
         words = _WORD.findall(query or "")
@@ -428,10 +428,8 @@ class ConversationBus:
             self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-            rows = self.db.query("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
-                                 " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
-        else:
-            clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
-            params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]
-            rows = self.db.query(f"SELECT * FROM messages WHERE {clause} ORDER BY seq DESC LIMIT ?", [*params, limit])
-        return [self._env(r) for r in rows]
+            return self._envelopes("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
+                                   " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
+        clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
+        params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]
+        return self._envelopes(f"SELECT * FROM messages WHERE {clause} ORDER BY seq DESC LIMIT ?", [*params, limit])

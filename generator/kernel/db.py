@@ -19,7 +19,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,7 +106,7 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self.fts5 = self._probe_fts5()
+        self.fts5 = bool(self.one("SELECT sqlite_compileoption_used('ENABLE_FTS5') AS yes")["yes"])
         # Group commit (see the module docstring): group commits counted, and how many are known on disk.
         self._committed = self._synced = 0
         self._wal_fd: int | None = None
@@ -115,14 +116,6 @@ class Database:
         self._shared: dict[asyncio.AbstractEventLoop, list[SharedWrite]] = {}
         self._closed = False
         self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
-
-    def _probe_fts5(self) -> bool:
-        try:
-            self._conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp._fts5_probe USING fts5(x)")
-            self._conn.execute("DROP TABLE IF EXISTS temp._fts5_probe")
-            return True
-        except sqlite3.OperationalError:
-            return False
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -220,8 +213,7 @@ class Database:
         return done
 
     def _commit_batch(self, batch: list[SharedWrite]) -> None:
-        for tag in {tag for _write, _then, _done, tag in batch if tag}:
-            self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
+        self.last_batch.update(Counter(tag for *_, tag in batch if tag))
         outcomes = self._outcomes([write for write, *_ in batch])
         for (_write, then, done, _tag), (value, exc) in zip(batch, outcomes, strict=True):
             if exc is None and then is not None:
@@ -365,40 +357,37 @@ class TableStore:
             raise InvalidArgument(f"MAD {self._mad!r} has no table {table!r}; it has {sorted(self._tables)}")
         return f"{self._mad}_{table}"
 
-    def _columns(self, table: str, names: Sequence[str]) -> list[str]:
-        unknown = [name for name in names if name not in self._tables[table]]
-        if unknown:
+    def _checked(self, table: str, names: Iterable[str]) -> str:
+        """The table's full name, once every one of `names` is known to be one of its columns."""
+        full = self.table_name(table)
+        if unknown := [name for name in names if name not in self._tables[table]]:
             raise InvalidArgument(f"table {table!r} has no column {unknown[0]!r}")
-        return list(names)
+        return full
 
     def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
         """The table's full name, `col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
-        full, cols = self.table_name(table), self._columns(table, list(where))
-        return full, " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
+        return self._checked(table, where), " AND ".join(f"{c} = ?" for c in where) or "1=1", list(where.values())
 
     def insert(self, table: str, **values: Any) -> int:
-        full = self.table_name(table)
-        cols = self._columns(table, list(values))
-        into = f"({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})" if cols else "DEFAULT VALUES"
-        return int(self._db.execute(f"INSERT INTO {full} {into}", [values[c] for c in cols]).lastrowid or 0)
+        full = self._checked(table, values)
+        into = f"({', '.join(values)}) VALUES ({', '.join('?' * len(values))})" if values else "DEFAULT VALUES"
+        return int(self._db.execute(f"INSERT INTO {full} {into}", list(values.values())).lastrowid or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full, clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
-        if order_col != "rowid":
-            self._columns(table, [order_col])
+        self._checked(table, [order_col] if order_col != "rowid" else [])
         direction = "DESC" if order_by.startswith("-") else "ASC"
         return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
                               [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
         full, clause, params = self._where(table, where)
-        vcols = self._columns(table, list(values))
-        if not vcols:
+        self._checked(table, values)
+        if not values:
             return 0
-        sets = ", ".join(f"{c} = ?" for c in vcols)
-        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}",
-                                [*(values[c] for c in vcols), *params]).rowcount
+        sets = ", ".join(f"{c} = ?" for c in values)
+        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}", [*values.values(), *params]).rowcount
 
     def delete(self, table: str, **where: Any) -> int:
         full, clause, params = self._where(table, where)
