@@ -182,10 +182,10 @@ INDEX_BATCH = 500  # messages indexed per transaction; also how many may wait fo
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def _limit(limit: int, cap: int = 1000) -> int:
+def _limit(limit: int) -> int:
     if not isinstance(limit, int) or limit < 1:
         raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
-    return min(limit, cap)
+    return min(limit, 1000)
 
 
 class ConversationBus:
@@ -253,8 +253,7 @@ class ConversationBus:
         people = list(dict.fromkeys([created_by, *[str(p) for p in participants or []]]))
         row = {"id": new_id(), "title": title[:500], "participants": json.dumps(people), "created_by": created_by,
                "created_at": now_iso()}
-        self.db.execute("INSERT INTO conversations (id, title, participants, created_by, created_at)"
-                        " VALUES (:id, :title, :participants, :created_by, :created_at)", row)
+        self.db.execute("INSERT INTO conversations VALUES (:id, :title, :participants, :created_by, :created_at)", row)
         return self._conv(row)
 
     def get(self, conversation_id: str) -> dict[str, Any]:

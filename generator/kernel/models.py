@@ -103,17 +103,17 @@ class ModelGateway:
             (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
-    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int], ok: bool,
+    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int] | None,
                 started: float) -> None:
-        """Charge the tokens a call used (if any) to each account, and log the call, in one transaction."""
-        prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+        """Charge the tokens a call used to each account, and log the call, in one transaction (no usage: it failed)."""
+        prompt_tokens, completion_tokens = (usage["prompt_tokens"], usage["completion_tokens"]) if usage else (0, 0)
         with self.db.transaction() as conn:
             if total := prompt_tokens + completion_tokens:
                 conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ?"
                                  " WHERE account = ?", [(total, now_iso(), account) for account in accounts])
             conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok,"
                          " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(ok),
+                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(usage is not None),
                           int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
@@ -143,14 +143,12 @@ class ModelGateway:
                 raise BudgetExceeded(f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
                                      f" but only {b['remaining']} of {b['budget']} remain")
         started = time.monotonic()
-        ok = False
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage: dict[str, int] | None = None
         try:
             text, usage = (self._echo(prompt, max_tokens, system) if alias.provider == "echo"
                            else await self._openai(model, alias, prompt, max_tokens, system, prompt_tokens))
-            ok = True
         finally:
-            self._charge(accounts, model, alias.provider, usage, ok, started)
+            self._charge(accounts, model, alias.provider, usage, started)
         return {"model": model, "provider": alias.provider, "text": text, **usage,
                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], "charged_to": accounts}
 

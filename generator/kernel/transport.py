@@ -128,11 +128,6 @@ class Reply(BaseModel):
             return self.result
         raise _error_class(self.code)(self.envelope.content)
 
-    @classmethod
-    def recorded(cls, envelope: Envelope) -> Reply:
-        """A reply as stored (a redelivered request's): the redacted payload is all there is."""
-        return cls(envelope=envelope, stored_payload=envelope.payload, code=str(envelope.payload.get("code", "")))
-
 
 def _error_class(code: str) -> type[KernelError]:
     """The KernelError subclass with this code whose constructor takes just a message (KernelError if none)."""
@@ -228,12 +223,11 @@ class Transport(ABC):
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        if isinstance(task.exception(), DurabilityError):  # acked, but not known to be on disk: not acknowledged
-            log.error("bus delivery done but not acknowledged: the disk did not confirm it", extra={"error": str(task.exception())})
-        else:
-            log.error("bus delivery failed; it stays pending and runs again", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, DurabilityError):  # acked, but not known to be on disk: not acknowledged
+            log.error("bus delivery done but not acknowledged: the disk did not confirm it", extra={"error": str(error)})
+        elif error is not None:
+            log.error("bus delivery failed; it stays pending and runs again", exc_info=error)
 
     async def _drain(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -286,15 +280,14 @@ class LocalTransport(Transport):
         alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit with
         acked = await self._bus.complete_shared(request.id, reply.envelope, stored_payload=reply.stored_payload, alone=alone)
         await self._bus.db.durable()
-        if not acked:  # acked meanwhile: the first reply stands
-            row = self._bus.delivery(request.id)
-            return Reply.recorded(self._bus.message(row["reply_id"])) if row else reply
+        if not acked and (row := self._bus.delivery(request.id)):  # acked meanwhile: the first reply stands,
+            first = self._bus.message(row["reply_id"])  # as stored: its redacted payload is all there is
+            return Reply(envelope=first, stored_payload=first.payload, code=str(first.payload.get("code", "")))
         return reply
 
     async def _recover(self) -> None:
         """Deliver again, oldest first, what a crash left pending."""
-        pending = self._bus.pending(self._hosted)
-        if pending:
+        if pending := self._bus.pending(self._hosted):
             log.info("redelivering requests a previous run accepted and did not finish", extra={"count": len(pending)})
         for row in pending:
             try:
