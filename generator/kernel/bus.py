@@ -267,12 +267,10 @@ class ConversationBus:
         return self._conv(row) if row else None
 
     def join(self, conversation_id: str, who: str) -> dict[str, Any]:
-        with self.db.transaction() as conn:  # read and written in one transaction: concurrent joins all count
-            people = self.get(conversation_id)["participants"]  # on the same connection, inside the transaction
-            if who not in people:
-                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?",
-                             (json.dumps([*people, who]), conversation_id))
-        return self.get(conversation_id)
+        # Read and written in one statement: concurrent joins all count.
+        self.db.execute("UPDATE conversations SET participants = json_insert(participants, '$[#]', ?) WHERE id = ?"
+                        " AND ? NOT IN (SELECT value FROM json_each(participants))", (who, conversation_id, who))
+        return self.get(conversation_id)  # NotFound when missing
 
     def ensure(self, title: str, who: str) -> dict[str, Any]:
         """The conversation with this title (created if missing), with `who` among its participants."""

@@ -233,16 +233,15 @@ class Transport(ABC):
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         # Deliveries may start deliveries (a handler asking another MAD): wait until none is left, or the deadline.
-        while mine := {t for t in self._inflight if t.get_loop() is loop and not t.done()}:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again",
-                            extra={"in_flight": len(mine)})
-                for task in mine:
-                    task.cancel()
-                await asyncio.wait(mine, timeout=1.0)
-                return
+        while ((mine := {t for t in self._inflight if t.get_loop() is loop and not t.done()})
+               and (left := deadline - time.monotonic()) > 0):
             await asyncio.wait(mine, timeout=left)
+        if mine:
+            log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again",
+                        extra={"in_flight": len(mine)})
+            for task in mine:
+                task.cancel()
+            await asyncio.wait(mine, timeout=1.0)
 
 
 class LocalTransport(Transport):
