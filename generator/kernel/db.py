@@ -19,7 +19,6 @@ import os
 import re
 import sqlite3
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
@@ -213,7 +212,8 @@ class Database:
         return done
 
     def _commit_batch(self, batch: list[SharedWrite]) -> None:
-        self.last_batch.update(Counter(tag for *_, tag in batch if tag))
+        for tag in {tag for _write, _then, _done, tag in batch if tag}:
+            self.last_batch[tag] = sum(1 for *_, t in batch if t == tag)
         outcomes = self._outcomes([write for write, *_ in batch])
         for (_write, then, done, _tag), (value, exc) in zip(batch, outcomes, strict=True):
             if exc is None and then is not None:
