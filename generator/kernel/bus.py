@@ -141,21 +141,21 @@ CREATE TABLE IF NOT EXISTS bus_deliveries {_DELIVERIES};
 CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target) WHERE state = 'pending';
 """
 
-_RELAYOUT_MESSAGES = f"""
-CREATE TABLE messages_relayout {_MESSAGES};
-INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at
-    FROM messages ORDER BY seq;
-DROP TABLE messages;
-ALTER TABLE messages_relayout RENAME TO messages;
-DELETE FROM sqlite_sequence WHERE name = 'messages';
-"""
-_RELAYOUT_DELIVERIES = f"""
-CREATE TABLE bus_deliveries_relayout {_DELIVERIES};
-INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at
-    FROM bus_deliveries;
-DROP TABLE bus_deliveries;
-ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries;
-"""
+_RELAYOUT_MESSAGES = (
+    f"CREATE TABLE messages_relayout {_MESSAGES}",
+    "INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload,"
+    " created_at FROM messages ORDER BY seq",
+    "DROP TABLE messages",
+    "ALTER TABLE messages_relayout RENAME TO messages",
+    "DELETE FROM sqlite_sequence WHERE name = 'messages'",
+)
+_RELAYOUT_DELIVERIES = (
+    f"CREATE TABLE bus_deliveries_relayout {_DELIVERIES}",
+    "INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at,"
+    " acked_at FROM bus_deliveries",
+    "DROP TABLE bus_deliveries",
+    "ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries",
+)
 COPIED_PER_S = 50_000  # messages a rebuild copies per second, about, on a VM's disk: for the log's estimate
 
 
@@ -202,7 +202,7 @@ class ConversationBus:
         """Rebuild the bus tables an older kernel made into today's layout (see _MESSAGES), each table on its
         own (a database from before deliveries existed has only `messages` to rebuild); the indexes and the
         search triggers are made again by the schema after it."""
-        def plan(conn: sqlite3.Connection) -> dict[str, str]:
+        def plan(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
             layouts = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"
                                         " AND name IN ('messages', 'bus_deliveries')").fetchall())
             scripts = {}

@@ -73,19 +73,6 @@ def write_private(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The statements of an SQL script, one by one (so they can run inside a transaction already open)."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            if pending.strip():
-                yield pending
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"the SQL script ends inside a statement: {pending.strip()[:80]!r}")
-
-
 class Database:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -140,19 +127,20 @@ class Database:
             with self._conn:  # ROLLBACK if the script fails midway (nothing to do once it committed)
                 self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")  # own line: the script may end in a comment
 
-    def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
+    def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, Sequence[str]]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
         renamed), in one transaction with foreign keys off, as that recipe asks. `plan(conn)` runs inside the
         transaction, so of two processes opening the database at once only the first rebuilds: it gives
-        {table: script} for the tables still in an old layout. Taken back, changing nothing, if a rebuilt
+        {table: its statements} for the tables still in an old layout (statements, not a script: the
+        sqlite3 module runs a script only after committing whatever transaction is open). Taken back, changing nothing, if a rebuilt
         table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
         with self._lock:
             self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
             try:
                 with self.transaction() as conn:
                     scripts = plan(conn)
-                    for script in scripts.values():
-                        for statement in _statements(script):
+                    for statements in scripts.values():
+                        for statement in statements:
                             conn.execute(statement)
                     for table in scripts:
                         if broken := conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall():
