@@ -374,11 +374,10 @@ class ConversationBus:
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
                   stored_payload: dict[str, Any] | None = None) -> bool:
         acked = conn.execute("UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
-                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount
-        if acked != 1:
-            return False
-        self._insert(conn, reply, payload=stored_payload)
-        return True
+                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount == 1
+        if acked:
+            self._insert(conn, reply, payload=stored_payload)
+        return acked
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
         """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""

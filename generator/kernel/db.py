@@ -307,10 +307,8 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
         col_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
         if col_type is None:
             raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type', 'text')!r}")
-        part = f"{ident(col['name'])} {col_type}"
         single_pk = len(pks) == 1 and col.get("primary_key")
-        if single_pk:
-            part += " PRIMARY KEY"
+        part = f"{ident(col['name'])} {col_type}{' PRIMARY KEY' if single_pk else ''}"
         # An INTEGER PRIMARY KEY is the rowid: never NULL, SQLite assigns it.
         if not col.get("nullable", True) and not (single_pk and col_type == "INTEGER"):
             part += " NOT NULL"
