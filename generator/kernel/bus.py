@@ -205,17 +205,17 @@ class ConversationBus:
         def plan(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
             layouts = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"
                                         " AND name IN ('messages', 'bus_deliveries')").fetchall())
-            scripts = {}
+            tables = {}
             if "AUTOINCREMENT" in layouts.get("messages", "").upper():
-                scripts["messages"] = _RELAYOUT_MESSAGES
+                tables["messages"] = _RELAYOUT_MESSAGES
             if "bus_deliveries" in layouts and "WITHOUT ROWID" not in layouts["bus_deliveries"].upper():
-                scripts["bus_deliveries"] = _RELAYOUT_DELIVERIES
-            if scripts:
+                tables["bus_deliveries"] = _RELAYOUT_DELIVERIES
+            if tables:
                 count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
                 log.warning("rebuilding the bus tables in the leaner layout, once: other processes wait for the "
-                            "database meanwhile", extra={"tables": sorted(scripts), "messages": count,
+                            "database meanwhile", extra={"tables": sorted(tables), "messages": count,
                                                          "expected_s": round(count / COPIED_PER_S, 1)})
-            return scripts
+            return tables
 
         if rebuilt := self.db.rebuild(plan):
             log.info("bus tables rebuilt", extra={"tables": rebuilt})
@@ -374,10 +374,10 @@ class ConversationBus:
     def _complete(self, conn: sqlite3.Connection, request_id: str, reply: Envelope,
                   stored_payload: dict[str, Any] | None = None) -> bool:
         acked = conn.execute("UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
-                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount == 1
-        if acked:
+                             " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount
+        if acked == 1:
             self._insert(conn, reply, payload=stored_payload)
-        return acked
+        return acked == 1
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
         """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""

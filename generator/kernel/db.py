@@ -131,26 +131,26 @@ class Database:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
         renamed), in one transaction with foreign keys off, as that recipe asks. `plan(conn)` runs inside the
         transaction, so of two processes opening the database at once only the first rebuilds: it gives
-        {table: its statements} for the tables still in an old layout (statements, not a script: the
-        sqlite3 module runs a script only after committing whatever transaction is open). Taken back, changing nothing, if a rebuilt
-        table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
+        {table: its statements} for the tables still in an old layout (statements, not a script: the sqlite3
+        module runs a script only after committing whatever transaction is open). Taken back, changing nothing,
+        if a rebuilt table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
         with self._lock:
             self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
             try:
                 with self.transaction() as conn:
-                    scripts = plan(conn)
-                    for statements in scripts.values():
+                    tables = plan(conn)
+                    for statements in tables.values():
                         for statement in statements:
                             conn.execute(statement)
-                    for table in scripts:
+                    for table in tables:
                         if broken := conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall():
                             raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
                                                          "foreign keys; nothing was changed")
             finally:
                 self._conn.execute("PRAGMA foreign_keys=ON")
-            if scripts:  # the copy went through the write-ahead log: give its space back
+            if tables:  # the copy went through the write-ahead log: give its space back
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return list(scripts)
+            return list(tables)
 
     def _sync_mode(self, *, full: bool) -> None:
         """FULL for a write that must be on disk when it returns, NORMAL for a group commit (under the lock)."""

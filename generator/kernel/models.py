@@ -113,8 +113,8 @@ class ModelGateway:
                                  " WHERE account = ?", [(total, now_iso(), account) for account in accounts])
             conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok,"
                          " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(usage is not None),
-                          int((time.monotonic() - started) * 1000)))
+                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens,
+                          int(usage is not None), int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
 

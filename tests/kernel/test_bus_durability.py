@@ -518,7 +518,8 @@ def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco,
     db.execute("PRAGMA foreign_keys=OFF")
     db.execute("INSERT INTO other VALUES ('dangling')")  # an old violation elsewhere
     db.execute("PRAGMA foreign_keys=ON")
-    drop_parent = ["CREATE TABLE parent_new (id TEXT PRIMARY KEY)", "DROP TABLE parent", "ALTER TABLE parent_new RENAME TO parent"]
+    drop_parent = ["CREATE TABLE parent_new (id TEXT PRIMARY KEY)", "DROP TABLE parent",
+                   "ALTER TABLE parent_new RENAME TO parent"]
     with pytest.raises(sqlite3.IntegrityError, match="rebuilding table child would break 1 of its foreign keys; nothing was changed"):
         db.rebuild(lambda conn: {"child": drop_parent})
     assert db.query("SELECT id FROM parent") == [{"id": "a"}]
