@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
@@ -59,17 +60,15 @@ def fsync_dir(path: Path) -> None:
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically with mode 0600 (keys, tokens): a temp file, fsync, rename, fsync the
     directory, so a crash leaves the old file or the new one, never a torn or world-readable one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # a new file, mode 0600
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a leftover temp file keeps its mode through O_TRUNC
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
