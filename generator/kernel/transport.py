@@ -58,7 +58,7 @@ class SealError(KernelError):
 
     code = "sealed"
 
-    def __init__(self, message: str, *, foreign_key: bool):
+    def __init__(self, message: str, *, foreign_key: bool = False):
         super().__init__(message)
         self.foreign_key = foreign_key
 
@@ -84,7 +84,7 @@ class Sealer:
     def open(self, blob: bytes | None, context: str) -> bytes:
         head = 1 + len(self.fingerprint)
         if not blob or len(blob) < head + 12 + 16 or blob[:1] != self._VERSION:
-            raise SealError("not a sealed bus envelope", foreign_key=False)
+            raise SealError("not a sealed bus envelope")
         if blob[1:head] != self.fingerprint:
             raise SealError(
                 f"sealed under another secrets key (fingerprint {blob[1:head].hex()}; this process has "
@@ -94,8 +94,8 @@ class Sealer:
         try:
             return self._aead.decrypt(blob[head:head + 12], blob[head + 12:], context.encode())
         except InvalidTag:
-            raise SealError(f"envelope failed authentication for {context!r} (damaged, or moved from elsewhere)",
-                            foreign_key=False) from None
+            raise SealError(f"envelope failed authentication for {context!r} (damaged, or moved from "
+                            "elsewhere)") from None
 
 
 _compact = json.JSONEncoder(default=str, separators=(",", ":")).encode  # one encoder, not one per call
@@ -225,7 +225,8 @@ class Transport(ABC):
         self._inflight.discard(task)
         error = None if task.cancelled() else task.exception()
         if isinstance(error, DurabilityError):  # acked, but not known to be on disk: not acknowledged
-            log.error("bus delivery done but not acknowledged: the disk did not confirm it", extra={"error": str(error)})
+            log.error("bus delivery done but not acknowledged: the disk did not confirm it",
+                      extra={"error": str(error)})
         elif error is not None:
             log.error("bus delivery failed; it stays pending and runs again", exc_info=error)
 
