@@ -220,19 +220,17 @@ class ConversationBus:
         if rebuilt := self.db.rebuild(plan):
             log.info("bus tables rebuilt", extra={"tables": rebuilt})
 
-    def index_new(self) -> int:
+    def index_new(self) -> None:
         """Add every message stored since the last call to the search index, INDEX_BATCH per transaction
         (group commits: the index is derived, and the log keeps it in step with the messages)."""
-        indexed = 0
         while True:
             with self.db.transaction(group_commit=True) as conn:
                 done = conn.execute("SELECT coalesce(max(id), 0) FROM messages_fts_docsize").fetchone()[0]
                 added = conn.execute("INSERT INTO messages_fts(rowid, content) SELECT seq, content FROM messages"
                                      " WHERE seq > ? ORDER BY seq LIMIT ?", (done, INDEX_BATCH)).rowcount
-            indexed += added
             if added < INDEX_BATCH:
                 self._unindexed = 0
-                return indexed
+                return
 
     def _stored(self) -> None:
         """Count a message stored; a full batch is indexed at once, so a search never has much to catch up on."""
@@ -386,10 +384,9 @@ class ConversationBus:
 
     def pending(self, targets: list[str]) -> list[dict[str, Any]]:
         """Deliveries to these MADs not acked yet, oldest first."""
-        marks = ", ".join("?" for _ in targets) or "NULL"
         return self.db.query("SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d"
                              " JOIN messages m ON m.id = d.envelope_id WHERE d.state = 'pending'"
-                             f" AND d.target IN ({marks}) ORDER BY m.seq", list(targets))
+                             " AND d.target IN (SELECT value FROM json_each(?)) ORDER BY m.seq", (json.dumps(targets),))
 
     def count_attempt(self, request_id: str) -> int:
         """Note one more start of a pending delivery; returns how many starts it has had."""
