@@ -251,7 +251,8 @@ class ConversationBus:
         people = list(dict.fromkeys([created_by, *[str(p) for p in participants or []]]))
         row = {"id": new_id(), "title": title[:500], "participants": json.dumps(people), "created_by": created_by,
                "created_at": now_iso()}
-        self.db.execute("INSERT INTO conversations VALUES (:id, :title, :participants, :created_by, :created_at)", row)
+        self.db.execute("INSERT INTO conversations (id, title, participants, created_by, created_at)"
+                        " VALUES (:id, :title, :participants, :created_by, :created_at)", row)
         return self._conv(row)
 
     def get(self, conversation_id: str) -> dict[str, Any]:

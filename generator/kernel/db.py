@@ -361,7 +361,8 @@ class TableStore:
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full, clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
-        self._checked(table, [order_col] if order_col != "rowid" else [])
+        if order_col != "rowid":
+            self._checked(table, [order_col])
         direction = "DESC" if order_by.startswith("-") else "ASC"
         return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
                               [*params, max(0, int(limit))])
