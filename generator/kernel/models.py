@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS model_calls (
 );
 """
 
+# An account's balance as the budget tools show it.
+_BALANCE = "SELECT account, budget, spent, max(0, budget - spent) AS remaining, calls FROM budgets"
 
 ECHO_LABEL = "[offline echo model]"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
@@ -84,23 +86,19 @@ class ModelGateway:
         self.db.execute("INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
                         f"ON CONFLICT(account) {on_conflict}", (account, int(budget), now_iso()))
 
-    @staticmethod
-    def _balance(row: Any) -> dict[str, Any]:
-        return {"budget": row["budget"], "spent": row["spent"], "remaining": max(0, row["budget"] - row["spent"]),
-                "calls": row["calls"]}
-
     def account_budget(self, account: str) -> dict[str, Any]:
         if account.startswith("client:"):
             self._ensure_account(account, self.client_budget)
-        row = self.db.one("SELECT * FROM budgets WHERE account = ?", (account,))
+        row = self.db.one(f"{_BALANCE} WHERE account = ?", (account,))
         if row is None:
             raise NotFound(f"no budget account {account!r}")
-        return {"account": account, **self._balance(row)}
+        return row
 
     def budgets(self) -> dict[str, Any]:
         mads, clients = {}, {}
-        for r in self.db.query("SELECT * FROM budgets ORDER BY account"):
-            (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
+        for balance in self.db.query(f"{_BALANCE} ORDER BY account"):
+            account = balance.pop("account")
+            (clients if account.startswith("client:") else mads)[account] = balance
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
     def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int] | None,
