@@ -45,7 +45,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -141,21 +141,21 @@ CREATE TABLE IF NOT EXISTS bus_deliveries {_DELIVERIES};
 CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries(state, target) WHERE state = 'pending';
 """
 
-_RELAYOUT_MESSAGES = f"""
-CREATE TABLE messages_relayout {_MESSAGES};
-INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload, created_at
-    FROM messages ORDER BY seq;
-DROP TABLE messages;
-ALTER TABLE messages_relayout RENAME TO messages;
-DELETE FROM sqlite_sequence WHERE name = 'messages';
-"""
-_RELAYOUT_DELIVERIES = f"""
-CREATE TABLE bus_deliveries_relayout {_DELIVERIES};
-INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at, acked_at
-    FROM bus_deliveries;
-DROP TABLE bus_deliveries;
-ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries;
-"""
+_RELAYOUT_MESSAGES = (
+    f"CREATE TABLE messages_relayout {_MESSAGES}",
+    "INSERT INTO messages_relayout SELECT seq, id, correlation_id, sender, conversation_id, kind, content, payload,"
+    " created_at FROM messages ORDER BY seq",
+    "DROP TABLE messages",
+    "ALTER TABLE messages_relayout RENAME TO messages",
+    "DELETE FROM sqlite_sequence WHERE name = 'messages'",
+)
+_RELAYOUT_DELIVERIES = (
+    f"CREATE TABLE bus_deliveries_relayout {_DELIVERIES}",
+    "INSERT INTO bus_deliveries_relayout SELECT envelope_id, target, state, attempts, sealed, reply_id, accepted_at,"
+    " acked_at FROM bus_deliveries",
+    "DROP TABLE bus_deliveries",
+    "ALTER TABLE bus_deliveries_relayout RENAME TO bus_deliveries",
+)
 COPIED_PER_S = 50_000  # messages a rebuild copies per second, about, on a VM's disk: for the log's estimate
 
 
@@ -182,10 +182,10 @@ INDEX_BATCH = 500  # messages indexed per transaction; also how many may wait fo
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def _limit(limit: int, cap: int = 1000) -> int:
+def _limit(limit: int) -> int:
     if not isinstance(limit, int) or limit < 1:
         raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
-    return min(limit, cap)
+    return min(limit, 1000)
 
 
 class ConversationBus:
@@ -202,37 +202,35 @@ class ConversationBus:
         """Rebuild the bus tables an older kernel made into today's layout (see _MESSAGES), each table on its
         own (a database from before deliveries existed has only `messages` to rebuild); the indexes and the
         search triggers are made again by the schema after it."""
-        def plan(conn: sqlite3.Connection) -> dict[str, str]:
+        def plan(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
             layouts = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"
                                         " AND name IN ('messages', 'bus_deliveries')").fetchall())
-            scripts = {}
+            tables = {}
             if "AUTOINCREMENT" in layouts.get("messages", "").upper():
-                scripts["messages"] = _RELAYOUT_MESSAGES
+                tables["messages"] = _RELAYOUT_MESSAGES
             if "bus_deliveries" in layouts and "WITHOUT ROWID" not in layouts["bus_deliveries"].upper():
-                scripts["bus_deliveries"] = _RELAYOUT_DELIVERIES
-            if scripts:
+                tables["bus_deliveries"] = _RELAYOUT_DELIVERIES
+            if tables:
                 count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
                 log.warning("rebuilding the bus tables in the leaner layout, once: other processes wait for the "
-                            "database meanwhile", extra={"tables": sorted(scripts), "messages": count,
+                            "database meanwhile", extra={"tables": sorted(tables), "messages": count,
                                                          "expected_s": round(count / COPIED_PER_S, 1)})
-            return scripts
+            return tables
 
         if rebuilt := self.db.rebuild(plan):
             log.info("bus tables rebuilt", extra={"tables": rebuilt})
 
-    def index_new(self) -> int:
+    def index_new(self) -> None:
         """Add every message stored since the last call to the search index, INDEX_BATCH per transaction
         (group commits: the index is derived, and the log keeps it in step with the messages)."""
-        indexed = 0
         while True:
             with self.db.transaction(group_commit=True) as conn:
                 done = conn.execute("SELECT coalesce(max(id), 0) FROM messages_fts_docsize").fetchone()[0]
                 added = conn.execute("INSERT INTO messages_fts(rowid, content) SELECT seq, content FROM messages"
                                      " WHERE seq > ? ORDER BY seq LIMIT ?", (done, INDEX_BATCH)).rowcount
-            indexed += added
             if added < INDEX_BATCH:
                 self._unindexed = 0
-                return indexed
+                return
 
     def _stored(self) -> None:
         """Count a message stored; a full batch is indexed at once, so a search never has much to catch up on."""
@@ -268,12 +266,10 @@ class ConversationBus:
         return self._conv(row) if row else None
 
     def join(self, conversation_id: str, who: str) -> dict[str, Any]:
-        with self.db.transaction() as conn:  # read and written in one transaction: concurrent joins all count
-            people = self.get(conversation_id)["participants"]  # on the same connection, inside the transaction
-            if who not in people:
-                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?",
-                             (json.dumps([*people, who]), conversation_id))
-        return self.get(conversation_id)
+        # Read and written in one statement: concurrent joins all count.
+        self.db.execute("UPDATE conversations SET participants = json_insert(participants, '$[#]', ?) WHERE id = ?"
+                        " AND ? NOT IN (SELECT value FROM json_each(participants))", (who, conversation_id, who))
+        return self.get(conversation_id)  # NotFound when missing
 
     def ensure(self, title: str, who: str) -> dict[str, Any]:
         """The conversation with this title (created if missing), with `who` among its participants."""
@@ -341,12 +337,12 @@ class ConversationBus:
     # ---- deliveries (see the module docstring) -------------------------------------------------
 
     def _write_shared(self, write: Callable[[sqlite3.Connection], Any], *, alone: bool,
-                      then: Callable[[Any], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
+                      then: Callable[[], Any] | None = None, tag: str = "") -> asyncio.Future[Any]:
         """`write(conn)`, which stores messages, in the transaction the bus writes of this event-loop turn share;
-        `then(result)` (or the result itself) once it is committed."""
+        the future gives what `then()` returned once it is committed (what `write` returned, without `then`)."""
         def committed(result: Any) -> Any:
             self._stored()
-            return then(result) if then is not None else result
+            return then() if then is not None else result
 
         return self.db.shared_transaction(write, alone=alone, then=committed, tag=tag)
 
@@ -361,8 +357,7 @@ class ConversationBus:
             conn.execute("INSERT INTO bus_deliveries (envelope_id, target, sealed, accepted_at) VALUES (?, ?, ?, ?)",
                          (request.id, target, sealed, now_iso()))
 
-        return self._write_shared(accept, alone=alone, tag="accept",
-                                  then=lambda _: then() if then is not None else None)
+        return self._write_shared(accept, alone=alone, tag="accept", then=then)
 
     def complete(self, request_id: str, reply: Envelope) -> bool:
         """Store the reply and ack the delivery, in one transaction; False (nothing written) when it was acked already."""
@@ -379,10 +374,9 @@ class ConversationBus:
                   stored_payload: dict[str, Any] | None = None) -> bool:
         acked = conn.execute("UPDATE bus_deliveries SET state = 'acked', reply_id = ?, sealed = NULL, acked_at = ?"
                              " WHERE envelope_id = ? AND state = 'pending'", (reply.id, now_iso(), request_id)).rowcount
-        if acked != 1:
-            return False
-        self._insert(conn, reply, payload=stored_payload)
-        return True
+        if acked == 1:
+            self._insert(conn, reply, payload=stored_payload)
+        return acked == 1
 
     def delivery(self, request_id: str) -> dict[str, Any] | None:
         """The delivery row of a request: envelope_id, target, state, attempts, sealed, reply_id."""
@@ -391,10 +385,9 @@ class ConversationBus:
 
     def pending(self, targets: list[str]) -> list[dict[str, Any]]:
         """Deliveries to these MADs not acked yet, oldest first."""
-        marks = ", ".join("?" for _ in targets) or "NULL"
         return self.db.query("SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d"
                              " JOIN messages m ON m.id = d.envelope_id WHERE d.state = 'pending'"
-                             f" AND d.target IN ({marks}) ORDER BY m.seq", list(targets))
+                             " AND d.target IN (SELECT value FROM json_each(?)) ORDER BY m.seq", (json.dumps(targets),))
 
     def count_attempt(self, request_id: str) -> int:
         """Note one more start of a pending delivery; returns how many starts it has had."""
@@ -409,15 +402,16 @@ class ConversationBus:
             raise NotFound(f"no envelope {envelope_id!r}")
         return Envelope.model_validate(self._env(row))
 
+    def _envelopes(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        return [self._env(row) for row in self.db.query(sql, params)]
+
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
-        rows = self.db.query("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
-                             " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
-        return [self._env(r) for r in rows]
+        return self._envelopes("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
+                               " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:
-        rows = self.db.query("SELECT * FROM messages WHERE correlation_id = ? ORDER BY seq", (correlation_id,))
-        return [self._env(r) for r in rows]
+        return self._envelopes("SELECT * FROM messages WHERE correlation_id = ? ORDER BY seq", (correlation_id,))
 
     def search(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
         words = _WORD.findall(query or "")
@@ -428,10 +422,8 @@ class ConversationBus:
             self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-            rows = self.db.query("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
-                                 " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
-        else:
-            clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
-            params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]
-            rows = self.db.query(f"SELECT * FROM messages WHERE {clause} ORDER BY seq DESC LIMIT ?", [*params, limit])
-        return [self._env(r) for r in rows]
+            return self._envelopes("SELECT m.* FROM messages_fts f JOIN messages m ON m.seq = f.rowid"
+                                   " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (match, limit))
+        clause = " AND ".join("content LIKE ? ESCAPE '\\'" for _ in words)
+        params: list[Any] = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]
+        return self._envelopes(f"SELECT * FROM messages WHERE {clause} ORDER BY seq DESC LIMIT ?", [*params, limit])

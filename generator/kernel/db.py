@@ -19,6 +19,7 @@ import asyncio
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -52,31 +53,16 @@ def fsync_dir(path: Path) -> None:
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically with mode 0600 (keys, tokens): a temp file, fsync, rename, fsync the
     directory, so a crash leaves the old file or the new one, never a torn or world-readable one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # a new file, mode 0600
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a leftover temp file keeps its mode through O_TRUNC
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
-
-
-def _statements(script: str) -> Iterator[str]:
-    """The statements of an SQL script, one by one (so they can run inside a transaction already open)."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            if pending.strip():
-                yield pending
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"the SQL script ends inside a statement: {pending.strip()[:80]!r}")
 
 
 class Database:
@@ -98,7 +84,7 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self.fts5 = self._probe_fts5()
+        self.fts5 = bool(self.one("SELECT sqlite_compileoption_used('ENABLE_FTS5') AS yes")["yes"])
         # Group commit (see the module docstring): group commits counted, and how many are known on disk.
         self._committed = self._synced = 0
         self._wal_fd: int | None = None
@@ -108,14 +94,6 @@ class Database:
         self._shared: dict[asyncio.AbstractEventLoop, list[SharedWrite]] = {}
         self._closed = False
         self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
-
-    def _probe_fts5(self) -> bool:
-        try:
-            self._conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp._fts5_probe USING fts5(x)")
-            self._conn.execute("DROP TABLE IF EXISTS temp._fts5_probe")
-            return True
-        except sqlite3.OperationalError:
-            return False
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -141,29 +119,30 @@ class Database:
             with self._conn:  # ROLLBACK if the script fails midway (nothing to do once it committed)
                 self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")  # own line: the script may end in a comment
 
-    def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, str]]) -> list[str]:
+    def rebuild(self, plan: Callable[[sqlite3.Connection], dict[str, Sequence[str]]]) -> list[str]:
         """Change tables' layouts SQLite's way (a table made anew, copied, the old one dropped, the new one
         renamed), in one transaction with foreign keys off, as that recipe asks. `plan(conn)` runs inside the
         transaction, so of two processes opening the database at once only the first rebuilds: it gives
-        {table: script} for the tables still in an old layout. Taken back, changing nothing, if a rebuilt
-        table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
+        {table: its statements} for the tables still in an old layout (statements, not a script: the sqlite3
+        module runs a script only after committing whatever transaction is open). Taken back, changing nothing,
+        if a rebuilt table breaks a foreign key. Returns the tables rebuilt; the log they filled is then given back."""
         with self._lock:
             self._conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before it
             try:
                 with self.transaction() as conn:
-                    scripts = plan(conn)
-                    for script in scripts.values():
-                        for statement in _statements(script):
+                    tables = plan(conn)
+                    for statements in tables.values():
+                        for statement in statements:
                             conn.execute(statement)
-                    for table in scripts:
+                    for table in tables:
                         if broken := conn.execute(f"PRAGMA foreign_key_check({ident(table)})").fetchall():
                             raise sqlite3.IntegrityError(f"rebuilding table {table} would break {len(broken)} of its "
                                                          "foreign keys; nothing was changed")
             finally:
                 self._conn.execute("PRAGMA foreign_keys=ON")
-            if scripts:  # the copy went through the write-ahead log: give its space back
+            if tables:  # the copy went through the write-ahead log: give its space back
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return list(scripts)
+            return list(tables)
 
     def _sync_mode(self, *, full: bool) -> None:
         """FULL for a write that must be on disk when it returns, NORMAL for a group commit (under the lock)."""

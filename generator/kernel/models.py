@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS model_calls (
 );
 """
 
+# An account's balance as the budget tools show it.
+_BALANCE = "SELECT account, budget, spent, max(0, budget - spent) AS remaining, calls FROM budgets"
 
 ECHO_LABEL = "[offline echo model]"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
@@ -84,37 +86,33 @@ class ModelGateway:
         self.db.execute("INSERT INTO budgets (account, budget, spent, calls, updated_at) VALUES (?, ?, 0, 0, ?) "
                         f"ON CONFLICT(account) {on_conflict}", (account, int(budget), now_iso()))
 
-    @staticmethod
-    def _balance(row: Any) -> dict[str, Any]:
-        return {"budget": row["budget"], "spent": row["spent"], "remaining": max(0, row["budget"] - row["spent"]),
-                "calls": row["calls"]}
-
     def account_budget(self, account: str) -> dict[str, Any]:
         if account.startswith("client:"):
             self._ensure_account(account, self.client_budget)
-        row = self.db.one("SELECT * FROM budgets WHERE account = ?", (account,))
+        row = self.db.one(f"{_BALANCE} WHERE account = ?", (account,))
         if row is None:
             raise NotFound(f"no budget account {account!r}")
-        return {"account": account, **self._balance(row)}
+        return row
 
     def budgets(self) -> dict[str, Any]:
         mads, clients = {}, {}
-        for r in self.db.query("SELECT * FROM budgets ORDER BY account"):
-            (clients if r["account"].startswith("client:") else mads)[r["account"]] = self._balance(r)
+        for balance in self.db.query(f"{_BALANCE} ORDER BY account"):
+            account = balance.pop("account")
+            (clients if account.startswith("client:") else mads)[account] = balance
         return {"mads": mads, "clients": clients, "client_budget_tokens": self.client_budget}
 
-    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int], ok: bool,
+    def _charge(self, accounts: list[str], model: str, provider: str, usage: dict[str, int] | None,
                 started: float) -> None:
-        """Charge the tokens a call used (if any) to each account, and log the call, in one transaction."""
-        prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+        """Charge the tokens a call used to each account, and log the call, in one transaction (no usage: it failed)."""
+        prompt_tokens, completion_tokens = (usage["prompt_tokens"], usage["completion_tokens"]) if usage else (0, 0)
         with self.db.transaction() as conn:
             if total := prompt_tokens + completion_tokens:
                 conn.executemany("UPDATE budgets SET spent = spent + ?, calls = calls + 1, updated_at = ?"
                                  " WHERE account = ?", [(total, now_iso(), account) for account in accounts])
             conn.execute("INSERT INTO model_calls (ts, accounts, model, provider, prompt_tokens, completion_tokens, ok,"
                          " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens, int(ok),
-                          int((time.monotonic() - started) * 1000)))
+                         (now_iso(), ",".join(accounts), model, provider, prompt_tokens, completion_tokens,
+                          int(usage is not None), int((time.monotonic() - started) * 1000)))
 
     # ---- aliases -----------------------------------------------------------------------------
 
@@ -143,14 +141,12 @@ class ModelGateway:
                 raise BudgetExceeded(f"token budget exceeded for {account}: this call may use up to {estimate} tokens"
                                      f" but only {b['remaining']} of {b['budget']} remain")
         started = time.monotonic()
-        ok = False
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage: dict[str, int] | None = None
         try:
             text, usage = (self._echo(prompt, max_tokens, system) if alias.provider == "echo"
                            else await self._openai(model, alias, prompt, max_tokens, system, prompt_tokens))
-            ok = True
         finally:
-            self._charge(accounts, model, alias.provider, usage, ok, started)
+            self._charge(accounts, model, alias.provider, usage, started)
         return {"model": model, "provider": alias.provider, "text": text, **usage,
                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], "charged_to": accounts}
 

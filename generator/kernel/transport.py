@@ -58,7 +58,7 @@ class SealError(KernelError):
 
     code = "sealed"
 
-    def __init__(self, message: str, *, foreign_key: bool):
+    def __init__(self, message: str, *, foreign_key: bool = False):
         super().__init__(message)
         self.foreign_key = foreign_key
 
@@ -84,7 +84,7 @@ class Sealer:
     def open(self, blob: bytes | None, context: str) -> bytes:
         head = 1 + len(self.fingerprint)
         if not blob or len(blob) < head + 12 + 16 or blob[:1] != self._VERSION:
-            raise SealError("not a sealed bus envelope", foreign_key=False)
+            raise SealError("not a sealed bus envelope")
         if blob[1:head] != self.fingerprint:
             raise SealError(
                 f"sealed under another secrets key (fingerprint {blob[1:head].hex()}; this process has "
@@ -94,8 +94,8 @@ class Sealer:
         try:
             return self._aead.decrypt(blob[head:head + 12], blob[head + 12:], context.encode())
         except InvalidTag:
-            raise SealError(f"envelope failed authentication for {context!r} (damaged, or moved from elsewhere)",
-                            foreign_key=False) from None
+            raise SealError(f"envelope failed authentication for {context!r} (damaged, or moved from "
+                            "elsewhere)") from None
 
 
 _compact = json.JSONEncoder(default=str, separators=(",", ":")).encode  # one encoder, not one per call
@@ -127,11 +127,6 @@ class Reply(BaseModel):
         if self.envelope.kind != "error":
             return self.result
         raise _error_class(self.code)(self.envelope.content)
-
-    @classmethod
-    def recorded(cls, envelope: Envelope) -> Reply:
-        """A reply as stored (a redelivered request's): the redacted payload is all there is."""
-        return cls(envelope=envelope, stored_payload=envelope.payload, code=str(envelope.payload.get("code", "")))
 
 
 def _error_class(code: str) -> type[KernelError]:
@@ -228,27 +223,26 @@ class Transport(ABC):
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        if isinstance(task.exception(), DurabilityError):  # acked, but not known to be on disk: not acknowledged
-            log.error("bus delivery done but not acknowledged: the disk did not confirm it", extra={"error": str(task.exception())})
-        else:
-            log.error("bus delivery failed; it stays pending and runs again", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, DurabilityError):  # acked, but not known to be on disk: not acknowledged
+            log.error("bus delivery done but not acknowledged: the disk did not confirm it",
+                      extra={"error": str(error)})
+        elif error is not None:
+            log.error("bus delivery failed; it stays pending and runs again", exc_info=error)
 
     async def _drain(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         # Deliveries may start deliveries (a handler asking another MAD): wait until none is left, or the deadline.
-        while mine := {t for t in self._inflight if t.get_loop() is loop and not t.done()}:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again",
-                            extra={"in_flight": len(mine)})
-                for task in mine:
-                    task.cancel()
-                await asyncio.wait(mine, timeout=1.0)
-                return
+        while ((mine := {t for t in self._inflight if t.get_loop() is loop and not t.done()})
+               and (left := deadline - time.monotonic()) > 0):
             await asyncio.wait(mine, timeout=left)
+        if mine:
+            log.warning("bus drain deadline passed; cut-off deliveries stay pending and run again",
+                        extra={"in_flight": len(mine)})
+            for task in mine:
+                task.cancel()
+            await asyncio.wait(mine, timeout=1.0)
 
 
 class LocalTransport(Transport):
@@ -286,15 +280,14 @@ class LocalTransport(Transport):
         alone = len(self._inflight) <= 1  # just this delivery: nothing to share a commit with
         acked = await self._bus.complete_shared(request.id, reply.envelope, stored_payload=reply.stored_payload, alone=alone)
         await self._bus.db.durable()
-        if not acked:  # acked meanwhile: the first reply stands
-            row = self._bus.delivery(request.id)
-            return Reply.recorded(self._bus.message(row["reply_id"])) if row else reply
+        if not acked and (row := self._bus.delivery(request.id)):  # acked meanwhile: the first reply stands,
+            first = self._bus.message(row["reply_id"])  # as stored: its redacted payload is all there is
+            return Reply(envelope=first, stored_payload=first.payload, code=str(first.payload.get("code", "")))
         return reply
 
     async def _recover(self) -> None:
         """Deliver again, oldest first, what a crash left pending."""
-        pending = self._bus.pending(self._hosted)
-        if pending:
+        if pending := self._bus.pending(self._hosted):
             log.info("redelivering requests a previous run accepted and did not finish", extra={"count": len(pending)})
         for row in pending:
             try:
@@ -318,9 +311,8 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = parts.netloc.rpartition("@")  # the host as written (an IPv6 one keeps its brackets)
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
 
 
 def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Sealer, dispatch: Dispatch,

@@ -518,14 +518,15 @@ def test_a_table_rebuild_that_would_break_a_foreign_key_changes_nothing(bus_eco,
     db.execute("PRAGMA foreign_keys=OFF")
     db.execute("INSERT INTO other VALUES ('dangling')")  # an old violation elsewhere
     db.execute("PRAGMA foreign_keys=ON")
-    drop_parent = "CREATE TABLE parent_new (id TEXT PRIMARY KEY);\nDROP TABLE parent;\nALTER TABLE parent_new RENAME TO parent;\n"
+    drop_parent = ["CREATE TABLE parent_new (id TEXT PRIMARY KEY)", "DROP TABLE parent",
+                   "ALTER TABLE parent_new RENAME TO parent"]
     with pytest.raises(sqlite3.IntegrityError, match="rebuilding table child would break 1 of its foreign keys; nothing was changed"):
         db.rebuild(lambda conn: {"child": drop_parent})
     assert db.query("SELECT id FROM parent") == [{"id": "a"}]
     with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced again
         db.execute("INSERT INTO child VALUES ('nobody')")
-    keep_child = "CREATE TABLE child_new (p TEXT REFERENCES parent(id));\nINSERT INTO child_new SELECT p FROM child;\n" \
-                 "DROP TABLE child;\nALTER TABLE child_new RENAME TO child;\n"
+    keep_child = ["CREATE TABLE child_new (p TEXT REFERENCES parent(id))", "INSERT INTO child_new SELECT p FROM child",
+                  "DROP TABLE child", "ALTER TABLE child_new RENAME TO child"]
     assert db.rebuild(lambda conn: {"child": keep_child}) == ["child"]  # 'other' is not its business
     assert db.query("SELECT p FROM child") == [{"p": "a"}] and db.rebuild(lambda conn: {}) == []
     db.close()

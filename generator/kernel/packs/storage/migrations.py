@@ -84,8 +84,7 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
     db.script(_SCHEMA)
     applied = {row["number"]: row for row in db.query("SELECT number, name, checksum FROM schema_migrations")}
     known = {m.number: m for m in migrations}
-    newer = sorted(n for n in applied if n not in known)
-    if newer:
+    if newer := sorted(n for n in applied if n not in known):
         raise MigrationError(
             f"the state in {db.path} was migrated by a newer version of this ecosystem (migration {newer[-1]} "
             f"'{applied[newer[-1]]['name']}'; this version knows {len(migrations)}). Migrations are forward-only: "

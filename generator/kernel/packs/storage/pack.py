@@ -10,7 +10,7 @@ table created either way is the same table.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -41,10 +41,8 @@ def table_ddl(table: str, columns: Sequence[dict[str, Any]], *, if_not_exists: b
         col_type = _COLUMN_TYPES.get(str(col.get("type", "text")).lower())
         if col_type is None:
             raise InvalidArgument(f"table {table!r}: unknown column type {col.get('type', 'text')!r}")
-        part = f"{ident(col['name'])} {col_type}"
         single_pk = len(pks) == 1 and col.get("primary_key")
-        if single_pk:
-            part += " PRIMARY KEY"
+        part = f"{ident(col['name'])} {col_type}{' PRIMARY KEY' if single_pk else ''}"
         # An INTEGER PRIMARY KEY is the rowid: never NULL, SQLite assigns it.
         if not col.get("nullable", True) and not (single_pk and col_type == "INTEGER"):
             part += " NOT NULL"
@@ -74,45 +72,42 @@ class TableStore:
             raise InvalidArgument(f"MAD {self._mad!r} has no table {table!r}; it has {sorted(self._tables)}")
         return f"{self._mad}_{table}"
 
-    def _columns(self, table: str, names: Sequence[str]) -> list[str]:
-        unknown = [name for name in names if name not in self._tables[table]]
-        if unknown:
+    def _checked(self, table: str, names: Iterable[str]) -> str:
+        """The table's full name, once every one of `names` is known to be one of its columns."""
+        full = self.table_name(table)
+        if unknown := [name for name in names if name not in self._tables[table]]:
             raise InvalidArgument(f"table {table!r} has no column {unknown[0]!r}")
-        return list(names)
+        return full
 
     def _where(self, table: str, where: dict[str, Any]) -> tuple[str, str, list[Any]]:
         """The table's full name, `col = ? AND ...` over checked columns (`1=1` for none), and its parameters."""
-        full, cols = self.table_name(table), self._columns(table, list(where))
-        return full, " AND ".join(f"{c} = ?" for c in cols) or "1=1", [where[c] for c in cols]
+        return self._checked(table, where), " AND ".join(f"{c} = ?" for c in where) or "1=1", list(where.values())
 
     def insert(self, table: str, **values: Any) -> int:
-        full = self.table_name(table)
-        cols = self._columns(table, list(values))
-        into = f"({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})" if cols else "DEFAULT VALUES"
-        return int(self._db.execute(f"INSERT INTO {full} {into}", [values[c] for c in cols]).lastrowid or 0)
+        full = self._checked(table, values)
+        into = f"({', '.join(values)}) VALUES ({', '.join('?' * len(values))})" if values else "DEFAULT VALUES"
+        return int(self._db.execute(f"INSERT INTO {full} {into}", list(values.values())).lastrowid or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full, clause, params = self._where(table, where)
         order_col = order_by.lstrip("-")
         if order_col != "rowid":
-            self._columns(table, [order_col])
+            self._checked(table, [order_col])
         direction = "DESC" if order_by.startswith("-") else "ASC"
         return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
                               [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
         full, clause, params = self._where(table, where)
-        vcols = self._columns(table, list(values))
-        if not vcols:
+        self._checked(table, values)
+        if not values:
             return 0
-        sets = ", ".join(f"{c} = ?" for c in vcols)
-        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}",
-                                [*(values[c] for c in vcols), *params]).rowcount
+        sets = ", ".join(f"{c} = ?" for c in values)
+        return self._db.execute(f"UPDATE {full} SET {sets} WHERE {clause}", [*values.values(), *params]).rowcount
 
     def delete(self, table: str, **where: Any) -> int:
         full, clause, params = self._where(table, where)
         return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount
-
 
 def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> None:
     """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration)."""
