@@ -112,7 +112,9 @@ class MadSlot:
     error: str = ""
 
 
-BUILD_FILE = Path(__file__).resolve().parent.parent / "build.json"
+# The package the kernel is copied into (`<package>/kernel/`): its build stamp and its migrations are beside it.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+BUILD_FILE = PACKAGE_DIR / "build.json"
 
 
 def read_build_info(path: Path = BUILD_FILE) -> dict[str, str]:
@@ -157,6 +159,17 @@ class NoRoles:
     def reports(self, instance: str, limit: int = 20) -> list[dict[str, Any]]:
         raise InvalidArgument(f"{instance!r} is no live eMAD: earlier_reports is for an instance of a role, and this "
                               "ecosystem has no roles")
+
+
+def _has_history(path: Path) -> bool:
+    """Whether the package's migrations.json lists a migration (one that is not a list counts: the storage pack,
+    or the refusal to start without it, says what is wrong with it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) != []
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        return True
 
 
 class NoTables:
@@ -251,23 +264,24 @@ class Runtime:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def _open_storage(self, migrations: Sequence[Migration] | None) -> tuple[Any, list[Migration], dict[str, Any]]:
-        """The storage pack, the migrations it applied now, and MAD -> table -> column names. A build whose MADs
-        declare no table has no such pack: then the state must hold no storage history either."""
-        needed = bool(migrations) or any(cls.storage for cls in self.config.mads)
+        """The storage pack, the migrations it applied now, and MAD -> table -> column names (`migrations`: None
+        reads the package's migrations.json). A build whose MADs declare no table and whose history is empty has
+        no such pack: then the state must hold no migration either."""
+        history = bool(migrations) if migrations is not None else _has_history(PACKAGE_DIR / "migrations.json")
         try:
-            storage = module("storage", "a MAD declares `storage:` tables but this build has no storage pack, which "
-                                        "keeps them; rebuild it from its spec with `nox -s regenerate`")
+            storage = module("storage", "this ecosystem's MADs declare `storage:` tables, or its package has "
+                                        "migrations, but its build has no storage pack, which keeps them; rebuild it "
+                                        "from its spec with `nox -s regenerate`")
         except InvalidArgument:
-            if needed:
+            if history or any(cls.storage for cls in self.config.mads):
                 raise
-            try:
-                recorded = self.db.one("SELECT count(*) AS n FROM schema_migrations")["n"]
-            except sqlite3.OperationalError:  # no such table: a state never migrated
-                recorded = 0
-            if recorded:
-                raise KernelError(f"the state in {self.db.path} has {recorded} storage migration(s) of MADs' own "
-                                  "tables, but this build's MADs declare none and it has no storage pack: it is an "
-                                  "older build than the state's; run the version that migrated it") from None
+            newest = self.db.one("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+            newest = newest and self.db.one("SELECT number, name FROM schema_migrations ORDER BY number DESC LIMIT 1")
+            if newest:  # older builds made the table empty: only a migration recorded in it counts
+                raise KernelError(f"the state in {self.db.path} was migrated by a newer version of this ecosystem "
+                                  f"(migration {newest['number']} '{newest['name']}'), whose MADs have tables; this "
+                                  "build has none. Migrations are forward-only: run that newer version, or restore "
+                                  "the state from a backup taken before the upgrade") from None
             return None, [], {}
         return storage, *storage.open_storage(self.db, self.config.mads, migrations)
 

@@ -70,9 +70,28 @@ def test_a_mad_declaring_tables_in_a_build_without_the_pack_is_refused_at_start(
     config, runtime_mod = _modules(no_storage)
     monkeypatch.delenv(f"{config.env_prefix}_SECRETS_KEY", raising=False)
     assert any(m.storage for m in config.mads)
-    with pytest.raises(runtime_mod.InvalidArgument, match="a MAD declares `storage:` tables but this build has no "
-                                                          "storage pack.*nox -s regenerate"):
+    with pytest.raises(runtime_mod.InvalidArgument, match="MADs declare `storage:` tables, or its package has "
+                                                          "migrations, but its build has no storage pack.*nox -s regenerate"):
         runtime_mod.Runtime(config, tmp_path / "state")
+
+
+def test_a_package_history_in_a_build_without_the_pack_is_refused_at_start(no_storage, tmp_path, monkeypatch):
+    """A migrations.json that lists a migration (or is not a list) needs the pack that applies it; none or `[]` not."""
+    config, runtime_mod = _modules(no_storage)
+    monkeypatch.delenv(f"{config.env_prefix}_SECRETS_KEY", raising=False)
+    history = tmp_path / "package" / "migrations.json"
+    history.parent.mkdir()
+    monkeypatch.setattr(runtime_mod, "PACKAGE_DIR", history.parent)
+    for text, refused in [(None, False), ("[]\n", False), ('[{"number": 1, "name": "x", "statements": []}]', True),
+                          ("not json", True)]:
+        if text is not None:
+            history.write_text(text)
+        state = tmp_path / f"state-{len(list(tmp_path.iterdir()))}"
+        if refused:
+            with pytest.raises(runtime_mod.InvalidArgument, match="its package has migrations"):
+                runtime_mod.Runtime(_without_tables(config), state)
+        else:
+            runtime_mod.Runtime(_without_tables(config), state).db.close()
 
 
 def test_a_state_migrated_by_a_build_with_tables_is_refused_by_one_without_them(no_storage, eco_modules, tmp_path,
@@ -85,7 +104,8 @@ def test_a_state_migrated_by_a_build_with_tables_is_refused_by_one_without_them(
                                   statements=[storage.table_ddl("turing_notes", NOTES)])
     full_runtime.Runtime(config, tmp_path / "state", migrations=[create]).db.close()
     lean_config, lean_runtime = _modules(no_storage)
-    with pytest.raises(lean_runtime.KernelError, match="has 1 storage migration.*run the version that migrated it"):
+    with pytest.raises(lean_runtime.KernelError, match="migrated by a newer version of this ecosystem \\(migration 1 "
+                                                       "'create turing_notes'\\).*run that newer version"):
         lean_runtime.Runtime(_without_tables(lean_config), tmp_path / "state")
     # A state that only has the older builds' empty bookkeeping (every build before the pack made it) starts.
     with sqlite3.connect(tmp_path / "state" / "ecosystem.db") as conn:

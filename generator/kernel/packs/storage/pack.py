@@ -109,6 +109,7 @@ class TableStore:
         full, clause, params = self._where(table, where)
         return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount
 
+
 def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> None:
     """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration)."""
     stored, declared = db.table_shape(table), declared_shape(table, columns)
