@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,7 +43,8 @@ def _kernel_conftest():
     return module
 
 
-build_ecosystem = _kernel_conftest().build_ecosystem
+_KERNEL_CONFTEST = _kernel_conftest()
+build_ecosystem, importable = _KERNEL_CONFTEST.build_ecosystem, _KERNEL_CONFTEST.importable
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else "")
 
 LEDGER = '''from __future__ import annotations
@@ -163,14 +163,10 @@ def bus_eco(tmp_path_factory):
     root = tmp_path_factory.mktemp("buseco")
     name = f"buseco_{uuid.uuid4().hex[:8]}"
     build_bus_ecosystem(root, name)
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
+    with importable(root):
         config = importlib.import_module(f"{name}.ecosystem").CONFIG
         yield SimpleNamespace(root=root, name=name, config=config, Runtime=importlib.import_module(f"{name}.kernel.runtime").Runtime,
                               kernel=importlib.import_module(f"{name}.kernel"))
-    finally:
-        sys.path.remove(str(root))
 
 
 @pytest.fixture(scope="session")

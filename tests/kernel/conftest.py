@@ -11,6 +11,8 @@ import importlib
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -219,12 +221,27 @@ def tiny_ecosystem(tmp_path_factory):
     root = tmp_path_factory.mktemp("eco")
     name = f"tinyeco_{uuid.uuid4().hex[:8]}"
     build_ecosystem(root, name)
+    with importable(root):
+        yield root, name
+
+
+@contextmanager
+def importable(root: Path) -> Iterator[None]:
+    """The ecosystems built under `root` importable in-process while the block runs."""
     sys.path.insert(0, str(root))
     importlib.invalidate_caches()
     try:
-        yield root, name
+        yield
     finally:
         sys.path.remove(str(root))
+
+
+def without_pack(tmp_path_factory, prefix: str, pack: str) -> tuple[Path, str]:
+    """(root, package name) of the tiny ecosystem built with no copy of `pack` (a build whose spec does not use it)."""
+    root = tmp_path_factory.mktemp(prefix)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    shutil.rmtree(build_ecosystem(root, name) / "kernel" / "packs" / pack)
+    return root, name
 
 
 @pytest.fixture(scope="session")
@@ -268,9 +285,5 @@ def grace_eco(tiny_ecosystem, tmp_path_factory, request):
         path = root / name / rel
         assert old in path.read_text(), f"{rel} no longer has {old!r}; update this fixture"
         path.write_text(path.read_text().replace(old, new))
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
+    with importable(root):
         yield root, name
-    finally:
-        sys.path.remove(str(root))

@@ -7,14 +7,13 @@ and `clients unlock` (the console's sign-in lock) says the same; the security he
 from __future__ import annotations
 
 import importlib
-import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import build_ecosystem
+from conftest import build_ecosystem, importable, without_pack
 from starlette.testclient import TestClient
 
 ADVICE = "add `console: {}` under `packs:` in spec/ecosystem.yaml"
@@ -23,20 +22,13 @@ ADVICE = "add `console: {}` under `packs:` in spec/ecosystem.yaml"
 @pytest.fixture(scope="module")
 def core_only(tmp_path_factory):
     """An ecosystem whose spec does not name the console and whose build has no copy of it: its package name."""
-    root = tmp_path_factory.mktemp("noconsole")
-    name = f"noconsole_{uuid.uuid4().hex[:8]}"
-    pkg = build_ecosystem(root, name)
-    ecosystem = pkg / "ecosystem.py"
+    root, name = without_pack(tmp_path_factory, "noconsole", "console")
+    ecosystem = root / name / "ecosystem.py"
     named = 'pack_settings={"console": {}}, '
     assert named in ecosystem.read_text(), "build_ecosystem no longer names the console; update this fixture"
     ecosystem.write_text(ecosystem.read_text().replace(named, ""))
-    shutil.rmtree(pkg / "kernel" / "packs" / "console")
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
+    with importable(root):
         yield name
-    finally:
-        sys.path.remove(str(root))
 
 
 def _modules(name: str):
@@ -129,9 +121,6 @@ def test_serve_says_where_mcp_is_and_whether_there_is_a_web_console(core_only, t
     assert "serving MCP at http://127.0.0.1:" in banner and "/mcp; no web console (the console pack)" in banner
     with_console = f"console_{uuid.uuid4().hex[:8]}"
     build_ecosystem(tmp_path, with_console)
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with importable(tmp_path):
         banner = _serve_banner(with_console, tmp_path / "full")
-    finally:
-        sys.path.remove(str(tmp_path))
     assert "/mcp; Grace's web console at http://127.0.0.1:" in banner

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import shutil
 import sqlite3
-import sys
-import uuid
 
 import pytest
-from conftest import build_ecosystem
+from conftest import importable, without_pack
 
 NOTES = [{"name": "id", "type": "integer", "primary_key": True, "nullable": False},
          {"name": "body", "type": "text", "primary_key": False, "nullable": True}]
@@ -21,16 +18,9 @@ NOTES = [{"name": "id", "type": "integer", "primary_key": True, "nullable": Fals
 @pytest.fixture(scope="module")
 def no_storage(tmp_path_factory):
     """An ecosystem built without the storage pack: its package name."""
-    root = tmp_path_factory.mktemp("nostorage")
-    name = f"nostorage_{uuid.uuid4().hex[:8]}"
-    pkg = build_ecosystem(root, name)
-    shutil.rmtree(pkg / "kernel" / "packs" / "storage")
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
+    root, name = without_pack(tmp_path_factory, "nostorage", "storage")
+    with importable(root):
         yield name
-    finally:
-        sys.path.remove(str(root))
 
 
 def _without_tables(config):
