@@ -1,5 +1,9 @@
 """Suite-wide guards and fixtures."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 
 import generator.senior.client
@@ -20,3 +24,16 @@ def _no_real_model_requests(monkeypatch):
     """No test may reach a real model endpoint: only offline/reference and injected fakes run."""
     monkeypatch.setattr(generator.senior.client, "ALLOW_MODEL_REQUESTS", False)
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@pytest.fixture(scope="session")
+def noxfile():
+    """regen's noxfile.py as a module, imported once per test process: nox registers its sessions when the file is
+    imported, and a second import (two test files in one xdist worker) warns, and will be an error in a later nox."""
+    name = "regen_noxfile"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "noxfile.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -262,14 +261,6 @@ def test_a_sarif_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch, 
 
 
 # --- nox -s gate: 2 stays 2 -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def noxfile():
-    spec = importlib.util.spec_from_file_location("regen_noxfile", REPO / "noxfile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_only_an_undecided_gate_keeps_its_exit_code_through_nox(noxfile):

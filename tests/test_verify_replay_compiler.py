@@ -4,21 +4,12 @@ since; a change to regen's own tests of the kernel packs (no build reads them) i
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def noxfile():
-    spec = importlib.util.spec_from_file_location("regen_noxfile_verify", REPO / "noxfile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Session:
