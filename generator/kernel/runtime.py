@@ -275,8 +275,8 @@ class Runtime:
         except InvalidArgument:
             if history or any(cls.storage for cls in self.config.mads):
                 raise
-            newest = self.db.one("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
-            newest = newest and self.db.one("SELECT number, name FROM schema_migrations ORDER BY number DESC LIMIT 1")
+            bookkept = self.db.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+            newest = bookkept and self.db.one("SELECT number, name FROM schema_migrations ORDER BY number DESC LIMIT 1")
             if newest:  # older builds made the table empty: only a migration recorded in it counts
                 raise KernelError(f"the state in {self.db.path} was migrated by a newer version of this ecosystem "
                                   f"(migration {newest['number']} '{newest['name']}'), whose MADs have tables; this "

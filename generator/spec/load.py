@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, SpecProblem
-from ..kernel.capabilities import CAPABILITIES, PACKS, packs_for
+from ..kernel.capabilities import CAPABILITIES, PACKS
 from ..kernel_contract import kernel_tables, pack_settings, reserved_names
 from .model import (
     IDENTIFIER,
@@ -54,6 +54,7 @@ from .model import (
     SpecFile,
     Table,
     Tool,
+    used_packs,
 )
 from .plan import dependency_graph
 from .requirements import ID_FORMS, parse_requirements
@@ -667,8 +668,7 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     pack's pin (the version its guards were tested with), so the artifact's pyproject and uv.lock carry them.
     Settings under `packs:` are only for packs the ecosystem uses; naming a deployment pack there (redis) is
     what brings it in."""
-    used = packs_for((t.builtin for _, mad in mads for t in mad.tools if t.builtin), ecosystem.packs,
-                     any(mad.lifecycle == "ephemeral" for _, mad in mads), any(mad.storage for _, mad in mads))
+    used = used_packs([mad for _, mad in mads], ecosystem.packs)
     problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
                             f"a tool to a {name}.* capability, or remove these settings)")
                 for name in ecosystem.packs if name not in used and PACKS[name].kind == "capabilities"]

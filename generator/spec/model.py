@@ -17,6 +17,7 @@ import fnmatch
 import json
 import keyword
 import re
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Annotated, Any, Literal, get_args
 
@@ -343,6 +344,14 @@ class EcosystemSpec(Frozen):
     )
 
 
+def used_packs(mads: Sequence[MadSpec], named: Iterable[str]) -> frozenset[str]:
+    """The kernel's packs an ecosystem of these MADs uses: those of the capabilities its tools are bound to, the
+    deployment packs `named` under `packs:`, the roles pack if it has a role, and the storage pack if a MAD
+    declares tables (a build whose history has a migration keeps it too: build/prepare.py)."""
+    return packs_for((t.builtin for m in mads for t in m.tools if t.builtin), named,
+                     any(m.lifecycle == "ephemeral" for m in mads), any(m.storage for m in mads))
+
+
 class SpecFile(Frozen):
     """A file of the spec folder, by its path relative to the folder, with its content hash."""
 
@@ -373,10 +382,8 @@ class Spec(Frozen):
 
     @cached_property
     def packs(self) -> frozenset[str]:
-        """The kernel's packs this ecosystem uses: those of the capabilities its tools are bound to, the deployment
-        packs its ecosystem.yaml names under `packs:`, and the roles pack if it has a role."""
-        return packs_for((t.builtin for m in self.mads for t in m.tools if t.builtin), self.ecosystem.packs,
-                         any(m.lifecycle == "ephemeral" for m in self.mads), any(m.storage for m in self.mads))
+        """The kernel's packs this ecosystem uses (`used_packs`)."""
+        return used_packs(self.mads, self.ecosystem.packs)
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:
