@@ -25,8 +25,8 @@ from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
 from generator.artifact.store import versions
+from generator.harness import mcp_client, running_ecosystem
 from generator.kernel.clients import ClientRegistry
-from generator.kernel.testing import mcp_client, running_ecosystem
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = "grace.status"

@@ -33,7 +33,7 @@ from ecosystem import ECOSYSTEM, PACKAGE, build
 from results import percentiles, print_table, write_results
 
 from generator.artifact.store import versions
-from generator.kernel.testing import free_port, mcp_client, result_value
+from generator.harness import free_port, mcp_client, result_value
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = 7

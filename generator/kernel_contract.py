@@ -21,6 +21,9 @@ from . import python_ast
 from .hashing import files_under, json_hash
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
+# The test harness every artifact's tests use: regen's own file, copied with the kernel, but into the tests.
+HARNESS = Path(__file__).parent / "harness.py"
+HARNESS_PATH = "tests/harness.py"
 # The kernel classes generated code programs against, by source file.
 API_CLASSES = (("mad.py", "Mad"), ("packs/storage/pack.py", "TableStore"))
 # What the kernel itself imports at run time, pinned: a spec must list these among its dependencies.
@@ -74,19 +77,20 @@ def kernel_sources() -> dict[str, Path]:
 def kernel_files(package: str, packs: Iterable[str] = ()) -> dict[str, bytes]:
     """The kernel's files as they go into src/, by path inside src/: the core, and of the packs' folders
     (kernel/packs/<name>/) only those in `packs`; an artifact carries no code, and no catalogue, of a pack it
-    does not use, and no test of regen's."""
+    does not use, and no test of regen's. And the test harness, at `tests/harness.py`."""
     wanted = tuple(f"{PACKS_FOLDER}{name}/" for name in packs)
     return {kernel_folder(package) + rel: path.read_bytes()
             for rel, path in kernel_sources().items()
-            if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel.startswith(wanted)}
+            if not rel.startswith(PACKS_FOLDER) or rel == f"{PACKS_FOLDER}__init__.py" or rel.startswith(wanted)
+            } | {HARNESS_PATH: HARNESS.read_bytes()}
 
 
 @functools.cache
 def kernel_digests() -> frozenset[str]:
-    """The sha256 of each Python file of this regen's kernel, core and packs: an artifact carries them byte for
-    byte, so a file with one of these digests is regen's own, not generated."""
+    """The sha256 of each Python file of this regen's kernel, core and packs, and of its test harness: an artifact
+    carries them byte for byte, so a file with one of these digests is regen's own, not generated."""
     return frozenset(hashlib.sha256(path.read_bytes()).hexdigest()
-                     for rel, path in kernel_sources().items() if rel.endswith(".py"))
+                     for path in [*(p for rel, p in kernel_sources().items() if rel.endswith(".py")), HARNESS])
 
 
 def pack_dependencies(packs: Iterable[str]) -> tuple[str, ...]:
@@ -119,21 +123,36 @@ def _literal_type(node: ast.expr) -> type:
     return {ast.List: list, ast.Tuple: list, ast.Dict: dict}.get(type(node), object)
 
 
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """`- `async def name(args) -> returns`: the docstring's first paragraph`, as the senior's prompt lists it."""
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    doc = (ast.get_docstring(node) or "").strip().split("\n\n")[0].replace("\n", " ")
+    return f"- `{prefix} {node.name}({ast.unparse(node.args)}){returns}`" + (f": {doc}" if doc else "")
+
+
+def _class_api(cls: ast.ClassDef) -> list[str]:
+    """A class's first docstring line, then its public methods."""
+    return [f"`{cls.name}`: {(ast.get_docstring(cls) or '').splitlines()[0]}"] + [
+        _signature(node) for node in cls.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")]
+
+
 @functools.cache
 def api_text() -> str:
-    """The public API of the kernel's MAD-facing classes, as the senior's prompt shows it."""
+    """The public API generated code is written against, as the senior's prompt shows it: the kernel's MAD-facing
+    classes, then the test harness every artifact's tests import (its public functions and classes)."""
     lines = []
     for filename, class_name in API_CLASSES:
         tree = python_ast.parse((KERNEL_DIR / filename).read_text(encoding="utf-8"))
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-        lines.append(f"`{class_name}`: {(ast.get_docstring(cls) or '').splitlines()[0]}")
-        for node in cls.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-                prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-                returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-                doc = (ast.get_docstring(node) or "").strip().split("\n\n")[0].replace("\n", " ")
-                signature = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
-                lines.append(f"- `{signature}`" + (f": {doc}" if doc else ""))
+        lines += _class_api(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name))
+    lines += ["", f"The test harness (`{HARNESS_PATH}`, already present: do not write it; tests import it as "
+              "`harness`, e.g. `from harness import running_ecosystem`):", ""]
+    for node in python_ast.parse(HARNESS.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            lines += _class_api(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            lines.append(_signature(node))
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from generator.artifact.store import versions
-from generator.kernel.testing import free_port, mcp_client, result_value
+from generator.harness import free_port, mcp_client, result_value
 from generator.spec.load import load_spec
 
 pytestmark = pytest.mark.slow

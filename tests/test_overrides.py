@@ -73,6 +73,10 @@ def test_kernel_lock_and_oversized_overrides_are_refused(tmp_path):
     with pytest.raises(UserError, match="kernel"):
         apply_overrides({}, {"madgroup/kernel/bus.py": b""}, package="madgroup")
     shutil.rmtree(tmp_path / "overrides")
+    put(tmp_path, "tests/harness.py", b"# mine\n")  # the test harness is regen's too, copied like the kernel
+    with pytest.raises(UserError, match=r"overrides/tests/harness\.py.*test harness"):
+        load_overrides(tmp_path, package="madgroup")
+    shutil.rmtree(tmp_path / "overrides")
     put(tmp_path, "uv.lock", b"")
     put(tmp_path, "big.bin", b"x" * (MAX_OVERRIDE_BYTES + 1))
     with pytest.raises(UserError) as caught:

@@ -8,8 +8,8 @@ adds a file the build does not produce (allowed, and reported separately as an a
 Refused, with a UserError naming the file: symlinks (files or folders), anything that is not a
 regular file, files over 512 KiB, paths that are absolute or hold `..`/`.`/empty parts or
 backslashes, the kernel (`<package>/kernel/`, copied from regen itself, the same in every build),
-`uv.lock` (written by `uv lock` after the files; pin versions in ecosystem.yaml) and `.regen.json`
-(a working copy's lock file).
+the test harness (`tests/harness.py`, likewise), `uv.lock` (written by `uv lock` after the files; pin
+versions in ecosystem.yaml) and `.regen.json` (a working copy's lock file).
 
 How the pipeline records them:
 
@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import SpecError, SpecProblem, UserError
+from ..kernel_contract import HARNESS_PATH
 
 FOLDER = "overrides"
 MAX_OVERRIDE_BYTES = 512 * 1024
@@ -51,6 +52,8 @@ def path_problem(rel: str, package: str | None = None) -> str | None:
         return "the path must not hold empty, '.' or '..' parts (it would leave src/)"
     if rel in RESERVED:
         return RESERVED[rel]
+    if rel == HARNESS_PATH:
+        return f"{HARNESS_PATH} is regen's test harness, copied into every build unchanged; it cannot be overridden"
     if len(parts) >= 2 and parts[1] == "kernel" and (package is None or parts[0] == package):
         return (f"{parts[0]}/kernel/ is regen's kernel, copied into every build unchanged; it cannot be "
                 "overridden (change the MAD or the frame instead)")

@@ -1,6 +1,6 @@
 import pytest
 
-from madgroup.kernel.testing import ToolCallError
+from harness import ToolCallError
 
 
 def _without_names(run: dict) -> list:

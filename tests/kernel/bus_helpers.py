@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from generator.kernel.testing import free_port
+from generator.harness import free_port
 
 
 def _kernel_conftest():

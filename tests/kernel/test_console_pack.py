@@ -16,6 +16,8 @@ import pytest
 from conftest import build_ecosystem, importable, without_pack
 from starlette.testclient import TestClient
 
+from generator import harness
+
 ADVICE = "add `console: {}` under `packs:` in spec/ecosystem.yaml"
 
 
@@ -100,7 +102,7 @@ def test_clients_unlock_without_the_console_says_how_to_add_it(core_only, tmp_pa
 def _serve_banner(name: str, tmp_path) -> str:
     """The line `serve` prints once it is about to listen, from a real process (then stopped)."""
     root = Path(importlib.import_module(name).__file__).parents[1]
-    port = importlib.import_module(f"{name}.kernel.testing").free_port()
+    port = harness.free_port()
     with subprocess.Popen([sys.executable, "-m", name, "serve", "--state", str(tmp_path / "state"), "--port", str(port)],
                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as server:
         try:

@@ -9,8 +9,10 @@ import io
 import tokenize
 from pathlib import Path
 
+from generator.kernel_contract import kernel_test_file
+
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
-CORE_BUDGET = 4_151  # the issue's target is 4,000; see the ratchet note above
+CORE_BUDGET = 4_057  # the issue's target is 4,000; see the ratchet note above
 
 
 def source_lines(text: str) -> int:
@@ -30,7 +32,10 @@ def source_lines(text: str) -> int:
 
 
 def core_files() -> list[Path]:
-    return sorted(p for p in KERNEL.rglob("*.py") if "packs" not in p.relative_to(KERNEL).parts)
+    """Every file of the kernel an artifact carries whatever its spec uses: all but the packs' folders (what a pack
+    is, packs/__init__.py, is core) and regen's tests of the kernel."""
+    return sorted(p for p in KERNEL.rglob("*.py") if not kernel_test_file(p.relative_to(KERNEL).as_posix())
+                  and (p.relative_to(KERNEL).parts[0] != "packs" or p.relative_to(KERNEL).as_posix() == "packs/__init__.py"))
 
 
 def test_source_lines_leave_out_blanks_comments_and_docstrings():

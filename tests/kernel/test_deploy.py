@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from generator import harness
 from generator.artifact.store import versions
+from generator.harness import free_port
 from generator.kernel.supervisor import SupervisionPolicy
-from generator.kernel.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHIVE = REPO / "ecosystems" / "madgroup"
@@ -121,12 +122,10 @@ def test_run_sh_serves_as_the_signalled_process_and_its_check_probes_health(fram
 
 
 def test_run_sh_check_waits_for_health_and_probes_a_wildcard_bind_on_loopback(frame, tiny_ecosystem, tmp_path):
-    import importlib
 
     root, name = tiny_ecosystem
-    testing = importlib.import_module(f"{name}.kernel.testing")
     env = dict(os.environ, VENV=str(tmp_path / "no-venv-yet"))  # a first start still building it: python3 probes
-    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
         for host in ("127.0.0.1", "0.0.0.0"):
             up = subprocess.run([str(frame / "deploy" / "run.sh"), "--check", "--host", host, "--port", str(eco.port)],
                                 env=env, capture_output=True, text=True, timeout=30)

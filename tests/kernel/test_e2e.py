@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import re
@@ -15,13 +14,9 @@ import sys
 import httpx
 import pytest
 
+from generator import harness
+
 SECRET = "pa55-word-that-must-never-hit-disk-7731"
-
-
-@pytest.fixture
-def testing(tiny_ecosystem):
-    _, name = tiny_ecosystem
-    return importlib.import_module(f"{name}.kernel.testing")
 
 
 def _grep(state_dir, needle: bytes) -> list[str]:
@@ -34,10 +29,10 @@ def _grep(state_dir, needle: bytes) -> list[str]:
     return hits
 
 
-def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, testing, tmp_path):
+def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, tmp_path):
     root, name = tiny_ecosystem
     state = tmp_path / "state"
-    with testing.running_ecosystem(name, state, cwd=root) as eco:
+    with harness.running_ecosystem(name, state, cwd=root) as eco:
         tools = eco.list_tools()
         assert {"turing.set_secret", "turing.get_secret", "rogers.post", "rogers.history", "grace.status"} <= set(tools)
         assert all(t.count(".") == 1 for t in tools)
@@ -50,14 +45,14 @@ def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, testing, tmp_path)
                 assert schema["properties"]["limit"]["type"] == "integer"
                 assert schema["properties"]["limit"]["default"] == 50
                 call = lambda n, **a: client.call_tool(n, a)  # noqa: E731
-                v = testing.result_value(await call("turing.set_secret", name="db_password", value=SECRET))
+                v = harness.result_value(await call("turing.set_secret", name="db_password", value=SECRET))
                 assert v == {"name": "db_password", "version": 1}
-                got = testing.result_value(await call("turing.get_secret", name="db_password"))
+                got = harness.result_value(await call("turing.get_secret", name="db_password"))
                 assert got["value"] == SECRET
-                convs = testing.result_value(await call("rogers.list_conversations"))
+                convs = harness.result_value(await call("rogers.list_conversations"))
                 general = next(c for c in convs if c["title"] == "general")
                 await call("rogers.post", conversation_id=general["id"], content="hello over mcp")
-                hist = testing.result_value(await call("rogers.history", conversation_id=general["id"]))
+                hist = harness.result_value(await call("rogers.history", conversation_id=general["id"]))
                 assert [e["content"] for e in hist] == ["hello over mcp"]
                 assert hist[0]["sender"] == "rogers"
                 assert hist[0]["payload"] == {"on_behalf_of": "client:default"}
@@ -77,7 +72,7 @@ def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, testing, tmp_path)
         r = httpx.post(eco.mcp_url, json={}, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
         with pytest.raises(Exception):  # the real client is refused at the HTTP layer
-            asyncio.run(testing.call_tool(eco.url, "not-the-token", "grace.status"))
+            asyncio.run(harness.call_tool(eco.url, "not-the-token", "grace.status"))
 
         health = httpx.get(f"{eco.url}/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -109,22 +104,22 @@ def test_serve_mcp_roundtrip_restart_and_auth(tiny_ecosystem, testing, tmp_path)
             json.loads(line)
 
 
-def test_token_patterns_limit_tools(tiny_ecosystem, testing, tmp_path):
+def test_token_patterns_limit_tools(tiny_ecosystem, tmp_path):
     root, name = tiny_ecosystem
     state = tmp_path / "state"
     env = dict(os.environ, PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, "-m", name, "token", "--state", str(state), "--name", "viewer",
                           "--allow", "grace.*"], env=env, capture_output=True, text=True, check=True)
     viewer = open(out.stdout.strip()).read().strip()
-    with testing.running_ecosystem(name, state, cwd=root) as eco:
-        assert asyncio.run(testing.call_tool(eco.url, viewer, "grace.status"))["status"] == "ok"
-        with pytest.raises(testing.ToolCallError, match="access_denied"):
-            asyncio.run(testing.call_tool(eco.url, viewer, "turing.get_secret", {"name": "x"}))
+    with harness.running_ecosystem(name, state, cwd=root) as eco:
+        assert asyncio.run(harness.call_tool(eco.url, viewer, "grace.status"))["status"] == "ok"
+        with pytest.raises(harness.ToolCallError, match="access_denied"):
+            asyncio.run(harness.call_tool(eco.url, viewer, "turing.get_secret", {"name": "x"}))
 
 
-def test_grace_page_escapes_user_content(tiny_ecosystem, testing, tmp_path):
+def test_grace_page_escapes_user_content(tiny_ecosystem, tmp_path):
     root, name = tiny_ecosystem
-    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
         eco.call("rogers.create_conversation", title="<script>alert(1)</script>")
         with httpx.Client(base_url=eco.url) as browser:  # Grace's pages need a signed-in session
             assert browser.get("/").status_code == 303

@@ -23,11 +23,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from generator import harness
+
 
 @pytest.fixture
 def kernel(tiny_ecosystem):
     _, name = tiny_ecosystem
-    mods = ("clients", "gateway", "cli", "logs", "testing", "db", "audit", "errors")
+    mods = ("clients", "gateway", "cli", "logs", "db", "audit", "errors")
     return SimpleNamespace(**{m: importlib.import_module(f"{name}.kernel.{m}") for m in mods})
 
 
@@ -194,7 +196,7 @@ def gateway(runtime, kernel, monkeypatch):
 
 def test_patterns_allow_some_tools_and_deny_the_rest_with_an_audit_record(gateway, kernel):
     gateway.registry.add("viewer", ["grace.*", "rogers.list_*"])
-    assert kernel.testing.result_value(gateway.call("viewer", "grace.status"))["status"] == "ok"
+    assert harness.result_value(gateway.call("viewer", "grace.status"))["status"] == "ok"
     gateway.call("viewer", "rogers.list_conversations")
     message = gateway.refusal("viewer", "turing.get_secret", name="db_password")
     assert message.startswith("access_denied: client 'viewer' may not call turing.get_secret (it may call: grace.*, rogers.list_*)")
@@ -307,13 +309,13 @@ def test_revoke_takes_effect_on_a_running_server(tiny_ecosystem, kernel, eco_mod
         return subprocess.run([sys.executable, "-m", name, "clients", *argv, "--state", str(state)], env=env,
                               capture_output=True, text=True, timeout=60)
 
-    with kernel.testing.running_ecosystem(name, state, cwd=root) as eco:
+    with harness.running_ecosystem(name, state, cwd=root) as eco:
         added = cli("add", "ci", "--allow", "grace.*")  # added while the server runs
         assert added.returncode == 0, added.stderr
         token = added.stdout.strip()
 
         async def session():
-            async with kernel.testing.mcp_client(eco.url, token) as client:
+            async with harness.mcp_client(eco.url, token) as client:
                 ok = await client.call_tool("grace.status", {})
                 assert not ok.is_error
                 denied = await client.call_tool("turing.get_secret", {"name": "db_password"})
@@ -352,7 +354,7 @@ def test_a_clients_secret_patterns_bound_what_its_calls_read_write_and_list(gate
     gateway.registry.add("admin", ["turing.*"])
     assert gateway.call("admin", "turing.set_secret", name="api_key", value="k-123")
     assert gateway.call("ops", "turing.set_secret", name="db.password", value="p-456")
-    value = kernel.testing.result_value
+    value = harness.result_value
     assert value(gateway.call("ops", "turing.get_secret", name="db.password"))["value"] == "p-456"
     for tool, args in (("turing.get_secret", {"name": "api_key"}), ("turing.set_secret", {"name": "api_key", "value": "x"})):
         text = gateway.refusal("ops", tool, **args)

@@ -7,7 +7,6 @@ wait on a download. Without `npx` the test is skipped, saying why; any other fai
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+
+from generator import harness
 
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
 
@@ -29,20 +30,17 @@ pytestmark = [
 def served(tiny_ecosystem, tmp_path_factory):
     """A running server, its default client's token, and the token of a client allowed only grace.*."""
     root, name = tiny_ecosystem
-    testing = importlib.import_module(f"{name}.kernel.testing")
     state = tmp_path_factory.mktemp("inspector") / "state"
     added = subprocess.run([sys.executable, "-m", name, "clients", "add", "viewer", "--state", str(state), "--allow", "grace.*"],
                            env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
-    with testing.running_ecosystem(name, state, cwd=root) as eco:
+    with harness.running_ecosystem(name, state, cwd=root) as eco:
         yield eco, eco.token, added.stdout.strip()
 
 
 async def _call_as(eco, token: str, tool: str, args: dict):
     """A tool call with a plain MCP client, past the Inspector's own check against tools/list."""
-    module = type(eco).__module__  # <package>.kernel.testing
-    testing = importlib.import_module(module)
-    return await testing.call_tool(eco.url, token, tool, args)
+    return await harness.call_tool(eco.url, token, tool, args)
 
 
 def inspector(eco, token: str, *args: str) -> subprocess.CompletedProcess[str]:

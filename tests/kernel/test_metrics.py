@@ -18,6 +18,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from generator import harness
+
 SECRET = "metrics-must-never-show-this-9d1f"
 PROMPT = "count these five words"
 POSTED = "a message whose words stay out of metrics"
@@ -71,13 +73,12 @@ def relay_eco(tiny_ecosystem, tmp_path_factory):
 def served(relay_eco, tmp_path_factory):
     """Run the ecosystem, make a few calls over MCP, and return (metrics text, log lines, token)."""
     root, package = relay_eco
-    testing = importlib.import_module(f"{package}.kernel.testing")
-    with testing.running_ecosystem(package, tmp_path_factory.mktemp("state"), cwd=root) as eco:
+    with harness.running_ecosystem(package, tmp_path_factory.mktemp("state"), cwd=root) as eco:
 
         async def calls():
             async with eco.client() as client:
                 async def call(tool, **args):
-                    return testing.result_value(await client.call_tool(tool, args))
+                    return harness.result_value(await client.call_tool(tool, args))
 
                 await call("turing.set_secret", name="db_password", value=SECRET)
                 assert (await call("turing.get_secret", name="db_password"))["value"] == SECRET
@@ -85,9 +86,9 @@ def served(relay_eco, tmp_path_factory):
                 general = next(c for c in await call("rogers.list_conversations") if c["title"] == "general")
                 await call("rogers.post", conversation_id=general["id"], content=POSTED)
                 await call("fiedler.send", model="default", prompt=PROMPT, max_tokens=50)
-                with pytest.raises(testing.ToolCallError):
+                with pytest.raises(harness.ToolCallError):
                     await call("rogers.boom")
-                with pytest.raises(testing.ToolCallError, match="unknown_tool"):
+                with pytest.raises(harness.ToolCallError, match="unknown_tool"):
                     await call(f"rogers.{MADE_UP}")
 
         asyncio.run(calls())

@@ -8,13 +8,13 @@ capability's shape (`kernel/capabilities.py`); any other tool, what its return a
 from __future__ import annotations
 
 import asyncio
-import importlib
 import shutil
 import uuid
 
 import pytest
 from jsonschema.validators import validator_for
 
+from generator import harness
 from generator.kernel.capabilities import CAPABILITIES, available
 
 # What the tiny ecosystem lacks for this test: a tool bound to the one capability it has none for, a tool
@@ -46,7 +46,7 @@ EXTRA_TOOLS = {
 
 @pytest.fixture(scope="module")
 def served(tiny_ecosystem, tmp_path_factory):
-    """The tiny ecosystem with EXTRA_TOOLS, served on 127.0.0.1, and its kernel's testing module."""
+    """The tiny ecosystem with EXTRA_TOOLS, served on 127.0.0.1, and the test harness."""
     src_root, src_name = tiny_ecosystem
     root = tmp_path_factory.mktemp("schemas")
     name = f"schemas_{uuid.uuid4().hex[:8]}"
@@ -59,9 +59,8 @@ def served(tiny_ecosystem, tmp_path_factory):
     assert old in config.read_text() and "capability_tools={" in config.read_text()
     config.write_text(config.read_text().replace(old, f'name="{name}"').replace(
         "capability_tools={", "capability_tools={'secrets.rotate_key': 'turing.rotate', "))
-    testing = importlib.import_module(f"{src_name}.kernel.testing")
-    with testing.running_ecosystem(name, tmp_path_factory.mktemp("schemas-state") / "state", cwd=root) as eco:
-        yield eco, testing
+    with harness.running_ecosystem(name, tmp_path_factory.mktemp("schemas-state") / "state", cwd=root) as eco:
+        yield eco, harness
 
 
 async def _call_every_tool(eco, testing):

@@ -5,12 +5,13 @@ Set GRACE_SCREENSHOTS=<dir> to keep a screenshot of every page visited.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from generator import harness
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -30,8 +31,7 @@ XSS_BARE = "javascript:window.__xss=1"
 @pytest.fixture(scope="module")
 def server(grace_eco, tmp_path_factory):
     root, name = grace_eco
-    testing = importlib.import_module(f"{name}.kernel.testing")
-    with testing.running_ecosystem(name, tmp_path_factory.mktemp("state"), cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path_factory.mktemp("state"), cwd=root) as eco:
         yield eco
 
 

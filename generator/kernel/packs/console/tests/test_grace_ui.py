@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from generator import harness
+
 ORIGIN = {"origin": "http://testserver"}
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'
 PAGES = ["/", "/chat", "/conversations", "/mads", "/health", "/audit"]
@@ -245,8 +247,7 @@ def test_oversize_body_is_refused_with_413(eco, client):
 def test_real_server_refuses_a_huge_body_before_reading_it(grace_eco, tmp_path):
     """The server answers 413 from the Content-Length alone, with the 50 MB body never sent."""
     root, name = grace_eco
-    testing = importlib.import_module(f"{name}.kernel.testing")
-    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
         with socket.create_connection(("127.0.0.1", eco.port), timeout=10) as sock:
             sock.sendall(b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\n"
                          b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 50000000\r\n\r\ntoken=")

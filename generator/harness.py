@@ -1,6 +1,7 @@
-"""Helpers for an ecosystem's own tests: run the server as a subprocess, talk to it over real MCP.
+"""The test harness of every ecosystem regen builds (`tests/harness.py` in its src/): run the server as a
+subprocess, talk to it over real MCP.
 
-    from madgroup.kernel.testing import running_ecosystem
+    from harness import running_ecosystem
 
     def test_secrets_roundtrip(tmp_path):
         with running_ecosystem("madgroup", tmp_path / "state") as eco:
@@ -11,6 +12,11 @@
             assert eco.call("turing.get_secret", name="db")["version"] == 1
 
 Async code can use `mcp_client(url, token)` and `call_tool(url, token, name, args)` directly.
+
+It is test code, not the kernel: the running ecosystem never imports it, so it sits with the tests (the
+directory of conftest.py is on sys.path while pytest runs) and not in the package. It imports nothing of
+the ecosystem: it runs it, and makes its client token with `python -m <package> token`, as an operator
+would. Ecosystems built before it moved have it as `<package>.kernel.testing`.
 """
 
 from __future__ import annotations
@@ -33,8 +39,6 @@ try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brin
     import httpx
 except ImportError:  # pragma: no cover
     import httpx2 as httpx  # type: ignore[no-redef]
-
-from .clients import ClientRegistry
 
 
 class ToolCallError(Exception):
@@ -114,18 +118,21 @@ class RunningEcosystem:
     def __init__(self, package: str, state_dir: Path, *, cwd: Path | None, env: dict[str, str] | None,
                  token_name: str, startup_timeout: float):
         self.package = package
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir).resolve()  # the server runs in `cwd`
         self.cwd = Path(cwd) if cwd else None
-        self.extra_env = dict(env or {})
         self.token_name = token_name
+        self.env = {**os.environ, **(env or {})}
+        if self.cwd is not None:
+            self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.cwd), self.env.get("PYTHONPATH", "")) if p)
         self.startup_timeout = startup_timeout
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix=f"{package}-logs-")) / "server.log"
-        token_path, problem = ClientRegistry(self.state_dir).ensure(token_name)
-        if problem:
-            raise RuntimeError(f"no usable token for client {token_name!r}: {problem}")
-        self.token = token_path.read_text().strip()
+        made = subprocess.run([sys.executable, "-m", package, "token", "--state", str(self.state_dir), "--name",
+                               token_name], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60)
+        if made.returncode or made.stderr.startswith("warning:"):
+            raise RuntimeError(f"no usable token for client {token_name!r}: {made.stderr.strip()}")
+        self.token = Path(made.stdout.strip()).read_text().strip()
 
     @property
     def url(self) -> str:
@@ -143,13 +150,10 @@ class RunningEcosystem:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("already running")
         self.port = free_port()
-        env = {**os.environ, **self.extra_env}
-        if self.cwd is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.cwd), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", self.package, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--state", str(self.state_dir)]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
