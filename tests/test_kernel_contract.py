@@ -180,6 +180,28 @@ def test_the_web_console_is_copied_whole_and_only_into_an_artifact_whose_spec_na
     assert kernel_contract.pack_dependencies({"console"}) == ()  # starlette is the core's already
 
 
+def test_a_model_provider_s_code_comes_only_with_an_alias_that_uses_it(tmp_path):
+    """The offline echo model is the core's: an artifact whose model aliases all use it carries no code that sends
+    a prompt over the network. An alias with `provider: openai` brings the openai pack."""
+    from generator.kernel.capabilities import packs_for
+    from generator.spec.load import load_spec
+
+    assert packs_for((), {}, False, providers={"echo"}) == frozenset()
+    assert packs_for((), {}, False, providers={"echo", "openai"}) == {"openai"}
+    echo_only = load_spec(REPO / "spec")
+    assert {a.provider for a in echo_only.ecosystem.models.values()} == {"echo"} and "openai" not in echo_only.packs
+    carried = kernel_contract.kernel_files("madgroup", echo_only.packs)
+    assert not [path for path, data in carried.items() if b"\"/chat/completions\"" in data]
+    spec = shutil.copytree(REPO / "spec", tmp_path / "spec")
+    yaml = (spec / "ecosystem.yaml").read_text()
+    (spec / "ecosystem.yaml").write_text(yaml.replace("    provider: echo\n", "    provider: echo\n  gpt:\n    provider: "
+                                                      "openai\n    model: gpt-x\n    api_base: http://127.0.0.1:9/v1\n", 1))
+    with_openai = load_spec(spec)
+    assert with_openai.packs == echo_only.packs | {"openai"}
+    added = set(kernel_contract.kernel_files("madgroup", with_openai.packs)) - set(carried)
+    assert added == {"madgroup/kernel/packs/openai/__init__.py", "madgroup/kernel/packs/openai/pack.py"}
+
+
 # What the packs' pinned dependencies are called: a core that names none of them carries none of the packs'
 # catalogues either (redis and opentelemetry by their pins: the core's bus and tracing name them in prose).
 PACK_LIBRARIES = ("duckdb", "sqlglot", "trafilatura", "lxml", "vl-convert", "vl_convert", "python-docx", "openpyxl",
@@ -217,7 +239,7 @@ def test_an_artifact_s_catalogue_lists_only_the_packs_it_carries(tmp_path):
 
 
 @pytest.mark.parametrize("pack", ["files", "data", "web", "charts", "documents", "security", "redis", "tracing",
-                                  "console", "emads"])
+                                  "console", "emads", "storage", "openai"])
 def test_a_pack_s_catalogue_imports_none_of_its_libraries(pack):
     """The compiler reads every pack's catalogue, with or without the pack's libraries installed: importing it
     with them blocked works, and imports no pack's implementation."""
@@ -240,10 +262,10 @@ def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
     from generator.kernel.capabilities import CAPABILITIES, PACKS, available
 
     kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind}
-             for kind in ("capabilities", "deployment", "roles", "storage")}
+             for kind in ("capabilities", "deployment", "roles", "storage", "provider")}
     assert kinds["capabilities"] == {c.pack for c in CAPABILITIES.values() if c.pack}
     assert kinds["deployment"] == {"redis", "tracing", "console"}  # none of these three has a capability
-    assert kinds["roles"] == {"emads"} and kinds["storage"] == {"storage"}
+    assert kinds["roles"] == {"emads"} and kinds["storage"] == {"storage"} and kinds["provider"] == {"openai"}
     assert sum(map(len, kinds.values())) == len(PACKS)
     assert not [c for c in available(()).values() if c.pack]
     assert {c.name for c in available({"files"}).values() if c.pack} == {

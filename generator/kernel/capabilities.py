@@ -262,7 +262,7 @@ class PackInfo:
     summary: str
     dependencies: tuple[str, ...] = ()  # pinned (name==version), as the artifact's pyproject lists them
     requires: tuple[str, ...] = ()  # packs loaded with this one, reached through PackContext.peer
-    kind: Literal["capabilities", "deployment", "roles", "storage"] = "capabilities"
+    kind: Literal["capabilities", "deployment", "roles", "storage", "provider"] = "capabilities"
 
 
 # ---- the core's catalogue -----------------------------------------------------------------------
@@ -357,13 +357,15 @@ def packs_of(capability_names: Iterable[str]) -> frozenset[str]:
     return with_required(CAPABILITIES[n].pack for n in capability_names if n in CAPABILITIES and CAPABILITIES[n].pack)
 
 
-def packs_for(capability_names: Iterable[str], named: Iterable[str], has_roles: bool, has_tables: bool = False
-              ) -> frozenset[str]:
+def packs_for(capability_names: Iterable[str], named: Iterable[str], has_roles: bool, has_tables: bool = False,
+              providers: Iterable[str] = ()) -> frozenset[str]:
     """The packs an ecosystem uses: those of the capabilities its tools are bound to, the deployment packs among
-    the names under its `packs:`, the roles pack when it has a role, and the storage pack when a MAD has tables
-    (or its storage history a migration); with the packs those require."""
+    the names under its `packs:`, the roles pack when it has a role, the storage pack when a MAD has tables
+    (or its storage history a migration), and the pack of each model provider its aliases use (the offline
+    echo model is the core's); with the packs those require."""
     deployment = [n for n in named if n in PACKS and PACKS[n].kind == "deployment"]
-    implied = [*(["emads"] if has_roles else []), *(["storage"] if has_tables else [])]
+    implied = [*(["emads"] if has_roles else []), *(["storage"] if has_tables else []),
+               *(p for p in providers if p in PACKS and PACKS[p].kind == "provider")]
     return packs_of(capability_names) | with_required([*deployment, *implied])
 
 

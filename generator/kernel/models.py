@@ -6,8 +6,8 @@ Providers:
   the system prompt is never repeated), cut so the whole answer is at most `max_tokens` words
   (under 4, the label alone; its completion tokens never exceed `max_tokens`).
   Tokens are counted as whitespace-separated words.
-- "openai": POST `{api_base}/chat/completions` (httpx), key from the Turing secret named
-  by the alias's `api_key_secret`.
+- "openai": any OpenAI-compatible endpoint, key from the Turing secret named by the alias's
+  `api_key_secret`; the openai pack (packs/openai/), which a build has when one of its aliases uses it.
 
 Budgets: every account (a MAD name, or "client:<token-name>") has a budget and a spent
 counter persisted in SQLite. A call is refused before it is sent when
@@ -21,15 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brings (same API)
-    import httpx
-except ImportError:  # pragma: no cover
-    import httpx2 as httpx  # type: ignore[no-redef]
-
+from . import packs
 from .bus import now_iso
 from .config import ModelAlias
 from .db import Database
-from .errors import BudgetExceeded, InvalidArgument, ModelError, NotFound
+from .errors import BudgetExceeded, InvalidArgument, KernelError, NotFound
 from .logs import get as get_logger
 
 log = get_logger("models")
@@ -68,9 +64,13 @@ def count_tokens(text: str) -> int:
 
 class ModelGateway:
     def __init__(self, db: Database, aliases: dict[str, ModelAlias], budgets: dict[str, int], client_budget: int,
-                 read_secret: Callable[[str, str], str], transport: httpx.AsyncBaseTransport | None = None):
+                 read_secret: Callable[[str, str], str], transport: Any = None):
         self.db = db
         self.aliases = dict(aliases)
+        if openai := sorted(name for name, alias in self.aliases.items() if alias.provider == "openai"):
+            self._openai_pack = packs.module("openai", f"model alias {openai[0]!r} uses the openai provider, but this "
+                                             "build has no copy of the openai pack (packs/openai/): rebuild it with "
+                                             "`nox -s regenerate`", KernelError)
         self.client_budget = int(client_budget)
         self._read_secret = read_secret
         self._transport = transport
@@ -161,26 +161,7 @@ class ModelGateway:
 
     async def _openai(self, alias_name: str, alias: ModelAlias, prompt: str, max_tokens: int, system: str,
                       prompt_tokens: int) -> tuple[str, dict[str, int]]:
-        if not alias.api_base:
-            raise ModelError(f"model alias {alias_name!r} has no api_base")
-        headers = {"Content-Type": "application/json"}
-        if alias.api_key_secret:
-            headers["Authorization"] = "Bearer " + self._read_secret(alias.api_key_secret,
-                                                                     f"api key for model alias {alias_name}")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        body = {"model": alias.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-        try:
-            async with httpx.AsyncClient(timeout=alias.timeout_s, transport=self._transport) as client:
-                resp = await client.post(alias.api_base.rstrip("/") + "/chat/completions", json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ModelError(f"model alias {alias_name!r}: request failed ({type(exc).__name__})") from None
-        if resp.status_code != 200:
-            raise ModelError(f"model alias {alias_name!r}: HTTP {resp.status_code}")
-        try:
-            data = resp.json()
-            text = data["choices"][0]["message"]["content"] or ""
-            usage = data.get("usage") or {}
-            return text, {"prompt_tokens": int(usage.get("prompt_tokens", prompt_tokens)),
-                          "completion_tokens": int(usage.get("completion_tokens", count_tokens(text)))}
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ModelError(f"model alias {alias_name!r}: malformed answer") from exc
+        key = (self._read_secret(alias.api_key_secret, f"api key for model alias {alias_name}")
+               if alias.api_key_secret else "")
+        return await self._openai_pack.complete(alias_name, alias, prompt, max_tokens, system, api_key=key,
+                                                prompt_tokens=prompt_tokens, transport=self._transport)

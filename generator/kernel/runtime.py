@@ -21,11 +21,6 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-try:  # httpx when the ecosystem pins it; else httpx2, which mcp 2.x always brings (same API)
-    import httpx
-except ImportError:  # pragma: no cover
-    import httpx2 as httpx  # type: ignore[no-redef]
-
 from . import logs, tracing
 from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
@@ -186,7 +181,7 @@ class NoTables:
 
 class Runtime:
     def __init__(self, config: EcosystemConfig, state_dir: str | os.PathLike[str], *,
-                 model_transport: httpx.AsyncBaseTransport | None = None, migrations: Sequence[Migration] | None = None,
+                 model_transport: Any = None, migrations: Sequence[Migration] | None = None,
                  supervision: SupervisionPolicy | None = None, bus_url: str = "",
                  serve_mads: Sequence[str] | None = None, claim_idle_s: float = 30.0):
         """`migrations`: the storage history to bring the state to; None reads the package's migrations.json.
@@ -219,6 +214,9 @@ class Runtime:
             self.bus = ConversationBus(self.db)
             keys = KeySource(self.state_dir, f"{config.env_prefix}_SECRETS_KEY", config.name)
             self.secrets = SecretsManager(self.db, keys, self._secrets_policy, self.audit)
+            self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
+                                       config.client_budget_tokens, transport=model_transport,
+                                       read_secret=functools.partial(self.secrets.read_internal, "kernel.models"))
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
                                             dispatch=self._deliver, claim_idle_s=claim_idle_s)
@@ -229,9 +227,6 @@ class Runtime:
             raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc}): another "
                               "process may be upgrading it; retry when it has finished") from None
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
-        self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
-                                   config.client_budget_tokens, transport=model_transport,
-                                   read_secret=functools.partial(self.secrets.read_internal, "kernel.models"))
         self.slots: dict[str, MadSlot] = {}
         # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.
         self._grants = {cls.name: Grants(cls) for cls in config.mads}

@@ -668,7 +668,7 @@ def _check_packs(doc: _Document, ecosystem: EcosystemSpec, mads: list[tuple[_Doc
     pack's pin (the version its guards were tested with), so the artifact's pyproject and uv.lock carry them.
     Settings under `packs:` are only for packs the ecosystem uses; naming a deployment pack there (redis) is
     what brings it in."""
-    used = used_packs([mad for _, mad in mads], ecosystem.packs)
+    used = used_packs([mad for _, mad in mads], ecosystem)
     problems = [doc.problem(("packs", name), f"settings for the {name!r} capability pack, which no tool uses (bind "
                             f"a tool to a {name}.* capability, or remove these settings)")
                 for name in ecosystem.packs if name not in used and PACKS[name].kind == "capabilities"]

@@ -17,7 +17,7 @@ import fnmatch
 import json
 import keyword
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Annotated, Any, Literal, get_args
 
@@ -300,7 +300,8 @@ def _supported_python(version: str) -> str:
 
 def _pack_name(name: str) -> str:
     implied = {"roles": "its spec has a role (a MAD with `lifecycle: ephemeral`)",
-               "storage": "a MAD of its spec declares `storage:` tables"}
+               "storage": "a MAD of its spec declares `storage:` tables",
+               "provider": f"one of its model aliases has `provider: {name}`"}
     if name in PACKS and PACKS[name].kind in implied:
         raise spec_rule(f"the '{name}' pack is not named here: a build has it when {implied[PACKS[name].kind]}; "
                         "remove this entry")
@@ -344,12 +345,14 @@ class EcosystemSpec(Frozen):
     )
 
 
-def used_packs(mads: Sequence[MadSpec], named: Iterable[str]) -> frozenset[str]:
+def used_packs(mads: Sequence[MadSpec], ecosystem: EcosystemSpec) -> frozenset[str]:
     """The kernel's packs an ecosystem of these MADs uses: those of the capabilities its tools are bound to, the
-    deployment packs `named` under `packs:`, the roles pack if it has a role, and the storage pack if a MAD
-    declares tables (a build whose history has a migration keeps it too: build/prepare.py)."""
-    return packs_for((t.builtin for m in mads for t in m.tools if t.builtin), named,
-                     any(m.lifecycle == "ephemeral" for m in mads), any(m.storage for m in mads))
+    deployment packs named under `packs:`, the roles pack if it has a role, the storage pack if a MAD declares
+    tables (a build whose history has a migration keeps it too: build/prepare.py), and the pack of each model
+    provider its aliases use."""
+    return packs_for((t.builtin for m in mads for t in m.tools if t.builtin), ecosystem.packs,
+                     any(m.lifecycle == "ephemeral" for m in mads), any(m.storage for m in mads),
+                     {alias.provider for alias in ecosystem.models.values()})
 
 
 class SpecFile(Frozen):
@@ -383,7 +386,7 @@ class Spec(Frozen):
     @cached_property
     def packs(self) -> frozenset[str]:
         """The kernel's packs this ecosystem uses (`used_packs`)."""
-        return used_packs(self.mads, self.ecosystem.packs)
+        return used_packs(self.mads, self.ecosystem)
 
     @cached_property
     def requirement_items(self) -> tuple[Requirement, ...]:
