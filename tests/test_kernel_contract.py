@@ -117,7 +117,8 @@ def test_an_artifact_carries_only_the_capability_packs_its_spec_uses():
     assert set(with_files) - set(core) == {"eco/kernel/packs/files/__init__.py", "eco/kernel/packs/files/pack.py"}
     assert kernel_contract.pack_dependencies({"files"}) == ()
     with_redis = kernel_contract.kernel_files("eco", {"redis"})
-    assert set(with_redis) - set(core) == {"eco/kernel/packs/redis/__init__.py", "eco/kernel/packs/redis/pack.py"}
+    assert set(with_redis) - set(core) == {"eco/kernel/packs/redis/__init__.py", "eco/kernel/packs/redis/pack.py",
+                                           "eco/kernel/packs/redis/cli.py"}  # its bus commands and serve options
     assert kernel_contract.pack_dependencies({"redis"}) == ("redis==8.1.0",)
     assert not [d for d in kernel_contract.RUNTIME_DEPENDENCIES if d.startswith(("redis", "opentelemetry"))]
 

@@ -1,23 +1,37 @@
-"""The ecosystem's command line: `python -m <pkg> serve|token|clients|audit|secrets ...`."""
+"""The ecosystem's command line: `python -m <pkg> serve|token|clients|audit|secrets ...`, and what the packs this
+build carries add to it (each in its `packs/<name>/cli.py`, see PACK_PARTS)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
-from . import logs, packs
+from . import capabilities, logs, packs
 from .audit import ANCHOR_FILE, AuditLog, verify_file
 from .clients import AUDIT_PERMISSION, ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
 from .db import Database
 from .errors import InvalidArgument, KernelError
 from .supervisor import SupervisionPolicy
+
+# The parts of the command line a pack adds, by its `cli.py`'s `add_commands(parsers, config)`: "<command>",
+# "<command> <subcommand>" or "<command> --option". A build without the pack has no code for them, so asking for
+# one there is refused here with the pack's line to add, not with argparse's "invalid choice".
+PACK_PARTS = {
+    "redis": (("bus", "serve --mads", "serve --claim-idle", "serve --drill-hold"), packs.NO_REDIS),
+    "console": (("clients unlock",), "this ecosystem has no web console, so no sign-in lock to lift: add `console: {}` "
+                                     "under `packs:` in spec/ecosystem.yaml and rebuild (nox -s regenerate)"),
+    "tracing": (("serve --otlp-endpoint",), packs.NO_TRACING),
+}
 
 
 def _days(text: str) -> int:
@@ -33,6 +47,9 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     state.add_argument("--state", required=True, type=Path, help="the ecosystem's state directory")
 
     serve = sub.add_parser("serve", parents=[state], help="run the ecosystem: MCP gateway at /mcp, Grace at /, /healthz")
+    # `make_runtime(make, args)`: the Runtime serve runs, `make(**options)` given those of a pack's serve options;
+    # without the tracing pack's --otlp-endpoint, only the OTEL_ variables can ask for traces (a clear error then)
+    serve.set_defaults(run=_serve, make_runtime=lambda make, args: make(), otlp_endpoint=None)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -45,51 +62,16 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     serve.add_argument("--call-retention-days", type=_days, default=90, metavar="DAYS",
                        help="keep the per-call log (gateway_calls) this many UTC days, pruned at start and hourly; "
                             "0 keeps it for ever (default 90)")
-    _bus_arguments(serve, config)
-    serve.add_argument("--mads", type=_names, default=None, metavar="MAD,MAD",
-                       help="run only these MADs; the others run in processes sharing the --bus (default: all)")
-    serve.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
-                       help="Redis bus: a delivery whose process has been silent this long (dead, frozen) is "
-                            "taken over by a live one (default 30; live processes renew their claims)")
-    serve.add_argument("--drill-hold", type=float, default=0.0, metavar="SECONDS",
-                       help="failover drills only (deploy/failover.sh drill), never in production: hold each Redis "
-                            "bus delivery this long before running it, so the replica is killed while it holds some")
-    serve.add_argument("--otlp-endpoint", default=None, metavar="URL",
-                       help="send traces (OpenTelemetry, OTLP over HTTP) to this collector, e.g. http://127.0.0.1:4318 "
-                            "(/v1/traces is appended); default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else "
-                            "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces")
-
-    bus_sub = _group(sub, "bus", "the bus shared by several processes (Redis): status, forget, send")
-    status = bus_sub.add_parser("status", help="per MAD: entries queued and pending, requests added and deliveries "
-                                               "taken over, and each consumer (process) with its pending entries, "
-                                               "idle time and whether it is alive; JSON on stdout")
-    _bus_arguments(status, config, required=True)
-    forget = bus_sub.add_parser("forget", help="remove a dead process's consumer (see status) once it holds no delivery "
-                                               "(live replicas remove those of the MADs they run themselves)")
-    _bus_arguments(forget, config, required=True)
-    forget.add_argument("consumer", nargs="+", help="the consumer name, host:pid:tag, as status shows it (several: each)")
-    forget.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="a process killed moments ago counts as alive until its heartbeat lapses (its "
-                             "--claim-idle): wait up to this long for that (default 0: refuse at once)")
-    send = bus_sub.add_parser("send", help="send requests as one MAD to another over the bus and wait for the "
-                                           "replies (a drill, a smoke test): one JSON line per reply")
-    _bus_arguments(send, config, required=True)
-    send.add_argument("--state", required=True, type=Path, help="a state directory for this sender (its history)")
-    send.add_argument("--from", dest="sender", required=True, help="the sending MAD (the target must be in its talks_to)")
-    send.add_argument("--to", dest="target", required=True)
-    send.add_argument("--tool", default="", help="the target's tool to call (else --prose goes to its Thought Engine)")
-    send.add_argument("--args", type=json.loads, default={}, help="the tool's arguments, a JSON object")
-    send.add_argument("--prose", default="")
-    send.add_argument("--count", type=int, default=1, help="how many requests, sent at once (default 1)")
-    send.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="how long to wait for each reply")
+    bus_option(serve, config)
 
     token = sub.add_parser("token", parents=[state],
                            help="create (once) a client bearer token and print the file that holds it")
     token.add_argument("--name", default="default")
     token.add_argument("--allow", action="append", default=None,
                        help="tool pattern this token may call (fnmatch over <mad>.<tool>; repeatable; default '*')")
+    token.set_defaults(run=_token)
 
-    clients_sub = _group(sub, "clients", "MCP clients: add (prints the token once), list, revoke")
+    clients_sub = _group(sub, "clients", "MCP clients: add (prints the token once), list, revoke", _clients)
     add = clients_sub.add_parser("add", parents=[state], help="add a client and print its bearer token, once")
     add.add_argument("name")
     add.add_argument("--allow", action="append", required=True, metavar="PATTERN",
@@ -102,48 +84,49 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     listing = clients_sub.add_parser("list", parents=[state],
                                      help="clients with their patterns, limits and calls today (never a token)")
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    unlock = clients_sub.add_parser("unlock", parents=[state],
-                                    help="lift the web UI's sign-in lock of an address (after failed sign-ins)")
-    unlock.add_argument("address", nargs="?", help="the address as the audit log names it (its remote, without the port)")
-    unlock.add_argument("--all", action="store_true", help="every locked address")
     revoke = clients_sub.add_parser("revoke", parents=[state],
                                     help="revoke a client: running servers refuse its token from the next request")
     revoke.add_argument("name")
 
-    verify = _group(sub, "audit", "the hash-chained audit log").add_parser(
+    verify = _group(sub, "audit", "the hash-chained audit log", _audit_verify).add_parser(
         "verify", parents=[state], help="walk the chain: exit 0 when intact, 1 naming the first broken entry")
     verify.add_argument("--anchor", type=Path, metavar="FILE",
                         help="a copy of audit-anchor.json kept elsewhere: its entry must still be in the chain, unchanged "
                              "(detects deleted newest entries, which leave a valid chain); default: the state's own")
 
-    _group(sub, "secrets", "the secrets store").add_parser(
+    _group(sub, "secrets", "the secrets store", _rotate_key).add_parser(
         "rotate-key", parents=[state], help="re-encrypt every secret under a new key; with the key in the environment, "
         "the new key is written to <state>/keys/secrets.key.new (0600) for you to put there (stop the ecosystem first)")
+
+    for name in PACK_PARTS:
+        if name in capabilities.PACKS:  # the catalogue of each pack this build carries; its cli.py is as light
+            importlib.import_module(f"{packs.__name__}.{name}.cli").add_commands(
+                {"commands": sub, "serve": serve, "clients": clients_sub, "state": state}, config)
     return parser
 
 
-def _group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
-    """A command with subcommands of its own (`<name> <subcommand>`, read back as args.<name>_command)."""
-    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+def _group(sub: argparse._SubParsersAction, name: str, help: str, run: Callable[..., int]) -> argparse._SubParsersAction:
+    """A command with subcommands of its own (`<name> <subcommand>`, read back as args.<name>_command), run by `run`
+    unless a subcommand sets its own."""
+    group = sub.add_parser(name, help=help)
+    group.set_defaults(run=run)
+    return group.add_subparsers(dest=f"{name}_command", required=True)
 
 
-def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
+def _asks(argv: list[str], part: str) -> bool:
+    """Whether the command line `argv` asks for a PACK_PARTS `part`."""
+    command, _, then = part.partition(" ")
+    words = [arg.partition("=")[0] for arg in argv[1:]] if then.startswith("-") else argv[1:2]
+    return argv[:1] == [command] and (not then or then in words)
 
 
-def _bus_arguments(parser: argparse.ArgumentParser, config: EcosystemConfig, required: bool = False) -> None:
+def bus_option(parser: argparse.ArgumentParser, config: EcosystemConfig, required: bool = False) -> None:
+    """`--bus URL`, default $<PREFIX>_BUS_URL: serve's, and the redis pack's `bus` commands' (required there)."""
     env = f"{config.env_prefix}_BUS_URL"
     default = os.environ.get(env, "")
     parser.add_argument("--bus", default=default, required=required and not default, metavar="URL",
                         help=f"the bus: 'local' (one process, the default) or a Redis URL shared by several processes, "
                              f"e.g. redis://127.0.0.1:6379/0 (default: ${env})")
-
-
-def _bus(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    """`bus status|forget|send`: the Redis bus's commands, in the redis pack (a build without it says so)."""
-    from .transport import redis_pack
-
-    return redis_pack().bus_command(config, args)
 
 
 def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
@@ -184,13 +167,9 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .runtime import Runtime
 
     logs.configure(args.log_level)
-    runtime = Runtime(config, args.state, supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout),
-                      bus_url=args.bus, serve_mads=args.mads, claim_idle_s=args.claim_idle)
+    runtime = args.make_runtime(partial(Runtime, config, args.state, bus_url=args.bus,
+                                        supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout)), args)
     try:
-        if args.drill_hold:
-            if runtime.transport.name != "redis" or args.drill_hold < 0:
-                raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
-            runtime.transport.hold_s = args.drill_hold
         app = build_app(runtime, ClientRegistry(runtime.state_dir), host=args.host, session_idle_s=args.session_idle,
                         call_retention_days=args.call_retention_days, sessions_per_client=args.sessions_per_client)
         # off unless an OTLP endpoint is configured (kernel/tracing.py)
@@ -249,7 +228,7 @@ def _token(config: EcosystemConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_audit(state: Path, action: str, subject: str, detail: str) -> None:
+def operator_audit(state: Path, action: str, subject: str, detail: str) -> None:
     """An operator's change to who may call in, in the state's hash-chained audit log (never a token)."""
     with closing(Database(state / "ecosystem.db")) as db:
         AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
@@ -262,26 +241,14 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
         limits = "".join(f"; {label} {value}" for label, value in (
             ("rate", args.rate), ("quota", args.quota), ("secrets", " ".join(args.secret_patterns or ()))) if value)
-        _operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
+        operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
         print(token, flush=True)
         return 0
-    if args.clients_command == "unlock":
-        unlock = packs.module("console", "this ecosystem has no web console, so no sign-in lock to lift: add "
-                              "`console: {}` under `packs:` in spec/ecosystem.yaml and rebuild (nox -s regenerate)").unlock
-        if bool(args.address) == bool(args.all):
-            raise InvalidArgument("name one address to unlock, or pass --all")
-        with closing(Database(args.state / "ecosystem.db")) as db:
-            forgotten = unlock(db, None if args.all else args.address)
-        _operator_audit(args.state, "clients.unlock", "*" if args.all else args.address,
-                        f"{forgotten} failed sign-ins forgotten")
-        print(f"unlocked {'every address' if args.all else args.address} ({forgotten} failed sign-ins forgotten); "
-              "it may sign in again at once")
-        return 0
     if args.clients_command == "revoke":
         client = registry.revoke(args.name)
-        _operator_audit(args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
+        operator_audit(args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
         print(f"client {client.name!r} revoked at {client.revoked_at}; running servers refuse its token from the next request")
         return 0
     today = calls_today_by_client(args.state)
@@ -302,11 +269,13 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
 
 
 def main(config: EcosystemConfig, argv: list[str] | None = None) -> int:
-    args = _parser(config).parse_args(argv)
-    commands = {"serve": _serve, "clients": _clients, "audit": _audit_verify, "secrets": _rotate_key, "bus": _bus,
-                "token": _token}
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return commands[args.command](config, args)
+        for name, (parts, missing) in PACK_PARTS.items():
+            if name not in capabilities.PACKS and any(_asks(argv, part) for part in parts):
+                raise InvalidArgument(missing)
+        args = _parser(config).parse_args(argv)
+        return args.run(config, args)
     except KernelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

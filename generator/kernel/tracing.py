@@ -45,10 +45,9 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import packs
-from .errors import InvalidArgument, KernelError
+from .errors import KernelError
 
 tracer: Any = None  # the kernel's Tracer while tracing is on; None (off) by default
 _pack: Any = None  # the tracing pack's module while tracing is on (it holds the provider, the exporter, the endpoint)
@@ -110,7 +109,8 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
     """Turn tracing on for this process if an OTLP endpoint is configured (see the module docstring),
     or to `span_exporter` (tests pass the SDK's InMemorySpanExporter; its spans are exported as each
     ends); True when on. A previous configuration is shut down first, so the last call wins.
-    No endpoint: off, at the cost of a few lookups; the pack does the rest (packs/tracing/pack.py)."""
+    No endpoint: off, at the cost of a few lookups; the pack does the rest (packs/tracing/pack.py), from checking
+    that the endpoint is an http(s) URL on."""
     global tracer, _pack
     env = os.environ if env is None else env
     shutdown()
@@ -119,22 +119,9 @@ def configure(service: str, version: str, *, otlp_endpoint: str | None = None,
     given = [u.strip() for u in (otlp_endpoint or "", *(env.get(v, "") for v in ENDPOINT_VARIABLES)) if u.strip()]
     if span_exporter is None and not given:
         return False
-    if span_exporter is None and not _is_web(given[0]):
-        # Before the pack is looked for: a mistyped endpoint is named as such, in any build.
-        raise InvalidArgument("the OTLP endpoint is not an http:// or https:// URL; traces go over OTLP/HTTP to a "
-                              "collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
-    pack = packs.module("tracing", "an OTLP endpoint is configured, but this ecosystem was built without tracing: "
-                                   "its spec does not name the tracing pack; add `tracing: {}` under `packs:` in "
-                                   "spec/ecosystem.yaml and regenerate (or unset the endpoint)")
+    pack = packs.module("tracing", packs.NO_TRACING)
     tracer, _pack = pack.configure(service, version, otlp_endpoint, env, span_exporter), pack
     return True
-
-
-def _is_web(url: str) -> bool:
-    try:
-        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
-    except ValueError:  # e.g. an unclosed [IPv6 address]
-        return False
 
 
 def shutdown() -> None:

@@ -323,14 +323,9 @@ def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Se
     if url in ("", "local"):
         return LocalTransport(bus, sealer, dispatch)
     if urlsplit(url).scheme in ("redis", "rediss", "unix"):
-        return redis_pack().RedisTransport(url, ecosystem, bus, sealer, dispatch, claim_idle_s=claim_idle_s)
+        pack = packs.module("redis", packs.NO_REDIS)  # a build without the pack says so, and how to get it
+        return pack.RedisTransport(url, ecosystem, bus, sealer, dispatch, claim_idle_s=claim_idle_s)
     raise InvalidArgument(
         f"unknown bus {redact_url(url)!r}: use 'local' (the default, one process) or a Redis URL "
         "such as redis://127.0.0.1:6379/0"
     )
-
-
-def redis_pack() -> Any:
-    """The redis pack's module, or a clear error when the spec this ecosystem was built from did not name it."""
-    return packs.module("redis", "this ecosystem was built without the Redis bus: its spec does not name the redis "
-                                 "pack; add `redis: {}` under `packs:` in spec/ecosystem.yaml and regenerate")

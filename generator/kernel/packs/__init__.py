@@ -3,11 +3,12 @@
 The core (this file) says what a pack is. A pack's folder (`packs/<name>/`) holds its catalogue
 (`__init__.py`: its `PackInfo`, capabilities, result shapes and MCP hints, read by `capabilities.py`; light,
 it imports none of the pack's libraries), its implementation (`pack.py`): one subclass of `Pack` whose
-methods implement those capabilities, marked with `@implements`, and its tests (`tests/`: every capability,
-and a rogue caller trying every escape from its guards), which stay in regen. The compiler copies a pack's
-folder but for its tests into an artifact only when its spec uses the pack (a MAD owns the family, or a tool is
-bound to one of its capabilities), with the pack's pinned dependencies; the runtime loads the packs of the
-families its MADs own, by name, and nothing else. A pack reaches the ecosystem only through its `PackContext`:
+methods implement those capabilities, marked with `@implements`, optionally its part of the command line
+(`cli.py`: `add_commands(parsers, config)`, light, which the core's cli.py calls; see its PACK_PARTS), and its
+tests (`tests/`: every capability, and a rogue caller trying every escape from its guards), which stay in regen.
+The compiler copies a pack's folder but for its tests into an artifact only when its spec uses the pack (a MAD
+owns the family, or a tool is bound to one of its capabilities), with the pack's pinned dependencies; the runtime
+loads the packs of the families its MADs own, by name, and nothing else. A pack reaches the ecosystem only through its `PackContext`:
 its own folder in the state directory, its settings, the audit log, and the packs it requires
 (`PackInfo.requires`, through `peer`): the documents pack writes into the files pack's root that way, never
 around its guards.
@@ -25,6 +26,13 @@ from typing import Any, ClassVar
 from ..errors import InvalidArgument, KernelError
 
 IMPL_ATTR = "__regen_capability__"
+# What a build without the redis pack says when asked for its bus (serve --bus redis://...) or its commands (cli.py).
+NO_REDIS = ("this ecosystem was built without the Redis bus: its spec does not name the redis pack; add `redis: {}` "
+            "under `packs:` in spec/ecosystem.yaml and regenerate")
+# ... without the tracing pack, when an OTLP endpoint is configured (serve --otlp-endpoint, OTEL_ variables).
+NO_TRACING = ("an OTLP endpoint is configured, but this ecosystem was built without tracing: its spec does not name "
+              "the tracing pack; add `tracing: {}` under `packs:` in spec/ecosystem.yaml and regenerate (or unset "
+              "the endpoint)")
 
 
 def implements(capability: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

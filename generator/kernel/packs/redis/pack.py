@@ -21,8 +21,8 @@ renewals and the heartbeat have connections of their own, so a busy pool never d
 delivery or a reply, nor lets a live process's work be taken over.
 
 The pack enters an artifact only when its spec names it (`packs: {redis: {}}` in ecosystem.yaml), with the
-`redis` package; without it, `serve --bus redis://...` and `bus status|forget|send` (their implementation,
-`bus_command`, is here) say so. Sealing, replies and the `Transport` contract
+`redis` package; without it, `serve --bus redis://...` and `bus status|forget|send` (parsed by the pack's
+`cli.py`; `bus_command`, here, runs them) say so. Sealing, replies and the `Transport` contract
 are the core's (transport.py).
 """
 
@@ -607,7 +607,7 @@ def bus_forget(url: str, ecosystem: str, mads: Sequence[str], consumer: str, wai
 
 
 def bus_command(config: Any, args: Any) -> int:
-    """`bus status|forget|send` (cli.py parses them): the operator's view of the shared bus, and a drill's sender."""
+    """`bus status|forget|send` (the pack's cli.py parses them): the operator's view of the shared bus, and a drill's sender."""
     mads = [m.name for m in config.persistent_mads]  # a role has no stream: it is spawned, never asked
     if args.bus_command == "status":
         print(json.dumps(bus_status(args.bus, config.name, mads), indent=2))

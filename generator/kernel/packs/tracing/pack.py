@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ... import logs
-from ...errors import KernelError
+from ...errors import InvalidArgument, KernelError
 
 log = logs.get("tracing")
 
@@ -95,6 +95,13 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
+def _is_web(url: str) -> bool:
+    try:
+        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+    except ValueError:  # e.g. an unclosed [IPv6 address]
+        return False
+
+
 def traces_url(base: str) -> str:
     """An OTLP/HTTP base URL's traces endpoint: `/v1/traces` appended unless it is there."""
     base = base.strip().rstrip("/")
@@ -117,9 +124,12 @@ def endpoint_from(flag: str | None = None, env: Mapping[str, str] | None = None)
 def configure(service: str, version: str, otlp_endpoint: str | None, env: Mapping[str, str],
               span_exporter: Any) -> Any:
     """The kernel's tracer, its spans to `span_exporter` as each ends, else batched to the OTLP traces URL
-    configured (tracing.configure checked there is one, and that it is an http(s) URL)."""
+    configured (tracing.configure checked there is one), which must be an http(s) URL."""
     global provider, exporter, endpoint
     url = "" if span_exporter is not None else endpoint_from(otlp_endpoint, env)
+    if span_exporter is None and not _is_web(url):
+        raise InvalidArgument("the OTLP endpoint is not an http:// or https:// URL; traces go over OTLP/HTTP to a "
+                              "collector, e.g. --otlp-endpoint http://127.0.0.1:4318")
     made = TracerProvider(resource=Resource.create({"service.name": service, "service.version": version}))
     if span_exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
