@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from generator import harness
+
 DETAIL = "internal-detail-7731"  # in exception messages: for the server log, never for the caller
 
 
@@ -367,8 +369,7 @@ def flaky_ecosystem(tiny_ecosystem, tmp_path_factory):
 def test_server_healthz_breaker_restart_and_sigterm_drain(flaky_ecosystem, tmp_path, eco_modules):
     root, name = flaky_ecosystem
     _, kernel, _ = eco_modules
-    testing = importlib.import_module(kernel.__name__ + ".testing")
-    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
 
         def healthz():
             r = httpx.get(f"{eco.url}/healthz", timeout=10)
@@ -407,7 +408,7 @@ def test_server_healthz_breaker_restart_and_sigterm_drain(flaky_ecosystem, tmp_p
         async def slow_call():
             async with eco.client() as client:
                 await client.list_tools()  # else the client lists them after the result (to check it), when the server is gone
-                return testing.result_value(await client.call_tool("flaky.wait_for", {"path": str(flag)}))
+                return harness.result_value(await client.call_tool("flaky.wait_for", {"path": str(flag)}))
 
         async def scenario():
             call = asyncio.create_task(slow_call())
@@ -420,7 +421,7 @@ def test_server_healthz_breaker_restart_and_sigterm_drain(flaky_ecosystem, tmp_p
             assert code == 503
             # New requests are turned away at the door (503, Retry-After), in words an MCP client shows.
             with pytest.raises(Exception, match="unavailable: the ecosystem is shutting down; retry after 5 s"):
-                await testing.call_tool(eco.url, eco.token, "rogers.list_conversations")
+                await harness.call_tool(eco.url, eco.token, "rogers.list_conversations")
             door = await asyncio.to_thread(httpx.get, f"{eco.url}/metrics", timeout=10)
             assert door.status_code == 503 and door.headers["retry-after"] == "5"
             assert door.json()["message"].startswith("unavailable: the ecosystem is shutting down")
@@ -439,9 +440,8 @@ def test_sigterm_under_load_completes_every_response_and_refuses_new_ones_503(fl
     requests get 503 with Retry-After; nothing is cut off (no half response, no dropped connection)."""
     root, name = flaky_ecosystem
     _, kernel, _ = eco_modules
-    testing = importlib.import_module(kernel.__name__ + ".testing")
     flag = tmp_path / "finish"
-    with testing.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
+    with harness.running_ecosystem(name, tmp_path / "state", cwd=root) as eco:
         proc = eco.process
         outcomes: list[str] = []
 
@@ -459,7 +459,7 @@ def test_sigterm_under_load_completes_every_response_and_refuses_new_ones_503(fl
         async def busy(stop: asyncio.Event) -> None:
             while not stop.is_set():
                 try:
-                    await testing.call_tool(eco.url, eco.token, "rogers.list_conversations")
+                    await harness.call_tool(eco.url, eco.token, "rogers.list_conversations")
                     outcomes.append("ok")
                 except BaseException as exc:  # noqa: BLE001 - every outcome is classified
                     outcomes.append(classify(exc))
@@ -467,9 +467,9 @@ def test_sigterm_under_load_completes_every_response_and_refuses_new_ones_503(fl
                         return
 
         async def slow() -> str:
-            async with testing.mcp_client(eco.url, eco.token) as client:
+            async with harness.mcp_client(eco.url, eco.token) as client:
                 await client.list_tools()  # else the client lists them after the result, to check it
-                return testing.result_value(await client.call_tool("flaky.wait_for", {"path": str(flag)}))
+                return harness.result_value(await client.call_tool("flaky.wait_for", {"path": str(flag)}))
 
         async def scenario():
             stop = asyncio.Event()

@@ -31,6 +31,8 @@ from bus_helpers import bus_eco, redis_url, shared_key  # noqa: F401  (fixtures)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from generator import harness
+
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "4.5.6"
 EXTRA_ROGERS_TOOLS = '''
@@ -67,7 +69,7 @@ def eco(tiny_ecosystem, tmp_path_factory):
     importlib.invalidate_caches()
     try:
         mods = {m: importlib.import_module(f"{package}.kernel.{m}")
-                for m in ("tracing", "runtime", "gateway", "clients", "testing", "cli", "logs", "errors")}
+                for m in ("tracing", "runtime", "gateway", "clients", "cli", "logs", "errors")}
         yield SimpleNamespace(root=new_root, package=package, config=importlib.import_module(f"{package}.ecosystem").CONFIG,
                               **mods)
     finally:
@@ -115,7 +117,7 @@ def served(eco, tmp_path, monkeypatch):
     runtime = eco.runtime.Runtime(eco.config, tmp_path / "state")
     registry = eco.clients.ClientRegistry(runtime.state_dir)
     token = registry.add("ci", ["*"])
-    port = eco.testing.free_port()
+    port = harness.free_port()
     server = uvicorn.Server(uvicorn.Config(eco.gateway.build_app(runtime, registry), host="127.0.0.1", port=port,
                                            log_config=None, access_log=False, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -141,7 +143,7 @@ def call(url: str, token: str, testing, tool: str):
 
 def test_a_gateway_call_is_one_trace_gateway_handler_bus_hop_handler(eco, memory, served):
     url, token, runtime = served
-    result = call(url, token, eco.testing, "rogers.ask_turing")
+    result = call(url, token, harness, "rogers.ask_turing")
     assert not result.is_error
     cid = result.meta["regen/correlation_id"]
     spans = by_name(s for s in memory.get_finished_spans() if s.attributes.get("regen.correlation_id") == cid)
@@ -178,9 +180,9 @@ def test_a_gateway_call_is_one_trace_gateway_handler_bus_hop_handler(eco, memory
 
 def test_failed_calls_are_error_spans_wherever_they_failed(eco, memory, served):
     url, token, _ = served
-    crashed = call(url, token, eco.testing, "rogers.boom")
-    missing = call(url, token, eco.testing, "rogers.ask_turing_wrong")
-    unknown = call(url, token, eco.testing, "rogers.no_such_tool")
+    crashed = call(url, token, harness, "rogers.boom")
+    missing = call(url, token, harness, "rogers.ask_turing_wrong")
+    unknown = call(url, token, harness, "rogers.no_such_tool")
     assert crashed.is_error and missing.is_error and unknown.is_error
     spans = memory.get_finished_spans()
 
@@ -313,7 +315,7 @@ def test_serve_turns_tracing_on_only_with_an_otlp_endpoint(eco, clean_env, tmp_p
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     monkeypatch.setattr(eco.logs, "configure", lambda level: None)  # keep pytest's logging as it is
     monkeypatch.delenv(f"{eco.config.env_prefix}_SECRETS_KEY", raising=False)
-    port = eco.testing.free_port()
+    port = harness.free_port()
     serve = ["serve", "--state", str(tmp_path / "state"), "--port", str(port)]
     eco.cli.main(eco.config, serve)
     eco.cli.main(eco.config, [*serve, "--otlp-endpoint", f"http://127.0.0.1:{port}"])
