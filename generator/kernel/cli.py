@@ -46,7 +46,7 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     state = argparse.ArgumentParser(add_help=False)  # the option of every command that works on a state directory
     state.add_argument("--state", required=True, type=Path, help="the ecosystem's state directory")
 
-    serve = sub.add_parser("serve", parents=[state], help="run the ecosystem: MCP gateway at /mcp, Grace at /, /healthz")
+    serve = sub.add_parser("serve", parents=[state], help="run the ecosystem: MCP at /mcp, /healthz; the web console at / (console pack)")
     # `make_runtime(make, args)`: the Runtime serve runs, `make(**options)` given those of a pack's serve options;
     # without the tracing pack's --otlp-endpoint, only the OTEL_ variables can ask for traces (a clear error then)
     serve.set_defaults(run=_serve, make_runtime=lambda make, args: make(), otlp_endpoint=None)
