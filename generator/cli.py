@@ -12,13 +12,21 @@ import os
 import sys
 from pathlib import Path
 
+OFFLINE_PIPELINE = Path("pipelines/offline.toml")
+
+
+def default_pipeline() -> Path:
+    """The working folder's pipelines/offline.toml (a regen checkout, or a project with pipelines of its own), else
+    regen's: a spec started with `regen init` in any folder builds offline without naming a pipeline."""
+    return OFFLINE_PIPELINE if OFFLINE_PIPELINE.is_file() else Path(__file__).resolve().parents[1] / OFFLINE_PIPELINE
+
 
 def _common(parser: argparse.ArgumentParser, pipeline: bool = False) -> None:
     parser.add_argument("--spec", type=Path, default=Path("spec"), help="spec folder (default: spec)")
     if pipeline:
         parser.add_argument(
-            "--pipeline", type=Path, default=Path("pipelines/offline.toml"),
-            help="pipeline file (default: pipelines/offline.toml, offline, no keys)",
+            "--pipeline", type=Path, default=None,
+            help="pipeline file (default: pipelines/offline.toml, offline, no keys: the working folder's, else regen's)",
         )
 
 
@@ -319,6 +327,8 @@ COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify":
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "pipeline", OFFLINE_PIPELINE) is None:
+        args.pipeline = default_pipeline()
     if args.command == "regenerate" and args.fresh and args.replay:
         parser.error("--fresh and --replay do not go together: a replay rebuilds exactly what was recorded, "
                      "reuse included")

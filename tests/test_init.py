@@ -104,8 +104,9 @@ def test_the_new_users_loop_init_regenerate_edit_regenerate_diff(tmp_path):
              "('litellm', 'jinja2', 'networkx', 'libcst', 'cryptography') or m.startswith(("
              "'generator.review.run', 'generator.review.llm', 'generator.review.deterministic', "
              "'generator.sandbox', 'generator.artifact.sign', 'generator.senior', 'generator.render'))))")
-    noop = subprocess.run([sys.executable, "-c", probe, "regenerate", "--spec", str(tmp_path / "spec"), "--out", str(out),
-                           "--pipeline", str(REPO / "pipelines" / "offline.toml")], capture_output=True, text=True, cwd=REPO)
+    # Run where a new user keeps their spec, outside regen's checkout: the offline pipeline is regen's own.
+    noop = subprocess.run([sys.executable, "-c", probe, "regenerate", "--spec", "spec", "--out", "ecosystems"],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert noop.returncode == 0 and "Up to date: notes 1.0.0" in noop.stderr, noop.stderr
     assert noop.stdout.strip() == "[]"
     # The edits a new user makes: a requirement, and the web console the starter's ecosystem.yaml shows how to add.
