@@ -44,11 +44,23 @@ def test_init_takes_a_name(tmp_path):
     assert load_spec(tmp_path / "whatever").ecosystem.name == "ledger"
 
 
-@pytest.mark.parametrize("name", ["Ledger", "2x", "class", "a-b"])
-def test_a_name_that_cannot_be_a_package_is_refused(tmp_path, name):
-    with pytest.raises(UserError, match="is not an ecosystem name"):
+@pytest.mark.parametrize(("name", "why"), [("Ledger", "is not an ecosystem name"), ("2x", "is not an ecosystem name"),
+                                         ("a-b", "is not an ecosystem name"), ("class", "is a Python keyword"),
+                                         ("email", "standard library"), ("harness", "the artifact's tests"),
+                                         ("mcp", "a library the kernel imports")])
+def test_a_name_that_cannot_be_a_package_is_refused(tmp_path, name, why):
+    """The name is the Python package's: one that is no identifier, a keyword, or shadows (or is shadowed by) a
+    module the ecosystem or its tests import would build an ecosystem that cannot start or be tested."""
+    with pytest.raises(UserError, match=why):
         init(tmp_path / "spec", name=name)
     assert not (tmp_path / "spec").exists()
+
+
+def test_a_folder_name_that_cannot_be_a_package_asks_for_a_name(tmp_path):
+    with pytest.raises(UserError, match=r"'email' is also a module of Python's standard library.*made from the "
+                                        r"folder's name 'email'.*--name notes"):
+        init(tmp_path / "email")
+    assert not (tmp_path / "email").exists()
 
 
 def test_init_refuses_a_folder_holding_a_spec_and_changes_nothing(tmp_path):

@@ -17,6 +17,7 @@ import fnmatch
 import json
 import keyword
 import re
+import sys
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Annotated, Any, Literal, get_args
@@ -67,6 +68,32 @@ def _check_type(value: str) -> str:
 
 
 TypeName = Annotated[str, AfterValidator(_check_type)]
+
+# What an ecosystem's package must not be called: it is imported by its name, beside the standard library, the
+# kernel's libraries, and its tests' own modules (conftest.py, harness.py), one of which it would shadow or be
+# shadowed by.
+_TAKEN_NAMES = frozenset({"tests", "conftest", "harness", "pytest", "mcp", "uvicorn", "starlette", "httpx", "httpx2",
+                          "pydantic", "cryptography", "anyio", "prometheus_client"})
+
+
+def package_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an ecosystem's name, which is its Python package's too; None when it can."""
+    if not re.match(IDENTIFIER, name):
+        return f"'{name}' is not an ecosystem name; expected lower case letters, digits and _, starting with a letter"
+    if keyword.iskeyword(name):
+        return f"'{name}' is a Python keyword, and an ecosystem's name is its Python package's; expected another, like '{name}_eco'"
+    if name in sys.stdlib_module_names or name in _TAKEN_NAMES:
+        kind = "a module of Python's standard library" if name in sys.stdlib_module_names else (
+            "a module of the artifact's tests" if name in ("tests", "conftest", "harness") else "a library the kernel imports")
+        return (f"'{name}' is also {kind}, which the ecosystem's Python package (named like the ecosystem) would "
+                f"shadow or be shadowed by; expected another name, like '{name}_eco'")
+    return None
+
+
+def _package_name(name: str) -> str:
+    if problem := package_name_problem(name):
+        raise spec_rule(problem)
+    return name
 
 
 def _not_keyword(what: str):
@@ -256,8 +283,17 @@ class ModelAlias(Frozen):
 
     provider: Literal["echo", "openai"] = "echo"
     model: str = ""
-    api_base: str = ""
+    api_base: str = Field(default="", validate_default=True)
     api_key_secret: str = Field(default="", description="a Turing secret holding the API key")
+
+    @field_validator("api_base")
+    @classmethod
+    def _endpoint_for_openai(cls, api_base: str, info: ValidationInfo) -> str:
+        """An openai alias without its endpoint would build, and fail only at its first call."""
+        if info.data.get("provider") == "openai" and not api_base.startswith(("http://", "https://")):
+            raise spec_rule("provider 'openai' needs api_base: the http(s) base URL of an OpenAI-compatible "
+                            "endpoint, e.g. http://127.0.0.1:11434/v1 (its /chat/completions is called)")
+        return api_base
 
 
 class PrincipleRule(Frozen):
@@ -322,7 +358,7 @@ def _acceptance_area(area: str) -> str:
 
 
 class EcosystemSpec(Frozen):
-    name: str = Field(pattern=IDENTIFIER)
+    name: Annotated[str, Field(pattern=IDENTIFIER), AfterValidator(_package_name)]
     description: str
     python: Annotated[str, Field(pattern=r"^3\.\d+$"), AfterValidator(_supported_python)]
     # Pinned exactly (PINNED_REQUIREMENT): the loader refuses anything looser in a spec file.

@@ -8,7 +8,6 @@ and changes nothing when it refuses; `--force` overwrites the starter's own file
 
 from __future__ import annotations
 
-import keyword
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..errors import UserError
 from ..frozen import Frozen
 from ..kernel_contract import RUNTIME_DEPENDENCIES, TEST_DEPENDENCIES
 from ..render import environment
-from .model import IDENTIFIER
+from .model import IDENTIFIER, package_name_problem
 
 FILES = {
     "ecosystem.yaml": "ecosystem.yaml.j2",
@@ -37,7 +36,7 @@ class Started(Frozen):
 def name_for(folder: Path) -> str:
     """An ecosystem name from a folder's name: lower case, `_` for anything else; '' when none can be made."""
     name = re.sub(r"[^a-z0-9_]+", "_", folder.resolve().name.lower()).strip("_")
-    return name if re.match(IDENTIFIER, name) and not keyword.iskeyword(name) else ""
+    return name if re.match(IDENTIFIER, name) else ""
 
 
 def init(folder: Path, name: str | None = None, force: bool = False) -> Started:
@@ -48,13 +47,14 @@ def init(folder: Path, name: str | None = None, force: bool = False) -> Started:
     above = next((p for p in folder.absolute().parents if p.exists() or p.is_symlink()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{above} is a file, so {folder} cannot be made; give a folder inside a folder")
-    name = name if name is not None else name_for(folder)
+    given = name is not None
+    name = name if given else name_for(folder)
     if not name:
         raise UserError(f"cannot make an ecosystem name of the folder name {folder.resolve().name!r}; "
                         "give one with --name, e.g. --name notes (lower case, digits and _, starting with a letter)")
-    if not re.match(IDENTIFIER, name) or keyword.iskeyword(name):
-        raise UserError(f"--name {name!r} is not an ecosystem name; expected lower case letters, digits and _, "
-                        "starting with a letter, and not a Python keyword (it becomes the Python package's name)")
+    if problem := package_name_problem(name):
+        raise UserError(f"--name: {problem}" if given else f"{problem} (made from the folder's name "
+                        f"{folder.resolve().name!r}); give another with --name, e.g. --name notes")
     if folder.is_dir() and not force:
         entries = sorted(p.name for p in folder.iterdir())
         if (folder / "ecosystem.yaml").exists():
