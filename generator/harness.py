@@ -129,10 +129,12 @@ class RunningEcosystem:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix=f"{package}-logs-")) / "server.log"
         made = subprocess.run([sys.executable, "-m", package, "token", "--state", str(self.state_dir), "--name",
-                               token_name], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60)
-        if made.returncode or made.stderr.startswith("warning:"):
-            raise RuntimeError(f"no usable token for client {token_name!r}: {made.stderr.strip()}")
-        self.token = Path(made.stdout.strip()).read_text().strip()
+                               token_name], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=120)
+        # `token` prints the token file's path last on stdout, and a warning line on stderr when it holds no usable token
+        printed = made.stdout.strip().splitlines()
+        if made.returncode or not printed or any(line.startswith("warning:") for line in made.stderr.splitlines()):
+            raise RuntimeError(f"no usable token for client {token_name!r}: {made.stderr.strip()[-2000:]}")
+        self.token = Path(printed[-1]).read_text().strip()
 
     @property
     def url(self) -> str:

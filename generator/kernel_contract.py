@@ -26,7 +26,8 @@ HARNESS = Path(__file__).parent / "harness.py"
 HARNESS_PATH = "tests/harness.py"
 # The kernel classes generated code programs against, by source file.
 API_CLASSES = (("mad.py", "Mad"), ("packs/storage/pack.py", "TableStore"))
-# What the kernel itself imports at run time, pinned: a spec must list these among its dependencies.
+# What an ecosystem needs at run time whatever its packs, pinned: regen init's starter lists these. httpx is no
+# longer the core's (the web and openai packs import it) but its generated tests use it.
 RUNTIME_DEPENDENCIES = (
     "mcp==2.3.0",
     "cryptography==48.0.0",

@@ -144,7 +144,12 @@ def test_a_pack_s_tests_stay_in_regen_out_of_every_artifact_and_every_build_s_in
     assert kernel_contract.kernel_test_file("packs/files/tests/test_files.py")
     assert kernel_contract.kernel_test_file("packs/conftest.py")
     assert not kernel_contract.kernel_test_file("packs/files/pack.py")
-    assert not kernel_contract.kernel_test_file("testing.py")
+    assert not kernel_contract.kernel_test_file("transport.py")
+    # The test harness is regen's too: copied into every artifact's tests, known by its digest, and shown to the senior.
+    assert shipped[kernel_contract.HARNESS_PATH] == kernel_contract.HARNESS.read_bytes()
+    assert hashlib.sha256(kernel_contract.HARNESS.read_bytes()).hexdigest() in kernel_contract.kernel_digests()
+    assert "The test harness (`tests/harness.py`" in kernel_contract.api_text()
+    assert "- `def running_ecosystem(package: str" in kernel_contract.api_text()
 
     compiler = tmp_path / "generator"
     shutil.copytree(REPO / "generator", compiler, ignore=shutil.ignore_patterns("__pycache__"))

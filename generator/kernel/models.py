@@ -62,15 +62,22 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def openai_pack(aliases: dict[str, ModelAlias]) -> Any:
+    """The openai pack's module when an alias uses that provider, else None; a clear error when the build lacks it."""
+    if openai := sorted(name for name, alias in aliases.items() if alias.provider == "openai"):
+        return packs.module("openai", f"model alias {openai[0]!r} uses the openai provider, but this build has no "
+                                      "copy of the openai pack (packs/openai/): rebuild it with `nox -s regenerate`",
+                            KernelError)
+    return None
+
+
 class ModelGateway:
     def __init__(self, db: Database, aliases: dict[str, ModelAlias], budgets: dict[str, int], client_budget: int,
-                 read_secret: Callable[[str, str], str], transport: Any = None):
+                 read_secret: Callable[[str, str], str], transport: Any = None, openai: Any = None):
+        """`openai`: the openai pack's module, which the aliases with that provider need (`openai_pack`)."""
         self.db = db
         self.aliases = dict(aliases)
-        if openai := sorted(name for name, alias in self.aliases.items() if alias.provider == "openai"):
-            self._openai_pack = packs.module("openai", f"model alias {openai[0]!r} uses the openai provider, but this "
-                                             "build has no copy of the openai pack (packs/openai/): rebuild it with "
-                                             "`nox -s regenerate`", KernelError)
+        self._openai_pack = openai
         self.client_budget = int(client_budget)
         self._read_secret = read_secret
         self._transport = transport

@@ -30,7 +30,7 @@ from .db import Database
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
-from .models import ModelGateway
+from .models import ModelGateway, openai_pack
 from .packs import IMPL_ATTR, Pack, PackContext, implements, load, module
 from .secrets import KeySource, SecretsManager
 from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
@@ -206,6 +206,7 @@ class Runtime:
             core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
             for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
+            openai = openai_pack(config.models)  # likewise the provider of a model alias
             self._storage, self.migrated, self._tables = self._open_storage(migrations)
             if self.migrated:
                 log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
@@ -215,7 +216,7 @@ class Runtime:
             keys = KeySource(self.state_dir, f"{config.env_prefix}_SECRETS_KEY", config.name)
             self.secrets = SecretsManager(self.db, keys, self._secrets_policy, self.audit)
             self.models = ModelGateway(self.db, config.models, {m.name: m.budget_tokens for m in config.mads},
-                                       config.client_budget_tokens, transport=model_transport,
+                                       config.client_budget_tokens, transport=model_transport, openai=openai,
                                        read_secret=functools.partial(self.secrets.read_internal, "kernel.models"))
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),

@@ -8,7 +8,7 @@ only when its spec names it (`packs: {tracing: {}}` in ecosystem.yaml); configur
 in a build without it is a clear error.
 
 On when an endpoint is configured, for the process (`serve` calls `configure`):
-- `serve --otlp-endpoint URL`: the collector's OTLP/HTTP base URL, e.g. http://127.0.0.1:4318
+- `serve --otlp-endpoint URL` (the tracing pack's option: packs/tracing/cli.py): the collector's OTLP/HTTP base URL, e.g. http://127.0.0.1:4318
   (`/v1/traces` is appended unless the URL ends with it); else
 - the standard variables: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (the traces URL, used as it is),
   else OTEL_EXPORTER_OTLP_ENDPOINT (the base URL, `/v1/traces` appended).

@@ -12,7 +12,7 @@ from pathlib import Path
 from generator.kernel_contract import kernel_test_file
 
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
-CORE_BUDGET = 3_991  # the target is 4,000; see the ratchet note above
+CORE_BUDGET = 3_995  # the target is 4,000; see the ratchet note above
 
 
 def source_lines(text: str) -> int:

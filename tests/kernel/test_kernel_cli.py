@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import shutil
 import stat
 import subprocess
 import sys
+
+import pytest
 
 
 def _run(root, name, *args):
@@ -127,3 +131,30 @@ def test_an_ecosystem_whose_mad_owns_a_pack_the_build_lacks_is_refused_at_start(
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "the 'files' capability pack is not in this build" in result.stderr, result.stderr
     assert "nox -s regenerate" in result.stderr
+
+
+def _surface(parser: argparse.ArgumentParser) -> set[str]:
+    """Every `<command>`, `<command> <subcommand>` and `<command> --option` a parser takes."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = set()
+    for name, command in commands.choices.items():
+        found.add(name)
+        for action in command._actions:
+            subcommands = action.choices if isinstance(action, argparse._SubParsersAction) else {}
+            found |= {f"{name} {s}" for s in subcommands} | {f"{name} {o}" for o in action.option_strings if o[:2] == "--"}
+    return found
+
+
+@pytest.mark.parametrize("pack", ["redis", "console", "tracing"])
+def test_pack_parts_names_exactly_what_each_pack_adds_to_the_command_line(eco_modules, monkeypatch, pack):
+    """A part a pack adds that PACK_PARTS does not name would meet argparse's "unrecognized arguments" in a build
+    without the pack, instead of the line to add to the spec; one it names but no longer adds would be refused."""
+    config, kernel, _ = eco_modules
+    cli = importlib.import_module(f"{kernel.__name__}.cli")
+    catalogue = importlib.import_module(f"{kernel.__name__}.capabilities")
+    assert set(cli.PACK_PARTS) == {"redis", "console", "tracing"}
+    with_pack = _surface(cli._parser(config))
+    monkeypatch.setattr(catalogue, "PACKS", {name: info for name, info in catalogue.PACKS.items() if name != pack})
+    added = with_pack - _surface(cli._parser(config))
+    parts = set(cli.PACK_PARTS[pack][0])
+    assert {p for p in added if p in parts or p.split(" ")[0] not in parts} == parts  # a whole command, with its own

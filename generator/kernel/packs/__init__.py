@@ -6,8 +6,9 @@ it imports none of the pack's libraries), its implementation (`pack.py`): one su
 methods implement those capabilities, marked with `@implements`, optionally its part of the command line
 (`cli.py`: `add_commands(parsers, config)`, light, which the core's cli.py calls; see its PACK_PARTS), and its
 tests (`tests/`: every capability, and a rogue caller trying every escape from its guards), which stay in regen.
-The compiler copies a pack's folder but for its tests into an artifact only when its spec uses the pack (a MAD
-owns the family, or a tool is bound to one of its capabilities), with the pack's pinned dependencies; the runtime
+The compiler copies a pack's folder but for its tests into an artifact only when its spec uses the pack (a tool
+is bound to one of its capabilities, the spec names a deployment pack, or implies one: a role, a MAD's tables, a
+model provider), with the pack's pinned dependencies; the runtime
 loads the packs of the families its MADs own, by name, and nothing else. A pack reaches the ecosystem only through its `PackContext`:
 its own folder in the state directory, its settings, the audit log, and the packs it requires
 (`PackInfo.requires`, through `peer`): the documents pack writes into the files pack's root that way, never
