@@ -46,7 +46,7 @@ EXTRA_TOOLS = {
 
 @pytest.fixture(scope="module")
 def served(tiny_ecosystem, tmp_path_factory):
-    """The tiny ecosystem with EXTRA_TOOLS, served on 127.0.0.1, and the test harness."""
+    """The tiny ecosystem with EXTRA_TOOLS, served on 127.0.0.1."""
     src_root, src_name = tiny_ecosystem
     root = tmp_path_factory.mktemp("schemas")
     name = f"schemas_{uuid.uuid4().hex[:8]}"
@@ -60,19 +60,19 @@ def served(tiny_ecosystem, tmp_path_factory):
     config.write_text(config.read_text().replace(old, f'name="{name}"').replace(
         "capability_tools={", "capability_tools={'secrets.rotate_key': 'turing.rotate', "))
     with harness.running_ecosystem(name, tmp_path_factory.mktemp("schemas-state") / "state", cwd=root) as eco:
-        yield eco, harness
+        yield eco
 
 
-async def _call_every_tool(eco, testing):
+async def _call_every_tool(eco):
     """tools/list, then a successful call of every listed tool: ({name: Tool}, {name: CallToolResult})."""
-    async with testing.mcp_client(eco.url, eco.token) as client:
+    async with harness.mcp_client(eco.url, eco.token) as client:
         listed = {t.name: t for t in (await client.list_tools()).tools}
         results = {}
 
         async def call(tool, **args):
             results[tool] = await client.call_tool(tool, args)
             assert not results[tool].is_error, (tool, results[tool].content)
-            return testing.result_value(results[tool])
+            return harness.result_value(results[tool])
 
         conversation = await call("rogers.create_conversation", title="schemas", participants=["turing"])
         await call("rogers.post", conversation_id=conversation["id"], content="hello schemas")
@@ -97,9 +97,9 @@ async def _call_every_tool(eco, testing):
 
 
 def test_every_tool_returns_structured_content_true_to_its_output_schema(served):
-    eco, testing = served
+    eco = served
     try:
-        listed, results = asyncio.run(_call_every_tool(eco, testing))
+        listed, results = asyncio.run(_call_every_tool(eco))
     except BaseExceptionGroup as group:  # the SDK's task groups wrap what the session raised
         raise group.exceptions[0] from group
     assert set(results) == set(listed), "call every listed tool (and only those)"

@@ -133,9 +133,9 @@ def served(eco, tmp_path, monkeypatch):
         thread.join(30)
 
 
-def call(url: str, token: str, testing, tool: str):
+def call(url: str, token: str, tool: str):
     async def run():
-        async with testing.mcp_client(url, token) as client:
+        async with harness.mcp_client(url, token) as client:
             return await client.call_tool(tool, {})
 
     return asyncio.run(run())
@@ -143,7 +143,7 @@ def call(url: str, token: str, testing, tool: str):
 
 def test_a_gateway_call_is_one_trace_gateway_handler_bus_hop_handler(eco, memory, served):
     url, token, runtime = served
-    result = call(url, token, harness, "rogers.ask_turing")
+    result = call(url, token, "rogers.ask_turing")
     assert not result.is_error
     cid = result.meta["regen/correlation_id"]
     spans = by_name(s for s in memory.get_finished_spans() if s.attributes.get("regen.correlation_id") == cid)
@@ -180,9 +180,9 @@ def test_a_gateway_call_is_one_trace_gateway_handler_bus_hop_handler(eco, memory
 
 def test_failed_calls_are_error_spans_wherever_they_failed(eco, memory, served):
     url, token, _ = served
-    crashed = call(url, token, harness, "rogers.boom")
-    missing = call(url, token, harness, "rogers.ask_turing_wrong")
-    unknown = call(url, token, harness, "rogers.no_such_tool")
+    crashed = call(url, token, "rogers.boom")
+    missing = call(url, token, "rogers.ask_turing_wrong")
+    unknown = call(url, token, "rogers.no_such_tool")
     assert crashed.is_error and missing.is_error and unknown.is_error
     spans = memory.get_finished_spans()
 
