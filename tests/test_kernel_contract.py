@@ -210,7 +210,8 @@ def test_a_model_provider_s_code_comes_only_with_an_alias_that_uses_it(tmp_path)
 
 # What the packs' pinned dependencies are called: a core that names none of them carries none of the packs'
 # catalogues either (redis and opentelemetry by their pins: the core's bus and tracing name them in prose).
-PACK_LIBRARIES = ("duckdb", "sqlglot", "trafilatura", "lxml", "vl-convert", "vl_convert", "python-docx", "openpyxl",
+PACK_LIBRARIES = ("psycopg", "psycopg-binary", "duckdb", "sqlglot",
+                  "trafilatura", "lxml", "vl-convert", "vl_convert", "python-docx", "openpyxl",
                   "python-pptx", "odfpy", "defusedxml", "redis==", "opentelemetry-sdk")
 
 
@@ -270,7 +271,7 @@ def test_a_pack_changes_the_api_only_of_the_specs_that_use_it():
     kinds = {kind: {name for name, info in PACKS.items() if info.kind == kind}
              for kind in ("capabilities", "deployment", "roles", "storage", "provider")}
     assert kinds["capabilities"] == {c.pack for c in CAPABILITIES.values() if c.pack}
-    assert kinds["deployment"] == {"redis", "tracing", "console"}  # none of these three has a capability
+    assert kinds["deployment"] == {"redis", "tracing", "console", "postgres"}  # none of these has a capability
     assert kinds["roles"] == {"emads"} and kinds["storage"] == {"storage"} and kinds["provider"] == {"openai"}
     assert sum(map(len, kinds.values())) == len(PACKS)
     assert not [c for c in available(()).values() if c.pack]

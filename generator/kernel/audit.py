@@ -120,7 +120,7 @@ class AuditLog:
 
     def __init__(self, db: Database):
         self.db = db
-        db.script(_LEGACY_SCHEMA + _SCHEMA)
+        db.script(_LEGACY_SCHEMA + _SCHEMA, part="audit")
         with db.transaction() as conn:
             if conn.execute("SELECT 1 FROM audit_log LIMIT 1").fetchone() is None:
                 self._open_chain(conn)
@@ -138,7 +138,7 @@ class AuditLog:
     def anchor(self) -> dict[str, Any]:
         """Write the newest entry's id, hash and time to the anchor file (atomically); returns what was written."""
         row = self.db.one("SELECT id, ts, hash FROM audit_log ORDER BY id DESC LIMIT 1") or {"id": 0, "ts": "", "hash": ""}
-        path = Path(self.db.path).parent / ANCHOR_FILE
+        path = self.db.folder / ANCHOR_FILE
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(row, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)

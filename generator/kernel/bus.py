@@ -193,7 +193,7 @@ class ConversationBus:
         self.db = db
         self._relayout()
         self.fts = db.fts5
-        db.script(_SCHEMA + (_FTS_SCHEMA if self.fts else ""))
+        db.script(_SCHEMA + (_FTS_SCHEMA if self.fts else ""), part="bus")
         self._unindexed = 0  # messages stored by this process since the last index_new
         if self.fts:
             self.index_new()
@@ -266,9 +266,12 @@ class ConversationBus:
         return self._conv(row) if row else None
 
     def join(self, conversation_id: str, who: str) -> dict[str, Any]:
-        # Read and written in one statement: concurrent joins all count.
-        self.db.execute("UPDATE conversations SET participants = json_insert(participants, '$[#]', ?) WHERE id = ?"
-                        " AND ? NOT IN (SELECT value FROM json_each(participants))", (who, conversation_id, who))
+        # Read and written in one write transaction: concurrent joins, from any process, all count.
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT participants FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            if row is not None and who not in (people := json.loads(row["participants"])):
+                conn.execute("UPDATE conversations SET participants = ? WHERE id = ?",
+                             (json.dumps([*people, who]), conversation_id))
         return self.get(conversation_id)  # NotFound when missing
 
     def ensure(self, title: str, who: str) -> dict[str, Any]:
@@ -311,8 +314,8 @@ class ConversationBus:
     def _insert(conn: sqlite3.Connection, env: Envelope, *, or_ignore: bool = False,
                 payload: dict[str, Any] | None = None) -> bool:
         """Store `env`, with `payload` in place of its own when given (what may be persisted of it)."""
-        return conn.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages (id, correlation_id, sender,"
-                            " conversation_id, kind, content, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        return conn.execute("INSERT INTO messages (id, correlation_id, sender, conversation_id, kind, content, payload,"
+                            f" created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?){' ON CONFLICT DO NOTHING' if or_ignore else ''}",
                             (env.id, env.correlation_id, env.sender, env.conversation_id, env.kind, env.content,
                              to_json(env.payload if payload is None else payload), env.created_at)).rowcount == 1
 
@@ -387,7 +390,7 @@ class ConversationBus:
         """Deliveries to these MADs not acked yet, oldest first."""
         return self.db.query("SELECT d.envelope_id, d.target, d.attempts, d.sealed FROM bus_deliveries d"
                              " JOIN messages m ON m.id = d.envelope_id WHERE d.state = 'pending'"
-                             " AND d.target IN (SELECT value FROM json_each(?)) ORDER BY m.seq", (json.dumps(targets),))
+                             f" AND d.target IN ({', '.join('?' * len(targets)) or 'NULL'}) ORDER BY m.seq", targets)
 
     def count_attempt(self, request_id: str) -> int:
         """Note one more start of a pending delivery; returns how many starts it has had."""
@@ -408,7 +411,7 @@ class ConversationBus:
     def history(self, conversation_id: str, limit: int = 50) -> list[dict[str, Any]]:
         self.get(conversation_id)
         return self._envelopes("SELECT * FROM (SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
-                               " LIMIT ?) ORDER BY seq ASC", (conversation_id, _limit(limit)))
+                               " LIMIT ?) AS newest ORDER BY seq ASC", (conversation_id, _limit(limit)))
 
     def by_correlation(self, correlation_id: str) -> list[dict[str, Any]]:
         return self._envelopes("SELECT * FROM messages WHERE correlation_id = ? ORDER BY seq", (correlation_id,))
@@ -418,6 +421,8 @@ class ConversationBus:
         if not words:
             return []
         limit = _limit(limit)
+        if (found := self.db.search(words, limit)) is not None:  # the backend's own (PostgreSQL's)
+            return [self._env(row) for row in found]
         if self.fts:
             self.index_new()  # what was stored since the last batch
             # Each word quoted: user text is never parsed as FTS5 syntax.

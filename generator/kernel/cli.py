@@ -19,7 +19,7 @@ from . import capabilities, logs, packs
 from .audit import ANCHOR_FILE, AuditLog, verify_file
 from .clients import AUDIT_PERMISSION, ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
-from .db import Database
+from .db import Database, open_database
 from .errors import InvalidArgument, KernelError
 from .supervisor import SupervisionPolicy
 
@@ -31,6 +31,7 @@ PACK_PARTS = {
     "console": (("clients unlock",), "this ecosystem has no web console, so no sign-in lock to lift: add `console: {}` "
                                      "under `packs:` in spec/ecosystem.yaml and rebuild (nox -s regenerate)"),
     "tracing": (("serve --otlp-endpoint",), packs.NO_TRACING),
+    "postgres": (("serve --db",), packs.NO_POSTGRES),
 }
 
 
@@ -49,7 +50,8 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[state], help="run the ecosystem: MCP at /mcp, /healthz; the web console at / (console pack)")
     # `make_runtime(make, args)`: the Runtime serve runs, `make(**options)` given those of a pack's serve options;
     # without the tracing pack's --otlp-endpoint, only the OTEL_ variables can ask for traces (a clear error then)
-    serve.set_defaults(run=_serve, make_runtime=lambda make, args: make(), otlp_endpoint=None)
+    serve.set_defaults(run=_serve, make_runtime=lambda make, args: make(), otlp_endpoint=None,
+                       db=os.environ.get(f"{config.env_prefix}_DB_URL", ""))  # a build without the postgres pack refuses one
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -167,10 +169,11 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .runtime import Runtime
 
     logs.configure(args.log_level)
-    runtime = args.make_runtime(partial(Runtime, config, args.state, bus_url=args.bus,
+    runtime = args.make_runtime(partial(Runtime, config, args.state, bus_url=args.bus, db_url=args.db,
                                         supervision=SupervisionPolicy(drain_timeout_s=args.drain_timeout)), args)
     try:
-        app = build_app(runtime, ClientRegistry(runtime.state_dir), host=args.host, session_idle_s=args.session_idle,
+        clients = ClientRegistry(runtime.state_dir, runtime.db.document("tokens.json"))  # replicas share PostgreSQL's
+        app = build_app(runtime, clients, host=args.host, session_idle_s=args.session_idle,
                         call_retention_days=args.call_retention_days, sessions_per_client=args.sessions_per_client)
         # off unless an OTLP endpoint is configured (kernel/tracing.py)
         tracing.configure(config.name, runtime.version, otlp_endpoint=args.otlp_endpoint)
@@ -220,35 +223,47 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def state_db(config: EcosystemConfig, state: Path) -> Database:
+    """The state's database: the PostgreSQL one $<PREFIX>_DB_URL names (the postgres pack), else its SQLite."""
+    return open_database(state, os.environ.get(f"{config.env_prefix}_DB_URL", ""))
+
+
+def _registry(config: EcosystemConfig, args: argparse.Namespace) -> ClientRegistry:
+    """The state's clients: in its PostgreSQL database when there is one (every replica reads them there), else
+    the state directory's tokens.json (made without opening the database)."""
+    shared = os.environ.get(f"{config.env_prefix}_DB_URL", "").strip()
+    return ClientRegistry(args.state, state_db(config, args.state).document("tokens.json") if shared else None)
+
+
 def _token(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    path, problem = ClientRegistry(args.state).ensure(args.name, args.allow)
+    path, problem = _registry(config, args).ensure(args.name, args.allow)
     print(path.resolve(), flush=True)
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 
-def operator_audit(state: Path, action: str, subject: str, detail: str) -> None:
+def operator_audit(config: EcosystemConfig, state: Path, action: str, subject: str, detail: str) -> None:
     """An operator's change to who may call in, in the state's hash-chained audit log (never a token)."""
-    with closing(Database(state / "ecosystem.db")) as db:
+    with closing(state_db(config, state)) as db:
         AuditLog(db).append("operator", action, subject, True, detail, remote="cli")
 
 
 def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    registry = ClientRegistry(args.state)
+    registry = _registry(config, args)
     if args.clients_command == "add":
         tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
         limits = "".join(f"; {label} {value}" for label, value in (
             ("rate", args.rate), ("quota", args.quota), ("secrets", " ".join(args.secret_patterns or ()))) if value)
-        operator_audit(args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
+        operator_audit(config, args.state, "clients.add", args.name, f"allow {' '.join(args.allow)}{limits}")
         print(f"client {args.name!r} added (may call: {', '.join(args.allow)}{limits}). Its bearer token follows on "
               "stdout; it is not stored and will not be shown again.", file=sys.stderr)
         print(token, flush=True)
         return 0
     if args.clients_command == "revoke":
         client = registry.revoke(args.name)
-        operator_audit(args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
+        operator_audit(config, args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
         print(f"client {client.name!r} revoked at {client.revoked_at}; running servers refuse its token from the next request")
         return 0
     today = calls_today_by_client(args.state)

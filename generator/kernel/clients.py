@@ -16,7 +16,6 @@ The plaintext token exists once: printed by `clients add`, or written to the 060
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .bus import now_iso
-from .db import Database, write_private
+from .db import Database, FileDocument, write_private
 from .errors import InvalidArgument, KernelError, NotFound
 
 # Not a tool, granted like one: the web console's audit-log page (packs/console/); `clients add` accepts it in
@@ -176,23 +175,21 @@ def token_file(state_dir: str | os.PathLike[str], name: str = "default") -> Path
 
 
 class ClientRegistry:
-    """The clients of one state directory (`<state>/tokens.json`)."""
+    """The clients of one state (`<state>/tokens.json`, or the document of that name in the state's database
+    replicas share: `Database.document`)."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]):
+    def __init__(self, state_dir: str | os.PathLike[str], document: FileDocument | None = None):
         self.state_dir = Path(state_dir)
-        self.path = self.state_dir / "tokens.json"
-        self._seen: tuple[int, int, int] | None = None
+        self.document = document or FileDocument(self.state_dir / "tokens.json")
+        self.path = self.document.path
+        self._seen: Any = None
         self._clients: dict[str, Client] = {}
         self._by_hash: dict[str, Client] = {}
 
     # ---- reading (the server, on every request) ----------------------------------------------
 
     def _current(self) -> dict[str, Client]:
-        try:
-            st = self.path.stat()
-            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            seen = None  # no clients yet (`_read` finds none)
+        seen = self.document.stamp()  # None: no clients yet (`_read` finds none)
         if seen is None or seen != self._seen:
             clients = {name: _entry_to_client(name, entry) for name, entry in self._read().get("tokens", {}).items()}
             self._clients, self._by_hash, self._seen = clients, {c.sha256: c for c in clients.values()}, seen
@@ -200,10 +197,14 @@ class ClientRegistry:
 
     def _read(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {"tokens": {}}
-        except (OSError, ValueError) as exc:
+            return self._parse(self.document.read())
+        except OSError as exc:
+            raise KernelError(f"cannot read the clients in {self.path}: {exc}; fix or restore the file") from None
+
+    def _parse(self, text: str | None) -> dict[str, Any]:
+        try:
+            data = json.loads(text) if text is not None else {"tokens": {}}
+        except ValueError as exc:
             raise KernelError(f"cannot read the clients in {self.path}: {exc}; fix or restore the file") from None
         if not isinstance(data, dict) or not isinstance(data.get("tokens", {}), dict):
             raise KernelError(f"{self.path} is not a clients file (expected {{\"tokens\": {{name: entry}}}}); fix or restore it")
@@ -246,20 +247,14 @@ class ClientRegistry:
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write under an exclusive lock; the yielded data is written back, if changed, on success."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        fd = os.open(self.state_dir / ".tokens.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            data = self._read()
+        with self.document.locked() as (text, write):
+            data = self._parse(text)
             data.setdefault("tokens", {})
             before = json.dumps(data, indent=2, sort_keys=True) + "\n"
             yield data
             after = json.dumps(data, indent=2, sort_keys=True) + "\n"
             if after != before:
-                write_private(self.path, after.encode())
-        finally:
-            os.close(fd)
+                write(after)
 
     def add(self, name: str, allow: list[str], rate: str | None = None, quota: str | None = None,
             known_tools: Iterable[str] | None = None, secrets: list[str] | None = None) -> str:
@@ -368,7 +363,7 @@ class CallLedger:
     """`gateway_calls`: one row per tool call. `counted` rows (calls that passed the pattern, rate
     and quota checks) make up a client's daily quota.
 
-    Rows are committed on a connection of the ledger's own with synchronous=NORMAL: in WAL mode a
+    Rows are committed on a connection of the ledger's own whose commits are not fsynced (`db.unsynced()`): a
     crash of the process loses none of them (only a power cut may lose the newest), and no call
     waits for an fsync of its log row (about 5 ms each on an ordinary disk; benchmarks/gateway_calls.py).
     Everything else in the database keeps synchronous=FULL.
@@ -376,10 +371,8 @@ class CallLedger:
 
     def __init__(self, db: Database):
         self.db = db
-        db.script(_LEDGER_SCHEMA)
-        self._conn = sqlite3.connect(str(db.path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
+        db.script(_LEDGER_SCHEMA, part="gateway_calls")
+        self._conn = db.unsynced()
         self._lock = threading.Lock()
         # (client, day) -> calls counted so far: read from the table once per day, then kept here, so a
         # burst of concurrent calls cannot all pass the check before the first of them is recorded.

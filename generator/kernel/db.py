@@ -16,6 +16,7 @@ only a power loss could.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import sqlite3
@@ -25,7 +26,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from . import packs
 from .errors import DurabilityError, InvalidArgument
 
 T = TypeVar("T")
@@ -65,11 +68,61 @@ def write_private(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-class Database:
+class FileDocument:
+    """A JSON document of the state (tokens.json) in a file of the state directory, mode 0600, replaced atomically
+    under a lock file: `stamp()` changes whenever it does (None: none yet), `read()`, and `locked()` gives its text
+    and how to replace it while no other process may. The postgres pack's PgDocument is one in the database."""
+
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = path
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def read(self) -> str | None:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    @contextmanager
+    def locked(self) -> Iterator[tuple[str | None, Callable[[str], None]]]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self.read(), lambda text: write_private(self.path, text.encode())
+        finally:
+            os.close(fd)
+
+
+class Database:
+    """The SQLite database of a state directory. The postgres pack's PostgresDatabase is another of these
+    (`open_database`): the kernel's SQL is written in what the two share, with `?` and `:name` parameters,
+    and a backend's errors are raised as sqlite3's classes (IntegrityError, OperationalError, DatabaseError)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path):
         self._lock = threading.RLock()
+        # Group commit (see the module docstring): group commits counted, and how many are known on disk.
+        self._committed = self._synced = 0
+        self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
+        # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
+        self._shared: dict[asyncio.AbstractEventLoop, list[SharedWrite]] = {}
+        self._closed = False
+        self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
+        self._open(path)
+
+    def _open(self, path: Path) -> None:
+        self.path = Path(path)
+        self.folder = self.path.parent  # where the files kept beside the database go (the audit anchor)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         # The database (and its -wal/-shm files) holds ciphertexts and audit records: owner only.
         previous_umask = os.umask(0o077)
         try:
@@ -85,15 +138,8 @@ class Database:
         self._full = True
         self._conn.execute("PRAGMA foreign_keys=ON")
         self.fts5 = bool(self.one("SELECT sqlite_compileoption_used('ENABLE_FTS5') AS yes")["yes"])
-        # Group commit (see the module docstring): group commits counted, and how many are known on disk.
-        self._committed = self._synced = 0
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
-        self._sync_failure: str = ""  # once an fdatasync failed, nothing more is acknowledged (see durable)
-        # Writes waiting for the transaction they share with the rest of their event-loop turn, per loop.
-        self._shared: dict[asyncio.AbstractEventLoop, list[SharedWrite]] = {}
-        self._closed = False
-        self.last_batch: dict[str, int] = {}  # tag -> how many writes so tagged the last batch had: bursts, or one at a time?
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -109,9 +155,10 @@ class Database:
             row = self._conn.execute(sql, params).fetchone()
             return dict(row) if row is not None else None
 
-    def script(self, sql: str) -> None:
+    def script(self, sql: str, part: str = "") -> None:
         """Run an SQL script (schema DDL) in one BEGIN IMMEDIATE transaction, so processes opening the
-        database at once take turns (one's DROP TRIGGER between another's DROP and CREATE would collide)."""
+        database at once take turns (one's DROP TRIGGER between another's DROP and CREATE would collide).
+        `part` names the kernel's schema it is (another backend runs its own DDL for it)."""
         with self._lock:
             if self._conn.in_transaction:  # executescript would COMMIT it first, whatever it held so far
                 raise RuntimeError("Database.script cannot run inside an open transaction")
@@ -272,6 +319,25 @@ class Database:
                     os.close(self._wal_fd)
                     self._wal_fd = None
 
+    def document(self, name: str) -> FileDocument:
+        """The state's document `name`: a file beside the database."""
+        return FileDocument(self.folder / name)
+
+    def has_table(self, table: str) -> bool:
+        return self.one("SELECT 1 AS yes FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)) is not None
+
+    def unsynced(self) -> sqlite3.Connection:
+        """A connection of its own whose commits are not fsynced (synchronous=NORMAL: a crash of the process
+        loses none of them, a power cut the newest), for derived rows written on every call (the call ledger)."""
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def search(self, words: list[str], limit: int) -> list[dict[str, Any]] | None:
+        """Messages matching every word, best first, by the backend's own text search; None: the bus searches."""
+        return None
+
     def table_shape(self, table: str) -> dict[str, tuple[str, bool, int]]:
         """The columns of `table` as stored: name -> (SQL type, NOT NULL, position in the primary key)."""
         with self._lock:
@@ -281,3 +347,15 @@ class Database:
 def stored_shape(conn: sqlite3.Connection, table: str) -> dict[str, tuple[str, bool, int]]:
     rows = conn.execute(f"PRAGMA table_info({ident(table)})").fetchall()
     return {row[1]: (str(row[2]).upper(), bool(row[3]), int(row[5])) for row in rows}
+
+
+def open_database(state_dir: Path, url: str = "") -> Database:
+    """The state's database: SQLite in the state directory ("", the default), or the PostgreSQL server a
+    postgresql:// URL names (the postgres pack's, when the build carries it), shared by replicas."""
+    url = (url or "").strip()
+    if not url:
+        return Database(state_dir / "ecosystem.db")
+    if urlsplit(url).scheme in ("postgresql", "postgres"):
+        return packs.module("postgres", packs.NO_POSTGRES).PostgresDatabase(url, state_dir)
+    raise InvalidArgument(f"unknown database URL scheme {urlsplit(url).scheme!r}: leave --db out for the state "
+                          "directory's SQLite, or give a PostgreSQL URL such as postgresql://regen@db.internal/shop")

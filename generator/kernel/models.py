@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS model_calls (
 """
 
 # An account's balance as the budget tools show it.
-_BALANCE = "SELECT account, budget, spent, max(0, budget - spent) AS remaining, calls FROM budgets"
+_BALANCE = "SELECT account, budget, spent, CASE WHEN budget > spent THEN budget - spent ELSE 0 END AS remaining, calls FROM budgets"
 
 ECHO_LABEL = "[offline echo model]"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
@@ -81,7 +81,7 @@ class ModelGateway:
         self.client_budget = int(client_budget)
         self._read_secret = read_secret
         self._transport = transport
-        db.script(_SCHEMA)
+        db.script(_SCHEMA, part="models")
         for account, budget in budgets.items():
             self._ensure_account(account, budget, update=True)
 

@@ -26,7 +26,7 @@ from .audit import AuditLog
 from .bus import ConversationBus, Envelope, current_delivery, now_iso
 from .capabilities import CAPABILITIES, PACKS, granted, with_required
 from .config import EcosystemConfig
-from .db import Database
+from .db import open_database
 from .errors import AccessDenied, InvalidArgument, KernelError, ModelError, NotFound
 from .mad import Kernel, Mad, OwnTables
 from .metrics import Metrics
@@ -182,14 +182,15 @@ class NoTables:
 class Runtime:
     def __init__(self, config: EcosystemConfig, state_dir: str | os.PathLike[str], *,
                  model_transport: Any = None, migrations: Sequence[Migration] | None = None,
-                 supervision: SupervisionPolicy | None = None, bus_url: str = "",
+                 supervision: SupervisionPolicy | None = None, bus_url: str = "", db_url: str = "",
                  serve_mads: Sequence[str] | None = None, claim_idle_s: float = 30.0):
         """`migrations`: the storage history to bring the state to; None reads the package's migrations.json.
         `supervision`: breaker, restart and drain settings (kernel/supervisor.py); None takes the defaults.
         `bus_url`: the bus transport (transport.py): "" for the SQLite bus of this process, a Redis URL to
         share the bus with other processes; `serve_mads`: the MADs this process runs (None: all; a subset
         needs a Redis bus); `claim_idle_s`: how long a Redis delivery whose process went silent (dead, or
-        frozen) waits before another process takes it over; a live process renews its claims."""
+        frozen) waits before another process takes it over; a live process renews its claims. `db_url`: "" for
+        the state directory's SQLite, a postgresql:// URL for a database replicas share (the postgres pack)."""
         self.config = config
         self._roles = check_lifecycles(config.mads)  # name -> class of each role (lifecycle "ephemeral")
         self.build = read_build_info()
@@ -197,7 +198,7 @@ class Runtime:
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        self.db = Database(self.state_dir / "ecosystem.db")
+        self.db = open_database(self.state_dir, db_url)
         owned = {family for m in config.mads for family in m.owns}
         # Storage first, before anything else writes: a state this version cannot use is refused as it was
         # found, and the refusal comes before the server binds its port; so is a key that is not the state's
@@ -271,8 +272,8 @@ class Runtime:
         except InvalidArgument:
             if history or any(cls.storage for cls in self.config.mads):
                 raise
-            bookkept = self.db.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
-            newest = bookkept and self.db.one("SELECT number, name FROM schema_migrations ORDER BY number DESC LIMIT 1")
+            newest = self.db.has_table("schema_migrations") and self.db.one(
+                "SELECT number, name FROM schema_migrations ORDER BY number DESC LIMIT 1")
             if newest:  # older builds made the table empty: only a migration recorded in it counts
                 raise KernelError(f"the state in {self.db.path} was migrated by a newer version of this ecosystem "
                                   f"(migration {newest['number']} '{newest['name']}'), whose MADs have tables; this "

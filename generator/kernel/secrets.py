@@ -197,10 +197,10 @@ class SecretsManager:
         self.client_scope: Callable[[str], tuple[str, ...] | None] = lambda principal: None
         # Held while sealing or re-sealing, so no write in this process uses a key a rotation is retiring.
         self._lock = threading.RLock()
-        db.script(_SCHEMA)
+        db.script(_SCHEMA, part="secrets")
         if "key_id" not in db.table_shape("secrets"):  # a state from before key ids
             db.execute("ALTER TABLE secrets ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
-        db.script(_TRIGGERS)
+        db.script(_TRIGGERS, part="secrets_triggers")
         self._finish_interrupted_rotation()
         key = keys.load()
         self._aeads: dict[str, AESGCM] = {key_id(key): AESGCM(key)}

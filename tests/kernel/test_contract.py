@@ -165,7 +165,7 @@ def test_a_state_database_that_cannot_be_used_is_a_clear_refusal_with_the_databa
     config, kernel, runtime_mod = eco_modules
     db_mod = importlib.import_module(kernel.__name__ + ".db")
 
-    def locked(self, sql):
+    def locked(self, sql, part=""):
         raise sqlite3.OperationalError("database is locked")
 
     closed = []

@@ -12,7 +12,9 @@ from pathlib import Path
 from generator.kernel_contract import kernel_test_file
 
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
-CORE_BUDGET = 3_995  # the issue's target is 4,000; see the ratchet note above
+# 3,995 when issue 14 closed (its target: under 4,000); +56 for the seam the postgres pack plugs into (open_database,
+# the clients' document, the has_table / unsynced / search hooks, portable SQL where SQLite's JSON functions were).
+CORE_BUDGET = 4_051
 
 
 def source_lines(text: str) -> int:

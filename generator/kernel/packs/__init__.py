@@ -30,6 +30,9 @@ IMPL_ATTR = "__regen_capability__"
 # What a build without the redis pack says when asked for its bus (serve --bus redis://...) or its commands (cli.py).
 NO_REDIS = ("this ecosystem was built without the Redis bus: its spec does not name the redis pack; add `redis: {}` "
             "under `packs:` in spec/ecosystem.yaml and regenerate")
+# ... without the postgres pack, when asked for a PostgreSQL state (serve --db postgresql://...).
+NO_POSTGRES = ("this ecosystem was built without PostgreSQL state: its spec does not name the postgres pack; add "
+               "`postgres: {}` under `packs:` in spec/ecosystem.yaml and regenerate (or leave --db out for SQLite)")
 # ... without the tracing pack, when an OTLP endpoint is configured (serve --otlp-endpoint, OTEL_ variables).
 NO_TRACING = ("an OTLP endpoint is configured, but this ecosystem was built without tracing: its spec does not name "
               "the tracing pack; add `tracing: {}` under `packs:` in spec/ecosystem.yaml and regenerate (or unset "

@@ -11,8 +11,7 @@ import argparse
 from contextlib import closing
 from typing import Any
 
-from ...cli import operator_audit
-from ...db import Database
+from ...cli import operator_audit, state_db
 from ...errors import InvalidArgument
 
 
@@ -30,9 +29,9 @@ def _unlock(config: Any, args: argparse.Namespace) -> int:
 
     if bool(args.address) == bool(args.all):
         raise InvalidArgument("name one address to unlock, or pass --all")
-    with closing(Database(args.state / "ecosystem.db")) as db:
+    with closing(state_db(config, args.state)) as db:
         forgotten = unlock(db, None if args.all else args.address)
-    operator_audit(args.state, "clients.unlock", "*" if args.all else args.address, f"{forgotten} failed sign-ins forgotten")
+    operator_audit(config, args.state, "clients.unlock", "*" if args.all else args.address, f"{forgotten} failed sign-ins forgotten")
     print(f"unlocked {'every address' if args.all else args.address} ({forgotten} failed sign-ins forgotten); "
           "it may sign in again at once")
     return 0

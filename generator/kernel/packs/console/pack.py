@@ -165,7 +165,7 @@ class SignInLimiter:
         self.max_failures = max_failures
         self.window_s = window_s
         self.clock = clock
-        db.script(SIGNIN_SCHEMA)
+        db.script(SIGNIN_SCHEMA, part="signin_failures")
 
     def retry_after(self, addr: str) -> int:
         """Seconds until an unknown token from `addr` may be tried again (0: now)."""
@@ -188,7 +188,7 @@ class SignInLimiter:
 
 def unlock(db: Any, address: str | None) -> int:
     """Lift the sign-in lock of `address` (None: of every address); returns the failures forgotten."""
-    db.script(SIGNIN_SCHEMA)
+    db.script(SIGNIN_SCHEMA, part="signin_failures")
     if address is None:
         return db.execute("DELETE FROM signin_failures").rowcount
     return db.execute("DELETE FROM signin_failures WHERE address = ?", (address,)).rowcount

@@ -117,7 +117,7 @@ class Emads:
         self.metrics = metrics
         self._caps = {name: _Cap(cls.max_instances) for name, cls in roles.items()}
         self.live: dict[str, str] = {}  # instance -> its role, from its start to its end
-        db.script(_SCHEMA)
+        db.script(_SCHEMA, part="emads")
         interrupted = db.execute("UPDATE emad_instances SET state = 'failed', report = ?, ended_at = ?"
                                  " WHERE state = 'running'", (INTERRUPTED, now_iso())).rowcount
         if interrupted:

@@ -81,7 +81,7 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
     numbers = [m.number for m in migrations]
     if numbers != list(range(1, len(numbers) + 1)):
         raise MigrationError(f"this version's migrations are numbered {numbers}; expected 1, 2, 3... in order")
-    db.script(_SCHEMA)
+    db.script(_SCHEMA, part="schema_migrations")
     applied = {row["number"]: row for row in db.query("SELECT number, name, checksum FROM schema_migrations")}
     known = {m.number: m for m in migrations}
     if newer := sorted(n for n in applied if n not in known):

@@ -86,7 +86,8 @@ class TableStore:
     def insert(self, table: str, **values: Any) -> int:
         full = self._checked(table, values)
         into = f"({', '.join(values)}) VALUES ({', '.join('?' * len(values))})" if values else "DEFAULT VALUES"
-        return int(self._db.execute(f"INSERT INTO {full} {into}", list(values.values())).lastrowid or 0)
+        row = self._db.execute(f"INSERT INTO {full} {into} RETURNING rowid", list(values.values())).fetchone()
+        return int(row[0] or 0)
 
     def select(self, table: str, *, limit: int = 100, order_by: str = "rowid", **where: Any) -> list[dict[str, Any]]:
         full, clause, params = self._where(table, where)
@@ -94,7 +95,8 @@ class TableStore:
         if order_col != "rowid":
             self._checked(table, [order_col])
         direction = "DESC" if order_by.startswith("-") else "ASC"
-        return self._db.query(f"SELECT * FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
+        columns = ", ".join(self._tables[table])  # not *: a PostgreSQL table has its rowid as a column
+        return self._db.query(f"SELECT {columns} FROM {full} WHERE {clause} ORDER BY {order_col} {direction} LIMIT ?",
                               [*params, max(0, int(limit))])
 
     def update(self, table: str, where: dict[str, Any], **values: Any) -> int:
@@ -113,6 +115,8 @@ class TableStore:
 def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> None:
     """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration)."""
     stored, declared = db.table_shape(table), declared_shape(table, columns)
+    if db.dialect != "sqlite":  # elsewhere a key column is NOT NULL whatever the spec says (SQLite alone allows NULL)
+        stored, declared = _key_not_null(stored), _key_not_null(declared)
     if stored == declared:
         return
     differences = [
@@ -124,6 +128,10 @@ def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> 
         f"table {table} in {db.path} does not have the columns MAD {mad!r} declares ({'; '.join(differences)}): "
         "the state was not migrated to this version's storage"
     )
+
+
+def _key_not_null(shape: dict[str, tuple[str, bool, int]]) -> dict[str, tuple[str, bool, int]]:
+    return {name: (sql_type, not_null or pk > 0, pk) for name, (sql_type, not_null, pk) in shape.items()}
 
 
 def _describe(shape: tuple[str, bool, int] | None) -> str:

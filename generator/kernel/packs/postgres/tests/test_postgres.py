@@ -1,0 +1,163 @@
+"""The state in PostgreSQL (the postgres pack): the kernel's tables and the MADs' on a real server, shared by two
+runtimes as two replicas share them, and the same numbered migrations as SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import httpx
+import psycopg
+import pytest
+from bus_helpers import bus_eco, shared_key  # noqa: F401  (fixtures)
+from pg_helpers import pg_server, pg_url  # noqa: F401  (fixtures)
+
+from generator.harness import call_tool, running_ecosystem
+
+
+@pytest.fixture
+def two(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    """Two runtimes of one ecosystem on one PostgreSQL database, each with a state directory of its own."""
+    made = []
+    for name in ("a", "b"):
+        made.append(bus_eco.Runtime(bus_eco.config, tmp_path / name, db_url=pg_url))
+    yield made
+    for runtime in made:
+        runtime.db.close()
+
+
+def test_a_conversation_made_through_one_replica_is_read_through_the_other(two):
+    a, b = two
+    conv = a.bus.create("plans", ["rogers"], "turing")
+    a.bus.post(conv["id"], "turing", "the quarterly plan is ready")
+    assert b.bus.get(conv["id"])["participants"] == ["turing", "rogers"]
+    assert [m["content"] for m in b.bus.history(conv["id"])] == ["the quarterly plan is ready"]
+    assert [m["content"] for m in b.bus.search("quarterly plan")] == ["the quarterly plan is ready"]
+    assert b.bus.search("plan quarterly missing") == []
+    b.bus.join(conv["id"], "fiedler")
+    assert a.bus.get(conv["id"])["participants"] == ["turing", "rogers", "fiedler"]
+
+
+def test_a_secret_rotated_on_one_replica_is_read_through_the_other(two):
+    a, b = two
+    a.secrets.set("turing", "db_password", "one")
+    a.secrets.rotate("turing", "db_password", "two")
+    assert b.secrets.get("turing", "db_password")["value"] == "two"
+
+
+def test_the_audit_chain_stays_linear_with_two_writers(two):
+    a, b = two
+
+    def burst(runtime, n):
+        for i in range(n):
+            runtime.audit.append("turing", "test.write", f"{runtime.state_dir.name}-{i}", True)
+
+    threads = [threading.Thread(target=burst, args=(r, 40)) for r in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert a.audit.verify() == [] and b.audit.verify() == []
+    assert a.audit.head_id() == b.audit.head_id()
+
+
+def test_a_client_revoked_through_one_replica_is_refused_by_the_other(two, bus_eco):  # noqa: F811
+    a, b = two
+    clients = importlib.import_module(f"{bus_eco.name}.kernel.clients")
+    on_a = clients.ClientRegistry(a.state_dir, a.db.document("tokens.json"))
+    on_b = clients.ClientRegistry(b.state_dir, b.db.document("tokens.json"))
+    token = on_a.add("ci", ["*"])
+    assert on_b.verify(token) == "ci"
+    on_a.revoke("ci")
+    assert on_b.verify(token) is None  # at its next request: the document's version changed
+    assert not (a.state_dir / "tokens.json").exists()  # nothing was kept per replica
+
+
+def test_mad_tables_behave_as_in_sqlite(two):
+    a, b = two
+    notes_a, notes_b = a.table_store("turing"), b.table_store("turing")
+    first = notes_a.insert("notes", body="one")
+    assert notes_a.insert("notes", id=10, body="ten") == 10
+    assert notes_b.insert("notes", body="eleven") == 11  # the largest plus one, as SQLite's rowid
+    assert [r["body"] for r in notes_b.select("notes")] == ["one", "ten", "eleven"]
+    assert notes_b.select("notes", id=first) == [{"id": first, "body": "one"}]  # no rowid column shows
+    assert notes_a.update("notes", {"id": 10}, body="TEN") == 1
+    assert [r["body"] for r in notes_b.select("notes", order_by="-id", limit=1)] == ["eleven"]
+    assert notes_b.delete("notes", id=first) == 1
+    with pytest.raises(sqlite3.IntegrityError):  # the kernel's errors, whatever the backend
+        notes_a.insert("notes", id=10, body="again")
+
+
+def test_the_audit_log_and_secrets_cannot_be_rewritten_in_the_database(two):
+    a, _ = two
+    a.secrets.set("turing", "db_password", "one")
+    for statement in ("UPDATE audit_log SET actor = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log",
+                      "DELETE FROM secrets", "UPDATE secrets SET created_by = 'x'", "TRUNCATE secrets"):
+        with pytest.raises(sqlite3.IntegrityError):
+            a.db.execute(statement)
+    with pytest.raises(sqlite3.IntegrityError, match="head of the chain"):
+        a.db.execute("INSERT INTO audit_log (id, ts, actor, action, subject, ok, detail, on_behalf_of, remote, prev_hash,"
+                     " hash) VALUES (999, '', 'x', 'x', '', 1, '', '', '', 'forged', 'forged')")
+    assert a.audit.verify() == []
+
+
+def test_storage_migrations_run_as_numbered_on_sqlite(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    storage = importlib.import_module(f"{bus_eco.name}.kernel.packs.storage.migrations")
+    first = storage.Migration(number=1, name="create turing_extra", statements=(
+        "CREATE TABLE IF NOT EXISTS turing_extra (id INTEGER PRIMARY KEY, body TEXT)",))
+    second = storage.Migration(number=2, name="add column", statements=(
+        "ALTER TABLE turing_extra ADD COLUMN score REAL",))
+    runtime = bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url, migrations=[first])
+    runtime.db.execute("INSERT INTO turing_extra (body) VALUES (?)", ["kept"])
+    runtime.db.close()
+    runtime = bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url, migrations=[first, second])
+    try:
+        assert [m.number for m in runtime.migrated] == [2]
+        assert runtime.db.table_shape("turing_extra") == {"id": ("INTEGER", True, 1), "body": ("TEXT", False, 0),
+                                                          "score": ("REAL", False, 0)}
+        assert runtime.db.query("SELECT body, score FROM turing_extra") == [{"body": "kept", "score": None}]
+    finally:
+        runtime.db.close()
+    with pytest.raises(Exception, match="newer version"):  # the state is ahead of this code: refused, nothing written
+        bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url, migrations=[first])
+
+
+@pytest.mark.parametrize("problem", ["wrong password", "unreachable", "no such database"])
+def test_a_database_that_cannot_be_used_is_a_clear_error_at_start(bus_eco, pg_server, shared_key, tmp_path,  # noqa: F811
+                                                                 problem):
+    url = {"wrong password": pg_server.url("postgres", password="wrong"),
+           "unreachable": pg_server.url("postgres").replace(str(pg_server.port), "1"),
+           "no such database": pg_server.url("nope")}[problem]
+    with pytest.raises(Exception, match="cannot reach the state database") as caught:
+        bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=url)
+    assert pg_server.password not in str(caught.value) and "wrong" not in str(caught.value)
+    assert not (tmp_path / "a" / "ecosystem.db").exists()
+
+
+def test_two_served_replicas_share_one_state(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    """Two `serve` processes on one PostgreSQL database, as a load balancer without sticky sessions sees them."""
+    env = {f"{bus_eco.config.env_prefix}_DB_URL": pg_url, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with running_ecosystem(bus_eco.name, tmp_path / "a", cwd=bus_eco.root, env=env) as a, \
+            running_ecosystem(bus_eco.name, tmp_path / "b", cwd=bus_eco.root, env=env, token_name="second") as b:
+        a.call("turing.set_secret", name="db_password", value="one")
+        # a's client, through b: the clients, the secrets and their versions are the state's, not a replica's
+        through_b = lambda tool, **args: asyncio.run(call_tool(b.url, a.token, tool, args))  # noqa: E731
+        assert through_b("turing.rotate_secret", name="db_password", value="two")["version"] == 2
+        assert a.call("turing.get_secret", name="db_password")["value"] == "two"
+        conv = a.call("rogers.create_conversation", title="handover", participants=["fiedler"])
+        assert through_b("rogers.history", conversation_id=conv["id"]) == []
+        revoked = subprocess.run([sys.executable, "-m", bus_eco.name, "clients", "revoke", "second", "--state",
+                                  str(tmp_path / "a")], cwd=bus_eco.root, env={**os.environ, **env}, capture_output=True)
+        assert revoked.returncode == 0, revoked.stderr
+        refused = httpx.post(b.mcp_url, headers={"Authorization": f"Bearer {b.token}"},
+                             json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert refused.status_code == 401, refused.text
+        with psycopg.connect(pg_url) as conn:  # the operator's change is in the state's one audit chain
+            assert conn.execute("SELECT actor, subject FROM audit_log WHERE action = 'clients.revoke'").fetchall() == [
+                ("operator", "second")]
+        assert not (tmp_path / "a" / "ecosystem.db").exists() and not (tmp_path / "b" / "ecosystem.db").exists()
