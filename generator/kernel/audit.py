@@ -251,12 +251,16 @@ def verify_file(db_path: Path, anchor: Path | None = None) -> tuple[int, str, li
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone() is None:
             raise KernelError(f"{db_path} has no hash-chained audit log yet: start the ecosystem once with this "
                               "version to open the chain (earlier audit entries are copied into it)")
-        query: Query = lambda sql, params: [dict(r) for r in conn.execute(sql, params)]  # noqa: E731
-        count, head, problems = walk_chain(query)
-        if anchor is not None:
-            try:
-                anchored = json.loads(anchor.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise KernelError(f"cannot read the audit anchor {anchor}: {exc}") from None
-            problems += check_anchor(query, anchored if isinstance(anchored, dict) else {}, str(anchor))
-        return count, head, problems
+        return verify_chain(lambda sql, params: [dict(r) for r in conn.execute(sql, params)], anchor)
+
+
+def verify_chain(query: Query, anchor: Path | None = None) -> tuple[int, str, list[str]]:
+    """Walk the chain through `query` (entries, head, problems); with `anchor`, its entry must still be there."""
+    count, head, problems = walk_chain(query)
+    if anchor is not None:
+        try:
+            anchored = json.loads(anchor.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise KernelError(f"cannot read the audit anchor {anchor}: {exc}") from None
+        problems += check_anchor(query, anchored if isinstance(anchored, dict) else {}, str(anchor))
+    return count, head, problems

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from . import capabilities, logs, packs
-from .audit import ANCHOR_FILE, AuditLog, verify_file
+from .audit import ANCHOR_FILE, AuditLog, verify_chain, verify_file
 from .clients import AUDIT_PERMISSION, ClientRegistry, calls_today_by_client
 from .config import EcosystemConfig
 from .db import Database, open_database
@@ -51,7 +51,7 @@ def _parser(config: EcosystemConfig) -> argparse.ArgumentParser:
     # `make_runtime(make, args)`: the Runtime serve runs, `make(**options)` given those of a pack's serve options;
     # without the tracing pack's --otlp-endpoint, only the OTEL_ variables can ask for traces (a clear error then)
     serve.set_defaults(run=_serve, make_runtime=lambda make, args: make(), otlp_endpoint=None,
-                       db=os.environ.get(f"{config.env_prefix}_DB_URL", ""))  # a build without the postgres pack refuses one
+                       db=db_url(config))  # a build without the postgres pack refuses one
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -133,7 +133,12 @@ def bus_option(parser: argparse.ArgumentParser, config: EcosystemConfig, require
 
 def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
     anchor = args.anchor or (args.state / ANCHOR_FILE)
-    count, head, problems = verify_file(args.state / "ecosystem.db", anchor if anchor.exists() or args.anchor else None)
+    anchor = anchor if anchor.exists() or args.anchor else None
+    if not db_url(config):
+        count, head, problems = verify_file(args.state / "ecosystem.db", anchor)
+    else:  # the chain every replica appends to, in their PostgreSQL database
+        with closing(state_db(config, args.state)) as db:
+            count, head, problems = verify_chain(db.query, anchor)
     if problems:
         more = f" ({len(problems) - 1} more problems follow it)" if len(problems) > 1 else ""
         print(f"audit log broken: {problems[0]}{more}", file=sys.stderr)
@@ -145,10 +150,10 @@ def _audit_verify(config: EcosystemConfig, args: argparse.Namespace) -> int:
 def _rotate_key(config: EcosystemConfig, args: argparse.Namespace) -> int:
     from .secrets import KeySource, SecretsManager  # cryptography: loaded only by the commands that need it
 
-    if not (args.state / "ecosystem.db").is_file():
+    if not (args.state / "ecosystem.db").is_file() and not db_url(config):
         raise KernelError(f"no database at {args.state / 'ecosystem.db'}: pass the ecosystem's state directory "
                           "as --state")
-    with closing(Database(args.state / "ecosystem.db")) as db:
+    with closing(state_db(config, args.state)) as db:
         keys = KeySource(args.state, f"{config.env_prefix}_SECRETS_KEY", config.name)
         manager = SecretsManager(db, keys, lambda caller: (False, set()), AuditLog(db))
         done = manager.rotate_key("operator", operator=True)
@@ -223,20 +228,24 @@ def _serve(config: EcosystemConfig, args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def db_url(config: EcosystemConfig) -> str:
+    """$<PREFIX>_DB_URL: the PostgreSQL database replicas share (the postgres pack); "": the state's SQLite."""
+    return os.environ.get(f"{config.env_prefix}_DB_URL", "").strip()
+
+
 def state_db(config: EcosystemConfig, state: Path) -> Database:
-    """The state's database: the PostgreSQL one $<PREFIX>_DB_URL names (the postgres pack), else its SQLite."""
-    return open_database(state, os.environ.get(f"{config.env_prefix}_DB_URL", ""))
+    return open_database(state, db_url(config))
 
 
-def _registry(config: EcosystemConfig, args: argparse.Namespace) -> ClientRegistry:
-    """The state's clients: in its PostgreSQL database when there is one (every replica reads them there), else
-    the state directory's tokens.json (made without opening the database)."""
-    shared = os.environ.get(f"{config.env_prefix}_DB_URL", "").strip()
-    return ClientRegistry(args.state, state_db(config, args.state).document("tokens.json") if shared else None)
+def _shared(config: EcosystemConfig, args: argparse.Namespace) -> tuple[Database | None, ClientRegistry]:
+    """The state's PostgreSQL database, if it has one, and its clients: there (every replica reads them) or in
+    the state directory's tokens.json (made without opening the SQLite database)."""
+    shared = state_db(config, args.state) if db_url(config) else None
+    return shared, ClientRegistry(args.state, shared.document("tokens.json") if shared else None)
 
 
 def _token(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    path, problem = _registry(config, args).ensure(args.name, args.allow)
+    path, problem = _shared(config, args)[1].ensure(args.name, args.allow)
     print(path.resolve(), flush=True)
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
@@ -250,7 +259,7 @@ def operator_audit(config: EcosystemConfig, state: Path, action: str, subject: s
 
 
 def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
-    registry = _registry(config, args)
+    shared, registry = _shared(config, args)
     if args.clients_command == "add":
         tools = [f"{m.name}.{t}" for m in config.persistent_mads for t in m.tool_methods()] + [AUDIT_PERMISSION]
         token = registry.add(args.name, args.allow, args.rate, args.quota, known_tools=tools, secrets=args.secret_patterns)
@@ -266,7 +275,7 @@ def _clients(config: EcosystemConfig, args: argparse.Namespace) -> int:
         operator_audit(config, args.state, "clients.revoke", client.name, f"revoked at {client.revoked_at}")
         print(f"client {client.name!r} revoked at {client.revoked_at}; running servers refuse its token from the next request")
         return 0
-    today = calls_today_by_client(args.state)
+    today = calls_today_by_client(args.state, shared)
     rows = [dict(c.describe(), calls_today=today.get(c.name, 0)) for c in registry.clients()]
     if args.json:
         print(json.dumps(rows, indent=2))

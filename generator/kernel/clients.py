@@ -356,6 +356,8 @@ CREATE TABLE IF NOT EXISTS gateway_calls (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS gateway_calls_quota ON gateway_calls (client, day, counted);
+CREATE TABLE IF NOT EXISTS gateway_quota (client TEXT NOT NULL, day TEXT NOT NULL, used INTEGER NOT NULL,
+    PRIMARY KEY (client, day));
 """
 
 
@@ -374,20 +376,19 @@ class CallLedger:
         db.script(_LEDGER_SCHEMA, part="gateway_calls")
         self._conn = db.unsynced()
         self._lock = threading.Lock()
-        # (client, day) -> calls counted so far: read from the table once per day, then kept here, so a
-        # burst of concurrent calls cannot all pass the check before the first of them is recorded.
-        self._counted: dict[tuple[str, str], int] = {}
 
     def take_quota(self, client: str, quota: int) -> bool:
-        """Count one call against the client's quota for today; False (nothing counted) when it is used up."""
-        key = (client, utc_day())
-        if key not in self._counted:
-            self._counted = {k: v for k, v in self._counted.items() if k[1] == key[1]}
-            self._counted[key] = self.calls_today(client, key[1])
-        if self._counted[key] >= quota:
-            return False
-        self._counted[key] += 1
-        return True
+        """Count one call against the client's quota for today; False (nothing counted) when it is used up. One
+        statement counts and checks, in the database every replica counts in, so a burst of concurrent calls
+        through any replicas cannot all pass before the first is counted. A day's count starts from the calls
+        already counted that day (a state from before this table)."""
+        day = utc_day()
+        with self._lock:
+            return quota > 0 and self._conn.execute(
+                "INSERT INTO gateway_quota (client, day, used) SELECT ?, ?, 1 + COUNT(*) FROM gateway_calls"
+                " WHERE client = ? AND day = ? AND counted = 1 ON CONFLICT (client, day) DO UPDATE"
+                " SET used = gateway_quota.used + 1 WHERE gateway_quota.used < ? RETURNING used",
+                (client, day, client, day, quota)).fetchone() is not None
 
     def calls_today(self, client: str, day: str | None = None) -> int:
         row = self.db.one(
@@ -410,6 +411,7 @@ class CallLedger:
         returns how many went. The audit log keeps what matters for accountability: denials, secret accesses."""
         cutoff = utc_day((time.time() if now is None else now) - keep_days * 86400)
         with self._lock:
+            self._conn.execute("DELETE FROM gateway_quota WHERE day < ?", (min(cutoff, utc_day()),))
             return self._conn.execute("DELETE FROM gateway_calls WHERE day < ?", (min(cutoff, utc_day()),)).rowcount
 
     def close(self) -> None:
@@ -417,15 +419,18 @@ class CallLedger:
             self._conn.close()
 
 
-def calls_today_by_client(state_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Counted calls per client today, read-only from the state database (for `clients list`)."""
+def calls_today_by_client(state_dir: str | os.PathLike[str], shared: Database | None = None) -> dict[str, int]:
+    """Counted calls per client today (for `clients list`): from the `shared` database replicas write to, else
+    read-only from the state directory's SQLite."""
+    sql = "SELECT client, COUNT(*) AS n FROM gateway_calls WHERE day = ? AND counted = 1 GROUP BY client"
+    if shared is not None:
+        return {r["client"]: int(r["n"]) for r in shared.query(sql, (utc_day(),))} if shared.has_table("gateway_calls") else {}
     path = Path(state_dir) / "ecosystem.db"
     if not path.exists():
         return {}
     with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
         try:
-            rows = conn.execute("SELECT client, COUNT(*) FROM gateway_calls WHERE day = ? AND counted = 1 "
-                                "GROUP BY client", (utc_day(),)).fetchall()
+            rows = conn.execute(sql, (utc_day(),)).fetchall()
         except sqlite3.OperationalError:  # no gateway_calls yet: the server never ran on this state
             return {}
     return {str(client): int(n) for client, n in rows}

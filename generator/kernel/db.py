@@ -323,6 +323,10 @@ class Database:
         """The state's document `name`: a file beside the database."""
         return FileDocument(self.folder / name)
 
+    def serve_alone(self) -> None:
+        """Claim the state for this process's local bus, which redelivers at start what the state holds pending
+        (a SQLite state is one process's already; a shared database refuses a second claimant)."""
+
     def has_table(self, table: str) -> bool:
         return self.one("SELECT 1 AS yes FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)) is not None
 

@@ -204,6 +204,8 @@ class Runtime:
         # found, and the refusal comes before the server binds its port; so is a key that is not the state's
         # (or a malformed one), and a bus or a choice of MADs this process cannot serve.
         try:
+            if bus_url.strip() in ("", "local"):  # the local bus: this process alone delivers the state's requests
+                self.db.serve_alone()
             core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
             for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it

@@ -83,6 +83,11 @@ class Ledger(Mad):
         return {"n": n, "envelope_id": key, "pid": os.getpid()}
 
     @tool
+    async def stored(self) -> dict:
+        """Every n recorded, oldest first: a test compares it with the calls its callers saw succeed."""
+        return {"ns": [row["n"] for row in self.store.select("entries", limit=1_000_000)]}
+
+    @tool
     async def echo(self, n: int) -> dict:
         """Answer n, writing nothing: load tests measure the bus, not the disk."""
         return {"n": n}

@@ -12,9 +12,11 @@ from pathlib import Path
 from generator.kernel_contract import kernel_test_file
 
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
-# 3,995 when issue 14 closed (its target: under 4,000); +56 for the seam the postgres pack plugs into (open_database,
-# the clients' document, the has_table / unsynced / search hooks, portable SQL where SQLite's JSON functions were).
-CORE_BUDGET = 4_051
+# 3,995 when issue 14 closed (its target: under 4,000); +70 for one state shared by replicas (issue 15): the seam the
+# postgres pack plugs into (open_database, the clients' document, the has_table / unsynced / search / serve_alone
+# hooks, portable SQL where SQLite's JSON functions were), the operator commands on that state, and a daily quota
+# counted in the database (one statement every replica counts with) instead of in each process.
+CORE_BUDGET = 4_065
 
 
 def source_lines(text: str) -> int:

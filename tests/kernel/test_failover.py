@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import redis
 from bus_helpers import bus_eco, redis_url  # noqa: F401  (fixtures)
+from pg_helpers import pg_server, pg_url  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def render_failover(eco, out: Path) -> Path:
-    """deploy/failover.sh as the generator renders it, for the test ecosystem."""
+def render_failover(eco, out: Path, packs: tuple[str, ...] = ()) -> Path:
+    """deploy/failover.sh as the generator renders it, for the test ecosystem (built with these deployment packs)."""
     from generator.render import environment
 
     mads = [
@@ -28,7 +29,7 @@ def render_failover(eco, out: Path) -> Path:
         for cls in eco.config.mads
     ]
     text = environment("senior/offline/templates").get_template("frame/failover.sh.j2").render(
-        package=eco.name, ecosystem={"name": eco.name}, mads=mads)
+        package=eco.name, ecosystem={"name": eco.name, "packs": dict.fromkeys(packs, {})}, mads=mads)
     script = out / "deploy" / "failover.sh"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
@@ -47,6 +48,7 @@ def eco_env(eco, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(eco.root), TMPDIR=str(tmp_path))
     env.pop(f"{eco.config.env_prefix}_SECRETS_KEY", None)
     env.pop(f"{eco.config.env_prefix}_BUS_URL", None)
+    env.pop(f"{eco.config.env_prefix}_DB_URL", None)
     return env
 
 
@@ -108,6 +110,84 @@ def test_failover_drill_two_servers_one_redis(bus_eco, redis_url, bus, tmp_path)
     assert bus.xpending(stream, "mads")["pending"] == 0 and bus.xlen(stream) == 0
     assert bus.xinfo_consumers(stream, "mads") == []  # A forgotten, B left when it stopped
     assert not list(tmp_path.glob(f"{bus_eco.name}-failover.*")), "the drill cleans up after itself"
+
+
+def test_failover_drill_two_replicas_sharing_one_postgresql_state(bus_eco, redis_url, pg_url, bus, tmp_path):  # noqa: F811
+    """The drill with `--db`: A and B share the state as well as the bus. A is killed holding requests whose
+    effects B then makes: every request's row is in the one database, once, though some ran twice."""
+    import psycopg
+
+    script = render_failover(bus_eco, tmp_path, packs=("redis", "postgres"))
+    done = subprocess.run(
+        ["bash", str(script), "drill", "--bus", redis_url, "--db", pg_url, "--from", "clerk", "--to", "ledger",
+         "--tool", "record", "--args", '{"n": 1, "hold_s": 1}', "--count", "6", "--claim-idle", "1", "--timeout", "90"],
+        capture_output=True, text=True, env=eco_env(bus_eco, tmp_path), timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "and the shared database" in done.stdout and pg_url not in done.stdout + done.stderr
+    held = int(re.search(r"A held (\d+) deliveries when it was killed", done.stdout).group(1))
+    with psycopg.connect(pg_url) as conn:
+        entries = conn.execute("SELECT envelope_id FROM ledger_entries").fetchall()
+        runs = conn.execute("SELECT count(*) FROM ledger_runs").fetchone()[0]
+    assert len(entries) == len(set(entries)) == 7  # six requests and the drill's last one, each written once
+    assert runs >= 7 and held >= 1, (runs, held)  # what A held and was killed with ran again on B
+    assert not (tmp_path / "a" / "ecosystem.db").exists()
+
+
+def test_a_replica_killed_under_steady_load_loses_no_acknowledged_call(bus_eco, redis_url, pg_url, bus, tmp_path):  # noqa: F811
+    """Two served replicas on one PostgreSQL and one Redis; clients call through whichever replica answers, as
+    behind a load balancer, and move to the other when theirs fails. A is killed with SIGKILL mid-load: every
+    call a client saw succeed has its effect in the shared state, read through B."""
+    import asyncio
+    import base64
+
+    from generator.harness import RunningEcosystem, call_tool
+
+    env = {**eco_env(bus_eco, tmp_path), f"{bus_eco.config.env_prefix}_DB_URL": pg_url,
+           f"{bus_eco.config.env_prefix}_BUS_URL": redis_url,
+           f"{bus_eco.config.env_prefix}_SECRETS_KEY": base64.b64encode(os.urandom(32)).decode()}
+    a = RunningEcosystem(bus_eco.name, tmp_path / "a", cwd=bus_eco.root, env=env, token_name="default", startup_timeout=60)
+    b = RunningEcosystem(bus_eco.name, tmp_path / "b", cwd=bus_eco.root, env=env, token_name="lb", startup_timeout=60)
+    a.start()
+    b.start()
+    acknowledged: list[int] = []
+
+    async def client(first: int, stop: asyncio.Event) -> None:
+        n, replicas = first, [a, b]
+        while not stop.is_set():
+            for replica in replicas:
+                try:
+                    await call_tool(replica.url, a.token, "ledger.record", {"n": n})
+                except Exception:  # noqa: BLE001 - the replica died under the call: the balancer tries the other
+                    continue
+                acknowledged.append(n)
+                break
+            n += 100
+
+    async def until(count: int) -> None:
+        async with asyncio.timeout(120):
+            while len(acknowledged) < count:
+                await asyncio.sleep(0.05)
+
+    async def load() -> int:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(i, stop)) for i in range(1, 9)]
+        await until(20)
+        at_kill = len(acknowledged)
+        a.process.kill()  # SIGKILL, mid-load: some calls are in flight on A
+        await until(at_kill + 20)  # the load goes on through B
+        stop.set()
+        await asyncio.gather(*clients)
+        return at_kill
+
+    try:
+        at_kill = asyncio.run(load())
+        assert len(acknowledged) >= at_kill + 20
+        stored = asyncio.run(call_tool(b.url, a.token, "ledger.stored", {}))
+    finally:
+        a.stop()
+        b.stop()
+    assert set(acknowledged) <= set(stored["ns"]), sorted(set(acknowledged) - set(stored["ns"]))
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from ...errors import KernelError
 from ...transport import redact_url
 
 WRITER_LOCK = 0x7265_6765_6E00  # "regen": the advisory lock every write transaction takes first
+LOCAL_BUS_LOCK = WRITER_LOCK + 1  # held for its life by the one process serving the database with the local bus
 CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT = "30s"  # a writer waiting longer than this for its turn fails (SQLite's busy timeout is 5 s)
 
@@ -130,6 +131,8 @@ CREATE TABLE IF NOT EXISTS gateway_calls (
     client TEXT NOT NULL, tool TEXT NOT NULL, correlation_id TEXT NOT NULL, outcome TEXT NOT NULL,
     counted BIGINT NOT NULL, duration_ms DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS gateway_calls_quota ON gateway_calls (client, day, counted);
+CREATE TABLE IF NOT EXISTS gateway_quota (client TEXT NOT NULL, day TEXT NOT NULL, used BIGINT NOT NULL,
+    PRIMARY KEY (client, day));
 """,
     "models": """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -318,6 +321,7 @@ class PostgresDatabase(Database):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = redact_url(self.url)  # what names the database in messages, with no password
         self.fts5 = False  # conversations are searched by `search`, over a GIN index
+        self._alone = False  # whether this process claimed the database for its local bus (serve_alone)
         self._conn = self._connect()
         self.script("", part="functions")
         self.script("", part="documents")
@@ -338,10 +342,28 @@ class PostgresDatabase(Database):
         return conn
 
     def _live(self) -> Connection:
-        """The connection, opened again first if the server dropped it (a restart, a failover)."""
+        """The connection, opened again first if the server dropped it (a restart, a failover), with the local
+        bus's claim taken again (the server let it go with the old session)."""
         if self._conn.closed or self._conn.broken:
             self._conn = self._connect()
+            if self._alone:
+                self._claim_local_bus()
         return Connection(self._conn, f"the state database {self.path}")
+
+    def serve_alone(self) -> None:
+        """Only one process may serve a shared database with the local bus: at its start it delivers again what
+        the state holds pending, which would run a live replica's requests twice. A session lock claims it; a
+        process that dies lets it go with its connection, so the next one redelivers what it left."""
+        self._claim_local_bus()
+        self._alone = True
+
+    def _claim_local_bus(self) -> None:
+        row = self._conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (LOCAL_BUS_LOCK,)).fetchone()
+        if not row["got"]:
+            raise KernelError(
+                f"another process serves the state database {self.path} with the local bus: replicas that share a "
+                "database must share their requests too; start every one with --bus redis://... (the redis pack), "
+                "or stop the other process first")
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
         if re.match(r"\s*(CREATE|ALTER|DROP)\b", sql, re.I):  # DDL: in turn with every other writer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -14,18 +15,19 @@ import threading
 import httpx
 import psycopg
 import pytest
-from bus_helpers import bus_eco, shared_key  # noqa: F401  (fixtures)
+from bus_helpers import bus_eco, redis_url, shared_key  # noqa: F401  (fixtures)
 from pg_helpers import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from generator.harness import call_tool, running_ecosystem
 
 
 @pytest.fixture
-def two(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
-    """Two runtimes of one ecosystem on one PostgreSQL database, each with a state directory of its own."""
+def two(bus_eco, pg_url, redis_url, shared_key, tmp_path):  # noqa: F811
+    """Two runtimes of one ecosystem on one PostgreSQL database and one Redis bus, as two replicas, each with a
+    state directory of its own."""
     made = []
     for name in ("a", "b"):
-        made.append(bus_eco.Runtime(bus_eco.config, tmp_path / name, db_url=pg_url))
+        made.append(bus_eco.Runtime(bus_eco.config, tmp_path / name, db_url=pg_url, bus_url=redis_url))
     yield made
     for runtime in made:
         runtime.db.close()
@@ -41,6 +43,20 @@ def test_a_conversation_made_through_one_replica_is_read_through_the_other(two):
     assert b.bus.search("plan quarterly missing") == []
     b.bus.join(conv["id"], "fiedler")
     assert a.bus.get(conv["id"])["participants"] == ["turing", "rogers", "fiedler"]
+
+
+def test_a_second_process_on_the_local_bus_is_refused_until_the_first_is_gone(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    """With the local bus a process redelivers at start what the state holds pending: a second one on the same
+    database would run the first's requests twice, so it is refused, saying what to do; once the first is gone
+    (its connection with it), the next one starts and redelivers what it left."""
+    first = bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url)
+    try:
+        with pytest.raises(Exception, match="with the local bus: replicas that share a database") as refused:
+            bus_eco.Runtime(bus_eco.config, tmp_path / "b", db_url=pg_url)
+        assert "--bus redis://" in str(refused.value)
+    finally:
+        first.db.close()
+    bus_eco.Runtime(bus_eco.config, tmp_path / "b", db_url=pg_url).db.close()
 
 
 def test_a_secret_rotated_on_one_replica_is_read_through_the_other(two):
@@ -139,9 +155,10 @@ def test_a_database_that_cannot_be_used_is_a_clear_error_at_start(bus_eco, pg_se
     assert not (tmp_path / "a" / "ecosystem.db").exists()
 
 
-def test_two_served_replicas_share_one_state(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+def test_two_served_replicas_share_one_state(bus_eco, pg_url, redis_url, shared_key, tmp_path):  # noqa: F811
     """Two `serve` processes on one PostgreSQL database, as a load balancer without sticky sessions sees them."""
-    env = {f"{bus_eco.config.env_prefix}_DB_URL": pg_url, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {f"{bus_eco.config.env_prefix}_DB_URL": pg_url, f"{bus_eco.config.env_prefix}_BUS_URL": redis_url,
+           "PYTHONPATH": os.pathsep.join(sys.path)}
     with running_ecosystem(bus_eco.name, tmp_path / "a", cwd=bus_eco.root, env=env) as a, \
             running_ecosystem(bus_eco.name, tmp_path / "b", cwd=bus_eco.root, env=env, token_name="second") as b:
         a.call("turing.set_secret", name="db_password", value="one")
@@ -161,3 +178,50 @@ def test_two_served_replicas_share_one_state(bus_eco, pg_url, shared_key, tmp_pa
             assert conn.execute("SELECT actor, subject FROM audit_log WHERE action = 'clients.revoke'").fetchall() == [
                 ("operator", "second")]
         assert not (tmp_path / "a" / "ecosystem.db").exists() and not (tmp_path / "b" / "ecosystem.db").exists()
+
+
+def test_the_operator_commands_work_on_the_shared_state(bus_eco, pg_url, pg_server, shared_key, tmp_path):  # noqa: F811
+    """token, clients add|list|revoke and audit verify read $<PREFIX>_DB_URL as serve does: one set of clients, one
+    audit chain for every replica, whichever host's state directory the operator names."""
+    env = {**os.environ, f"{bus_eco.config.env_prefix}_DB_URL": pg_url}
+
+    def run(*args: str, state: str = "a") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", bus_eco.name, *args, "--state", str(tmp_path / state)],
+                              cwd=bus_eco.root, env=env, capture_output=True, text=True, timeout=60)
+
+    runtime = bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url)  # opens the chain, as serve does
+    runtime.db.close()
+    added = run("clients", "add", "ci", "--allow", "turing.*")
+    assert added.returncode == 0, added.stderr
+    listed = run("clients", "list", "--json", state="b")  # another host's state directory: the same clients
+    assert [c["name"] for c in json.loads(listed.stdout)] == ["ci"]
+    assert run("clients", "revoke", "ci", state="b").returncode == 0
+    assert json.loads(run("clients", "list", "--json").stdout)[0]["revoked_at"]
+    verified = run("audit", "verify", state="b")
+    assert verified.returncode == 0 and verified.stdout.startswith("3 entries, chain intact"), verified.stdout + verified.stderr
+    # A superuser edits an entry behind the kernel's back (its triggers disabled): verify names it.
+    name = pg_url.rsplit("/", 1)[1]
+    pg_server.admin("ALTER TABLE audit_log DISABLE TRIGGER USER", database=name)
+    pg_server.admin("UPDATE audit_log SET actor = 'nobody' WHERE id = 2", database=name)
+    broken = run("audit", "verify")
+    assert broken.returncode == 1 and "entry 2" in broken.stderr and "edited" in broken.stderr, broken.stderr
+    assert not (tmp_path / "a" / "tokens.json").exists() and not (tmp_path / "a" / "ecosystem.db").exists()
+
+
+def test_a_daily_quota_counts_the_calls_of_every_replica(two, bus_eco):  # noqa: F811
+    a, b = two
+    clients = importlib.import_module(f"{bus_eco.name}.kernel.clients")
+    ledgers = [clients.CallLedger(runtime.db) for runtime in (a, b)]
+    try:
+        results = []
+        threads = [threading.Thread(target=lambda ledger=ledger: results.extend(ledger.take_quota("ci", 5) for _ in range(6)))
+                   for ledger in ledgers for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count(True) == 5  # 24 attempts through two replicas: exactly the quota passes
+        assert not ledgers[1].take_quota("other", 0)
+    finally:
+        for ledger in ledgers:
+            ledger.close()
