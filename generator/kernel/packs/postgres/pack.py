@@ -40,6 +40,9 @@ from ...transport import redact_url
 
 WRITER_LOCK = 0x7265_6765_6E00  # "regen": the advisory lock every write transaction takes first
 LOCAL_BUS_LOCK = WRITER_LOCK + 1  # held for its life by the one process serving the database with the local bus
+# The layout of the kernel's own tables in PostgreSQL (SCHEMAS), recorded in the database: a kernel whose number is
+# lower than the database's refuses it before writing anything. Raise it when a kernel table changes its layout.
+KERNEL_SCHEMA = 1
 CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT = "30s"  # a writer waiting longer than this for its turn fails (SQLite's busy timeout is 5 s)
 
@@ -323,8 +326,17 @@ class PostgresDatabase(Database):
         self.fts5 = False  # conversations are searched by `search`, over a GIN index
         self._alone = False  # whether this process claimed the database for its local bus (serve_alone)
         self._conn = self._connect()
+        made_by = self.has_table("documents") and self.one("SELECT body FROM documents WHERE name = 'kernel-schema'")
+        if made_by and int(made_by["body"]) > KERNEL_SCHEMA:
+            self._conn.close()
+            raise KernelError(f"the state database {self.path} was set up by a newer version of this ecosystem (kernel "
+                              f"schema {made_by['body']}; this version knows {KERNEL_SCHEMA}): run that newer version, or "
+                              "restore the database from a backup taken before the upgrade")
         self.script("", part="functions")
         self.script("", part="documents")
+        if not made_by:
+            self.execute("INSERT INTO documents (name, body, version) VALUES ('kernel-schema', ?, 1) ON CONFLICT DO NOTHING",
+                         (str(KERNEL_SCHEMA),))
 
     def _connect(self, **settings: str) -> psycopg.Connection[Any]:
         parts = urlsplit(self.url)

@@ -225,3 +225,17 @@ def test_a_daily_quota_counts_the_calls_of_every_replica(two, bus_eco):  # noqa:
     finally:
         for ledger in ledgers:
             ledger.close()
+
+
+def test_a_database_set_up_by_a_newer_kernel_is_refused_with_nothing_written(bus_eco, pg_url, pg_server, shared_key,  # noqa: F811
+                                                                              tmp_path):
+    bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url).db.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE documents SET body = '99' WHERE name = 'kernel-schema'")
+        conn.execute("CREATE OR REPLACE FUNCTION regen_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+        before = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    with pytest.raises(Exception, match="set up by a newer version of this ecosystem .kernel schema 99"):
+        bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM audit_log").fetchone()[0] == before
+        assert "RETURN NULL" in conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'regen_append_only'").fetchone()[0]
