@@ -52,9 +52,10 @@ class PgServer:
 
 
 @contextmanager
-def postgres_server() -> Iterator[PgServer]:
+def postgres_server(*, fsync: bool = False) -> Iterator[PgServer]:
     """A PostgreSQL cluster of our own, with a superuser `regen` whose password is random (scram-sha-256 over
-    TCP, so a wrong password is refused as it would be in production); yields it."""
+    TCP, so a wrong password is refused as it would be in production); yields it. Tests run it without fsync
+    (nothing of theirs outlives the server); a benchmark asks for it, as production runs."""
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install -y postgresql); the postgres pack's tests need it")
@@ -76,7 +77,7 @@ def postgres_server() -> Iterator[PgServer]:
                            "--no-sync"), check=True, capture_output=True)
         port = free_port()
         proc = subprocess.Popen(run(str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-                                    "-k", tmp, "-c", "fsync=off", "-c", "max_connections=200",
+                                    "-k", tmp, "-c", f"fsync={'on' if fsync else 'off'}", "-c", "max_connections=200",
                                     "-c", "shared_buffers=32MB"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         server = PgServer("127.0.0.1", port, password)
