@@ -1,7 +1,7 @@
 """Grace, the DMZ: the web UI people use to reach the ecosystem (the console pack; see its `__init__.py`).
 
 - Sign-in with a client token (the MCP gateway's bearer tokens). Sessions live server-side in
-  the state database (`grace_sessions`), so every replica on it honours them and a restart keeps
+  the state database (`console_sessions`), so every replica on it honours them and a restart keeps
   them; the browser only holds a random id in an HttpOnly, SameSite=Strict cookie (Secure over
   https), and the database only its sha256. Sessions expire when idle and at an absolute age, end at
   sign-out, and end as soon as the token is revoked. Failed sign-ins are audited and rate limited
@@ -107,7 +107,7 @@ class Session:
 
 
 SESSIONS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS grace_sessions (
+CREATE TABLE IF NOT EXISTS console_sessions (
     id_sha256 TEXT PRIMARY KEY, csrf TEXT NOT NULL, client TEXT NOT NULL, credential TEXT NOT NULL,
     created REAL NOT NULL, seen REAL NOT NULL, flash BLOB);
 """
@@ -142,7 +142,7 @@ def _unseal(sid: str, sealed: bytes | None) -> tuple[str, dict[str, str]]:
 
 
 class SessionStore:
-    """Server-side sessions in the state database (`grace_sessions`): every replica on that database honours a
+    """Server-side sessions in the state database (`console_sessions`): every replica on that database honours a
     session made on another (no sticky sessions), and a restart signs nobody out. A row is keyed by the sha256 of
     the session id, so a dump of the database signs nobody in. Bounded: at `max_sessions` the oldest go."""
 
@@ -154,7 +154,7 @@ class SessionStore:
         self.anonymous_s = anonymous_s
         self.max_sessions = max_sessions
         self.clock = clock  # wall-clock time: the replicas and restarts share it
-        db.script(SESSIONS_SCHEMA, part="grace_sessions")
+        db.script(SESSIONS_SCHEMA, part="console_sessions")
 
     def _expired(self, s: Session, now: float) -> bool:
         if not s.client:
@@ -165,20 +165,20 @@ class SessionStore:
         now = self.clock()
         s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, client, credential)
         with self.db.transaction() as conn:  # the writers' turn: replicas adding at once keep to the bound
-            conn.execute("DELETE FROM grace_sessions WHERE (client = '' AND created < ?)"
+            conn.execute("DELETE FROM console_sessions WHERE (client = '' AND created < ?)"
                          " OR (client <> '' AND (seen < ? OR created < ?))",
                          (now - self.anonymous_s, now - self.idle_s, now - self.absolute_s))
-            over = conn.execute("SELECT COUNT(*) AS n FROM grace_sessions").fetchone()["n"] - self.max_sessions + 1
+            over = conn.execute("SELECT COUNT(*) AS n FROM console_sessions").fetchone()["n"] - self.max_sessions + 1
             if over > 0:
                 # a flood of sign-in forms must not push out people who are signed in: the oldest anonymous first
-                conn.execute("DELETE FROM grace_sessions WHERE id_sha256 IN"
-                             " (SELECT id_sha256 FROM grace_sessions ORDER BY client <> '', created LIMIT ?)", (over,))
-            conn.execute("INSERT INTO grace_sessions (id_sha256, csrf, client, credential, created, seen)"
+                conn.execute("DELETE FROM console_sessions WHERE id_sha256 IN"
+                             " (SELECT id_sha256 FROM console_sessions ORDER BY client <> '', created LIMIT ?)", (over,))
+            conn.execute("INSERT INTO console_sessions (id_sha256, csrf, client, credential, created, seen)"
                          " VALUES (?, ?, ?, ?, ?, ?)", (_row_key(s.sid), s.csrf, client, credential, now, now))
         return s
 
     def get(self, sid: str) -> Session | None:
-        row = self.db.one("SELECT csrf, created, seen, client, credential, flash FROM grace_sessions WHERE id_sha256 = ?",
+        row = self.db.one("SELECT csrf, created, seen, client, credential, flash FROM console_sessions WHERE id_sha256 = ?",
                           (_row_key(sid),)) if sid else None
         if row is None:
             return None
@@ -188,12 +188,12 @@ class SessionStore:
             self.drop(sid)
             return None
         if s.client and now - s.seen > TOUCH_S:
-            self.db.execute("UPDATE grace_sessions SET seen = ? WHERE id_sha256 = ?", (now, _row_key(sid)))
+            self.db.execute("UPDATE console_sessions SET seen = ? WHERE id_sha256 = ?", (now, _row_key(sid)))
             s.seen = now
         return s
 
     def drop(self, sid: str) -> None:
-        self.db.execute("DELETE FROM grace_sessions WHERE id_sha256 = ?", (_row_key(sid),))
+        self.db.execute("DELETE FROM console_sessions WHERE id_sha256 = ?", (_row_key(sid),))
 
     def sign_in(self, anonymous: Session, client: str, credential: str) -> Session:
         """A fresh session (new id and CSRF token: no fixation) for the client; the anonymous one ends."""
@@ -207,18 +207,18 @@ class SessionStore:
             return
         key = _row_key(s.sid)
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT flash FROM grace_sessions WHERE id_sha256 = ?", (key,)).fetchone()
+            row = conn.execute("SELECT flash FROM console_sessions WHERE id_sha256 = ?", (key,)).fetchone()
             if row is not None:  # else signed out meanwhile: nothing to show
                 notice, shown = _unseal(s.sid, row["flash"])
                 sealed = _seal(s.sid, s.notice or notice, {**shown, **s.shown})
-                conn.execute("UPDATE grace_sessions SET flash = ? WHERE id_sha256 = ?", (sealed, key))
+                conn.execute("UPDATE console_sessions SET flash = ? WHERE id_sha256 = ?", (sealed, key))
         s.notice, s.shown = "", {}
 
     def take_flash(self, s: Session) -> tuple[str, dict[str, str]]:
         """What `remember` kept (notice, answers), once: only the request whose update clears it shows it."""
         if not s.flash:
             return "", {}
-        cleared = self.db.execute("UPDATE grace_sessions SET flash = NULL WHERE id_sha256 = ? AND flash = ?",
+        cleared = self.db.execute("UPDATE console_sessions SET flash = NULL WHERE id_sha256 = ? AND flash = ?",
                                   (_row_key(s.sid), s.flash))
         return _unseal(s.sid, s.flash) if cleared.rowcount == 1 else ("", {})
 

@@ -102,12 +102,12 @@ def test_a_sign_in_on_one_replica_is_valid_on_the_other_until_sign_out_there(rep
     a.call("turing.set_secret", name="db_password", value=secret)
     csrf = _csrf(browser.get(a, "/chat").text)
     assert browser.post(b, "/chat", {"csrf": csrf, "message": "/turing.get_secret name=db_password"}).status_code == 303
-    [(sealed,)] = _pg(pg_url, "SELECT flash FROM grace_sessions WHERE client <> ''")
+    [(sealed,)] = _pg(pg_url, "SELECT flash FROM console_sessions WHERE client <> ''")
     assert sealed and secret.encode() not in bytes(sealed)
     # the answer is shown once, in full, whichever replica serves the next page; the database only has it sealed
     assert secret in browser.get(a, "/chat").text
     assert secret not in browser.get(b, "/chat").text and secret not in browser.get(a, "/chat").text
-    [(sid_hash, client, credential)] = _pg(pg_url, "SELECT id_sha256, client, credential FROM grace_sessions")
+    [(sid_hash, client, credential)] = _pg(pg_url, "SELECT id_sha256, client, credential FROM console_sessions")
     assert (sid_hash, client) == (_row_key(browser.sid), "default")
     assert credential == hashlib.sha256(a.token.encode()).hexdigest()  # the registry's hash of the token, not it
     # signing out through b ends the session on a: no replica keeps a copy of its own
@@ -115,7 +115,7 @@ def test_a_sign_in_on_one_replica_is_valid_on_the_other_until_sign_out_there(rep
     assert browser.post(b, "/signout", {"csrf": _csrf(browser.get(b, "/").text)}).status_code == 303
     browser.sid = copied
     assert browser.signed_in_as(a) == "" and browser.signed_in_as(b) == ""
-    assert _pg(pg_url, "SELECT COUNT(*) FROM grace_sessions WHERE client <> ''") == [(0,)]
+    assert _pg(pg_url, "SELECT COUNT(*) FROM console_sessions WHERE client <> ''") == [(0,)]
 
 
 def test_revoking_the_client_ends_its_sessions_on_every_replica(replicas, bus_eco, pg_url, tmp_path):  # noqa: F811
@@ -130,7 +130,7 @@ def test_revoking_the_client_ends_its_sessions_on_every_replica(replicas, bus_ec
     r = revoked.get(b, "/chat")  # the first replica to see it ends the session for all of them
     assert r.status_code == 303 and r.headers["location"] == "/signin?next=%2Fchat&m=expired"
     assert revoked.signed_in_as(a) == "" and revoked.signed_in_as(b) == ""
-    assert _pg(pg_url, "SELECT client FROM grace_sessions WHERE client <> ''") == [("default",)]
+    assert _pg(pg_url, "SELECT client FROM console_sessions WHERE client <> ''") == [("default",)]
     assert kept.signed_in_as(b) == "default"  # another client's session is not touched
 
 
@@ -139,29 +139,29 @@ def test_idle_and_absolute_expiry_hold_on_every_replica(replicas, pg_url):  # no
     idle, old = Browser(), Browser()
     idle.sign_in(a, a.token)
     old.sign_in(a, a.token)
-    seen = _pg(pg_url, "SELECT seen FROM grace_sessions WHERE id_sha256 = %s", (_row_key(idle.sid),))
+    seen = _pg(pg_url, "SELECT seen FROM console_sessions WHERE id_sha256 = %s", (_row_key(idle.sid),))
     for _ in range(3):  # requests within a minute of the last one read the session and write nothing
         assert idle.signed_in_as(b) == "default"
-    assert _pg(pg_url, "SELECT seen FROM grace_sessions WHERE id_sha256 = %s", (_row_key(idle.sid),)) == seen
+    assert _pg(pg_url, "SELECT seen FROM console_sessions WHERE id_sha256 = %s", (_row_key(idle.sid),)) == seen
     # 31 minutes without a request; 9 hours since sign-in although active a minute ago
-    _pg(pg_url, "UPDATE grace_sessions SET seen = seen - 31 * 60, created = created - 31 * 60 WHERE id_sha256 = %s",
+    _pg(pg_url, "UPDATE console_sessions SET seen = seen - 31 * 60, created = created - 31 * 60 WHERE id_sha256 = %s",
         (_row_key(idle.sid),))
-    _pg(pg_url, "UPDATE grace_sessions SET seen = seen - 60, created = created - 9 * 3600 WHERE id_sha256 = %s",
+    _pg(pg_url, "UPDATE console_sessions SET seen = seen - 60, created = created - 9 * 3600 WHERE id_sha256 = %s",
         (_row_key(old.sid),))
     assert idle.signed_in_as(b) == "" and old.signed_in_as(b) == ""
-    assert _pg(pg_url, "SELECT COUNT(*) FROM grace_sessions WHERE client <> ''") == [(0,)]  # and they are gone
+    assert _pg(pg_url, "SELECT COUNT(*) FROM console_sessions WHERE client <> ''") == [(0,)]  # and they are gone
 
 
 def test_a_forged_or_dumped_cookie_signs_nobody_in(replicas, pg_url):  # noqa: F811
     a, b, _ = replicas
     browser = Browser()
     browser.sign_in(a, a.token)
-    [(stored,)] = _pg(pg_url, "SELECT id_sha256 FROM grace_sessions WHERE client <> ''")
+    [(stored,)] = _pg(pg_url, "SELECT id_sha256 FROM console_sessions WHERE client <> ''")
     for forged in (stored, uuid.uuid4().hex, browser.sid[:-1] + ("A" if browser.sid[-1] != "A" else "B"), "'; --"):
         intruder = Browser()
         intruder.sid = forged
         assert intruder.signed_in_as(b) == "", forged
-    dump = " ".join(str(row) for row in _pg(pg_url, "SELECT * FROM grace_sessions"))
+    dump = " ".join(str(row) for row in _pg(pg_url, "SELECT * FROM console_sessions"))
     assert browser.sid not in dump and a.token not in dump
     assert browser.signed_in_as(b) == "default"
 
@@ -180,8 +180,8 @@ def test_on_sqlite_a_session_outlives_a_restart_and_is_kept_as_a_hash(grace_eco,
         browser.sign_in(eco, eco.token)
         kept = browser.sid
         with sqlite3.connect(f"file:{state / 'ecosystem.db'}?mode=ro", uri=True) as db:
-            rows = db.execute("SELECT id_sha256, client FROM grace_sessions WHERE client <> ''").fetchall()
-            dump = " ".join(str(r) for t in ("grace_sessions", "audit_log") for r in db.execute(f"SELECT * FROM {t}"))
+            rows = db.execute("SELECT id_sha256, client FROM console_sessions WHERE client <> ''").fetchall()
+            dump = " ".join(str(r) for t in ("console_sessions", "audit_log") for r in db.execute(f"SELECT * FROM {t}"))
         assert rows == [(_row_key(kept), "default")]  # the signed-out session is gone; the cookie only as its hash
         assert kept not in dump and signed_out not in dump and eco.token not in dump
         browser.sid = signed_out
@@ -219,7 +219,7 @@ def test_replicas_adding_sessions_at_once_keep_to_the_bound(bus_eco, pg_server, 
         for thread in threads:
             thread.join()
         assert errors == []
-        assert connections[0].one("SELECT COUNT(*) AS n FROM grace_sessions")["n"] == 12
+        assert connections[0].one("SELECT COUNT(*) AS n FROM console_sessions")["n"] == 12
         assert all(stores[1].get(p.sid).client == "admin" for p in people)
     finally:
         for db in connections:

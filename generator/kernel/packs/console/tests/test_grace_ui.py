@@ -369,7 +369,7 @@ def test_a_flood_of_sign_in_forms_does_not_sign_anyone_out(eco):
     for _ in range(10):
         store.new()  # what GET /signin does for every cookieless visitor
     assert store.get(signed_in.sid).client == "admin"
-    assert eco.runtime.db.one("SELECT COUNT(*) AS n FROM grace_sessions")["n"] == 3
+    assert eco.runtime.db.one("SELECT COUNT(*) AS n FROM console_sessions")["n"] == 3
     newer = [store.new("admin", "credential") for _ in range(3)]  # at the bound the oldest signed-in one goes too
     assert store.get(signed_in.sid) is None and all(store.get(s.sid) for s in newer)
 
