@@ -55,16 +55,16 @@ def history(spec_dir: Path, *storages: str) -> tuple[list[Migration], Spec]:
 
 
 def state(tmp_path: Path, migrations: list[Migration], rows: list[dict] | None = None) -> Database:
-    """A state database brought to `migrations`, with `rows` put into console_sessions."""
+    """A state database brought to `migrations`, with `rows` put into grace_sessions."""
     db = Database(tmp_path / "state" / "ecosystem.db")
     apply_migrations(db, migrations)
     for row in rows or []:
-        db.execute(f"INSERT INTO console_sessions ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values()))
+        db.execute(f"INSERT INTO grace_sessions ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values()))
     return db
 
 
 def sessions(db: Database) -> list[dict]:
-    return db.query("SELECT rowid, * FROM console_sessions ORDER BY rowid")
+    return db.query("SELECT rowid, * FROM grace_sessions ORDER BY rowid")
 
 
 def test_schema_is_canonical_and_only_for_mads_with_storage(spec_dir):
@@ -80,8 +80,8 @@ def test_schema_is_canonical_and_only_for_mads_with_storage(spec_dir):
 
 def test_the_first_version_creates_its_tables_and_an_unchanged_one_adds_nothing(spec_dir):
     first, _ = history(spec_dir, SESSIONS)
-    assert [(m.number, m.name, m.destructive) for m in first] == [(1, "create table console_sessions", False)]
-    assert first[0].statements == ["CREATE TABLE IF NOT EXISTS console_sessions (id TEXT PRIMARY KEY, started TEXT, visits INTEGER)"]
+    assert [(m.number, m.name, m.destructive) for m in first] == [(1, "create table grace_sessions", False)]
+    assert first[0].statements == ["CREATE TABLE IF NOT EXISTS grace_sessions (id TEXT PRIMARY KEY, started TEXT, visits INTEGER)"]
     spec = grace(spec_dir, SESSIONS)
     assert plan_migrations(schema_of(spec), schema_of(spec), spec, first) == first
     assert plan_migrations(None, {}, load_spec(GOOD_SPEC), []) == []
@@ -92,11 +92,11 @@ def test_an_added_column_keeps_the_stored_rows(spec_dir, tmp_path):
     db = state(tmp_path, first, [{"id": "a", "started": "monday", "visits": 3}])
     migrations, spec = history(spec_dir, SESSIONS, SESSIONS + "      - {name: note, type: json}\n")
     assert migrations[0] == first[0]  # carried forward as it was
-    assert (migrations[1].number, migrations[1].name) == (2, "add column note to console_sessions")
-    assert migrations[1].statements == ["ALTER TABLE console_sessions ADD COLUMN note TEXT"]
+    assert (migrations[1].number, migrations[1].name) == (2, "add column note to grace_sessions")
+    assert migrations[1].statements == ["ALTER TABLE grace_sessions ADD COLUMN note TEXT"]
     assert [m.number for m in apply_migrations(db, migrations)] == [2]
     assert sessions(db) == [{"rowid": 1, "id": "a", "started": "monday", "visits": 3, "note": None}]
-    check_table(db, "grace", "console_sessions", schema_of(spec)["grace"]["sessions"])
+    check_table(db, "grace", "grace_sessions", schema_of(spec)["grace"]["sessions"])
     db.close()
 
 
@@ -124,12 +124,12 @@ def test_a_dropped_column_needs_consent_naming_it(spec_dir, tmp_path):
 
     first, _ = history(spec_dir, SESSIONS)
     db = state(tmp_path, first, [{"id": "a", "started": "monday", "visits": 3}, {"id": "b", "visits": 1}])
-    db.execute("DELETE FROM console_sessions WHERE id = 'a'")  # rowids are kept: b stays 2
+    db.execute("DELETE FROM grace_sessions WHERE id = 'a'")  # rowids are kept: b stays 2
     migrations, spec = history(spec_dir, SESSIONS, dropped + "    allow_destructive: [drop column started]\n")
-    assert migrations[1].destructive and migrations[1].name == "rebuild console_sessions (drop column started)"
+    assert migrations[1].destructive and migrations[1].name == "rebuild grace_sessions (drop column started)"
     apply_migrations(db, migrations)
     assert sessions(db) == [{"rowid": 2, "id": "b", "visits": 1}]
-    check_table(db, "grace", "console_sessions", schema_of(spec)["grace"]["sessions"])
+    check_table(db, "grace", "grace_sessions", schema_of(spec)["grace"]["sessions"])
     db.close()
 
 
@@ -139,14 +139,14 @@ def test_a_narrowed_type_needs_consent_and_a_widened_one_does_not(spec_dir, tmp_
         history(spec_dir, SESSIONS, narrowed)
     widened = SESSIONS.replace("{name: visits, type: integer}", "{name: visits, type: real}")
     migrations, _ = history(spec_dir, SESSIONS, widened)
-    assert not migrations[1].destructive and migrations[1].name == "rebuild console_sessions (widen column visits to real)"
+    assert not migrations[1].destructive and migrations[1].name == "rebuild grace_sessions (widen column visits to real)"
 
     first, _ = history(spec_dir, SESSIONS)
     db = state(tmp_path, first, [{"id": "a", "started": "12", "visits": 3}, {"id": "b", "started": "soon", "visits": 1}])
     migrations, spec = history(spec_dir, SESSIONS, narrowed + "    allow_destructive: [narrow column started to integer]\n")
     apply_migrations(db, migrations)
     assert [(r["id"], r["started"]) for r in sessions(db)] == [("a", 12), ("b", 0)]  # SQLite's CAST, as consented
-    check_table(db, "grace", "console_sessions", schema_of(spec)["grace"]["sessions"])
+    check_table(db, "grace", "grace_sessions", schema_of(spec)["grace"]["sessions"])
     db.close()
 
 
@@ -197,9 +197,9 @@ def test_a_dropped_table_needs_the_mads_consent(spec_dir, tmp_path):
     first, _ = history(spec_dir, SESSIONS)
     db = state(tmp_path, first, [{"id": "a"}])
     migrations, _ = history(spec_dir, SESSIONS, "storage: []\nallow_destructive: [drop table sessions]\n")
-    assert migrations[1].statements == ["DROP TABLE console_sessions"] and migrations[1].destructive
+    assert migrations[1].statements == ["DROP TABLE grace_sessions"] and migrations[1].destructive
     apply_migrations(db, migrations)
-    assert db.one("SELECT name FROM sqlite_master WHERE name = 'console_sessions'") is None
+    assert db.one("SELECT name FROM sqlite_master WHERE name = 'grace_sessions'") is None
     db.close()
 
 
@@ -217,10 +217,10 @@ def test_a_parent_from_before_migrations_gets_a_baseline_that_keeps_its_tables(s
     spec = grace(spec_dir, SESSIONS)
     # The parent recorded no migrations: its tables, made by the kernel, are the baseline.
     migrations = plan_migrations(schema_of(spec), schema_of(spec), spec, [])
-    assert [m.name for m in migrations] == ["create table console_sessions"]
+    assert [m.name for m in migrations] == ["create table grace_sessions"]
     db = Database(tmp_path / "state" / "ecosystem.db")
-    db.execute(table_ddl("console_sessions", schema_of(spec)["grace"]["sessions"]))
-    db.execute("INSERT INTO console_sessions (id) VALUES ('kept')")
+    db.execute(table_ddl("grace_sessions", schema_of(spec)["grace"]["sessions"]))
+    db.execute("INSERT INTO grace_sessions (id) VALUES ('kept')")
     apply_migrations(db, migrations)
     assert [r["id"] for r in sessions(db)] == ["kept"]
     db.close()
