@@ -1,9 +1,11 @@
 """Grace, the DMZ: the web UI people use to reach the ecosystem (the console pack; see its `__init__.py`).
 
 - Sign-in with a client token (the MCP gateway's bearer tokens). Sessions live server-side in
-  memory; the browser only holds a random id in an HttpOnly, SameSite=Strict cookie (Secure over
-  https). Sessions expire when idle and at an absolute age, end at sign-out, and end as soon as
-  the token is revoked. Failed sign-ins are audited and rate limited per address.
+  the state database (`console_sessions`), so every replica on it honours them and a restart keeps
+  them; the browser only holds a random id in an HttpOnly, SameSite=Strict cookie (Secure over
+  https), and the database only its sha256. Sessions expire when idle and at an absolute age, end at
+  sign-out, and end as soon as the token is revoked. Failed sign-ins are audited and rate limited
+  per address.
 - Chat: prose goes to the Imperator through Fiedler (a bus request from grace to fiedler);
   a line starting with `/` runs a tool directly (`/rogers.search query=hello limit=5`), only
   when the client's token allows it. The exchange is recorded in the client's conversation
@@ -19,10 +21,12 @@ Permissions beyond tools, matched by the token's allow patterns like a tool name
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import inspect
 import json
 import math
+import os
 import re
 import secrets
 import time
@@ -31,13 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ... import logs
-from ...clients import AUDIT_PERMISSION
+from ...clients import AUDIT_PERMISSION, Client
 from ...errors import KernelError, NotFound
 from ...runtime import REDACTED, Runtime, redact
 from .assets import ASSETS
@@ -77,7 +83,9 @@ _SIGNIN_NOTICES = {
 class Clients(Protocol):
     """The client registry of the MCP gateway (its bearer tokens and their allow patterns)."""
 
-    def verify(self, token: str) -> str | None: ...
+    def identify(self, token: str) -> Client | None: ...
+
+    def get(self, name: str) -> Client | None: ...
 
     def allowed(self, name: str, tool: str) -> bool: ...
 
@@ -86,64 +94,133 @@ class Clients(Protocol):
 
 @dataclass
 class Session:
-    sid: str
+    sid: str                  # the cookie's value, a bearer secret: the database keeps only its sha256
     csrf: str
     created: float
     seen: float
     client: str = ""          # "" until signed in
-    token: str = ""           # memory only: re-verified on every request, so revocation ends the session
-    notice: str = ""          # an error to show once on the next chat page
-    shown: dict[str, str] = field(default_factory=dict)  # envelope id -> full answer, shown once
+    credential: str = ""      # the sha256 of the client's token as the client registry keeps it (never the token):
+                              # checked on every request, so revoking the client ends the session on every replica
+    flash: bytes | None = None  # sealed: what the next chat page shows once (`SessionStore.remember`)
+    notice: str = ""          # this request's error to show once on the next chat page
+    shown: dict[str, str] = field(default_factory=dict)  # this request's envelope id -> full answer, shown once
+
+
+SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id_sha256 TEXT PRIMARY KEY, csrf TEXT NOT NULL, client TEXT NOT NULL, credential TEXT NOT NULL,
+    created REAL NOT NULL, seen REAL NOT NULL, flash BLOB);
+"""
+TOUCH_S = 60.0  # last-seen is written only once it is this stale: a request costs one indexed read, not a write
+_FLASH_KEY_LABEL = b"grace: the answers the next chat page shows once"
+
+
+def _row_key(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
+def _flash_cipher(sid: str) -> AESGCM:
+    """The key of a session's flash comes from its id, which only the browser holds: a dump cannot open it."""
+    return AESGCM(hmac.new(sid.encode(), _FLASH_KEY_LABEL, hashlib.sha256).digest())
+
+
+def _seal(sid: str, notice: str, shown: dict[str, str]) -> bytes:
+    nonce = os.urandom(12)
+    plain = json.dumps({"notice": notice, "shown": shown}).encode()
+    return nonce + _flash_cipher(sid).encrypt(nonce, plain, _row_key(sid).encode())
+
+
+def _unseal(sid: str, sealed: bytes | None) -> tuple[str, dict[str, str]]:
+    if not sealed:
+        return "", {}
+    sealed = bytes(sealed)
+    try:
+        data = json.loads(_flash_cipher(sid).decrypt(sealed[:12], sealed[12:], _row_key(sid).encode()))
+    except InvalidTag:  # not sealed for this session (a row edited in the database): nothing to show
+        return "", {}
+    return data["notice"], data["shown"]
 
 
 class SessionStore:
-    """Server-side sessions keyed by a random id, in memory (a restart signs everyone out). Bounded."""
+    """Server-side sessions in the state database (`console_sessions`): every replica on that database honours a
+    session made on another (no sticky sessions), and a restart signs nobody out. A row is keyed by the sha256 of
+    the session id, so a dump of the database signs nobody in. Bounded: at `max_sessions` the oldest go."""
 
-    def __init__(self, idle_s: float = 30 * 60, absolute_s: float = 8 * 3600, anonymous_s: float = 15 * 60,
-                 max_sessions: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, db: Any, idle_s: float = 30 * 60, absolute_s: float = 8 * 3600, anonymous_s: float = 15 * 60,
+                 max_sessions: int = 10_000, clock: Callable[[], float] = time.time):
+        self.db = db
         self.idle_s = idle_s
         self.absolute_s = absolute_s
         self.anonymous_s = anonymous_s
         self.max_sessions = max_sessions
-        self.clock = clock
-        self._by_id: dict[str, Session] = {}
+        self.clock = clock  # wall-clock time: the replicas and restarts share it
+        db.script(SESSIONS_SCHEMA, part="console_sessions")
 
     def _expired(self, s: Session, now: float) -> bool:
         if not s.client:
             return now - s.created > self.anonymous_s
         return now - s.seen > self.idle_s or now - s.created > self.absolute_s
 
-    def new(self, client: str = "", token: str = "") -> Session:
+    def new(self, client: str = "", credential: str = "") -> Session:
         now = self.clock()
-        if len(self._by_id) >= self.max_sessions:
-            for sid in [sid for sid, s in self._by_id.items() if self._expired(s, now)]:
-                del self._by_id[sid]
-            while len(self._by_id) >= self.max_sessions:
+        s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, client, credential)
+        with self.db.transaction() as conn:  # the writers' turn: replicas adding at once keep to the bound
+            conn.execute("DELETE FROM console_sessions WHERE (client = '' AND created < ?)"
+                         " OR (client <> '' AND (seen < ? OR created < ?))",
+                         (now - self.anonymous_s, now - self.idle_s, now - self.absolute_s))
+            over = conn.execute("SELECT COUNT(*) AS n FROM console_sessions").fetchone()["n"] - self.max_sessions + 1
+            if over > 0:
                 # a flood of sign-in forms must not push out people who are signed in: the oldest anonymous first
-                victim = next((sid for sid, old in self._by_id.items() if not old.client), next(iter(self._by_id)))
-                del self._by_id[victim]
-        s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, client, token)
-        self._by_id[s.sid] = s
+                conn.execute("DELETE FROM console_sessions WHERE id_sha256 IN"
+                             " (SELECT id_sha256 FROM console_sessions ORDER BY client <> '', created LIMIT ?)", (over,))
+            conn.execute("INSERT INTO console_sessions (id_sha256, csrf, client, credential, created, seen)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (_row_key(s.sid), s.csrf, client, credential, now, now))
         return s
 
     def get(self, sid: str) -> Session | None:
-        s = self._by_id.get(sid) if sid else None
-        if s is None:
+        row = self.db.one("SELECT csrf, created, seen, client, credential, flash FROM console_sessions WHERE id_sha256 = ?",
+                          (_row_key(sid),)) if sid else None
+        if row is None:
             return None
+        s = Session(sid, row["csrf"], row["created"], row["seen"], row["client"], row["credential"], row["flash"])
         now = self.clock()
         if self._expired(s, now):
-            del self._by_id[sid]
+            self.drop(sid)
             return None
-        s.seen = now
+        if s.client and now - s.seen > TOUCH_S:
+            self.db.execute("UPDATE console_sessions SET seen = ? WHERE id_sha256 = ?", (now, _row_key(sid)))
+            s.seen = now
         return s
 
     def drop(self, sid: str) -> None:
-        self._by_id.pop(sid, None)
+        self.db.execute("DELETE FROM console_sessions WHERE id_sha256 = ?", (_row_key(sid),))
 
-    def sign_in(self, anonymous: Session, client: str, token: str) -> Session:
+    def sign_in(self, anonymous: Session, client: str, credential: str) -> Session:
         """A fresh session (new id and CSRF token: no fixation) for the client; the anonymous one ends."""
         self.drop(anonymous.sid)
-        return self.new(client, token)
+        return self.new(client, credential)
+
+    def remember(self, s: Session) -> None:
+        """Keep this request's notice and answers-shown-once for the next chat page, whichever replica serves it:
+        sealed with a key from the session id (the answers may hold secrets the bus only has redacted)."""
+        if not s.notice and not s.shown:
+            return
+        key = _row_key(s.sid)
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT flash FROM console_sessions WHERE id_sha256 = ?", (key,)).fetchone()
+            if row is not None:  # else signed out meanwhile: nothing to show
+                notice, shown = _unseal(s.sid, row["flash"])
+                sealed = _seal(s.sid, s.notice or notice, {**shown, **s.shown})
+                conn.execute("UPDATE console_sessions SET flash = ? WHERE id_sha256 = ?", (sealed, key))
+        s.notice, s.shown = "", {}
+
+    def take_flash(self, s: Session) -> tuple[str, dict[str, str]]:
+        """What `remember` kept (notice, answers), once: only the request whose update clears it shows it."""
+        if not s.flash:
+            return "", {}
+        cleared = self.db.execute("UPDATE console_sessions SET flash = NULL WHERE id_sha256 = ? AND flash = ?",
+                                  (_row_key(s.sid), s.flash))
+        return _unseal(s.sid, s.flash) if cleared.rowcount == 1 else ("", {})
 
 
 SIGNIN_SCHEMA = """
@@ -366,7 +443,7 @@ class Grace:
     def __init__(self, runtime: Runtime, clients: Clients):
         self.runtime = runtime
         self.clients = clients
-        self.sessions = SessionStore()
+        self.sessions = SessionStore(runtime.db)
         self.limiter = SignInLimiter(runtime.db)
         self.catalog = tool_catalog(runtime.config.persistent_mads)
 
@@ -414,8 +491,12 @@ class Grace:
         self.runtime.audit.append(actor, action, subject, ok, detail, remote=_remote(request))
 
     def _valid(self, s: Session | None) -> bool:
-        """Signed in, with a token that is still valid (and still the same client's)."""
-        return s is not None and bool(s.client) and self.clients.verify(s.token) == s.client
+        """Signed in, and the token it signed in with is still the client's and not revoked (read from the registry
+        on every request: a revocation through any replica or the command line ends the session at once)."""
+        if s is None or not s.client:
+            return False
+        client = self.clients.get(s.client)
+        return client is not None and not client.revoked and hmac.compare_digest(client.sha256, s.credential)
 
     def _signed_in(self, request: Request) -> Session:
         """The signed-in session, else a redirect to the sign-in page (and back here afterwards)."""
@@ -530,7 +611,8 @@ class Grace:
         next_path = _safe_next(form.get("next", "/"))
         addr = _remote(request)
         token = form.get("token", "").strip()
-        client = self.clients.verify(token) if token else None
+        found = self.clients.identify(token) if token else None
+        client = found if found is not None and not found.revoked else None
         wait = self.limiter.retry_after(addr) if client is None else 0
         if wait:
             self.runtime.metrics.signin_failure("locked_out")
@@ -546,9 +628,9 @@ class Grace:
             html = signin_page(self._name, s.csrf, next_path, error="That token was not accepted. Check it and try again.")
             return self._html(html, 401, {"www-authenticate": 'Bearer realm="grace"'})
         self.limiter.succeeded(addr)
-        fresh = self.sessions.sign_in(s, client, token)
-        self._audit(f"client:{client}", "grace.signin", "", True, "", request)
-        log.info("signed in", extra={"client": client, "remote": addr})
+        fresh = self.sessions.sign_in(s, client.name, client.sha256)
+        self._audit(f"client:{client.name}", "grace.signin", "", True, "", request)
+        log.info("signed in", extra={"client": client.name, "remote": addr})
         response = RedirectResponse(next_path, status_code=303)
         self._set_cookie(response, request, fresh.sid)
         return response
@@ -622,8 +704,7 @@ class Grace:
         s = self._signed_in(request)
         cid = self._chat_conversation(s.client, create=False)
         history = self.runtime.bus.history(cid, 200) if cid else []
-        shown, notice = s.shown, s.notice
-        s.shown, s.notice = {}, ""
+        notice, shown = self.sessions.take_flash(s)
         allowed = self._allowed_tools(s)
         html = chat_page(self._context(s, "/chat"), history, shown, allowed, len(self.catalog) - len(allowed), notice)
         return self._html(html)
@@ -635,6 +716,7 @@ class Grace:
             s.notice = f"That message is {len(text)} characters long; the limit is {MAX_MESSAGE}."
         elif text:
             await self._exchange(s, text, request)
+        self.sessions.remember(s)
         return RedirectResponse("/chat", status_code=303)
 
     async def _exchange(self, s: Session, text: str, request: Request) -> None:

@@ -191,6 +191,11 @@ CREATE INDEX IF NOT EXISTS emad_instances_state ON emad_instances (state);
 CREATE TABLE IF NOT EXISTS schema_migrations (
     number BIGINT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL);
 """,
+    "console_sessions": """
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id_sha256 TEXT PRIMARY KEY, csrf TEXT NOT NULL, client TEXT NOT NULL, credential TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, seen DOUBLE PRECISION NOT NULL, flash BYTEA);
+""",
 }
 
 # SQLite's type names (as MAD tables and casts spell them) -> PostgreSQL's; and back, for `table_shape`.

@@ -364,11 +364,14 @@ def test_a_secret_is_shown_once_and_never_stored(eco, client):
 
 
 def test_a_flood_of_sign_in_forms_does_not_sign_anyone_out(eco):
-    store = eco.grace_mod.SessionStore(max_sessions=3)
-    signed_in = store.new("admin", "token")
+    store = eco.grace_mod.SessionStore(eco.runtime.db, max_sessions=3)
+    signed_in = store.new("admin", "credential")
     for _ in range(10):
         store.new()  # what GET /signin does for every cookieless visitor
-    assert store.get(signed_in.sid) is signed_in
+    assert store.get(signed_in.sid).client == "admin"
+    assert eco.runtime.db.one("SELECT COUNT(*) AS n FROM console_sessions")["n"] == 3
+    newer = [store.new("admin", "credential") for _ in range(3)]  # at the bound the oldest signed-in one goes too
+    assert store.get(signed_in.sid) is None and all(store.get(s.sid) for s in newer)
 
 
 def test_recorded_commands_hide_secret_values_however_quoted(eco):
