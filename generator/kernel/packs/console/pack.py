@@ -112,6 +112,10 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     created REAL NOT NULL, seen REAL NOT NULL, flash BLOB);
 """
 TOUCH_S = 60.0  # last-seen is written only once it is this stale: a request costs one indexed read, not a write
+# A visitor not signed in holds an id of this form, stored nowhere ("anon.<created>.<random>"): a cookieless flood
+# of the sign-in page writes nothing. Its CSRF token is derived from it, which a site that cannot read the cookie
+# cannot do; an anonymous id grants nothing but posting the sign-in form, so its forged age gains nothing either.
+_ANONYMOUS = re.compile(r"anon\.(\d{1,12})\.[A-Za-z0-9_-]{43}")
 _FLASH_KEY_LABEL = b"grace: the answers the next chat page shows once"
 
 
@@ -161,23 +165,34 @@ class SessionStore:
             return now - s.created > self.anonymous_s
         return now - s.seen > self.idle_s or now - s.created > self.absolute_s
 
-    def new(self, client: str = "", credential: str = "") -> Session:
+    def anonymous(self) -> Session:
+        """A visitor's session before sign-in: nothing stored (see _ANONYMOUS)."""
+        now = self.clock()
+        return self._anonymous(f"anon.{int(now)}.{secrets.token_urlsafe(32)}", int(now))
+
+    @staticmethod
+    def _anonymous(sid: str, created: float) -> Session:
+        csrf = hmac.new(sid.encode(), b"grace: the sign-in form's CSRF token", hashlib.sha256).hexdigest()
+        return Session(sid, csrf, created, created)
+
+    def new(self, client: str, credential: str) -> Session:
+        """A signed-in session, stored; at the bound the oldest go."""
         now = self.clock()
         s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, client, credential)
         with self.db.transaction() as conn:  # the writers' turn: replicas adding at once keep to the bound
-            conn.execute("DELETE FROM console_sessions WHERE (client = '' AND created < ?)"
-                         " OR (client <> '' AND (seen < ? OR created < ?))",
-                         (now - self.anonymous_s, now - self.idle_s, now - self.absolute_s))
+            conn.execute("DELETE FROM console_sessions WHERE seen < ? OR created < ?", (now - self.idle_s, now - self.absolute_s))
             over = conn.execute("SELECT COUNT(*) AS n FROM console_sessions").fetchone()["n"] - self.max_sessions + 1
             if over > 0:
-                # a flood of sign-in forms must not push out people who are signed in: the oldest anonymous first
                 conn.execute("DELETE FROM console_sessions WHERE id_sha256 IN"
-                             " (SELECT id_sha256 FROM console_sessions ORDER BY client <> '', created LIMIT ?)", (over,))
+                             " (SELECT id_sha256 FROM console_sessions ORDER BY created LIMIT ?)", (over,))
             conn.execute("INSERT INTO console_sessions (id_sha256, csrf, client, credential, created, seen)"
                          " VALUES (?, ?, ?, ?, ?, ?)", (_row_key(s.sid), s.csrf, client, credential, now, now))
         return s
 
     def get(self, sid: str) -> Session | None:
+        if anonymous := _ANONYMOUS.fullmatch(sid or ""):
+            s, now = self._anonymous(sid, float(anonymous.group(1))), self.clock()
+            return None if self._expired(s, now) or s.created > now + 60 else s
         row = self.db.one("SELECT csrf, created, seen, client, credential, flash FROM console_sessions WHERE id_sha256 = ?",
                           (_row_key(sid),)) if sid else None
         if row is None:
@@ -195,9 +210,9 @@ class SessionStore:
     def drop(self, sid: str) -> None:
         self.db.execute("DELETE FROM console_sessions WHERE id_sha256 = ?", (_row_key(sid),))
 
-    def sign_in(self, anonymous: Session, client: str, credential: str) -> Session:
-        """A fresh session (new id and CSRF token: no fixation) for the client; the anonymous one ends."""
-        self.drop(anonymous.sid)
+    def sign_in(self, client: str, credential: str) -> Session:
+        """A fresh session (new id and CSRF token: no fixation) for the client; the anonymous id is dropped with
+        its cookie, replaced by this one's."""
         return self.new(client, credential)
 
     def remember(self, s: Session) -> None:
@@ -598,7 +613,7 @@ class Grace:
         if s is None or s.client:
             if s is not None:
                 self.sessions.drop(s.sid)
-            s = self.sessions.new()
+            s = self.sessions.anonymous()
         info = _SIGNIN_NOTICES.get(request.query_params.get("m", ""), "")
         response = self._html(signin_page(self._name, s.csrf, next_path, info=info))
         self._set_cookie(response, request, s.sid)
@@ -628,7 +643,7 @@ class Grace:
             html = signin_page(self._name, s.csrf, next_path, error="That token was not accepted. Check it and try again.")
             return self._html(html, 401, {"www-authenticate": 'Bearer realm="grace"'})
         self.limiter.succeeded(addr)
-        fresh = self.sessions.sign_in(s, client.name, client.sha256)
+        fresh = self.sessions.sign_in(client.name, client.sha256)
         self._audit(f"client:{client.name}", "grace.signin", "", True, "", request)
         log.info("signed in", extra={"client": client.name, "remote": addr})
         response = RedirectResponse(next_path, status_code=303)

@@ -11,6 +11,7 @@ import importlib
 import re
 import socket
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -363,14 +364,19 @@ def test_a_secret_is_shown_once_and_never_stored(eco, client):
     assert secret not in rows
 
 
-def test_a_flood_of_sign_in_forms_does_not_sign_anyone_out(eco):
+def test_a_flood_of_sign_in_forms_writes_nothing_and_signs_nobody_out(eco):
     store = eco.grace_mod.SessionStore(eco.runtime.db, max_sessions=3)
     signed_in = store.new("admin", "credential")
-    for _ in range(10):
-        store.new()  # what GET /signin does for every cookieless visitor
+    visitors = [store.anonymous() for _ in range(50)]  # what GET /signin does for every cookieless visitor
+    assert eco.runtime.db.one("SELECT COUNT(*) AS n FROM console_sessions")["n"] == 1
     assert store.get(signed_in.sid).client == "admin"
-    assert eco.runtime.db.one("SELECT COUNT(*) AS n FROM console_sessions")["n"] == 3
-    newer = [store.new("admin", "credential") for _ in range(3)]  # at the bound the oldest signed-in one goes too
+    assert all(store.get(v.sid).csrf == v.csrf and not store.get(v.sid).client for v in visitors)
+    other = visitors[0].sid[:-1] + ("A" if visitors[0].sid[-1] != "A" else "B")
+    assert store.get(other).csrf != visitors[0].csrf  # the form's token is the cookie's own: another cookie, another token
+    stale = f"anon.{int(time.time()) - 16 * 60}.{'x' * 43}"
+    future = f"anon.{int(time.time()) + 3600}.{'x' * 43}"
+    assert store.get(stale) is None and store.get(future) is None and store.get("anon.1.short") is None
+    newer = [store.new("admin", "credential") for _ in range(3)]  # at the bound the oldest signed-in one goes
     assert store.get(signed_in.sid) is None and all(store.get(s.sid) for s in newer)
 
 
