@@ -53,6 +53,7 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     shutil.rmtree(pkg / "kernel" / "packs" / "redis")
     shutil.rmtree(pkg / "kernel" / "packs" / "tracing")
     shutil.rmtree(pkg / "kernel" / "packs" / "emads")
+    shutil.rmtree(pkg / "kernel" / "packs" / "postgres")
     state = str(tmp_path / "state")
     redis = ["--bus", "redis://127.0.0.1:9/0"]
     for args, said in ((["bus", "status", *redis], "built without the Redis bus"),
@@ -64,7 +65,9 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
                        (["serve", "--state", state, "--drill-hold", "5", "--port", "0"], "built without the Redis bus"),
                        (["serve", "--state", state, "--claim-idle=5", "--port", "0"], "built without the Redis bus"),
                        (["serve", "--state", state, "--otlp-endpoint", "http://127.0.0.1:9", "--port", "0"],
-                        "built without tracing")):
+                        "built without tracing"),
+                       (["serve", "--state", state, "--db", "postgresql://regen@127.0.0.1:9/x", "--port", "0"],
+                        "built without PostgreSQL state")):
         result = _run(tmp_path, "core_only_eco", *args)
         assert result.returncode != 0, args
         assert said in result.stderr and ": {}` under `packs:`" in result.stderr, result.stderr
@@ -73,6 +76,17 @@ def test_a_build_without_the_deployment_packs_says_how_to_get_them(tmp_path):
     by_env = subprocess.run([sys.executable, "-m", "core_only_eco", "serve", "--state", state, "--port", "0"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert by_env.returncode != 0 and "built without tracing" in by_env.stderr, by_env.stderr
+    # The database URL in the environment (as the RUNBOOK sets it) is refused the same way, by serve and the
+    # commands that read it, before any state is written: never a silent fall back to a per-host SQLite file.
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), CORE_ONLY_ECO_DB_URL="postgresql://regen@127.0.0.1:9/x")
+    fresh = tmp_path / "fresh-state"
+    for args in (["serve", "--state", str(fresh), "--port", "0"], ["clients", "list", "--state", str(fresh)],
+                 ["token", "--state", str(fresh)], ["audit", "verify", "--state", str(fresh)]):
+        refused = subprocess.run([sys.executable, "-m", "core_only_eco", *args], env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 2 and "built without PostgreSQL state" in refused.stderr, (args, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    assert not fresh.exists() or not any(fresh.iterdir()), sorted(fresh.iterdir())
     # Any endpoint, even a mistyped one, needs the pack first: checking it is the pack's (test_tracing.py).
     mistyped = _run(tmp_path, "core_only_eco", "serve", "--state", state, "--otlp-endpoint", "collector:4318",
                     "--port", "0")
