@@ -13,8 +13,10 @@ from generator.kernel_contract import kernel_test_file
 
 KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
 # 3,995 when issue 14 closed (its target: under 4,000); +56 for the seam the postgres pack plugs into (open_database,
-# the clients' document, the has_table / unsynced / search hooks, portable SQL where SQLite's JSON functions were).
-CORE_BUDGET = 4_051
+# the clients' document, the has_table / unsynced / search hooks, portable SQL where SQLite's JSON functions were);
+# +6 for blue/green upgrades: the runtime starts and stops its heartbeat as a replica of the state (the storage pack's
+# replicas.py), and PACK_PARTS names the storage pack's `migrate` command.
+CORE_BUDGET = 4_057
 
 
 def source_lines(text: str) -> int:

@@ -185,6 +185,12 @@ CREATE INDEX IF NOT EXISTS emad_instances_state ON emad_instances (state);
 CREATE TABLE IF NOT EXISTS schema_migrations (
     number BIGINT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL);
 """,
+    # The served replicas' heartbeats (the storage pack's replicas.py): who still reads the state.
+    "replicas": """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY, version TEXT NOT NULL, level BIGINT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,
+    started_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+""",
 }
 
 # SQLite's type names (as MAD tables and casts spell them) -> PostgreSQL's; and back, for `table_shape`.
