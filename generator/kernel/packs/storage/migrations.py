@@ -202,8 +202,8 @@ def migrate_down(db: Database, to: int, migrations: Sequence[Migration]) -> list
             row["down"] = list(mine.down)
     if stuck := [row for row in above if not row["down"]]:
         row = stuck[0]
-        why = ("a contract migration (a table dropped or rebuilt, or data lost) has no way back: restore the state "
-               "from a backup taken before it" if row["kind"] != "expand" else
+        why = ("a contract migration (a table dropped or rebuilt, or one recorded before migrations had a kind) has "
+               "no way back: restore the state from a backup taken before it" if row["kind"] != "expand" else
                "it was recorded without down statements (by a version from before they existed, or it is the "
                "first migration, which adopts tables that may predate migrations)")
         raise MigrationError(f"migration {row['number']} '{row['name']}' cannot be undone: {why}. Nothing was changed")
