@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from contextlib import closing
 from typing import Any
 
@@ -31,6 +32,9 @@ def add_commands(parsers: dict[str, Any], config: Any) -> None:
                                "one cannot be undone (a contract migration) or a live replica still needs it")
     down.add_argument("--to", type=int, required=True, metavar="N",
                       help="the migration to go back to: the state keeps 1..N (0: none)")
+    down.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="a replica killed moments ago counts as live until its heartbeat lapses (30 s): wait up to "
+                           "this long for the replicas that need these migrations to be gone (default 0: refuse at once)")
     env = f"{config.env_prefix}_DB_URL"
     for command in (status, down):
         command.add_argument("--db", default=os.environ.get(env, ""), metavar="URL",
@@ -38,7 +42,7 @@ def add_commands(parsers: dict[str, Any], config: Any) -> None:
 
 
 def _migrate(config: Any, args: argparse.Namespace) -> int:
-    from .migrations import load_migrations, migrate_down, recorded
+    from .migrations import ReplicasLive, load_migrations, migrate_down, recorded
     from .replicas import live_replicas
 
     mine = load_migrations()
@@ -51,7 +55,15 @@ def _migrate(config: Any, args: argparse.Namespace) -> int:
                                 "reversible": bool(row["down"])} for row in rows],
                 "replicas": live_replicas(db)}, indent=2))
             return 0
-        undone = migrate_down(db, args.to, mine)
+        deadline = time.monotonic() + args.wait
+        while True:
+            try:
+                undone = migrate_down(db, args.to, mine)
+                break
+            except ReplicasLive:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
         if not undone:
             print(f"nothing to undo: the state has no migration above {args.to}")
             return 0

@@ -67,6 +67,10 @@ class MigrationError(KernelError):
     code = "migration_failed"
 
 
+class ReplicasLive(MigrationError):
+    """Refused for now: live replicas still need what would change (it may pass once they stop)."""
+
+
 class Migration(BaseModel):
     """One step of a package's storage history: SQL statements applied together, once."""
 
@@ -210,7 +214,7 @@ def migrate_down(db: Database, to: int, migrations: Sequence[Migration]) -> list
     if needing := [r for r in live_replicas(db) if r["level"] > to] if above else []:
         who = "; ".join(f"version {r['version']} (storage level {r['level']}, pid {r['pid']} on {r['host']})"
                         for r in needing)
-        raise MigrationError(f"replicas that need migrations above {to} still serve on the state in {db.path}: {who}. "
+        raise ReplicasLive(f"replicas that need migrations above {to} still serve on the state in {db.path}: {who}. "
                              "Nothing was changed. Stop them first, then undo the migrations")
     try:
         with db.transaction() as conn:
