@@ -10,6 +10,7 @@ newer contract migration; a contract migration while an older replica serves.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
-from bus_helpers import build_bus_ecosystem
+from bus_helpers import build_bus_ecosystem, bus_eco, shared_key  # noqa: F401  (fixtures)
 from pg_helpers import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from generator.harness import call_tool, free_port, running_ecosystem
@@ -239,6 +240,36 @@ class Load:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(60)
+
+
+def test_an_added_column_on_postgresql_is_ignored_by_the_older_version_and_undone(bus_eco, pg_url, shared_key,  # noqa: F811
+                                                                                  tmp_path):
+    """On PostgreSQL as on SQLite: 1.0 starts on a state where 2.0 added a nullable column to its table (and
+    writes rows without it), then `migrate down` drops the column again."""
+    migrations = importlib.import_module(f"{bus_eco.name}.kernel.packs.storage.migrations")
+    turing = next(m for m in bus_eco.config.mads if m.name == "turing")
+    tag = {"name": "tag", "type": "text", "primary_key": False, "nullable": True}
+    tagged = type("Turing", (turing,), {"storage": ({"name": "notes", "columns": [*NOTES, tag]},)})
+    config_2 = bus_eco.config.model_copy(update={"mads": tuple(tagged if m is turing else m for m in bus_eco.config.mads)})
+    first = migrations.Migration.model_validate(HISTORY[0])
+    add_tag = migrations.Migration(number=2, name="add column tag to turing_notes", kind="expand",
+                                   statements=["ALTER TABLE turing_notes ADD COLUMN tag TEXT"],
+                                   down=["ALTER TABLE turing_notes DROP COLUMN tag"])
+    new = bus_eco.Runtime(config_2, tmp_path / "new", db_url=pg_url, migrations=[first, add_tag])
+    new.table_store("turing").insert("notes", body="by 2.0", tag="t")
+    new.db.close()
+    old = bus_eco.Runtime(bus_eco.config, tmp_path / "old", db_url=pg_url, migrations=[first])
+    try:
+        old.table_store("turing").insert("notes", body="by 1.0")
+        assert [r["body"] for r in old.table_store("turing").select("notes")] == ["by 2.0", "by 1.0"]
+        assert [r["number"] for r in migrations.migrate_down(old.db, 1, [first])] == [2]
+    finally:
+        old.db.close()
+    with psycopg.connect(pg_url) as conn:
+        columns = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'turing_notes'"
+                               " ORDER BY ordinal_position").fetchall()
+        assert [c[0] for c in columns] == ["id", "body", "rowid"]
+        assert conn.execute("SELECT number FROM schema_migrations").fetchall() == [(1,)]
 
 
 def test_a_build_with_the_postgres_pack_gets_the_script_and_its_runbook_section(tmp_path):

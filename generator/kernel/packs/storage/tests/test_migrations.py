@@ -312,3 +312,31 @@ def test_a_migration_recorded_before_kinds_existed_keeps_its_checksum_and_counts
     assert [m.number for m in new.migrated] == [2]
     assert [(r["number"], r["kind"]) for r in kit.migrations.recorded(new.db)] == [(1, "contract"), (2, "expand")]
     _close(new)
+
+
+def test_migrate_status_and_down_on_the_command_line(kit, tiny_ecosystem, tmp_path):
+    root, name = tiny_ecosystem
+    state = tmp_path / "state"
+    _close(kit.runtime(state, [kit.create, kit.expand_tag], kit.tagged))
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop(f"{kit.config.env_prefix}_DB_URL", None)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", name, "migrate", *args, "--state", str(state)], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    status = json.loads(run("status").stdout)
+    assert status["level"] == 2 and status["replicas"] == []
+    assert [(m["number"], m["kind"], m["reversible"]) for m in status["migrations"]] == [(1, "expand", False),
+                                                                                         (2, "expand", True)]
+    refused = run("down", "--to", "0")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: migration 1 'create turing_notes' cannot "
+                                                                 "be undone") and "Traceback" not in refused.stderr
+    assert _recorded(state) == [(1, "create turing_notes"), (2, "add tag")]
+    done = run("down", "--to", "1")
+    assert done.returncode == 0 and done.stdout == "undid migration 2 'add tag'\n", done.stderr
+    assert _recorded(state) == [(1, "create turing_notes")] and _columns(state, "turing_notes") == ["id", "body"]
+    with sqlite3.connect(state / "ecosystem.db") as conn:  # the operator's undo is in the audit chain
+        assert conn.execute("SELECT actor, subject, detail FROM audit_log WHERE action = 'storage.migrate_down'"
+                            ).fetchall() == [("operator", "to 1", "undid 2 'add tag'")]
+    assert run("down", "--to", "1").stdout.startswith("nothing to undo")
