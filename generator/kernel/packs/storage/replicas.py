@@ -67,14 +67,18 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
 
     def start(self, version: str) -> None:
+        """Register (again: a runtime started twice keeps one row) and beat on the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
         self.version = version
         self.db.script(_SCHEMA, part="replicas")
         self.db.execute("DELETE FROM replicas WHERE last_seen < ?", (_ago(FORGET_S),))
         started = now_iso()
         self.db.execute("INSERT INTO replicas (id, version, level, host, pid, started_at, last_seen)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
                         (self.id, version, self.level, socket.gethostname(), os.getpid(), started, started))
-        self._task = asyncio.get_running_loop().create_task(self._beat())
+        self._task = loop.create_task(self._beat())
 
     async def _beat(self) -> None:
         while True:
@@ -86,12 +90,14 @@ class Replica:
                 log.warning("replica heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._task is None:
+            return
+        if self._task.get_loop() is asyncio.get_running_loop():  # (one started on a loop since closed is gone)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self._task = None
-            try:
-                self.db.execute("DELETE FROM replicas WHERE id = ?", (self.id,))
-            except Exception as exc:  # noqa: BLE001 - the database is gone: the row lapses after LIVE_S anyway
-                log.warning("replica row not removed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        self._task = None
+        try:
+            self.db.execute("DELETE FROM replicas WHERE id = ?", (self.id,))
+        except Exception as exc:  # noqa: BLE001 - the database is gone: the row lapses after LIVE_S anyway
+            log.warning("replica row not removed", extra={"error": f"{type(exc).__name__}: {exc}"})
