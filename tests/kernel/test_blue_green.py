@@ -314,6 +314,7 @@ def test_blue_green_upgrade_under_load_fails_no_request(versions):
                                     "--switch", f'echo "$1" > {backend}', "--settle", "2", "--health-timeout", "90")
             time.sleep(2)
         assert done.returncode == 0, done.stdout + done.stderr
+        assert "did not stop" not in done.stderr  # SIGTERM was enough: no SIGKILL
         assert old.process.wait(30) == 0, old.logs()[-3000:]  # it drained and stopped cleanly
     new_port = int(backend.read_text())
     assert new_port != old.port and "done: the new version serves" in done.stdout
