@@ -237,3 +237,48 @@ def test_migrations_render_to_the_package_file_the_kernel_reads(spec_dir, tmp_pa
     assert load_migrations(tmp_path / "src" / "demo" / "migrations.json") == migrations
     assert existing_migrations(tmp_path / "elsewhere", "demo") == []
     assert migration_files("demo", []) == {"demo/migrations.json": "[]\n"}
+
+
+NOTES = """
+  - name: notes
+    columns:
+      - {name: id, type: integer, primary_key: true}
+      - {name: body, type: text}
+"""
+
+
+def test_each_migration_has_a_kind_and_expand_ones_a_way_back(spec_dir, tmp_path):
+    """Additions are expand migrations with down statements (the first one, adopting older tables, has none);
+    anything else is a contract one, irreversible; the undo runs on the state, and the version before reads it."""
+    from generator.kernel.packs.storage.migrations import migrate_down
+
+    added = SESSIONS + "      - {name: note, type: json}\n      - {name: seen, type: integer}\n"
+    migrations, spec = history(spec_dir, SESSIONS, added, added + NOTES,
+                               added.replace("      - {name: visits, type: integer}\n", "")
+                               + "    allow_destructive: [drop column visits]\n" + NOTES)
+    assert [(m.kind, m.down) for m in migrations] == [
+        ("expand", []),
+        ("expand", ["ALTER TABLE grace_sessions DROP COLUMN seen", "ALTER TABLE grace_sessions DROP COLUMN note"]),
+        ("expand", ["DROP TABLE grace_notes"]),
+        ("contract", []),
+    ]
+    db = state(tmp_path, migrations[:3], [{"id": "a", "started": "monday", "visits": 3, "note": "x", "seen": 1}])
+    assert [r["number"] for r in migrate_down(db, 1, migrations[:3])] == [3, 2]
+    assert not db.has_table("grace_notes")
+    assert sessions(db) == [{"rowid": 1, "id": "a", "started": "monday", "visits": 3}]
+    check_table(db, "grace", "grace_sessions", schema_of(grace(spec_dir, SESSIONS))["grace"]["sessions"])
+    db.close()
+    # Written to the package file, and read back the same.
+    path = tmp_path / "pkg" / "migrations.json"
+    path.parent.mkdir()
+    path.write_text(migration_files("pkg", migrations)["pkg/migrations.json"])
+    assert load_migrations(path) == migrations
+
+
+def test_a_migration_that_both_adds_and_contracts_is_a_contract_one(spec_dir):
+    added = SESSIONS + "      - {name: note, type: json}\n"
+    migrations, _ = history(spec_dir, SESSIONS, added.replace("      - {name: started, type: text}\n", "")
+                            + "    allow_destructive: [drop column started]\n" + NOTES)
+    assert migrations[1].name == ("create table grace_notes; "
+                                  "rebuild grace_sessions (drop column started, add column note)")
+    assert (migrations[1].kind, migrations[1].down) == ("contract", [])

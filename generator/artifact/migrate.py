@@ -15,6 +15,14 @@ pending ones at start-up (see kernel/packs/storage/migrations.py).
 A change that loses data (a drop, a type narrowed, NOT NULL required, a primary key that can
 repeat) needs the author's consent, spelled out in `allow_destructive` of the table (of the
 MAD for a dropped table); without it the build stops with a spec error saying what to add.
+
+Each new migration has a kind, for blue/green upgrades (the kernel's migrations.py): "expand" when
+it only adds (tables created, nullable columns added: the previous version keeps working on the
+migrated state), else "contract"; and, for an expand one, `down` statements that undo it, losing
+only what was written into what it added (DROP TABLE for a table created, ALTER TABLE ... DROP
+COLUMN for a column added); none for a contract migration, nor for a history's first migration,
+whose CREATE TABLE IF NOT EXISTS adopts tables that may predate migrations. Neither is part of a
+migration's checksum, so the migrations recorded before they existed keep theirs.
 """
 
 from __future__ import annotations
@@ -57,13 +65,15 @@ def schema_of(spec: Spec) -> Schema:
 
 @dataclass(frozen=True)
 class _Change:
-    """One table's change: how it reads in the migration's name, its SQL, and the consents it needs."""
+    """One table's change: how it reads in the migration's name, its SQL, the consents it needs, and the SQL that
+    undoes it when it only adds (an expand change; () for any other)."""
 
     mad: str
     table: str
     what: str
     statements: tuple[str, ...]
     consents: tuple[str, ...] = ()
+    down: tuple[str, ...] = ()
 
 
 def plan_migrations(previous: Schema | None, current: Schema, spec: Spec, existing: list[Migration]) -> list[Migration]:
@@ -83,7 +93,8 @@ def plan_migrations(previous: Schema | None, current: Schema, spec: Spec, existi
         for table in sorted(set(old_tables) | set(new_tables)):
             name = f"{mad}_{table}"
             if table not in old_tables:
-                changes.append(_Change(mad, table, f"create table {name}", (table_ddl(name, new_tables[table]),)))
+                changes.append(_Change(mad, table, f"create table {name}", (table_ddl(name, new_tables[table]),),
+                                       down=(f"DROP TABLE {name}",)))
             elif table not in new_tables:
                 changes.append(_Change(mad, table, f"drop table {name}", (f"DROP TABLE {name}",), (f"drop table {table}",)))
             else:
@@ -94,11 +105,15 @@ def plan_migrations(previous: Schema | None, current: Schema, spec: Spec, existi
         raise SpecError(problems)
     if not changes:
         return list(existing)
+    expand = all(c.down for c in changes)
     return [*existing, Migration(
         number=len(existing) + 1,
         name="; ".join(c.what for c in changes),
         statements=[s for c in changes for s in c.statements],
         destructive=any(c.consents for c in changes),
+        kind="expand" if expand else "contract",
+        # Newest change undone first; the first migration adopts what a state from before migrations had.
+        down=[s for c in reversed(changes) for s in c.down] if expand and existing else [],
     )]
 
 
@@ -145,7 +160,8 @@ def _alter(spec: Spec, mad: str, table: str, old: list[dict[str, Any]], new: lis
                        tuple(consents))
     if added:
         statements = tuple(f"ALTER TABLE {name} ADD COLUMN {c} {after[c][0]}" for c in added)
-        return _Change(mad, table, f"add column{'s' if len(added) > 1 else ''} {', '.join(added)} to {name}", statements)
+        return _Change(mad, table, f"add column{'s' if len(added) > 1 else ''} {', '.join(added)} to {name}", statements,
+                       down=tuple(f"ALTER TABLE {name} DROP COLUMN {c}" for c in reversed(added)))
     return None
 
 

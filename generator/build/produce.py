@@ -33,7 +33,7 @@ from ..spec.plan import Plan
 from .context import BuildContext
 from .prepare import Given, Planned, Prepared
 
-EXECUTABLE = frozenset({"deploy/run.sh", "deploy/failover.sh"})
+EXECUTABLE = frozenset({"deploy/run.sh", "deploy/failover.sh", "deploy/upgrade.sh"})
 
 
 @dataclass(frozen=True)

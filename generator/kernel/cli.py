@@ -32,6 +32,8 @@ PACK_PARTS = {
                                      "under `packs:` in spec/ecosystem.yaml and rebuild (nox -s regenerate)"),
     "tracing": (("serve --otlp-endpoint",), packs.NO_TRACING),
     "postgres": (("serve --db",), packs.NO_POSTGRES),
+    "storage": (("migrate",), "this ecosystem's MADs have no tables and it has no storage history: no migration to "
+                              "show or undo (its build has no storage pack)"),
 }
 
 

@@ -210,7 +210,7 @@ class Runtime:
             for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
             openai = openai_pack(config.models)  # likewise the provider of a model alias
-            self._storage, self.migrated, self._tables = self._open_storage(migrations)
+            self._storage, self.migrated, self._tables, self._replica = self._open_storage(migrations)
             if self.migrated:
                 log.info("storage migrated", extra={"migrations": [f"{m.number} {m.name}" for m in self.migrated]})
             # Before anything that audits: opens the chain (and adopts older audit rows) on first start.
@@ -262,8 +262,9 @@ class Runtime:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    def _open_storage(self, migrations: Sequence[Migration] | None) -> tuple[Any, list[Migration], dict[str, Any]]:
-        """The storage pack, the migrations it applied now, and MAD -> table -> column names (`migrations`: None
+    def _open_storage(self, migrations: Sequence[Migration] | None) -> tuple[Any, list[Migration], dict[str, Any], Any]:
+        """The storage pack, the migrations it applied now, MAD -> table -> column names and this process's
+        heartbeat as a replica of the state (packs/storage/replicas.py), or None without the pack (`migrations`: None
         reads the package's migrations.json). A build whose MADs declare no table and whose history is empty has
         no such pack: then the state must hold no migration either."""
         history = bool(migrations) if migrations is not None else _has_history(PACKAGE_DIR / "migrations.json")
@@ -281,7 +282,7 @@ class Runtime:
                                   f"(migration {newest['number']} '{newest['name']}'), whose MADs have tables; this "
                                   "build has none. Migrations are forward-only: run that newer version, or restore "
                                   "the state from a backup taken before the upgrade") from None
-            return None, [], {}
+            return None, [], {}, None
         return storage, *storage.open_storage(self.db, self.config.mads, migrations)
 
     async def start(self) -> None:
@@ -301,6 +302,8 @@ class Runtime:
             except KernelError as exc:  # not fatal: reported (state "failed"), restarted with backoff
                 self.supervisor.start_failed(cls.name, exc)
         self.running = True
+        if self._replica:  # seen live by versions that would change the storage under it
+            self._replica.start(self.version)
         # Last: deliveries a crash left pending run now, on MADs that are up.
         await self.transport.start(list(self.slots))
         log.info("ecosystem started", extra={"ecosystem": self.config.name, "mads": list(self.slots)})
@@ -359,6 +362,8 @@ class Runtime:
         self.running = False
         for pack in reversed(self.packs.values()):  # a pack closes before those it requires
             await pack.close()
+        if self._replica:
+            await self._replica.stop()
         self.db.close()
         log.info("ecosystem stopped", extra={"ecosystem": self.config.name})
 

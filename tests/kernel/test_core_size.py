@@ -15,8 +15,10 @@ KERNEL = Path(__file__).resolve().parents[2] / "generator" / "kernel"
 # 3,995 when issue 14 closed (its target: under 4,000); +70 for one state shared by replicas (issue 15): the seam the
 # postgres pack plugs into (open_database, the clients' document, the has_table / unsynced / search / serve_alone
 # hooks, portable SQL where SQLite's JSON functions were), the operator commands on that state, and a daily quota
-# counted in the database (one statement every replica counts with) instead of in each process.
-CORE_BUDGET = 4_065
+# counted in the database (one statement every replica counts with) instead of in each process; +6 for blue/green
+# upgrades: the runtime starts and stops its heartbeat as a replica of the state (the storage pack's replicas.py),
+# and PACK_PARTS names the storage pack's `migrate` command.
+CORE_BUDGET = 4_071
 
 
 def source_lines(text: str) -> int:

@@ -159,14 +159,14 @@ def _surface(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("pack", ["redis", "console", "tracing", "postgres"])
+@pytest.mark.parametrize("pack", ["redis", "console", "tracing", "postgres", "storage"])
 def test_pack_parts_names_exactly_what_each_pack_adds_to_the_command_line(eco_modules, monkeypatch, pack):
     """A part a pack adds that PACK_PARTS does not name would meet argparse's "unrecognized arguments" in a build
     without the pack, instead of the line to add to the spec; one it names but no longer adds would be refused."""
     config, kernel, _ = eco_modules
     cli = importlib.import_module(f"{kernel.__name__}.cli")
     catalogue = importlib.import_module(f"{kernel.__name__}.capabilities")
-    assert set(cli.PACK_PARTS) == {"redis", "console", "tracing", "postgres"}
+    assert set(cli.PACK_PARTS) == {"redis", "console", "tracing", "postgres", "storage"}
     with_pack = _surface(cli._parser(config))
     monkeypatch.setattr(catalogue, "PACKS", {name: info for name, info in catalogue.PACKS.items() if name != pack})
     added = with_pack - _surface(cli._parser(config))

@@ -72,7 +72,7 @@ def render_unit(unit: dict, written: Mapping[str, WrittenTool] | None = None) ->
         ]
     context = {"unit": unit, "package": package, "ecosystem": unit["ecosystem"], "mads": unit["mads"]}
     outputs = {path.replace("PACKAGE", package): f"frame/{template}" for path, template in FRAME_FILES.items()
-               if path not in REDIS_ONLY or "redis" in unit["ecosystem"].get("packs", {})}
+               if set(ONLY_WITH_PACK.get(path, ())) <= set(unit["ecosystem"].get("packs", {}))}
     return [
         {"path": path, "content": env.get_template(template).render(**context)}
         for path, template in sorted(outputs.items())
@@ -109,8 +109,11 @@ FRAME_FILES = {
     "tests/test_ecosystem.py": "test_ecosystem.py.j2",
     "deploy/run.sh": "run.sh.j2",
     "deploy/failover.sh": "failover.sh.j2",
+    "deploy/upgrade.sh": "upgrade.sh.j2",
     "deploy/PACKAGE.service": "systemd.service.j2",
     "deploy/Dockerfile": "Dockerfile.j2",
 }
-# The failover script drives the Redis bus: only a build whose spec names the redis pack has one.
-REDIS_ONLY = frozenset({"deploy/failover.sh"})
+# The failover script drives the Redis bus: only a build whose spec names the redis pack has one. The blue/green
+# upgrade script runs two versions at once on one shared database, so on a shared bus too (the local bus is one
+# process's): only a build with both packs has one.
+ONLY_WITH_PACK = {"deploy/failover.sh": ("redis",), "deploy/upgrade.sh": ("postgres", "redis")}

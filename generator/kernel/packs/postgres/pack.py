@@ -196,6 +196,12 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     id_sha256 TEXT PRIMARY KEY, csrf TEXT NOT NULL, client TEXT NOT NULL, credential TEXT NOT NULL,
     created DOUBLE PRECISION NOT NULL, seen DOUBLE PRECISION NOT NULL, flash BYTEA);
 """,
+    # The served replicas' heartbeats (the storage pack's replicas.py): who still reads the state.
+    "replicas": """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY, version TEXT NOT NULL, level BIGINT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,
+    started_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+""",
 }
 
 # SQLite's type names (as MAD tables and casts spell them) -> PostgreSQL's; and back, for `table_shape`.

@@ -16,7 +16,8 @@ from typing import Any
 
 from ...db import Database, ident, stored_shape
 from ...errors import InvalidArgument
-from .migrations import Migration, MigrationError, apply_migrations, load_migrations
+from .migrations import Migration, MigrationError, apply_migrations, load_migrations, recorded
+from .replicas import Replica
 
 # A spec'd column type -> the SQL type it is stored as.
 _COLUMN_TYPES = {
@@ -112,9 +113,14 @@ class TableStore:
         return self._db.execute(f"DELETE FROM {full} WHERE {clause}", params).rowcount
 
 
-def check_table(db: Database, mad: str, table: str, columns: Sequence[dict]) -> None:
-    """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration)."""
+def check_table(db: Database, mad: str, table: str, columns: Sequence[dict], *, added_columns_ok: bool = False) -> None:
+    """Refuse a MAD table whose stored shape is not the declared one (a missing or wrong migration).
+
+    `added_columns_ok`: the state is ahead of this version by expand migrations, so a stored column this version
+    does not declare is fine if it is nullable and outside the primary key (this version never names it)."""
     stored, declared = db.table_shape(table), declared_shape(table, columns)
+    if added_columns_ok:
+        stored = {name: shape for name, shape in stored.items() if name in declared or shape[1] or shape[2]}
     if db.dialect != "sqlite":  # elsewhere a key column is NOT NULL whatever the spec says (SQLite alone allows NULL)
         stored, declared = _key_not_null(stored), _key_not_null(declared)
     if stored == declared:
@@ -142,15 +148,17 @@ def _describe(shape: tuple[str, bool, int] | None) -> str:
 
 
 def open_storage(db: Database, mads: Sequence[Any], migrations: Sequence[Migration] | None
-                 ) -> tuple[list[Migration], dict[str, dict[str, list[str]]]]:
+                 ) -> tuple[list[Migration], dict[str, dict[str, list[str]]], Replica]:
     """Bring the state to `migrations` (None: the package's migrations.json), create the MAD tables no migration
     made (packages without migrations), and check every one has its declared shape. Returns the migrations
-    applied now, and MAD -> table -> column names."""
-    migrated = apply_migrations(db, load_migrations() if migrations is None else migrations)
+    applied now, MAD -> table -> column names, and this process's heartbeat (started once it serves)."""
+    history = load_migrations() if migrations is None else list(migrations)
+    migrated = apply_migrations(db, history)
+    ahead = any(row["number"] > len(history) for row in recorded(db))  # by expand migrations: refused otherwise
     for cls in mads:
         for table in cls.storage:
             name = f"{cls.name}_{ident(table['name'])}"
             db.execute(table_ddl(name, table["columns"]))
-            check_table(db, cls.name, name, table["columns"])
+            check_table(db, cls.name, name, table["columns"], added_columns_ok=ahead)
     return migrated, {cls.name: {ident(t["name"]): [ident(c["name"]) for c in t["columns"]] for t in cls.storage}
-                      for cls in mads}
+                      for cls in mads}, Replica(db, len(history))
