@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -118,8 +119,14 @@ class Emads:
         self._caps = {name: _Cap(cls.max_instances) for name, cls in roles.items()}
         self.live: dict[str, str] = {}  # instance -> its role, from its start to its end
         db.script(_SCHEMA, part="emads")
+        # A SQLite state is one process's: what it finds running, a previous process left. On a database replicas
+        # share, the others run theirs: only an instance older than the longest task timeout (and a minute) is no one's.
+        stale_before = "~"  # sorts after every timestamp: all of them
+        if db.dialect != "sqlite":
+            longest = max((cls.task_timeout_s for cls in roles.values()), default=0.0) + 60
+            stale_before = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - longest))
         interrupted = db.execute("UPDATE emad_instances SET state = 'failed', report = ?, ended_at = ?"
-                                 " WHERE state = 'running'", (INTERRUPTED, now_iso())).rowcount
+                                 " WHERE state = 'running' AND started_at < ?", (INTERRUPTED, now_iso(), stale_before)).rowcount
         if interrupted:
             log.warning("eMAD instances a previous process left running are marked failed", extra={"instances": interrupted})
 
@@ -137,7 +144,7 @@ class Emads:
             raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
         return self.db.query(
             "SELECT instance, task, state, report, started_at, ended_at FROM (SELECT * FROM emad_instances"
-            " WHERE role = ? AND state != 'running' ORDER BY id DESC LIMIT ?) ORDER BY id", (role, min(limit, 1000)))
+            " WHERE role = ? AND state != 'running' ORDER BY id DESC LIMIT ?) AS newest ORDER BY id", (role, min(limit, 1000)))
 
     async def run(self, cls: type[Mad], spawner: str, task: str, conversation_id: str,
                   make: Callable[[str], Mad]) -> dict[str, Any]:

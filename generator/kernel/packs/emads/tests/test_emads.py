@@ -14,6 +14,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from bus_helpers import redis_url  # noqa: F401  (fixtures)
+from pg_helpers import pg_server, pg_url  # noqa: F401  (fixtures)
 
 DETAIL = "internal-detail-5521"  # in an exception message: never in a report
 ECHO = "[offline echo model]"
@@ -89,13 +91,13 @@ def team(eco_modules, tmp_path, monkeypatch):
     ctl = SimpleNamespace(seen={}, mads={}, stopped=[], listed=[], running=0, peak=0, rt=None)
     team_config = config.model_copy(update={"mads": (*config.mads, *_team(kernel, ctl))})
 
-    def runtime(state: str = "state"):
-        ctl.rt = runtime_mod.Runtime(team_config, tmp_path / state)
+    def runtime(state: str = "state", **options):
+        ctl.rt = runtime_mod.Runtime(team_config, tmp_path / state, **options)
         return ctl.rt
 
-    def run(body, state: str = "state"):
+    def run(body, state: str = "state", **options):
         async def main():
-            rt = runtime(state)
+            rt = runtime(state, **options)
             await rt.start()
             try:
                 return await asyncio.wait_for(body(rt, ctl), 20)
@@ -396,3 +398,32 @@ def test_the_cap_passes_on_a_place_its_waiter_was_given_then_cancelled(team):
         return cap.held
 
     assert asyncio.run(main()) == 0
+
+
+def test_on_a_shared_postgresql_state_instances_and_reports_are_everyones_and_a_live_replicas_stay_running(
+        team, pg_url, redis_url, monkeypatch):  # noqa: F811
+    """The role's numbering and earlier reports are the state's (another replica's instance counts), and a replica
+    that starts does not fail the instances another one is running: only one older than any task could be."""
+    monkeypatch.setenv(f"{team.config.env_prefix}_SECRETS_KEY", "A" * 43 + "=")
+    shared = {"db_url": pg_url, "bus_url": redis_url}
+
+    async def first(rt, ctl):
+        return await rt.mad("hopper").spawn("pm", "plan A")
+
+    assert team.run(first, "a", **shared)["instance"] == "pm-1"
+    rt = team.runtime("b", **shared)  # a replica still running an instance, and one a crash left long ago
+    rt.db.execute("INSERT INTO emad_instances (role, n, instance, spawned_by, task, conversation_id, started_at)"
+                  " VALUES ('pm', 2, 'pm-2', 'hopper', 'live elsewhere', 'c', ?)", (team.kernel.bus.now_iso(),))
+    rt.db.execute("INSERT INTO emad_instances (role, n, instance, spawned_by, task, conversation_id, started_at)"
+                  " VALUES ('pm', 3, 'pm-3', 'hopper', 'left by a crash', 'c', '2020-01-01T00:00:00.000000Z')")
+    rt.db.close()
+
+    async def second(rt, ctl):
+        states = {r["instance"]: r["state"] for r in _rows(rt)}
+        done = await rt.mad("hopper").spawn("pm", "plan B")
+        return states, done, ctl.seen["pm-4"]
+
+    states, done, seen = team.run(second, "c", **shared)
+    assert states == {"pm-1": "reported", "pm-2": "running", "pm-3": "failed"}
+    assert done["instance"] == "pm-4"  # numbered after every replica's
+    assert [r["instance"] for r in seen] == ["pm-1", "pm-3"]  # the ended ones, whichever replica ran them
