@@ -23,6 +23,8 @@ Prints a table and writes benchmarks/results/gateway_calls.json.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import sys
 import tempfile
 import time
@@ -103,7 +105,8 @@ def on_postgres(work: Path, src: Path) -> dict[str, object]:
     with postgres_server(fsync=True) as server:
         server.admin("CREATE DATABASE bench")
         url, state = server.url("bench"), work / "pg-state"
-        with running_ecosystem(PACKAGE, state, cwd=src, env={"MADGROUP_DB_URL": url}, startup_timeout=60) as eco:
+        env = {"MADGROUP_DB_URL": url, "MADGROUP_SECRETS_KEY": base64.b64encode(os.urandom(32)).decode()}
+        with running_ecosystem(PACKAGE, state, cwd=src, env=env, startup_timeout=60) as eco:
             shared = PostgresDatabase(url, state)
             registry = ClientRegistry(state, shared.document("tokens.json"))
             crowd = [registry.add(f"client{n:02d}", ["grace.*"]) for n in range(CONCURRENT_CLIENTS)]

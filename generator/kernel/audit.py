@@ -153,11 +153,11 @@ class AuditLog:
         """Append inside a transaction the caller holds open (so the entry commits or rolls back with it)."""
         head = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
         prev_hash = head["hash"] if head else GENESIS_PREV
-        entry: dict[str, Any] = {
-            "id": (head["id"] if head else 0) + 1, "ts": ts or now_iso(), "actor": str(actor), "action": str(action),
-            "subject": str(subject), "ok": 1 if ok else 0, "detail": str(detail)[:MAX_DETAIL],
-            "on_behalf_of": str(on_behalf_of), "remote": str(remote), "prev_hash": prev_hash,
-        }
+        # Text as every backend stores it (PostgreSQL's cannot hold a NUL), so the hash is of what is stored.
+        text = {k: str(v).replace("\x00", "\ufffd") for k, v in (("actor", actor), ("action", action), ("subject", subject),
+                ("detail", str(detail)[:MAX_DETAIL]), ("on_behalf_of", on_behalf_of), ("remote", remote))}
+        entry: dict[str, Any] = {"id": (head["id"] if head else 0) + 1, "ts": ts or now_iso(), **text,
+                                 "ok": 1 if ok else 0, "prev_hash": prev_hash}
         entry["hash"] = entry_hash(entry, prev_hash)
         marks = ", ".join("?" for _ in entry)
         conn.execute(f"INSERT INTO audit_log ({', '.join(entry)}) VALUES ({marks})", list(entry.values()))

@@ -384,11 +384,11 @@ class CallLedger:
         already counted that day (a state from before this table)."""
         day = utc_day()
         with self._lock:
-            return quota > 0 and self._conn.execute(
-                "INSERT INTO gateway_quota (client, day, used) SELECT ?, ?, 1 + COUNT(*) FROM gateway_calls"
-                " WHERE client = ? AND day = ? AND counted = 1 ON CONFLICT (client, day) DO UPDATE"
-                " SET used = gateway_quota.used + 1 WHERE gateway_quota.used < ? RETURNING used",
-                (client, day, client, day, quota)).fetchone() is not None
+            return self._conn.execute(
+                "INSERT INTO gateway_quota (client, day, used) SELECT ?, ?, used FROM (SELECT 1 + COUNT(*) AS used"
+                " FROM gateway_calls WHERE client = ? AND day = ? AND counted = 1) AS first WHERE used <= ?"
+                " ON CONFLICT (client, day) DO UPDATE SET used = gateway_quota.used + 1 WHERE gateway_quota.used < ?"
+                " RETURNING used", (client, day, client, day, quota, quota)).fetchone() is not None
 
     def calls_today(self, client: str, day: str | None = None) -> int:
         row = self.db.one(

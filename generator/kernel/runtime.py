@@ -206,6 +206,9 @@ class Runtime:
         try:
             if bus_url.strip() in ("", "local"):  # the local bus: this process alone delivers the state's requests
                 self.db.serve_alone()
+            if self.db.dialect != "sqlite" and not os.environ.get(key_var := f"{config.env_prefix}_SECRETS_KEY"):
+                raise KernelError(f"the state in {self.db.path} is every replica's, so is its secrets key: set {key_var} "
+                                  "(base64 of 32 bytes) for every replica; a key file in one state directory is one host's")
             core_families = {name.split(".", 1)[0] for name, c in CAPABILITIES.items() if not c.pack}
             for family in sorted(owned - core_families - set(PACKS)):
                 load(family)  # not in this build (a lone or pruned copy): says so, and how to get it
@@ -224,12 +227,13 @@ class Runtime:
             self.serving = self._serving(serve_mads, bus_url)
             self.transport = make_transport(bus_url, ecosystem=config.name, bus=self.bus, sealer=Sealer(keys.load()),
                                             dispatch=self._deliver, claim_idle_s=claim_idle_s)
-        except (KernelError, sqlite3.OperationalError) as exc:
+        except (KernelError, sqlite3.DatabaseError) as exc:
             self.db.close()
             if isinstance(exc, KernelError):
                 raise
-            raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc}): another "
-                              "process may be upgrading it; retry when it has finished") from None
+            locked = isinstance(exc, sqlite3.OperationalError) and self.db.dialect == "sqlite"
+            raise KernelError(f"the state database {self.db.path} cannot be opened for use ({exc})" + (
+                ": another process may be upgrading it; retry when it has finished" if locked else "")) from None
         self._conversations: dict[tuple[str, str], str] = {}  # (sender, target) -> their conversation
         self.slots: dict[str, MadSlot] = {}
         # What each MAD may do, fixed now from its spec: a MAD rewriting its class attributes later gains nothing.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -307,12 +308,13 @@ class LocalTransport(Transport):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (in its user part, or a `password=` parameter), for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")  # the host as written (an IPv6 one keeps its brackets)
-    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+    parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    if parts.password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")  # the host as written (an IPv6 one keeps its brackets)
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}")
+    return urlunsplit(parts)
 
 
 def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Sealer, dispatch: Dispatch,

@@ -741,7 +741,7 @@ def _check_mads(mads: list[tuple[_Document, MadSpec]], known: set[str],
                                         f"{other.file}:{other.line(('name',))}); expected each MAD once"))
         first.setdefault(mad.name, doc)
         problems += _check_tools(doc, mad)
-        problems += _check_columns(doc, mad)
+        problems += _check_columns(doc, mad, ecosystem is not None and "postgres" in ecosystem.packs)
         problems += _check_talks_to(doc, mad, known)
         problems += _check_lifecycle(doc, mad, {m.name: m for _, m in mads})
         if ecosystem is not None and mad.imperator.model not in ecosystem.models:
@@ -812,8 +812,21 @@ def _check_builtin(doc: _Document, at: tuple, tool: Tool, builtin: str) -> list[
     return problems
 
 
-def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
-    """Within one MAD: each table once, each column once per table, consents that fit the tables."""
+# The words PostgreSQL reserves (its manual's appendix C, "reserved" and "reserved (can be function or type)"): a
+# column so named cannot be created there unquoted, and the kernel's SQL does not quote. `rowid` is the column the
+# postgres pack gives every MAD table (SQLite's own rowid).
+POSTGRES_RESERVED = frozenset("""all analyse analyze and any array as asc asymmetric authorization binary both case cast
+check collate collation column concurrently constraint create cross current_catalog current_date current_role
+current_schema current_time current_timestamp current_user default deferrable desc distinct do else end except false
+fetch for foreign freeze from full grant group having ilike in initially inner intersect into is isnull join lateral
+leading left like limit localtime localtimestamp natural not notnull null offset on only or order outer overlaps placing
+primary references returning right select session_user similar some symmetric table tablesample then to trailing true
+union unique user using variadic verbose when where window with rowid""".split())
+
+
+def _check_columns(doc: _Document, mad: MadSpec, postgres: bool = False) -> list[SpecProblem]:
+    """Within one MAD: each table once, each column once per table, consents that fit the tables; with the postgres
+    pack, no column named with a word PostgreSQL reserves."""
     problems = []
     first_table: dict[str, int] = {}
     for index, table in enumerate(mad.storage):
@@ -830,6 +843,12 @@ def _check_columns(doc: _Document, mad: MadSpec) -> list[SpecProblem]:
                                             f"'{table.name}' (first at line {first_column[column.name]}); "
                                             "expected each column once"))
             first_column.setdefault(column.name, doc.line(where))
+            if postgres and column.name in POSTGRES_RESERVED:
+                what = ("the column the postgres pack gives every MAD table (SQLite's own rowid)" if column.name == "rowid"
+                        else "a word PostgreSQL reserves")
+                problems.append(doc.problem(where, f"column name '{column.name}' in table '{table.name}' is {what}, and "
+                                            "this ecosystem keeps its state there (the postgres pack); expected another "
+                                            f"name, e.g. '{column.name}_value'"))
         problems += [doc.problem(at + ("allow_destructive", number), message)
                      for number, entry in enumerate(table.allow_destructive)
                      if (message := _consent_misfit(table, entry))]

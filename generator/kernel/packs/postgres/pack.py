@@ -23,6 +23,7 @@ replica of the ecosystem shares, where the default keeps it in the state directo
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -33,17 +34,22 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 
+from ... import logs
 from ...db import Database, ident
 from ...errors import KernelError
 from ...transport import redact_url
 
+# The kernel's tables (SCHEMAS): found in a database no version of the ecosystem set up, they are someone else's.
+_KERNEL_TABLES = ("documents", "audit_log", "secrets", "messages", "conversations", "budgets", "gateway_calls")
 WRITER_LOCK = 0x7265_6765_6E00  # "regen": the advisory lock every write transaction takes first
 LOCAL_BUS_LOCK = WRITER_LOCK + 1  # held for its life by the one process serving the database with the local bus
 # The layout of the kernel's own tables in PostgreSQL (SCHEMAS), recorded in the database: a kernel whose number is
 # lower than the database's refuses it before writing anything. Raise it when a kernel table changes its layout.
 KERNEL_SCHEMA = 1
 CONNECT_TIMEOUT_S = 10
+log = logs.get("postgres")
 LOCK_TIMEOUT = "30s"  # a writer waiting longer than this for its turn fails (SQLite's busy timeout is 5 s)
 
 _APPEND_ONLY = "".join(f"""
@@ -121,7 +127,7 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_conv ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_corr ON messages (correlation_id);
-CREATE INDEX IF NOT EXISTS messages_search ON messages USING GIN (to_tsvector('simple', content));
+CREATE INDEX IF NOT EXISTS messages_search ON messages USING GIN (to_tsvector('simple', left(content, 200000)));
 CREATE TABLE IF NOT EXISTS bus_deliveries (
     envelope_id TEXT PRIMARY KEY REFERENCES messages (id), target TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'acked')), attempts BIGINT NOT NULL DEFAULT 1,
@@ -211,6 +217,8 @@ _SQLITE_TYPES = {"bigint": "INTEGER", "integer": "INTEGER", "double precision": 
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|\?|:([A-Za-z_]\w*)|%|\b(INTEGER|REAL|BLOB)\b")
 _CREATE_TABLE = re.compile(r"\s*CREATE TABLE (IF NOT EXISTS )?(\w+) \((.*)\)\s*$", re.S)
 _INSERT_OR_IGNORE = re.compile(r"^\s*INSERT OR IGNORE INTO ", re.I)
+_LOSSY_COPY = re.compile(r"INSERT OR IGNORE INTO (\w+) \(([\w, ]+)\) SELECT (.+) FROM (_old_\w+) ORDER BY rowid", re.S)
+_INDEXED = "to_tsvector('simple', left(m.content, 200000))"  # the expression messages_search indexes
 
 
 @functools.lru_cache(maxsize=2048)
@@ -229,11 +237,27 @@ def to_postgres(sql: str) -> tuple[str, ...]:
             return _TYPES[token]
         return token
 
+    if copy := _LOSSY_COPY.fullmatch(sql.strip()):
+        return (_copy_row_by_row(*copy.groups()),)
     if _INSERT_OR_IGNORE.match(sql):
         sql = _INSERT_OR_IGNORE.sub("INSERT INTO ", sql) + " ON CONFLICT DO NOTHING"
     if table := _CREATE_TABLE.match(sql):
         return _create_mad_table(bool(table.group(1)), table.group(2), table.group(3))
     return (_TOKEN.sub(swap, sql),)
+
+
+def _copy_row_by_row(table: str, columns: str, values: str, aside: str) -> str:
+    """A migration's consented lossy copy (`migrate._rebuild`: INSERT OR IGNORE ... SELECT ... FROM the table moved
+    aside), row by row: a row the new table refuses (a NULL where NOT NULL is now required, a repeated key, a value
+    its new type cannot hold: SQLite would store 0 for 'abc', PostgreSQL refuses it) is skipped, as SQLite skips it."""
+    def from_row(value: str) -> str:  # a column of the old table, or its CAST to the new type
+        cast = re.fullmatch(r"CAST\((\w+) AS (\w+)\)", value)
+        return f"CAST(r.{cast.group(1)} AS {_TYPES.get(cast.group(2), cast.group(2))})" if cast else f"r.{value}"
+
+    row_values = ", ".join(from_row(v.strip()) for v in values.split(","))
+    return (f"DO $$ DECLARE r record; BEGIN FOR r IN SELECT * FROM {aside} ORDER BY rowid LOOP BEGIN "
+            f"INSERT INTO {table} ({columns}) VALUES ({row_values}); "
+            "EXCEPTION WHEN integrity_constraint_violation OR data_exception THEN NULL; END; END LOOP; END $$")
 
 
 def _create_mad_table(if_not_exists: bool, table: str, columns: str) -> tuple[str, ...]:
@@ -249,11 +273,19 @@ def _create_mad_table(if_not_exists: bool, table: str, columns: str) -> tuple[st
             f"FOR EACH ROW EXECUTE FUNCTION regen_rowid('{key or 'rowid'}')")
 
 
+def _value(value: Any) -> Any:
+    """A value as PostgreSQL takes it, as SQLite would keep it: a bool as the integer it is there; a NUL in text
+    (which PostgreSQL's text cannot hold: a hostile tool name would otherwise keep its refusal out of the audit log)
+    as U+FFFD."""
+    if isinstance(value, bool):
+        return int(value)
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def _params(params: Sequence[Any] | dict[str, Any]) -> Sequence[Any] | dict[str, Any]:
-    """SQLite's values as PostgreSQL takes them: a bool is stored as the integer it is there."""
     if isinstance(params, dict):
-        return {k: int(v) if isinstance(v, bool) else v for k, v in params.items()}
-    return [int(v) if isinstance(v, bool) else v for v in params]
+        return {k: _value(v) for k, v in params.items()}
+    return [_value(v) for v in params]
 
 
 class Row(tuple):
@@ -297,12 +329,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Connection:
-    """A psycopg connection that takes the kernel's SQL (as a transaction yields it, or `unsynced()`)."""
+    """A psycopg connection that takes the kernel's SQL (as a transaction yields it, or `unsynced()`); given how to
+    `reopen` it, one the server dropped (a restart, a failover) is opened again at its next statement."""
 
-    def __init__(self, conn: psycopg.Connection[Any], where: str):
-        self._conn, self._where = conn, where
+    def __init__(self, conn: psycopg.Connection[Any], where: str, reopen: Callable[[], psycopg.Connection[Any]] | None = None):
+        self._conn, self._where, self._reopen = conn, where, reopen
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
+        if self._reopen is not None and (self._conn.closed or self._conn.broken):
+            self._conn = self._reopen()
         with sqlite_errors(self._where):
             *before, last = to_postgres(sql)
             for statement in before:
@@ -343,21 +378,33 @@ class PostgresDatabase(Database):
             raise KernelError(f"the state database {self.path} was set up by a newer version of this ecosystem (kernel "
                               f"schema {made_by['body']}; this version knows {KERNEL_SCHEMA}): run that newer version, or "
                               "restore the database from a backup taken before the upgrade")
+        if not made_by and (taken := [t for t in _KERNEL_TABLES if self.has_table(t)]):
+            self._conn.close()  # another application's tables: the kernel's triggers would change what they do
+            raise KernelError(f"the database {self.path} already has tables named like the ecosystem's own "
+                              f"({', '.join(taken)}) but was not set up by it: give the ecosystem a database of its own")
+        if (self.folder / "ecosystem.db").exists():
+            log.warning("this state directory has an SQLite state (ecosystem.db) the PostgreSQL state does not start "
+                        "from: its clients, secrets and audit chain stay there", extra={"database": self.path})
         self.script("", part="functions")
         self.script("", part="documents")
-        if not made_by:
-            self.execute("INSERT INTO documents (name, body, version) VALUES ('kernel-schema', ?, 1) ON CONFLICT DO NOTHING",
-                         (str(KERNEL_SCHEMA),))
+        # The newest layout of the kernel's tables any version put in place (a version that knows less is refused).
+        self.execute("INSERT INTO documents (name, body, version) VALUES ('kernel-schema', ?, 1) ON CONFLICT (name)"
+                     " DO UPDATE SET body = excluded.body, version = documents.version + 1"
+                     " WHERE CAST(documents.body AS INTEGER) < CAST(excluded.body AS INTEGER)", (str(KERNEL_SCHEMA),))
 
     def _connect(self, **settings: str) -> psycopg.Connection[Any]:
         parts = urlsplit(self.url)
         if not parts.hostname and not parts.path.strip("/"):
             raise KernelError(f"the database URL {self.path!r} names no server or database: give one such as "
                               "postgresql://regen@db.internal:5432/shop")
+        # Ours after the operator's (the URL's `options`, then PGOPTIONS: a search_path, say): a commit is durable
+        # when it returns (synchronous_commit on, whatever the server's default), a writer waits LOCK_TIMEOUT at most.
+        ours = " ".join(f"-c {k}={v}" for k, v in {"synchronous_commit": "on", "lock_timeout": LOCK_TIMEOUT,
+                                                    **settings}.items())
+        theirs = [conninfo_to_dict(self.url).get("options") or "", os.environ.get("PGOPTIONS", "")]
         try:
             conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT_S,
-                                   options=" ".join(f"-c {k}={v}" for k, v in {"lock_timeout": LOCK_TIMEOUT,
-                                                                              **settings}.items()))
+                                   options=" ".join(o for o in (*theirs, ours) if o))
         except psycopg.Error as exc:
             raise KernelError(f"cannot reach the state database {self.path}: {_first_line(exc)}; check the URL "
                               "(host, port, database, user), the password (PGPASSWORD or ~/.pgpass) and that the "
@@ -370,7 +417,11 @@ class PostgresDatabase(Database):
         if self._conn.closed or self._conn.broken:
             self._conn = self._connect()
             if self._alone:
-                self._claim_local_bus()
+                try:
+                    self._claim_local_bus()
+                except KernelError as exc:  # another process took the state meanwhile: this one must stop serving
+                    self._sync_failure = str(exc)
+                    raise
         return Connection(self._conn, f"the state database {self.path}")
 
     def serve_alone(self) -> None:
@@ -396,13 +447,22 @@ class PostgresDatabase(Database):
             return self._live().execute(sql, params)
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(row) for row in self._live().execute(sql, params).fetchall()]
+        return [dict(row) for row in self._read(sql, params).fetchall()]
 
     def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        row = self._read(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    def _read(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> Any:
+        """A read, asked again once on a new connection if the server dropped this one meanwhile (a restart):
+        a read is safe to repeat, a write is not (it may have committed before the connection broke)."""
         with self._lock:
-            row = self._live().execute(sql, params).fetchone()
-            return dict(row) if row is not None else None
+            try:
+                return self._live().execute(sql, params)
+            except sqlite3.OperationalError:
+                if not self._conn.broken:
+                    raise
+                return self._live().execute(sql, params)
 
     def script(self, sql: str, part: str = "") -> None:
         """The DDL of the kernel's `part` (SCHEMAS), or without one `sql` itself (a MAD's table), in one write
@@ -437,18 +497,19 @@ class PostgresDatabase(Database):
         return self.one("SELECT to_regclass(?) IS NOT NULL AS yes", (ident(table),)) == {"yes": True}
 
     def unsynced(self) -> Connection:  # type: ignore[override]
-        return Connection(self._connect(synchronous_commit="off"), f"the state database {self.path}")
+        reopen = functools.partial(self._connect, synchronous_commit="off")
+        return Connection(reopen(), f"the state database {self.path}", reopen)
 
     def search(self, words: list[str], limit: int) -> list[dict[str, Any]]:
-        """Messages with every word (as the words are: no stemming, as SQLite's FTS5), best match first."""
+        """Messages with every word (as the words are: no stemming, as SQLite's FTS5) in their first 200,000
+        characters (a tsvector holds at most 1 MB; a message may hold a million characters), best match first."""
         return self.query("SELECT m.* FROM messages m, plainto_tsquery('simple', ?) q"
-                          " WHERE to_tsvector('simple', m.content) @@ q"
-                          " ORDER BY ts_rank(to_tsvector('simple', m.content), q) DESC, m.seq DESC LIMIT ?",
+                          f" WHERE {_INDEXED} @@ q ORDER BY ts_rank({_INDEXED}, q) DESC, m.seq DESC LIMIT ?",
                           (" ".join(words), limit))
 
     def healthy(self) -> bool:
         try:
-            return self.one("SELECT 1 AS ok") == {"ok": 1}
+            return not self._sync_failure and self.one("SELECT 1 AS ok") == {"ok": 1}
         except (sqlite3.Error, KernelError):
             return False
 

@@ -135,9 +135,17 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
                              f"but has {max(applied)}: it comes from a different history of this ecosystem")
     if contract := next((m for m in pending if m.kind != "expand"), None):
         _refuse_contract_under_older_replicas(db, contract)
+    applied_now = []
     for migration in pending:
         try:
             with db.transaction() as conn:
+                # Replicas starting at once: the first to take the writers' turn applies it, the others find it done.
+                done = conn.execute("SELECT checksum FROM schema_migrations WHERE number = ?", (migration.number,)).fetchone()
+                if done is not None:
+                    if done["checksum"] != migration.checksum:
+                        raise MigrationError(f"migration {migration.number} recorded in {db.path} is not this version's "
+                                             f"migration '{migration.name}': the state comes from a different history")
+                    continue
                 _record_kinds(db, conn)
                 for statement in migration.statements:
                     conn.execute(statement)
@@ -147,12 +155,13 @@ def apply_migrations(db: Database, migrations: Sequence[Migration]) -> list[Migr
                     (migration.number, migration.name, migration.checksum, now_iso(), migration.kind,
                      json.dumps(migration.down)),
                 )
+            applied_now.append(migration)
         except sqlite3.Error as exc:
             raise MigrationError(
                 f"migration {migration.number} '{migration.name}' failed and was rolled back, so the state is "
                 f"as it was before it: {exc}"
             ) from None
-    return pending
+    return applied_now
 
 
 def recorded(db: Database) -> list[dict[str, Any]]:

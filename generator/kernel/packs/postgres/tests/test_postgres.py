@@ -143,10 +143,11 @@ def test_storage_migrations_run_as_numbered_on_sqlite(bus_eco, pg_url, shared_ke
         bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url, migrations=[first])
 
 
-@pytest.mark.parametrize("problem", ["wrong password", "unreachable", "no such database"])
+@pytest.mark.parametrize("problem", ["wrong password", "wrong password parameter", "unreachable", "no such database"])
 def test_a_database_that_cannot_be_used_is_a_clear_error_at_start(bus_eco, pg_server, shared_key, tmp_path,  # noqa: F811
                                                                  problem):
     url = {"wrong password": pg_server.url("postgres", password="wrong"),
+           "wrong password parameter": f"postgresql://regen@{pg_server.host}:{pg_server.port}/postgres?password=wrong",
            "unreachable": pg_server.url("postgres").replace(str(pg_server.port), "1"),
            "no such database": pg_server.url("nope")}[problem]
     with pytest.raises(Exception, match="cannot reach the state database") as caught:
@@ -239,3 +240,105 @@ def test_a_database_set_up_by_a_newer_kernel_is_refused_with_nothing_written(bus
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT count(*) FROM audit_log").fetchone()[0] == before
         assert "RETURN NULL" in conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'regen_append_only'").fetchone()[0]
+
+
+def test_a_replica_carries_on_after_the_server_drops_its_connections(two, bus_eco, pg_server, pg_url):  # noqa: F811
+    """A PostgreSQL restart or failover ends every session: reads are asked again on a new connection, and the
+    call ledger's own connection is opened again too (else every MCP call would fail until a restart)."""
+    a, _ = two
+    clients = importlib.import_module(f"{bus_eco.name}.kernel.clients")
+    ledger = clients.CallLedger(a.db)
+    try:
+        ledger.record("ci", "turing.get_secret", "c1", "ok", True, 1.0)
+        pg_server.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{pg_url.rsplit('/', 1)[1]}'"
+                        " AND pid <> pg_backend_pid()")
+        assert a.db.one("SELECT 1 AS ok") == {"ok": 1} and a.db.healthy()
+        for attempt in range(2):  # a write is not repeated for its caller: at most its first try fails
+            try:
+                ledger.record("ci", "turing.get_secret", f"c{attempt + 2}", "ok", True, 1.0)
+            except sqlite3.OperationalError:
+                assert attempt == 0
+        assert ledger.take_quota("ci", 100) and ledger.calls_today("ci") >= 2
+        a.audit.append("turing", "test.after_restart", "x", True)
+        assert a.audit.verify() == []
+    finally:
+        ledger.close()
+
+
+def test_replicas_starting_at_once_apply_a_pending_migration_once(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    storage = importlib.import_module(f"{bus_eco.name}.kernel.packs.storage.migrations")
+    database = importlib.import_module(f"{bus_eco.name}.kernel.packs.postgres.pack").PostgresDatabase
+    history = [storage.Migration(number=1, name="create t", statements=("CREATE TABLE IF NOT EXISTS m_t (id INTEGER PRIMARY KEY)",)),
+               storage.Migration(number=2, name="add w", statements=("ALTER TABLE m_t ADD COLUMN w TEXT",), kind="expand",
+                                 down=("ALTER TABLE m_t DROP COLUMN w",))]
+    dbs = [database(pg_url, tmp_path / str(n)) for n in range(4)]
+    storage.apply_migrations(dbs[0], history[:1])
+    outcomes: list = []
+    threads = [threading.Thread(target=lambda db=db: outcomes.append(storage.apply_migrations(db, history))) for db in dbs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert sorted(len(applied) for applied in outcomes) == [0, 0, 0, 1]  # one applied it; none failed
+        assert [r["number"] for r in dbs[0].query("SELECT number FROM schema_migrations ORDER BY number")] == [1, 2]
+    finally:
+        for db in dbs:
+            db.close()
+
+
+def test_what_sqlite_stores_postgresql_stores_too(two):
+    """A message of a million characters is stored and found by its first words (a tsvector holds 1 MB); a NUL in a
+    hostile tool name does not keep its refusal out of the audit log; a day's first call past a quota is refused."""
+    a, b = two
+    conv = a.bus.create("big", [], "turing")
+    a.bus.post(conv["id"], "turing", "needle " + "haystack words " * 66_000)
+    assert len(b.bus.search("needle")) == 1
+    entry = a.audit.append("anonymous", "gateway.tool-denied", "evil\x00tool", False)
+    assert a.audit.verify() == [] and entry["subject"] == "evil\ufffdtool" == b.audit.recent(1)[0]["subject"]
+
+
+def test_a_database_holding_another_applications_tables_is_refused(bus_eco, pg_url, shared_key, tmp_path):  # noqa: F811
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE audit_log (id serial PRIMARY KEY, what text)")
+    with pytest.raises(Exception, match="already has tables named like the ecosystem's own .audit_log.*a database of its own"):
+        bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url)
+    with psycopg.connect(pg_url) as conn:  # nothing of the kernel's was put on it
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()[0] == 0
+
+
+def test_a_shared_state_needs_the_secrets_key_in_the_environment(bus_eco, pg_url, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv(f"{bus_eco.config.env_prefix}_SECRETS_KEY", raising=False)
+    with pytest.raises(Exception, match=f"set {bus_eco.config.env_prefix}_SECRETS_KEY .base64 of 32 bytes. for every replica"):
+        bus_eco.Runtime(bus_eco.config, tmp_path / "a", db_url=pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('audit_log')").fetchone()[0] is None  # refused before writing
+
+
+def test_a_consented_lossy_rebuild_runs_on_postgresql_and_skips_the_rows_the_new_table_refuses(bus_eco, pg_url, shared_key,  # noqa: F811
+                                                                                             tmp_path):
+    """The compiler's rebuild of a table (a column made NOT NULL and narrowed to integer, consented): the same
+    numbered migration as on SQLite; rows the new shape refuses are skipped, the others kept with their rowids."""
+    from generator.artifact.migrate import _rebuild
+
+    storage = importlib.import_module(f"{bus_eco.name}.kernel.packs.storage.migrations")
+    table = importlib.import_module(f"{bus_eco.name}.kernel.packs.storage.pack")
+    before = [{"name": "id", "type": "text", "primary_key": True, "nullable": False},
+              {"name": "v", "type": "text", "primary_key": False, "nullable": True}]
+    after = [before[0], {"name": "v", "type": "integer", "primary_key": False, "nullable": False}]
+    create = storage.Migration(number=1, name="create", statements=(table.table_ddl("m_t", before),))
+    rebuild = storage.Migration(number=2, name="rebuild", statements=_rebuild(
+        "m_t", after, table.declared_shape("m_t", before), table.declared_shape("m_t", after), True))
+    database = importlib.import_module(f"{bus_eco.name}.kernel.packs.postgres.pack").PostgresDatabase
+    db = database(pg_url, tmp_path)
+    try:
+        storage.apply_migrations(db, [create])
+        for key, value in (("a", "5"), ("b", "abc"), ("c", None), ("d", "7")):
+            db.execute("INSERT INTO m_t (id, v) VALUES (?, ?)", (key, value))
+        rowids = {r["id"]: r["rowid"] for r in db.query("SELECT id, rowid FROM m_t")}
+        assert [m.number for m in storage.apply_migrations(db, [create, rebuild])] == [2]
+        assert db.query("SELECT id, v, rowid FROM m_t ORDER BY id") == [
+            {"id": "a", "v": 5, "rowid": rowids["a"]}, {"id": "d", "v": 7, "rowid": rowids["d"]}]
+        assert db.one("SELECT to_regclass(?) IS NULL AS gone", ("_old_m_t",)) == {"gone": True}
+    finally:
+        db.close()
