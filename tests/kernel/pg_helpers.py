@@ -33,6 +33,16 @@ def _bin_dir() -> Path | None:
     return majors[0].parent if majors else None
 
 
+def stop_server(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM a test's server, and SIGKILL it if it has not stopped within `wait_s`."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass(frozen=True)
 class PgServer:
     host: str
@@ -89,12 +99,7 @@ def postgres_server(*, fsync: bool = False) -> Iterator[PgServer]:
                 time.sleep(0.1)
             yield server
         finally:
-            proc.terminate()  # SIGTERM: smart shutdown
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc, 20)  # SIGTERM: PostgreSQL's smart shutdown
 
 
 @pytest.fixture(scope="session")
