@@ -34,7 +34,7 @@ from .models import ModelGateway, openai_pack
 from .packs import IMPL_ATTR, Pack, PackContext, implements, load, module
 from .secrets import KeySource, SecretsManager
 from .supervisor import MadFault, NotAdmitted, SupervisionPolicy, Supervisor, Unavailable, never_suspends
-from .transport import Reply, Sealer, error_to, make_transport, reply_to
+from .transport import Reply, Sealer, error_to, is_local, make_transport, reply_to
 
 if TYPE_CHECKING:
     from .packs.storage.migrations import Migration
@@ -204,7 +204,7 @@ class Runtime:
         # found, and the refusal comes before the server binds its port; so is a key that is not the state's
         # (or a malformed one), and a bus or a choice of MADs this process cannot serve.
         try:
-            if bus_url.strip() in ("", "local"):  # the local bus: this process alone delivers the state's requests
+            if is_local(bus_url):  # the local bus: this process alone delivers the state's requests
                 self.db.serve_alone()
             if self.db.dialect != "sqlite" and not os.environ.get(key_var := f"{config.env_prefix}_SECRETS_KEY"):
                 raise KernelError(f"the state in {self.db.path} is every replica's, so is its secrets key: set {key_var} "

@@ -317,13 +317,18 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+def is_local(url: str) -> bool:
+    """Whether a bus URL names the local bus: this process's own, on its state database."""
+    return (url or "").strip() in ("", "local")
+
+
 def make_transport(url: str, *, ecosystem: str, bus: ConversationBus, sealer: Sealer, dispatch: Dispatch,
                    claim_idle_s: float = 30.0) -> Transport:
     """The transport `url` names: "" or "local" for the SQLite bus, redis://, rediss:// or unix:// for Redis
     (the redis pack's, when this build carries it)."""
-    url = (url or "").strip()
-    if url in ("", "local"):
+    if is_local(url):
         return LocalTransport(bus, sealer, dispatch)
+    url = url.strip()
     if urlsplit(url).scheme in ("redis", "rediss", "unix"):
         pack = packs.module("redis", packs.NO_REDIS)  # a build without the pack says so, and how to get it
         return pack.RedisTransport(url, ecosystem, bus, sealer, dispatch, claim_idle_s=claim_idle_s)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...cli import bus_option
 from ...errors import InvalidArgument
+from ...transport import is_local
 
 
 def add_commands(parsers: dict[str, Any], config: Any) -> None:
@@ -70,7 +71,7 @@ def _names(text: str) -> list[str]:
 def _runtime(make: Callable[..., Any], args: argparse.Namespace) -> Any:
     """Serve's Runtime, with the MADs to run and the Redis transport's options; a drill hold needs a Redis bus
     (refused before the state is opened: the SQLite bus is "" or "local", any other URL is Redis or refused)."""
-    if args.drill_hold < 0 or args.drill_hold and args.bus.strip() in ("", "local"):
+    if args.drill_hold < 0 or args.drill_hold and is_local(args.bus):
         raise InvalidArgument("--drill-hold takes a number of seconds and needs a Redis bus (--bus redis://...)")
     runtime = make(serve_mads=args.mads, claim_idle_s=args.claim_idle)
     if args.drill_hold:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from contextlib import closing
 from typing import Any
 
 from ...audit import AuditLog
+from ...cli import db_url
 from ...db import open_database
 
 
@@ -35,10 +35,10 @@ def add_commands(parsers: dict[str, Any], config: Any) -> None:
     down.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="a replica killed moments ago counts as live until its heartbeat lapses (30 s): wait up to "
                            "this long for the replicas that need these migrations to be gone (default 0: refuse at once)")
-    env = f"{config.env_prefix}_DB_URL"
     for command in (status, down):
-        command.add_argument("--db", default=os.environ.get(env, ""), metavar="URL",
-                             help=f"the state's PostgreSQL database (default ${env}; else the --state directory's SQLite)")
+        command.add_argument("--db", default=db_url(config), metavar="URL",
+                             help=f"the state's PostgreSQL database (default ${config.env_prefix}_DB_URL; else the --state "
+                                  "directory's SQLite)")
 
 
 def _migrate(config: Any, args: argparse.Namespace) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,12 +36,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ... import logs
 from ...bus import now_iso
 from ...db import Database
 from ...errors import KernelError
 from .replicas import live_replicas
 
-log = logging.getLogger("regen.kernel.storage")
+log = logs.get("storage")
 
 # The kernel is copied into every ecosystem as `<package>/kernel/`; its migrations are beside it.
 PACKAGE_MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations.json"

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ... import logs
 from ...bus import now_iso
 from ...db import Database
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS replicas (
 )
 """
 
-log = logging.getLogger("regen.kernel.storage")
+log = logs.get("storage")
 
 
 def _ago(seconds: float) -> str:
