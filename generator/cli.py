@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a spec only")
     _common(check)
 
+    mcp = commands.add_parser(
+        "mcp", help="serve regen's commands to a coding agent as an MCP server (stdio, or HTTP on 127.0.0.1)",
+        description="An MCP server with the tools check, plan, regenerate, verify, gate, diff, versions and init, "
+                    "working in --root. Over stdio by default; with --http, streamable HTTP on 127.0.0.1 where every "
+                    "request must carry 'Authorization: Bearer <REGEN_MCP_TOKEN>'.")
+    mcp.add_argument("--root", type=Path, default=Path("."),
+                     help="the folder the tools work in; no tool reads or writes outside it (default: here)")
+    mcp.add_argument("--http", action="store_true", help="serve streamable HTTP at http://127.0.0.1:PORT/mcp")
+    mcp.add_argument("--port", type=int, default=8765, help="the HTTP port (default: 8765)")
+
     return parser
 
 
@@ -320,8 +330,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    from .mcp_server import serve
+
+    serve(args.root, http=args.http, port=args.port)
+    return 0
+
+
 COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate,
-            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update, "init": _init}
+            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update, "init": _init, "mcp": _mcp}
 
 
 def main(argv: list[str] | None = None) -> int:

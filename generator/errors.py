@@ -91,3 +91,15 @@ class ReviewUndecided(RegenError):
 
     exit_code = 2
     prefix = "regen: undecided: "
+
+
+class BuildBusy(UserError):
+    """Another build of the same ecosystem holds its build lock (a CLI run or an MCP tool call). Exit code 2."""
+
+
+class BuildCancelled(BaseException):
+    """The build was cancelled from outside (an MCP client's cancellation): nothing was archived. Raised at the next
+    stage, unit or sandbox poll; a BaseException like KeyboardInterrupt, so no `except Exception` on the way keeps
+    the build going."""
+
+    exit_code = 130

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from . import cancel
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -30,6 +32,7 @@ class Reporter:
     def stage(self, name: str, doing: str) -> Iterator[dict]:
         """Run a stage under a spinner; the body may set `note` in the yielded dict, and `failed` to show it
         failed without raising (a check that found problems, which the caller reports)."""
+        cancel.check()  # every stage is a point where a cancelled build stops (generator/cancel.py)
         info: dict = {"note": "", "failed": False}
         started = time.monotonic()
         if self.quiet:
@@ -51,6 +54,7 @@ class Reporter:
 
     def progress(self, name: str, doing: str) -> None:
         """Replace the spinner's text while a stage is running (e.g. which unit is being written)."""
+        cancel.check()
         if self._status is not None:
             self._status.update(f"[bold]{name}[/] {_plain(doing)}…")
 

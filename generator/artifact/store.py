@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import BuildFailed
+from ..errors import BuildBusy, BuildFailed
 
 VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 STAGING_PREFIX = ".staging-"
+BUILD_LOCK = ".build.lock"
 
 
 def versions(ecosystem_dir: Path) -> list[str]:
@@ -66,6 +67,37 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def build_lock(ecosystem_dir: Path) -> Iterator[None]:
+    """One build of an ecosystem at a time, whoever starts it (the command line, an MCP client, another shell): a
+    second is refused at once with BuildBusy, naming the holder. An flock, so a build that dies releases it; the file
+    is removed when the build ends, so a build that fails leaves nothing behind."""
+    ecosystem_dir.mkdir(parents=True, exist_ok=True)
+    path = ecosystem_dir / BUILD_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process that has not said which"
+            os.close(fd)
+            raise BuildBusy(f"another build of {ecosystem_dir.name} is running ({holder}): wait for it to finish, or "
+                            "stop it, then build again") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the build before removed this file as we opened it: lock the one that is there now
+    try:
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: whoever opened it before retries on a new file
+        os.close(fd)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ chains them. `verify.py` replays an artifact on the same stages.
 
 from __future__ import annotations
 
-from ..artifact.store import staging
+from ..artifact.store import build_lock, staging
 from . import summary
 from .context import BuildContext, BuildResult
 from .prepare import load_inputs, up_to_date
@@ -19,22 +19,23 @@ from .prepare import load_inputs, up_to_date
 def regenerate(ctx: BuildContext) -> BuildResult:
     """Build the spec into a new archived version, or say it is up to date."""
     given = load_inputs(ctx)  # spec, pipeline, panel, fingerprint: nothing slow imported yet
-    if (latest := up_to_date(ctx, given)) is not None:
-        return summary.up_to_date(ctx, given, latest)
-    from .archive import archive
-    from .judge import judge
-    from .prepare import prepare
-    from .produce import produce
+    with build_lock(given.ecosystem_dir):  # a second build of this ecosystem, from anywhere, is refused: BuildBusy
+        if (latest := up_to_date(ctx, given)) is not None:
+            return summary.up_to_date(ctx, given, latest)
+        from .archive import archive
+        from .judge import judge
+        from .prepare import prepare
+        from .produce import produce
 
-    prepared = prepare(ctx, given)  # everything decided before the first model call
-    try:
-        with staging(prepared.ecosystem_dir) as stage:
-            produced = produce(ctx, prepared, stage / "src")
-            judged = judge(ctx, prepared, produced, stage)
-            archived = archive(ctx, prepared, judged, stage)
-    except BaseException:
-        if prepared.run_log.written:  # every model attempt up to the failure, for the post-mortem
-            ctx.report.say(f"  [dim]run log: {prepared.run_log.path}[/]")
-        raise
+        prepared = prepare(ctx, given)  # everything decided before the first model call
+        try:
+            with staging(prepared.ecosystem_dir) as stage:
+                produced = produce(ctx, prepared, stage / "src")
+                judged = judge(ctx, prepared, produced, stage)
+                archived = archive(ctx, prepared, judged, stage)
+        except BaseException:
+            if prepared.run_log.written:  # every model attempt up to the failure, for the post-mortem
+                ctx.report.say(f"  [dim]run log: {prepared.run_log.path}[/]")
+            raise
     summary.built(ctx, prepared, judged, archived)
     return archived.result

@@ -7,6 +7,7 @@ round-1 verdicts and may revise. Dissent (a final vote against the outcome) is r
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -83,7 +84,7 @@ class PanelRun:
     def _concurrently(self, jobs: list[Callable[[], Verdict]]) -> list[Verdict]:
         """Every job at once; progress as each finishes, results in panel order (review.json is stable)."""
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="reviewer") as pool:
-            futures = [pool.submit(job) for job in jobs]
+            futures = [pool.submit(contextvars.copy_context().run, job) for job in jobs]  # see cancel.py
             for future in as_completed(futures):
                 self.on_verdict(future.result())
             return [future.result() for future in futures]

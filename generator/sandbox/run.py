@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -23,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .. import cancel
 from ..config import SandboxLevel, SandboxSettings
 from ..errors import BuildFailed
 from ..frozen import Frozen
@@ -70,12 +70,13 @@ def run_uv(args: list[str], doing: str, timeout: int, env: dict[str, str] | None
     """Run the uv that regen depends on; a failure is a BuildFailed that says what uv said."""
     from uv import find_uv_bin
 
-    try:
-        done = subprocess.run([find_uv_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    proc = subprocess.Popen([find_uv_bin(), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    output, in_time = cancel.communicate(proc, timeout)
+    if not in_time:
         raise BuildFailed(f"uv took longer than {timeout}s {doing}")
-    if done.returncode != 0:
-        raise BuildFailed(f"uv failed {doing}:\n{done.stderr.strip()}")
+    if proc.returncode != 0:
+        raise BuildFailed(f"uv failed {doing} (exit {proc.returncode}):\n{output.strip() or '(it printed nothing)'}")
 
 
 def _runs(argv: list[str]) -> bool:
@@ -323,13 +324,8 @@ def run_fenced(argv: list[str], cwd: Path, venv: Path, work: Path, level: Sandbo
         text=True,
         preexec_fn=_limits(settings.memory_mb),
     )
-    try:
-        output, _ = proc.communicate(timeout=settings.timeout_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        return None, output
-    return proc.returncode, output
+    output, in_time = cancel.communicate(proc, settings.timeout_seconds)  # a cancelled build kills it at once
+    return (proc.returncode if in_time else None), output
 
 
 def _read_junit(path: Path) -> tuple[TestOutcome, ...]:

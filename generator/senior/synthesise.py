@@ -15,6 +15,7 @@ first: a call that could cross one is never made.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from collections.abc import Callable
@@ -221,7 +222,8 @@ class SynthesisRun:
     def _concurrently(self, jobs: list[Callable[[], UnitOutcome]]) -> list[UnitOutcome]:
         """At most `concurrency` jobs at a time, results in job order; the first failure stops the rest."""
         pool = ThreadPoolExecutor(max_workers=self.pipeline.concurrency, thread_name_prefix="unit")
-        futures = [pool.submit(job) for job in jobs]
+        # each job in a copy of this context: a cancellable build's units see its cancel event (generator/cancel.py)
+        futures = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in futures if f in done and f.exception() is not None]
