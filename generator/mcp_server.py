@@ -352,19 +352,21 @@ def build_server(root: Path) -> MCPServer:
         return await answer(work, cancellable=True)
 
     @server.tool(annotations=read_only)
-    async def verify(artifact: str) -> VerifyResult:
+    async def verify(ctx: Context, artifact: str) -> VerifyResult:
         """Check an archived build's signature, hashes and SBOM, and rebuild its src/ from its transcript byte for
         byte. `artifact`: a folder (ecosystems/madgroup/1.3.21) or a reference (madgroup@1.3.21, madgroup@latest)."""
         from .build.verify import verify as check_artifact
 
+        reporter = McpReporter(_progress(ctx))  # made here: a worker thread cannot find the event loop
+
         def work() -> VerifyResult:
             folder = space.artifact(artifact)
-            found = check_artifact(folder, report=Reporter(quiet=True))
+            found = check_artifact(folder, report=reporter)
             return VerifyResult(artifact=space.show(folder), ok=found.ok, signed_by=found.signed_by, files=found.files,
                                 review=found.review, problems=list(found.problems),
                                 differences=list(found.differences))
 
-        return await answer(work)
+        return await answer(work, cancellable=True)  # the rebuild stops, and its temporary folder goes
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                              open_world_hint=False))
@@ -496,6 +498,8 @@ def serve(root: Path, http: bool = False, port: int = 8765, host: str = "127.0.0
     os.chdir(root)  # the relative defaults of every command are the root's
     server = build_server(Path("."))
     if not http:
+        print(f"regen mcp: serving MCP on stdio, root {Path.cwd()} (an MCP client starts this; see the README)",
+              file=sys.stderr)
         anyio.run(server.run_stdio_async)  # the SDK points fd 1 at stderr meanwhile: a stray print misses the wire
         return
     import uvicorn
