@@ -50,7 +50,7 @@ class MadNode(Frozen):
 
 class UnitRow(Frozen):
     unit: str
-    status: Status | Literal["frame"]
+    status: Status
     files: tuple[str, ...]
     rounds: int
     prompt_tokens: int
@@ -165,8 +165,8 @@ def report_data(artifact: Path, manifest: Manifest, parent: Path | None) -> Repo
                             conversations=tuple(sorted(mad.conversations))))
     rows = []
     for name, u in units.items():
-        status = "frame" if not name.startswith("mad:") else _status(name, manifest)
-        why = _why(name, "reused" if u.reused_from else status, manifest)
+        status = _status(name, manifest)
+        why = _why(name, status, manifest)
         rows.append(UnitRow(unit=name, status=status, files=u.files, rounds=u.rounds, prompt_tokens=u.prompt_tokens,
                             completion_tokens=u.completion_tokens, cost_usd=u.cost_usd, elapsed_s=u.elapsed_s,
                             models=u.answered_by, why=why))
