@@ -155,6 +155,19 @@ def verify(session: nox.Session) -> None:
 
 
 @nox.session
+def screenshot(session: nox.Session) -> None:
+    """docs/report.png: an archived version's report.html in headless Chromium (Debian's) at 1280 px, its first
+    screen. `nox -s screenshot` takes the newest madgroup version; `nox -s screenshot -- ARTIFACT [--out FILE]`."""
+    _sync(session, "dev")
+    args = list(session.posargs)
+    if not args or args[0].startswith("-"):
+        newest = max(Path("ecosystems/madgroup").glob("*/manifest.json"),
+                     key=lambda m: tuple(int(x) for x in m.parent.name.split(".")))
+        args.insert(0, str(newest.parent))
+    session.run("python", "benchmarks/report_screenshot.py", *args, "--viewport-only")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, measured side by side in one run; results in benchmarks/results/<name>.json."""
     # The kernel benchmarks need the ecosystem's runtime dependencies (redis, prometheus-client); the no-op

@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true", help="the whole diff as JSON")
     diff.add_argument("--patch", action="store_true", help="also print the unified diff of the spec and every file")
 
+    report = commands.add_parser(
+        "report", help="render an archived version's report.html (the MAD graph, units, tests, review, changes)",
+        description="Render the report of an archived version from its own files (and its parent beside it). A version "
+                    "archived with a report.html is compared with it: exit 0 when the bytes match, 1 when they differ. "
+                    "Nothing is ever written into the artifact.",
+    )
+    report.add_argument("artifact", type=Path, help="e.g. ecosystems/madgroup/1.3.21")
+    report.add_argument("--out", type=Path, metavar="FILE",
+                        help="where the page goes (default: .regen/report/<name>/<version>/report.html for a version "
+                             "archived without one; a version with one is only compared unless --out is given)")
+
     keys = commands.add_parser("keys", help="manage the key that signs artifacts")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     init = actions.add_parser(
@@ -209,7 +220,8 @@ def _verify(args: argparse.Namespace) -> int:
     if not result.ok:
         return 1
     print(f"{args.artifact}: verified: signed by {result.signed_by}; every file matches its manifest; the SBOM matches "
-          f"the lock; all {result.files} files of src/ reproduced byte for byte from its transcript; {result.review}")
+          f"the lock; all {result.files} files of src/ reproduced byte for byte from its transcript; {result.review}"
+          + (f"; {result.report}" if result.report else ""))
     return 0
 
 
@@ -275,6 +287,14 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .build.report import write_report_of
+
+    line, same = write_report_of(args.artifact, args.out)
+    print(line)
+    return 0 if same is not False else 1
+
+
 def _keys(args: argparse.Namespace) -> int:
     from .artifact.sign import init_keys
 
@@ -338,7 +358,8 @@ def _mcp(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"regenerate": _regenerate, "plan": _plan, "check": _check, "verify": _verify, "gate": _gate,
-            "versions": _versions, "diff": _diff, "keys": _keys, "export": _export, "update": _update, "init": _init, "mcp": _mcp}
+            "versions": _versions, "diff": _diff, "report": _report, "keys": _keys, "export": _export, "update": _update,
+            "init": _init, "mcp": _mcp}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,8 @@ def test_happy_path_every_unit_over_http_with_tokens_and_cost(tmp_path, spec_and
     else:  # Anthropic takes no seed: it is left out, not sent to be refused
         assert "seed" not in first and server.headers[0]["x-api-key"] == "sk-scripted"
     assert set(server.wires) == {wire}
+    # Each answer's wall time, kept with it (the transcript, the unit records, report.html): a model's, so recorded.
+    assert all(e.reply.elapsed_s is not None and e.reply.elapsed_s >= 0 for e in synthesis.exchanges)
     for unit in synthesis.units:
         assert unit.prompt_tokens > 0 and unit.completion_tokens > 0 and unit.rounds == 1
         # The pipeline's price table: $1 in, $4 out per million tokens.
@@ -348,6 +350,10 @@ def test_a_scripted_build_is_archived_cached_and_verified_without_the_server(tmp
                               timeout=600)
     assert replayed.returncode == 0, replayed.stderr
     rebuilt = json.loads((tmp_path / "out3" / "madgroup" / "1.0.0" / "manifest.json").read_text())
+    # The answers' times come from the transcript in a replay: the same unit records, the same report.html.
+    assert all("elapsed_s" in t for t in transcript) and all("elapsed_s" in u for u in manifest["units"])
+    assert rebuilt["units"] == manifest["units"]
+    assert (tmp_path / "out3" / "madgroup" / "1.0.0" / "report.html").read_bytes() == (artifact / "report.html").read_bytes()
     src = {k: v for k, v in manifest["outputs"].items() if k.startswith("src/")}
     assert {k: v for k, v in rebuilt["outputs"].items() if k.startswith("src/")} == src
     assert versions(tmp_path / "out" / "madgroup") == ["1.0.0"]

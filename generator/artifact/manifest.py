@@ -58,6 +58,9 @@ class UnitRecord(Frozen):
     reused_from: str | None = None
     answered_by: tuple[str, ...] = Field(default=(), description="the models that answered, in order (a fallback, "
                                                                  "say); recorded since schema 2 builds of regen 0.11")
+    elapsed_s: float | None = Field(default=None, description="the wall time of its answers when they were made "
+                                                              "(seconds); set only when a model recorded one, so "
+                                                              "manifests without it read and write as they were")
 
 
 class Tokens(Frozen):

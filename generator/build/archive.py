@@ -1,7 +1,7 @@
 """Stage 7, archive: the upgrade test, then the artifact, written so that it is complete or absent.
 
 Everything is written into the staging folder first: the transcript, the spec, tests.json, the
-review, the SBOM; then the files are hashed (once) into the `Manifest`, which is signed, and
+review, the SBOM, report.html (build/report.py); then the files are hashed (once) into the `Manifest`, which is signed, and
 provenance is derived from it; then `publish` fsyncs and renames the folder into place.
 """
 
@@ -45,6 +45,7 @@ from ..senior.synthesise import Synthesis
 from ..senior.transcript import TRANSCRIPT, write_transcript
 from .context import BuildContext, BuildResult
 from .prepare import Prepared
+from .report import REPORT, render, report_data
 
 if TYPE_CHECKING:
     from .judge import Judged
@@ -68,10 +69,16 @@ def archive(ctx: BuildContext, prepared: Prepared, judged: Judged, stage: Path) 
     (stage / "tests.json").write_text(canonical_json(judged.tests.record()), encoding="utf-8")
     write_report(judged.review.archived(), stage)
     (stage / "sbom.cdx.json").write_text(sbom(stage / "src"), encoding="utf-8")
-    outputs = tree_hashes(stage)  # once: every file the manifest vouches for
     review = judged.review
     record = ReviewRecord(panel=prepared.given.panel.name, outcome=review.outcome, reason=review.reason,
                           repairs=review.repairs, dissent=tuple(review.dissent), cost_usd=review.cost_usd)
+    # report.html is among the outputs the signature covers, so it is made before them, from the staged files and
+    # the manifest-to-be (its outputs and root hash, which the report does not read, still empty): `regen report`
+    # and `regen verify` make the same bytes from the archived folder and its manifest.
+    to_be = build_manifest(ctx, prepared, judged.synthesis, judged.tests, {}, upgrade, record)
+    parent = prepared.ecosystem_dir / prepared.parent.version if prepared.parent else None
+    (stage / REPORT).write_text(render(report_data(stage, to_be, parent)), encoding="utf-8")
+    outputs = tree_hashes(stage)  # once: every file the manifest vouches for
     manifest = build_manifest(ctx, prepared, judged.synthesis, judged.tests, outputs, upgrade, record)
     manifest.write(stage)
     sign_artifact(stage, prepared.signing_key)  # manifest.sig and manifest.pub.pem, over the manifest's bytes
@@ -149,12 +156,16 @@ def unit_records(synthesis: Synthesis) -> tuple[UnitRecord, ...]:
     records = []
     for u in synthesis.units:
         exchanges = [e for e in synthesis.exchanges if e.request.unit == u.unit]
+        timed = [e.reply.elapsed_s for e in exchanges if e.reply.elapsed_s is not None]
+        # Set only when a model recorded its time: unset, the field stays out of the manifest (the offline reference).
+        elapsed = {"elapsed_s": round(sum(timed), 2)} if timed else {}
         records.append(UnitRecord(
             unit=u.unit, request_hash=u.request_hash, files=u.files, rounds=u.rounds, reused_from=u.reused_from,
             prompt_tokens=sum(e.reply.prompt_tokens for e in exchanges),
             completion_tokens=sum(e.reply.completion_tokens for e in exchanges),
             cost_usd=round(sum(e.reply.cost_usd for e in exchanges), 6),
             answered_by=tuple(dict.fromkeys(e.reply.model for e in exchanges if e.reply.model)),
+            **elapsed,
         ))
     return tuple(records)
 
@@ -186,7 +197,7 @@ def draft(prepared: Prepared, synthesis: Synthesis, tests: SandboxResult) -> dic
         "startup_order": list(prepared.plan.startup_order),
         "sandbox": {"level": tests.level, "passed": tests.passed, "failed": tests.failed, "errors": tests.errors,
                     "skipped": tests.skipped},
-        "units": [u.model_dump(mode="json") for u in unit_records(synthesis)],
+        "units": [u.model_dump(mode="json", exclude={"elapsed_s"}) for u in unit_records(synthesis)],
         "carried": {tool: c.model_dump(mode="json") for tool, c in carried_records(prepared).items()},
     }
 

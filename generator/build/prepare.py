@@ -317,7 +317,10 @@ def _reuse(ctx: BuildContext, given: Given, planned: Planned, archive: Archive
 
     plan = planned.plan
     if given.replayed is not None:  # every answer comes from the replayed transcript, reused units' too
-        return {}, {u.name: "replayed" for u in plan.units}
+        # Why each unit was made, as the replayed build recorded it (its report says the same), else "replayed".
+        recorded = given.replayed.lock
+        return {}, {u.name: (recorded[u.name].regenerated_because if u.name in recorded else None) or "replayed"
+                    for u in plan.units}
     if ctx.options.fresh:
         return {}, {u.name: "--fresh: every unit is synthesised again" for u in plan.units}
     parent = given.latest

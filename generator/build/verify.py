@@ -1,7 +1,8 @@
 """`regen verify`: an artifact checked whole, and rebuilt from its own transcript on the build's own stages.
 
     check   the signature (by a trusted key, when given), provenance, every file's hash, the root
-            hash, the SBOM against the lock: each problem names the file
+            hash, the SBOM against the lock: each problem names the file; report.html, when the
+            manifest lists it, rendered again from the artifact (and its parent beside it) to the same bytes
     replay  load → plan the units (build/prepare.py) → synthesise from the transcript, repairs replayed
             in order (build/produce.py) → write src/ → compare every file byte for byte
 
@@ -40,6 +41,7 @@ class Verification(Frozen):
     problems: tuple[str, ...] = Field(description="signature, provenance, file hashes, root hash, SBOM, transcript, "
                                                   "a review that does not belong to the artifact or replays otherwise")
     review: str = Field(default="", description="what the review replay did, or exactly why it could not run")
+    report: str = Field(default="", description="what became of report.html: rendered again and equal, or why not")
     first_difference: str | None
     differences: tuple[str, ...] = Field(description="files of src/ the replay did not reproduce")
 
@@ -98,6 +100,11 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
     paths = set(rebuilt) | set(recorded) | set(on_disk)
     differences = tuple(sorted(p for p in paths if not rebuilt.get(p) == recorded.get(p) == on_disk.get(p)))
     problems += binding_problems(artifact, manifest)
+    from .report import report_problem
+
+    report_found, report_note = report_problem(artifact, manifest)  # listed in the manifest: rendered again, equal
+    if report_found:
+        problems.append(report_found)
     review = ""
     if not problems and not differences:  # a review is replayed only on the code it judged
         with report.stage("review", "the panel again, LLM reviewers answered from the transcript") as info:
@@ -112,7 +119,7 @@ def verify(artifact: Path, spec_dir: Path | None = None, report: Reporter | None
             info["note"] = review
     return Verification(artifact=artifact, files=len(recorded), signed_by=signed_by, problems=tuple(problems),
                         first_difference=differences[0] if differences else None, differences=differences,
-                        review=review)
+                        review=review, report=report_note)
 
 
 def _replay(artifact: Path, spec_dir: Path, report: Reporter, src: Path, scratch: str) -> None:

@@ -258,7 +258,8 @@ class LiteLLMClient:
             elapsed = time.monotonic() - started
             self._tell("answered", request, model, tries, started)
             return reply.model_copy(update={"attempts": tries, "retries": retries, "fallbacks": index,
-                                            "latency_ms": int(elapsed * 1000)})
+                                            "latency_ms": int(elapsed * 1000),
+                                            "elapsed_s": None if model.startswith("offline/") else round(elapsed, 2)})
         if len(failures) == 1:
             raise BuildFailed(f"unit {request.unit}: {failures[0]}")
         raise BuildFailed(f"unit {request.unit}: no model answered:\n  " + "\n  ".join(failures))

@@ -67,6 +67,9 @@ class ModelReply(Frozen):
     retries: int = Field(default=0, description="failed tries before the answer, at any model")
     fallbacks: int = Field(default=0, description="models given up before the one that answered")
     cached: bool = False
+    elapsed_s: float | None = Field(default=None, description="the answer's wall time when it was made (seconds, to "
+                                                              "0.01), kept with it in the transcript and the cache; "
+                                                              "None for the offline reference, which is not a model")
 
     @property
     def tokens(self) -> int:

@@ -3,9 +3,11 @@
 One JSON object a line, in plan order (unit, then round). A build's transcript holds every
 exchange its files came from, those of units reused from the parent included (marked with
 `reused_from`), so a version replays alone, copied anywhere. Only what the model was asked
-and answered is kept (and which model answered): wall time, retries and cache hits vary run
-to run and are shown on screen and in the run log (senior/runlog.py), never archived, so two
-builds of the same inputs write the same bytes.
+and answered is kept (and which model answered), and how long the answer took when it was made
+(`elapsed_s`, absent for the offline reference, which is not a model, and in transcripts older than
+it): a replay, a reuse or a cache hit takes that from the record, so a rebuild from the transcript
+writes the same bytes. Retries and cache hits vary run to run and are shown on screen and in the
+run log (senior/runlog.py), never archived.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class TranscriptLine(Frozen):
     usage: Usage
     cost_usd: float
     reused_from: str | None = Field(default=None, description="the version this exchange was made for, when reused")
+    elapsed_s: float | None = Field(default=None, description="the answer's wall time when it was made; absent when "
+                                                              "unknown (the offline reference, older transcripts)")
 
     @classmethod
     def of(cls, e: Exchange) -> TranscriptLine:
@@ -65,14 +69,14 @@ class TranscriptLine(Frozen):
                                   api_base=e.request.api_base, structured_output=e.request.response_schema is not None),
             messages=e.request.messages, response=e.reply.content, finish_reason=e.reply.finish_reason,
             usage=Usage(prompt_tokens=e.reply.prompt_tokens, completion_tokens=e.reply.completion_tokens),
-            cost_usd=e.reply.cost_usd, reused_from=e.reused_from,
+            cost_usd=e.reply.cost_usd, reused_from=e.reused_from, elapsed_s=e.reply.elapsed_s,
         )
 
     def reply(self) -> ModelReply:
         """The recorded answer, as a reply that cost nothing now."""
         return ModelReply(content=self.response, model=self.answered_by, finish_reason=self.finish_reason,
                           prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
-                          cost_usd=self.cost_usd, latency_ms=0, attempts=0, cached=True)
+                          cost_usd=self.cost_usd, latency_ms=0, attempts=0, cached=True, elapsed_s=self.elapsed_s)
 
     def request(self) -> ModelRequest:
         """The request this line answered, as it was sent."""
@@ -91,8 +95,9 @@ def write_transcript(path: Path, exchanges: list[Exchange]) -> None:
     with path.open("w", encoding="utf-8") as out:
         for e in exchanges:
             line = TranscriptLine.of(e).model_dump(mode="json", exclude_none=False)
-            if line["reused_from"] is None:  # absent rather than null: the lines of a build that reused nothing
-                del line["reused_from"]
+            for key in ("reused_from", "elapsed_s"):  # absent rather than null: as in transcripts older than them
+                if line[key] is None:
+                    del line[key]
             out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
         out.flush()
         os.fsync(out.fileno())
