@@ -73,7 +73,9 @@ def _alive(pid: int) -> bool:
 def build_lock(ecosystem_dir: Path) -> Iterator[None]:
     """One build of an ecosystem at a time, whoever starts it (the command line, an MCP client, another shell): a
     second is refused at once with BuildBusy, naming the holder. An flock, so a build that dies releases it; the file
-    is removed when the build ends, so a build that fails leaves nothing behind."""
+    is removed when the build ends, and so are the folders it made, so a build that fails leaves nothing behind.
+    Taken before anything else is written: the next build's sweep of stale staging folders must not see this one's."""
+    made = [p for p in (ecosystem_dir, *ecosystem_dir.parents) if not p.exists()]
     ecosystem_dir.mkdir(parents=True, exist_ok=True)
     path = ecosystem_dir / BUILD_LOCK
     while True:
@@ -98,6 +100,11 @@ def build_lock(ecosystem_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still locked: whoever opened it before retries on a new file
         os.close(fd)
+        for folder in made:  # innermost first; one that holds anything (a version) stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager
