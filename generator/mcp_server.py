@@ -31,6 +31,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from . import __version__, cancel
+from .artifact.history import VersionLine
 from .errors import BuildCancelled, RegenError, SpecError, UserError
 from .progress import Reporter
 
@@ -107,21 +108,9 @@ class GateResult(BaseModel):
     warnings: list[str]
 
 
-class VersionRow(BaseModel):
-    version: str
-    parent: str | None
-    bump: str
-    reason: str
-    offline: bool
-    review: str
-    units_reused: int
-    units_synthesised: int
-    tools_carried: int
-
-
 class VersionsResult(BaseModel):
     ecosystem: str
-    versions: list[VersionRow]
+    versions: list[VersionLine]
 
 
 class DiffResult(BaseModel):
@@ -404,7 +393,7 @@ def build_server(root: Path) -> MCPServer:
         def work() -> VersionsResult:
             name, _ = parse_ref(ecosystem)
             lines = version_lines(space.path("ecosystems", "the archive folder") / name)
-            return VersionsResult(ecosystem=name, versions=[VersionRow(**line.model_dump()) for line in lines])
+            return VersionsResult(ecosystem=name, versions=lines)
 
         return await answer(work)
 

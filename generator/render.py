@@ -24,15 +24,16 @@ def python_literal(value: object) -> str:
 
 
 @cache
-def environment(folder: str) -> jinja2.Environment:
-    """A strict environment over a template folder of this package (e.g. "prompts")."""
+def environment(folder: str, html: bool = False) -> jinja2.Environment:
+    """A strict environment over a template folder of this package (e.g. "prompts"); `html` escapes every value
+    (the pages: review.html, report.html)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / folder),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,
+        autoescape=html,
     )
     env.filters["pyrepr"] = python_literal
     env.filters["pystr"] = python_string

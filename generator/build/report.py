@@ -25,9 +25,9 @@ from pydantic import Field, ValidationError
 from ..artifact.manifest import CarriedTool, Manifest
 from ..errors import UserError
 from ..frozen import Frozen
+from ..render import environment
 
 REPORT = "report.html"
-TEMPLATES = Path(__file__).parent / "templates"
 
 Status = Literal["regenerated", "reused", "carried"]
 
@@ -411,14 +411,7 @@ def render(data: ReportData) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=True,  # every value is escaped; the template marks nothing safe
-    )
+    env = environment("build/templates", html=True)  # every value is escaped; the template marks nothing safe
     env.filters["int"] = _int
     env.filters["usd"] = _usd
     env.filters["seconds"] = _seconds

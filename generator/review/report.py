@@ -11,16 +11,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from functools import cache
-from pathlib import Path
 
 import jinja2
 
 from ..hashing import canonical_json
+from ..render import environment
 from .models import SEVERITIES, Finding, PanelReport, RequirementCoverage, Round, Verdict
 
 __all__ = ["one_line", "review_html", "review_json", "review_markdown"]
 
-TEMPLATES = Path(__file__).parent / "templates"
 
 OUTCOME_WORDS = {"approve": "APPROVED", "reject": "REJECTED", "undecided": "UNDECIDED"}
 OUTCOME_ICONS = {"approve": "✅", "reject": "❌", "undecided": "⚠️"}
@@ -302,14 +301,8 @@ def md_cell(text: object) -> str:
 
 @cache
 def _environment(html: bool) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=html,  # the HTML page escapes every value; markdown escapes through its filters
-    )
+    # The HTML page escapes every value; markdown escapes through its filters.
+    env = environment("review/templates", html=html)
     env.filters["md"] = lambda v: md_text(v, table=False)
     env.filters["cell"] = md_cell
     env.filters["code"] = lambda v: md_code(v, table=False)
