@@ -1,0 +1,560 @@
+"""The postgres pack: the ecosystem's state in a PostgreSQL database (`serve --db postgresql://...`), which every
+replica of the ecosystem shares, where the default keeps it in the state directory's SQLite file.
+
+`PostgresDatabase` is a `db.Database` with the same interface, so the kernel and its packs run unchanged:
+- The kernel's SQL is written in what SQLite and PostgreSQL share; `to_postgres` turns its `?` and `:name`
+  parameters into psycopg's, and the SQLite types of the MADs' table definitions (migrations.json) into
+  PostgreSQL's, so the same numbered migrations run on both.
+- Each kernel table is made by this pack's own DDL (`SCHEMAS`, by the part the kernel names): the triggers
+  that keep the audit log append-only and chained, and secrets immutable, are PL/pgSQL here; conversations
+  are searched with a GIN index over `to_tsvector('simple', content)`.
+- Every write transaction first takes one advisory lock (`WRITER_LOCK`), as SQLite's BEGIN IMMEDIATE takes the
+  database's write lock: writers from every replica take turns, so the audit chain stays linear and every
+  read-then-write the kernel does in a transaction (a budget, a delivery's attempts, a secret's next version)
+  holds across replicas as it does across the processes of one host.
+- A MAD table has a `rowid` as in SQLite (an INTEGER PRIMARY KEY is its own): a column the kernel fills, the
+  largest plus one, so explicit ids and copied rows (a table rebuilt by a migration) never collide with it.
+- Every commit is durable when it returns (synchronous_commit on), so `durable()` has nothing to wait for;
+  the call ledger's connection turns it off, as its SQLite connection runs at synchronous=NORMAL.
+- psycopg's errors are raised as sqlite3's classes (IntegrityError, OperationalError, DatabaseError), which
+  the kernel catches whatever the backend. A connection the server dropped is opened again at the next call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+
+from ... import logs
+from ...db import Database, ident
+from ...errors import KernelError
+from ...transport import redact_url
+
+# The kernel's tables (SCHEMAS): found in a database no version of the ecosystem set up, they are someone else's.
+_KERNEL_TABLES = ("documents", "audit_log", "secrets", "messages", "conversations", "budgets", "gateway_calls")
+WRITER_LOCK = 0x7265_6765_6E00  # "regen": the advisory lock every write transaction takes first
+LOCAL_BUS_LOCK = WRITER_LOCK + 1  # held for its life by the one process serving the database with the local bus
+# The layout of the kernel's own tables in PostgreSQL (SCHEMAS), recorded in the database: a kernel whose number is
+# lower than the database's refuses it before writing anything. Raise it when a kernel table changes its layout.
+KERNEL_SCHEMA = 1
+CONNECT_TIMEOUT_S = 10
+log = logs.get("postgres")
+LOCK_TIMEOUT = "30s"  # a writer waiting longer than this for its turn fails (SQLite's busy timeout is 5 s)
+
+_APPEND_ONLY = "".join(f"""
+CREATE OR REPLACE TRIGGER {table}_no_update BEFORE UPDATE OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION regen_append_only();
+CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION regen_append_only();""" for table in ("audit_log", "secrets_audit", "gateway_audit"))
+
+# What every state database has before any kernel table: the functions its triggers call.
+_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION regen_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'integrity_constraint_violation';
+END $$;
+CREATE OR REPLACE FUNCTION regen_rowid() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    col text := TG_ARGV[0];
+    next bigint;
+BEGIN
+    IF (to_jsonb(NEW) ->> col) IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_NAME));  -- concurrent inserts take turns
+        EXECUTE format('SELECT COALESCE(MAX(%I), 0) + 1 FROM %I', col, TG_TABLE_NAME) INTO next;
+        NEW := jsonb_populate_record(NEW, jsonb_build_object(col, next));
+    END IF;
+    RETURN NEW;
+END $$;
+"""
+
+# The kernel's tables, by the part of the kernel that names them (`Database.script(sql, part)`): the same
+# columns as its SQLite DDL (tests/kernel/test_postgres.py compares them), in PostgreSQL's types.
+SCHEMAS = {
+    "functions": _FUNCTIONS,
+    # The state's documents (`Database.document`): tokens.json, which every replica reads as it changes.
+    "documents": """
+CREATE TABLE IF NOT EXISTS documents (name TEXT PRIMARY KEY, body TEXT NOT NULL, version BIGINT NOT NULL);
+""",
+    "audit": f"""
+CREATE TABLE IF NOT EXISTS secrets_audit (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL,
+    on_behalf_of TEXT NOT NULL DEFAULT '', action TEXT NOT NULL, name TEXT NOT NULL, ok BIGINT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS gateway_audit (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, ts TEXT NOT NULL, client TEXT NOT NULL,
+    event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', remote TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS audit_log (
+    id BIGINT PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '', ok BIGINT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    on_behalf_of TEXT NOT NULL DEFAULT '', remote TEXT NOT NULL DEFAULT '', prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log (action);
+CREATE OR REPLACE FUNCTION regen_audit_chain_head() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    head record;
+BEGIN
+    SELECT id, hash INTO head FROM audit_log ORDER BY id DESC LIMIT 1;
+    IF NEW.prev_hash IS DISTINCT FROM COALESCE(head.hash, '{"0" * 64}') OR NEW.id IS DISTINCT FROM COALESCE(head.id, 0) + 1 THEN
+        RAISE EXCEPTION 'audit_log: an entry must extend the head of the chain'
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER audit_log_chain_head BEFORE INSERT ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION regen_audit_chain_head();
+{_APPEND_ONLY}
+""",
+    "bus": """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, title TEXT NOT NULL, participants TEXT NOT NULL DEFAULT '[]', created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS conversations_title ON conversations (title);
+CREATE TABLE IF NOT EXISTS messages (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+    correlation_id TEXT NOT NULL DEFAULT '', sender TEXT NOT NULL,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id), kind TEXT NOT NULL,
+    content TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_conv ON messages (conversation_id, seq);
+CREATE INDEX IF NOT EXISTS messages_corr ON messages (correlation_id);
+CREATE INDEX IF NOT EXISTS messages_search ON messages USING GIN (to_tsvector('simple', left(content, 200000)));
+CREATE TABLE IF NOT EXISTS bus_deliveries (
+    envelope_id TEXT PRIMARY KEY REFERENCES messages (id), target TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'acked')), attempts BIGINT NOT NULL DEFAULT 1,
+    sealed BYTEA, reply_id TEXT NOT NULL DEFAULT '', accepted_at TEXT NOT NULL, acked_at TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS bus_deliveries_pending ON bus_deliveries (state, target) WHERE state = 'pending';
+""",
+    "gateway_calls": """
+CREATE TABLE IF NOT EXISTS gateway_calls (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, ts TEXT NOT NULL, day TEXT NOT NULL,
+    client TEXT NOT NULL, tool TEXT NOT NULL, correlation_id TEXT NOT NULL, outcome TEXT NOT NULL,
+    counted BIGINT NOT NULL, duration_ms DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS gateway_calls_quota ON gateway_calls (client, day, counted);
+CREATE TABLE IF NOT EXISTS gateway_quota (client TEXT NOT NULL, day TEXT NOT NULL, used BIGINT NOT NULL,
+    PRIMARY KEY (client, day));
+""",
+    "models": """
+CREATE TABLE IF NOT EXISTS budgets (
+    account TEXT PRIMARY KEY, budget BIGINT NOT NULL, spent BIGINT NOT NULL DEFAULT 0, calls BIGINT NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model_calls (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, ts TEXT NOT NULL, accounts TEXT NOT NULL,
+    model TEXT NOT NULL, provider TEXT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+    ok BIGINT NOT NULL, latency_ms BIGINT NOT NULL);
+""",
+    "secrets": """
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT NOT NULL, version BIGINT NOT NULL, nonce BYTEA NOT NULL, ciphertext BYTEA NOT NULL,
+    created_by TEXT NOT NULL, created_at TEXT NOT NULL, key_id TEXT NOT NULL DEFAULT '', PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS secrets_keyring (
+    id BIGINT PRIMARY KEY CHECK (id = 1), key_id TEXT NOT NULL, rotated_at TEXT NOT NULL DEFAULT '');
+""",
+    "secrets_triggers": """
+CREATE OR REPLACE FUNCTION regen_secrets_reseal_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.name IS DISTINCT FROM OLD.name OR NEW.version IS DISTINCT FROM OLD.version
+       OR NEW.created_by IS DISTINCT FROM OLD.created_by OR NEW.created_at IS DISTINCT FROM OLD.created_at
+       OR NEW.key_id IS NOT DISTINCT FROM OLD.key_id THEN
+        RAISE EXCEPTION 'secret versions are immutable; only re-encryption under a new key may rewrite one'
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION regen_secrets_no_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'secret versions are immutable' USING ERRCODE = 'integrity_constraint_violation';
+END $$;
+CREATE OR REPLACE TRIGGER secrets_reseal_only BEFORE UPDATE ON secrets
+    FOR EACH ROW EXECUTE FUNCTION regen_secrets_reseal_only();
+CREATE OR REPLACE TRIGGER secrets_no_delete BEFORE DELETE ON secrets
+    FOR EACH ROW EXECUTE FUNCTION regen_secrets_no_delete();
+CREATE OR REPLACE TRIGGER secrets_no_truncate BEFORE TRUNCATE ON secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION regen_secrets_no_delete();
+""",
+    "signin_failures": """
+CREATE TABLE IF NOT EXISTS signin_failures (address TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS signin_failures_address ON signin_failures (address, ts);
+""",
+    "emads": """
+CREATE TABLE IF NOT EXISTS emad_instances (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, role TEXT NOT NULL, n BIGINT NOT NULL,
+    instance TEXT NOT NULL UNIQUE, spawned_by TEXT NOT NULL, task TEXT NOT NULL, conversation_id TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'reported', 'failed')),
+    report TEXT NOT NULL DEFAULT '', started_at TEXT NOT NULL, ended_at TEXT NOT NULL DEFAULT '', UNIQUE (role, n));
+CREATE INDEX IF NOT EXISTS emad_instances_state ON emad_instances (state);
+""",
+    "schema_migrations": """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    number BIGINT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL);
+""",
+    "console_sessions": """
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id_sha256 TEXT PRIMARY KEY, csrf TEXT NOT NULL, client TEXT NOT NULL, credential TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, seen DOUBLE PRECISION NOT NULL, flash BYTEA);
+""",
+    # The served replicas' heartbeats (the storage pack's replicas.py): who still reads the state.
+    "replicas": """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY, version TEXT NOT NULL, level BIGINT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,
+    started_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+""",
+}
+
+# SQLite's type names (as MAD tables and casts spell them) -> PostgreSQL's; and back, for `table_shape`.
+_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA", "TEXT": "TEXT"}
+_SQLITE_TYPES = {"bigint": "INTEGER", "integer": "INTEGER", "double precision": "REAL", "bytea": "BLOB", "text": "TEXT"}
+# A quoted string or name, a comment, a cast (::), a parameter (? or :name), a % (psycopg's own mark), a type name.
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|\?|:([A-Za-z_]\w*)|%|\b(INTEGER|REAL|BLOB)\b")
+_CREATE_TABLE = re.compile(r"\s*CREATE TABLE (IF NOT EXISTS )?(\w+) \((.*)\)\s*$", re.S)
+_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT OR IGNORE INTO ", re.I)
+_LOSSY_COPY = re.compile(r"INSERT OR IGNORE INTO (\w+) \(([\w, ]+)\) SELECT (.+) FROM (_old_\w+) ORDER BY rowid", re.S)
+_INDEXED = "to_tsvector('simple', left(m.content, 200000))"  # the expression messages_search indexes
+
+
+@functools.lru_cache(maxsize=2048)
+def to_postgres(sql: str) -> tuple[str, ...]:
+    """The statements PostgreSQL runs for one of the kernel's: parameters in psycopg's marks, SQLite's types in
+    PostgreSQL's, INSERT OR IGNORE as ON CONFLICT DO NOTHING, and a MAD table's CREATE TABLE with its rowid."""
+    def swap(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        if match.group(1):
+            return f"%({match.group(1)})s"
+        if match.group(2):
+            return _TYPES[token]
+        return token
+
+    if copy := _LOSSY_COPY.fullmatch(sql.strip()):
+        return (_copy_row_by_row(*copy.groups()),)
+    if _INSERT_OR_IGNORE.match(sql):
+        sql = _INSERT_OR_IGNORE.sub("INSERT INTO ", sql) + " ON CONFLICT DO NOTHING"
+    if table := _CREATE_TABLE.match(sql):
+        return _create_mad_table(bool(table.group(1)), table.group(2), table.group(3))
+    return (_TOKEN.sub(swap, sql),)
+
+
+def _copy_row_by_row(table: str, columns: str, values: str, aside: str) -> str:
+    """A migration's consented lossy copy (`migrate._rebuild`: INSERT OR IGNORE ... SELECT ... FROM the table moved
+    aside), row by row: a row the new table refuses (a NULL where NOT NULL is now required, a repeated key, a value
+    its new type cannot hold: SQLite would store 0 for 'abc', PostgreSQL refuses it) is skipped, as SQLite skips it."""
+    def from_row(value: str) -> str:  # a column of the old table, or its CAST to the new type
+        cast = re.fullmatch(r"CAST\((\w+) AS (\w+)\)", value)
+        return f"CAST(r.{cast.group(1)} AS {_TYPES.get(cast.group(2), cast.group(2))})" if cast else f"r.{value}"
+
+    row_values = ", ".join(from_row(v.strip()) for v in values.split(","))
+    return (f"DO $$ DECLARE r record; BEGIN FOR r IN SELECT * FROM {aside} ORDER BY rowid LOOP BEGIN "
+            f"INSERT INTO {table} ({columns}) VALUES ({row_values}); "
+            "EXCEPTION WHEN integrity_constraint_violation OR data_exception THEN NULL; END; END LOOP; END $$")
+
+
+def _create_mad_table(if_not_exists: bool, table: str, columns: str) -> tuple[str, ...]:
+    """A MAD table (storage pack's `table_ddl`), with a `rowid` as SQLite gives it: its single INTEGER PRIMARY
+    KEY where it has one, else a column of its own; `regen_rowid` fills whichever is left out of an insert."""
+    ident(table)
+    parts = [part.strip() for part in re.split(r",\s*(?![^()]*\))", columns)]
+    key = next((p.split()[0] for p in parts if re.fullmatch(r"\w+ INTEGER PRIMARY KEY", p)), None)
+    parts = [re.sub(r"\b(INTEGER|REAL|BLOB)\b", lambda m: _TYPES[m.group(1)], p) for p in parts]
+    parts.append(f"rowid BIGINT GENERATED ALWAYS AS ({key}) STORED" if key else "rowid BIGINT NOT NULL UNIQUE")
+    return (f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ({', '.join(parts)})",
+            f"CREATE OR REPLACE TRIGGER {table}_rowid BEFORE INSERT ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION regen_rowid('{key or 'rowid'}')")
+
+
+def _value(value: Any) -> Any:
+    """A value as PostgreSQL takes it, as SQLite would keep it: a bool as the integer it is there; a NUL in text
+    (which PostgreSQL's text cannot hold: a hostile tool name would otherwise keep its refusal out of the audit log)
+    as U+FFFD."""
+    if isinstance(value, bool):
+        return int(value)
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _params(params: Sequence[Any] | dict[str, Any]) -> Sequence[Any] | dict[str, Any]:
+    if isinstance(params, dict):
+        return {k: _value(v) for k, v in params.items()}
+    return [_value(v) for v in params]
+
+
+class Row(tuple):
+    """A result row as sqlite3.Row gives it: by position, by column name, and `dict(row)`."""
+
+    _names: tuple[str, ...]
+
+    def keys(self) -> tuple[str, ...]:
+        return self._names
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._names.index(key) if isinstance(key, str) else key)
+
+
+def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    names = tuple(col.name for col in cursor.description or ())
+
+    def make(values: Sequence[Any]) -> Row:
+        row = Row(values)
+        row._names = names
+        return row
+
+    return make
+
+
+@contextmanager
+def sqlite_errors(where: str) -> Iterator[None]:
+    """psycopg's errors as the sqlite3 classes the kernel catches (see the module docstring)."""
+    try:
+        yield
+    except pg_errors.IntegrityError as exc:
+        raise sqlite3.IntegrityError(_first_line(exc)) from exc
+    except (psycopg.OperationalError, pg_errors.LockNotAvailable, pg_errors.QueryCanceled) as exc:
+        raise sqlite3.OperationalError(f"{where}: {_first_line(exc)}") from exc
+    except psycopg.Error as exc:
+        raise sqlite3.DatabaseError(_first_line(exc)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class Connection:
+    """A psycopg connection that takes the kernel's SQL (as a transaction yields it, or `unsynced()`); given how to
+    `reopen` it, one the server dropped (a restart, a failover) is opened again at its next statement."""
+
+    def __init__(self, conn: psycopg.Connection[Any], where: str, reopen: Callable[[], psycopg.Connection[Any]] | None = None):
+        self._conn, self._where, self._reopen = conn, where, reopen
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
+        if self._reopen is not None and (self._conn.closed or self._conn.broken):
+            self._conn = self._reopen()
+        with sqlite_errors(self._where):
+            *before, last = to_postgres(sql)
+            for statement in before:
+                self._conn.execute(statement)
+            return self._conn.execute(last, _params(params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        (statement,) = to_postgres(sql)
+        with sqlite_errors(self._where):
+            cursor = self._conn.cursor()
+            cursor.executemany(statement, [_params(r) for r in rows])
+            return cursor
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresDatabase(Database):
+    """The state in PostgreSQL: `url` names the database (a password in it, or in PGPASSWORD or ~/.pgpass, as
+    libpq reads them); `state_dir` still holds what is kept beside the database (the audit anchor)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, state_dir: Path):
+        self.url = url
+        super().__init__(Path(state_dir))
+
+    def _open(self, state_dir: Path) -> None:
+        self.folder = Path(state_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = redact_url(self.url)  # what names the database in messages, with no password
+        self.fts5 = False  # conversations are searched by `search`, over a GIN index
+        self._alone = False  # whether this process claimed the database for its local bus (serve_alone)
+        self._conn = self._connect()
+        made_by = self.has_table("documents") and self.one("SELECT body FROM documents WHERE name = 'kernel-schema'")
+        if made_by and int(made_by["body"]) > KERNEL_SCHEMA:
+            self._conn.close()
+            raise KernelError(f"the state database {self.path} was set up by a newer version of this ecosystem (kernel "
+                              f"schema {made_by['body']}; this version knows {KERNEL_SCHEMA}): run that newer version, or "
+                              "restore the database from a backup taken before the upgrade")
+        if not made_by and (taken := [t for t in _KERNEL_TABLES if self.has_table(t)]):
+            self._conn.close()  # another application's tables: the kernel's triggers would change what they do
+            raise KernelError(f"the database {self.path} already has tables named like the ecosystem's own "
+                              f"({', '.join(taken)}) but was not set up by it: give the ecosystem a database of its own")
+        if (self.folder / "ecosystem.db").exists():
+            log.warning("this state directory has an SQLite state (ecosystem.db) the PostgreSQL state does not start "
+                        "from: its clients, secrets and audit chain stay there", extra={"database": self.path})
+        self.script("", part="functions")
+        self.script("", part="documents")
+        # The newest layout of the kernel's tables any version put in place (a version that knows less is refused).
+        self.execute("INSERT INTO documents (name, body, version) VALUES ('kernel-schema', ?, 1) ON CONFLICT (name)"
+                     " DO UPDATE SET body = excluded.body, version = documents.version + 1"
+                     " WHERE CAST(documents.body AS INTEGER) < CAST(excluded.body AS INTEGER)", (str(KERNEL_SCHEMA),))
+
+    def _connect(self, **settings: str) -> psycopg.Connection[Any]:
+        parts = urlsplit(self.url)
+        if not parts.hostname and not parts.path.strip("/"):
+            raise KernelError(f"the database URL {self.path!r} names no server or database: give one such as "
+                              "postgresql://regen@db.internal:5432/shop")
+        # Ours after the operator's (the URL's `options`, then PGOPTIONS: a search_path, say): a commit is durable
+        # when it returns (synchronous_commit on, whatever the server's default), a writer waits LOCK_TIMEOUT at most.
+        ours = " ".join(f"-c {k}={v}" for k, v in {"synchronous_commit": "on", "lock_timeout": LOCK_TIMEOUT,
+                                                    **settings}.items())
+        theirs = [conninfo_to_dict(self.url).get("options") or "", os.environ.get("PGOPTIONS", "")]
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT_S,
+                                   options=" ".join(o for o in (*theirs, ours) if o))
+        except psycopg.Error as exc:
+            raise KernelError(f"cannot reach the state database {self.path}: {_first_line(exc)}; check the URL "
+                              "(host, port, database, user), the password (PGPASSWORD or ~/.pgpass) and that the "
+                              "server is up") from None
+        return conn
+
+    def _live(self) -> Connection:
+        """The connection, opened again first if the server dropped it (a restart, a failover), with the local
+        bus's claim taken again (the server let it go with the old session)."""
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+            if self._alone:
+                try:
+                    self._claim_local_bus()
+                except KernelError as exc:  # another process took the state meanwhile: this one must stop serving
+                    self._sync_failure = str(exc)
+                    raise
+        return Connection(self._conn, f"the state database {self.path}")
+
+    def serve_alone(self) -> None:
+        """Only one process may serve a shared database with the local bus: at its start it delivers again what
+        the state holds pending, which would run a live replica's requests twice. A session lock claims it; a
+        process that dies lets it go with its connection, so the next one redelivers what it left."""
+        self._claim_local_bus()
+        self._alone = True
+
+    def _claim_local_bus(self) -> None:
+        row = self._conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (LOCAL_BUS_LOCK,)).fetchone()
+        if not row["got"]:
+            raise KernelError(
+                f"another process serves the state database {self.path} with the local bus: replicas that share a "
+                "database must share their requests too; start every one with --bus redis://... (the redis pack), "
+                "or stop the other process first")
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        if re.match(r"\s*(CREATE|ALTER|DROP)\b", sql, re.I):  # DDL: in turn with every other writer
+            with self.transaction() as conn:
+                return conn.execute(sql, params)
+        with self._lock:
+            return self._live().execute(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._read(sql, params).fetchall()]
+
+    def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        row = self._read(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    def _read(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> Any:
+        """A read, asked again once on a new connection if the server dropped this one meanwhile (a restart):
+        a read is safe to repeat, a write is not (it may have committed before the connection broke)."""
+        with self._lock:
+            try:
+                return self._live().execute(sql, params)
+            except sqlite3.OperationalError:
+                if not self._conn.broken:
+                    raise
+                return self._live().execute(sql, params)
+
+    def script(self, sql: str, part: str = "") -> None:
+        """The DDL of the kernel's `part` (SCHEMAS), or without one `sql` itself (a MAD's table), in one write
+        transaction: replicas starting at once make each table once."""
+        with self.transaction() as conn:
+            if part:
+                conn._conn.execute(SCHEMAS[part])  # PostgreSQL's own DDL: nothing to translate
+            else:
+                for statement in (s for s in sql.split(";") if s.strip()):
+                    conn.execute(statement)
+
+    def rebuild(self, plan: Callable[..., dict[str, Sequence[str]]]) -> list[str]:
+        """Nothing to rebuild: PostgreSQL states start in the kernel's current layouts."""
+        return []
+
+    @contextmanager
+    def transaction(self, *, group_commit: bool = False) -> Iterator[Connection]:  # type: ignore[override]
+        """BEGIN, the writers' advisory lock, the body, COMMIT (ROLLBACK on error): every commit is durable."""
+        with self._lock:
+            conn = self._live()
+            with sqlite_errors(conn._where), self._conn.transaction():
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+                yield conn
+
+    async def durable(self) -> None:
+        """Every commit was durable when it returned."""
+
+    def document(self, name: str) -> PgDocument:  # type: ignore[override]
+        return PgDocument(self, name)
+
+    def has_table(self, table: str) -> bool:
+        return self.one("SELECT to_regclass(?) IS NOT NULL AS yes", (ident(table),)) == {"yes": True}
+
+    def unsynced(self) -> Connection:  # type: ignore[override]
+        reopen = functools.partial(self._connect, synchronous_commit="off")
+        return Connection(reopen(), f"the state database {self.path}", reopen)
+
+    def search(self, words: list[str], limit: int) -> list[dict[str, Any]]:
+        """Messages with every word (as the words are: no stemming, as SQLite's FTS5) in their first 200,000
+        characters (a tsvector holds at most 1 MB; a message may hold a million characters), best match first."""
+        return self.query("SELECT m.* FROM messages m, plainto_tsquery('simple', ?) q"
+                          f" WHERE {_INDEXED} @@ q ORDER BY ts_rank({_INDEXED}, q) DESC, m.seq DESC LIMIT ?",
+                          (" ".join(words), limit))
+
+    def healthy(self) -> bool:
+        try:
+            return not self._sync_failure and self.one("SELECT 1 AS ok") == {"ok": 1}
+        except (sqlite3.Error, KernelError):
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._conn.close()
+
+    def table_shape(self, table: str) -> dict[str, tuple[str, bool, int]]:
+        """As SQLite's `stored_shape` gives it (its type names), but for the `rowid` column this pack adds."""
+        rows = self.query(
+            "SELECT a.attname AS name, format_type(a.atttypid, NULL) AS type, a.attnotnull AS not_null,"
+            " COALESCE((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY k(att, n) WHERE k.att = a.attnum), 0) AS pk"
+            " FROM pg_attribute a"
+            " LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
+            " WHERE a.attrelid = to_regclass(?) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            (ident(table),))
+        return {r["name"]: (_SQLITE_TYPES.get(r["type"], r["type"].upper()), bool(r["not_null"]), int(r["pk"]))
+                for r in rows if r["name"] != "rowid"}
+
+
+
+class PgDocument:
+    """A state document (db.Document) as a row of `documents`: its version changes with every write, so a
+    replica reading it on each request (tokens.json: a client revoked through another replica) reads one number."""
+
+    def __init__(self, db: PostgresDatabase, name: str):
+        self.db, self.name = db, name
+        self.path = f"{name} in {db.path}"
+
+    def stamp(self) -> int | None:
+        row = self.db.one("SELECT version FROM documents WHERE name = ?", (self.name,))
+        return row["version"] if row else None
+
+    def read(self) -> str | None:
+        row = self.db.one("SELECT body FROM documents WHERE name = ?", (self.name,))
+        return row["body"] if row else None
+
+    @contextmanager
+    def locked(self) -> Iterator[tuple[str | None, Callable[[str], None]]]:
+        with self.db.transaction() as conn:  # the writers' lock: one writer of the state at a time
+            row = conn.execute("SELECT body FROM documents WHERE name = ?", (self.name,)).fetchone()
+
+            def write(text: str) -> None:
+                conn.execute("INSERT INTO documents (name, body, version) VALUES (?, ?, 1) ON CONFLICT (name)"
+                             " DO UPDATE SET body = excluded.body, version = documents.version + 1", (self.name, text))
+
+            yield (row["body"] if row else None), write
