@@ -1,66 +1,25 @@
-"""`regen mcp` as a coding agent uses it: the real `mcp` client over stdio and over HTTP, against a spec in a folder of
-its own. Builds are of the starter spec (`init`), the quickest real build there is."""
+"""`regen mcp` as a coding agent uses it over stdio: the real `mcp` client against a spec in a folder of its own (the
+starter spec of `init`, the quickest real build there is). HTTP: tests/test_mcp_http.py."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import httpx2
 import pytest
-from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from mcp_helpers import _env, _error, _files, _started, _value, new_workspace, stdio
 
 from generator.artifact.store import STAGING_PREFIX, build_lock
 
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-0123456789abcdef"
-
-
-def _env() -> dict[str, str]:
-    """A stdio server gets this process's environment: its uv and TLS settings, and the test's signing key folder. (An
-    MCP client passes only a few variables unless told; the README's configuration says so.)"""
-    return dict(os.environ, PYTHONPATH=str(REPO))
-
-
-@asynccontextmanager
-async def stdio(root: Path):
-    params = StdioServerParameters(command=sys.executable, args=["-m", "generator.cli", "mcp", "--root", str(root)],
-                                   env=_env(), cwd=str(root))
-    async with Client(stdio_client(params), cache=None) as client:
-        yield client
-
-
-def _value(result) -> dict:
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
-
-
-def _error(result) -> tuple[str, dict]:
-    assert result.is_error, result.structured_content
-    return result.content[0].text, result.meta["regen/error"]
-
-
-def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+# --- the whole loop -------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def workspace(tmp_path) -> Path:
-    root = tmp_path / "work"
-    root.mkdir()
-    return root
+    return new_workspace(tmp_path)
 
-
-# --- the whole loop -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -105,13 +64,6 @@ def test_an_agent_starts_builds_verifies_gates_edits_and_diffs_over_stdio(worksp
     stages = [m.split(":", 1)[0] for m in progress]
     assert {"load", "plan", "synthesise", "test", "emit"} <= set(stages), progress
     assert not list((workspace / "ecosystems" / "notes").glob(STAGING_PREFIX + "*"))
-
-
-def _started(root: Path, name: str = "notes") -> Path:
-    from generator.spec.starter import init
-
-    init(root / name)
-    return root / name
 
 
 async def _build_until(client, stage: str, arguments: dict, on_stage):
@@ -265,126 +217,3 @@ def test_a_build_cancelled_while_its_tests_run_stops_them_and_leaves_no_version(
     assert seen["after"] == [], seen["after"]  # no version, no staging folder
     assert seen["left running"] == []  # the sandbox's processes were killed, not left to finish
     assert seen["next"]["version"] == "1.0.0" and not seen["next"]["up_to_date"]
-
-
-# --- HTTP -------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def http_server(workspace):
-    port = _free_port()
-    log = open(workspace.parent / "mcp-http.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "generator.cli", "mcp", "--http", "--port", str(port), "--root",
-                             str(workspace)], env=_env() | {"REGEN_MCP_TOKEN": TOKEN}, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/mcp"
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None, (workspace.parent / "mcp-http.log").read_text()
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-
-
-@asynccontextmanager
-async def http_client(url: str, token: str = TOKEN):
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30.0, read=300.0))
-    async with http, Client(streamable_http_client(url, http_client=http), cache=None) as client:
-        yield client
-
-
-def test_http_refuses_every_request_without_the_token(workspace, http_server):
-    _started(workspace)
-    before = _files(workspace)
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "init", "arguments": {"folder": "x"}}}
-    accept = {"Accept": "application/json, text/event-stream"}
-    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN},
-                    {"Authorization": f"Basic {TOKEN}"}):
-        refused = httpx2.post(http_server, json=body, headers=accept | headers)
-        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer"), refused.text
-        assert "REGEN_MCP_TOKEN" in refused.json()["message"]
-    assert httpx2.get(http_server, headers=accept).status_code == 401
-    assert _files(workspace) == before
-
-
-def test_http_needs_a_token_to_start():
-    done = subprocess.run([sys.executable, "-m", "generator.cli", "mcp", "--http"], capture_output=True, text=True,
-                          env={k: v for k, v in _env().items() if k != "REGEN_MCP_TOKEN"}, timeout=60)
-    assert done.returncode == 2 and "REGEN_MCP_TOKEN" in done.stderr, done.stderr
-
-
-@pytest.mark.slow
-def test_an_agent_builds_verifies_and_gates_over_http(workspace, http_server):
-    progress: list[str] = []
-
-    async def on_progress(step: float, total: float | None, message: str | None) -> None:
-        progress.append(message or "")
-
-    async def agent():
-        async with http_client(http_server) as client:
-            _value(await client.call_tool("init", {"folder": "notes"}))
-            built = _value(await client.call_tool("regenerate", {"spec": "notes"}, progress_callback=on_progress))
-            verified = _value(await client.call_tool("verify", {"artifact": built["path"]}))
-            gated = _value(await client.call_tool("gate", {"spec": "notes"}))  # the tests run again in the sandbox
-            return built, verified, gated
-
-    built, verified, gated = anyio.run(agent)
-    assert built["version"] == "1.0.0" and verified["ok"] and gated["outcome"] == "approve"
-    assert any(m.startswith("test:") for m in progress) and any(m.startswith("emit:") for m in progress)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)] if isinstance(exc, BaseExceptionGroup) else [exc]
-
-
-def test_a_client_with_a_wrong_token_cannot_even_list_the_tools(http_server):
-    async def agent():
-        async with http_client(http_server, token="not-the-token-0123456789") as client:
-            await client.list_tools()
-
-    with pytest.raises(BaseException) as refused:
-        anyio.run(agent)
-    assert any(isinstance(leaf, MCPError) for leaf in _leaves(refused.value)), refused.value
-
-
-@pytest.fixture
-def madgroup_workspace(workspace) -> Path:
-    """A copy of this repository's madgroup: its spec, pipelines and panels, and its two newest archived versions."""
-    import shutil
-
-    from generator.artifact.store import versions
-
-    for folder in ("spec", "pipelines", "reviews"):
-        shutil.copytree(REPO / folder, workspace / folder)
-    for version in versions(REPO / "ecosystems" / "madgroup")[-2:]:
-        shutil.copytree(REPO / "ecosystems" / "madgroup" / version, workspace / "ecosystems" / "madgroup" / version)
-    return workspace
-
-
-@pytest.mark.slow
-def test_an_agent_verifies_and_gates_the_newest_madgroup_over_http(madgroup_workspace, http_server):
-    from generator.artifact.store import versions
-
-    newest = versions(madgroup_workspace / "ecosystems" / "madgroup")[-1]
-
-    async def agent():
-        async with http_client(http_server) as client:
-            checked = _value(await client.call_tool("check", {}))
-            verified = _value(await client.call_tool("verify", {"artifact": "madgroup@latest"}))
-            gated = _value(await client.call_tool("gate", {"trust_tests": True}))
-            return checked, verified, gated
-
-    checked, verified, gated = anyio.run(agent)
-    assert checked["ecosystem"] == "madgroup" and checked["mads"] >= 10
-    assert verified["ok"] and verified["artifact"] == f"ecosystems/madgroup/{newest}", verified
-    assert gated["outcome"] == "approve" and gated["artifact"] == f"ecosystems/madgroup/{newest}", gated
