@@ -89,7 +89,9 @@ def http_server(workspace: Path) -> Iterator[str]:
         except OSError:
             assert proc.poll() is None, (workspace.parent / "mcp-http.log").read_text()
             time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    try:
+        yield url
+    finally:  # the test failed or not: the server goes
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from mcp_helpers import TOKEN, http_server
 
 from generator.build.context import BuildContext
 from generator.build.pipeline import regenerate
@@ -26,7 +25,6 @@ from generator.spec.starter import init
 
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "inspector-token-0123456789abcdef"
 TOOLS = {"check", "plan", "regenerate", "verify", "gate", "diff", "versions", "init"}
 
 pytestmark = [
@@ -94,20 +92,7 @@ def test_inspector_over_stdio_lists_strict_schemas_verifies_and_sees_tool_errors
 
 
 def test_inspector_over_http_with_and_without_the_token(root):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(stdio_server(root) + ["--http", "--port", str(port)],
-                              env=_env() | {"REGEN_MCP_TOKEN": TOKEN}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(150):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/mcp"
+    with http_server(root) as url:
         base = ["--transport", "http", "--stored-auth-only"]
         code, listed = inspector(*base, "--header", f"Authorization: Bearer {TOKEN}", "--method", "tools/list",
                                  target=[url])
@@ -119,6 +104,3 @@ def test_inspector_over_http_with_and_without_the_token(root):
                               capture_output=True, text=True, timeout=300, env=_env())
         said = done.stdout + done.stderr
         assert done.returncode != 0 and "auth_required" in said and "REGEN_MCP_TOKEN" in said, said
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
